@@ -1,0 +1,3 @@
+from ldmflow.cli import main
+
+main()
