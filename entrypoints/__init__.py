@@ -1,0 +1,1 @@
+"""Thin MLflow Projects entry points; each calls the ldmflow click command of the same name."""

@@ -1,0 +1,261 @@
+"""Condition specs (``name:dim,...``), per-entry condition vectors and their normalisation statistics.
+
+Numpy only: the manifest loader and the check-manifest command use this without importing torch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ldmflow.errors import LdmflowError
+
+DEFAULT_CONDITION_SPEC = "temperature:1,wind:3,wind_mag:1"
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_VECTOR_SPLIT_RE = re.compile(r"[,\s;]+")
+# A std below this is treated as zero (a constant condition), so normalisation never divides by ~0.
+_MIN_STD = 1e-8
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """Ordered condition names and their dimensions; the value vector is their concatenation."""
+
+    items: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | ConditionSpec | None) -> ConditionSpec:
+        """Parse ``"temperature:1,wind:3"``; ``"none"`` or an empty string means no conditions."""
+        if isinstance(text, ConditionSpec):
+            return text
+        stripped = (text or "").strip()
+        if stripped.lower() in ("", "none"):
+            return cls(())
+        items: list[tuple[str, int]] = []
+        for part in stripped.split(","):
+            items.append(_parse_item(part.strip(), text))
+        names = [name for name, _ in items]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise LdmflowError(f"Invalid condition spec {text!r}: duplicate name(s) {', '.join(duplicates)}.")
+        return cls(tuple(items))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.items)
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return tuple(dim for _, dim in self.items)
+
+    @property
+    def value_dim(self) -> int:
+        """Length of the concatenated value vector (what the model's condition input receives)."""
+        return sum(self.dims)
+
+    @property
+    def num_conditions(self) -> int:
+        return len(self.items)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.items
+
+    def slices(self) -> dict[str, slice]:
+        """Where each condition lives in the value vector."""
+        out, start = {}, 0
+        for name, dim in self.items:
+            out[name] = slice(start, start + dim)
+            start += dim
+        return out
+
+    def __str__(self) -> str:
+        if self.is_empty:
+            return "none"
+        return ",".join(f"{name}:{dim}" for name, dim in self.items)
+
+
+def _parse_item(part: str, text: str | None) -> tuple[str, int]:
+    """One ``name:dim`` item; every problem names the whole spec so the user can find it."""
+    if not part:
+        raise LdmflowError(f"Invalid condition spec {text!r}: empty item (stray comma?). Use 'name:dim,...' or 'none'.")
+    if ":" not in part:
+        raise LdmflowError(f"Invalid condition spec {text!r}: item {part!r} has no ':dim' (e.g. 'temperature:1').")
+    name, _, dim_text = (s.strip() for s in part.partition(":"))
+    if not _NAME_RE.match(name):
+        raise LdmflowError(
+            f"Invalid condition spec {text!r}: bad name {name!r} (letters, digits and '_', not starting with a digit)."
+        )
+    if not re.fullmatch(r"[+-]?\d+", dim_text):
+        raise LdmflowError(f"Invalid condition spec {text!r}: dimension of {name!r} must be an integer, got {dim_text!r}.")
+    dim = int(dim_text)
+    if dim < 1:
+        raise LdmflowError(f"Invalid condition spec {text!r}: dimension of {name!r} must be at least 1, got {dim}.")
+    return name, dim
+
+
+@dataclass(frozen=True, eq=False)
+class ConditionValues:
+    """One entry's condition vector plus what was missing (zero-filled) or derived (computed)."""
+
+    values: np.ndarray  # (value_dim,) float32, zeros where a condition is absent
+    present: np.ndarray  # (num_conditions,) bool
+    zero_filled: tuple[str, ...]
+    computed: tuple[str, ...]
+
+
+def _parse_scalar(value: object) -> float:
+    """A JSON number, bool or numeric string as a float (NaN/inf allowed; the caller checks)."""
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        return float(value.strip())  # ValueError for garbage
+    raise TypeError(type(value).__name__)
+
+
+def _parse_components(value: object) -> list[float] | None:
+    """Components of a metadata value, or None when the value is absent (null or an empty string)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().strip("[]()").strip()
+        if not text:
+            return None
+        return [_parse_scalar(piece) for piece in _VECTOR_SPLIT_RE.split(text) if piece]
+    if isinstance(value, (list, tuple)):
+        return [math.nan if item is None else _parse_scalar(item) for item in value]  # null component = unknown
+    return [_parse_scalar(value)]
+
+
+def _read_condition(metadata: dict, name: str, dim: int, entry_label: str) -> np.ndarray | None:
+    """The condition's values as float64 (dim,), or None when absent or non-finite."""
+    raw = metadata.get(name)
+    try:
+        components = _parse_components(raw)
+    except (TypeError, ValueError):
+        raise LdmflowError(
+            f"{entry_label}: condition {name!r} has a non-numeric value {raw!r} "
+            "(expected a number, a list of numbers or a numeric string)."
+        ) from None
+    if components is None:
+        return None
+    if len(components) != dim:
+        plural = "value" if len(components) == 1 else "values"
+        raise LdmflowError(f"{entry_label}: condition {name!r} has {len(components)} {plural}, the spec says {dim}.")
+    array = np.asarray(components, dtype=np.float64)
+    if not np.all(np.isfinite(array)):
+        return None
+    return array
+
+
+def _wind_magnitude(metadata: dict) -> float | None:
+    """Norm of ``metadata['wind']`` (any length), or None when it is absent, non-numeric or non-finite."""
+    try:
+        components = _parse_components(metadata.get("wind"))
+    except (TypeError, ValueError):
+        return None
+    if not components:
+        return None
+    magnitude = math.sqrt(sum(c * c for c in components))
+    return magnitude if math.isfinite(magnitude) else None
+
+
+def extract_conditions(metadata: dict, spec: ConditionSpec | str, entry_label: str) -> ConditionValues:
+    """Build an entry's condition vector: absent or non-finite values are zero-filled and flagged absent.
+
+    ``wind_mag`` (when the spec gives it one dimension) is computed as the norm of ``wind`` if it has no
+    usable value of its own; it then counts as present and is listed in ``computed``.
+    """
+    spec = ConditionSpec.parse(spec)
+    values = np.zeros(spec.value_dim, dtype=np.float32)  # (value_dim,)
+    present = np.zeros(spec.num_conditions, dtype=bool)  # (K,)
+    zero_filled: list[str] = []
+    computed: list[str] = []
+    for k, ((name, dim), where) in enumerate(zip(spec.items, spec.slices().values())):
+        array = _read_condition(metadata, name, dim, entry_label)
+        if array is None and name == "wind_mag" and dim == 1:
+            magnitude = _wind_magnitude(metadata)
+            if magnitude is not None:
+                array = np.asarray([magnitude])
+                computed.append(name)
+        if array is None:
+            zero_filled.append(name)
+            continue
+        values[where] = array
+        present[k] = True
+    return ConditionValues(values, present, tuple(zero_filled), tuple(computed))
+
+
+@dataclass(frozen=True)
+class ConditionStats:
+    """Per value-dimension mean and std over the present training values, used to normalise conditions."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self, spec: ConditionSpec | str) -> dict[str, dict[str, list[float]]]:
+        """``{name: {"mean": [...], "std": [...]}}`` (JSON-friendly; saved with the model)."""
+        spec = ConditionSpec.parse(spec)
+        self._check_length(spec)
+        return {
+            name: {"mean": list(self.mean[where]), "std": list(self.std[where])}
+            for name, where in spec.slices().items()
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, spec: ConditionSpec | str) -> ConditionStats:
+        """Inverse of ``to_dict``; the names and sizes must match the spec."""
+        spec = ConditionSpec.parse(spec)
+        mean: list[float] = []
+        std: list[float] = []
+        for name, dim in spec.items:
+            entry = data.get(name) if isinstance(data, dict) else None
+            if not isinstance(entry, dict) or "mean" not in entry or "std" not in entry:
+                raise LdmflowError(f"Condition statistics have no mean/std for {name!r} (spec {spec}).")
+            m, s = list(entry["mean"]), list(entry["std"])
+            if len(m) != dim or len(s) != dim:
+                raise LdmflowError(f"Condition statistics for {name!r} have {len(m)}/{len(s)} values, the spec says {dim}.")
+            mean.extend(float(v) for v in m)
+            std.extend(float(v) for v in s)
+        return cls(tuple(mean), tuple(std))
+
+    def normalize(self, values: np.ndarray, present: np.ndarray, spec: ConditionSpec | str) -> np.ndarray:
+        """``(values - mean) / std`` with absent conditions left at 0 (the mean), for (..., value_dim) arrays."""
+        spec = ConditionSpec.parse(spec)
+        self._check_length(spec)
+        normalised = (np.asarray(values, np.float32) - np.float32(self.mean)) / np.float32(self.std)
+        mask = np.repeat(np.asarray(present, bool), spec.dims, axis=-1)  # (..., value_dim)
+        return np.where(mask, normalised, np.float32(0.0)).astype(np.float32)
+
+    def _check_length(self, spec: ConditionSpec) -> None:
+        if len(self.mean) != spec.value_dim or len(self.std) != spec.value_dim:
+            raise LdmflowError(
+                f"Condition statistics have {len(self.mean)} values, the spec {spec} needs {spec.value_dim}."
+            )
+
+
+def compute_condition_stats(values: np.ndarray, present: np.ndarray, spec: ConditionSpec | str) -> ConditionStats:
+    """Mean/std of each value dimension over the entries where that condition is present.
+
+    Zero-filled (absent) values are ignored. A condition present nowhere gets mean 0 and std 1; a constant
+    one (std 0) gets std 1, so normalising never divides by zero.
+    """
+    spec = ConditionSpec.parse(spec)
+    values = np.asarray(values, dtype=np.float64).reshape(-1, spec.value_dim)  # (N, value_dim)
+    present = np.asarray(present, dtype=bool).reshape(-1, spec.num_conditions)  # (N, K)
+    mean = np.zeros(spec.value_dim)
+    std = np.ones(spec.value_dim)
+    for k, where in enumerate(spec.slices().values()):
+        rows = values[present[:, k], where]  # (n_present, dim)
+        if len(rows) == 0:
+            continue
+        mean[where] = rows.mean(axis=0)
+        spread = rows.std(axis=0)
+        std[where] = np.where(spread > _MIN_STD, spread, 1.0)
+    return ConditionStats(tuple(float(v) for v in mean), tuple(float(v) for v in std))

@@ -1,0 +1,112 @@
+"""The torch dataset over manifest records: decode, resize, crop, flip, scale to [-1, 1].
+
+Resizing runs on float tensors (torch interpolate, antialiased) so 16/32-bit inputs keep their precision. All
+randomness comes from torch's global RNG, which accelerate seeds and checkpoints, so epochs are reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldmflow.data.image_io import UnreadableImageError, read_image
+from ldmflow.data.manifest import ManifestRecord
+from ldmflow.errors import LdmflowError
+
+logger = logging.getLogger(__name__)
+
+
+def resize_shorter_side(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of (3, H, W) so that min(H, W) == size, keeping the aspect ratio."""
+    height, width = image.shape[-2:]
+    if min(height, width) == size:
+        return image
+    scale = size / min(height, width)
+    new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+    resized = F.interpolate(image[None], size=new_size, mode="bilinear", antialias=True, align_corners=False)
+    return resized[0]  # (3, H', W')
+
+
+def crop_square(image: torch.Tensor, size: int, random: bool) -> torch.Tensor:
+    """A size x size crop of (3, H, W): centred, or at a position drawn from torch's global RNG."""
+    height, width = image.shape[-2:]
+    if random:
+        top = int(torch.randint(0, height - size + 1, (1,)).item())
+        left = int(torch.randint(0, width - size + 1, (1,)).item())
+    else:
+        top, left = (height - size) // 2, (width - size) // 2
+    return image[:, top : top + size, left : left + size]  # (3, size, size)
+
+
+class ManifestImageDataset(torch.utils.data.Dataset):
+    """Images and condition vectors of manifest records, as training batches expect them.
+
+    A file that fails to decode is warned about once (by path), counted in ``unreadable_count`` (distinct
+    files, per process: each DataLoader worker keeps its own count) and replaced by the next readable record in
+    index order, so an epoch never crashes on one bad file. The returned ``index`` is the record actually used.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ManifestRecord],
+        resolution: int,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        preserve_input_precision: bool = False,
+    ):
+        if not records:
+            raise LdmflowError("The dataset has no records to train on.")
+        if resolution < 1:
+            raise LdmflowError(f"Resolution must be positive, got {resolution}.")
+        self.records = list(records)
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.preserve_input_precision = preserve_input_precision
+        self.unreadable_count = 0
+        self._unreadable_paths: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        count = len(self.records)
+        for offset in range(count):
+            candidate = (index + offset) % count
+            image = self._load(candidate)
+            if image is not None:
+                record = self.records[candidate]
+                return {
+                    "pixel_values": self._transform(image),  # (3, R, R) in [-1, 1]
+                    "conditions": torch.from_numpy(np.array(record.conditions, dtype=np.float32)),  # (value_dim,)
+                    "present": torch.from_numpy(np.array(record.present, dtype=np.float32)),  # (K,)
+                    "index": candidate,
+                }
+        raise LdmflowError(
+            f"None of the {count} images in the dataset could be read (e.g. {self.records[index % count].image_path})."
+        )
+
+    def _load(self, index: int) -> np.ndarray | None:
+        """The decoded (H, W, 3) image, or None (warned once per path) when it cannot be decoded."""
+        path = str(self.records[index].image_path)
+        if path in self._unreadable_paths:
+            return None
+        try:
+            return read_image(path, preserve_precision=self.preserve_input_precision)
+        except UnreadableImageError as exc:
+            self._unreadable_paths.add(path)
+            self.unreadable_count += 1
+            logger.warning("Skipping unreadable image %s (%s); using the next readable one instead.", path, exc.reason)
+            return None
+
+    def _transform(self, image: np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (3, H, W) in [0, 1]
+        pixels = resize_shorter_side(pixels, self.resolution)
+        pixels = crop_square(pixels, self.resolution, random=self.random_crop)
+        if self.random_flip and torch.rand(1).item() < 0.5:
+            pixels = pixels.flip(-1)
+        return (pixels.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()  # (3, R, R) in [-1, 1]

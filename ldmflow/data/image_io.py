@@ -1,0 +1,257 @@
+"""Decode and encode training images as (H, W, 3) float32 in [0, 1], keeping 16/32-bit precision on request.
+
+PNG/JPEG and most formats go through Pillow, TIFF through tifffile (Pillow as fallback). Pillow turns 16-bit RGB
+PNGs into 8-bit on load, so those are decoded twice with its own C decoder (high bytes, then low bytes).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, ImageFile
+
+from ldmflow.errors import LdmflowError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FORMATS = ("png", "png16", "tiff16", "tiff32")
+_EXTENSIONS = {"png": ".png", "png16": ".png", "tiff16": ".tiff", "tiff32": ".tiff"}
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class UnreadableImageError(LdmflowError):
+    """An image file that exists but cannot be decoded; the message names the path and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"Cannot read image {path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def extension_for(image_format: str) -> str:
+    """File extension (with the dot) that ``write_image`` uses for a format."""
+    if image_format not in _EXTENSIONS:
+        raise LdmflowError(f"Unknown image format {image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}.")
+    return _EXTENSIONS[image_format]
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_image(path: str | Path, preserve_precision: bool = False) -> np.ndarray:
+    """Decode an image to (H, W, 3) float32 in [0, 1].
+
+    Grayscale is replicated to three channels and alpha is dropped. Without ``preserve_precision`` values are
+    quantised to 8-bit steps (what the original ToTensor-on-8-bit pipeline saw); with it, 16-bit data keeps its
+    65535 steps and float data its values. Everything is clipped to [0, 1] (HDR values above 1 are lost).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+        if not head:
+            raise UnreadableImageError(path, "empty file")
+        if head[:4] in _TIFF_MAGIC:
+            array = _read_tiff(path)
+        else:
+            array = _read_pillow(path, is_png=head == _PNG_MAGIC)
+        image = _to_unit_rgb(array, path)
+    except UnreadableImageError:
+        raise
+    except Exception as exc:  # decoders raise many types (OSError, ValueError, SyntaxError, zlib.error ...)
+        raise UnreadableImageError(path, f"{type(exc).__name__}: {exc}") from exc
+    if not preserve_precision:
+        image = np.round(image * 255.0) / 255.0
+    return image.astype(np.float32, copy=False)
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """First page of a TIFF with samples last; falls back to Pillow for codecs tifffile lacks."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            array, axes = page.asarray(), page.axes
+    except Exception as tiff_exc:
+        if "imagecodecs" not in str(tiff_exc):  # only a missing codec is worth a second decoder
+            raise
+        try:
+            return _read_pillow(path, is_png=False)
+        except Exception:
+            raise tiff_exc from None
+    if "S" in axes and array.ndim == len(axes):
+        array = np.moveaxis(array, axes.index("S"), -1)
+    return np.squeeze(array) if array.ndim > 3 else array
+
+
+def _read_pillow(path: Path, is_png: bool) -> np.ndarray:
+    """Pillow decode to a numpy array in the file's own depth (uint8, uint16, int32 or float32)."""
+    with Image.open(path) as img:
+        rawmode = img.tile[0].args if is_png and img.tile else None
+        img.load()
+        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            return np.asarray(img).astype(np.uint16)
+        if img.mode == "I":  # 32-bit int container; Pillow uses it for 16-bit data, so scale as 16-bit
+            return np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
+        if img.mode == "F":
+            return np.asarray(img)
+        if isinstance(rawmode, str) and rawmode in ("RGB;16B", "RGBA;16B"):
+            return _png_16bit_rgb(path, np.asarray(img))
+        if img.mode in ("L", "RGB", "RGBA", "LA"):
+            return np.asarray(img)
+        return np.asarray(img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB"))
+
+
+def _png_16bit_rgb(path: Path, high: np.ndarray) -> np.ndarray:
+    """Full 16-bit samples of an RGB(A) PNG: decode again reading the low byte of each sample."""
+    with Image.open(path) as img:
+        tile = img.tile[0]
+        img.tile = [ImageFile._Tile(tile.codec_name, tile.extents, tile.offset, tile.args.replace("16B", "16L"))]
+        img.load()
+        low = np.asarray(img)
+    return high.astype(np.uint16) * 256 + low.astype(np.uint16)  # (H, W, C)
+
+
+def _to_unit_rgb(array: np.ndarray, path: Path) -> np.ndarray:
+    """Scale by the integer type's range (floats as-is), make 3 channels, clip to [0, 1]."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    elif array.ndim == 3 and array.shape[-1] == 2:  # gray + alpha
+        array = np.repeat(array[..., :1], 3, axis=-1)
+    elif array.ndim == 3 and array.shape[-1] >= 3:
+        array = array[..., :3]  # drop alpha and any extra samples
+    else:
+        raise UnreadableImageError(path, f"unsupported array shape {array.shape}")
+    if array.dtype == np.bool_:
+        scaled = array.astype(np.float32)
+    elif array.dtype == np.uint8:
+        scaled = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        scaled = array.astype(np.float32) / 65535.0
+    elif np.issubdtype(array.dtype, np.integer):
+        scaled = array.astype(np.float64) / float(np.iinfo(array.dtype).max)
+    elif np.issubdtype(array.dtype, np.floating):
+        scaled = array.astype(np.float32)
+    else:
+        raise UnreadableImageError(path, f"unsupported sample type {array.dtype}")
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)  # (H, W, 3)
+
+
+def probe_readable(path: str | Path) -> str | None:
+    """Cheap header-level check: the reason a file is clearly broken, or None if it looks decodable.
+
+    Reads the header (and for PNG the trailing IEND chunk, for TIFF the strip table against the file size), so
+    truncated files are usually caught without decoding the pixels.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file"
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if head == _PNG_MAGIC:
+                handle.seek(max(size - 12, 0))
+                if handle.read(12)[4:8] != b"IEND":
+                    return "truncated PNG (no IEND chunk at the end)"
+        if head[:4] in _TIFF_MAGIC:
+            return _probe_tiff(path, size)
+        with Image.open(path) as img:
+            if img.width < 1 or img.height < 1:
+                return f"empty image size {img.size}"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _probe_tiff(path: Path, size: int) -> str | None:
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        ends = [off + count for off, count in zip(page.dataoffsets, page.databytecounts)]
+        if ends and max(ends) > size:
+            return f"truncated TIFF (image data ends at byte {max(ends)}, file has {size})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def write_image(path: str | Path, image: np.ndarray, image_format: str) -> None:
+    """Write (H, W, 3) floats in [0, 1] as png (8-bit), png16, tiff16 or tiff32, atomically.
+
+    The file appears under its final name only once complete (temporary name in the same folder, then rename).
+    """
+    extension_for(image_format)
+    image = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"write_image expects (H, W, 3), got {image.shape}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(_encode(image, image_format))
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _encode(image: np.ndarray, image_format: str) -> bytes:
+    """The encoded file bytes of (H, W, 3) floats in [0, 1]."""
+    if image_format == "png16":
+        return encode_png16(np.round(image * 65535.0).astype(np.uint16))
+    buffer = io.BytesIO()
+    if image_format == "png":
+        Image.fromarray(np.round(image * 255.0).astype(np.uint8), mode="RGB").save(buffer, format="PNG")
+    elif image_format == "tiff16":
+        tifffile.imwrite(buffer, np.round(image * 65535.0).astype(np.uint16), photometric="rgb", compression="zlib")
+    else:  # tiff32
+        tifffile.imwrite(buffer, image.astype(np.float32), photometric="rgb", compression="zlib")
+    return buffer.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _paeth_filter(raw: np.ndarray, bpp: int) -> np.ndarray:
+    """PNG Paeth filter of (H, row_bytes) uint8 rows (vectorised: encoding only uses original bytes)."""
+    raw = raw.astype(np.int16)
+    left = np.zeros_like(raw)
+    left[:, bpp:] = raw[:, :-bpp]
+    up = np.zeros_like(raw)
+    up[1:] = raw[:-1]
+    up_left = np.zeros_like(raw)
+    up_left[1:, bpp:] = raw[:-1, :-bpp]
+    estimate = left + up - up_left
+    dist_left, dist_up, dist_ul = abs(estimate - left), abs(estimate - up), abs(estimate - up_left)
+    predictor = np.where((dist_left <= dist_up) & (dist_left <= dist_ul), left, np.where(dist_up <= dist_ul, up, up_left))
+    return ((raw - predictor) & 0xFF).astype(np.uint8)
+
+
+def encode_png16(image: np.ndarray, filter_type: int = 4) -> bytes:
+    """A 16-bit RGB/RGBA PNG from (H, W, 3|4) uint16 (Pillow cannot write these); filter 0 (none) or 4 (Paeth)."""
+    height, width, channels = image.shape
+    color_type = {3: 2, 4: 6}[channels]
+    raw = np.ascontiguousarray(image.astype(">u2")).view(np.uint8).reshape(height, width * channels * 2)
+    rows = _paeth_filter(raw, channels * 2) if filter_type == 4 else raw
+    scanlines = np.concatenate([np.full((height, 1), filter_type, np.uint8), rows], axis=1)  # (H, 1 + row_bytes)
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return (
+        _PNG_MAGIC
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(scanlines.tobytes(), 6))
+        + _png_chunk(b"IEND", b"")
+    )

@@ -1,0 +1,1 @@
+"""Model builders: the diffusers architectures ldmflow trains, configured from settings."""

@@ -1,0 +1,83 @@
+"""Build the three diffusers models from the user's size flags, so saved folders load with stock diffusers."""
+
+from __future__ import annotations
+
+import math
+
+from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+
+VAE_LATENT_CHANNELS = 4
+VAE_DOWNSAMPLE = 8
+
+
+def norm_groups(block_out_channels: tuple[int, ...]) -> int:
+    """GroupNorm groups that divide every block width (32 for the usual sizes, fewer for tiny test models)."""
+    common = 0
+    for channels in block_out_channels:
+        common = math.gcd(common, channels)
+    return math.gcd(common, 32)
+
+
+def build_vae(block_out_channels: tuple[int, ...], layers_per_block: int, resolution: int) -> AutoencoderKL:
+    """AutoencoderKL with 4 latent channels and x8 downsampling (4 levels, 3 downsamples)."""
+    levels = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        latent_channels=VAE_LATENT_CHANNELS,
+        norm_num_groups=norm_groups(block_out_channels),
+        sample_size=resolution,
+        scaling_factor=1.0,  # measured after training (ldmflow.training.vae_task)
+    )
+
+
+def _block_types(levels: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Plain ResNet blocks, with self-attention at the lowest resolution level below the top (as diffusers' DDPM)."""
+    down = ["DownBlock2D"] * levels
+    if levels >= 3:
+        down[-2] = "AttnDownBlock2D"
+    up = ["AttnUpBlock2D" if block == "AttnDownBlock2D" else "UpBlock2D" for block in reversed(down)]
+    return tuple(down), tuple(up)
+
+
+def build_latent_unet(block_out_channels: tuple[int, ...], layers_per_block: int, latent_size: int,
+                      condition_dim: int | None) -> UNet2DConditionModel:
+    """UNet2DConditionModel without cross-attention; conditions enter through the projection class embedding.
+
+    condition_dim None (spec `none`) builds an unconditional model: no class embedding at all.
+    """
+    down, up = _block_types(len(block_out_channels))
+    return UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=VAE_LATENT_CHANNELS,
+        out_channels=VAE_LATENT_CHANNELS,
+        down_block_types=down,
+        up_block_types=up,
+        mid_block_type="UNetMidBlock2D",
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_groups(block_out_channels),
+        attention_head_dim=8,
+        class_embed_type="projection" if condition_dim else None,
+        projection_class_embeddings_input_dim=condition_dim or None,
+    )
+
+
+def build_pixel_unet(block_out_channels: tuple[int, ...], layers_per_block: int, resolution: int) -> UNet2DModel:
+    """The legacy pixel-space UNet2DModel of the original scripts (unconditional)."""
+    down, up = _block_types(len(block_out_channels))
+    return UNet2DModel(
+        sample_size=resolution,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_groups(block_out_channels),
+        attention_head_dim=8,
+    )

@@ -1,0 +1,93 @@
+"""How physical conditions become the UNet's class-embedding input, and how the null condition is encoded.
+
+Layout of the encoded vector (length `encoded_dim` = value dims + one presence flag per condition):
+
+    [ normalised values of every condition ... | presence flag of every condition ]
+
+A present condition contributes (value - mean) / std and flag 1. A missing condition contributes zeros and
+flag 0. The null condition of classifier-free guidance is "every condition missing", i.e. the all-zero vector,
+so a real zero (flag 1) never looks like "no condition" (flag 0), and a sample whose metadata lacks a value is
+trained exactly like a dropped condition. This is also why the original README's sampling loop, which feeds
+`torch.zeros(projection_class_embeddings_input_dim)`, draws unconditional samples.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldmflow.data.conditions import ConditionSpec, ConditionStats
+
+CONDITIONING_FILE = "conditioning.json"
+
+
+@dataclass(frozen=True)
+class ConditionEncoder:
+    """Normalises conditions with the training split's statistics and appends presence flags."""
+
+    spec: ConditionSpec
+    stats: ConditionStats
+
+    @property
+    def encoded_dim(self) -> int:
+        return 0 if self.spec.is_empty else self.spec.value_dim + self.spec.num_conditions
+
+    def _expand_presence(self, present: torch.Tensor) -> torch.Tensor:
+        """(B, K) per-condition flags -> (B, D) per-value-dimension flags."""
+        repeats = torch.tensor(self.spec.dims, device=present.device)
+        return torch.repeat_interleave(present, repeats, dim=1)
+
+    def encode(self, values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """(B, D) physical values and (B, K) 0/1 flags -> (B, D + K) UNet condition input."""
+        mean = torch.tensor(self.stats.mean, dtype=values.dtype, device=values.device)
+        std = torch.tensor(self.stats.std, dtype=values.dtype, device=values.device)
+        present = present.to(values.dtype)
+        normalised = (values - mean) / std * self._expand_presence(present)
+        return torch.cat([normalised, present], dim=1)
+
+    def null(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """(B, D + K) encoding of 'no condition' (all zeros)."""
+        return torch.zeros(batch_size, self.encoded_dim, device=device, dtype=dtype)
+
+    def drop(self, encoded: torch.Tensor, probability: float) -> torch.Tensor:
+        """Replace each sample's conditions by the null condition with `probability` (classifier-free guidance)."""
+        if probability <= 0:
+            return encoded
+        keep = torch.rand(encoded.shape[0], 1, device=encoded.device) >= probability  # (B, 1)
+        return encoded * keep.to(encoded.dtype)
+
+    def encode_physical(self, conditions: list[dict[str, np.ndarray | None]], device=None) -> torch.Tensor:
+        """Conditions in physical units (name -> value, None or absent = unknown) -> (B, D + K)."""
+        values = np.zeros((len(conditions), self.spec.value_dim), dtype=np.float32)
+        present = np.zeros((len(conditions), self.spec.num_conditions), dtype=np.float32)
+        slices = self.spec.slices()
+        for row, condition in enumerate(conditions):
+            for index, name in enumerate(self.spec.names):
+                value = condition.get(name)
+                if value is not None:
+                    values[row, slices[name]] = np.asarray(value, dtype=np.float32).reshape(-1)
+                    present[row, index] = 1.0
+        return self.encode(torch.from_numpy(values), torch.from_numpy(present)).to(device)
+
+    def to_dict(self) -> dict:
+        return {
+            "condition_spec": str(self.spec),
+            "stats": self.stats.to_dict(self.spec),
+            "encoded_dim": self.encoded_dim,
+            "layout": "normalised values (value-mean)/std, then one presence flag per condition; null = zeros",
+        }
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / CONDITIONING_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ConditionEncoder":
+        data = json.loads(Path(path).read_text())
+        spec = ConditionSpec.parse(data["condition_spec"])
+        return cls(spec, ConditionStats.from_dict(data["stats"], spec))

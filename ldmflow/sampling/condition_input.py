@@ -1,0 +1,89 @@
+"""Conditions as users give them (CLI `name=value`, CSV/JSON files, DataFrames) -> per-image dicts.
+
+A DataFrame has one column per condition component: `temperature`, `wind_0`, `wind_1`, `wind_2`, `wind_mag`
+for the default spec (a vector condition may also be one column holding a list or "1,0,0"), plus an
+optional `seed` column.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ldmflow.data.conditions import ConditionSpec
+from ldmflow.errors import LdmflowError
+
+SEED_COLUMN = "seed"
+
+
+def component_columns(spec: ConditionSpec) -> list[str]:
+    """DataFrame column names, one per condition component."""
+    columns = []
+    for name, dim in spec.items:
+        columns += [name] if dim == 1 else [f"{name}_{i}" for i in range(dim)]
+    return columns
+
+
+def parse_condition_option(texts: tuple[str, ...]) -> dict[str, list[float]]:
+    """`--condition temperature=12.5 --condition wind=1,0,0` -> {"temperature": [12.5], "wind": [1, 0, 0]}."""
+    conditions = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep or not name.strip():
+            raise LdmflowError(f"--condition {text!r}: expected name=value, e.g. temperature=12.5 or wind=1,0,0.")
+        try:
+            conditions[name.strip()] = [float(part) for part in value.split(",")]
+        except ValueError:
+            raise LdmflowError(f"--condition {text!r}: {value!r} is not a number or comma list of numbers.") from None
+    return conditions
+
+
+def _cell_values(cell) -> list[float] | None:
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+        return None
+    if isinstance(cell, str):
+        cell = [part for part in cell.strip("[]() ").split(",") if part.strip()]
+    return [float(v) for v in np.asarray(cell, dtype=object).reshape(-1)]
+
+
+def conditions_from_frame(frame: pd.DataFrame, spec: ConditionSpec) -> list[dict[str, list[float]]]:
+    """One dict per row (name -> values); blank cells are left out. Unknown columns are an error."""
+    known = set(component_columns(spec)) | set(spec.names) | {SEED_COLUMN}
+    unknown = [column for column in frame.columns if column not in known]
+    if unknown:
+        raise LdmflowError(f"Unknown condition column(s) {unknown}; the model's condition spec is {spec} "
+                           f"(columns: {', '.join(component_columns(spec)) or 'none'}, plus optional seed).")
+    rows = []
+    for _, row in frame.iterrows():
+        condition = {}
+        for name, dim in spec.items:
+            parts = [f"{name}_{i}" for i in range(dim)] if dim > 1 else [name]
+            if dim > 1 and name in frame.columns:
+                value = _cell_values(row[name])
+            elif all(part in frame.columns for part in parts):
+                cells = [_cell_values(row[part]) for part in parts]
+                value = None if any(c is None for c in cells) else [v for c in cells for v in c]
+            else:
+                value = None
+            if value is not None:
+                condition[name] = value
+        rows.append(condition)
+    return rows
+
+
+def read_conditions_file(path: str | Path) -> pd.DataFrame:
+    """A CSV, or a JSON list of objects, of conditions (one row per image)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LdmflowError(f"--conditions_file {path}: no such file.")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+            return pd.DataFrame(data if isinstance(data, list) else [data])
+        return pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as error:
+        raise LdmflowError(f"--conditions_file {path}: cannot read it ({error}).") from None

@@ -1,0 +1,48 @@
+"""A pure denoising loop with classifier-free guidance, over any diffusers scheduler and any model callable."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from ldmflow.errors import LdmflowError
+
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
+
+# model(sample (B, C, H, W), timestep, condition (B, E) or None) -> prediction (B, C, H, W)
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def make_scheduler(name: str, training_config: dict):
+    """An inference scheduler with the training noise schedule (DDIM / DPM-Solver need few steps)."""
+    if name not in SCHEDULERS:
+        raise LdmflowError(f"Unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}.")
+    return SCHEDULERS[name].from_config(training_config)
+
+
+def initial_noise(shape: tuple[int, ...], seeds: list[int], device, dtype=torch.float32) -> torch.Tensor:
+    """(N, C, H, W) noise where image i depends only on seeds[i], so any image can be reproduced alone."""
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)), dtype=dtype) for seed in seeds]
+    return torch.stack(noise).to(device)
+
+
+@torch.no_grad()
+def denoise(model: Denoiser, scheduler, noise: torch.Tensor, num_inference_steps: int,
+            condition: torch.Tensor | None = None, null_condition: torch.Tensor | None = None,
+            guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Run the reverse process from `noise`; guidance mixes conditional and null predictions when > 1."""
+    scheduler.set_timesteps(num_inference_steps, device=noise.device)
+    sample = noise * scheduler.init_noise_sigma
+    guided = condition is not None and null_condition is not None and guidance_scale != 1.0
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(sample, timestep)
+        if guided:
+            both = model(torch.cat([model_input, model_input]), timestep, torch.cat([condition, null_condition]))
+            conditional, unconditional = both.chunk(2)
+            prediction = unconditional + guidance_scale * (conditional - unconditional)
+        else:
+            prediction = model(model_input, timestep, condition)
+        sample = scheduler.step(prediction, timestep, sample, generator=generator).prev_sample
+    return sample

@@ -1,0 +1,38 @@
+"""Preview grids: diffusers' make_image_grid, with an optional caption under each tile."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from diffusers.utils import make_image_grid
+from PIL import Image, ImageDraw, ImageFont
+
+MIN_TILE = 128
+
+
+def to_pil(images: np.ndarray) -> list[Image.Image]:
+    """(N, H, W, 3) floats in [0, 1] -> 8-bit PIL images."""
+    return [Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)) for image in images]
+
+
+def image_grid(images: list[Image.Image], labels: list[str] | None = None, columns: int | None = None) -> Image.Image:
+    """A grid of tiles (upscaled to at least 128 px so captions fit), each captioned when labels are given."""
+    columns = columns or min(len(images), 4)
+    rows = math.ceil(len(images) / columns)
+    size = max(MIN_TILE, images[0].width)
+    tiles = [image.resize((size, size), Image.NEAREST) if image.width < size else image for image in images]
+    if labels:
+        tiles = [_caption(tile, label) for tile, label in zip(tiles, labels)]
+    tiles += [Image.new("RGB", tiles[0].size)] * (rows * columns - len(tiles))
+    return make_image_grid(tiles, rows=rows, cols=columns)
+
+
+def _caption(tile: Image.Image, label: str) -> Image.Image:
+    font = ImageFont.load_default(size=10)
+    lines = label.split("\n")
+    strip = 12 * len(lines) + 4
+    captioned = Image.new("RGB", (tile.width, tile.height + strip), "white")
+    captioned.paste(tile, (0, 0))
+    ImageDraw.Draw(captioned).multiline_text((3, tile.height + 2), label, fill="black", font=font, spacing=2)
+    return captioned

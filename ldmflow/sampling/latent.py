@@ -1,0 +1,96 @@
+"""Latent sampling: noise -> UNet with classifier-free guidance -> VAE decode, from in-memory or saved models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from ldmflow.data.conditions import ConditionSpec, extract_conditions
+from ldmflow.errors import LdmflowError
+from ldmflow.models.conditioning import CONDITIONING_FILE, ConditionEncoder
+from ldmflow.sampling.denoise import denoise, initial_noise, make_scheduler
+
+VAE_SOURCE_FILE = "vae_source.json"
+
+
+class LatentSampler:
+    """Generates images in physical condition units from a latent UNet, its VAE and its noise schedule."""
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler_config: dict,
+                 encoder: ConditionEncoder | None):
+        self.unet, self.vae, self.scheduler_config, self.encoder = unet, vae, dict(scheduler_config), encoder
+
+    @classmethod
+    def from_folders(cls, unet_dir, vae_dir, scheduler_dir, conditioning_path=None, device="cpu") -> "LatentSampler":
+        from diffusers import DDPMScheduler
+
+        unet = UNet2DConditionModel.from_pretrained(unet_dir).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
+        scheduler_config = DDPMScheduler.load_config(scheduler_dir)
+        encoder = None
+        if conditioning_path and Path(conditioning_path).is_file():
+            encoder = ConditionEncoder.load(conditioning_path)
+        return cls(unet, vae, scheduler_config, encoder)
+
+    @classmethod
+    def from_training_output(cls, output_dir, device="cpu") -> "LatentSampler":
+        """A `ldmflow latent-ddpm` output folder: unet/, scheduler_config.json, vae_source.json."""
+        output_dir = Path(output_dir)
+        source = json.loads((output_dir / VAE_SOURCE_FILE).read_text())
+        return cls.from_folders(output_dir / "unet", source["vae_path"], output_dir,
+                                output_dir / CONDITIONING_FILE, device)
+
+    @property
+    def spec(self) -> ConditionSpec:
+        return self.encoder.spec if self.encoder else ConditionSpec.parse("none")
+
+    def check_conditions(self, conditions: list[dict]) -> torch.Tensor | None:
+        """Validate requested conditions against the model's spec; (N, E) encoded, or None if unconditional."""
+        spec = self.spec
+        if spec.is_empty:
+            if any(conditions):
+                raise LdmflowError(f"This model is unconditional (condition spec: none); got conditions "
+                                   f"{sorted(set().union(*conditions))}.")
+            return None
+        encoded_rows = []
+        for row, condition in enumerate(conditions):
+            unknown = sorted(set(condition) - set(spec.names))
+            if unknown:
+                raise LdmflowError(f"Condition(s) {unknown} are not in this model's condition spec: {spec}.")
+            values = extract_conditions(dict(condition), spec, f"image {row}")
+            if not values.present.all():
+                missing = [n for n, ok in zip(spec.names, values.present) if not ok]
+                raise LdmflowError(f"Image {row}: missing condition(s) {missing}; this model's condition spec is "
+                                   f"{spec} (give every condition, or none at all for unconditional samples).")
+            encoded_rows.append({name: values.values[sl] for name, sl in spec.slices().items()})
+        return self.encoder.encode_physical(encoded_rows, device=self.unet.device)
+
+    @torch.no_grad()
+    def generate(self, conditions: list[dict] | None = None, num_images: int | None = None,
+                 guidance_scale: float = 3.0, num_inference_steps: int = 25, scheduler: str = "ddim",
+                 seeds: list[int] | None = None) -> np.ndarray:
+        """(N, H, W, 3) float32 images in [0, 1]; N = len(conditions), or num_images when unconditional."""
+        count = len(conditions) if conditions else (num_images or (len(seeds) if seeds else 1))
+        seeds = list(seeds) if seeds is not None else list(range(count))
+        if len(seeds) != count:
+            raise LdmflowError(f"Got {len(seeds)} seeds for {count} images.")
+        condition = self.check_conditions(conditions) if conditions else None
+        null = None
+        if self.encoder and not self.spec.is_empty:
+            null = self.encoder.null(count, device=self.unet.device)
+            condition = null if condition is None else condition
+        size = self.unet.config.sample_size
+        noise = initial_noise((self.unet.config.in_channels, size, size), seeds, self.unet.device)
+        schedule = make_scheduler(scheduler, self.scheduler_config)
+
+        def model(sample, timestep, class_labels):
+            return self.unet(sample, timestep, encoder_hidden_states=None, class_labels=class_labels).sample
+
+        latents = denoise(model, schedule, noise, num_inference_steps, condition, null, guidance_scale)
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (N, 3, H, W) in ~[-1, 1]
+        images = (images.float() / 2 + 0.5).clamp(0, 1)
+        return images.permute(0, 2, 3, 1).cpu().numpy()

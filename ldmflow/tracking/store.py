@@ -1,0 +1,116 @@
+"""Which MLflow store ldmflow talks to: `MLFLOW_TRACKING_URI`, else `./mlflow.db` (SQLite) with `./mlartifacts`.
+
+The plain file store (`./mlruns`, `file:` URIs) is refused: MLflow 3.13+ no longer supports it for new
+features (logged models, datasets, the registry), so a run there would fail half-way through.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ldmflow.errors import LdmflowError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DB_NAME = "mlflow.db"
+ARTIFACTS_DIR_NAME = "mlartifacts"
+_SQLITE_PREFIX = "sqlite:///"
+
+
+def resolve_tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, or `sqlite:///<cwd>/mlflow.db`; SQLite paths are made absolute."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        return _SQLITE_PREFIX + str(Path.cwd() / DEFAULT_DB_NAME)
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("", "file") or len(scheme) == 1:  # a bare path, file:..., or a Windows drive letter
+        raise LdmflowError(
+            f"MLFLOW_TRACKING_URI={uri!r} is a plain file store, which MLflow 3.13+ refuses. Use a SQLite "
+            f"database instead (e.g. MLFLOW_TRACKING_URI=sqlite:///mlflow.db, the default when it is unset) "
+            "or a tracking server (http://host:5000)."
+        )
+    if scheme == "sqlite":
+        return _absolute_sqlite_uri(uri)
+    return uri
+
+
+def _absolute_sqlite_uri(uri: str) -> str:
+    """`sqlite:///rel.db` -> `sqlite:////abs/rel.db`, so runs started elsewhere share the same database."""
+    if not uri.startswith(_SQLITE_PREFIX):
+        raise LdmflowError(f"MLFLOW_TRACKING_URI={uri!r}: expected sqlite:///path/to/mlflow.db.")
+    path, sep, query = uri[len(_SQLITE_PREFIX):].partition("?")
+    db_path = Path(path).expanduser().absolute()
+    if not db_path.parent.is_dir():
+        raise LdmflowError(f"MLFLOW_TRACKING_URI={uri!r}: folder {db_path.parent} does not exist.")
+    return _SQLITE_PREFIX + str(db_path) + sep + query
+
+
+def sqlite_db_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, None for any other store."""
+    if not uri.startswith(_SQLITE_PREFIX):
+        return None
+    return Path(uri[len(_SQLITE_PREFIX):].partition("?")[0])
+
+
+def use_tracking_store() -> str:
+    """Point MLflow (tracking and registry) at the resolved store and return its URI."""
+    import mlflow
+
+    uri = resolve_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def check_server_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on a server that is down, instead of after MLflow's ~4 minutes of HTTP retries."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            pass
+    except OSError as error:
+        raise LdmflowError(
+            f"Cannot reach the MLflow tracking server at {uri} ({error}). Start it, fix MLFLOW_TRACKING_URI, "
+            "or pass --no_mlflow to train without tracking."
+        ) from None
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment `name`, created if needed (artifacts next to the SQLite database by default)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not name or not name.strip():
+        raise LdmflowError("--experiment_name must not be empty.")
+    uri = use_tracking_store()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+        except MlflowException:  # created by a concurrent process in the meantime
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise LdmflowError(
+            f"Experiment {name!r} was deleted. Restore it (mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}) or choose another --experiment_name."
+        )
+    return experiment.experiment_id
+
+
+def _artifact_location(uri: str, name: str) -> str | None:
+    """`<db dir>/mlartifacts/<name>` for SQLite; None (the server's default) for a tracking server."""
+    db_path = sqlite_db_path(uri)
+    if db_path is None:
+        return None
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
+    return (db_path.parent / ARTIFACTS_DIR_NAME / folder).as_uri()

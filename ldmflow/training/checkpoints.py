@@ -1,0 +1,89 @@
+"""Crash-safe checkpoints: written under a temporary name and renamed, pruned to a limit, found for resume."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from ldmflow.errors import LdmflowError
+
+logger = logging.getLogger(__name__)
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainingState:
+    """What accelerate's own state does not cover: progress counters (saved with every checkpoint)."""
+
+    global_step: int = 0
+    nonfinite_steps: int = 0
+    run_id: str = ""
+
+    def state_dict(self) -> dict:
+        return {"global_step": self.global_step, "nonfinite_steps": self.nonfinite_steps, "run_id": self.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = int(state["global_step"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.run_id = str(state.get("run_id", ""))
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (never the temporary ones), oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT_NAME.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def find_resume_checkpoint(output_dir: str | Path, resume_from: str | None) -> Path | None:
+    """`latest` -> newest complete checkpoint (None if there is none yet); a path must be a checkpoint."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run.", output_dir)
+            return None
+        return checkpoints[-1]
+    path = Path(resume_from)
+    if not path.is_dir() and (Path(output_dir) / resume_from).is_dir():
+        path = Path(output_dir) / resume_from
+    if not path.is_dir() or not (path / "custom_checkpoint_0.pkl").exists():
+        raise LdmflowError(f"--resume_from_checkpoint {resume_from}: not a complete ldmflow checkpoint folder.")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
+    """Save accelerate's state (models, optimizer, scheduler, RNG, registered objects) atomically."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    temporary = output_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and temporary.exists():
+        shutil.rmtree(temporary)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        temporary.rename(final)
+        _prune(output_dir, total_limit)
+        logger.info("Saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _prune(output_dir: Path, total_limit: int | None) -> None:
+    if not total_limit:
+        return
+    checkpoints = list_checkpoints(output_dir)
+    for stale in checkpoints[: max(0, len(checkpoints) - total_limit)]:
+        shutil.rmtree(stale)
+        logger.info("Removed old checkpoint %s (--checkpoints_total_limit %d)", stale, total_limit)

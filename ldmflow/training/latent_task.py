@@ -1,0 +1,187 @@
+"""`ldmflow latent-ddpm`: a conditioned UNet2DConditionModel on the scaled latents of a trained VAE."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
+
+from ldmflow.data.manifest import Manifest
+from ldmflow.errors import LdmflowError
+from ldmflow.models.architectures import VAE_DOWNSAMPLE, VAE_LATENT_CHANNELS, build_latent_unet
+from ldmflow.models.attention import enable_memory_efficient_attention
+from ldmflow.models.conditioning import ConditionEncoder
+from ldmflow.sampling.grids import image_grid, to_pil
+from ldmflow.sampling.latent import VAE_SOURCE_FILE, LatentSampler
+from ldmflow.training.ddpm_task import DdpmTask
+from ldmflow.training.saving import publish_folder, temporary_folder
+from ldmflow.training.settings import LatentDdpmSettings
+from ldmflow.training.vae_task import image_dataset
+
+logger = logging.getLogger(__name__)
+
+
+def load_vae(folder: str | Path, described_as: str) -> AutoencoderKL:
+    """A frozen fp32 AutoencoderKL with x8 downsampling and 4 latent channels, or a clear error."""
+    try:
+        vae = AutoencoderKL.from_pretrained(folder)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise LdmflowError(f"--vae_path {described_as}: not a diffusers AutoencoderKL folder "
+                           f"({str(error).splitlines()[0]}). Train one with `ldmflow vae`.") from None
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if factor != VAE_DOWNSAMPLE or vae.config.latent_channels != VAE_LATENT_CHANNELS:
+        raise LdmflowError(f"--vae_path {described_as}: ldmflow needs a x{VAE_DOWNSAMPLE} VAE with "
+                           f"{VAE_LATENT_CHANNELS} latent channels; this one is x{factor} with "
+                           f"{vae.config.latent_channels}.")
+    return vae.eval().requires_grad_(False)
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Cached posterior parameters (mean and log-variance) per image, plus both flips when --random_flip."""
+
+    def __init__(self, parameters: torch.Tensor, flipped: torch.Tensor | None, conditions, present):
+        self.parameters, self.flipped = parameters, flipped  # (N, 8, h, w) each
+        self.conditions, self.present = conditions, present  # (N, D), (N, K)
+
+    def __len__(self) -> int:
+        return len(self.parameters)
+
+    def __getitem__(self, index: int) -> dict:
+        use_flip = self.flipped is not None and torch.rand(()) < 0.5
+        params = self.flipped[index] if use_flip else self.parameters[index]
+        return {"latent_parameters": params, "conditions": self.conditions[index],
+                "present": self.present[index], "index": index}
+
+
+class LatentDdpmTask(DdpmTask):
+    """Latent diffusion: VAE encoding (or its cache), condition encoding with dropout, UNet, previews, saving."""
+
+    def __init__(self, settings: LatentDdpmSettings, manifest: Manifest, vae_source):
+        super().__init__(settings)
+        self.manifest, self.vae_source = manifest, vae_source
+        self.encoder = None if manifest.spec.is_empty else ConditionEncoder(manifest.spec, manifest.stats)
+
+    def setup(self, accelerator: Accelerator):
+        s = self.settings
+        self.vae = load_vae(self.vae_source.local_dir, s.vae_path).to(accelerator.device)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        unet = build_latent_unet(s.block_out_channels, s.layers_per_block, s.resolution // VAE_DOWNSAMPLE,
+                                 self.encoder.encoded_dim if self.encoder else None)
+        enable_memory_efficient_attention(unet, s.enable_xformers_memory_efficient_attention)
+        images = image_dataset(self.manifest, s, training=True)
+        dataset = self._cache_latents(accelerator) if s.cache_latents else images
+        self.preview_conditions = self._pick_preview_conditions()
+        return unet, dataset
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 8, h, w) posterior parameters, always in fp32 (fp16 VAEs overflow)."""
+        with torch.autocast(self.vae.device.type, enabled=False):
+            return self.vae.encode(pixels.to(self.vae.device, torch.float32)).latent_dist.parameters
+
+    def _cache_latents(self, accelerator: Accelerator) -> LatentDataset:
+        """Encode the dataset once (sharded over processes, then gathered); flips are encoded both ways."""
+        s = self.settings
+        if s.random_crop:
+            logger.warning("--cache_latents encodes one center crop per image; --random_crop is ignored.")
+        plain = image_dataset(self.manifest, s, training=False)
+        shard = list(range(len(plain)))[accelerator.process_index::accelerator.num_processes]
+        encoded = []
+        for start in range(0, len(shard), s.eval_batch_size):
+            items = [plain[i] for i in shard[start:start + s.eval_batch_size]]
+            pixels = torch.stack([item["pixel_values"] for item in items])
+            params = self._encode(pixels).cpu()
+            flipped = self._encode(pixels.flip(-1)).cpu() if s.random_flip else params
+            encoded += [(i, p, f) for i, p, f in zip(shard[start:start + s.eval_batch_size], params, flipped)]
+        encoded = sorted(gather_object(encoded) if accelerator.num_processes > 1 else encoded, key=lambda e: e[0])
+        parameters = torch.stack([e[1] for e in encoded])
+        flipped = torch.stack([e[2] for e in encoded]) if s.random_flip else None
+        conditions = torch.from_numpy(np.stack([r.conditions for r in self.manifest.records]))
+        present = torch.from_numpy(np.stack([r.present for r in self.manifest.records]).astype(np.float32))
+        logger.info("Cached latents of %d images%s.", len(parameters), " (and their flips)" if s.random_flip else "")
+        return LatentDataset(parameters, flipped, conditions, present)
+
+    def clean_sample(self, batch: dict) -> torch.Tensor:
+        if "latent_parameters" in batch:
+            latents = DiagonalGaussianDistribution(batch["latent_parameters"]).sample()
+        else:
+            latents = DiagonalGaussianDistribution(self._encode(batch["pixel_values"])).sample()
+        return latents * self.scaling_factor  # (B, 4, h, w), unit variance by construction of the factor
+
+    def denoiser(self, model, batch: dict):
+        labels = None
+        if self.encoder is not None:
+            encoded = self.encoder.encode(batch["conditions"].float(), batch["present"].float())  # (B, D + K)
+            labels = self.encoder.drop(encoded, self.settings.cond_dropout_prob)
+        return lambda noisy, timesteps: model(noisy, timesteps, encoder_hidden_states=None,
+                                              class_labels=labels).sample
+
+    def _pick_preview_conditions(self) -> list[dict]:
+        """Real training conditions spanning the range of the first condition (fully labelled entries first)."""
+        if self.encoder is None:
+            return []
+        records = [r for r in self.manifest.records if r.present.all()] or self.manifest.records
+        first = self.manifest.spec.slices()[self.manifest.spec.names[0]]
+        records = sorted(records, key=lambda r: float(r.conditions[first][0]))
+        count = min(self.settings.num_preview_images, len(records))
+        picks = [records[round(i * (len(records) - 1) / max(count - 1, 1))] for i in range(count)]
+        slices = self.manifest.spec.slices()
+        return [{name: r.conditions[sl].tolist() for k, (name, sl) in enumerate(slices.items()) if r.present[k]}
+                for r in picks]
+
+    def _preview(self, unet, step: int) -> Image.Image:
+        sampler = LatentSampler(unet, self.vae, self.noise_scheduler.config, self.encoder)
+        if self.encoder is None:
+            images = sampler.generate(num_images=self.settings.num_preview_images,
+                                      num_inference_steps=self.settings.preview_inference_steps)
+            return image_grid(to_pil(images))
+        conditions = [self._complete(c) for c in self.preview_conditions]
+        images = sampler.generate(conditions, guidance_scale=self.settings.guidance_scale,
+                                  num_inference_steps=self.settings.preview_inference_steps)
+        return image_grid(to_pil(images), labels=[condition_label(c) for c in conditions])
+
+    def _complete(self, condition: dict) -> dict:
+        """Fill conditions a preview record lacks with the training mean, so previews always run."""
+        slices = self.manifest.spec.slices()
+        return {name: condition.get(name, list(self.manifest.stats.mean[sl])) for name, sl in slices.items()}
+
+    def save(self, accelerator: Accelerator, model) -> dict[str, float]:
+        if not accelerator.is_main_process:
+            return {}
+        output_dir = Path(self.settings.output_dir)
+        unet = accelerator.unwrap_model(model)
+        with self.ema_weights(unet):
+            temporary = temporary_folder(output_dir, "unet")
+            unet.save_pretrained(temporary, safe_serialization=True)
+        publish_folder(temporary, output_dir / "unet")
+        self.noise_scheduler.save_pretrained(output_dir)
+        if self.encoder is not None:
+            self.encoder.save(output_dir)
+        (output_dir / VAE_SOURCE_FILE).write_text(json.dumps(self.vae_source_record(), indent=2))
+        logger.info("Saved the latent DDPM to %s.", output_dir)
+        return {}
+
+    def vae_source_record(self) -> dict:
+        """vae_source.json: which VAE the latents came from, and the condition spec."""
+        source = self.vae_source
+        return {"vae_path": str(Path(source.local_dir).resolve()), "vae_uri": source.uri,
+                "vae_model_name": source.model_name, "vae_model_version": source.model_version,
+                "vae_run_id": source.run_id, "vae_model_id": source.model_id,
+                "vae_scaling_factor": self.scaling_factor, "condition_spec": str(self.manifest.spec)}
+
+
+def condition_label(condition: dict) -> str:
+    """A short caption such as 'temperature 12.5 | wind 1,0,0'."""
+    parts = []
+    for name, value in condition.items():
+        values = np.asarray(value, dtype=float).reshape(-1)
+        parts.append(f"{name} " + ",".join(f"{v:.3g}" for v in values))
+    return "\n".join(parts)

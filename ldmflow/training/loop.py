@@ -1,0 +1,223 @@
+"""The one training loop shared by every task: accelerate for devices, precision, distribution and state.
+
+A task (vae_task, latent_task, pixel_task) supplies the model, data and loss; the loop owns the order of a
+step, which reads top to bottom: forward/backward, clip, skip non-finite, optimizer/LR/EMA step, log,
+checkpoint, and previews at epoch ends. Metrics stay on the device and are read once per `logging_steps`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from PIL import Image
+
+from ldmflow.errors import LdmflowError
+from ldmflow.training.checkpoints import TrainingState, find_resume_checkpoint, list_checkpoints, save_checkpoint
+from ldmflow.training.settings import TrainSettings
+
+logger = logging.getLogger(__name__)
+
+
+class Tracker(Protocol):
+    """What the loop needs from tracking (ldmflow.tracking.run_tracker.RunTracker or NullTracker)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_image(self, image: Image.Image, key: str, step: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+
+class Task(Protocol):
+    """The model-specific part of training, called by `train`."""
+
+    metric_names: tuple[str, ...]  # loss parts returned by `loss`, in this order
+
+    def setup(self, accelerator: Accelerator) -> tuple[torch.nn.Module, torch.utils.data.Dataset]: ...
+    def after_prepare(self, accelerator: Accelerator, model: torch.nn.Module) -> None: ...
+    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def after_optimizer_step(self, model: torch.nn.Module) -> None: ...
+    def end_of_epoch(self, accelerator: Accelerator, model: torch.nn.Module, step: int,
+                     previews: bool) -> tuple[dict[str, float], dict[str, Image.Image]]: ...
+    def save(self, accelerator: Accelerator, model: torch.nn.Module) -> dict[str, float]: ...
+
+
+def build_accelerator(settings: TrainSettings) -> Accelerator:
+    """Accelerator with seedable shuffling (exact resume); fp16 without CUDA falls back to fp32 with a warning."""
+    precision = settings.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():
+        logger.warning("--mixed_precision fp16 needs CUDA; running in fp32 on this machine.")
+        precision = "no"
+    return Accelerator(
+        mixed_precision=precision,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=settings.output_dir, automatic_checkpoint_naming=False),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+
+
+class _MetricWindow:
+    """Sums of loss parts on the device between log points, so logging costs one host sync per window."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device):
+        self.names = ("loss",) + names
+        self.sums = torch.zeros(len(self.names), device=device)
+        self.micro_steps = 0
+        self.samples = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, parts: torch.Tensor, batch_size: int) -> None:
+        self.sums += torch.cat([loss.detach().float().reshape(1), parts.detach().float()])
+        self.micro_steps += 1
+        self.samples += batch_size
+
+    def read(self, accelerator: Accelerator) -> dict[str, float]:
+        means = accelerator.reduce(self.sums / max(self.micro_steps, 1), reduction="mean").tolist()
+        elapsed = time.perf_counter() - self.started
+        metrics = dict(zip(self.names, means))
+        metrics["images_per_second"] = self.samples * accelerator.num_processes / max(elapsed, 1e-9)
+        self.sums.zero_()
+        self.micro_steps, self.samples, self.started = 0, 0, time.perf_counter()
+        return metrics
+
+
+def train(settings: TrainSettings, task: Task, tracker: Tracker) -> dict[str, float]:
+    """Run the whole training and return the final metrics of `task.save`."""
+    accelerator = build_accelerator(settings)
+    set_seed(settings.seed, device_specific=True)
+    model, dataset = task.setup(accelerator)
+    if len(dataset) == 0:
+        raise LdmflowError("The training dataset is empty.")
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
+        weight_decay=settings.adam_weight_decay)
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=settings.train_batch_size, shuffle=True, num_workers=settings.dataloader_num_workers,
+        drop_last=len(dataset) >= settings.train_batch_size * accelerator.num_processes)
+    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / settings.gradient_accumulation_steps)
+    max_steps = settings.max_train_steps or settings.num_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes)
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    state = TrainingState(run_id=getattr(tracker, "run_id", "") or "")
+    accelerator.register_for_checkpointing(state)
+    task.after_prepare(accelerator, model)
+    _resume(settings, accelerator, state, tracker)
+
+    first_epoch, skip_batches = divmod(state.global_step, steps_per_epoch)
+    logger.info("Training %d steps (%d epochs of %d steps) on %d process(es), %d images.",
+                max_steps, num_epochs, steps_per_epoch, accelerator.num_processes, len(dataset))
+    window = _MetricWindow(task.metric_names, accelerator.device)
+    nonfinite_in_a_row = 0
+    for epoch in range(first_epoch, num_epochs):
+        model.train()
+        dataloader.set_epoch(epoch)
+        batches = dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(dataloader, skip_batches * settings.gradient_accumulation_steps)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss, parts = task.loss(model, batch)  # loss: fp32 scalar, parts: (len(metric_names),)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                    finite = _step_is_finite(loss, grad_norm, accelerator)
+                    if finite:
+                        optimizer.step()
+                        lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.add(loss, parts, len(batch["index"]))
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            if finite:
+                nonfinite_in_a_row = 0
+                task.after_optimizer_step(model)
+            else:
+                nonfinite_in_a_row += 1
+                state.nonfinite_steps += 1
+                _check_nonfinite(settings, state, nonfinite_in_a_row, tracker)
+            if state.global_step % settings.logging_steps == 0 or state.global_step == max_steps:
+                metrics = window.read(accelerator)
+                metrics.update(lr=lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                               nonfinite_steps=state.nonfinite_steps, epoch=epoch)
+                if accelerator.is_main_process:
+                    tracker.log_metrics(metrics, state.global_step)
+            if state.global_step % settings.checkpointing_steps == 0:
+                path = save_checkpoint(accelerator, settings.output_dir, state.global_step,
+                                       settings.checkpoints_total_limit)
+                if accelerator.is_main_process:
+                    tracker.set_tags({"ldmflow.last_checkpoint": str(path),
+                                      "ldmflow.last_checkpoint_step": str(state.global_step)})
+            if state.global_step >= max_steps:
+                break
+        last_epoch = epoch == num_epochs - 1 or state.global_step >= max_steps
+        _end_of_epoch(settings, task, accelerator, model, tracker, epoch, state.global_step, last_epoch)
+        if state.global_step >= max_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    final_metrics = task.save(accelerator, model)
+    if accelerator.is_main_process and final_metrics:
+        tracker.log_metrics(final_metrics, state.global_step)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final_metrics
+
+
+def _step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor | None, accelerator: Accelerator) -> bool:
+    """One scalar host sync per optimizer step: a non-finite loss or gradient would poison the weights.
+
+    Gradients are all-reduced, so their norm agrees on every rank. Under fp16 the GradScaler skips overflowing
+    steps itself (inf gradients are its normal calibration), so there only a non-finite loss on any rank counts.
+    """
+    if accelerator.scaler is None and grad_norm is not None:
+        return bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    return bool(accelerator.reduce(finite, reduction="mean").item() == 1.0)
+
+
+def _check_nonfinite(settings: TrainSettings, state: TrainingState, in_a_row: int, tracker: Tracker) -> None:
+    logger.warning("Non-finite loss or gradient at step %d: step skipped (%d in a row).", state.global_step, in_a_row)
+    if in_a_row >= settings.max_nonfinite_steps:
+        checkpoints = list_checkpoints(settings.output_dir)
+        last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+        raise LdmflowError(
+            f"Training diverged: {in_a_row} non-finite losses in a row at step {state.global_step}; {last}. "
+            "Lower --learning_rate, check the data, or try --mixed_precision no.")
+
+
+def _resume(settings: TrainSettings, accelerator: Accelerator, state: TrainingState, tracker: Tracker) -> None:
+    checkpoint = find_resume_checkpoint(settings.output_dir, settings.resume_from_checkpoint)
+    if checkpoint is None:
+        return
+    current_run = state.run_id
+    accelerator.load_state(str(checkpoint))
+    logger.info("Resumed from %s at step %d.", checkpoint, state.global_step)
+    if accelerator.is_main_process:
+        tracker.set_tags({"ldmflow.resumed_from_checkpoint": str(checkpoint),
+                          "ldmflow.resumed_from_step": str(state.global_step),
+                          "ldmflow.resumed_from_run_id": state.run_id})
+    state.run_id = current_run
+
+
+def _end_of_epoch(settings, task, accelerator, model, tracker, epoch, step, last_epoch) -> None:
+    """Validation metrics and preview grids, every --save_images_epochs and after the last epoch."""
+    if not ((epoch + 1) % settings.save_images_epochs == 0 or last_epoch):
+        return
+    model.eval()
+    metrics, images = task.end_of_epoch(accelerator, model, step, previews=True)
+    if accelerator.is_main_process:
+        if metrics:
+            tracker.log_metrics(metrics, step)
+        for key, image in images.items():
+            tracker.log_image(image, key, step)
+    model.train()
+    accelerator.wait_for_everyone()

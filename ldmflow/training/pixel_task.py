@@ -1,0 +1,57 @@
+"""`ldmflow legacy-ddpm`: the original unconditional UNet2DModel in pixel space, saved as a DDPMPipeline."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from accelerate import Accelerator
+from diffusers import DDPMPipeline
+from PIL import Image
+
+from ldmflow.data.manifest import Manifest
+from ldmflow.models.architectures import build_pixel_unet
+from ldmflow.models.attention import enable_memory_efficient_attention
+from ldmflow.sampling.grids import image_grid, to_pil
+from ldmflow.sampling.pixel import PixelSampler
+from ldmflow.training.ddpm_task import DdpmTask
+from ldmflow.training.saving import publish_files, temporary_folder
+from ldmflow.training.settings import PixelDdpmSettings
+from ldmflow.training.vae_task import image_dataset
+
+logger = logging.getLogger(__name__)
+
+
+class PixelDdpmTask(DdpmTask):
+    """Pixel-space DDPM on the manifest's images."""
+
+    def __init__(self, settings: PixelDdpmSettings, manifest: Manifest):
+        super().__init__(settings)
+        self.manifest = manifest
+
+    def setup(self, accelerator: Accelerator):
+        s = self.settings
+        unet = build_pixel_unet(s.block_out_channels, s.layers_per_block, s.resolution)
+        enable_memory_efficient_attention(unet, s.enable_xformers_memory_efficient_attention)
+        return unet, image_dataset(self.manifest, s, training=True)
+
+    def clean_sample(self, batch: dict):
+        return batch["pixel_values"]  # (B, 3, H, W) in [-1, 1]
+
+    def denoiser(self, model, batch: dict):
+        return lambda noisy, timesteps: model(noisy, timesteps).sample
+
+    def _preview(self, unet, step: int) -> Image.Image:
+        sampler = PixelSampler(unet, self.noise_scheduler.config)
+        images = sampler.generate(self.settings.num_preview_images, self.settings.preview_inference_steps, "ddim")
+        return image_grid(to_pil(images))
+
+    def save(self, accelerator: Accelerator, model) -> dict[str, float]:
+        if accelerator.is_main_process:
+            unet = accelerator.unwrap_model(model)
+            with self.ema_weights(unet):
+                temporary = temporary_folder(self.settings.output_dir, "pipeline")
+                DDPMPipeline(unet=unet, scheduler=self.noise_scheduler).save_pretrained(temporary)
+            publish_files(temporary, Path(self.settings.output_dir))
+            logger.info("Saved the DDPMPipeline to %s.", self.settings.output_dir)
+        return {}

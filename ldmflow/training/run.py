@@ -1,0 +1,77 @@
+"""One training run from settings: validate inputs, open the MLflow run, train, register the model.
+
+Inputs are validated (manifest, VAE) before the MLflow run opens, so bad input never leaves a failed run
+behind; only the main process talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from accelerate import PartialState
+
+from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
+from ldmflow.training.settings import LatentDdpmSettings, PixelDdpmSettings, TrainSettings, VaeSettings
+
+logger = logging.getLogger(__name__)
+
+STAGES = {VaeSettings: "vae", LatentDdpmSettings: "latent_ddpm", PixelDdpmSettings: "legacy_ddpm"}
+
+
+def _load(settings: TrainSettings, split: str, condition_spec: str) -> Manifest:
+    return load_manifest(settings.manifest_path, split=split, condition_spec=condition_spec,
+                         data_root=settings.data_root, allow_outside_root=settings.allow_outside_root)
+
+
+def _validation_manifest(settings: TrainSettings) -> Manifest | None:
+    """The val split when the manifest has one (the VAE reports PSNR/SSIM on it), else None."""
+    if not settings.val_split or settings.val_split == settings.split:
+        return None
+    try:
+        return _load(settings, settings.val_split, "none")
+    except NothingUsableError:
+        logger.info("No usable '%s' entries: validation metrics are skipped.", settings.val_split)
+        return None
+
+
+def _build_task(settings: TrainSettings, manifest: Manifest, vae_source):
+    if isinstance(settings, VaeSettings):
+        from ldmflow.training.vae_task import VaeTask
+
+        return VaeTask(settings, manifest, _validation_manifest(settings))
+    if isinstance(settings, LatentDdpmSettings):
+        from ldmflow.training.latent_task import LatentDdpmTask
+
+        return LatentDdpmTask(settings, manifest, vae_source)
+    from ldmflow.training.pixel_task import PixelDdpmTask
+
+    return PixelDdpmTask(settings, manifest)
+
+
+def run_training(settings: TrainSettings) -> dict[str, float]:
+    """Train the model `settings` describes, tracked in MLflow unless --no_mlflow; returns final metrics."""
+    from ldmflow.tracking.model_uri import resolve_model_source
+    from ldmflow.tracking.registry import log_and_register
+    from ldmflow.tracking.run_tracker import open_run
+    from ldmflow.training.loop import train
+
+    stage = STAGES[type(settings)]
+    condition_spec = getattr(settings, "condition_spec", "none")
+    manifest = _load(settings, settings.split, condition_spec)
+    vae_source = resolve_model_source(settings.vae_path) if isinstance(settings, LatentDdpmSettings) else None
+    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+    task = _build_task(settings, manifest, vae_source)
+    is_main = PartialState().is_main_process
+    with open_run(settings, stage, enabled=is_main and not settings.no_mlflow) as tracker:
+        tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
+                            name=Path(manifest.path).stem)
+        if not manifest.spec.is_empty:
+            tracker.log_dict({"condition_spec": str(manifest.spec), "stats": manifest.stats.to_dict(manifest.spec)},
+                             "conditioning.json")
+        metrics = train(settings, task, tracker)
+        if is_main and not settings.no_mlflow:
+            log_and_register(stage, settings.output_dir, tracker, registered_model_name=settings.registered_model_name,
+                             alias=settings.register_alias, vae_source=vae_source, dataset_digest=manifest.digest,
+                             condition_spec=None if manifest.spec.is_empty else str(manifest.spec))
+    return metrics

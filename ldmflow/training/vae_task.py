@@ -1,0 +1,143 @@
+"""`ldmflow vae`: AutoencoderKL trained with MSE + L1 + kl_weight x KL; measures its latent scaling factor."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from PIL import Image
+
+from ldmflow.data.dataset import ManifestImageDataset
+from ldmflow.data.manifest import Manifest
+from ldmflow.models.architectures import build_vae
+from ldmflow.sampling.grids import image_grid, to_pil
+from ldmflow.training.evaluation import psnr, ssim
+from ldmflow.training.saving import publish_files, temporary_folder
+from ldmflow.training.settings import VaeSettings
+
+logger = logging.getLogger(__name__)
+NUM_PREVIEW_IMAGES = 8
+
+
+class VaeWithLoss(torch.nn.Module):
+    """Encode -> sample -> decode in one forward, so the prepared (DDP) wrapper sees every trained call."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(pixels).latent_dist  # latents (B, 4, H/8, W/8)
+        reconstruction = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+        return reconstruction, posterior.kl()  # kl: (B,)
+
+
+def image_dataset(manifest: Manifest, settings, training: bool) -> ManifestImageDataset:
+    """The manifest's images with the user's transform flags (no random augmentation outside training)."""
+    return ManifestImageDataset(
+        manifest.records, settings.resolution, random_crop=settings.random_crop and training,
+        random_flip=settings.random_flip and training, preserve_input_precision=settings.preserve_input_precision)
+
+
+def _batches(dataset, indices: list[int], batch_size: int):
+    for start in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[start:start + batch_size]]
+        yield torch.stack([item["pixel_values"] for item in items])  # (B, 3, H, W)
+
+
+class VaeTask:
+    """The VAE's part of training: model, loss, validation and previews, scaling factor, saving."""
+
+    metric_names = ("mse", "l1", "kl")
+
+    def __init__(self, settings: VaeSettings, manifest: Manifest, val_manifest: Manifest | None):
+        self.settings, self.manifest, self.val_manifest = settings, manifest, val_manifest
+
+    def setup(self, accelerator: Accelerator):
+        s = self.settings
+        vae = build_vae(s.block_out_channels, s.layers_per_block, s.resolution)
+        self.train_data = image_dataset(self.manifest, s, training=True)
+        self.eval_data = image_dataset(self.val_manifest or self.manifest, s, training=False)
+        return VaeWithLoss(vae), self.train_data
+
+    def after_prepare(self, accelerator: Accelerator, model) -> None:
+        self.accelerator = accelerator
+
+    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels = batch["pixel_values"]
+        reconstruction, kl = model(pixels)
+        mse = F.mse_loss(reconstruction.float(), pixels.float())
+        l1 = F.l1_loss(reconstruction.float(), pixels.float())
+        kl = kl.float().mean()
+        loss = mse + l1 + self.settings.kl_weight * kl
+        return loss, torch.stack([mse, l1, kl]).detach()
+
+    def after_optimizer_step(self, model) -> None:
+        pass
+
+    @torch.no_grad()
+    def end_of_epoch(self, accelerator: Accelerator, model, step: int, previews: bool):
+        vae = accelerator.unwrap_model(model).vae
+        metrics = self._validate(accelerator, vae) if self.val_manifest else {}
+        images = {}
+        if previews and accelerator.is_main_process:
+            images["reconstructions"] = self._preview(vae, step)
+        return metrics, images
+
+    def _validate(self, accelerator: Accelerator, vae) -> dict[str, float]:
+        """PSNR/SSIM of posterior-mode reconstructions on the val split, sharded over processes."""
+        indices = list(range(accelerator.process_index, len(self.eval_data), accelerator.num_processes))
+        totals = torch.zeros(3, device=accelerator.device)  # psnr sum, ssim sum, count
+        for pixels in _batches(self.eval_data, indices, self.settings.eval_batch_size):
+            pixels = pixels.to(accelerator.device)
+            reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+            reference, test = (pixels.float() + 1) / 2, ((reconstruction.float() + 1) / 2).clamp(0, 1)
+            totals += torch.stack([psnr(reference, test).sum(), ssim(reference, test).sum(),
+                                   torch.tensor(float(len(pixels)), device=accelerator.device)])
+        totals = accelerator.reduce(totals, reduction="sum")
+        count = max(totals[2].item(), 1.0)
+        return {"val_psnr": totals[0].item() / count, "val_ssim": totals[1].item() / count}
+
+    def _preview(self, vae, step: int) -> Image.Image:
+        """Inputs (top row) above their reconstructions (bottom row), saved to output_dir/images/."""
+        count = min(NUM_PREVIEW_IMAGES, len(self.eval_data))
+        pixels = next(_batches(self.eval_data, list(range(count)), count)).to(vae.device)
+        reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+        rows = torch.cat([pixels, reconstruction.float()]).clamp(-1, 1)  # (2N, 3, H, W)
+        tiles = to_pil(((rows + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
+        grid = image_grid(tiles, columns=count)
+        folder = Path(self.settings.output_dir) / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"reconstructions_step{step:07d}.png")
+        return grid
+
+    @torch.no_grad()
+    def measure_scaling_factor(self, accelerator: Accelerator, vae) -> float:
+        """1 / std of posterior samples over training batches (all processes), so scaled latents have unit variance."""
+        batches = max(1, self.settings.scaling_factor_batches)
+        batch_size = self.settings.train_batch_size
+        plain = image_dataset(self.manifest, self.settings, training=False)
+        indices = list(range(min(len(plain), batches * batch_size)))[accelerator.process_index::accelerator.num_processes]
+        totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # sum, sum of squares, count
+        for pixels in _batches(plain, indices, batch_size):
+            latents = vae.encode(pixels.to(accelerator.device)).latent_dist.sample().double()
+            totals += torch.stack([latents.sum(), (latents**2).sum(),
+                                   torch.tensor(float(latents.numel()), device=accelerator.device)]).double()
+        total, squares, count = accelerator.reduce(totals, reduction="sum").tolist()
+        variance = squares / count - (total / count) ** 2
+        return float(1.0 / max(variance, 1e-12) ** 0.5)
+
+    def save(self, accelerator: Accelerator, model) -> dict[str, float]:
+        vae = accelerator.unwrap_model(model).vae
+        vae.eval()
+        scaling_factor = self.measure_scaling_factor(accelerator, vae)
+        if accelerator.is_main_process:
+            vae.register_to_config(scaling_factor=scaling_factor)
+            temporary = temporary_folder(self.settings.output_dir, "vae")
+            vae.save_pretrained(temporary, safe_serialization=True)
+            publish_files(temporary, Path(self.settings.output_dir))
+            logger.info("Saved the VAE to %s (latent scaling factor %.5f).", self.settings.output_dir, scaling_factor)
+        return {"latent_scaling_factor": scaling_factor}
