@@ -7,6 +7,10 @@ DEMO_DIR ?= demo
 BIN := $(abspath $(VENV))/bin
 STORE := sqlite:///$(abspath .)/mlflow.db
 PYTEST_ARGS ?= -q
+# Demo sizes: a few minutes on a 2-core CPU. Real runs use the entry points' defaults (256 px, 50 epochs).
+DEMO_PARAMS ?= -P resolution=64 -P train_batch_size=8 -P vae_epochs=12 -P ddpm_epochs=30 \
+	-P vae_block_out_channels=32,32,64,64 -P unet_block_out_channels=64,64 -P layers_per_block=1 \
+	-P num_images=8 -P learning_rate=0.001 -P lr_warmup_steps=20 -P save_images_epochs=5
 
 export PATH := $(BIN):$(PATH)
 
@@ -24,11 +28,11 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/ldmflow demo-data --output_dir $(DEMO_DIR)/data --num_images 96 --resolution 32 --seed 0
+	$(BIN)/ldmflow demo-data --output_dir $(DEMO_DIR)/data --num_images 128 --resolution 64 --seed 0
 	$(BIN)/ldmflow check-manifest --manifest_path $(DEMO_DIR)/data/manifest.json
 	MLFLOW_TRACKING_URI=$(STORE) $(BIN)/ldmflow init-store
 	MLFLOW_TRACKING_URI=$(STORE) $(BIN)/mlflow run . -e pipeline --env-manager local --experiment-name ldmflow \
-		-P manifest_path=$(DEMO_DIR)/data/manifest.json -P output_root=$(DEMO_DIR)/outputs -P preset=demo
+		-P manifest_path=$(DEMO_DIR)/data/manifest.json -P output_root=$(DEMO_DIR)/outputs $(DEMO_PARAMS)
 	@echo
 	@echo "Done. Browse the runs, preview grids and registered models with:"
 	@echo "    $(BIN)/mlflow ui --backend-store-uri $(STORE) --port 5000"

@@ -33,7 +33,7 @@ def setup_logging(verbose: bool = False) -> None:
     """Log to stderr; only warnings from the chatty libraries ldmflow builds on."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for name in ("urllib3", "alembic", "git", "PIL", "matplotlib"):
+    for name in ("urllib3", "alembic", "git", "PIL", "matplotlib", "accelerate", "httpx", "mlflow.store"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -222,6 +222,95 @@ def legacy_ddpm_command(**options):
     from ldmflow.training.settings import PixelDdpmSettings
 
     run_training(PixelDdpmSettings(**options))
+
+
+@cli.command("sample")
+@click.option("--model_uri", required=True,
+              help="Output folder, runs:/..., models:/name/version, models:/name@alias or models:/<model_id>.")
+@click.option("--output_dir", default="outputs/samples", show_default=True)
+@click.option("--num_images", default=8, show_default=True, type=int)
+@click.option("--condition", multiple=True, help="name=value, repeatable: --condition temperature=12.5 "
+              "--condition wind=1,0,0 (every image gets them).")
+@click.option("--conditions_file", default=None, help="CSV or JSON list: one row of conditions (and seed) per image.")
+@click.option("--guidance_scale", default=3.0, show_default=True, type=float)
+@click.option("--num_inference_steps", default=25, show_default=True, type=int)
+@click.option("--scheduler", default="ddim", show_default=True, type=click.Choice(["ddpm", "ddim", "dpm_solver"]))
+@click.option("--seed", default=0, show_default=True, type=int, help="Image i uses seed + i.")
+@click.option("--output_format", default="png", show_default=True, type=click.Choice(IMAGE_FORMATS))
+@click.option("--experiment_name", default="ldmflow", show_default=True)
+@click.option("--run_name", default=None)
+@click.option("--no_mlflow", is_flag=True)
+def sample_command(**options):
+    """Generate images (and grid.png) from a trained model; logged as a run linked to the model."""
+    from ldmflow.sampling.run import run_sampling
+    from ldmflow.training.settings import SampleSettings
+
+    click.echo(str(run_sampling(SampleSettings(**options))))
+
+
+@cli.command("pipeline")
+@click.option("--manifest_path", required=True)
+@click.option("--output_root", default="outputs/pipeline", show_default=True)
+@click.option("--resolution", default=256, show_default=True, type=int)
+@click.option("--train_batch_size", default=8, show_default=True, type=int)
+@click.option("--vae_block_out_channels", default="128,256,512,512", show_default=True)
+@click.option("--unet_block_out_channels", default="256,256,256", show_default=True)
+@click.option("--layers_per_block", default=2, show_default=True, type=int)
+@click.option("--vae_epochs", default=50, show_default=True, type=int)
+@click.option("--ddpm_epochs", default=50, show_default=True, type=int)
+@click.option("--learning_rate", default=1e-4, show_default=True, type=float)
+@click.option("--lr_warmup_steps", default=500, show_default=True, type=int)
+@click.option("--save_images_epochs", default=5, show_default=True, type=int)
+@click.option("--checkpointing_steps", default=500, show_default=True, type=int)
+@click.option("--condition_spec", default=DEFAULT_CONDITION_SPEC, show_default=True)
+@click.option("--use_ema/--no_ema", default=True, show_default=True)
+@click.option("--num_images", default=8, show_default=True, type=int)
+@click.option("--num_inference_steps", default=25, show_default=True, type=int)
+@click.option("--guidance_scale", default=3.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--experiment_name", default="ldmflow", show_default=True)
+def pipeline_command(**options):
+    """vae -> latent_ddpm -> sample as child runs of one parent run; unchanged finished steps are reused."""
+    from ldmflow.tracking.pipeline import PipelineSettings, run_pipeline
+
+    summary = run_pipeline(PipelineSettings(**options))
+    click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command("lineage")
+@click.argument("model_uri")
+@click.option("--json", "as_json", is_flag=True)
+def lineage_command(model_uri, as_json):
+    """Print dataset -> VAE -> UNet -> sample runs for a registered model version."""
+    from ldmflow.tracking.lineage import format_lineage, lineage
+    from ldmflow.tracking.store import use_tracking_store
+
+    use_tracking_store()
+    chain = lineage(model_uri)
+    click.echo(json.dumps(chain, indent=2) if as_json else format_lineage(chain))
+
+
+@cli.command("models")
+@click.option("--json", "as_json", is_flag=True)
+def models_command(as_json):
+    """List registered ldmflow model versions with their stage, lineage and key metrics."""
+    from ldmflow.tracking.lineage import format_models, list_models
+    from ldmflow.tracking.store import use_tracking_store
+
+    use_tracking_store()
+    rows = list_models()
+    click.echo(json.dumps(rows, indent=2) if as_json else format_models(rows))
+
+
+@cli.command("init-store")
+@click.option("--experiment_name", default="ldmflow", show_default=True)
+def init_store_command(experiment_name):
+    """Create the tracking store and experiment (artifacts next to a SQLite store) and print the store URI."""
+    from ldmflow.tracking.store import ensure_experiment, use_tracking_store
+
+    uri = use_tracking_store()
+    ensure_experiment(experiment_name)
+    click.echo(uri)
 
 
 def main() -> None:

@@ -247,8 +247,10 @@ def compute_condition_stats(values: np.ndarray, present: np.ndarray, spec: Condi
     one (std 0) gets std 1, so normalising never divides by zero.
     """
     spec = ConditionSpec.parse(spec)
-    values = np.asarray(values, dtype=np.float64).reshape(-1, spec.value_dim)  # (N, value_dim)
-    present = np.asarray(present, dtype=bool).reshape(-1, spec.num_conditions)  # (N, K)
+    present = np.asarray(present, dtype=bool)
+    count = len(present)
+    values = np.asarray(values, dtype=np.float64).reshape(count, spec.value_dim)  # (N, value_dim)
+    present = present.reshape(count, spec.num_conditions)  # (N, K)
     mean = np.zeros(spec.value_dim)
     std = np.ones(spec.value_dim)
     for k, where in enumerate(spec.slices().values()):

@@ -15,21 +15,25 @@ FALSE_WORDS = {"false", "0", "no", "off", ""}
 
 def normalise_arguments(command: click.Command, argv: list[str]) -> list[str]:
     """Rewrite MLflow-style `--flag value` pairs for click boolean flags; drop `--option ''` pairs."""
-    flags = {opt for param in command.params if isinstance(param, click.Option) and param.is_flag
-             for opt in param.opts}
+    negations = {opt: (param.secondary_opts[0] if param.secondary_opts else None)
+                 for param in command.params if isinstance(param, click.Option) and param.is_flag
+                 for opt in param.opts}
     result, index = [], 0
     while index < len(argv):
         argument = argv[index]
         name, has_equals, inline = argument.partition("=")
         following = argv[index + 1] if index + 1 < len(argv) else None
-        if name in flags:
-            value = inline if has_equals else following
-            consumed = 1 if has_equals else (2 if value is not None and value.lower() in TRUE_WORDS | FALSE_WORDS else 1)
-            if consumed == 1 and not has_equals:
-                value = "true"
+        if name in negations:
+            if has_equals:
+                value, index = inline, index + 1
+            elif following is not None and following.lower() in TRUE_WORDS | FALSE_WORDS:
+                value, index = following, index + 2
+            else:
+                value, index = "true", index + 1
             if value.lower() in TRUE_WORDS:
                 result.append(name)
-            index += consumed
+            elif negations[name]:
+                result.append(negations[name])
             continue
         if argument.startswith("--") and not has_equals and following == "":
             index += 2

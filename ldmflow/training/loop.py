@@ -61,6 +61,36 @@ def build_accelerator(settings: TrainSettings) -> Accelerator:
     )
 
 
+class EpochSeededData(torch.utils.data.Dataset):
+    """Makes each item's augmentation a function of (seed, epoch, index), whatever process or worker loads it.
+
+    Together with the per-step reseeding in `train`, this is what makes a resumed run continue exactly:
+    nothing depends on how much of the global RNG earlier, possibly skipped, batches consumed.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(_derive_seed(self.seed, self.epoch, index))
+            return self.dataset[index]
+
+
+def _derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python runs, unlike hash())."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) + 0x632BE59BD9B4E019 + (value << 6) + (value >> 2))) & (2**63 - 1)
+    return value
+
+
 class _MetricWindow:
     """Sums of loss parts on the device between log points, so logging costs one host sync per window."""
 
@@ -96,6 +126,7 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker) -> dict[str, fl
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
         weight_decay=settings.adam_weight_decay)
+    dataset = EpochSeededData(dataset, settings.seed)
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=settings.train_batch_size, shuffle=True, num_workers=settings.dataloader_num_workers,
         drop_last=len(dataset) >= settings.train_batch_size * accelerator.num_processes)
@@ -119,10 +150,15 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker) -> dict[str, fl
     for epoch in range(first_epoch, num_epochs):
         model.train()
         dataloader.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         batches = dataloader
         if epoch == first_epoch and skip_batches:
             batches = accelerator.skip_first_batches(dataloader, skip_batches * settings.gradient_accumulation_steps)
+        micro_step = 0
         for batch in batches:
+            # Noise, timesteps and dropout are a function of the step: resume continues exactly.
+            torch.manual_seed(_derive_seed(settings.seed, state.global_step, micro_step, accelerator.process_index))
+            micro_step += 1
             with accelerator.accumulate(model):
                 loss, parts = task.loss(model, batch)  # loss: fp32 scalar, parts: (len(metric_names),)
                 accelerator.backward(loss)
@@ -136,6 +172,7 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker) -> dict[str, fl
             window.add(loss, parts, len(batch["index"]))
             if not accelerator.sync_gradients:
                 continue
+            micro_step = 0
             state.global_step += 1
             if finite:
                 nonfinite_in_a_row = 0

@@ -10,6 +10,17 @@ from ldmflow.errors import LdmflowError
 DEFAULT_CONDITION_SPEC = "temperature:1,wind:3,wind_mag:1"
 
 
+def settings_params(settings) -> dict[str, str]:
+    """Flat string params for MLflow (None becomes an empty string, tuples a comma list)."""
+    params = {}
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        params[field.name] = "" if value is None else str(value)
+    return params
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """What every trainer shares: data, optimisation, checkpoints, previews and tracking."""
@@ -67,14 +78,7 @@ class TrainSettings:
             raise LdmflowError(f"--block_out_channels must be positive integers, got {self.block_out_channels}.")
 
     def to_params(self) -> dict[str, str]:
-        """Flat string params for MLflow (None becomes an empty string, tuples a comma list)."""
-        params = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, tuple):
-                value = ",".join(str(v) for v in value)
-            params[field.name] = "" if value is None else str(value)
-        return params
+        return settings_params(self)
 
 
 @dataclass(frozen=True)
@@ -154,3 +158,31 @@ class PixelDdpmSettings(DdpmSettings):
                 f"Resolution {self.resolution} cannot be downsampled {len(self.block_out_channels) - 1} times; "
                 "use fewer --block_out_channels or a resolution divisible by 2**(blocks-1)."
             )
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """`ldmflow sample`: images from a trained model, for given conditions or unconditional."""
+
+    model_uri: str
+    output_dir: str
+    num_images: int = 8
+    condition: tuple[str, ...] = ()
+    conditions_file: str | None = None
+    guidance_scale: float = 3.0
+    num_inference_steps: int = 25
+    scheduler: str = "ddim"
+    seed: int = 0
+    output_format: str = "png"
+    experiment_name: str = "ldmflow"
+    run_name: str | None = None
+    no_mlflow: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_images < 1 or self.num_inference_steps < 1:
+            raise LdmflowError("--num_images and --num_inference_steps must be at least 1.")
+        if self.condition and self.conditions_file:
+            raise LdmflowError("Give conditions either with --condition or with --conditions_file, not both.")
+
+    def to_params(self) -> dict[str, str]:
+        return settings_params(self)

@@ -1,0 +1,8 @@
+"""MLflow entry point `pipeline`: vae -> latent_ddpm -> sample as child runs (`ldmflow pipeline`)."""
+
+import sys
+
+from ldmflow.tracking.projects import run_entry_point
+
+if __name__ == "__main__":
+    run_entry_point("pipeline", sys.argv[1:])

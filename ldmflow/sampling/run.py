@@ -1,0 +1,106 @@
+"""`ldmflow sample`: images from a trained model (folder or MLflow URI), written to disk and logged as a run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ldmflow.data.image_io import extension_for, write_image
+from ldmflow.errors import LdmflowError
+from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame, parse_condition_option,
+                                              read_conditions_file)
+from ldmflow.sampling.grids import image_grid, to_pil
+from ldmflow.training.saving import publish_files, temporary_folder
+from ldmflow.training.settings import SampleSettings
+
+logger = logging.getLogger(__name__)
+
+
+def load_sampler(folder: Path):
+    """A LatentSampler or PixelSampler for a training output folder or a downloaded ldmflow MLflow model."""
+    from ldmflow.sampling.latent import VAE_SOURCE_FILE, LatentSampler
+    from ldmflow.sampling.pixel import PixelSampler
+    from ldmflow.tracking.model_uri import find_model_layout
+
+    layout = find_model_layout(folder)
+    if layout.stage == "latent_ddpm":
+        if layout.vae_dir is None:
+            source = json.loads((layout.root / VAE_SOURCE_FILE).read_text())
+            return LatentSampler.from_training_output(layout.root) if source else None
+        return LatentSampler.from_folders(layout.unet_dir, layout.vae_dir, layout.scheduler_dir,
+                                          layout.conditioning_path)
+    if layout.stage == "legacy_ddpm":
+        return PixelSampler.from_folder(layout.root)
+    raise LdmflowError(f"{folder} holds a {layout.stage} model; `ldmflow sample` needs a latent or legacy DDPM.")
+
+
+def requested_conditions(settings: SampleSettings, sampler) -> tuple[list[dict] | None, list[int]]:
+    """Per-image conditions (None: unconditional) and seeds from --condition / --conditions_file / --seed."""
+    if settings.conditions_file:
+        frame = read_conditions_file(settings.conditions_file)
+        if frame.empty:
+            raise LdmflowError(f"--conditions_file {settings.conditions_file} has no rows.")
+        spec = getattr(sampler, "spec", None)
+        if spec is None:
+            raise LdmflowError("This model is unconditional: --conditions_file does not apply.")
+        conditions = conditions_from_frame(frame, spec)
+        if SEED_COLUMN in frame.columns:
+            seeds = [int(s) if s == s else settings.seed + i for i, s in enumerate(frame[SEED_COLUMN])]
+        else:
+            seeds = [settings.seed + i for i in range(len(conditions))]
+        return conditions, seeds
+    seeds = [settings.seed + i for i in range(settings.num_images)]
+    if settings.condition:
+        if not hasattr(sampler, "spec"):
+            raise LdmflowError("This model is unconditional (a legacy pixel DDPM): --condition does not apply.")
+        condition = parse_condition_option(settings.condition)
+        return [dict(condition) for _ in seeds], seeds
+    return None, seeds
+
+
+def generate(settings: SampleSettings, sampler, conditions, seeds) -> np.ndarray:
+    """(N, H, W, 3) images in [0, 1]."""
+    if hasattr(sampler, "spec"):
+        return sampler.generate(conditions, num_images=len(seeds), guidance_scale=settings.guidance_scale,
+                                num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
+                                seeds=seeds)
+    return sampler.generate(len(seeds), settings.num_inference_steps, settings.scheduler, seeds=seeds)
+
+
+def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None, image_format: str) -> Path:
+    """images/sample_0000.<ext> ... plus grid.png, published atomically into output_dir."""
+    temporary = temporary_folder(output_dir, "samples")
+    extension = extension_for(image_format)
+    for index, image in enumerate(images):
+        write_image(temporary / f"sample_{index:04d}{extension}", image, image_format)
+    image_grid(to_pil(images), labels=labels).save(temporary / "grid.png")
+    publish_files(temporary, output_dir)
+    return output_dir / "grid.png"
+
+
+def run_sampling(settings: SampleSettings) -> Path:
+    """Resolve the model, generate, write files, and log a `sample` run that points back at the model."""
+    from ldmflow.tracking.model_uri import resolve_model_source
+    from ldmflow.tracking.run_tracker import open_run
+    from ldmflow.tracking.registry import record_sample_source
+    from ldmflow.training.latent_task import condition_label
+
+    source = resolve_model_source(settings.model_uri)
+    sampler = load_sampler(Path(source.local_dir))
+    conditions, seeds = requested_conditions(settings, sampler)
+    output_dir = Path(settings.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open_run(settings, "sample", enabled=not settings.no_mlflow) as tracker:
+        record_sample_source(tracker, source)
+        images = generate(settings, sampler, conditions, seeds)
+        labels = [condition_label(c) for c in conditions] if conditions else None
+        grid = write_samples(output_dir, images, labels, settings.output_format)
+        from PIL import Image
+
+        tracker.log_image(Image.open(grid), key="samples", step=0)
+        tracker.log_artifacts(str(output_dir), "samples")
+    logger.info("Wrote %d images and %s", len(images), grid)
+    return grid

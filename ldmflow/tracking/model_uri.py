@@ -1,0 +1,281 @@
+"""Turn what a user passes as a model (a folder or an MLflow URI) into a local folder plus where it came from.
+
+Accepted forms: a local folder, `runs:/<run_id>/<path>`, `models:/<name>/<version>` (or `/latest`),
+`models:/<name>@<alias>` and `models:/<model_id>` (an MLflow 3 logged model, `m-...`). Every bad form gets one
+message naming the offending part and, where short, what exists instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ldmflow.errors import LdmflowError
+
+ACCEPTED_FORMS = ("a local folder, runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> "
+                  "or models:/<model_id>")
+# Where each stage's diffusers folder lives inside a logged ldmflow pyfunc model (see registry.py).
+MODEL_ARTIFACT_DIRS = {"vae": "artifacts/vae", "latent_ddpm": "artifacts", "legacy_ddpm": "artifacts/pipeline"}
+_MAX_LISTED = 20
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved to a local folder, with its MLflow identity where known (None otherwise)."""
+
+    local_dir: Path
+    uri: str
+    model_name: str | None = None
+    model_version: str | None = None
+    run_id: str | None = None
+    model_id: str | None = None
+    is_registered: bool = False
+
+
+@dataclass(frozen=True)
+class LatentDdpmFolders:
+    """The four inputs of `LatentSampler.from_folders`."""
+
+    unet_dir: Path
+    vae_dir: Path
+    scheduler_dir: Path
+    conditioning_path: Path | None
+
+
+def resolve_model_source(uri_or_path, dst_dir: str | Path | None = None) -> ModelSource:
+    """Resolve and (for MLflow URIs) download a model; `dst_dir` defaults to a fresh temporary folder."""
+    text = str(uri_or_path).strip()
+    if not text:
+        raise LdmflowError(f"Empty model path; expected {ACCEPTED_FORMS}.")
+    if text.startswith("models:"):
+        return _resolve_models_uri(text, dst_dir)
+    if text.startswith("runs:"):
+        return _resolve_runs_uri(text, dst_dir)
+    scheme = urlparse(text).scheme
+    if scheme == "file":
+        text = urlparse(text).path
+    elif len(scheme) > 1:
+        raise LdmflowError(f"Unsupported model URI {text!r}; expected {ACCEPTED_FORMS}.")
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise LdmflowError(f"Model folder {text} does not exist (expected {ACCEPTED_FORMS}).")
+    if not path.is_dir():
+        raise LdmflowError(f"Model path {text} is a file; expected a model folder.")
+    return ModelSource(local_dir=path.resolve(), uri=str(uri_or_path))
+
+
+def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/...` -> (name or model id, version or None, alias or None); a model id has neither."""
+    if not uri.startswith("models:/") or uri.startswith("models://"):
+        raise LdmflowError(f"Malformed model URI {uri!r}: expected models:/<name>/<version>, "
+                           "models:/<name>@<alias> or models:/<model_id>.")
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, _, alias = rest.rpartition("@")
+        if not name or not alias or "/" in alias:
+            raise LdmflowError(f"Malformed model URI {uri!r}: expected models:/<name>@<alias>.")
+        return name, None, alias
+    if "/" in rest:
+        name, _, version = rest.rpartition("/")
+        if not name or not (version.isdigit() or version == "latest"):
+            raise LdmflowError(f"Malformed model URI {uri!r}: the version must be a number or 'latest' "
+                               "(models:/<name>/<version>).")
+        return name, version, None
+    if rest.startswith("m-"):
+        return rest, None, None
+    raise LdmflowError(f"Malformed model URI {uri!r}: give a version (models:/{rest or '<name>'}/1), an alias "
+                       f"(models:/{rest or '<name>'}@champion) or a logged model id (models:/m-...).")
+
+
+def registered_version(client, name: str, version: str | None, alias: str | None):
+    """The ModelVersion for a name and version/alias/'latest', or an LdmflowError listing what exists."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        names = [m.name for m in client.search_registered_models(max_results=_MAX_LISTED + 1)]
+        known = f"registered models: {_listing(names)}" if names else "no models are registered"
+        raise LdmflowError(f"Registered model {name!r} does not exist ({known}).") from None
+    if alias is not None:
+        try:
+            return client.get_model_version_by_alias(name, alias)
+        except MlflowException:
+            aliases = ", ".join(f"@{a} -> v{v}" for a, v in sorted((model.aliases or {}).items())) or "none"
+            raise LdmflowError(f"Model {name!r} has no alias {alias!r} (aliases: {aliases}).") from None
+    versions = _version_numbers(client, name)
+    if version == "latest":
+        if not versions:
+            raise LdmflowError(f"Model {name!r} has no versions yet.")
+        version = str(versions[-1])
+    if int(version) not in versions:
+        raise LdmflowError(f"Model {name!r} has no version {version} "
+                           f"(versions: {_listing([str(v) for v in versions]) or 'none'}).")
+    return client.get_model_version(name, version)
+
+
+def _version_numbers(client, name: str) -> list[int]:
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(filter_string=f"name = {_quote(name)}", max_results=1000,
+                                            page_token=token)
+        versions += [int(v.version) for v in page]
+        token = page.token
+        if not token:
+            return sorted(versions)
+
+
+def _resolve_models_uri(uri: str, dst_dir) -> ModelSource:
+    from mlflow import MlflowClient
+
+    from ldmflow.tracking.store import use_tracking_store
+
+    name, version, alias = parse_models_uri(uri)
+    client = MlflowClient(use_tracking_store())
+    if version is None and alias is None:
+        return _resolve_model_id(client, uri, name, dst_dir)
+    found = registered_version(client, name, version, alias)
+    local = _download(f"models:/{name}/{found.version}", dst_dir)
+    return ModelSource(local_dir=local, uri=uri, model_name=name, model_version=str(found.version),
+                       run_id=found.run_id or None, model_id=getattr(found, "model_id", None) or None,
+                       is_registered=True)
+
+
+def _resolve_model_id(client, uri: str, model_id: str, dst_dir) -> ModelSource:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = client.get_logged_model(model_id)
+    except MlflowException:
+        raise LdmflowError(f"Logged model {model_id!r} does not exist (from {uri!r}).") from None
+    run_id = model.source_run_id or None
+    found = _registered_version_of(client, model_id, run_id)
+    local = _download(f"models:/{model_id}", dst_dir)
+    return ModelSource(local_dir=local, uri=uri, model_name=found.name if found else None,
+                       model_version=str(found.version) if found else None, run_id=run_id, model_id=model_id,
+                       is_registered=found is not None)
+
+
+def _registered_version_of(client, model_id: str | None, run_id: str | None):
+    """A registered version made from this logged model, found through its run (None if never registered)."""
+    if not model_id or not run_id:
+        return None
+    for version in client.search_model_versions(filter_string=f"run_id = {_quote(run_id)}"):
+        if getattr(version, "model_id", None) == model_id:
+            return version
+    return None
+
+
+def _resolve_runs_uri(uri: str, dst_dir) -> ModelSource:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from ldmflow.tracking.store import use_tracking_store
+
+    run_id, _, path = uri[len("runs:"):].lstrip("/").partition("/")
+    if not uri.startswith("runs:/") or not run_id or not path.strip("/"):
+        raise LdmflowError(f"Malformed run URI {uri!r}: expected runs:/<run_id>/<path>, e.g. runs:/<run_id>/model.")
+    client = MlflowClient(use_tracking_store())
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise LdmflowError(f"Run {run_id!r} does not exist (from {uri!r}).") from None
+    top = path.strip("/").split("/")[0]
+    logged = client.search_logged_models(experiment_ids=[run.info.experiment_id], max_results=100,
+                                         filter_string=f"source_run_id = {_quote(run_id)}")
+    model_id = next((m.model_id for m in logged if m.name == top), None)
+    try:
+        local = _download(uri, dst_dir)
+    except LdmflowError:
+        names = sorted({a.path for a in client.list_artifacts(run_id)} | {m.name for m in logged})
+        raise LdmflowError(f"Run {run_id} has no artifact or model {path!r} "
+                           f"(it has: {_listing(names) or 'nothing'}).") from None
+    found = _registered_version_of(client, model_id, run_id)
+    return ModelSource(local_dir=local, uri=uri, model_name=found.name if found else None,
+                       model_version=str(found.version) if found else None, run_id=run_id, model_id=model_id,
+                       is_registered=found is not None)
+
+
+def _download(uri: str, dst_dir) -> Path:
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    if dst_dir is not None:
+        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst_dir) if dst_dir else None))
+    except (MlflowException, OSError) as error:
+        raise LdmflowError(f"Could not download {uri}: {str(error).splitlines()[0]}") from None
+
+
+def find_diffusers_folder(local_dir, kind: str) -> Path:
+    """The diffusers folder of `kind` inside a downloaded ldmflow MLflow model, or a plain training output."""
+    if kind not in MODEL_ARTIFACT_DIRS:
+        raise LdmflowError(f"Unknown model kind {kind!r}; expected one of {', '.join(MODEL_ARTIFACT_DIRS)}.")
+    root = Path(local_dir)
+    if not (root / "MLmodel").is_file() and (root / "model" / "MLmodel").is_file():
+        root = root / "model"  # runs:/<id>/ downloaded a whole run
+    candidates = [root / MODEL_ARTIFACT_DIRS[kind], root] if (root / "MLmodel").is_file() else [root]
+    for folder in candidates:
+        if _looks_like(folder, kind):
+            return folder
+    raise LdmflowError(f"{local_dir} is not a {kind} model: {_expected_layout(kind)} (found: "
+                       f"{_listing(sorted(p.name for p in root.iterdir())) if root.is_dir() else 'no folder'}).")
+
+
+def _looks_like(folder: Path, kind: str) -> bool:
+    if kind == "vae":
+        config = folder / "config.json"
+        return config.is_file() and _class_name(config) == "AutoencoderKL"
+    if kind == "latent_ddpm":
+        return (folder / "unet" / "config.json").is_file() and (folder / "scheduler_config.json").is_file()
+    return (folder / "model_index.json").is_file() and (folder / "unet").is_dir()
+
+
+def _expected_layout(kind: str) -> str:
+    return {"vae": "expected config.json of an AutoencoderKL and its weights",
+            "latent_ddpm": "expected unet/ and scheduler_config.json (a latent-ddpm output folder)",
+            "legacy_ddpm": "expected model_index.json, unet/ and scheduler/ (a DDPMPipeline folder)"}[kind]
+
+
+def _class_name(config: Path) -> str | None:
+    try:
+        return json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def latent_ddpm_folders(folder) -> LatentDdpmFolders:
+    """Sampler inputs from a latent-ddpm folder: its own vae/ (logged models) or the VAE in vae_source.json."""
+    folder = find_diffusers_folder(folder, "latent_ddpm")
+    conditioning = folder / "conditioning.json"
+    vae_dir = folder / "vae"
+    if not _looks_like(vae_dir, "vae"):
+        vae_dir = _vae_from_source_file(folder)
+    return LatentDdpmFolders(folder / "unet", vae_dir, folder, conditioning if conditioning.is_file() else None)
+
+
+def _vae_from_source_file(folder: Path) -> Path:
+    """The VAE a training output points to: its recorded local folder, else its URI downloaded again."""
+    source_file = folder / "vae_source.json"
+    if not source_file.is_file():
+        raise LdmflowError(f"{folder} has neither a vae/ folder nor vae_source.json; cannot find its VAE.")
+    source = json.loads(source_file.read_text())
+    local = Path(source.get("vae_path") or "")
+    if source.get("vae_path") and _looks_like(local, "vae"):
+        return local
+    if not source.get("vae_uri"):
+        raise LdmflowError(f"{source_file}: the VAE folder {local} is gone and no vae_uri is recorded.")
+    return find_diffusers_folder(resolve_model_source(source["vae_uri"]).local_dir, "vae")
+
+
+def _quote(value: str) -> str:
+    return f'"{value}"' if "'" in value else f"'{value}'"
+
+
+def _listing(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")

@@ -1,0 +1,149 @@
+"""The `pipeline` entry point: vae -> latent_ddpm -> sample as child runs of one parent run.
+
+Multistep style (MLflow's multistep_workflow example), with its reuse check done right: a step is reused
+when a FINISHED run of the same entry point exists with the same parameters (compared as the strings MLflow
+stored), the same code version, and a registered model; found with a `filter_string`, not by scanning runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldmflow.training.settings import DEFAULT_CONDITION_SPEC, settings_params
+
+logger = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+CODE_VERSION_TAG = "ldmflow.code_version"
+REGISTERED_URI_TAG = "ldmflow.registered_model_uri"
+ENTRY_POINT_TAG = "mlflow.project.entryPoint"
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Sizes and lengths of the three steps; everything else keeps each command's defaults."""
+
+    manifest_path: str
+    output_root: str = "outputs/pipeline"
+    resolution: int = 256
+    train_batch_size: int = 8
+    vae_block_out_channels: str = "128,256,512,512"
+    unet_block_out_channels: str = "256,256,256"
+    layers_per_block: int = 2
+    vae_epochs: int = 50
+    ddpm_epochs: int = 50
+    learning_rate: float = 1e-4
+    lr_warmup_steps: int = 500
+    save_images_epochs: int = 5
+    checkpointing_steps: int = 500
+    condition_spec: str = DEFAULT_CONDITION_SPEC
+    use_ema: bool = True
+    num_images: int = 8
+    num_inference_steps: int = 25
+    guidance_scale: float = 3.0
+    seed: int = 0
+    experiment_name: str = "ldmflow"
+
+    def to_params(self) -> dict[str, str]:
+        return settings_params(self)
+
+
+def code_version() -> str:
+    """Digest of the code that trains (package, entry points, MLproject): a changed trainer is never reused."""
+    digest = hashlib.sha256()
+    files = sorted((PROJECT_DIR / "ldmflow").rglob("*.py")) + sorted((PROJECT_DIR / "entrypoints").glob("*.py"))
+    for path in files + [PROJECT_DIR / "MLproject"]:
+        if path.is_file():
+            digest.update(str(path.relative_to(PROJECT_DIR)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def find_reusable_run(client, experiment_id: str, entry_point: str, parameters: dict[str, str], version: str):
+    """The newest finished run of `entry_point` with exactly these params and code version, else None."""
+    clauses = [f"tags.`{ENTRY_POINT_TAG}` = {_quote(entry_point)}", "attributes.status = 'FINISHED'",
+               f"tags.`{CODE_VERSION_TAG}` = {_quote(version)}"]
+    clauses += [f"params.`{key}` = {_quote(value)}" for key, value in sorted(parameters.items())]
+    runs = client.search_runs([experiment_id], filter_string=" and ".join(clauses),
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def _run_step(client, experiment_id: str, entry_point: str, parameters: dict[str, str], version: str):
+    """Reuse a matching finished run or launch the entry point as a child of the active run."""
+    import mlflow
+
+    previous = find_reusable_run(client, experiment_id, entry_point, parameters, version)
+    if previous is not None:
+        logger.info("Step %s: reusing finished run %s.", entry_point, previous.info.run_id)
+        return previous, True
+    logger.info("Step %s: running with %s", entry_point, parameters)
+    submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=parameters,
+                                    env_manager="local", experiment_id=experiment_id, synchronous=True)
+    client.set_tag(submitted.run_id, CODE_VERSION_TAG, version)
+    return client.get_run(submitted.run_id), False
+
+
+def _step_parameters(settings: PipelineSettings) -> tuple[dict, dict, dict]:
+    root = Path(settings.output_root).resolve()
+    shared = {"manifest_path": str(Path(settings.manifest_path).resolve()), "resolution": str(settings.resolution),
+              "train_batch_size": str(settings.train_batch_size), "seed": str(settings.seed),
+              "layers_per_block": str(settings.layers_per_block), "learning_rate": str(settings.learning_rate),
+              "lr_warmup_steps": str(settings.lr_warmup_steps),
+              "save_images_epochs": str(settings.save_images_epochs),
+              "checkpointing_steps": str(settings.checkpointing_steps)}
+    vae = {**shared, "output_dir": str(root / "vae"), "num_epochs": str(settings.vae_epochs),
+           "block_out_channels": settings.vae_block_out_channels}
+    latent = {**shared, "output_dir": str(root / "latent_ddpm"), "num_epochs": str(settings.ddpm_epochs),
+              "block_out_channels": settings.unet_block_out_channels, "condition_spec": settings.condition_spec,
+              "use_ema": str(settings.use_ema).lower(), "guidance_scale": str(settings.guidance_scale)}
+    sample = {"output_dir": str(root / "samples"), "num_images": str(settings.num_images),
+              "num_inference_steps": str(settings.num_inference_steps), "seed": str(settings.seed),
+              "guidance_scale": str(settings.guidance_scale)}
+    return vae, latent, sample
+
+
+def _registered_uri(run, step: str) -> str:
+    uri = run.data.tags.get(REGISTERED_URI_TAG)
+    if not uri:
+        from ldmflow.errors import LdmflowError
+
+        raise LdmflowError(f"Pipeline step {step}: run {run.info.run_id} registered no model (tag {REGISTERED_URI_TAG}).")
+    return uri
+
+
+def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
+    """Run (or reuse) the three steps under one parent run; returns the step run ids and model URIs."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ldmflow.tracking.store import ensure_experiment, use_tracking_store
+
+    use_tracking_store()
+    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(settings.experiment_name)
+    client, version = MlflowClient(), code_version()
+    vae_params, latent_params, sample_params = _step_parameters(settings)
+    with mlflow.start_run(run_id=os.environ.get("MLFLOW_RUN_ID"), experiment_id=experiment_id) as parent:
+        existing = client.get_run(parent.info.run_id).data.params
+        mlflow.log_params({k: v for k, v in settings.to_params().items() if k not in existing})
+        mlflow.set_tags({"ldmflow.stage": "pipeline", CODE_VERSION_TAG: version})
+        vae_run, vae_reused = _run_step(client, experiment_id, "vae", vae_params, version)
+        vae_uri = _registered_uri(vae_run, "vae")
+        latent_run, latent_reused = _run_step(client, experiment_id, "latent_ddpm",
+                                              {**latent_params, "vae_uri": vae_uri}, version)
+        unet_uri = _registered_uri(latent_run, "latent_ddpm")
+        sample_run, sample_reused = _run_step(client, experiment_id, "sample",
+                                              {**sample_params, "model_uri": unet_uri}, version)
+        summary = {"vae_run_id": vae_run.info.run_id, "vae_uri": vae_uri, "vae_reused": str(vae_reused),
+                   "latent_ddpm_run_id": latent_run.info.run_id, "latent_ddpm_uri": unet_uri,
+                   "latent_ddpm_reused": str(latent_reused), "sample_run_id": sample_run.info.run_id,
+                   "sample_reused": str(sample_reused)}
+        mlflow.set_tags({f"ldmflow.pipeline.{key}": value for key, value in summary.items()})
+    return summary

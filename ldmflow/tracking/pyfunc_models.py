@@ -1,0 +1,227 @@
+"""MLflow pyfunc wrappers, so a registered ldmflow model can be loaded with `mlflow.pyfunc.load_model` or served.
+
+Serving formats (JSON friendly, one row per image):
+
+- `LatentDiffusionPyfunc`: input columns are the condition components in physical units (`component_columns`
+  of the model's spec, e.g. temperature, wind_0, wind_1, wind_2, wind_mag; all optional, all blank = an
+  unconditional sample) plus an optional integer `seed`. Params: num_inference_steps (25), guidance_scale (3.0),
+  scheduler ("ddim"), batch_size (8). Output: `image` (base64-encoded 8-bit RGB PNG) and the `seed` used.
+- `VaePyfunc`: input column `image` (base64 PNG/TIFF/JPEG; sides multiple of 8). Param mode = "reconstruct"
+  (output `image`, base64 PNG) or "encode" (output `latent`, nested lists (4, H/8, W/8) of the posterior mean
+  times the VAE's scaling_factor, i.e. what the latent DDPM was trained on).
+- `PixelDdpmPyfunc`: one row per image with an integer `seed` column, or param num_images > 0 (then any one
+  row, e.g. {"seed": 0}, and random seeds). Params: num_inference_steps, scheduler, batch_size. Output like
+  the latent model.
+
+Missing seeds are drawn at random and returned, so every image can be reproduced.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import random
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+from ldmflow.errors import LdmflowError
+
+SEED_COLUMN = "seed"
+IMAGE_COLUMN = "image"
+LATENT_COLUMN = "latent"
+
+
+def image_to_base64_png(image: np.ndarray) -> str:
+    """(H, W, 3) float in [0, 1] -> base64 of an 8-bit PNG."""
+    from PIL import Image
+
+    pixels = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def base64_to_image(text: str, row: int, channels: int = 3) -> np.ndarray:
+    """base64 image -> (H, W, channels) float32 in [0, 1] (8- and 16-bit inputs keep their range)."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+        image.load()
+    except Exception:  # noqa: BLE001 - any decoding problem is the caller's input
+        raise LdmflowError(f"Row {row}: column 'image' is not a base64-encoded image.") from None
+    if image.mode in ("I;16", "I;16B", "I"):
+        array = np.asarray(image, dtype=np.float32) / 65535.0
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+    else:
+        array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.shape[2] != channels:
+        array = np.repeat(array[:, :, :1], channels, axis=2)
+    return array
+
+
+def _seeds(frame: pd.DataFrame, count: int) -> list[int]:
+    """The `seed` column as ints (every row must have one), or fresh random seeds."""
+    if SEED_COLUMN not in frame.columns:
+        return [random.SystemRandom().randrange(2**31) for _ in range(count)]
+    column = frame[SEED_COLUMN]
+    if column.isna().any():
+        rows = [int(i) for i in np.flatnonzero(column.isna().to_numpy())]
+        raise LdmflowError(f"Column 'seed' is blank in row(s) {rows[:10]}; give every row a seed or none at all.")
+    return [int(seed) for seed in column]
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _params(params: dict | None, defaults: dict) -> dict:
+    merged = {**defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
+    unknown = sorted(set(merged) - set(defaults))
+    if unknown:
+        raise LdmflowError(f"Unknown param(s) {unknown}; this model accepts {sorted(defaults)}.")
+    return merged
+
+
+def _chunks(count: int, size: int):
+    size = max(int(size), 1)
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
+
+LATENT_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0, "scheduler": "ddim", "batch_size": 8}
+PIXEL_DEFAULTS = {"num_inference_steps": 25, "scheduler": "ddim", "batch_size": 8, "num_images": 0}
+VAE_DEFAULTS = {"mode": "reconstruct"}
+
+
+class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
+    """Conditioned latent DDPM + its VAE: a DataFrame of conditions in, one generated image per row out."""
+
+    def load_context(self, context):
+        from ldmflow.sampling.latent import LatentSampler
+
+        artifacts = context.artifacts
+        conditioning = artifacts.get("conditioning")
+        self._sampler = LatentSampler.from_folders(artifacts["unet"], artifacts["vae"],
+                                                   str(Path(artifacts["scheduler"]).parent),
+                                                   conditioning, device=_device())
+
+    def predict(self, context, model_input, params=None):
+        from ldmflow.sampling.condition_input import conditions_from_frame
+
+        options = _params(params, LATENT_DEFAULTS)
+        frame = pd.DataFrame(model_input)
+        if frame.empty:
+            raise LdmflowError("No rows: give one row per image (condition columns and/or seed).")
+        seeds = _seeds(frame, len(frame))
+        spec = self._sampler.spec
+        conditions = conditions_from_frame(frame, spec) if not spec.is_empty else [{} for _ in range(len(frame))]
+        images = []
+        for rows in _chunks(len(frame), options["batch_size"]):
+            chosen = [conditions[i] for i in rows]
+            images.extend(self._sampler.generate(
+                chosen if any(chosen) else None, num_images=len(rows),
+                guidance_scale=float(options["guidance_scale"]),
+                num_inference_steps=int(options["num_inference_steps"]), scheduler=str(options["scheduler"]),
+                seeds=[seeds[i] for i in rows]))
+        return pd.DataFrame({IMAGE_COLUMN: [image_to_base64_png(image) for image in images], SEED_COLUMN: seeds})
+
+
+class VaePyfunc(mlflow.pyfunc.PythonModel):
+    """The AutoencoderKL: base64 images in; reconstructions or scaled latents out (param `mode`)."""
+
+    def load_context(self, context):
+        from diffusers import AutoencoderKL
+
+        self._vae = AutoencoderKL.from_pretrained(context.artifacts["vae"]).to(_device()).eval()
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        mode = _params(params, VAE_DEFAULTS)["mode"]
+        if mode not in ("reconstruct", "encode"):
+            raise LdmflowError(f"Param mode must be 'reconstruct' or 'encode', got {mode!r}.")
+        frame = pd.DataFrame(model_input)
+        if IMAGE_COLUMN not in frame.columns:
+            raise LdmflowError("Input needs an 'image' column of base64-encoded images.")
+        outputs = []
+        for row, text in enumerate(frame[IMAGE_COLUMN]):
+            array = base64_to_image(str(text), row, self._vae.config.in_channels)
+            if array.shape[0] % 8 or array.shape[1] % 8:
+                raise LdmflowError(f"Row {row}: image is {array.shape[1]}x{array.shape[0]}; "
+                                   "both sides must be multiples of 8.")
+            pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(self._vae.device) * 2 - 1  # (1, C, H, W)
+            with torch.no_grad():
+                posterior = self._vae.encode(pixels).latent_dist
+                if mode == "encode":
+                    latent = posterior.mode() * self._vae.config.scaling_factor  # (1, 4, H/8, W/8)
+                    outputs.append(latent[0].float().cpu().numpy().tolist())
+                    continue
+                decoded = self._vae.decode(posterior.mode()).sample  # (1, C, H, W) in ~[-1, 1]
+            image = (decoded[0].float().permute(1, 2, 0).cpu().numpy() + 1) / 2
+            outputs.append(image_to_base64_png(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image))
+        return pd.DataFrame({LATENT_COLUMN if mode == "encode" else IMAGE_COLUMN: outputs})
+
+
+class PixelDdpmPyfunc(mlflow.pyfunc.PythonModel):
+    """The legacy unconditional pixel DDPM: seeds (or a count) in, images out."""
+
+    def load_context(self, context):
+        from ldmflow.sampling.pixel import PixelSampler
+
+        self._sampler = PixelSampler.from_folder(context.artifacts["pipeline"], device=_device())
+
+    def predict(self, context, model_input, params=None):
+        options = _params(params, PIXEL_DEFAULTS)
+        frame = pd.DataFrame(model_input)
+        count = int(options["num_images"])
+        if count > 0:
+            seeds = _seeds(pd.DataFrame(), count)
+        elif SEED_COLUMN in frame.columns and len(frame):
+            seeds = _seeds(frame, len(frame))
+        else:
+            raise LdmflowError("Give one row per image with a 'seed' column, or the param num_images.")
+        images = []
+        for rows in _chunks(len(seeds), options["batch_size"]):
+            images.extend(self._sampler.generate(len(rows), num_inference_steps=int(options["num_inference_steps"]),
+                                                 scheduler=str(options["scheduler"]), seeds=[seeds[i] for i in rows]))
+        return pd.DataFrame({IMAGE_COLUMN: [image_to_base64_png(image) for image in images], SEED_COLUMN: seeds})
+
+
+def _output_schema() -> Schema:
+    return Schema([ColSpec("string", IMAGE_COLUMN), ColSpec("long", SEED_COLUMN)])
+
+
+def latent_signature(condition_spec: str) -> ModelSignature:
+    """Inputs: one optional double per condition component and an optional seed (required if unconditional)."""
+    from ldmflow.data.conditions import ConditionSpec
+    from ldmflow.sampling.condition_input import component_columns
+
+    spec = ConditionSpec.parse(condition_spec)
+    inputs = [ColSpec("double", column, required=False) for column in component_columns(spec)]
+    inputs.append(ColSpec("long", SEED_COLUMN, required=spec.is_empty))
+    params = ParamSchema([ParamSpec("num_inference_steps", "long", 25), ParamSpec("guidance_scale", "double", 3.0),
+                          ParamSpec("scheduler", "string", "ddim"), ParamSpec("batch_size", "long", 8)])
+    return ModelSignature(inputs=Schema(inputs), outputs=_output_schema(), params=params)
+
+
+def vae_signature() -> ModelSignature:
+    """No output schema: the output column depends on `mode` (image or latent)."""
+    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+                          params=ParamSchema([ParamSpec("mode", "string", "reconstruct")]))
+
+
+def pixel_signature() -> ModelSignature:
+    params = ParamSchema([ParamSpec("num_inference_steps", "long", 25), ParamSpec("scheduler", "string", "ddim"),
+                          ParamSpec("batch_size", "long", 8), ParamSpec("num_images", "long", 0)])
+    return ModelSignature(inputs=Schema([ColSpec("long", SEED_COLUMN, required=False)]),
+                          outputs=_output_schema(), params=params)

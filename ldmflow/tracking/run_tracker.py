@@ -1,0 +1,328 @@
+"""What a training or sampling run logs to MLflow, and the run's lifetime (`open_run`).
+
+Only the main process of a multi-process run talks to MLflow; every other process (and `--no_mlflow`) gets a
+`NullTracker`. Metrics, params, tags and preview images go through a background uploader, so a tracking server
+that goes down never stops or slows training: values are buffered and retried, and what is still unsent when
+the run ends is written to `<output_dir>/mlflow_pending_metrics.jsonl` for `replay_pending`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import posixpath
+import re
+import time
+import warnings
+from pathlib import Path
+
+from ldmflow.errors import LdmflowError
+
+logger = logging.getLogger(__name__)
+
+STAGE_TAG = "ldmflow.stage"
+DATASET_DIGEST_TAG = "dataset_digest"
+PENDING_FILE = "mlflow_pending_metrics.jsonl"
+_KEY_RE = re.compile(r"^[/\w.\- :]{1,250}$")
+_MAX_PARAM_LENGTH = 6000
+_MAX_TAG_LENGTH = 8000
+_MAX_DIGEST_LENGTH = 36  # MLflow's dataset digest column
+
+
+def valid_key(key: str) -> bool:
+    """MLflow's rule for metric/param names, checked here so one bad key cannot get a whole batch rejected."""
+    return bool(_KEY_RE.match(key)) and posixpath.normpath(key) == key and not key.startswith(("/", ".."))
+
+
+class NullTracker:
+    """The tracker of `--no_mlflow` runs and non-main processes: accepts every call and does nothing."""
+
+    run_id = None
+    last_step = 0
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_image(self, image, key: str, step: int) -> None: ...
+    def log_dict(self, obj, artifact_file: str) -> bool: return False
+    def log_artifacts(self, local_dir, artifact_path: str | None = None) -> bool: return False
+    def set_tags(self, tags: dict) -> None: ...
+    def log_dataset(self, manifest_path, digest: str, split: str, num_records: int, name: str) -> bool: return False
+    def flush(self, timeout: float | None = None) -> bool: return True
+    def close(self) -> None: ...
+
+
+class RunTracker:
+    """Logs to one MLflow run; every method returns quickly and never raises on a tracking outage."""
+
+    def __init__(self, run_id: str, output_dir: str | Path | None = None, client=None,
+                 first_backoff: float = 2.0, close_timeout: float = 60.0):
+        from mlflow import MlflowClient
+
+        from ldmflow.tracking.uploader import BatchUploader
+
+        self._client = client or MlflowClient()
+        self._run_id = run_id
+        self._output_dir = Path(output_dir) if output_dir else Path.cwd()
+        self._known_params = dict(self._client.get_run(run_id).data.params)
+        self._uploader = BatchUploader(self._client, run_id, first_backoff=first_backoff)
+        self._close_timeout = close_timeout
+        self._bad_keys: set[str] = set()
+        self._closed = False
+        self.last_step = 0
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def in_outage(self) -> bool:
+        return self._uploader.in_outage
+
+    def log_params(self, params: dict[str, str]) -> None:
+        """Log params not yet in the run; a key already there (e.g. an `mlflow run -P` value) is kept as is."""
+        from mlflow.entities import Param
+
+        new = []
+        for key, value in params.items():
+            value = "" if value is None else str(value)
+            if key in self._known_params:
+                if self._known_params[key] != value:
+                    logger.warning("MLflow param %r is already %r in this run (e.g. from `mlflow run -P`); "
+                                   "keeping it, although this run uses %r.", key, self._known_params[key], value)
+                continue
+            if self._check_key(key, "param"):
+                self._known_params[key] = value
+                new.append(Param(key, value[:_MAX_PARAM_LENGTH]))
+        self._uploader.add(params=new)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Buffer metrics for the next batch upload (one request however many keys)."""
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), timestamp, int(step))
+                 for key, value in metrics.items() if self._check_key(key, "metric")]
+        self.last_step = max(self.last_step, int(step))
+        self._uploader.add(metrics=batch)
+
+    def log_image(self, image, key: str, step: int) -> None:
+        """A step-indexed image (MLflow's image view); uploaded in the background from a copy."""
+        key = re.sub(r"[^a-zA-Z0-9_\-./ ]", "_", key) or "image"
+        self._uploader.add_image(image.copy(), key, int(step))
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self._uploader.add(tags=[RunTag(str(k), "" if v is None else str(v)[:_MAX_TAG_LENGTH])
+                                 for k, v in tags.items()])
+
+    def log_dict(self, obj, artifact_file: str) -> bool:
+        return self._upload(lambda: self._client.log_dict(self._run_id, obj, artifact_file), artifact_file)
+
+    def log_artifacts(self, local_dir, artifact_path: str | None = None) -> bool:
+        return self._upload(lambda: self._client.log_artifacts(self._run_id, str(local_dir), artifact_path),
+                            f"folder {local_dir}")
+
+    def log_dataset(self, manifest_path, digest: str, split: str, num_records: int, name: str) -> bool:
+        """The manifest as an MLflow dataset input (context "training"), findable by its digest."""
+        dataset = manifest_dataset(manifest_path, digest, split, num_records, name)
+        self.set_tags({DATASET_DIGEST_TAG: digest})
+
+        def upload():
+            from mlflow.entities import DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+            tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag("ldmflow.split", split),
+                    InputTag("ldmflow.dataset_digest", digest)]
+            self._client.log_inputs(self._run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+
+        return self._upload(upload, f"dataset {name!r}")
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything buffered is uploaded; False when MLflow is unreachable or time ran out."""
+        return self._uploader.flush(timeout)
+
+    def close(self) -> None:
+        """Last upload attempt; whatever is still pending goes to `<output_dir>/mlflow_pending_metrics.jsonl`."""
+        if self._closed:
+            return
+        self._closed = True
+        left = self._uploader.close(self._close_timeout)
+        if left.images:
+            logger.warning("%d preview image(s) were not uploaded to MLflow (they are in %s).",
+                           len(left.images), self._output_dir)
+        if left.has_scalars():
+            path = write_pending(self._output_dir / PENDING_FILE, self._run_id, left)
+            logger.warning("MLflow was unreachable at the end of the run: %d metric values, %d params and %d tags "
+                           "were written to %s. Upload them later with "
+                           "ldmflow.tracking.run_tracker.replay_pending(%r, %r).",
+                           len(left.metrics), len(left.params), len(left.tags), path, str(path), self._run_id)
+
+    def _check_key(self, key: str, kind: str) -> bool:
+        if valid_key(key):
+            return True
+        if key not in self._bad_keys:
+            self._bad_keys.add(key)
+            logger.warning("Not logging %s %r: MLflow names may only contain letters, digits, _ - . : / and "
+                           "spaces.", kind, key)
+        return False
+
+    def _upload(self, upload, what: str) -> bool:
+        """A synchronous upload; skipped during a known outage, a warning (never an exception) on failure."""
+        if self._uploader.in_outage:
+            logger.warning("MLflow is unreachable: not uploading %s.", what)
+            return False
+        try:
+            upload()
+        except Exception as error:  # noqa: BLE001 - tracking must not stop training
+            logger.warning("Could not upload %s to MLflow: %s", what, str(error).splitlines()[0][:300])
+            return False
+        return True
+
+
+def manifest_dataset(manifest_path, digest: str, split: str, num_records: int, name: str):
+    """An MLflow MetaDataset for a manifest split, with its size and split as the profile."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class ManifestDataset(MetaDataset):
+        @property
+        def profile(self):
+            return {"num_records": int(num_records), "split": split, "full_digest": digest}
+
+        def to_dict(self):
+            return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+    with warnings.catch_warnings():  # a local path matches two equivalent source types; either is fine
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(Path(manifest_path).absolute()))
+    return ManifestDataset(source, name=name, digest=digest[:_MAX_DIGEST_LENGTH])
+
+
+def write_pending(path: Path, run_id: str, pending) -> Path:
+    """Append unsent values as JSON lines ({"kind": "metric"|"param"|"tag", ...}) tagged with their run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as file:
+        for metric in pending.metrics:
+            file.write(json.dumps({"kind": "metric", "run_id": run_id, "key": metric.key, "value": metric.value,
+                                   "timestamp": metric.timestamp, "step": metric.step}) + "\n")
+        for kind, items in (("param", pending.params), ("tag", pending.tags)):
+            for item in items:
+                file.write(json.dumps({"kind": kind, "run_id": run_id, "key": item.key, "value": item.value}) + "\n")
+    return path
+
+
+def replay_pending(path, run_id: str | None = None) -> int:
+    """Upload a pending-metrics file to `run_id` (default: the run recorded in it); returns values sent.
+
+    The file is renamed to `*.replayed` afterwards, so running this twice does not log twice.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    from ldmflow.tracking.store import use_tracking_store
+
+    path = Path(path)
+    if not path.is_file():
+        raise LdmflowError(f"Pending metrics file {path} does not exist.")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    client = MlflowClient(use_tracking_store())
+    by_run: dict[str, list[dict]] = {}
+    for record in records:
+        by_run.setdefault(run_id or record["run_id"], []).append(record)
+    sent = 0
+    for target, items in by_run.items():
+        known = _run_params(client, target)
+        metrics = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
+                   for r in items if r["kind"] == "metric"]
+        params = [Param(r["key"], r["value"]) for r in items if r["kind"] == "param" and r["key"] not in known]
+        tags = [RunTag(r["key"], r["value"]) for r in items if r["kind"] == "tag"]
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(target, metrics=metrics[start:start + 1000])
+        for start in range(0, max(len(params), len(tags)), 100):
+            client.log_batch(target, params=params[start:start + 100], tags=tags[start:start + 100])
+        sent += len(metrics) + len(params) + len(tags)
+    path.rename(path.with_name(path.name + ".replayed"))
+    logger.info("Replayed %d values from %s.", sent, path)
+    return sent
+
+
+def _run_params(client, run_id: str) -> dict[str, str]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(client.get_run(run_id).data.params)
+    except MlflowException as error:
+        raise LdmflowError(f"Run {run_id!r} not found in the MLflow store: {error}") from None
+
+
+@contextlib.contextmanager
+def open_run(settings, stage: str, enabled: bool = True):
+    """A RunTracker for the run of this process (`MLFLOW_RUN_ID` under `mlflow run`, else a new run in
+    `settings.experiment_name`), or a NullTracker when disabled. Logs `settings.to_params()` and the stage tag,
+    records system metrics, and ends the run FINISHED, FAILED (exception) or KILLED (Ctrl-C)."""
+    if not enabled:
+        yield NullTracker()
+        return
+    run_id, owned = _start_run(settings, stage)
+    tracker = RunTracker(run_id, output_dir=getattr(settings, "output_dir", None))
+    tracker.log_params(settings.to_params())
+    tracker.set_tags({STAGE_TAG: stage})
+    status = "FINISHED"
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        tracker.close()
+        if owned:
+            _end_run(run_id, status)
+
+
+def _start_run(settings, stage: str) -> tuple[str, bool]:
+    """(run id, whether this process started it and must end it)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from ldmflow.tracking.store import check_server_reachable, ensure_experiment, use_tracking_store
+
+    uri = use_tracking_store()
+    check_server_reachable(uri)
+    run_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
+    active = mlflow.active_run()
+    if active is not None and run_id == active.info.run_id:
+        return run_id, False  # already attached (e.g. by a driver process); its owner ends it
+    try:
+        if run_id:
+            run = mlflow.start_run(run_id=run_id, nested=active is not None, log_system_metrics=True)
+        else:
+            run = mlflow.start_run(experiment_id=ensure_experiment(settings.experiment_name),
+                                   run_name=getattr(settings, "run_name", None) or None,
+                                   nested=active is not None, tags={STAGE_TAG: stage}, log_system_metrics=True)
+    except MlflowException as error:
+        what = f"attach to run MLFLOW_RUN_ID={run_id}" if run_id else "start an MLflow run"
+        raise LdmflowError(f"Cannot {what} in {uri}: {str(error).splitlines()[0]}") from None
+    logger.info("MLflow run %s (%s) in %s.", run.info.run_id, run.info.run_name, uri)
+    return run.info.run_id, True
+
+
+def _end_run(run_id: str, status: str) -> None:
+    """End the run; on an outage, warn and stop its system-metrics thread (the run stays RUNNING)."""
+    import mlflow
+
+    try:
+        mlflow.end_run(status)
+    except Exception as error:  # noqa: BLE001
+        logger.warning("Could not mark MLflow run %s as %s (%s); it will show as RUNNING.",
+                       run_id, status, str(error).splitlines()[0][:300])
+        monitors = getattr(mlflow.tracking.fluent, "run_id_to_system_metrics_monitor", {})
+        monitor = monitors.pop(run_id, None)
+        if monitor is not None:
+            monitor.finish()
+

@@ -1,0 +1,126 @@
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldmflow.data.demo import (
+    TEMPERATURE_RANGE,
+    angle_error,
+    make_demo_dataset,
+    probe_conditions,
+    render_demo_image,
+)
+from ldmflow.data.image_io import IMAGE_FORMATS, read_image
+from ldmflow.errors import LdmflowError
+
+
+def _rank_correlation(a, b) -> float:
+    ranks_a = np.argsort(np.argsort(a))
+    ranks_b = np.argsort(np.argsort(b))
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def test_manifest_layout(demo_manifest):
+    manifest = json.loads(demo_manifest.read_text())
+    assert manifest["name"] == "ldmflow-demo" and manifest["resolution"] == 32
+    items = manifest["items"]
+    assert len(items) == 16
+    assert [item["output_rel"] for item in items[:2]] == ["images/00000.png", "images/00001.png"]
+    assert sum(item["metadata"]["split"] == "val" for item in items) == 4
+    no_temperature = [i for i, item in enumerate(items) if "temperature" not in item["metadata"]]
+    no_wind_mag = [i for i, item in enumerate(items) if "wind_mag" not in item["metadata"]]
+    assert no_temperature == [7] and no_wind_mag == [2, 6, 10, 14]
+    for item in items:
+        metadata = item["metadata"]
+        assert (demo_manifest.parent / item["output_rel"]).is_file()
+        assert len(metadata["wind"]) == 3 and metadata["wind"][2] == 0.0
+        if "temperature" in metadata:
+            assert TEMPERATURE_RANGE[0] <= metadata["temperature"] <= TEMPERATURE_RANGE[1]
+        if "wind_mag" in metadata:
+            assert metadata["wind_mag"] == pytest.approx(math.hypot(*metadata["wind"]), abs=1e-3)
+
+
+def test_generation_is_deterministic(tmp_path):
+    first = make_demo_dataset(tmp_path / "a", num_images=4, resolution=16, seed=3)
+    second = make_demo_dataset(tmp_path / "b", num_images=4, resolution=16, seed=3)
+    other = make_demo_dataset(tmp_path / "c", num_images=4, resolution=16, seed=4)
+    assert first.read_text() == second.read_text() != other.read_text()
+    assert (first.parent / "images/00003.png").read_bytes() == (second.parent / "images/00003.png").read_bytes()
+    assert sorted(p.name for p in first.parent.iterdir()) == ["images", "manifest.json"]
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize("image_format", IMAGE_FORMATS)
+def test_probe_recovers_conditions(tmp_path, image_format, resolution):
+    path = make_demo_dataset(tmp_path, num_images=24, resolution=resolution, image_format=image_format, seed=5)
+    temperature_errors, angle_errors, true_mags, probed_mags = [], [], [], []
+    for item in json.loads(path.read_text())["items"]:
+        metadata = item["metadata"]
+        probe = probe_conditions(read_image(path.parent / item["output_rel"], preserve_precision=True))
+        wind_x, wind_y, _ = metadata["wind"]
+        speed = math.hypot(wind_x, wind_y)
+        if "temperature" in metadata:
+            temperature_errors.append(abs(probe["temperature"] - metadata["temperature"]))
+        if speed > 2:
+            angle_errors.append(math.degrees(angle_error(probe["wind_angle"], math.atan2(wind_y, wind_x))))
+        true_mags.append(speed)
+        probed_mags.append(probe["wind_mag"])
+        assert 0 <= probe["wind_angle"] < math.pi
+    assert np.mean(temperature_errors) < 3.0
+    assert max(angle_errors) < 10.0
+    assert _rank_correlation(true_mags, probed_mags) > 0.9
+    assert np.mean(np.abs(np.array(true_mags) - probed_mags)) < 0.5
+
+
+def test_render_depends_on_conditions():
+    rng = np.random.default_rng(0)
+    cold = render_demo_image(-20.0, (0.0, 0.0), 32, rng)
+    hot = render_demo_image(40.0, (0.0, 0.0), 32, rng)
+    windy = render_demo_image(10.0, (0.0, 10.0), 32, rng)
+    assert cold.shape == (32, 32, 3) and cold.dtype == np.float32
+    assert cold[..., 2].mean() > cold[..., 0].mean() + 0.4  # blue
+    assert hot[..., 0].mean() > hot[..., 2].mean() + 0.4  # red
+    assert cold.mean(axis=-1).std() < 0.01 < 0.1 < windy.mean(axis=-1).std()  # no wind: flat
+    # wind along +y: stripes are vertical, so each column is nearly constant and rows vary
+    luminance = windy.mean(axis=-1)
+    assert luminance.std(axis=0).mean() < 0.02 and luminance.std(axis=1).mean() > 0.1
+
+
+def test_probe_accepts_pil_and_uint8():
+    image = render_demo_image(25.0, (3.0, 3.0), 64, np.random.default_rng(1))
+    pil = Image.fromarray(np.round(image * 255).astype(np.uint8))
+    for source in (pil, np.asarray(pil)):
+        probe = probe_conditions(source)
+        assert probe["temperature"] == pytest.approx(25.0, abs=1.0)
+        assert math.degrees(angle_error(probe["wind_angle"], math.pi / 4)) < 5
+        assert probe["wind_mag"] == pytest.approx(math.hypot(3, 3), abs=0.5)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        probe_conditions(np.zeros((8, 8)))
+
+
+def test_angle_error_is_modulo_pi():
+    assert angle_error(0.1, math.pi + 0.1) == pytest.approx(0.0)
+    assert angle_error(0.05, math.pi - 0.05) == pytest.approx(0.1)
+    assert angle_error(0.0, math.pi / 2) == pytest.approx(math.pi / 2)
+    np.testing.assert_allclose(angle_error(np.array([0.0, 3.0]), np.array([math.pi, 0.0])), [0.0, math.pi - 3.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"num_images": 0}, "--num_images"),
+        ({"resolution": 4}, "--resolution"),
+        ({"image_format": "jpeg"}, "--image_format"),
+        ({"val_fraction": 1.0}, "--val_fraction"),
+    ],
+)
+def test_bad_arguments(tmp_path, kwargs, fragment):
+    with pytest.raises(LdmflowError, match=fragment):
+        make_demo_dataset(tmp_path, **kwargs)
+
+
+def test_single_image_stays_train(tmp_path):
+    path = make_demo_dataset(tmp_path, num_images=1, resolution=8, val_fraction=0.5)
+    assert json.loads(path.read_text())["items"][0]["metadata"]["split"] == "train"

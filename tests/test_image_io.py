@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from ldmflow.data.image_io import (
+    IMAGE_FORMATS,
+    UnreadableImageError,
+    encode_png16,
+    extension_for,
+    probe_readable,
+    read_image,
+    write_image,
+)
+from ldmflow.errors import LdmflowError
+
+
+def _random_image(height=12, width=20, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).random((height, width, 3)).astype(np.float32)
+
+
+def _is_8bit(image: np.ndarray) -> bool:
+    return np.allclose(image * 255.0, np.round(image * 255.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("image_format, tolerance", [("png", 0.5 / 255), ("png16", 0.5 / 65535 + 1e-7),
+                                                     ("tiff16", 0.5 / 65535 + 1e-7), ("tiff32", 1e-7)])
+def test_round_trip_every_format(tmp_path, image_format, tolerance):
+    image = _random_image()
+    path = tmp_path / f"a{extension_for(image_format)}"
+    write_image(path, image, image_format)
+    precise = read_image(path, preserve_precision=True)
+    assert precise.shape == (12, 20, 3) and precise.dtype == np.float32
+    assert np.abs(precise - image).max() <= tolerance
+    quantised = read_image(path, preserve_precision=False)
+    assert _is_8bit(quantised)
+    assert np.abs(quantised - image).max() <= 0.5 / 255 + 1e-6
+    assert probe_readable(path) is None
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
+
+
+def test_formats_and_extensions():
+    assert IMAGE_FORMATS == ("png", "png16", "tiff16", "tiff32")
+    assert extension_for("png16") == ".png" and extension_for("tiff32") == ".tiff"
+    with pytest.raises(LdmflowError, match="Unknown image format 'jpeg'"):
+        extension_for("jpeg")
+
+
+def test_16bit_png_precision_kept_or_quantised(tmp_path):
+    steps = (np.arange(10 * 10 * 3, dtype=np.uint16) + 30000).reshape(10, 10, 3)  # 1/65535 apart
+    path = tmp_path / "ramp.png"
+    path.write_bytes(encode_png16(steps))
+    precise = read_image(path, preserve_precision=True)
+    np.testing.assert_allclose(precise, steps / 65535.0, atol=1e-7)
+    assert len(np.unique(precise)) == steps.size  # every 16-bit step survives
+    quantised = read_image(path, preserve_precision=False)
+    assert _is_8bit(quantised) and len(np.unique(quantised)) <= 3
+
+
+@pytest.mark.parametrize("filter_type", [0, 4])
+def test_16bit_rgba_png_drops_alpha(tmp_path, filter_type):
+    values = np.random.default_rng(1).integers(0, 65536, (9, 7, 4), dtype=np.uint16)
+    path = tmp_path / "rgba16.png"
+    path.write_bytes(encode_png16(values, filter_type=filter_type))
+    np.testing.assert_allclose(read_image(path, True), values[..., :3] / 65535.0, atol=1e-7)
+
+
+def test_16bit_grayscale_png(tmp_path):
+    gray = (np.arange(64, dtype=np.uint16) * 7 + 1000).reshape(8, 8)
+    path = tmp_path / "gray16.png"
+    Image.fromarray(gray).save(path)
+    image = read_image(path, preserve_precision=True)
+    assert image.shape == (8, 8, 3)
+    np.testing.assert_allclose(image[..., 0], gray / 65535.0, atol=1e-7)
+    np.testing.assert_array_equal(image[..., 0], image[..., 2])
+
+
+def test_8bit_grayscale_rgba_palette_and_jpeg(tmp_path):
+    rgb = (np.random.default_rng(2).random((10, 10, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "l.png")
+    gray = read_image(tmp_path / "l.png")
+    np.testing.assert_allclose(gray[..., 1], rgb[..., 0] / 255.0, atol=1e-6)
+
+    rgba = np.concatenate([rgb, np.zeros((10, 10, 1), np.uint8)], axis=-1)  # fully transparent
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    np.testing.assert_allclose(read_image(tmp_path / "rgba.png"), rgb / 255.0, atol=1e-6)  # alpha dropped
+
+    Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
+    assert read_image(tmp_path / "p.png").shape == (10, 10, 3)
+    Image.new("RGB", (12, 10), (200, 100, 50)).save(tmp_path / "a.jpg", quality=95)
+    jpeg = read_image(tmp_path / "a.jpg")
+    assert jpeg.shape == (10, 12, 3) and np.abs(jpeg - np.array([200, 100, 50]) / 255.0).max() < 0.02
+
+
+def test_float_tiff_is_clipped_and_grayscale_replicated(tmp_path):
+    hdr = np.array([[-0.5, 0.25], [0.75, 3.0]], dtype=np.float32)
+    tifffile.imwrite(tmp_path / "hdr.tiff", hdr)
+    image = read_image(tmp_path / "hdr.tiff", preserve_precision=True)
+    assert image.shape == (2, 2, 3)
+    np.testing.assert_allclose(image[..., 0], [[0.0, 0.25], [0.75, 1.0]])
+    assert read_image(tmp_path / "hdr.tiff")[1, 1, 0] == 1.0
+
+
+def test_planar_tiff(tmp_path):
+    image = _random_image(6, 5)
+    planar = np.round(image.transpose(2, 0, 1) * 65535).astype(np.uint16)  # (3, H, W)
+    tifffile.imwrite(tmp_path / "planar.tiff", planar, photometric="rgb", planarconfig="separate")
+    np.testing.assert_allclose(read_image(tmp_path / "planar.tiff", True), image, atol=1e-5)
+
+
+def test_write_image_rejects_wrong_shape(tmp_path):
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        write_image(tmp_path / "x.png", np.zeros((4, 4)), "png")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("image_format", ["png", "png16", "tiff16"])
+def test_truncated_files_are_unreadable_and_probed(tmp_path, image_format):
+    path = tmp_path / f"t{extension_for(image_format)}"
+    write_image(path, _random_image(32, 32), image_format)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert probe_readable(path) is not None
+    with pytest.raises(UnreadableImageError) as info:
+        read_image(path)
+    assert str(path) in str(info.value) and info.value.reason
+    assert isinstance(info.value, LdmflowError)
+
+
+def test_garbage_and_empty_files(tmp_path):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not an image" * 10)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert "cannot identify" in probe_readable(garbage)
+    assert probe_readable(empty) == "empty file"
+    with pytest.raises(UnreadableImageError, match="garbage.png"):
+        read_image(garbage)
+    with pytest.raises(UnreadableImageError, match="empty.png: empty file"):
+        read_image(empty)
+    with pytest.raises(UnreadableImageError, match="FileNotFoundError"):
+        read_image(tmp_path / "missing.png")

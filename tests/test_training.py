@@ -1,0 +1,203 @@
+"""End-to-end training on tiny models and demo data: layouts, stock-diffusers loading, resume, bad flags."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ldmflow.cli import cli
+
+TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0",
+        "--learning_rate", "1e-3", "--no_mlflow", "--logging_steps", "2"]
+TINY_UNET = ["--block_out_channels", "32,32", "--num_preview_images", "2", "--preview_inference_steps", "3"]
+
+
+def invoke(*args: str, expect_ok: bool = True):
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    if expect_ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("training-data")
+    invoke("demo-data", "--output_dir", str(folder), "--num_images", "24", "--resolution", "32")
+    return folder / "manifest.json"
+
+
+@pytest.fixture(scope="module")
+def vae_dir(data, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("vae")
+    invoke("vae", "--manifest_path", str(data), "--output_dir", str(output), *TINY, "--num_epochs", "2",
+           "--block_out_channels", "16,16,16,16", "--save_images_epochs", "1", "--scaling_factor_batches", "3")
+    return output
+
+
+@pytest.fixture(scope="module")
+def latent_dir(data, vae_dir, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("latent")
+    invoke("latent-ddpm", "--manifest_path", str(data), "--vae_path", str(vae_dir), "--output_dir", str(output),
+           *TINY, *TINY_UNET, "--num_epochs", "1", "--use_ema", "--save_images_epochs", "1")
+    return output
+
+
+def test_vae_writes_diffusers_weights_with_measured_scaling_factor(vae_dir, data):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4
+    factor = vae.config.scaling_factor
+    assert factor != pytest.approx(0.18215) and factor != 1.0 and factor > 0
+    assert sorted(p.name for p in (vae_dir / "images").iterdir())  # reconstruction previews
+    # latents * scaling_factor have (about) unit variance on the training images
+    from ldmflow.data.dataset import ManifestImageDataset
+    from ldmflow.data.manifest import load_manifest
+
+    dataset = ManifestImageDataset(load_manifest(data).records, 32)
+    pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample() * factor  # (N, 4, 4, 4)
+    assert latents.shape[1:] == (4, 4, 4)
+    assert 0.7 < latents.std().item() < 1.3
+    assert not any(p.name.startswith(".") for p in vae_dir.iterdir()), "no temporary folders left behind"
+
+
+def test_latent_ddpm_layout_and_the_original_sampling_loop(latent_dir, vae_dir):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    assert (latent_dir / "unet" / "config.json").is_file()
+    assert (latent_dir / "scheduler_config.json").is_file()
+    assert any((latent_dir / "images").iterdir())
+    source = json.loads((latent_dir / "vae_source.json").read_text())
+    assert Path(source["vae_path"]) == vae_dir.resolve()
+    assert source["condition_spec"] == "temperature:1,wind:3,wind_mag:1"
+
+    # The original README's loop, changed only to UNet2DConditionModel + encoder_hidden_states=None, fp32 CPU.
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    unet = UNet2DConditionModel.from_pretrained(latent_dir / "unet")
+    scheduler = DDPMScheduler.from_pretrained(latent_dir)
+    cond_dim = unet.config.projection_class_embeddings_input_dim or 0
+    assert cond_dim == 5 + 3  # value dims + one presence flag per condition (docs/training.md)
+    cond = torch.zeros((1, cond_dim)) if cond_dim > 0 else None
+    scheduler.set_timesteps(5)
+    latent_size = unet.config.sample_size
+    latents = torch.randn((1, unet.config.in_channels, latent_size, latent_size))
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            noise_pred = unet(latents, t, encoder_hidden_states=None, class_labels=cond).sample
+            latents = scheduler.step(noise_pred, t, latents).prev_sample
+        images = vae.decode(latents / vae.config.scaling_factor).sample
+    images = (images / 2 + 0.5).clamp(0, 1)
+    array = images[0].permute(1, 2, 0).cpu().numpy()
+    assert array.shape == (32, 32, 3) and np.isfinite(array).all() and 0 <= array.min() <= array.max() <= 1
+
+
+def test_latent_sampler_follows_the_saved_condition_layout(latent_dir):
+    from ldmflow.errors import LdmflowError
+    from ldmflow.sampling.latent import LatentSampler
+
+    sampler = LatentSampler.from_training_output(latent_dir)
+    images = sampler.generate([{"temperature": 10.0, "wind": [1, 0, 0]}] * 2, num_inference_steps=3)
+    assert images.shape == (2, 32, 32, 3)
+    with pytest.raises(LdmflowError, match="humidity.*temperature:1,wind:3,wind_mag:1"):
+        sampler.generate([{"humidity": 1.0}])
+    with pytest.raises(LdmflowError, match="missing condition.*wind"):
+        sampler.generate([{"temperature": 1.0}])
+
+
+def test_unconditional_latent_model_has_no_class_embedding(data, vae_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    invoke("latent-ddpm", "--manifest_path", str(data), "--vae_path", str(vae_dir), "--output_dir", str(tmp_path),
+           *TINY, *TINY_UNET, "--max_train_steps", "2", "--condition_spec", "none", "--cache_latents",
+           "--random_flip")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    assert unet.config.projection_class_embeddings_input_dim is None and unet.class_embedding is None
+
+
+def test_legacy_ddpm_saves_a_ddpm_pipeline(data, tmp_path):
+    from diffusers import DDPMPipeline
+
+    invoke("legacy-ddpm", "--manifest_path", str(data), "--output_dir", str(tmp_path), *TINY, *TINY_UNET,
+           "--max_train_steps", "2", "--use_ema")
+    pipeline = DDPMPipeline.from_pretrained(tmp_path)
+    images = pipeline(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_train_legacy_ddpm_console_script_has_the_original_flags():
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "train-legacy-ddpm"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
+    for flag in ("--manifest_path", "--resolution", "--train_batch_size", "--mixed_precision", "--use_ema"):
+        assert flag in result.stdout
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_resume_after_a_kill_continues_exactly(data, vae_dir, tmp_path):
+    common = ["--manifest_path", str(data), "--vae_path", str(vae_dir), *TINY, *TINY_UNET, "--max_train_steps",
+              "6", "--checkpointing_steps", "2", "--save_images_epochs", "100", "--random_flip", "--use_ema"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    invoke("latent-ddpm", *common, "--output_dir", str(straight))
+    invoke("latent-ddpm", *common, "--output_dir", str(resumed))
+    # Simulate a kill right after checkpoint-2: later checkpoints and outputs gone, a half-written one left.
+    for name in ("checkpoint-4", "checkpoint-6", "unet"):
+        shutil.rmtree(resumed / name)
+    shutil.copytree(resumed / "checkpoint-2", resumed / ".checkpoint-4.tmp")
+    (resumed / ".checkpoint-4.tmp" / "custom_checkpoint_0.pkl").unlink()
+    result = invoke("latent-ddpm", *common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest")
+    assert (resumed / "checkpoint-6").is_dir()
+    expected, actual = _weights(straight), _weights(resumed)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert "Error" not in result.output
+
+
+def test_bad_flags_give_clear_errors(data, tmp_path):
+    result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--resolution", "30",
+                    expect_ok=False)
+    assert result.exit_code != 0 and "--resolution must be a positive multiple of 8, got 30" in result.output
+    result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--lr_scheduler", "warp",
+                    expect_ok=False)
+    assert result.exit_code != 0 and "'warp' is not one of" in result.output
+    result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--block_out_channels",
+                    "16,16", expect_ok=False)
+    assert result.exit_code != 0 and "exactly 4 values" in result.output
+
+
+def test_a_folder_that_is_not_a_vae_is_refused(data, latent_dir, tmp_path):
+    result = invoke("latent-ddpm", "--manifest_path", str(data), "--vae_path", str(latent_dir / "unet"),
+                    "--output_dir", str(tmp_path / "out"), *TINY, *TINY_UNET, expect_ok=False)
+    assert result.exit_code == 1
+    assert "not a diffusers AutoencoderKL folder" in result.output or "x8 VAE" in result.output
+
+
+def test_condition_spec_mismatch_names_the_entry(data, vae_dir, tmp_path):
+    result = invoke("latent-ddpm", "--manifest_path", str(data), "--vae_path", str(vae_dir), "--output_dir",
+                    str(tmp_path), *TINY, *TINY_UNET, "--condition_spec", "temperature:1,wind:2", expect_ok=False)
+    assert result.exit_code == 1 and "wind" in result.output and "entry" in result.output
+
+
+def test_xformers_request_falls_back_to_sdpa_and_fp16_to_fp32_on_cpu(data, tmp_path, caplog):
+    caplog.set_level("WARNING")
+    invoke("legacy-ddpm", "--manifest_path", str(data), "--output_dir", str(tmp_path), *TINY,
+           "--block_out_channels", "32,32,32", "--max_train_steps", "1", "--save_images_epochs", "100",
+           "--enable_xformers_memory_efficient_attention", "--mixed_precision", "fp16")
+    assert "xformers" in caplog.text and "PyTorch SDPA" in caplog.text
+    assert "fp16 needs CUDA" in caplog.text
+    assert (tmp_path / "unet").is_dir()
