@@ -140,3 +140,14 @@ def test_garbage_and_empty_files(tmp_path):
         read_image(empty)
     with pytest.raises(UnreadableImageError, match="FileNotFoundError"):
         read_image(tmp_path / "missing.png")
+
+
+def test_png_with_damaged_pixel_data_is_unreadable(tmp_path):
+    path = tmp_path / "damaged.png"
+    write_image(path, _random_image(32, 32), "png")
+    data = bytearray(path.read_bytes())
+    data[60] ^= 0xFF  # inside IDAT; Pillow alone would not notice
+    path.write_bytes(bytes(data))
+    assert probe_readable(path) is None  # the header and ending look fine
+    with pytest.raises(UnreadableImageError, match="IDAT chunk at byte 33 fails its CRC check"):
+        read_image(path)

@@ -91,7 +91,9 @@ def _parse_item(part: str, text: str | None) -> tuple[str, int]:
             f"Invalid condition spec {text!r}: bad name {name!r} (letters, digits and '_', not starting with a digit)."
         )
     if not re.fullmatch(r"[+-]?\d+", dim_text):
-        raise LdmflowError(f"Invalid condition spec {text!r}: dimension of {name!r} must be an integer, got {dim_text!r}.")
+        raise LdmflowError(
+            f"Invalid condition spec {text!r}: dimension of {name!r} must be an integer, got {dim_text!r}."
+        )
     dim = int(dim_text)
     if dim < 1:
         raise LdmflowError(f"Invalid condition spec {text!r}: dimension of {name!r} must be at least 1, got {dim}.")
@@ -220,7 +222,9 @@ class ConditionStats:
                 raise LdmflowError(f"Condition statistics have no mean/std for {name!r} (spec {spec}).")
             m, s = list(entry["mean"]), list(entry["std"])
             if len(m) != dim or len(s) != dim:
-                raise LdmflowError(f"Condition statistics for {name!r} have {len(m)}/{len(s)} values, the spec says {dim}.")
+                raise LdmflowError(
+                    f"Condition statistics for {name!r} have {len(m)}/{len(s)} values, the spec says {dim}."
+                )
             mean.extend(float(v) for v in m)
             std.extend(float(v) for v in s)
         return cls(tuple(mean), tuple(std))

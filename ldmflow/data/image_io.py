@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from PIL import Image, ImageFile
+from PIL import Image
 
 from ldmflow.errors import LdmflowError
 
@@ -26,6 +26,7 @@ IMAGE_FORMATS = ("png", "png16", "tiff16", "tiff32")
 _EXTENSIONS = {"png": ".png", "png16": ".png", "tiff16": ".tiff", "tiff32": ".tiff"}
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_warned_16bit_fallback = False
 
 
 class UnreadableImageError(LdmflowError):
@@ -56,14 +57,17 @@ def read_image(path: str | Path, preserve_precision: bool = False) -> np.ndarray
     """
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-        if not head:
+        data = path.read_bytes()
+        if not data:
             raise UnreadableImageError(path, "empty file")
-        if head[:4] in _TIFF_MAGIC:
+        if data[:4] in _TIFF_MAGIC:
             array = _read_tiff(path)
         else:
-            array = _read_pillow(path, is_png=head == _PNG_MAGIC)
+            is_png = data[:8] == _PNG_MAGIC
+            problem = _png_chunk_problem(data) if is_png else None
+            if problem:  # Pillow does not check IDAT checksums, so damaged pixels would pass silently
+                raise UnreadableImageError(path, problem)
+            array = _read_pillow(io.BytesIO(data), is_png=is_png)
         image = _to_unit_rgb(array, path)
     except UnreadableImageError:
         raise
@@ -72,6 +76,24 @@ def read_image(path: str | Path, preserve_precision: bool = False) -> np.ndarray
     if not preserve_precision:
         image = np.round(image * 255.0) / 255.0
     return image.astype(np.float32, copy=False)
+
+
+def _png_chunk_problem(data: bytes) -> str | None:
+    """Why a PNG's chunk structure is broken (truncated, failed CRC), or None."""
+    position = len(_PNG_MAGIC)
+    while position + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position : position + 8])
+        end = position + 12 + length
+        name = kind.decode("latin-1")
+        if end > len(data):
+            return f"truncated PNG ({name} chunk at byte {position} runs past the end of the file)"
+        (expected,) = struct.unpack(">I", data[end - 4 : end])
+        if zlib.crc32(data[position + 4 : end - 4]) & 0xFFFFFFFF != expected:
+            return f"corrupt PNG ({name} chunk at byte {position} fails its CRC check)"
+        if kind == b"IEND":
+            return None
+        position = end
+    return "truncated PNG (no IEND chunk)"
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -92,9 +114,9 @@ def _read_tiff(path: Path) -> np.ndarray:
     return np.squeeze(array) if array.ndim > 3 else array
 
 
-def _read_pillow(path: Path, is_png: bool) -> np.ndarray:
-    """Pillow decode to a numpy array in the file's own depth (uint8, uint16, int32 or float32)."""
-    with Image.open(path) as img:
+def _read_pillow(source: Path | io.BytesIO, is_png: bool) -> np.ndarray:
+    """Pillow decode to a numpy array in the file's own depth (uint8, uint16 or float32)."""
+    with Image.open(source) as img:
         rawmode = img.tile[0].args if is_png and img.tile else None
         img.load()
         if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
@@ -104,19 +126,30 @@ def _read_pillow(path: Path, is_png: bool) -> np.ndarray:
         if img.mode == "F":
             return np.asarray(img)
         if isinstance(rawmode, str) and rawmode in ("RGB;16B", "RGBA;16B"):
-            return _png_16bit_rgb(path, np.asarray(img))
+            return _png_16bit_rgb(source, np.asarray(img))
         if img.mode in ("L", "RGB", "RGBA", "LA"):
             return np.asarray(img)
         return np.asarray(img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB"))
 
 
-def _png_16bit_rgb(path: Path, high: np.ndarray) -> np.ndarray:
-    """Full 16-bit samples of an RGB(A) PNG: decode again reading the low byte of each sample."""
-    with Image.open(path) as img:
-        tile = img.tile[0]
-        img.tile = [ImageFile._Tile(tile.codec_name, tile.extents, tile.offset, tile.args.replace("16B", "16L"))]
-        img.load()
-        low = np.asarray(img)
+def _png_16bit_rgb(source: Path | io.BytesIO, high: np.ndarray) -> np.ndarray:
+    """Full 16-bit samples of an RGB(A) PNG: decode again with the little-endian unpacker, which reads the
+    low byte of each big-endian sample. Falls back to the high bytes (8-bit precision) if Pillow refuses."""
+    global _warned_16bit_fallback
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    try:
+        with Image.open(source) as img:
+            tile = img.tile[0]
+            low_args = tile[3].replace("16B", "16L")
+            img.tile = [tile._replace(args=low_args) if hasattr(tile, "_replace") else (*tile[:3], low_args)]
+            img.load()
+            low = np.asarray(img)
+    except (ValueError, OSError, KeyError) as exc:
+        if not _warned_16bit_fallback:
+            logger.warning("This Pillow cannot read the low bytes of 16-bit RGB PNGs (%s); using 8-bit precision.", exc)
+            _warned_16bit_fallback = True
+        return high.astype(np.uint16) * 257
     return high.astype(np.uint16) * 256 + low.astype(np.uint16)  # (H, W, C)
 
 
@@ -237,7 +270,8 @@ def _paeth_filter(raw: np.ndarray, bpp: int) -> np.ndarray:
     up_left[1:, bpp:] = raw[:-1, :-bpp]
     estimate = left + up - up_left
     dist_left, dist_up, dist_ul = abs(estimate - left), abs(estimate - up), abs(estimate - up_left)
-    predictor = np.where((dist_left <= dist_up) & (dist_left <= dist_ul), left, np.where(dist_up <= dist_ul, up, up_left))
+    use_left = (dist_left <= dist_up) & (dist_left <= dist_ul)
+    predictor = np.where(use_left, left, np.where(dist_up <= dist_ul, up, up_left))
     return ((raw - predictor) & 0xFF).astype(np.uint8)
 
 

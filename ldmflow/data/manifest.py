@@ -162,7 +162,9 @@ def _parse_json(raw: bytes, path: Path) -> object:
     except UnicodeDecodeError as exc:
         raise LdmflowError(f"Manifest {path} is not UTF-8 text (byte {exc.start}).") from None
     except json.JSONDecodeError as exc:
-        raise LdmflowError(f"Manifest {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}.") from None
+        raise LdmflowError(
+            f"Manifest {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
+        ) from None
 
 
 def _describe(value: object) -> str:
@@ -204,7 +206,9 @@ def _entries_of(data: object, path: Path) -> list:
 def _parse_entry(index: int, entry: object, path: Path) -> tuple[str, dict]:
     """(output_rel, metadata) of one entry; a missing or null metadata counts as empty."""
     if not isinstance(entry, dict):
-        raise LdmflowError(f"Manifest {path}: entry {index} is {_describe(entry)}; expected an object with 'output_rel'.")
+        raise LdmflowError(
+            f"Manifest {path}: entry {index} is {_describe(entry)}; expected an object with 'output_rel'."
+        )
     if "output_rel" not in entry:
         keys = ", ".join(repr(k) for k in list(entry)[:10])
         raise LdmflowError(f"Manifest {path}: entry {index} has no 'output_rel' (its keys: [{keys}]).")

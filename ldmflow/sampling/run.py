@@ -21,20 +21,34 @@ logger = logging.getLogger(__name__)
 
 def load_sampler(folder: Path):
     """A LatentSampler or PixelSampler for a training output folder or a downloaded ldmflow MLflow model."""
-    from ldmflow.sampling.latent import VAE_SOURCE_FILE, LatentSampler
+    from ldmflow.sampling.latent import LatentSampler
     from ldmflow.sampling.pixel import PixelSampler
-    from ldmflow.tracking.model_uri import find_model_layout
+    from ldmflow.tracking.model_uri import find_diffusers_folder, latent_ddpm_folders
 
-    layout = find_model_layout(folder)
-    if layout.stage == "latent_ddpm":
-        if layout.vae_dir is None:
-            source = json.loads((layout.root / VAE_SOURCE_FILE).read_text())
-            return LatentSampler.from_training_output(layout.root) if source else None
-        return LatentSampler.from_folders(layout.unet_dir, layout.vae_dir, layout.scheduler_dir,
-                                          layout.conditioning_path)
-    if layout.stage == "legacy_ddpm":
-        return PixelSampler.from_folder(layout.root)
-    raise LdmflowError(f"{folder} holds a {layout.stage} model; `ldmflow sample` needs a latent or legacy DDPM.")
+    try:
+        folders = latent_ddpm_folders(folder)
+    except LdmflowError as latent_error:
+        try:
+            return PixelSampler.from_folder(find_diffusers_folder(folder, "legacy_ddpm"))
+        except LdmflowError:
+            raise LdmflowError(f"{folder} is neither a latent DDPM nor a legacy DDPM model: {latent_error}") from None
+    return LatentSampler.from_folders(folders.unet_dir, folders.vae_dir, folders.scheduler_dir,
+                                      folders.conditioning_path)
+
+
+def record_sample_source(tracker, source) -> None:
+    """Tag the sample run with the model it used, and log that model as the run's input (lineage)."""
+    from ldmflow.tracking.lineage import SAMPLE_STAGE, sample_run_tags
+
+    tracker.set_tags({"ldmflow.stage": SAMPLE_STAGE, **sample_run_tags(source)})
+    if source.model_id and getattr(tracker, "run_id", None):
+        import mlflow
+        from mlflow.entities import LoggedModelInput
+
+        try:
+            mlflow.log_input(model=LoggedModelInput(source.model_id))
+        except mlflow.exceptions.MlflowException as error:
+            logger.warning("Could not record model %s as the run's input: %s", source.model_id, error)
 
 
 def requested_conditions(settings: SampleSettings, sampler) -> tuple[list[dict] | None, list[int]]:
@@ -85,7 +99,6 @@ def run_sampling(settings: SampleSettings) -> Path:
     """Resolve the model, generate, write files, and log a `sample` run that points back at the model."""
     from ldmflow.tracking.model_uri import resolve_model_source
     from ldmflow.tracking.run_tracker import open_run
-    from ldmflow.tracking.registry import record_sample_source
     from ldmflow.training.latent_task import condition_label
 
     source = resolve_model_source(settings.model_uri)

@@ -140,8 +140,7 @@ def _resolve_models_uri(uri: str, dst_dir) -> ModelSource:
     found = registered_version(client, name, version, alias)
     local = _download(f"models:/{name}/{found.version}", dst_dir)
     return ModelSource(local_dir=local, uri=uri, model_name=name, model_version=str(found.version),
-                       run_id=found.run_id or None, model_id=getattr(found, "model_id", None) or None,
-                       is_registered=True)
+                       run_id=found.run_id or None, model_id=version_model_id(found), is_registered=True)
 
 
 def _resolve_model_id(client, uri: str, model_id: str, dst_dir) -> ModelSource:
@@ -164,9 +163,19 @@ def _registered_version_of(client, model_id: str | None, run_id: str | None):
     if not model_id or not run_id:
         return None
     for version in client.search_model_versions(filter_string=f"run_id = {_quote(run_id)}"):
-        if getattr(version, "model_id", None) == model_id:
+        if version_model_id(version) == model_id:
             return version
     return None
+
+
+def version_model_id(version) -> str | None:
+    """The logged model behind a registered version (SQLite stores only its source, models:/<model_id>)."""
+    model_id = getattr(version, "model_id", None)
+    if model_id:
+        return model_id
+    source = getattr(version, "source", "") or ""
+    match = re.match(r"^models:/(m-[0-9a-f]+)/?$", source)
+    return match.group(1) if match else None
 
 
 def _resolve_runs_uri(uri: str, dst_dir) -> ModelSource:

@@ -13,13 +13,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldmflow.training.run import REGISTERED_URI_TAG
 from ldmflow.training.settings import DEFAULT_CONDITION_SPEC, settings_params
 
 logger = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 CODE_VERSION_TAG = "ldmflow.code_version"
-REGISTERED_URI_TAG = "ldmflow.registered_model_uri"
 ENTRY_POINT_TAG = "mlflow.project.entryPoint"
 
 

@@ -115,7 +115,7 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
                                                    str(Path(artifacts["scheduler"]).parent),
                                                    conditioning, device=_device())
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from ldmflow.sampling.condition_input import conditions_from_frame
 
         options = _params(params, LATENT_DEFAULTS)
@@ -144,7 +144,7 @@ class VaePyfunc(mlflow.pyfunc.PythonModel):
 
         self._vae = AutoencoderKL.from_pretrained(context.artifacts["vae"]).to(_device()).eval()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         import torch
 
         mode = _params(params, VAE_DEFAULTS)["mode"]
@@ -180,7 +180,7 @@ class PixelDdpmPyfunc(mlflow.pyfunc.PythonModel):
 
         self._sampler = PixelSampler.from_folder(context.artifacts["pipeline"], device=_device())
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         options = _params(params, PIXEL_DEFAULTS)
         frame = pd.DataFrame(model_input)
         count = int(options["num_images"])

@@ -6,6 +6,7 @@ behind; only the main process talks to MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
 from ldmflow.training.settings import LatentDdpmSettings, PixelDdpmSettings, TrainSettings, VaeSettings
 
 logger = logging.getLogger(__name__)
+REGISTERED_URI_TAG = "ldmflow.registered_model_uri"
 
 STAGES = {VaeSettings: "vae", LatentDdpmSettings: "latent_ddpm", PixelDdpmSettings: "legacy_ddpm"}
 
@@ -51,7 +53,7 @@ def _build_task(settings: TrainSettings, manifest: Manifest, vae_source):
 
 def run_training(settings: TrainSettings) -> dict[str, float]:
     """Train the model `settings` describes, tracked in MLflow unless --no_mlflow; returns final metrics."""
-    from ldmflow.tracking.model_uri import resolve_model_source
+    from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
     from ldmflow.tracking.registry import log_and_register
     from ldmflow.tracking.run_tracker import open_run
     from ldmflow.training.loop import train
@@ -59,7 +61,10 @@ def run_training(settings: TrainSettings) -> dict[str, float]:
     stage = STAGES[type(settings)]
     condition_spec = getattr(settings, "condition_spec", "none")
     manifest = _load(settings, settings.split, condition_spec)
-    vae_source = resolve_model_source(settings.vae_path) if isinstance(settings, LatentDdpmSettings) else None
+    vae_source = None
+    if isinstance(settings, LatentDdpmSettings):
+        vae_source = resolve_model_source(settings.vae_path)
+        vae_source = dataclasses.replace(vae_source, local_dir=find_diffusers_folder(vae_source.local_dir, "vae"))
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     task = _build_task(settings, manifest, vae_source)
     is_main = PartialState().is_main_process
@@ -71,7 +76,9 @@ def run_training(settings: TrainSettings) -> dict[str, float]:
                              "conditioning.json")
         metrics = train(settings, task, tracker)
         if is_main and not settings.no_mlflow:
-            log_and_register(stage, settings.output_dir, tracker, registered_model_name=settings.registered_model_name,
-                             alias=settings.register_alias, vae_source=vae_source, dataset_digest=manifest.digest,
-                             condition_spec=None if manifest.spec.is_empty else str(manifest.spec))
+            registered = log_and_register(
+                stage, settings.output_dir, tracker, registered_model_name=settings.registered_model_name,
+                alias=settings.register_alias, vae_source=vae_source, dataset_digest=manifest.digest,
+                condition_spec=None if manifest.spec.is_empty else str(manifest.spec))
+            tracker.set_tags({REGISTERED_URI_TAG: registered.model_uri})
     return metrics

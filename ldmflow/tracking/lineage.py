@@ -1,0 +1,189 @@
+"""Lineage of registered ldmflow models (dataset -> VAE -> latent DDPM -> sample runs) and a model listing.
+
+Everything is found with MLflow searches on tags (`filter_string`), never by scanning all runs in Python.
+The sample command tags its runs with `sample_run_tags(source)` so they show up here.
+"""
+
+from __future__ import annotations
+
+from ldmflow.errors import LdmflowError
+
+SAMPLE_MODEL_URI_TAG = "ldmflow.model_uri"
+SAMPLE_MODEL_NAME_TAG = "ldmflow.model_name"
+SAMPLE_MODEL_VERSION_TAG = "ldmflow.model_version"
+SAMPLE_MODEL_ID_TAG = "ldmflow.model_id"
+SAMPLE_MODEL_RUN_TAG = "ldmflow.model_run_id"
+SAMPLE_STAGE = "sample"
+STAGES = ("vae", "latent_ddpm", "legacy_ddpm")
+# Run metrics shown by list_models (names the training loop logs).
+KEY_METRICS = ("loss", "val_psnr", "latent_scaling_factor")
+_PAGE = 1000
+
+
+def sample_run_tags(source) -> dict[str, str]:
+    """Tags a sample run sets (a ModelSource of the model it samples from), so `lineage` finds it."""
+    values = {SAMPLE_MODEL_URI_TAG: source.uri, SAMPLE_MODEL_NAME_TAG: source.model_name,
+              SAMPLE_MODEL_VERSION_TAG: source.model_version, SAMPLE_MODEL_ID_TAG: source.model_id,
+              SAMPLE_MODEL_RUN_TAG: source.run_id}
+    return {key: str(value) for key, value in values.items() if value}
+
+
+def lineage(model_uri: str) -> dict:
+    """Where a registered version comes from and what was made from it (see `format_lineage`)."""
+    from mlflow import MlflowClient
+
+    from ldmflow.tracking.model_uri import parse_models_uri, registered_version, version_model_id
+    from ldmflow.tracking.store import use_tracking_store
+
+    client = MlflowClient(use_tracking_store())
+    name, version, alias = parse_models_uri(model_uri)
+    if version is None and alias is None:
+        raise LdmflowError(f"{model_uri}: lineage needs a registered version (models:/<name>/<version> or @alias).")
+    found = registered_version(client, name, version, alias)
+    tags = dict(found.tags or {})
+    stage = tags.get("stage", "")
+    me = {"name": found.name, "version": str(found.version), "run_id": found.run_id or ""}
+    result = {"stage": stage, "dataset_digest": tags.get("dataset_digest", ""), "vae": None, "unet": None,
+              "unets": [], "samples": []}
+    if stage == "vae":
+        result["vae"] = {**me, "uri": f"models:/{found.name}/{found.version}"}
+        for unet in _unets_from_vae(client, found):
+            unet["samples"] = _sample_runs(client, unet["name"], unet["version"], unet.pop("model_id"))
+            result["unets"].append(unet)
+            result["samples"] += unet["samples"]
+        return result
+    result["unet"] = me
+    result["samples"] = _sample_runs(client, found.name, str(found.version), version_model_id(found))
+    if stage == "latent_ddpm":
+        result["vae"] = {"name": tags.get("vae_model_name", ""), "version": tags.get("vae_model_version", ""),
+                         "run_id": tags.get("vae_run_id", ""), "uri": tags.get("vae_uri", "")}
+    return result
+
+
+def _unets_from_vae(client, vae_version) -> list[dict]:
+    """Registered latent DDPM versions whose lineage tags point at this VAE version."""
+    from ldmflow.tracking.model_uri import version_model_id
+
+    if vae_version.run_id:
+        query = f"tags.vae_run_id = '{vae_version.run_id}'"
+    else:
+        query = f"tags.vae_model_name = '{vae_version.name}' AND tags.vae_model_version = '{vae_version.version}'"
+    versions = _all_pages(lambda token: client.search_model_versions(filter_string=query, max_results=_PAGE,
+                                                                     page_token=token))
+    return [{"name": v.name, "version": str(v.version), "run_id": v.run_id or "",
+             "model_id": version_model_id(v)} for v in sorted(versions, key=lambda v: (v.name, int(v.version)))]
+
+
+def _sample_runs(client, name: str, version: str, model_id: str | None) -> list[str]:
+    """Ids of runs tagged as sampled from this version (by name+version, or by its logged model id)."""
+    queries = [f"tags.`{SAMPLE_MODEL_NAME_TAG}` = '{name}' AND tags.`{SAMPLE_MODEL_VERSION_TAG}` = '{version}'"]
+    if model_id:
+        queries.append(f"tags.`{SAMPLE_MODEL_ID_TAG}` = '{model_id}'")
+    run_ids: list[str] = []
+    for query in queries:
+        for run in _search_runs(client, query):
+            if run.info.run_id not in run_ids:
+                run_ids.append(run.info.run_id)
+    return run_ids
+
+
+def _search_runs(client, filter_string: str) -> list:
+    experiment_ids = [e.experiment_id for e in _all_pages(
+        lambda token: client.search_experiments(max_results=_PAGE, page_token=token))]
+    if not experiment_ids:
+        return []
+    return _all_pages(lambda token: client.search_runs(experiment_ids, filter_string=filter_string,
+                                                       max_results=_PAGE, page_token=token))
+
+
+def _all_pages(fetch) -> list:
+    items, token = [], None
+    while True:
+        page = fetch(token)
+        items += list(page)
+        token = page.token
+        if not token:
+            return items
+
+
+def _short(run_id: str | None) -> str:
+    return (run_id or "?")[:8]
+
+
+def format_lineage(d: dict) -> str:
+    """`dataset <digest> -> ldmflow-vae v1 (run ab12cd34) -> ldmflow-latent-ddpm v1 (run ...) -> 2 sample runs`."""
+    head = f"dataset {d.get('dataset_digest', '')[:12] or '?'}"
+    vae = d.get("vae")
+    if vae:
+        if vae.get("name"):
+            head += f" -> {vae['name']} v{vae['version']} (run {_short(vae.get('run_id'))})"
+        else:
+            head += f" -> vae {vae.get('uri') or '?'}"
+    if d.get("stage") == "vae":
+        if not d.get("unets"):
+            return head + " -> no latent DDPM trained from it yet"
+        return "\n".join(f"{head} -> {u['name']} v{u['version']} (run {_short(u['run_id'])}) -> "
+                         f"{_count(u['samples'])}" for u in d["unets"])
+    unet = d.get("unet") or {}
+    return f"{head} -> {unet.get('name')} v{unet.get('version')} (run {_short(unet.get('run_id'))}) -> " \
+           f"{_count(d.get('samples', []))}"
+
+
+def _count(samples: list) -> str:
+    return f"{len(samples)} sample run{'' if len(samples) == 1 else 's'}"
+
+
+def list_models() -> list[dict]:
+    """Every registered ldmflow version (found by its `stage` tag) with lineage tags and key run metrics."""
+    from mlflow import MlflowClient
+
+    from ldmflow.tracking.store import use_tracking_store
+
+    client = MlflowClient(use_tracking_store())
+    versions = []
+    for stage in STAGES:
+        versions += _all_pages(lambda token, stage=stage: client.search_model_versions(
+            filter_string=f"tags.stage = '{stage}'", max_results=_PAGE, page_token=token))
+    runs = _runs_by_id(client, sorted({v.run_id for v in versions if v.run_id}))
+    rows = []
+    for v in sorted(versions, key=lambda v: (STAGES.index(v.tags["stage"]), v.name, int(v.version))):
+        run = runs.get(v.run_id)
+        metrics = run.data.metrics if run else {}
+        rows.append({"name": v.name, "version": str(v.version), "stage": v.tags["stage"],
+                     "aliases": list(getattr(v, "aliases", []) or []), "run_id": v.run_id or "",
+                     "dataset_digest": v.tags.get("dataset_digest", ""),
+                     "vae": _vae_label(v.tags), "condition_spec": v.tags.get("condition_spec", ""),
+                     **{key: metrics.get(key) for key in KEY_METRICS}})
+    return rows
+
+
+def _runs_by_id(client, run_ids: list[str]) -> dict:
+    runs = {}
+    for start in range(0, len(run_ids), 100):
+        chunk = ", ".join(f"'{run_id}'" for run_id in run_ids[start:start + 100])
+        for run in _search_runs(client, f"attributes.run_id IN ({chunk})"):
+            runs[run.info.run_id] = run
+    return runs
+
+
+def _vae_label(tags: dict) -> str:
+    if tags.get("vae_model_name"):
+        return f"{tags['vae_model_name']} v{tags.get('vae_model_version', '?')}"
+    return tags.get("vae_uri", "")
+
+
+def format_models(rows: list[dict]) -> str:
+    """A plain-text table of `list_models()` rows."""
+    if not rows:
+        return "No ldmflow models are registered in this MLflow store."
+    header = ("MODEL", "STAGE", "ALIASES", "RUN", "DATASET", "VAE", "LOSS", "VAL_PSNR", "SCALE")
+    table = [header] + [(
+        f"{r['name']} v{r['version']}", r["stage"], ",".join(f"@{a}" for a in r["aliases"]), _short(r["run_id"]),
+        r["dataset_digest"][:12], r["vae"], _number(r.get("loss")), _number(r.get("val_psnr")),
+        _number(r.get("latent_scaling_factor"))) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table)
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.4g}"

@@ -1,0 +1,245 @@
+"""Log a finished training output as an MLflow pyfunc model, register it, and tag its lineage.
+
+Each model carries its diffusers folders as pyfunc artifacts (stock `from_pretrained` loads them after
+`mlflow.artifacts.download_artifacts`), a copy of the ldmflow package as code (it loads without ldmflow
+installed), explicit pip requirements, and a signature with params for serving. Layout inside the model:
+
+- vae:         artifacts/vae/ (AutoencoderKL)
+- latent_ddpm: artifacts/unet/, artifacts/vae/, artifacts/scheduler_config.json, artifacts/conditioning.json,
+               artifacts/vae_source.json (so `artifacts/` is itself a latent-ddpm output folder)
+- legacy_ddpm: artifacts/pipeline/ (DDPMPipeline: model_index.json, unet/, scheduler/)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from ldmflow.errors import LdmflowError
+from ldmflow.tracking.model_uri import ModelSource, find_diffusers_folder
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAMES = {"vae": "ldmflow-vae", "latent_ddpm": "ldmflow-latent-ddpm",
+                       "legacy_ddpm": "ldmflow-legacy-ddpm"}
+STAGE_VERSION_TAG = "stage"
+LINEAGE_TAGS = ("vae_model_name", "vae_model_version", "vae_run_id", "vae_uri")
+# ldmflow's own runtime dependencies (pyproject.toml), next to the exactly pinned torch/diffusers/mlflow.
+_UNPINNED_REQUIREMENTS = ["accelerate>=1.0,<2", "pillow>=10", "numpy>=1.24", "pandas>=2.0", "safetensors>=0.4",
+                          "click>=8.1", "tifffile>=2023.1", "psutil>=5.9"]
+_WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """What `log_and_register` made: `model_uri` (models:/name/version) is what users pass on."""
+
+    name: str
+    version: str
+    model_id: str
+    model_uri: str
+    run_id: str
+
+
+def pip_requirements() -> list[str]:
+    """torch, diffusers and mlflow pinned to this environment (without local tags like +cpu), then ldmflow's deps."""
+    pinned = []
+    for package in ("torch", "diffusers", "mlflow"):
+        try:
+            pinned.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            pinned.append(package)
+    return pinned + _UNPINNED_REQUIREMENTS
+
+
+def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model_name: str | None = None,
+                     alias: str | None = None, vae_source: ModelSource | None = None, *, dataset_digest: str,
+                     condition_spec: str | None = None, extra_tags: dict | None = None) -> RegisteredModel:
+    """Log `output_dir` of `stage` as a pyfunc model in the run, register it and tag run and version.
+
+    For latent_ddpm, `vae_source` (or else `output_dir/vae_source.json`) gives the VAE that is bundled into the
+    model and recorded as lineage (and as a model input of the run when it has a logged model id).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ldmflow.tracking.store import use_tracking_store
+
+    if stage not in DEFAULT_MODEL_NAMES:
+        raise LdmflowError(f"Unknown stage {stage!r}; expected one of {', '.join(DEFAULT_MODEL_NAMES)}.")
+    output_dir = Path(output_dir)
+    name = registered_model_name or DEFAULT_MODEL_NAMES[stage]
+    run_id, last_step = _run_of(tracker_or_run_id)
+    client = MlflowClient(use_tracking_store())
+    tags = {STAGE_VERSION_TAG: stage, "dataset_digest": dataset_digest}
+    if stage == "latent_ddpm":
+        vae_source = vae_source or _vae_source_from_file(output_dir)
+        tags["condition_spec"] = condition_spec or _recorded_condition_spec(output_dir)
+        tags.update(vae_lineage_tags(vae_source))
+    elif condition_spec:
+        tags["condition_spec"] = condition_spec
+    tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
+    with tempfile.TemporaryDirectory(prefix="ldmflow-model-") as staging, _active_run(run_id), \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        artifacts, python_model, signature = _stage(stage, output_dir, Path(staging), vae_source, tags)
+        try:
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=python_model, artifacts=artifacts, signature=signature,
+                code_paths=[_package_copy(Path(staging))], pip_requirements=pip_requirements(),
+                registered_model_name=name, tags=tags, step=last_step)
+        except mlflow.exceptions.MlflowException as error:
+            raise LdmflowError(f"Could not log or register the {stage} model in MLflow: "
+                               f"{str(error).splitlines()[0]}. The trained model is safe in {output_dir}.") from None
+    registered = RegisteredModel(name, str(info.registered_model_version), info.model_id,
+                                 f"models:/{name}/{info.registered_model_version}", run_id)
+    _tag(client, registered, tags, alias, vae_source)
+    logger.info("Registered %s (run %s, logged model %s)%s.", registered.model_uri, run_id, info.model_id,
+                f" with alias @{alias}" if alias else "")
+    return registered
+
+
+def vae_lineage_tags(vae_source: ModelSource) -> dict[str, str]:
+    """The VAE a latent DDPM was trained on; a plain folder VAE only has `vae_uri`."""
+    values = {"vae_uri": vae_source.uri, "vae_model_name": vae_source.model_name,
+              "vae_model_version": vae_source.model_version, "vae_run_id": vae_source.run_id}
+    return {key: str(value) for key, value in values.items() if value}
+
+
+def _run_of(tracker_or_run_id) -> tuple[str, int]:
+    """(run id, step to link the final metrics to the logged model); flushes a tracker's buffered metrics."""
+    if isinstance(tracker_or_run_id, str):
+        if not tracker_or_run_id:
+            raise LdmflowError("log_and_register needs an MLflow run id (tracking is disabled?).")
+        return tracker_or_run_id, 0
+    run_id = getattr(tracker_or_run_id, "run_id", None)
+    if not run_id:
+        raise LdmflowError("log_and_register needs an MLflow run; this run is not tracked (--no_mlflow).")
+    if not tracker_or_run_id.flush(timeout=120):
+        logger.warning("Some metrics are not uploaded yet; the logged model may miss its final metrics.")
+    return run_id, int(getattr(tracker_or_run_id, "last_step", 0))
+
+
+@contextlib.contextmanager
+def _active_run(run_id: str):
+    """Make `run_id` the active run for `log_model` (resuming a finished run restores its status after)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield
+        return
+    try:
+        status = mlflow.MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        raise LdmflowError(f"Run {run_id!r} does not exist in the MLflow store.") from None
+    mlflow.start_run(run_id=run_id, nested=active is not None)
+    try:
+        yield
+    finally:
+        mlflow.end_run(status if status != "RUNNING" else "FINISHED")
+
+
+def _stage(stage: str, output_dir: Path, staging: Path, vae_source: ModelSource | None, tags: dict):
+    """Link (or copy) the model's files into fixed names; returns (artifacts, python model, signature)."""
+    from ldmflow.tracking import pyfunc_models
+
+    if stage == "vae":
+        _link_tree(find_diffusers_folder(output_dir, "vae"), staging / "vae", top_level_only=True)
+        return {"vae": str(staging / "vae")}, pyfunc_models.VaePyfunc(), pyfunc_models.vae_signature()
+    if stage == "legacy_ddpm":
+        folder = find_diffusers_folder(output_dir, "legacy_ddpm")
+        for part in ("model_index.json", "unet", "scheduler"):
+            _link_tree(folder / part, staging / "pipeline" / part)
+        return ({"pipeline": str(staging / "pipeline")}, pyfunc_models.PixelDdpmPyfunc(),
+                pyfunc_models.pixel_signature())
+    folder = find_diffusers_folder(output_dir, "latent_ddpm")
+    _link_tree(folder / "unet", staging / "unet")
+    _link_tree(find_diffusers_folder(vae_source.local_dir, "vae"), staging / "vae", top_level_only=True)
+    artifacts = {"unet": str(staging / "unet"), "vae": str(staging / "vae")}
+    for key, file_name in (("scheduler", "scheduler_config.json"), ("conditioning", "conditioning.json"),
+                           ("vae_source", "vae_source.json")):
+        if (folder / file_name).is_file():
+            _link_tree(folder / file_name, staging / file_name)
+            artifacts[key] = str(staging / file_name)
+    return artifacts, pyfunc_models.LatentDiffusionPyfunc(), pyfunc_models.latent_signature(tags["condition_spec"])
+
+
+def _link_tree(source: Path, target: Path, top_level_only: bool = False) -> None:
+    """Hard-link files (no copy of multi-GB weights; falls back to copying across filesystems)."""
+    if source.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _link(source, target)
+        return
+    if not source.is_dir():
+        raise LdmflowError(f"Missing {source}: the training output is incomplete.")
+    for path in sorted(source.rglob("*") if not top_level_only else source.iterdir()):
+        if not path.is_file() or (top_level_only and not path.name.endswith(_WEIGHT_SUFFIXES)):
+            continue
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        _link(path, destination)
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _package_copy(staging: Path) -> str:
+    """A clean copy of the ldmflow package (no caches) for the model's code_paths."""
+    import ldmflow
+
+    target = staging / "code" / "ldmflow"
+    shutil.copytree(Path(ldmflow.__file__).parent, target,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    return str(target)
+
+
+def _vae_source_from_file(output_dir: Path) -> ModelSource:
+    """The VAE recorded by the latent trainer in output_dir/vae_source.json."""
+    path = output_dir / "vae_source.json"
+    if not path.is_file():
+        raise LdmflowError(f"{path} is missing: pass vae_source, or train with ldmflow latent-ddpm.")
+    data = json.loads(path.read_text())
+    local = Path(data.get("vae_path") or "")
+    if not data.get("vae_path") or not local.is_dir():
+        raise LdmflowError(f"{path}: the VAE folder {data.get('vae_path')!r} does not exist any more.")
+    return ModelSource(local_dir=local, uri=data.get("vae_uri") or str(local),
+                       model_name=data.get("vae_model_name") or None, model_version=data.get("vae_model_version")
+                       and str(data["vae_model_version"]), run_id=data.get("vae_run_id") or None,
+                       model_id=data.get("vae_model_id") or None, is_registered=bool(data.get("vae_model_name")))
+
+
+def _recorded_condition_spec(output_dir: Path) -> str:
+    for file_name in ("conditioning.json", "vae_source.json"):
+        path = output_dir / file_name
+        if path.is_file():
+            spec = json.loads(path.read_text()).get("condition_spec")
+            if spec:
+                return str(spec)
+    return "none"
+
+
+def _tag(client, registered: RegisteredModel, tags: dict, alias: str | None, vae_source: ModelSource | None) -> None:
+    """Tags on the version and the run, the VAE as a model input of the run, and the alias."""
+    from mlflow.entities import LoggedModelInput, RunTag
+
+    for key, value in tags.items():
+        client.set_model_version_tag(registered.name, registered.version, key, value)
+    client.log_batch(registered.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    if vae_source is not None and vae_source.model_id:
+        client.log_inputs(registered.run_id, models=[LoggedModelInput(vae_source.model_id)])
+    if alias:
+        client.set_registered_model_alias(registered.name, alias, registered.version)
