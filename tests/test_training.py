@@ -201,3 +201,48 @@ def test_xformers_request_falls_back_to_sdpa_and_fp16_to_fp32_on_cpu(data, tmp_p
     assert "xformers" in caplog.text and "PyTorch SDPA" in caplog.text
     assert "fp16 needs CUDA" in caplog.text
     assert (tmp_path / "unet").is_dir()
+
+
+def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(data, tmp_path):
+    from ldmflow.data.manifest import load_manifest
+    from ldmflow.errors import LdmflowError
+    from ldmflow.training.loop import train
+    from ldmflow.training.pixel_task import PixelDdpmTask
+    from ldmflow.training.settings import PixelDdpmSettings
+
+    class Diverging(PixelDdpmTask):
+        """Finite for two optimizer steps, then NaN forever."""
+        calls = 0
+
+        def loss(self, model, batch):
+            loss, parts = super().loss(model, batch)
+            Diverging.calls += 1
+            return (loss * float("nan") if Diverging.calls > 2 else loss), parts
+
+    class Recorder:
+        run_id = ""
+        metrics: list = []
+
+        def log_metrics(self, metrics, step): self.metrics.append((step, metrics))
+        def log_image(self, image, key, step): pass
+        def set_tags(self, tags): pass
+
+    settings = PixelDdpmSettings(manifest_path=str(data), output_dir=str(tmp_path), resolution=32,
+                                 train_batch_size=4, block_out_channels=(32, 32), layers_per_block=1,
+                                 lr_warmup_steps=0, checkpointing_steps=2, logging_steps=1, max_nonfinite_steps=3,
+                                 max_train_steps=20, no_mlflow=True)
+    task = Diverging(settings, load_manifest(data, condition_spec="none"))
+    before = None
+    with pytest.raises(LdmflowError, match=r"3 non-finite losses in a row at step 5; the last good checkpoint is "
+                                           r".*checkpoint-4"):
+        train(settings, task, Recorder())
+    assert (tmp_path / "checkpoint-2").is_dir()
+    logged = dict(Recorder.metrics)
+    assert logged[3]["nonfinite_steps"] == 1 and logged[2]["nonfinite_steps"] == 0
+    # the skipped steps did not touch the weights saved at step 4 (taken after two skipped steps)
+    from safetensors.torch import load_file
+
+    at_2 = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    at_4 = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in at_4.values())
+    assert all(torch.equal(at_2[k], at_4[k]) for k in at_2), before
