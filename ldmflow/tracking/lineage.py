@@ -145,16 +145,26 @@ def list_models() -> list[dict]:
         versions += _all_pages(lambda token, stage=stage: client.search_model_versions(
             filter_string=f"tags.stage = '{stage}'", max_results=_PAGE, page_token=token))
     runs = _runs_by_id(client, sorted({v.run_id for v in versions if v.run_id}))
+    aliases = _aliases_by_version(client, sorted({v.name for v in versions}))
     rows = []
     for v in sorted(versions, key=lambda v: (STAGES.index(v.tags["stage"]), v.name, int(v.version))):
         run = runs.get(v.run_id)
         metrics = run.data.metrics if run else {}
         rows.append({"name": v.name, "version": str(v.version), "stage": v.tags["stage"],
-                     "aliases": list(getattr(v, "aliases", []) or []), "run_id": v.run_id or "",
+                     "aliases": aliases.get((v.name, str(v.version)), []), "run_id": v.run_id or "",
                      "dataset_digest": v.tags.get("dataset_digest", ""),
                      "vae": _vae_label(v.tags), "condition_spec": v.tags.get("condition_spec", ""),
                      **{key: metrics.get(key) for key in KEY_METRICS}})
     return rows
+
+
+def _aliases_by_version(client, names: list[str]) -> dict[tuple[str, str], list[str]]:
+    """(name, version) -> aliases; search results do not carry aliases, registered models do."""
+    aliases: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        for alias, version in sorted((client.get_registered_model(name).aliases or {}).items()):
+            aliases.setdefault((name, str(version)), []).append(alias)
+    return aliases
 
 
 def _runs_by_id(client, run_ids: list[str]) -> dict:

@@ -20,6 +20,7 @@ ACCEPTED_FORMS = ("a local folder, runs:/<run_id>/<path>, models:/<name>/<versio
 # Where each stage's diffusers folder lives inside a logged ldmflow pyfunc model (see registry.py).
 MODEL_ARTIFACT_DIRS = {"vae": "artifacts/vae", "latent_ddpm": "artifacts", "legacy_ddpm": "artifacts/pipeline"}
 _MAX_LISTED = 20
+_NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 
 
 @dataclass(frozen=True)
@@ -96,14 +97,16 @@ def registered_version(client, name: str, version: str | None, alias: str | None
 
     try:
         model = client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as error:
+        _raise_unless_missing(error)
         names = [m.name for m in client.search_registered_models(max_results=_MAX_LISTED + 1)]
         known = f"registered models: {_listing(names)}" if names else "no models are registered"
         raise LdmflowError(f"Registered model {name!r} does not exist ({known}).") from None
     if alias is not None:
         try:
             return client.get_model_version_by_alias(name, alias)
-        except MlflowException:
+        except MlflowException as error:
+            _raise_unless_missing(error)
             aliases = ", ".join(f"@{a} -> v{v}" for a, v in sorted((model.aliases or {}).items())) or "none"
             raise LdmflowError(f"Model {name!r} has no alias {alias!r} (aliases: {aliases}).") from None
     versions = _version_numbers(client, name)
@@ -148,7 +151,8 @@ def _resolve_model_id(client, uri: str, model_id: str, dst_dir) -> ModelSource:
 
     try:
         model = client.get_logged_model(model_id)
-    except MlflowException:
+    except MlflowException as error:
+        _raise_unless_missing(error)
         raise LdmflowError(f"Logged model {model_id!r} does not exist (from {uri!r}).") from None
     run_id = model.source_run_id or None
     found = _registered_version_of(client, model_id, run_id)
@@ -190,7 +194,8 @@ def _resolve_runs_uri(uri: str, dst_dir) -> ModelSource:
     client = MlflowClient(use_tracking_store())
     try:
         run = client.get_run(run_id)
-    except MlflowException:
+    except MlflowException as error:
+        _raise_unless_missing(error)
         raise LdmflowError(f"Run {run_id!r} does not exist (from {uri!r}).") from None
     top = path.strip("/").split("/")[0]
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id], max_results=100,
@@ -227,12 +232,24 @@ def find_diffusers_folder(local_dir, kind: str) -> Path:
     root = Path(local_dir)
     if not (root / "MLmodel").is_file() and (root / "model" / "MLmodel").is_file():
         root = root / "model"  # runs:/<id>/ downloaded a whole run
-    candidates = [root / MODEL_ARTIFACT_DIRS[kind], root] if (root / "MLmodel").is_file() else [root]
-    for folder in candidates:
-        if _looks_like(folder, kind):
-            return folder
+    if (root / "MLmodel").is_file():
+        logged_kind = _logged_model_kind(root)
+        if logged_kind == kind:
+            return root / MODEL_ARTIFACT_DIRS[kind]
+        if logged_kind is not None:
+            raise LdmflowError(f"{local_dir} is a {logged_kind} model, not a {kind} model.")
+    if _looks_like(root, kind):
+        return root
     raise LdmflowError(f"{local_dir} is not a {kind} model: {_expected_layout(kind)} (found: "
                        f"{_listing(sorted(p.name for p in root.iterdir())) if root.is_dir() else 'no folder'}).")
+
+
+def _logged_model_kind(root: Path) -> str | None:
+    """The stage of an ldmflow pyfunc model, from its artifact layout (None if it is not one)."""
+    for kind in ("latent_ddpm", "legacy_ddpm", "vae"):  # a latent model also holds a vae/: test it first
+        if _looks_like(root / MODEL_ARTIFACT_DIRS[kind], kind):
+            return kind
+    return None
 
 
 def _looks_like(folder: Path, kind: str) -> bool:
@@ -279,6 +296,12 @@ def _vae_from_source_file(folder: Path) -> Path:
     if not source.get("vae_uri"):
         raise LdmflowError(f"{source_file}: the VAE folder {local} is gone and no vae_uri is recorded.")
     return find_diffusers_folder(resolve_model_source(source["vae_uri"]).local_dir, "vae")
+
+
+def _raise_unless_missing(error: Exception) -> None:
+    """A lookup error that is not 'no such thing' (server down, auth...) must not read as 'does not exist'."""
+    if getattr(error, "error_code", None) not in _NOT_FOUND_CODES:
+        raise LdmflowError(f"MLflow request failed: {str(error).splitlines()[0][:300]}") from None
 
 
 def _quote(value: str) -> str:

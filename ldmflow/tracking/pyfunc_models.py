@@ -125,14 +125,19 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         seeds = _seeds(frame, len(frame))
         spec = self._sampler.spec
         conditions = conditions_from_frame(frame, spec) if not spec.is_empty else [{} for _ in range(len(frame))]
-        images = []
-        for rows in _chunks(len(frame), options["batch_size"]):
-            chosen = [conditions[i] for i in rows]
-            images.extend(self._sampler.generate(
-                chosen if any(chosen) else None, num_images=len(rows),
-                guidance_scale=float(options["guidance_scale"]),
-                num_inference_steps=int(options["num_inference_steps"]), scheduler=str(options["scheduler"]),
-                seeds=[seeds[i] for i in rows]))
+        images: list[np.ndarray | None] = [None] * len(frame)
+        conditioned = [i for i, condition in enumerate(conditions) if condition]
+        unconditional = [i for i, condition in enumerate(conditions) if not condition]
+        for group in (conditioned, unconditional):  # the sampler takes all-conditioned or all-blank batches
+            for chunk in _chunks(len(group), options["batch_size"]):
+                rows = [group[i] for i in chunk]
+                generated = self._sampler.generate(
+                    [conditions[i] for i in rows] if group is conditioned else None, num_images=len(rows),
+                    guidance_scale=float(options["guidance_scale"]),
+                    num_inference_steps=int(options["num_inference_steps"]), scheduler=str(options["scheduler"]),
+                    seeds=[seeds[i] for i in rows])
+                for row, image in zip(rows, generated):
+                    images[row] = image
         return pd.DataFrame({IMAGE_COLUMN: [image_to_base64_png(image) for image in images], SEED_COLUMN: seeds})
 
 

@@ -96,7 +96,7 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
                 name="model", python_model=python_model, artifacts=artifacts, signature=signature,
                 code_paths=[_package_copy(Path(staging))], pip_requirements=pip_requirements(),
                 registered_model_name=name, tags=tags, step=last_step)
-        except mlflow.exceptions.MlflowException as error:
+        except (mlflow.exceptions.MlflowException, OSError) as error:  # server down, disk full...
             raise LdmflowError(f"Could not log or register the {stage} model in MLflow: "
                                f"{str(error).splitlines()[0]}. The trained model is safe in {output_dir}.") from None
     registered = RegisteredModel(name, str(info.registered_model_version), info.model_id,

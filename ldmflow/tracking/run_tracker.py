@@ -102,8 +102,15 @@ class RunTracker:
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), timestamp, int(step))
-                 for key, value in metrics.items() if self._check_key(key, "metric")]
+        batch = []
+        for key, value in metrics.items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                self._reject(key, "metric", f"its value {value!r} is not a number")
+                continue
+            if self._check_key(key, "metric"):
+                batch.append(Metric(key, value, timestamp, int(step)))
         self.last_step = max(self.last_step, int(step))
         self._uploader.add(metrics=batch)
 
@@ -116,7 +123,7 @@ class RunTracker:
         from mlflow.entities import RunTag
 
         self._uploader.add(tags=[RunTag(str(k), "" if v is None else str(v)[:_MAX_TAG_LENGTH])
-                                 for k, v in tags.items()])
+                                 for k, v in tags.items() if self._check_key(str(k), "tag")])
 
     def log_dict(self, obj, artifact_file: str) -> bool:
         return self._upload(lambda: self._client.log_dict(self._run_id, obj, artifact_file), artifact_file)
@@ -160,14 +167,25 @@ class RunTracker:
                            "ldmflow.tracking.run_tracker.replay_pending(%r, %r).",
                            len(left.metrics), len(left.params), len(left.tags), path, str(path), self._run_id)
 
+    def write_pending_status(self, status: str) -> None:
+        """Record the final status that could not be set, so `replay_pending` ends the run properly."""
+        path = self._output_dir / PENDING_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as file:
+            file.write(json.dumps({"kind": "status", "run_id": self._run_id, "status": status}) + "\n")
+        logger.warning("The run's final status %s is recorded in %s for replay_pending.", status, path)
+
     def _check_key(self, key: str, kind: str) -> bool:
         if valid_key(key):
             return True
+        self._reject(key, kind, "MLflow names may only contain letters, digits, _ - . : / and spaces")
+        return False
+
+    def _reject(self, key: str, kind: str, reason: str) -> None:
+        """Warn once per key: a bad key is a bug to fix, but never a reason to stop training."""
         if key not in self._bad_keys:
             self._bad_keys.add(key)
-            logger.warning("Not logging %s %r: MLflow names may only contain letters, digits, _ - . : / and "
-                           "spaces.", kind, key)
-        return False
+            logger.warning("Not logging %s %r: %s.", kind, key, reason)
 
     def _upload(self, upload, what: str) -> bool:
         """A synchronous upload; skipped during a known outage, a warning (never an exception) on failure."""
@@ -243,6 +261,9 @@ def replay_pending(path, run_id: str | None = None) -> int:
             client.log_batch(target, metrics=metrics[start:start + 1000])
         for start in range(0, max(len(params), len(tags)), 100):
             client.log_batch(target, params=params[start:start + 100], tags=tags[start:start + 100])
+        for record in items:
+            if record["kind"] == "status":
+                client.set_terminated(target, record["status"])
         sent += len(metrics) + len(params) + len(tags)
     path.rename(path.with_name(path.name + ".replayed"))
     logger.info("Replayed %d values from %s.", sent, path)
@@ -281,8 +302,8 @@ def open_run(settings, stage: str, enabled: bool = True):
         raise
     finally:
         tracker.close()
-        if owned:
-            _end_run(run_id, status)
+        if owned and not _end_run(run_id, status):
+            tracker.write_pending_status(status)
 
 
 def _start_run(settings, stage: str) -> tuple[str, bool]:
@@ -312,17 +333,19 @@ def _start_run(settings, stage: str) -> tuple[str, bool]:
     return run.info.run_id, True
 
 
-def _end_run(run_id: str, status: str) -> None:
-    """End the run; on an outage, warn and stop its system-metrics thread (the run stays RUNNING)."""
+def _end_run(run_id: str, status: str) -> bool:
+    """End the run; on an outage, warn, stop its system-metrics thread and return False (it stays RUNNING)."""
     import mlflow
 
     try:
         mlflow.end_run(status)
+        return True
     except Exception as error:  # noqa: BLE001
-        logger.warning("Could not mark MLflow run %s as %s (%s); it will show as RUNNING.",
+        logger.warning("Could not mark MLflow run %s as %s (%s); it shows as RUNNING until replayed.",
                        run_id, status, str(error).splitlines()[0][:300])
         monitors = getattr(mlflow.tracking.fluent, "run_id_to_system_metrics_monitor", {})
         monitor = monitors.pop(run_id, None)
         if monitor is not None:
             monitor.finish()
+        return False
 

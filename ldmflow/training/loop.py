@@ -116,9 +116,10 @@ class _MetricWindow:
         return metrics
 
 
-def train(settings: TrainSettings, task: Task, tracker: Tracker) -> dict[str, float]:
+def train(settings: TrainSettings, task: Task, tracker: Tracker,
+          accelerator: Accelerator | None = None) -> dict[str, float]:
     """Run the whole training and return the final metrics of `task.save`."""
-    accelerator = build_accelerator(settings)
+    accelerator = accelerator or build_accelerator(settings)
     set_seed(settings.seed, device_specific=True)
     model, dataset = task.setup(accelerator)
     if len(dataset) == 0:

@@ -10,8 +10,6 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from accelerate import PartialState
-
 from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
 from ldmflow.training.settings import LatentDdpmSettings, PixelDdpmSettings, TrainSettings, VaeSettings
 
@@ -56,7 +54,7 @@ def run_training(settings: TrainSettings) -> dict[str, float]:
     from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
     from ldmflow.tracking.registry import log_and_register
     from ldmflow.tracking.run_tracker import open_run
-    from ldmflow.training.loop import train
+    from ldmflow.training.loop import build_accelerator, train
 
     stage = STAGES[type(settings)]
     condition_spec = getattr(settings, "condition_spec", "none")
@@ -67,14 +65,15 @@ def run_training(settings: TrainSettings) -> dict[str, float]:
         vae_source = dataclasses.replace(vae_source, local_dir=find_diffusers_folder(vae_source.local_dir, "vae"))
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     task = _build_task(settings, manifest, vae_source)
-    is_main = PartialState().is_main_process
+    accelerator = build_accelerator(settings)
+    is_main = accelerator.is_main_process
     with open_run(settings, stage, enabled=is_main and not settings.no_mlflow) as tracker:
         tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
                             name=Path(manifest.path).stem)
         if not manifest.spec.is_empty:
             tracker.log_dict({"condition_spec": str(manifest.spec), "stats": manifest.stats.to_dict(manifest.spec)},
                              "conditioning.json")
-        metrics = train(settings, task, tracker)
+        metrics = train(settings, task, tracker, accelerator)
         if is_main and not settings.no_mlflow:
             registered = log_and_register(
                 stage, settings.output_dir, tracker, registered_model_name=settings.registered_model_name,

@@ -1,0 +1,147 @@
+"""The REST path against a real `mlflow server` on 127.0.0.1: log, register, resolve; then a mid-run outage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from mlflow import MlflowClient
+from PIL import Image
+
+from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
+from ldmflow.tracking.registry import log_and_register
+from ldmflow.tracking.run_tracker import PENDING_FILE, open_run, replay_pending
+from ldmflow.training.settings import VaeSettings
+
+DIGEST = "feedface" * 8
+
+
+class Server:
+    """An `mlflow server` subprocess (SQLite backend, proxied artifacts) in its own process group."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+                   "--artifacts-destination", str(self.root / "server-artifacts"), "--serve-artifacts"]
+        environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        environment.pop("MLFLOW_TRACKING_URI", None)
+        self.process = subprocess.Popen(command, cwd=self.root, env=environment, start_new_session=True,
+                                        stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1):
+                    return
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = Server(tmp_path_factory.mktemp("server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rest_env(server, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a stopped server fails at once, not in ~4 min
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    yield tmp_path
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+def settings(root: Path) -> VaeSettings:
+    return VaeSettings(manifest_path=str(root / "manifest.json"), output_dir=str(root / "vae_out"),
+                       run_name="rest-vae")
+
+
+def test_log_register_and_resolve_through_the_server(server, rest_env):
+    root = rest_env
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+                  norm_num_groups=8, sample_size=32, layers_per_block=1).save_pretrained(root / "vae_out")
+    (root / "manifest.json").write_text("[]")
+    with open_run(settings(root), "vae", enabled=True) as tracker:
+        tracker.log_metrics({"loss": 0.5, "val_psnr": 20.0}, 3)
+        tracker.log_image(Image.new("RGB", (16, 16), "green"), "reconstructions", 3)
+        assert tracker.log_dataset(root / "manifest.json", DIGEST, "train", 4, "manifest-train")
+        registered = log_and_register("vae", root / "vae_out", tracker, alias="champion", dataset_digest=DIGEST)
+    client = MlflowClient()
+    run = client.get_run(registered.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["kl_weight"] == "0.0001"
+    assert run.data.metrics["val_psnr"] == 20.0 and run.data.tags["stage"] == "vae"
+    assert run.inputs.dataset_inputs[0].dataset.digest == DIGEST[:36]
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(registered.run_id, "images"))
+    source = resolve_model_source("models:/ldmflow-vae@champion", dst_dir=root / "download")
+    assert (source.model_version, source.run_id, source.model_id) == ("1", registered.run_id, registered.model_id)
+    assert isinstance(AutoencoderKL.from_pretrained(find_diffusers_folder(source.local_dir, "vae")), AutoencoderKL)
+    by_run = resolve_model_source(f"runs:/{registered.run_id}/model", dst_dir=root / "download-run")
+    assert by_run.model_id == registered.model_id
+    stored = list((server.root / "server-artifacts").rglob("diffusion_pytorch_model.safetensors"))
+    assert stored, "the model's weights went through the server's artifact proxy"
+
+
+def test_server_outage_mid_run_keeps_training_and_replays(server, rest_env, caplog):
+    caplog.set_level(logging.WARNING)
+    try:
+        with open_run(settings(rest_env), "vae", enabled=True) as tracker:
+            tracker.log_metrics({"loss": 1.0}, 0)
+            assert tracker.flush(10)
+            server.stop()
+            started = time.monotonic()
+            for step in range(1, 21):
+                tracker.log_metrics({"loss": 1.0 / step}, step)
+            assert time.monotonic() - started < 1.0
+    finally:
+        server.start()
+    assert caplog.text.count("MLflow is unreachable") == 1
+    pending = rest_env / "vae_out" / PENDING_FILE
+    lines = [json.loads(line) for line in pending.read_text().splitlines()]
+    assert [line["kind"] for line in lines] == ["metric"] * 20 + ["status"]
+    assert MlflowClient().get_run(tracker.run_id).info.status == "RUNNING"  # the server missed the end
+    assert replay_pending(pending) == 20
+    history = MlflowClient().get_metric_history(tracker.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(21))
+    assert MlflowClient().get_run(tracker.run_id).info.status == "FINISHED"
