@@ -88,8 +88,8 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
         tags["condition_spec"] = condition_spec
     tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
     with tempfile.TemporaryDirectory(prefix="ldmflow-model-") as staging, _active_run(run_id), \
-            warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+            warnings.catch_warnings(), _without_pickle_warning():
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")  # a signature is given
         artifacts, python_model, signature = _stage(stage, output_dir, Path(staging), vae_source, tags)
         try:
             info = mlflow.pyfunc.log_model(
@@ -147,6 +147,22 @@ def _active_run(run_id: str):
         yield
     finally:
         mlflow.end_run(status if status != "RUNNING" else "FINISHED")
+
+
+@contextlib.contextmanager
+def _without_pickle_warning():
+    """Drop MLflow's CloudPickle warning: our python_model holds no state and pickles as a reference to a class
+    in the model's own bundled code."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Passing a Python object as `python_model`")
+
+    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+    pyfunc_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        pyfunc_logger.removeFilter(keep)
 
 
 def _stage(stage: str, output_dir: Path, staging: Path, vae_source: ModelSource | None, tags: dict):
