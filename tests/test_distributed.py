@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +28,15 @@ def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
                "--train_batch_size", "2", "--max_train_steps", "4", "--block_out_channels", "16,16,16,16",
                "--layers_per_block", "1", "--lr_warmup_steps", "0", "--checkpointing_steps", "2",
                "--scaling_factor_batches", "2", "--no_mlflow"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # never leave rank processes behind
+        stdout, stderr = process.communicate()
+        pytest.fail("two-process training did not finish in 180 s:\n" + stderr[-3000:])
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stderr
     assert (output / "config.json").is_file() and (output / "checkpoint-4").is_dir()

@@ -206,7 +206,7 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker,
     if accelerator.is_main_process and final_metrics:
         tracker.log_metrics(final_metrics, state.global_step)
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.free_memory()  # drop the DDP wrapper before any process-group teardown (gloo deadlocks otherwise)
     return final_metrics
 
 

@@ -80,4 +80,5 @@ def run_training(settings: TrainSettings) -> dict[str, float]:
                 alias=settings.register_alias, vae_source=vae_source, dataset_digest=manifest.digest,
                 condition_spec=None if manifest.spec.is_empty else str(manifest.spec))
             tracker.set_tags({REGISTERED_URI_TAG: registered.model_uri})
+    accelerator.end_training()
     return metrics
