@@ -264,6 +264,7 @@ def sample_command(**options):
 @click.option("--checkpointing_steps", default=500, show_default=True, type=int)
 @click.option("--condition_spec", default=DEFAULT_CONDITION_SPEC, show_default=True)
 @click.option("--use_ema/--no_ema", default=True, show_default=True)
+@click.option("--cache_latents/--no_cache_latents", default=True, show_default=True)
 @click.option("--num_images", default=8, show_default=True, type=int)
 @click.option("--num_inference_steps", default=25, show_default=True, type=int)
 @click.option("--guidance_scale", default=3.0, show_default=True, type=float)

@@ -42,6 +42,7 @@ class PipelineSettings:
     checkpointing_steps: int = 500
     condition_spec: str = DEFAULT_CONDITION_SPEC
     use_ema: bool = True
+    cache_latents: bool = True
     num_images: int = 8
     num_inference_steps: int = 25
     guidance_scale: float = 3.0
@@ -103,7 +104,8 @@ def _step_parameters(settings: PipelineSettings) -> tuple[dict, dict, dict]:
            "block_out_channels": settings.vae_block_out_channels}
     latent = {**shared, "output_dir": str(root / "latent_ddpm"), "num_epochs": str(settings.ddpm_epochs),
               "block_out_channels": settings.unet_block_out_channels, "condition_spec": settings.condition_spec,
-              "use_ema": str(settings.use_ema).lower(), "guidance_scale": str(settings.guidance_scale)}
+              "use_ema": str(settings.use_ema).lower(),
+              "cache_latents": str(settings.cache_latents).lower(), "guidance_scale": str(settings.guidance_scale)}
     sample = {"output_dir": str(root / "samples"), "num_images": str(settings.num_images),
               "num_inference_steps": str(settings.num_inference_steps), "seed": str(settings.seed),
               "guidance_scale": str(settings.guidance_scale)}

@@ -17,6 +17,8 @@ def settings_params(settings) -> dict[str, str]:
         value = getattr(settings, field.name)
         if isinstance(value, tuple):
             value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            value = str(value).lower()  # as `mlflow run -P flag=true` logs it
         params[field.name] = "" if value is None else str(value)
     return params
 
