@@ -1,7 +1,8 @@
-"""Two CPU processes under `accelerate launch` (gloo): the run trains, only rank 0 writes, weights agree."""
+"""Two CPU processes under `accelerate launch` (gloo): one shared shuffle, training, only rank 0 writes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,30 +15,46 @@ import pytest
 from ldmflow.data.demo import make_demo_dataset
 
 
-@pytest.mark.slow
-def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
-    manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32, val_fraction=0.2)
-    output = tmp_path / "vae"
+def _launch(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` two CPU processes on a free port; kill every rank if it hangs."""
     with socket.socket() as probe:  # a free rendezvous port: never collide with another run's 29500
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "ldmflow", "vae",
-               "--manifest_path", str(manifest), "--output_dir", str(output), "--resolution", "32",
-               "--train_batch_size", "2", "--max_train_steps", "4", "--block_out_channels", "16,16,16,16",
-               "--layers_per_block", "1", "--lr_warmup_steps", "0", "--checkpointing_steps", "2",
-               "--scaling_factor_batches", "2", "--no_mlflow"]
+               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+               "--dynamo_backend", "no", *arguments]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, cwd=Path(__file__).resolve().parents[1])
     try:
         stdout, stderr = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # never leave rank processes behind
         stdout, stderr = process.communicate()
-        pytest.fail("two-process training did not finish in 180 s:\n" + stderr[-3000:])
-    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    assert result.returncode == 0, result.stderr[-3000:]
+        pytest.fail("two-process run did not finish in 180 s:\n" + stderr[-3000:])
+    assert process.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_two_processes_see_every_image_once_per_epoch(tmp_path):
+    _launch(tmp_path, str(Path(__file__).with_name("distributed_coverage.py")), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"seen_{rank}.json").read_text()) for rank in (0, 1)]
+    for epoch in range(2):
+        together = sorted(ranks[0]["seen"][epoch] + ranks[1]["seen"][epoch])
+        assert together == list(range(20)), f"epoch {epoch}: {together}"
+    assert ranks[0]["steps_per_epoch"] == ranks[1]["steps_per_epoch"] == 5  # 20 images / 2 ranks / batch 2
+    assert ranks[0]["seen"][0] != ranks[0]["seen"][1]  # reshuffled each epoch
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
+    manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32, val_fraction=0.2)
+    output = tmp_path / "vae"
+    result = _launch(tmp_path, "-m", "ldmflow", "vae", "--manifest_path", str(manifest), "--output_dir", str(output),
+                     "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "4",
+                     "--block_out_channels", "16,16,16,16", "--layers_per_block", "1", "--lr_warmup_steps", "0",
+                     "--checkpointing_steps", "2", "--scaling_factor_batches", "2", "--no_mlflow")
     assert "on 2 process(es)" in result.stderr
     assert (output / "config.json").is_file() and (output / "checkpoint-4").is_dir()
     # each process saved its own RNG state into the same checkpoint

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 TEMPERATURE_RANGE = (-20.0, 40.0)  # degrees C, sampled uniformly
 WIND_MAG_RANGE = (0.0, 10.0)  # m/s, sampled uniformly; the direction is uniform over the circle
-STRIPES_PER_IMAGE = 4  # stripe period = resolution / 4, so the look does not depend on resolution
+STRIPES_PER_IMAGE = 2  # stripe period = resolution / 2: 4 latent cells of an x8 VAE, and resolution-free
 AMPLITUDE_PER_MS = 0.02  # stripe amplitude per m/s of wind (0.2 at 10 m/s)
 NOISE_STD = 0.01  # per-channel pixel noise, so images are not perfectly clean
 _MISSING_TEMPERATURE_EVERY = (12, 7)  # entries with index % 12 == 7 omit temperature

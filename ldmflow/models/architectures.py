@@ -11,11 +11,18 @@ VAE_DOWNSAMPLE = 8
 
 
 def norm_groups(block_out_channels: tuple[int, ...]) -> int:
-    """GroupNorm groups that divide every block width (32 for the usual sizes, fewer for tiny test models)."""
-    common = 0
+    """GroupNorm groups dividing every block width, with at least 4 channels per group.
+
+    32 for the usual sizes (128+ channels, as Stable Diffusion); fewer for small models, where one channel
+    per group would be an instance norm that erases each channel's mean, i.e. the colour of flat images.
+    """
+    groups = 0
     for channels in block_out_channels:
-        common = math.gcd(common, channels)
-    return math.gcd(common, 32)
+        groups = math.gcd(groups, channels)
+    groups = math.gcd(groups, 32)
+    while groups > 1 and min(block_out_channels) // groups < 4:
+        groups //= 2
+    return groups
 
 
 def build_vae(block_out_channels: tuple[int, ...], layers_per_block: int, resolution: int) -> AutoencoderKL:

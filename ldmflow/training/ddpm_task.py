@@ -36,6 +36,11 @@ class DdpmTask:
         self.ema.to(accelerator.device)
         accelerator.register_for_checkpointing(self.ema)
 
+    def after_resume(self, accelerator: Accelerator) -> None:
+        """accelerate loads custom state onto the CPU; the EMA must live where the weights are."""
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
+
     def clean_sample(self, batch: dict) -> torch.Tensor:
         """(B, C, H, W) data the diffusion runs on (pixels or scaled latents)."""
         raise NotImplementedError

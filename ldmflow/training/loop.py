@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -40,6 +41,7 @@ class Task(Protocol):
 
     def setup(self, accelerator: Accelerator) -> tuple[torch.nn.Module, torch.utils.data.Dataset]: ...
     def after_prepare(self, accelerator: Accelerator, model: torch.nn.Module) -> None: ...
+    def after_resume(self, accelerator: Accelerator) -> None: ...
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]: ...
     def after_optimizer_step(self, model: torch.nn.Module) -> None: ...
     def end_of_epoch(self, accelerator: Accelerator, model: torch.nn.Module, step: int,
@@ -57,7 +59,8 @@ def build_accelerator(settings: TrainSettings) -> Accelerator:
         mixed_precision=precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=settings.output_dir, automatic_checkpoint_naming=False),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # One shuffle for all processes (data_seed): each image is seen once per epoch, and resume is exact.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=settings.seed),
     )
 
 
@@ -116,98 +119,123 @@ class _MetricWindow:
         return metrics
 
 
-def train(settings: TrainSettings, task: Task, tracker: Tracker,
-          accelerator: Accelerator | None = None) -> dict[str, float]:
-    """Run the whole training and return the final metrics of `task.save`."""
-    accelerator = accelerator or build_accelerator(settings)
+@dataclass
+class _Run:
+    """What `train` prepares once and every step uses."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    dataloader: torch.utils.data.DataLoader
+    dataset: EpochSeededData
+    lr_scheduler: object
+    state: TrainingState
+    steps_per_epoch: int
+    max_steps: int
+    nonfinite_in_a_row: int = 0
+
+
+def _prepare(settings: TrainSettings, task: Task, tracker: Tracker, accelerator: Accelerator) -> _Run:
+    """Model, data, optimizer and LR schedule prepared by accelerate; the step count is per process."""
     set_seed(settings.seed, device_specific=True)
     model, dataset = task.setup(accelerator)
     if len(dataset) == 0:
         raise LdmflowError("The training dataset is empty.")
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
-        weight_decay=settings.adam_weight_decay)
     dataset = EpochSeededData(dataset, settings.seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
+                                  weight_decay=settings.adam_weight_decay)
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=settings.train_batch_size, shuffle=True, num_workers=settings.dataloader_num_workers,
         drop_last=len(dataset) >= settings.train_batch_size * accelerator.num_processes)
-    steps_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / settings.gradient_accumulation_steps)
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+    steps_per_epoch = max(1, math.ceil(len(dataloader) / settings.gradient_accumulation_steps))  # this process's
     max_steps = settings.max_train_steps or settings.num_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(
+    lr_scheduler = accelerator.prepare(get_scheduler(
         settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes)
-    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+        num_training_steps=max_steps * accelerator.num_processes))
     state = TrainingState(run_id=getattr(tracker, "run_id", "") or "")
     accelerator.register_for_checkpointing(state)
     task.after_prepare(accelerator, model)
-    _resume(settings, accelerator, state, tracker)
+    return _Run(accelerator, model, optimizer, dataloader, dataset, lr_scheduler, state, steps_per_epoch, max_steps)
 
-    first_epoch, skip_batches = divmod(state.global_step, steps_per_epoch)
-    logger.info("Training %d steps (%d epochs of %d steps) on %d process(es), %d images.",
-                max_steps, num_epochs, steps_per_epoch, accelerator.num_processes, len(dataset))
+
+def train(settings: TrainSettings, task: Task, tracker: Tracker,
+          accelerator: Accelerator | None = None) -> dict[str, float]:
+    """Run the whole training and return the final metrics of `task.save`."""
+    run = _prepare(settings, task, tracker, accelerator or build_accelerator(settings))
+    accelerator, state = run.accelerator, run.state
+    _resume(settings, accelerator, state, tracker)
+    task.after_resume(accelerator)
+    num_epochs = math.ceil(run.max_steps / run.steps_per_epoch)
+    first_epoch, skip_batches = divmod(state.global_step, run.steps_per_epoch)
+    logger.info("Training %d steps (%d epochs of %d steps) on %d process(es), %d images.", run.max_steps,
+                num_epochs, run.steps_per_epoch, accelerator.num_processes, len(run.dataset))
     window = _MetricWindow(task.metric_names, accelerator.device)
-    nonfinite_in_a_row = 0
     for epoch in range(first_epoch, num_epochs):
-        model.train()
-        dataloader.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        batches = dataloader
-        if epoch == first_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(dataloader, skip_batches * settings.gradient_accumulation_steps)
-        micro_step = 0
-        for batch in batches:
-            # Noise, timesteps and dropout are a function of the step: resume continues exactly.
-            torch.manual_seed(_derive_seed(settings.seed, state.global_step, micro_step, accelerator.process_index))
-            micro_step += 1
-            with accelerator.accumulate(model):
-                loss, parts = task.loss(model, batch)  # loss: fp32 scalar, parts: (len(metric_names),)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                    finite = _step_is_finite(loss, grad_norm, accelerator)
-                    if finite:
-                        optimizer.step()
-                        lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window.add(loss, parts, len(batch["index"]))
-            if not accelerator.sync_gradients:
-                continue
-            micro_step = 0
-            state.global_step += 1
-            if finite:
-                nonfinite_in_a_row = 0
-                task.after_optimizer_step(model)
-            else:
-                nonfinite_in_a_row += 1
-                state.nonfinite_steps += 1
-                _check_nonfinite(settings, state, nonfinite_in_a_row, tracker)
-            if state.global_step % settings.logging_steps == 0 or state.global_step == max_steps:
-                metrics = window.read(accelerator)
-                metrics.update(lr=lr_scheduler.get_last_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                               nonfinite_steps=state.nonfinite_steps, epoch=epoch)
-                if accelerator.is_main_process:
-                    tracker.log_metrics(metrics, state.global_step)
-            if state.global_step % settings.checkpointing_steps == 0:
-                path = save_checkpoint(accelerator, settings.output_dir, state.global_step,
-                                       settings.checkpoints_total_limit)
-                if accelerator.is_main_process:
-                    tracker.set_tags({"ldmflow.last_checkpoint": str(path),
-                                      "ldmflow.last_checkpoint_step": str(state.global_step)})
-            if state.global_step >= max_steps:
-                break
-        last_epoch = epoch == num_epochs - 1 or state.global_step >= max_steps
-        _end_of_epoch(settings, task, accelerator, model, tracker, epoch, state.global_step, last_epoch)
-        if state.global_step >= max_steps:
+        if state.global_step >= run.max_steps:
             break
+        run.model.train()
+        run.dataloader.set_epoch(epoch)
+        run.dataset.set_epoch(epoch)
+        batches = run.dataloader
+        if epoch == first_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(batches, skip_batches * settings.gradient_accumulation_steps)
+        _train_epoch(settings, task, tracker, run, window, batches, epoch)
+        last_epoch = epoch == num_epochs - 1 or state.global_step >= run.max_steps
+        _end_of_epoch(settings, task, accelerator, run.model, tracker, epoch, state.global_step, last_epoch)
 
     accelerator.wait_for_everyone()
-    final_metrics = task.save(accelerator, model)
+    final_metrics = task.save(accelerator, run.model)
     if accelerator.is_main_process and final_metrics:
         tracker.log_metrics(final_metrics, state.global_step)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # drop the DDP wrapper before any process-group teardown (gloo deadlocks otherwise)
     return final_metrics
+
+
+def _train_epoch(settings, task, tracker, run: _Run, window: _MetricWindow, batches, epoch: int) -> None:
+    """Steps until the epoch or the step budget ends: forward/backward, clip, step, log, checkpoint."""
+    accelerator, state, model = run.accelerator, run.state, run.model
+    micro_step = 0
+    for batch in batches:
+        # Noise, timesteps and dropout are a function of the step: resume continues exactly.
+        torch.manual_seed(_derive_seed(settings.seed, state.global_step, micro_step, accelerator.process_index))
+        micro_step += 1
+        with accelerator.accumulate(model):
+            loss, parts = task.loss(model, batch)  # loss: fp32 scalar, parts: (len(metric_names),)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+                finite = _step_is_finite(loss, grad_norm, accelerator)
+                if finite or accelerator.scaler is not None:  # fp16: the GradScaler skips and updates itself
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        window.add(loss, parts, len(batch["index"]))
+        if not accelerator.sync_gradients:
+            continue
+        micro_step = 0
+        state.global_step += 1
+        if finite:
+            run.nonfinite_in_a_row = 0
+            task.after_optimizer_step(model)
+        else:
+            run.nonfinite_in_a_row += 1
+            state.nonfinite_steps += 1
+            _check_nonfinite(settings, state, run.nonfinite_in_a_row)
+        if state.global_step % settings.logging_steps == 0 or state.global_step == run.max_steps:
+            metrics = window.read(accelerator)
+            metrics.update(lr=run.lr_scheduler.get_last_lr()[0], nonfinite_steps=state.nonfinite_steps, epoch=epoch,
+                           grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
+            if accelerator.is_main_process:
+                tracker.log_metrics(metrics, state.global_step)
+        if state.global_step % settings.checkpointing_steps == 0:
+            path = save_checkpoint(accelerator, settings.output_dir, state.global_step, settings.checkpoints_total_limit)
+            if accelerator.is_main_process:
+                tracker.set_tags({"ldmflow.last_checkpoint": str(path),
+                                  "ldmflow.last_checkpoint_step": str(state.global_step)})
+        if state.global_step >= run.max_steps:
+            return
 
 
 def _step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor | None, accelerator: Accelerator) -> bool:
@@ -222,7 +250,7 @@ def _step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor | None, accelera
     return bool(accelerator.reduce(finite, reduction="mean").item() == 1.0)
 
 
-def _check_nonfinite(settings: TrainSettings, state: TrainingState, in_a_row: int, tracker: Tracker) -> None:
+def _check_nonfinite(settings: TrainSettings, state: TrainingState, in_a_row: int) -> None:
     logger.warning("Non-finite loss or gradient at step %d: step skipped (%d in a row).", state.global_step, in_a_row)
     if in_a_row >= settings.max_nonfinite_steps:
         checkpoints = list_checkpoints(settings.output_dir)
@@ -247,11 +275,10 @@ def _resume(settings: TrainSettings, accelerator: Accelerator, state: TrainingSt
 
 
 def _end_of_epoch(settings, task, accelerator, model, tracker, epoch, step, last_epoch) -> None:
-    """Validation metrics and preview grids, every --save_images_epochs and after the last epoch."""
-    if not ((epoch + 1) % settings.save_images_epochs == 0 or last_epoch):
-        return
+    """Validation metrics every epoch; preview grids every --save_images_epochs and after the last epoch."""
+    previews = (epoch + 1) % settings.save_images_epochs == 0 or last_epoch
     model.eval()
-    metrics, images = task.end_of_epoch(accelerator, model, step, previews=True)
+    metrics, images = task.end_of_epoch(accelerator, model, step, previews=previews)
     if accelerator.is_main_process:
         if metrics:
             tracker.log_metrics(metrics, step)

@@ -66,6 +66,9 @@ class VaeTask:
     def after_prepare(self, accelerator: Accelerator, model) -> None:
         self.accelerator = accelerator
 
+    def after_resume(self, accelerator: Accelerator) -> None:
+        pass
+
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = batch["pixel_values"]
         reconstruction, kl = model(pixels)
