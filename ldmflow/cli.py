@@ -11,7 +11,8 @@ import click
 
 from ldmflow.errors import LdmflowError
 
-DEFAULT_CONDITION_SPEC = "temperature:1,wind:3,wind_mag:1"
+from ldmflow.data import DEFAULT_CONDITION_SPEC
+
 IMAGE_FORMATS = ("png", "png16", "tiff16", "tiff32")
 
 
@@ -23,6 +24,10 @@ class _Command(click.Command):
             return super().invoke(ctx)
         except LdmflowError as error:
             raise click.ClickException(str(error)) from None
+        except Exception as error:
+            if type(error).__module__.startswith("mlflow."):  # server errors, failed project steps
+                raise click.ClickException(f"MLflow: {str(error).splitlines()[0] if str(error) else error!r}") from None
+            raise
 
 
 class _Group(click.Group):
@@ -263,6 +268,7 @@ def sample_command(**options):
 @click.option("--save_images_epochs", default=5, show_default=True, type=int)
 @click.option("--checkpointing_steps", default=500, show_default=True, type=int)
 @click.option("--condition_spec", default=DEFAULT_CONDITION_SPEC, show_default=True)
+@click.option("--kl_weight", default=1e-4, show_default=True, type=float)
 @click.option("--use_ema/--no_ema", default=True, show_default=True)
 @click.option("--cache_latents/--no_cache_latents", default=True, show_default=True)
 @click.option("--num_images", default=8, show_default=True, type=int)

@@ -1,4 +1,4 @@
-"""The one exception type for bad user input; the CLI turns it into a clear message and exit code 2."""
+"""The one exception type for bad user input; the CLI turns it into a clear message and exit code 1."""
 
 
 class LdmflowError(Exception):

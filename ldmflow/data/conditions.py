@@ -13,7 +13,7 @@ import numpy as np
 
 from ldmflow.errors import LdmflowError
 
-DEFAULT_CONDITION_SPEC = "temperature:1,wind:3,wind_mag:1"
+from ldmflow.data import DEFAULT_CONDITION_SPEC  # noqa: F401  (re-exported)
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VECTOR_SPLIT_RE = re.compile(r"[,\s;]+")

@@ -57,11 +57,14 @@ def conditions_from_frame(frame: pd.DataFrame, spec: ConditionSpec) -> list[dict
     if unknown:
         raise LdmflowError(f"Unknown condition column(s) {unknown}; the model's condition spec is {spec} "
                            f"(columns: {', '.join(component_columns(spec)) or 'none'}, plus optional seed).")
-    rows = []
-    for _, row in frame.iterrows():
-        condition = {}
-        for name, dim in spec.items:
-            parts = [f"{name}_{i}" for i in range(dim)] if dim > 1 else [name]
+    return [_row_conditions(frame, row, spec, number) for number, (_, row) in enumerate(frame.iterrows())]
+
+
+def _row_conditions(frame: pd.DataFrame, row, spec: ConditionSpec, number: int) -> dict[str, list[float]]:
+    condition = {}
+    for name, dim in spec.items:
+        parts = [f"{name}_{i}" for i in range(dim)] if dim > 1 else [name]
+        try:
             if dim > 1 and name in frame.columns:
                 value = _cell_values(row[name])
             elif all(part in frame.columns for part in parts):
@@ -69,10 +72,12 @@ def conditions_from_frame(frame: pd.DataFrame, spec: ConditionSpec) -> list[dict
                 value = None if any(c is None for c in cells) else [v for c in cells for v in c]
             else:
                 value = None
-            if value is not None:
-                condition[name] = value
-        rows.append(condition)
-    return rows
+        except (TypeError, ValueError):
+            raise LdmflowError(f"Row {number}: condition {name!r} is not a number "
+                               f"({', '.join(repr(row[p]) for p in parts if p in frame.columns)}).") from None
+        if value is not None:
+            condition[name] = value
+    return condition
 
 
 def read_conditions_file(path: str | Path) -> pd.DataFrame:

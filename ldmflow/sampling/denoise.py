@@ -28,11 +28,19 @@ def initial_noise(shape: tuple[int, ...], seeds: list[int], device, dtype=torch.
     return torch.stack(noise).to(device)
 
 
+def step_generators(seeds: list[int]) -> list[torch.Generator]:
+    """Per-image (CPU, so device-independent) generators for the noise a stochastic scheduler adds."""
+    return [torch.Generator().manual_seed(int(seed) + 1_000_003) for seed in seeds]
+
+
 @torch.no_grad()
 def denoise(model: Denoiser, scheduler, noise: torch.Tensor, num_inference_steps: int,
             condition: torch.Tensor | None = None, null_condition: torch.Tensor | None = None,
-            guidance_scale: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Run the reverse process from `noise`; guidance mixes conditional and null predictions when > 1."""
+            guidance_scale: float = 1.0, generator: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Run the reverse process from `noise`; guidance mixes conditional and null predictions when > 1.
+
+    `generator` (one per image) drives the noise that stochastic schedulers (DDPM) add at each step.
+    """
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     sample = noise * scheduler.init_noise_sigma
     guided = condition is not None and null_condition is not None and guidance_scale != 1.0

@@ -36,3 +36,12 @@ def _caption(tile: Image.Image, label: str) -> Image.Image:
     captioned.paste(tile, (0, 0))
     ImageDraw.Draw(captioned).multiline_text((3, tile.height + 2), label, fill="black", font=font, spacing=2)
     return captioned
+
+
+def condition_label(condition: dict) -> str:
+    """A short caption such as 'temperature 12.5 | wind 1,0,0'."""
+    parts = []
+    for name, value in condition.items():
+        values = np.asarray(value, dtype=float).reshape(-1)
+        parts.append(f"{name} " + ",".join(f"{v:.3g}" for v in values))
+    return "\n".join(parts)

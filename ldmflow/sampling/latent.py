@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from ldmflow.data.conditions import ConditionSpec, extract_conditions
 from ldmflow.errors import LdmflowError
 from ldmflow.models.conditioning import CONDITIONING_FILE, ConditionEncoder
-from ldmflow.sampling.denoise import denoise, initial_noise, make_scheduler
+from ldmflow.sampling.denoise import denoise, initial_noise, make_scheduler, step_generators
 
 VAE_SOURCE_FILE = "vae_source.json"
 
@@ -90,7 +90,8 @@ class LatentSampler:
         def model(sample, timestep, class_labels):
             return self.unet(sample, timestep, encoder_hidden_states=None, class_labels=class_labels).sample
 
-        latents = denoise(model, schedule, noise, num_inference_steps, condition, null, guidance_scale)
+        latents = denoise(model, schedule, noise, num_inference_steps, condition, null, guidance_scale,
+                          generator=step_generators(seeds))
         images = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (N, 3, H, W) in ~[-1, 1]
         images = (images.float() / 2 + 0.5).clamp(0, 1)
         return images.permute(0, 2, 3, 1).cpu().numpy()

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from ldmflow.sampling.denoise import denoise, initial_noise, make_scheduler
+from ldmflow.sampling.denoise import denoise, initial_noise, make_scheduler, step_generators
 
 
 class PixelSampler:
@@ -28,5 +28,5 @@ class PixelSampler:
         size = self.unet.config.sample_size
         noise = initial_noise((self.unet.config.in_channels, size, size), seeds, self.unet.device)
         images = denoise(lambda x, t, _: self.unet(x, t).sample, make_scheduler(scheduler, self.scheduler_config),
-                         noise, num_inference_steps)
+                         noise, num_inference_steps, generator=step_generators(seeds))
         return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()

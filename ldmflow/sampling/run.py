@@ -12,7 +12,7 @@ from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
 from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame, parse_condition_option,
                                               read_conditions_file)
-from ldmflow.sampling.grids import image_grid, to_pil
+from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 from ldmflow.training.saving import publish_files, temporary_folder
 from ldmflow.training.settings import SampleSettings
 
@@ -61,6 +61,7 @@ def requested_conditions(settings: SampleSettings, sampler) -> tuple[list[dict] 
         if spec is None:
             raise LdmflowError("This model is unconditional: --conditions_file does not apply.")
         conditions = conditions_from_frame(frame, spec)
+        sampler.check_conditions(conditions)  # before any MLflow run opens
         if SEED_COLUMN in frame.columns:
             seeds = [int(s) if s == s else settings.seed + i for i, s in enumerate(frame[SEED_COLUMN])]
         else:
@@ -71,6 +72,7 @@ def requested_conditions(settings: SampleSettings, sampler) -> tuple[list[dict] 
         if not hasattr(sampler, "spec"):
             raise LdmflowError("This model is unconditional (a legacy pixel DDPM): --condition does not apply.")
         condition = parse_condition_option(settings.condition)
+        sampler.check_conditions([condition])  # before any MLflow run opens
         return [dict(condition) for _ in seeds], seeds
     return None, seeds
 
@@ -84,13 +86,19 @@ def generate(settings: SampleSettings, sampler, conditions, seeds) -> np.ndarray
     return sampler.generate(len(seeds), settings.num_inference_steps, settings.scheduler, seeds=seeds)
 
 
-def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None, image_format: str) -> Path:
-    """images/sample_0000.<ext> ... plus grid.png, published atomically into output_dir."""
+def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None, image_format: str,
+                  tracker) -> Path:
+    """sample_0000.<ext> ... and grid.png: logged, then published into output_dir replacing earlier samples."""
     temporary = temporary_folder(output_dir, "samples")
     extension = extension_for(image_format)
     for index, image in enumerate(images):
         write_image(temporary / f"sample_{index:04d}{extension}", image, image_format)
-    image_grid(to_pil(images), labels=labels).save(temporary / "grid.png")
+    grid = image_grid(to_pil(images), labels=labels)
+    grid.save(temporary / "grid.png")
+    tracker.log_image(grid, key="samples", step=0)
+    tracker.log_artifacts(str(temporary), "samples")  # exactly this run's files, nothing else in output_dir
+    for stale in list(output_dir.glob("sample_*")):
+        stale.unlink()
     publish_files(temporary, output_dir)
     return output_dir / "grid.png"
 
@@ -99,7 +107,6 @@ def run_sampling(settings: SampleSettings) -> Path:
     """Resolve the model, generate, write files, and log a `sample` run that points back at the model."""
     from ldmflow.tracking.model_uri import resolve_model_source
     from ldmflow.tracking.run_tracker import open_run
-    from ldmflow.training.latent_task import condition_label
 
     source = resolve_model_source(settings.model_uri)
     sampler = load_sampler(Path(source.local_dir))
@@ -110,10 +117,6 @@ def run_sampling(settings: SampleSettings) -> Path:
         record_sample_source(tracker, source)
         images = generate(settings, sampler, conditions, seeds)
         labels = [condition_label(c) for c in conditions] if conditions else None
-        grid = write_samples(output_dir, images, labels, settings.output_format)
-        from PIL import Image
-
-        tracker.log_image(Image.open(grid), key="samples", step=0)
-        tracker.log_artifacts(str(output_dir), "samples")
+        grid = write_samples(output_dir, images, labels, settings.output_format, tracker)
     logger.info("Wrote %d images and %s", len(images), grid)
     return grid

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldmflow.errors import LdmflowError
 from ldmflow.training.run import REGISTERED_URI_TAG
 from ldmflow.training.settings import DEFAULT_CONDITION_SPEC, settings_params
 
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 CODE_VERSION_TAG = "ldmflow.code_version"
 ENTRY_POINT_TAG = "mlflow.project.entryPoint"
+DATASET_DIGEST_TAG = "dataset_digest"
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class PipelineSettings:
     vae_epochs: int = 50
     ddpm_epochs: int = 50
     learning_rate: float = 1e-4
+    kl_weight: float = 1e-4
     lr_warmup_steps: int = 500
     save_images_epochs: int = 5
     checkpointing_steps: int = 500
@@ -67,21 +70,25 @@ def _quote(value: str) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def find_reusable_run(client, experiment_id: str, entry_point: str, parameters: dict[str, str], version: str):
-    """The newest finished run of `entry_point` with exactly these params and code version, else None."""
+def find_reusable_run(client, experiment_id: str, entry_point: str, parameters: dict[str, str], version: str,
+                      dataset_digest: str | None = None):
+    """The newest finished run of `entry_point` with exactly these params, code version and data, else None."""
     clauses = [f"tags.`{ENTRY_POINT_TAG}` = {_quote(entry_point)}", "attributes.status = 'FINISHED'",
                f"tags.`{CODE_VERSION_TAG}` = {_quote(version)}"]
+    if dataset_digest:  # the manifest's content, not just its path
+        clauses.append(f"tags.`{DATASET_DIGEST_TAG}` = {_quote(dataset_digest)}")
     clauses += [f"params.`{key}` = {_quote(value)}" for key, value in sorted(parameters.items())]
     runs = client.search_runs([experiment_id], filter_string=" and ".join(clauses),
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
 
-def _run_step(client, experiment_id: str, entry_point: str, parameters: dict[str, str], version: str):
+def _run_step(client, experiment_id: str, entry_point: str, parameters: dict[str, str], version: str,
+              dataset_digest: str | None = None):
     """Reuse a matching finished run or launch the entry point as a child of the active run."""
     import mlflow
 
-    previous = find_reusable_run(client, experiment_id, entry_point, parameters, version)
+    previous = find_reusable_run(client, experiment_id, entry_point, parameters, version, dataset_digest)
     if previous is not None:
         logger.info("Step %s: reusing finished run %s.", entry_point, previous.info.run_id)
         return previous, True
@@ -101,6 +108,7 @@ def _step_parameters(settings: PipelineSettings) -> tuple[dict, dict, dict]:
               "save_images_epochs": str(settings.save_images_epochs),
               "checkpointing_steps": str(settings.checkpointing_steps)}
     vae = {**shared, "output_dir": str(root / "vae"), "num_epochs": str(settings.vae_epochs),
+           "kl_weight": str(settings.kl_weight),
            "block_out_channels": settings.vae_block_out_channels}
     latent = {**shared, "output_dir": str(root / "latent_ddpm"), "num_epochs": str(settings.ddpm_epochs),
               "block_out_channels": settings.unet_block_out_channels, "condition_spec": settings.condition_spec,
@@ -115,8 +123,6 @@ def _step_parameters(settings: PipelineSettings) -> tuple[dict, dict, dict]:
 def _registered_uri(run, step: str) -> str:
     uri = run.data.tags.get(REGISTERED_URI_TAG)
     if not uri:
-        from ldmflow.errors import LdmflowError
-
         raise LdmflowError(f"Pipeline step {step}: run {run.info.run_id} registered no model (tag {REGISTERED_URI_TAG}).")
     return uri
 
@@ -136,10 +142,13 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
         existing = client.get_run(parent.info.run_id).data.params
         mlflow.log_params({k: v for k, v in settings.to_params().items() if k not in existing})
         mlflow.set_tags({"ldmflow.stage": "pipeline", CODE_VERSION_TAG: version})
-        vae_run, vae_reused = _run_step(client, experiment_id, "vae", vae_params, version)
+        if not Path(settings.manifest_path).is_file():
+            raise LdmflowError(f"--manifest_path {settings.manifest_path}: no such file.")
+        digest = hashlib.sha256(Path(settings.manifest_path).read_bytes()).hexdigest()
+        vae_run, vae_reused = _run_step(client, experiment_id, "vae", vae_params, version, digest)
         vae_uri = _registered_uri(vae_run, "vae")
         latent_run, latent_reused = _run_step(client, experiment_id, "latent_ddpm",
-                                              {**latent_params, "vae_uri": vae_uri}, version)
+                                              {**latent_params, "vae_uri": vae_uri}, version, digest)
         unet_uri = _registered_uri(latent_run, "latent_ddpm")
         sample_run, sample_reused = _run_step(client, experiment_id, "sample",
                                               {**sample_params, "model_uri": unet_uri}, version)

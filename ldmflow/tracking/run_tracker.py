@@ -288,11 +288,11 @@ def open_run(settings, stage: str, enabled: bool = True):
         yield NullTracker()
         return
     run_id, owned = _start_run(settings, stage)
-    tracker = RunTracker(run_id, output_dir=getattr(settings, "output_dir", None))
-    tracker.log_params(settings.to_params())
-    tracker.set_tags({STAGE_TAG: stage})
-    status = "FINISHED"
+    status, tracker = "FINISHED", None
     try:
+        tracker = RunTracker(run_id, output_dir=getattr(settings, "output_dir", None))
+        tracker.log_params(settings.to_params())
+        tracker.set_tags({STAGE_TAG: stage})
         yield tracker
     except KeyboardInterrupt:
         status = "KILLED"

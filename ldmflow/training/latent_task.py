@@ -19,7 +19,7 @@ from ldmflow.errors import LdmflowError
 from ldmflow.models.architectures import VAE_DOWNSAMPLE, VAE_LATENT_CHANNELS, build_latent_unet
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.models.conditioning import ConditionEncoder
-from ldmflow.sampling.grids import image_grid, to_pil
+from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 from ldmflow.sampling.latent import VAE_SOURCE_FILE, LatentSampler
 from ldmflow.training.ddpm_task import DdpmTask
 from ldmflow.training.saving import publish_folder, temporary_folder
@@ -68,10 +68,11 @@ class LatentDdpmTask(DdpmTask):
         super().__init__(settings)
         self.manifest, self.vae_source = manifest, vae_source
         self.encoder = None if manifest.spec.is_empty else ConditionEncoder(manifest.spec, manifest.stats)
+        self.vae = load_vae(vae_source.local_dir, settings.vae_path)  # checked before any MLflow run opens
 
     def setup(self, accelerator: Accelerator):
         s = self.settings
-        self.vae = load_vae(self.vae_source.local_dir, s.vae_path).to(accelerator.device)
+        self.vae = self.vae.to(accelerator.device)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         unet = build_latent_unet(s.block_out_channels, s.layers_per_block, s.resolution // VAE_DOWNSAMPLE,
                                  self.encoder.encoded_dim if self.encoder else None)
@@ -100,12 +101,14 @@ class LatentDdpmTask(DdpmTask):
             pixels = torch.stack([item["pixel_values"] for item in items])
             params = self._encode(pixels).cpu()
             flipped = self._encode(pixels.flip(-1)).cpu() if s.random_flip else params
-            encoded += [(i, p, f) for i, p, f in zip(shard[start:start + s.eval_batch_size], params, flipped)]
+            # item["index"] is the record actually read (an unreadable image is replaced by the next one)
+            encoded += [(i, item["index"], p, f) for i, item, p, f in zip(shard[start:], items, params, flipped)]
         encoded = sorted(gather_object(encoded) if accelerator.num_processes > 1 else encoded, key=lambda e: e[0])
-        parameters = torch.stack([e[1] for e in encoded])
-        flipped = torch.stack([e[2] for e in encoded]) if s.random_flip else None
-        conditions = torch.from_numpy(np.stack([r.conditions for r in self.manifest.records]))
-        present = torch.from_numpy(np.stack([r.present for r in self.manifest.records]).astype(np.float32))
+        records = [self.manifest.records[e[1]] for e in encoded]
+        parameters = torch.stack([e[2] for e in encoded])
+        flipped = torch.stack([e[3] for e in encoded]) if s.random_flip else None
+        conditions = torch.from_numpy(np.stack([r.conditions for r in records]))
+        present = torch.from_numpy(np.stack([r.present for r in records]).astype(np.float32))
         logger.info("Cached latents of %d images%s.", len(parameters), " (and their flips)" if s.random_flip else "")
         return LatentDataset(parameters, flipped, conditions, present)
 
@@ -176,12 +179,3 @@ class LatentDdpmTask(DdpmTask):
                 "vae_model_name": source.model_name, "vae_model_version": source.model_version,
                 "vae_run_id": source.run_id, "vae_model_id": source.model_id,
                 "vae_scaling_factor": self.scaling_factor, "condition_spec": str(self.manifest.spec)}
-
-
-def condition_label(condition: dict) -> str:
-    """A short caption such as 'temperature 12.5 | wind 1,0,0'."""
-    parts = []
-    for name, value in condition.items():
-        values = np.asarray(value, dtype=float).reshape(-1)
-        parts.append(f"{name} " + ",".join(f"{v:.3g}" for v in values))
-    return "\n".join(parts)

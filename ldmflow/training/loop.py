@@ -265,7 +265,11 @@ def _resume(settings: TrainSettings, accelerator: Accelerator, state: TrainingSt
     if checkpoint is None:
         return
     current_run = state.run_id
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:
+        raise LdmflowError(f"Cannot resume from {checkpoint}: it does not match this model and settings "
+                           f"({str(error).splitlines()[0][:300]}).") from None
     logger.info("Resumed from %s at step %d.", checkpoint, state.global_step)
     if accelerator.is_main_process:
         tracker.set_tags({"ldmflow.resumed_from_checkpoint": str(checkpoint),

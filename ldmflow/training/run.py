@@ -49,24 +49,45 @@ def _build_task(settings: TrainSettings, manifest: Manifest, vae_source):
     return PixelDdpmTask(settings, manifest)
 
 
+def _resolve_vae(settings: LatentDdpmSettings, accelerator):
+    """The VAE's ModelSource, resolved (and downloaded) by the main process only, then shared with the others.
+
+    Downloads go to output_dir/.vae_download, so every process reads the same local folder.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    from ldmflow.errors import LdmflowError
+    from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
+
+    payload = [None]
+    if accelerator.is_main_process:
+        try:
+            source = resolve_model_source(settings.vae_path, dst_dir=Path(settings.output_dir) / ".vae_download")
+            payload = [dataclasses.replace(source, local_dir=find_diffusers_folder(source.local_dir, "vae"))]
+        except LdmflowError as error:
+            payload = [str(error)]
+    if accelerator.num_processes > 1:
+        payload = broadcast_object_list(payload)
+    if isinstance(payload[0], str):
+        raise LdmflowError(payload[0])
+    return payload[0]
+
+
 def run_training(settings: TrainSettings) -> dict[str, float]:
     """Train the model `settings` describes, tracked in MLflow unless --no_mlflow; returns final metrics."""
-    from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
     from ldmflow.tracking.registry import log_and_register
     from ldmflow.tracking.run_tracker import open_run
+    from ldmflow.training.checkpoints import find_resume_checkpoint
     from ldmflow.training.loop import build_accelerator, train
 
     stage = STAGES[type(settings)]
-    condition_spec = getattr(settings, "condition_spec", "none")
-    manifest = _load(settings, settings.split, condition_spec)
-    vae_source = None
-    if isinstance(settings, LatentDdpmSettings):
-        vae_source = resolve_model_source(settings.vae_path)
-        vae_source = dataclasses.replace(vae_source, local_dir=find_diffusers_folder(vae_source.local_dir, "vae"))
-    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
-    task = _build_task(settings, manifest, vae_source)
     accelerator = build_accelerator(settings)
     is_main = accelerator.is_main_process
+    manifest = _load(settings, settings.split, getattr(settings, "condition_spec", "none"))
+    Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
+    find_resume_checkpoint(settings.output_dir, settings.resume_from_checkpoint)  # a bad path fails here
+    vae_source = _resolve_vae(settings, accelerator) if isinstance(settings, LatentDdpmSettings) else None
+    task = _build_task(settings, manifest, vae_source)  # loads and checks the VAE before any run opens
     with open_run(settings, stage, enabled=is_main and not settings.no_mlflow) as tracker:
         tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
                             name=Path(manifest.path).stem)

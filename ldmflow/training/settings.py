@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from ldmflow.errors import LdmflowError
 
-DEFAULT_CONDITION_SPEC = "temperature:1,wind:3,wind_mag:1"
+from ldmflow.data import DEFAULT_CONDITION_SPEC  # noqa: F401  (re-exported)
 
 
 def settings_params(settings) -> dict[str, str]:
@@ -78,6 +79,12 @@ class TrainSettings:
             raise LdmflowError(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
         if any(c < 1 for c in self.block_out_channels):
             raise LdmflowError(f"--block_out_channels must be positive integers, got {self.block_out_channels}.")
+        if self.dataloader_num_workers < 0:
+            raise LdmflowError(f"--dataloader_num_workers must be 0 or more, got {self.dataloader_num_workers}.")
+        alias = self.register_alias
+        if alias is not None and (alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias) or not alias.strip()):
+            raise LdmflowError(f"--register_alias {alias!r} is reserved by MLflow (latest, v<number>); "
+                               "choose another name such as candidate or champion.")
 
     def to_params(self) -> dict[str, str]:
         return settings_params(self)
@@ -118,6 +125,9 @@ class DdpmSettings(TrainSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("num_preview_images", "preview_inference_steps", "ddpm_num_steps"):
+            if getattr(self, name) < 1:
+                raise LdmflowError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise LdmflowError(f"--prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}.")
         if len(self.block_out_channels) < 2:
