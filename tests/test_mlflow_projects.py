@@ -141,6 +141,18 @@ def test_sample_errors_are_clear(store):
     result = ldmflow(env, "sample", "--model_uri", "models:/ldmflow-latent-ddpm/7", "--no_mlflow", ok=False)
     assert result.returncode == 1 and "7" in result.stderr and "Traceback" not in result.stderr
     assert not (Path(env["WORKDIR"]) / "bad" / "grid.png").exists()
+    # tracked: the bad condition is refused before any run opens, so no FAILED run is left behind
+    before = len(_client().search_runs([_client().get_experiment_by_name("ldmflow").experiment_id]))
+    result = ldmflow(env, "sample", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--condition", "temperature=1",
+                     "--output_dir", env["WORKDIR"] + "/bad", ok=False)
+    assert result.returncode == 1 and "missing condition" in result.stderr and "wind" in result.stderr
+    runs = _client().search_runs([_client().get_experiment_by_name("ldmflow").experiment_id])
+    assert len(runs) == before and not [r for r in runs if r.info.status == "FAILED"]
+    table = Path(env["WORKDIR"]) / "conditions.csv"
+    table.write_text("temperature,wind_0,wind_1,wind_2,wind_mag\nwarm,1,0,0,1\n")
+    result = ldmflow(env, "sample", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--conditions_file", str(table),
+                     "--no_mlflow", ok=False)
+    assert result.returncode == 1 and "Row 0: condition 'temperature' is not a number" in result.stderr
 
 
 def test_pipeline_runs_children_under_one_parent_and_reuses_them(store):

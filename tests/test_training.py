@@ -178,6 +178,12 @@ def test_bad_flags_give_clear_errors(data, tmp_path):
     result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--block_out_channels",
                     "16,16", expect_ok=False)
     assert result.exit_code != 0 and "exactly 4 values" in result.output
+    result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--register_alias", "v2",
+                    expect_ok=False)
+    assert result.exit_code == 1 and "reserved by MLflow" in result.output
+    result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--resume_from_checkpoint",
+                    str(tmp_path / "checkpoint-9"), "--no_mlflow", expect_ok=False)
+    assert result.exit_code == 1 and "not a complete ldmflow checkpoint folder" in result.output
 
 
 def test_a_folder_that_is_not_a_vae_is_refused(data, latent_dir, tmp_path):
@@ -232,7 +238,6 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(dat
                                  lr_warmup_steps=0, checkpointing_steps=2, logging_steps=1, max_nonfinite_steps=3,
                                  max_train_steps=20, no_mlflow=True)
     task = Diverging(settings, load_manifest(data, condition_spec="none"))
-    before = None
     with pytest.raises(LdmflowError, match=r"3 non-finite losses in a row at step 5; the last good checkpoint is "
                                            r".*checkpoint-4"):
         train(settings, task, Recorder())
@@ -245,4 +250,4 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(dat
     at_2 = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
     at_4 = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in at_4.values())
-    assert all(torch.equal(at_2[k], at_4[k]) for k in at_2), before
+    assert all(torch.equal(at_2[k], at_4[k]) for k in at_2)
