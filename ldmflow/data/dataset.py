@@ -110,3 +110,17 @@ class ManifestImageDataset(torch.utils.data.Dataset):
         if self.random_flip and torch.rand(1).item() < 0.5:
             pixels = pixels.flip(-1)
         return (pixels.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()  # (3, R, R) in [-1, 1]
+
+
+def image_dataset(manifest, settings, training: bool) -> ManifestImageDataset:
+    """A manifest's images with a trainer's transform flags; random augmentation only when training."""
+    return ManifestImageDataset(
+        manifest.records, settings.resolution, random_crop=settings.random_crop and training,
+        random_flip=settings.random_flip and training, preserve_input_precision=settings.preserve_input_precision)
+
+
+def pixel_batches(dataset: ManifestImageDataset, indices: list[int], batch_size: int):
+    """(B, 3, H, W) batches of the given items in order (validation, previews, latent encoding)."""
+    for start in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[start:start + batch_size]]
+        yield torch.stack([item["pixel_values"] for item in items])

@@ -92,3 +92,27 @@ def read_conditions_file(path: str | Path) -> pd.DataFrame:
         return pd.read_csv(path)
     except (ValueError, pd.errors.ParserError) as error:
         raise LdmflowError(f"--conditions_file {path}: cannot read it ({error}).") from None
+
+
+def spanning_conditions(manifest, count: int) -> list[dict[str, list[float]]]:
+    """`count` real training conditions spanning the range of the first condition (for previews and demos).
+
+    Fully labelled entries are preferred; a condition an entry lacks is filled with the training mean.
+    """
+    spec, slices = manifest.spec, manifest.spec.slices()
+    if spec.is_empty or not manifest.records:
+        return []
+    records = [r for r in manifest.records if r.present.all()] or manifest.records
+    first = slices[spec.names[0]]
+    records = sorted(records, key=lambda r: float(r.conditions[first][0]))
+    count = min(count, len(records))
+    picks = [records[round(i * (len(records) - 1) / max(count - 1, 1))] for i in range(count)]
+    return [{name: (r.conditions[sl] if r.present[k] else np.asarray(manifest.stats.mean[sl])).tolist()
+             for k, (name, sl) in enumerate(slices.items())} for r in picks]
+
+
+def write_conditions_file(conditions: list[dict[str, list[float]]], spec: ConditionSpec, path: str | Path) -> Path:
+    """A CSV with one row per image and one column per condition component (what --conditions_file reads)."""
+    rows = [[v for name in spec.names for v in condition[name]] for condition in conditions]
+    pd.DataFrame(rows, columns=component_columns(spec)).to_csv(path, index=False)
+    return Path(path)

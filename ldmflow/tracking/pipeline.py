@@ -120,6 +120,20 @@ def _step_parameters(settings: PipelineSettings) -> tuple[dict, dict, dict]:
     return vae, latent, sample
 
 
+def _sample_conditions(settings: PipelineSettings) -> dict[str, str]:
+    """A conditions file spanning the training range, so the sample step shows conditioned images."""
+    from ldmflow.data.manifest import load_manifest
+    from ldmflow.sampling.condition_input import spanning_conditions, write_conditions_file
+
+    manifest = load_manifest(settings.manifest_path, condition_spec=settings.condition_spec, verify_images="none")
+    if manifest.spec.is_empty:
+        return {}
+    path = Path(settings.output_root).resolve() / "sample_conditions.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_conditions_file(spanning_conditions(manifest, settings.num_images), manifest.spec, path)
+    return {"conditions_file": str(path)}
+
+
 def _registered_uri(run, step: str) -> str:
     uri = run.data.tags.get(REGISTERED_URI_TAG)
     if not uri:
@@ -150,8 +164,8 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
         latent_run, latent_reused = _run_step(client, experiment_id, "latent_ddpm",
                                               {**latent_params, "vae_uri": vae_uri}, version, digest)
         unet_uri = _registered_uri(latent_run, "latent_ddpm")
-        sample_run, sample_reused = _run_step(client, experiment_id, "sample",
-                                              {**sample_params, "model_uri": unet_uri}, version)
+        sample_params.update(model_uri=unet_uri, **_sample_conditions(settings))
+        sample_run, sample_reused = _run_step(client, experiment_id, "sample", sample_params, version)
         summary = {"vae_run_id": vae_run.info.run_id, "vae_uri": vae_uri, "vae_reused": str(vae_reused),
                    "latent_ddpm_run_id": latent_run.info.run_id, "latent_ddpm_uri": unet_uri,
                    "latent_ddpm_reused": str(latent_reused), "sample_run_id": sample_run.info.run_id,

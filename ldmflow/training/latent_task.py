@@ -14,17 +14,18 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
+from ldmflow.data.dataset import image_dataset
 from ldmflow.data.manifest import Manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.models.architectures import VAE_DOWNSAMPLE, VAE_LATENT_CHANNELS, build_latent_unet
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.models.conditioning import ConditionEncoder
+from ldmflow.sampling.condition_input import spanning_conditions
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 from ldmflow.sampling.latent import VAE_SOURCE_FILE, LatentSampler
 from ldmflow.training.ddpm_task import DdpmTask
 from ldmflow.training.saving import publish_folder, temporary_folder
 from ldmflow.training.settings import LatentDdpmSettings
-from ldmflow.training.vae_task import image_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class LatentDdpmTask(DdpmTask):
         enable_memory_efficient_attention(unet, s.enable_xformers_memory_efficient_attention)
         images = image_dataset(self.manifest, s, training=True)
         dataset = self._cache_latents(accelerator) if s.cache_latents else images
-        self.preview_conditions = self._pick_preview_conditions()
+        self.preview_conditions = spanning_conditions(self.manifest, s.num_preview_images)
         return unet, dataset
 
     @torch.no_grad()
@@ -127,34 +128,16 @@ class LatentDdpmTask(DdpmTask):
         return lambda noisy, timesteps: model(noisy, timesteps, encoder_hidden_states=None,
                                               class_labels=labels).sample
 
-    def _pick_preview_conditions(self) -> list[dict]:
-        """Real training conditions spanning the range of the first condition (fully labelled entries first)."""
-        if self.encoder is None:
-            return []
-        records = [r for r in self.manifest.records if r.present.all()] or self.manifest.records
-        first = self.manifest.spec.slices()[self.manifest.spec.names[0]]
-        records = sorted(records, key=lambda r: float(r.conditions[first][0]))
-        count = min(self.settings.num_preview_images, len(records))
-        picks = [records[round(i * (len(records) - 1) / max(count - 1, 1))] for i in range(count)]
-        slices = self.manifest.spec.slices()
-        return [{name: r.conditions[sl].tolist() for k, (name, sl) in enumerate(slices.items()) if r.present[k]}
-                for r in picks]
-
     def _preview(self, unet, step: int) -> Image.Image:
         sampler = LatentSampler(unet, self.vae, self.noise_scheduler.config, self.encoder)
         if self.encoder is None:
             images = sampler.generate(num_images=self.settings.num_preview_images,
                                       num_inference_steps=self.settings.preview_inference_steps)
             return image_grid(to_pil(images))
-        conditions = [self._complete(c) for c in self.preview_conditions]
+        conditions = self.preview_conditions
         images = sampler.generate(conditions, guidance_scale=self.settings.guidance_scale,
                                   num_inference_steps=self.settings.preview_inference_steps)
         return image_grid(to_pil(images), labels=[condition_label(c) for c in conditions])
-
-    def _complete(self, condition: dict) -> dict:
-        """Fill conditions a preview record lacks with the training mean, so previews always run."""
-        slices = self.manifest.spec.slices()
-        return {name: condition.get(name, list(self.manifest.stats.mean[sl])) for name, sl in slices.items()}
 
     def save(self, accelerator: Accelerator, model) -> dict[str, float]:
         if not accelerator.is_main_process:

@@ -9,6 +9,7 @@ from accelerate import Accelerator
 from diffusers import DDPMPipeline
 from PIL import Image
 
+from ldmflow.data.dataset import image_dataset
 from ldmflow.data.manifest import Manifest
 from ldmflow.models.architectures import build_pixel_unet
 from ldmflow.models.attention import enable_memory_efficient_attention
@@ -17,7 +18,6 @@ from ldmflow.sampling.pixel import PixelSampler
 from ldmflow.training.ddpm_task import DdpmTask
 from ldmflow.training.saving import publish_files, temporary_folder
 from ldmflow.training.settings import PixelDdpmSettings
-from ldmflow.training.vae_task import image_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from PIL import Image
 
-from ldmflow.data.dataset import ManifestImageDataset
+from ldmflow.data.dataset import image_dataset, pixel_batches
 from ldmflow.data.manifest import Manifest
 from ldmflow.models.architectures import build_vae
 from ldmflow.sampling.grids import image_grid, to_pil
@@ -33,19 +33,6 @@ class VaeWithLoss(torch.nn.Module):
         posterior = self.vae.encode(pixels).latent_dist  # latents (B, 4, H/8, W/8)
         reconstruction = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W)
         return reconstruction, posterior.kl()  # kl: (B,)
-
-
-def image_dataset(manifest: Manifest, settings, training: bool) -> ManifestImageDataset:
-    """The manifest's images with the user's transform flags (no random augmentation outside training)."""
-    return ManifestImageDataset(
-        manifest.records, settings.resolution, random_crop=settings.random_crop and training,
-        random_flip=settings.random_flip and training, preserve_input_precision=settings.preserve_input_precision)
-
-
-def _batches(dataset, indices: list[int], batch_size: int):
-    for start in range(0, len(indices), batch_size):
-        items = [dataset[i] for i in indices[start:start + batch_size]]
-        yield torch.stack([item["pixel_values"] for item in items])  # (B, 3, H, W)
 
 
 class VaeTask:
@@ -94,7 +81,7 @@ class VaeTask:
         """PSNR/SSIM of posterior-mode reconstructions on the val split, sharded over processes."""
         indices = list(range(accelerator.process_index, len(self.eval_data), accelerator.num_processes))
         totals = torch.zeros(3, device=accelerator.device)  # psnr sum, ssim sum, count
-        for pixels in _batches(self.eval_data, indices, self.settings.eval_batch_size):
+        for pixels in pixel_batches(self.eval_data, indices, self.settings.eval_batch_size):
             pixels = pixels.to(accelerator.device)
             reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
             reference, test = (pixels.float() + 1) / 2, ((reconstruction.float() + 1) / 2).clamp(0, 1)
@@ -107,7 +94,7 @@ class VaeTask:
     def _preview(self, vae, step: int) -> Image.Image:
         """Inputs (top row) above their reconstructions (bottom row), saved to output_dir/images/."""
         count = min(NUM_PREVIEW_IMAGES, len(self.eval_data))
-        pixels = next(_batches(self.eval_data, list(range(count)), count)).to(vae.device)
+        pixels = next(pixel_batches(self.eval_data, list(range(count)), count)).to(vae.device)
         reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
         rows = torch.cat([pixels, reconstruction.float()]).clamp(-1, 1)  # (2N, 3, H, W)
         tiles = to_pil(((rows + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
@@ -125,7 +112,7 @@ class VaeTask:
         plain = image_dataset(self.manifest, self.settings, training=False)
         indices = list(range(min(len(plain), batches * batch_size)))[accelerator.process_index::accelerator.num_processes]
         totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # sum, sum of squares, count
-        for pixels in _batches(plain, indices, batch_size):
+        for pixels in pixel_batches(plain, indices, batch_size):
             latents = vae.encode(pixels.to(accelerator.device)).latent_dist.sample().double()
             totals += torch.stack([latents.sum(), (latents**2).sum(),
                                    torch.tensor(float(latents.numel()), device=accelerator.device)]).double()
