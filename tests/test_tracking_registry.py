@@ -293,7 +293,7 @@ def test_latent_model_serving_json_with_params_and_mixed_rows(env):
     assert out["seed"].tolist() == [3, 4] and decode(out["image"][1]).size == (32, 32)
 
 
-def test_vae_pyfunc_reconstructs_and_encodes(env):
+def test_vae_pyfunc_reconstructs_encodes_and_decodes(env):
     model = mlflow.pyfunc.load_model(env["vae"].model_uri)
     buffer = io.BytesIO()
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(buffer, format="PNG")
@@ -302,6 +302,11 @@ def test_vae_pyfunc_reconstructs_and_encodes(env):
     assert decode(recon["image"][0]).size == (32, 32)
     latents = model.predict(frame, params={"mode": "encode"})
     assert np.asarray(latents["latent"][0]).shape == (4, 4, 4)
+    as_json = pd.DataFrame({"latent": [json.dumps(latents["latent"][0])]})
+    decoded = model.predict(as_json, params={"mode": "decode"})
+    assert decode(decoded["image"][0]).size == (32, 32)
+    with pytest.raises(Exception, match="expected \\(4, h, w\\)"):
+        model.predict(pd.DataFrame({"latent": [json.dumps([[0.0]])]}), params={"mode": "decode"})
 
 
 def test_pixel_pyfunc_takes_seeds_or_a_count(env):

@@ -8,7 +8,8 @@ Serving formats (JSON friendly, one row per image):
   scheduler ("ddim"), batch_size (8). Output: `image` (base64-encoded 8-bit RGB PNG) and the `seed` used.
 - `VaePyfunc`: input column `image` (base64 PNG/TIFF/JPEG; sides multiple of 8). Param mode = "reconstruct"
   (output `image`, base64 PNG) or "encode" (output `latent`, nested lists (4, H/8, W/8) of the posterior mean
-  times the VAE's scaling_factor, i.e. what the latent DDPM was trained on).
+  times the VAE's scaling_factor, i.e. what the latent DDPM was trained on); mode = "decode" takes such a
+  `latent` column (nested lists or their JSON text) and returns `image`.
 - `PixelDdpmPyfunc`: one row per image with an integer `seed` column, or param num_images > 0 (then any one
   row, e.g. {"seed": 0}, and random seeds). Params: num_inference_steps, scheduler, batch_size. Output like
   the latent model.
@@ -19,6 +20,7 @@ Missing seeds are drawn at random and returned, so every image can be reproduced
 from __future__ import annotations
 
 import base64
+import json
 import io
 import random
 from pathlib import Path
@@ -150,31 +152,57 @@ class VaePyfunc(mlflow.pyfunc.PythonModel):
         self._vae = AutoencoderKL.from_pretrained(context.artifacts["vae"]).to(_device()).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        mode = _params(params, VAE_DEFAULTS)["mode"]
+        frame = pd.DataFrame(model_input)
+        if mode == "decode":
+            return pd.DataFrame({IMAGE_COLUMN: [self._decode(value, row)
+                                                for row, value in enumerate(_column(frame, LATENT_COLUMN))]})
+        if mode not in ("reconstruct", "encode"):
+            raise LdmflowError(f"Param mode must be 'reconstruct', 'encode' or 'decode', got {mode!r}.")
+        outputs = [self._encode_or_reconstruct(str(text), row, mode)
+                   for row, text in enumerate(_column(frame, IMAGE_COLUMN))]
+        return pd.DataFrame({LATENT_COLUMN if mode == "encode" else IMAGE_COLUMN: outputs})
+
+    def _encode_or_reconstruct(self, text: str, row: int, mode: str):
         import torch
 
-        mode = _params(params, VAE_DEFAULTS)["mode"]
-        if mode not in ("reconstruct", "encode"):
-            raise LdmflowError(f"Param mode must be 'reconstruct' or 'encode', got {mode!r}.")
-        frame = pd.DataFrame(model_input)
-        if IMAGE_COLUMN not in frame.columns:
-            raise LdmflowError("Input needs an 'image' column of base64-encoded images.")
-        outputs = []
-        for row, text in enumerate(frame[IMAGE_COLUMN]):
-            array = base64_to_image(str(text), row, self._vae.config.in_channels)
-            if array.shape[0] % 8 or array.shape[1] % 8:
-                raise LdmflowError(f"Row {row}: image is {array.shape[1]}x{array.shape[0]}; "
-                                   "both sides must be multiples of 8.")
-            pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(self._vae.device) * 2 - 1  # (1, C, H, W)
-            with torch.no_grad():
-                posterior = self._vae.encode(pixels).latent_dist
-                if mode == "encode":
-                    latent = posterior.mode() * self._vae.config.scaling_factor  # (1, 4, H/8, W/8)
-                    outputs.append(latent[0].float().cpu().numpy().tolist())
-                    continue
-                decoded = self._vae.decode(posterior.mode()).sample  # (1, C, H, W) in ~[-1, 1]
-            image = (decoded[0].float().permute(1, 2, 0).cpu().numpy() + 1) / 2
-            outputs.append(image_to_base64_png(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image))
-        return pd.DataFrame({LATENT_COLUMN if mode == "encode" else IMAGE_COLUMN: outputs})
+        array = base64_to_image(text, row, self._vae.config.in_channels)
+        if array.shape[0] % 8 or array.shape[1] % 8:
+            raise LdmflowError(f"Row {row}: image is {array.shape[1]}x{array.shape[0]}; "
+                               "both sides must be multiples of 8.")
+        pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(self._vae.device) * 2 - 1  # (1, C, H, W)
+        with torch.no_grad():
+            posterior = self._vae.encode(pixels).latent_dist
+            if mode == "encode":
+                latent = posterior.mode() * self._vae.config.scaling_factor  # (1, 4, H/8, W/8)
+                return latent[0].float().cpu().numpy().tolist()
+            return self._to_png(self._vae.decode(posterior.mode()).sample)
+
+    def _decode(self, value, row: int) -> str:
+        """Scaled latents (4, h, w) as nested lists or their JSON text -> a base64 PNG."""
+        import torch
+
+        try:
+            array = np.asarray(json.loads(value) if isinstance(value, str) else value, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise LdmflowError(f"Row {row}: 'latent' must be a (4, h, w) nested list or its JSON text.") from None
+        channels = self._vae.config.latent_channels
+        if array.ndim != 3 or array.shape[0] != channels:
+            raise LdmflowError(f"Row {row}: latent has shape {array.shape}; expected ({channels}, h, w).")
+        latents = torch.from_numpy(array)[None].to(self._vae.device) / self._vae.config.scaling_factor
+        with torch.no_grad():
+            return self._to_png(self._vae.decode(latents).sample)
+
+    @staticmethod
+    def _to_png(decoded) -> str:
+        image = (decoded[0].float().permute(1, 2, 0).cpu().numpy() + 1) / 2  # (H, W, C) in ~[0, 1]
+        return image_to_base64_png(np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image)
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    if name not in frame.columns:
+        raise LdmflowError(f"Input needs a {name!r} column ({'base64-encoded images' if name == IMAGE_COLUMN else 'scaled latents'}).")
+    return frame[name]
 
 
 class PixelDdpmPyfunc(mlflow.pyfunc.PythonModel):
@@ -221,7 +249,8 @@ def latent_signature(condition_spec: str) -> ModelSignature:
 
 def vae_signature() -> ModelSignature:
     """No output schema: the output column depends on `mode` (image or latent)."""
-    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN, required=False),
+                                         ColSpec("string", LATENT_COLUMN, required=False)]),
                           params=ParamSchema([ParamSpec("mode", "string", "reconstruct")]))
 
 
