@@ -251,3 +251,30 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(dat
     at_4 = load_file(tmp_path / "checkpoint-4" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in at_4.values())
     assert all(torch.equal(at_2[k], at_4[k]) for k in at_2)
+
+
+def test_a_tracked_resume_is_tagged_with_the_run_and_step_it_continues(data, tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    output = tmp_path / "pixel"
+    common = ["legacy-ddpm", "--manifest_path", str(data), "--output_dir", str(output), *TINY[:-3], *TINY_UNET,
+              "--max_train_steps", "4", "--checkpointing_steps", "2", "--save_images_epochs", "100",
+              "--experiment_name", "resume-test", "--logging_steps", "1"]
+    invoke(*common)
+    shutil.rmtree(output / "checkpoint-4")
+    invoke(*common, "--resume_from_checkpoint", "latest")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("resume-test")
+    first, second = sorted(client.search_runs([experiment.experiment_id]), key=lambda r: r.info.start_time)
+    assert first.info.status == second.info.status == "FINISHED"
+    assert second.data.tags["ldmflow.resumed_from_step"] == "2"
+    assert second.data.tags["ldmflow.resumed_from_run_id"] == first.info.run_id
+    assert second.data.tags["ldmflow.resumed_from_checkpoint"].endswith("checkpoint-2")
+    assert second.data.tags["ldmflow.last_checkpoint_step"] == "4"
+    history = client.get_metric_history(second.info.run_id, "loss")
+    assert [m.step for m in history] == [3, 4]  # continues at the saved step
+    assert mlflow.active_run() is None

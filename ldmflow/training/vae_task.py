@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
 from ldmflow.data.dataset import image_dataset, pixel_batches
 from ldmflow.data.manifest import Manifest
 from ldmflow.models.architectures import build_vae
+from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.sampling.grids import image_grid, to_pil
 from ldmflow.training.evaluation import psnr, ssim
 from ldmflow.training.saving import publish_files, temporary_folder
@@ -30,8 +32,9 @@ class VaeWithLoss(torch.nn.Module):
         self.vae = vae
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(pixels).latent_dist  # latents (B, 4, H/8, W/8)
-        reconstruction = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W)
+        # Posterior statistics in fp32 even under autocast: the KL sums thousands of terms.
+        posterior = DiagonalGaussianDistribution(self.vae.encode(pixels).latent_dist.parameters.float())
+        reconstruction = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W) from latents (B, 4, H/8, W/8)
         return reconstruction, posterior.kl()  # kl: (B,)
 
 
@@ -46,6 +49,7 @@ class VaeTask:
     def setup(self, accelerator: Accelerator):
         s = self.settings
         vae = build_vae(s.block_out_channels, s.layers_per_block, s.resolution)
+        enable_memory_efficient_attention(vae, s.enable_xformers_memory_efficient_attention)
         self.train_data = image_dataset(self.manifest, s, training=True)
         self.eval_data = image_dataset(self.val_manifest or self.manifest, s, training=False)
         return VaeWithLoss(vae), self.train_data
