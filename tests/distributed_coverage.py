@@ -34,7 +34,7 @@ class Quiet:
 settings = PixelDdpmSettings(manifest_path="unused", output_dir=sys.argv[1], resolution=32, train_batch_size=2,
                              block_out_channels=(32, 32), num_epochs=2, no_mlflow=True)
 accelerator = build_accelerator(settings)
-run = _prepare(settings, Task(), Quiet(), accelerator)
+run = _prepare(settings, Task(), accelerator)
 seen = []
 for epoch in range(2):
     run.dataloader.set_epoch(epoch)

@@ -146,6 +146,11 @@ def test_sample_errors_are_clear(store):
     result = ldmflow(env, "sample", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--condition", "temperature=1",
                      "--output_dir", env["WORKDIR"] + "/bad", ok=False)
     assert result.returncode == 1 and "missing condition" in result.stderr and "wind" in result.stderr
+    result = ldmflow(env, "sample", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--num_inference_steps", "5000",
+                     "--output_dir", env["WORKDIR"] + "/bad", ok=False)
+    assert result.returncode == 1 and "between 1 and the model's 1000 training timesteps" in result.stderr
+    result = ldmflow(env, "pipeline", "--manifest_path", env["WORKDIR"] + "/missing.json", ok=False)
+    assert result.returncode == 1 and "missing.json" in result.stderr and "Traceback" not in result.stderr
     runs = _client().search_runs([_client().get_experiment_by_name("ldmflow").experiment_id])
     assert len(runs) == before and not [r for r in runs if r.info.status == "FAILED"]
     table = Path(env["WORKDIR"]) / "conditions.csv"

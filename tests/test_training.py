@@ -83,6 +83,7 @@ def test_latent_ddpm_layout_and_the_original_sampling_loop(latent_dir, vae_dir):
     vae = AutoencoderKL.from_pretrained(vae_dir)
     unet = UNet2DConditionModel.from_pretrained(latent_dir / "unet")
     scheduler = DDPMScheduler.from_pretrained(latent_dir)
+    assert scheduler.config.clip_sample is False  # latents are not bounded to [-1, 1]
     cond_dim = unet.config.projection_class_embeddings_input_dim or 0
     assert cond_dim == 5 + 3  # value dims + one presence flag per condition (docs/training.md)
     cond = torch.zeros((1, cond_dim)) if cond_dim > 0 else None
@@ -184,6 +185,9 @@ def test_bad_flags_give_clear_errors(data, tmp_path):
     result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--resume_from_checkpoint",
                     str(tmp_path / "checkpoint-9"), "--no_mlflow", expect_ok=False)
     assert result.exit_code == 1 and "not a complete ldmflow checkpoint folder" in result.output
+    result = invoke("legacy-ddpm", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--ddpm_num_steps",
+                    "10", expect_ok=False)
+    assert result.exit_code == 1 and "--preview_inference_steps (25) cannot exceed --ddpm_num_steps (10)" in result.output
 
 
 def test_a_folder_that_is_not_a_vae_is_refused(data, latent_dir, tmp_path):
@@ -278,3 +282,9 @@ def test_a_tracked_resume_is_tagged_with_the_run_and_step_it_continues(data, tmp
     history = client.get_metric_history(second.info.run_id, "loss")
     assert [m.step for m in history] == [3, 4]  # continues at the saved step
     assert mlflow.active_run() is None
+    # a checkpoint of another model size: one clear message, and no failed run left behind
+    other = [a if a != "32,32" else "32,64" for a in common]
+    result = invoke(*other, "--resume_from_checkpoint", "latest", expect_ok=False)
+    assert result.exit_code == 1 and "does not match this model and settings" in result.output
+    assert "size mismatch" in result.output
+    assert len(client.search_runs([experiment.experiment_id])) == 2

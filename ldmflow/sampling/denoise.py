@@ -22,6 +22,14 @@ def make_scheduler(name: str, training_config: dict):
     return SCHEDULERS[name].from_config(training_config)
 
 
+def check_inference_steps(num_inference_steps: int, scheduler_config: dict) -> None:
+    """A clear error instead of diffusers' ValueError deep inside sampling."""
+    limit = int(scheduler_config["num_train_timesteps"])
+    if not 1 <= int(num_inference_steps) <= limit:
+        raise LdmflowError(f"num_inference_steps must be between 1 and the model's {limit} training timesteps, "
+                           f"got {num_inference_steps}.")
+
+
 def initial_noise(shape: tuple[int, ...], seeds: list[int], device, dtype=torch.float32) -> torch.Tensor:
     """(N, C, H, W) noise where image i depends only on seeds[i], so any image can be reproduced alone."""
     noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)), dtype=dtype) for seed in seeds]
@@ -41,6 +49,7 @@ def denoise(model: Denoiser, scheduler, noise: torch.Tensor, num_inference_steps
 
     `generator` (one per image) drives the noise that stochastic schedulers (DDPM) add at each step.
     """
+    check_inference_steps(num_inference_steps, scheduler.config)
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     sample = noise * scheduler.init_noise_sigma
     guided = condition is not None and null_condition is not None and guidance_scale != 1.0

@@ -85,7 +85,7 @@ class LatentSampler:
             condition = null if condition is None else condition
         size = self.unet.config.sample_size
         noise = initial_noise((self.unet.config.in_channels, size, size), seeds, self.unet.device)
-        schedule = make_scheduler(scheduler, self.scheduler_config)
+        schedule = make_scheduler(scheduler, {**self.scheduler_config, "clip_sample": False})  # latents are unbounded
 
         def model(sample, timestep, class_labels):
             return self.unet(sample, timestep, encoder_hidden_states=None, class_labels=class_labels).sample

@@ -12,6 +12,7 @@ from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
 from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame, parse_condition_option,
                                               read_conditions_file)
+from ldmflow.sampling.denoise import check_inference_steps
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 from ldmflow.training.saving import publish_files, temporary_folder
 from ldmflow.training.settings import SampleSettings
@@ -63,7 +64,7 @@ def requested_conditions(settings: SampleSettings, sampler) -> tuple[list[dict] 
         conditions = conditions_from_frame(frame, spec)
         sampler.check_conditions(conditions)  # before any MLflow run opens
         if SEED_COLUMN in frame.columns:
-            seeds = [int(s) if s == s else settings.seed + i for i, s in enumerate(frame[SEED_COLUMN])]
+            seeds = _seeds_column(frame[SEED_COLUMN], settings.seed)
         else:
             seeds = [settings.seed + i for i in range(len(conditions))]
         return conditions, seeds
@@ -75,6 +76,18 @@ def requested_conditions(settings: SampleSettings, sampler) -> tuple[list[dict] 
         sampler.check_conditions([condition])  # before any MLflow run opens
         return [dict(condition) for _ in seeds], seeds
     return None, seeds
+
+
+def _seeds_column(column, default_start: int) -> list[int]:
+    """Integer seeds per row; blank cells get default_start + row."""
+    import pandas as pd
+
+    numbers = pd.to_numeric(column, errors="coerce")
+    bad = [i for i, (raw, number) in enumerate(zip(column, numbers))
+           if (number != number and raw == raw and str(raw).strip()) or (number == number and number != int(number))]
+    if bad:
+        raise LdmflowError(f"--conditions_file: seed must be an integer (rows {bad[:5]}).")
+    return [int(n) if n == n else default_start + i for i, n in enumerate(numbers)]
 
 
 def generate(settings: SampleSettings, sampler, conditions, seeds) -> np.ndarray:
@@ -111,6 +124,7 @@ def run_sampling(settings: SampleSettings) -> Path:
     source = resolve_model_source(settings.model_uri)
     sampler = load_sampler(Path(source.local_dir))
     conditions, seeds = requested_conditions(settings, sampler)
+    check_inference_steps(settings.num_inference_steps, sampler.scheduler_config)  # before any run opens
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with open_run(settings, "sample", enabled=not settings.no_mlflow) as tracker:

@@ -19,7 +19,14 @@ from ldmflow.training.settings import DEFAULT_CONDITION_SPEC, settings_params
 
 logger = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+def project_dir() -> Path:
+    """The ldmflow project (MLproject) to run steps from: the source checkout, or the current directory."""
+    for candidate in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (candidate / "MLproject").is_file():
+            return candidate
+    raise LdmflowError("The pipeline runs the project's MLflow entry points: start it from an ldmflow checkout "
+                       "(the folder with MLproject).")
 CODE_VERSION_TAG = "ldmflow.code_version"
 ENTRY_POINT_TAG = "mlflow.project.entryPoint"
 DATASET_DIGEST_TAG = "dataset_digest"
@@ -58,11 +65,11 @@ class PipelineSettings:
 
 def code_version() -> str:
     """Digest of the code that trains (package, entry points, MLproject): a changed trainer is never reused."""
-    digest = hashlib.sha256()
-    files = sorted((PROJECT_DIR / "ldmflow").rglob("*.py")) + sorted((PROJECT_DIR / "entrypoints").glob("*.py"))
-    for path in files + [PROJECT_DIR / "MLproject"]:
+    digest, root = hashlib.sha256(), project_dir()
+    files = sorted((root / "ldmflow").rglob("*.py")) + sorted((root / "entrypoints").glob("*.py"))
+    for path in files + [root / "MLproject"]:
         if path.is_file():
-            digest.update(str(path.relative_to(PROJECT_DIR)).encode() + b"\0" + path.read_bytes())
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -93,7 +100,7 @@ def _run_step(client, experiment_id: str, entry_point: str, parameters: dict[str
         logger.info("Step %s: reusing finished run %s.", entry_point, previous.info.run_id)
         return previous, True
     logger.info("Step %s: running with %s", entry_point, parameters)
-    submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=parameters,
+    submitted = mlflow.projects.run(str(project_dir()), entry_point=entry_point, parameters=parameters,
                                     env_manager="local", experiment_id=experiment_id, synchronous=True)
     client.set_tag(submitted.run_id, CODE_VERSION_TAG, version)
     return client.get_run(submitted.run_id), False
@@ -120,12 +127,10 @@ def _step_parameters(settings: PipelineSettings) -> tuple[dict, dict, dict]:
     return vae, latent, sample
 
 
-def _sample_conditions(settings: PipelineSettings) -> dict[str, str]:
+def _sample_conditions(settings: PipelineSettings, manifest) -> dict[str, str]:
     """A conditions file spanning the training range, so the sample step shows conditioned images."""
-    from ldmflow.data.manifest import load_manifest
     from ldmflow.sampling.condition_input import spanning_conditions, write_conditions_file
 
-    manifest = load_manifest(settings.manifest_path, condition_spec=settings.condition_spec, verify_images="none")
     if manifest.spec.is_empty:
         return {}
     path = Path(settings.output_root).resolve() / "sample_conditions.csv"
@@ -148,23 +153,26 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
 
     from ldmflow.tracking.store import ensure_experiment, use_tracking_store
 
+    from ldmflow.data.manifest import load_manifest
+
+    # Validate the inputs before the parent run opens, so bad input leaves no failed runs behind.
+    manifest = load_manifest(settings.manifest_path, condition_spec=settings.condition_spec)
+    version = code_version()
     use_tracking_store()
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(settings.experiment_name)
-    client, version = MlflowClient(), code_version()
+    client = MlflowClient()
     vae_params, latent_params, sample_params = _step_parameters(settings)
     with mlflow.start_run(run_id=os.environ.get("MLFLOW_RUN_ID"), experiment_id=experiment_id) as parent:
         existing = client.get_run(parent.info.run_id).data.params
         mlflow.log_params({k: v for k, v in settings.to_params().items() if k not in existing})
         mlflow.set_tags({"ldmflow.stage": "pipeline", CODE_VERSION_TAG: version})
-        if not Path(settings.manifest_path).is_file():
-            raise LdmflowError(f"--manifest_path {settings.manifest_path}: no such file.")
-        digest = hashlib.sha256(Path(settings.manifest_path).read_bytes()).hexdigest()
+        digest = manifest.digest
         vae_run, vae_reused = _run_step(client, experiment_id, "vae", vae_params, version, digest)
         vae_uri = _registered_uri(vae_run, "vae")
         latent_run, latent_reused = _run_step(client, experiment_id, "latent_ddpm",
                                               {**latent_params, "vae_uri": vae_uri}, version, digest)
         unet_uri = _registered_uri(latent_run, "latent_ddpm")
-        sample_params.update(model_uri=unet_uri, **_sample_conditions(settings))
+        sample_params.update(model_uri=unet_uri, **_sample_conditions(settings, manifest))
         sample_run, sample_reused = _run_step(client, experiment_id, "sample", sample_params, version)
         summary = {"vae_run_id": vae_run.info.run_id, "vae_uri": vae_uri, "vae_reused": str(vae_reused),
                    "latent_ddpm_run_id": latent_run.info.run_id, "latent_ddpm_uri": unet_uri,

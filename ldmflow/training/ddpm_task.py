@@ -19,9 +19,9 @@ class DdpmTask:
 
     metric_names: tuple[str, ...] = ()
 
-    def __init__(self, settings: DdpmSettings):
+    def __init__(self, settings: DdpmSettings, clip_sample: bool = True):
         self.settings = settings
-        self.noise_scheduler = build_noise_scheduler(settings)
+        self.noise_scheduler = build_noise_scheduler(settings, clip_sample)
         self.ema: EMAModel | None = None
 
     def after_prepare(self, accelerator: Accelerator, model) -> None:

@@ -12,10 +12,14 @@ from diffusers.training_utils import compute_snr
 from ldmflow.training.settings import DdpmSettings
 
 
-def build_noise_scheduler(settings: DdpmSettings) -> DDPMScheduler:
-    """The training scheduler; saved beside the model so samplers rebuild the same noise schedule."""
+def build_noise_scheduler(settings: DdpmSettings, clip_sample: bool = True) -> DDPMScheduler:
+    """The training scheduler; saved beside the model so samplers rebuild the same noise schedule.
+
+    clip_sample (clipping the predicted clean sample to [-1, 1]) suits pixels only: unit-variance latents
+    have a third of their values outside that range, so the latent trainer turns it off.
+    """
     return DDPMScheduler(num_train_timesteps=settings.ddpm_num_steps, beta_schedule=settings.ddpm_beta_schedule,
-                         prediction_type=settings.prediction_type)
+                         prediction_type=settings.prediction_type, clip_sample=clip_sample)
 
 
 def diffusion_loss(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], clean: torch.Tensor,

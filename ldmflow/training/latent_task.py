@@ -66,7 +66,7 @@ class LatentDdpmTask(DdpmTask):
     """Latent diffusion: VAE encoding (or its cache), condition encoding with dropout, UNet, previews, saving."""
 
     def __init__(self, settings: LatentDdpmSettings, manifest: Manifest, vae_source):
-        super().__init__(settings)
+        super().__init__(settings, clip_sample=False)  # latents are not bounded to [-1, 1]
         self.manifest, self.vae_source = manifest, vae_source
         self.encoder = None if manifest.spec.is_empty else ConditionEncoder(manifest.spec, manifest.stats)
         self.vae = load_vae(vae_source.local_dir, settings.vae_path)  # checked before any MLflow run opens

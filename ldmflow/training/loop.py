@@ -133,9 +133,18 @@ class _Run:
     steps_per_epoch: int
     max_steps: int
     nonfinite_in_a_row: int = 0
+    resumed_tags: dict | None = None  # set by `prepare` when it resumed from a checkpoint
 
 
-def _prepare(settings: TrainSettings, task: Task, tracker: Tracker, accelerator: Accelerator) -> _Run:
+def prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> _Run:
+    """Everything before the first step, resume included, so a bad checkpoint fails before a run is tracked."""
+    run = _prepare(settings, task, accelerator)
+    run.resumed_tags = _resume(settings, accelerator, run.state)
+    task.after_resume(accelerator)
+    return run
+
+
+def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> _Run:
     """Model, data, optimizer and LR schedule prepared by accelerate; the step count is per process."""
     set_seed(settings.seed, device_specific=True)
     model, dataset = task.setup(accelerator)
@@ -153,19 +162,20 @@ def _prepare(settings: TrainSettings, task: Task, tracker: Tracker, accelerator:
     lr_scheduler = accelerator.prepare(get_scheduler(
         settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes))
-    state = TrainingState(run_id=getattr(tracker, "run_id", "") or "")
+    state = TrainingState()
     accelerator.register_for_checkpointing(state)
     task.after_prepare(accelerator, model)
     return _Run(accelerator, model, optimizer, dataloader, dataset, lr_scheduler, state, steps_per_epoch, max_steps)
 
 
-def train(settings: TrainSettings, task: Task, tracker: Tracker,
-          accelerator: Accelerator | None = None) -> dict[str, float]:
-    """Run the whole training and return the final metrics of `task.save`."""
-    run = _prepare(settings, task, tracker, accelerator or build_accelerator(settings))
+def train(settings: TrainSettings, task: Task, tracker: Tracker, accelerator: Accelerator | None = None,
+          prepared: _Run | None = None) -> dict[str, float]:
+    """Run the whole training (after `prepare`, done here if not given) and return `task.save`'s metrics."""
+    run = prepared or prepare(settings, task, accelerator or build_accelerator(settings))
     accelerator, state = run.accelerator, run.state
-    _resume(settings, accelerator, state, tracker)
-    task.after_resume(accelerator)
+    state.run_id = getattr(tracker, "run_id", "") or ""
+    if run.resumed_tags and accelerator.is_main_process:
+        tracker.set_tags(run.resumed_tags)
     num_epochs = math.ceil(run.max_steps / run.steps_per_epoch)
     first_epoch, skip_batches = divmod(state.global_step, run.steps_per_epoch)
     logger.info("Training %d steps (%d epochs of %d steps) on %d process(es), %d images.", run.max_steps,
@@ -260,22 +270,22 @@ def _check_nonfinite(settings: TrainSettings, state: TrainingState, in_a_row: in
             "Lower --learning_rate, check the data, or try --mixed_precision no.")
 
 
-def _resume(settings: TrainSettings, accelerator: Accelerator, state: TrainingState, tracker: Tracker) -> None:
+def _resume(settings: TrainSettings, accelerator: Accelerator, state: TrainingState) -> dict | None:
+    """Load the checkpoint to resume from, if any; returns the tags that say where the run continues from."""
     checkpoint = find_resume_checkpoint(settings.output_dir, settings.resume_from_checkpoint)
     if checkpoint is None:
-        return
-    current_run = state.run_id
+        return None
     try:
         accelerator.load_state(str(checkpoint))
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:
+        lines = str(error).splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line or "Missing key" in line),
+                      lines[0] if lines else type(error).__name__)
         raise LdmflowError(f"Cannot resume from {checkpoint}: it does not match this model and settings "
-                           f"({str(error).splitlines()[0][:300]}).") from None
+                           f"({detail[:300]}). Use the same model size and --use_ema as the run that wrote it.") from None
     logger.info("Resumed from %s at step %d.", checkpoint, state.global_step)
-    if accelerator.is_main_process:
-        tracker.set_tags({"ldmflow.resumed_from_checkpoint": str(checkpoint),
-                          "ldmflow.resumed_from_step": str(state.global_step),
-                          "ldmflow.resumed_from_run_id": state.run_id})
-    state.run_id = current_run
+    return {"ldmflow.resumed_from_checkpoint": str(checkpoint), "ldmflow.resumed_from_step": str(state.global_step),
+            "ldmflow.resumed_from_run_id": state.run_id}
 
 
 def _end_of_epoch(settings, task, accelerator, model, tracker, epoch, step, last_epoch) -> None:

@@ -77,24 +77,23 @@ def run_training(settings: TrainSettings) -> dict[str, float]:
     """Train the model `settings` describes, tracked in MLflow unless --no_mlflow; returns final metrics."""
     from ldmflow.tracking.registry import log_and_register
     from ldmflow.tracking.run_tracker import open_run
-    from ldmflow.training.checkpoints import find_resume_checkpoint
-    from ldmflow.training.loop import build_accelerator, train
+    from ldmflow.training.loop import build_accelerator, prepare, train
 
     stage = STAGES[type(settings)]
     accelerator = build_accelerator(settings)
     is_main = accelerator.is_main_process
     manifest = _load(settings, settings.split, getattr(settings, "condition_spec", "none"))
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
-    find_resume_checkpoint(settings.output_dir, settings.resume_from_checkpoint)  # a bad path fails here
     vae_source = _resolve_vae(settings, accelerator) if isinstance(settings, LatentDdpmSettings) else None
-    task = _build_task(settings, manifest, vae_source)  # loads and checks the VAE before any run opens
+    task = _build_task(settings, manifest, vae_source)
+    prepared = prepare(settings, task, accelerator)  # model, data, resume: bad input fails before a run opens
     with open_run(settings, stage, enabled=is_main and not settings.no_mlflow) as tracker:
         tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
                             name=Path(manifest.path).stem)
         if not manifest.spec.is_empty:
             tracker.log_dict({"condition_spec": str(manifest.spec), "stats": manifest.stats.to_dict(manifest.spec)},
                              "conditioning.json")
-        metrics = train(settings, task, tracker, accelerator)
+        metrics = train(settings, task, tracker, accelerator, prepared)
         if is_main and not settings.no_mlflow:
             registered = log_and_register(
                 stage, settings.output_dir, tracker, registered_model_name=settings.registered_model_name,

@@ -128,6 +128,9 @@ class DdpmSettings(TrainSettings):
         for name in ("num_preview_images", "preview_inference_steps", "ddpm_num_steps"):
             if getattr(self, name) < 1:
                 raise LdmflowError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.preview_inference_steps > self.ddpm_num_steps:
+            raise LdmflowError(f"--preview_inference_steps ({self.preview_inference_steps}) cannot exceed "
+                               f"--ddpm_num_steps ({self.ddpm_num_steps}).")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise LdmflowError(f"--prediction_type must be epsilon or v_prediction, got {self.prediction_type!r}.")
         if len(self.block_out_channels) < 2:

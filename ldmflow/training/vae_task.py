@@ -115,12 +115,14 @@ class VaeTask:
         batch_size = self.settings.train_batch_size
         plain = image_dataset(self.manifest, self.settings, training=False)
         indices = list(range(min(len(plain), batches * batch_size)))[accelerator.process_index::accelerator.num_processes]
-        totals = torch.zeros(3, device=accelerator.device, dtype=torch.float64)  # sum, sum of squares, count
+        totals = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count; float64 on the CPU (MPS has none)
         for pixels in pixel_batches(plain, indices, batch_size):
-            latents = vae.encode(pixels.to(accelerator.device)).latent_dist.sample().double()
-            totals += torch.stack([latents.sum(), (latents**2).sum(),
-                                   torch.tensor(float(latents.numel()), device=accelerator.device)]).double()
-        total, squares, count = accelerator.reduce(totals, reduction="sum").tolist()
+            latents = vae.encode(pixels.to(accelerator.device)).latent_dist.sample().float()  # (B, 4, h, w)
+            partial = torch.stack([latents.sum(), (latents**2).sum()]).cpu().double()
+            totals += torch.cat([partial, torch.tensor([float(latents.numel())], dtype=torch.float64)])
+        if accelerator.num_processes > 1:
+            totals = accelerator.reduce(totals.float().to(accelerator.device), reduction="sum").double().cpu()
+        total, squares, count = totals.tolist()
         variance = squares / count - (total / count) ** 2
         return float(1.0 / max(variance, 1e-12) ** 0.5)
 
