@@ -133,6 +133,18 @@ def test_legacy_ddpm_saves_a_ddpm_pipeline(data, tmp_path):
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
+def test_v_prediction_min_snr_and_gradient_accumulation_train(data, tmp_path, caplog):
+    caplog.set_level("INFO")
+    invoke("legacy-ddpm", "--manifest_path", str(data), "--output_dir", str(tmp_path), *TINY, *TINY_UNET,
+           "--max_train_steps", "3", "--prediction_type", "v_prediction", "--snr_gamma", "5",
+           "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3", "--save_images_epochs", "100")
+    assert "Training 3 steps (1 epochs of 3 steps)" in caplog.text  # 22 images / batch 4 = 5 batches -> 3 steps
+    assert (tmp_path / "checkpoint-3").is_dir()
+    from diffusers import DDPMScheduler
+
+    assert DDPMScheduler.from_pretrained(tmp_path, subfolder="scheduler").config.prediction_type == "v_prediction"
+
+
 def test_train_legacy_ddpm_console_script_has_the_original_flags():
     import subprocess
     import sys
