@@ -280,22 +280,27 @@ def latent_ddpm_folders(folder) -> LatentDdpmFolders:
     conditioning = folder / "conditioning.json"
     vae_dir = folder / "vae"
     if not _looks_like(vae_dir, "vae"):
-        vae_dir = _vae_from_source_file(folder)
+        vae_dir = vae_source_from_file(folder).local_dir
     return LatentDdpmFolders(folder / "unet", vae_dir, folder, conditioning if conditioning.is_file() else None)
 
 
-def _vae_from_source_file(folder: Path) -> Path:
-    """The VAE a training output points to: its recorded local folder, else its URI downloaded again."""
-    source_file = folder / "vae_source.json"
+def vae_source_from_file(folder) -> ModelSource:
+    """The VAE a latent-ddpm output folder records in vae_source.json: its local folder if still there, else
+    its URI downloaded again; with the registry identity that was recorded."""
+    source_file = Path(folder) / "vae_source.json"
     if not source_file.is_file():
         raise LdmflowError(f"{folder} has neither a vae/ folder nor vae_source.json; cannot find its VAE.")
-    source = json.loads(source_file.read_text())
-    local = Path(source.get("vae_path") or "")
-    if source.get("vae_path") and _looks_like(local, "vae"):
-        return local
-    if not source.get("vae_uri"):
-        raise LdmflowError(f"{source_file}: the VAE folder {local} is gone and no vae_uri is recorded.")
-    return find_diffusers_folder(resolve_model_source(source["vae_uri"]).local_dir, "vae")
+    data = json.loads(source_file.read_text())
+    local = Path(data.get("vae_path") or "")
+    if not (data.get("vae_path") and _looks_like(local, "vae")):
+        if not data.get("vae_uri"):
+            raise LdmflowError(f"{source_file}: the VAE folder {local} is gone and no vae_uri is recorded.")
+        local = find_diffusers_folder(resolve_model_source(data["vae_uri"]).local_dir, "vae")
+    version = data.get("vae_model_version")
+    return ModelSource(local_dir=local, uri=data.get("vae_uri") or str(local),
+                       model_name=data.get("vae_model_name") or None, model_version=str(version) if version else None,
+                       run_id=data.get("vae_run_id") or None, model_id=data.get("vae_model_id") or None,
+                       is_registered=bool(data.get("vae_model_name")))
 
 
 def _raise_unless_missing(error: Exception) -> None:

@@ -24,7 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError
-from ldmflow.tracking.model_uri import ModelSource, find_diffusers_folder
+from ldmflow.tracking.model_uri import ModelSource, find_diffusers_folder, vae_source_from_file
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     client = MlflowClient(use_tracking_store())
     tags = {STAGE_VERSION_TAG: stage, "dataset_digest": dataset_digest}
     if stage == "latent_ddpm":
-        vae_source = vae_source or _vae_source_from_file(output_dir)
+        vae_source = vae_source or vae_source_from_file(output_dir)
         tags["condition_spec"] = condition_spec or _recorded_condition_spec(output_dir)
         tags.update(vae_lineage_tags(vae_source))
     elif condition_spec:
@@ -221,21 +221,6 @@ def _package_copy(staging: Path) -> str:
     shutil.copytree(Path(ldmflow.__file__).parent, target,
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
     return str(target)
-
-
-def _vae_source_from_file(output_dir: Path) -> ModelSource:
-    """The VAE recorded by the latent trainer in output_dir/vae_source.json."""
-    path = output_dir / "vae_source.json"
-    if not path.is_file():
-        raise LdmflowError(f"{path} is missing: pass vae_source, or train with ldmflow latent-ddpm.")
-    data = json.loads(path.read_text())
-    local = Path(data.get("vae_path") or "")
-    if not data.get("vae_path") or not local.is_dir():
-        raise LdmflowError(f"{path}: the VAE folder {data.get('vae_path')!r} does not exist any more.")
-    return ModelSource(local_dir=local, uri=data.get("vae_uri") or str(local),
-                       model_name=data.get("vae_model_name") or None, model_version=data.get("vae_model_version")
-                       and str(data["vae_model_version"]), run_id=data.get("vae_run_id") or None,
-                       model_id=data.get("vae_model_id") or None, is_registered=bool(data.get("vae_model_name")))
 
 
 def _recorded_condition_spec(output_dir: Path) -> str:
