@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -13,7 +12,7 @@ from ldmflow.errors import LdmflowError
 
 from ldmflow.data import DEFAULT_CONDITION_SPEC
 
-IMAGE_FORMATS = ("png", "png16", "tiff16", "tiff32")
+IMAGE_FORMATS = ("png", "png16", "tiff16", "tiff32")  # = image_io.IMAGE_FORMATS, kept here so --help stays fast
 
 
 class _Command(click.Command):

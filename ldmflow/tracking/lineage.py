@@ -7,6 +7,7 @@ The sample command tags its runs with `sample_run_tags(source)` so they show up 
 from __future__ import annotations
 
 from ldmflow.errors import LdmflowError
+from ldmflow.tracking.store import filter_value
 
 SAMPLE_MODEL_URI_TAG = "ldmflow.model_uri"
 SAMPLE_MODEL_NAME_TAG = "ldmflow.model_name"
@@ -65,9 +66,10 @@ def _unets_from_vae(client, vae_version) -> list[dict]:
     from ldmflow.tracking.model_uri import version_model_id
 
     if vae_version.run_id:
-        query = f"tags.vae_run_id = '{vae_version.run_id}'"
+        query = f"tags.vae_run_id = {filter_value(vae_version.run_id)}"
     else:
-        query = f"tags.vae_model_name = '{vae_version.name}' AND tags.vae_model_version = '{vae_version.version}'"
+        query = (f"tags.vae_model_name = {filter_value(vae_version.name)} "
+                 f"AND tags.vae_model_version = {filter_value(vae_version.version)}")
     versions = _all_pages(lambda token: client.search_model_versions(filter_string=query, max_results=_PAGE,
                                                                      page_token=token))
     return [{"name": v.name, "version": str(v.version), "run_id": v.run_id or "",
@@ -76,9 +78,10 @@ def _unets_from_vae(client, vae_version) -> list[dict]:
 
 def _sample_runs(client, name: str, version: str, model_id: str | None) -> list[str]:
     """Ids of runs tagged as sampled from this version (by name+version, or by its logged model id)."""
-    queries = [f"tags.`{SAMPLE_MODEL_NAME_TAG}` = '{name}' AND tags.`{SAMPLE_MODEL_VERSION_TAG}` = '{version}'"]
+    queries = [f"tags.`{SAMPLE_MODEL_NAME_TAG}` = {filter_value(name)} "
+               f"AND tags.`{SAMPLE_MODEL_VERSION_TAG}` = {filter_value(version)}"]
     if model_id:
-        queries.append(f"tags.`{SAMPLE_MODEL_ID_TAG}` = '{model_id}'")
+        queries.append(f"tags.`{SAMPLE_MODEL_ID_TAG}` = {filter_value(model_id)}")
     run_ids: list[str] = []
     for query in queries:
         for run in _search_runs(client, query):
@@ -143,7 +146,7 @@ def list_models() -> list[dict]:
     versions = []
     for stage in STAGES:
         versions += _all_pages(lambda token, stage=stage: client.search_model_versions(
-            filter_string=f"tags.stage = '{stage}'", max_results=_PAGE, page_token=token))
+            filter_string=f"tags.stage = {filter_value(stage)}", max_results=_PAGE, page_token=token))
     runs = _runs_by_id(client, sorted({v.run_id for v in versions if v.run_id}))
     aliases = _aliases_by_version(client, sorted({v.name for v in versions}))
     rows = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ldmflow.errors import LdmflowError
+from ldmflow.tracking.store import filter_value
 
 ACCEPTED_FORMS = ("a local folder, runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> "
                   "or models:/<model_id>")
@@ -123,7 +124,7 @@ def registered_version(client, name: str, version: str | None, alias: str | None
 def _version_numbers(client, name: str) -> list[int]:
     versions, token = [], None
     while True:
-        page = client.search_model_versions(filter_string=f"name = {_quote(name)}", max_results=1000,
+        page = client.search_model_versions(filter_string=f"name = {filter_value(name)}", max_results=1000,
                                             page_token=token)
         versions += [int(v.version) for v in page]
         token = page.token
@@ -166,7 +167,7 @@ def _registered_version_of(client, model_id: str | None, run_id: str | None):
     """A registered version made from this logged model, found through its run (None if never registered)."""
     if not model_id or not run_id:
         return None
-    for version in client.search_model_versions(filter_string=f"run_id = {_quote(run_id)}"):
+    for version in client.search_model_versions(filter_string=f"run_id = {filter_value(run_id)}"):
         if version_model_id(version) == model_id:
             return version
     return None
@@ -199,7 +200,7 @@ def _resolve_runs_uri(uri: str, dst_dir) -> ModelSource:
         raise LdmflowError(f"Run {run_id!r} does not exist (from {uri!r}).") from None
     top = path.strip("/").split("/")[0]
     logged = client.search_logged_models(experiment_ids=[run.info.experiment_id], max_results=100,
-                                         filter_string=f"source_run_id = {_quote(run_id)}")
+                                         filter_string=f"source_run_id = {filter_value(run_id)}")
     model_id = next((m.model_id for m in logged if m.name == top), None)
     try:
         local = _download(uri, dst_dir)
@@ -307,10 +308,6 @@ def _raise_unless_missing(error: Exception) -> None:
     """A lookup error that is not 'no such thing' (server down, auth...) must not read as 'does not exist'."""
     if getattr(error, "error_code", None) not in _NOT_FOUND_CODES:
         raise LdmflowError(f"MLflow request failed: {str(error).splitlines()[0][:300]}") from None
-
-
-def _quote(value: str) -> str:
-    return f'"{value}"' if "'" in value else f"'{value}'"
 
 
 def _listing(items: list[str]) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError
+from ldmflow.tracking.store import filter_value
 from ldmflow.training.run import REGISTERED_URI_TAG
 from ldmflow.training.settings import DEFAULT_CONDITION_SPEC, settings_params
 
@@ -73,18 +74,14 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def _quote(value: str) -> str:
-    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def find_reusable_run(client, experiment_id: str, entry_point: str, parameters: dict[str, str], version: str,
                       dataset_digest: str | None = None):
     """The newest finished run of `entry_point` with exactly these params, code version and data, else None."""
-    clauses = [f"tags.`{ENTRY_POINT_TAG}` = {_quote(entry_point)}", "attributes.status = 'FINISHED'",
-               f"tags.`{CODE_VERSION_TAG}` = {_quote(version)}"]
+    clauses = [f"tags.`{ENTRY_POINT_TAG}` = {filter_value(entry_point)}", "attributes.status = 'FINISHED'",
+               f"tags.`{CODE_VERSION_TAG}` = {filter_value(version)}"]
     if dataset_digest:  # the manifest's content, not just its path
-        clauses.append(f"tags.`{DATASET_DIGEST_TAG}` = {_quote(dataset_digest)}")
-    clauses += [f"params.`{key}` = {_quote(value)}" for key, value in sorted(parameters.items())]
+        clauses.append(f"tags.`{DATASET_DIGEST_TAG}` = {filter_value(dataset_digest)}")
+    clauses += [f"params.`{key}` = {filter_value(value)}" for key, value in sorted(parameters.items())]
     runs = client.search_runs([experiment_id], filter_string=" and ".join(clauses),
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None

@@ -32,8 +32,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from ldmflow.errors import LdmflowError
+from ldmflow.sampling.condition_input import SEED_COLUMN
 
-SEED_COLUMN = "seed"
 IMAGE_COLUMN = "image"
 LATENT_COLUMN = "latent"
 

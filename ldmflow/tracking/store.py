@@ -114,3 +114,9 @@ def _artifact_location(uri: str, name: str) -> str | None:
         return None
     folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
     return (db_path.parent / ARTIFACTS_DIR_NAME / folder).as_uri()
+
+
+def filter_value(value) -> str:
+    """A string literal for an MLflow `filter_string` (double quotes when the value holds a single quote)."""
+    text = str(value)
+    return f'"{text}"' if "'" in text else f"'{text}'"
