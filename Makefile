@@ -8,13 +8,13 @@ BIN := $(abspath $(VENV))/bin
 STORE := sqlite:///$(abspath .)/mlflow.db
 PYTEST_ARGS ?= -q
 # Demo sizes: a few minutes on a 2-core CPU. Real runs use the entry points' defaults (256 px, 50 epochs).
-DEMO_PARAMS ?= -P resolution=64 -P train_batch_size=8 -P vae_epochs=25 -P ddpm_epochs=300 \
-	-P vae_block_out_channels=32,32,64,64 -P unet_block_out_channels=64,64 -P layers_per_block=1 \
+DEMO_PARAMS ?= -P resolution=64 -P vae_train_batch_size=8 -P ddpm_train_batch_size=8 -P vae_epochs=25 \
+	-P ddpm_epochs=300 -P vae_block_out_channels=32,32,64,64 -P ddpm_block_out_channels=64,64 -P layers_per_block=1 \
 	-P num_images=8 -P learning_rate=0.001 -P lr_warmup_steps=20 -P save_images_epochs=25 -P kl_weight=0.000001
 
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test clean
+.PHONY: install demo test mlproject clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# MLproject is generated from ldmflow/settings.py (tests fail when it is out of date).
+mlproject: install
+	$(BIN)/python -m ldmflow.projects > MLproject.tmp && mv MLproject.tmp MLproject
 
 clean:
 	rm -rf $(DEMO_DIR) outputs mlflow.db mlartifacts .pytest_cache

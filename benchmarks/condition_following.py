@@ -57,7 +57,7 @@ def main() -> None:
     from pathlib import Path
 
     from ldmflow.data.demo import probe_conditions
-    from ldmflow.sampling.run import load_sampler
+    from ldmflow.workflows.sample import load_sampler
     from ldmflow.tracking.model_uri import resolve_model_source
 
     sampler = load_sampler(Path(resolve_model_source(args.model).local_dir))

@@ -25,9 +25,9 @@ class _Quiet:
 
 
 def _settings(manifest: Path, output: Path, steps: int, args):
-    from ldmflow.training.settings import PixelDdpmSettings
+    from ldmflow.settings import LegacyDdpmSettings
 
-    return PixelDdpmSettings(
+    return LegacyDdpmSettings(
         manifest_path=str(manifest), output_dir=str(output), resolution=args.resolution,
         train_batch_size=args.batch_size, max_train_steps=steps, lr_warmup_steps=0, layers_per_block=1,
         block_out_channels=tuple(int(c) for c in args.channels.split(",")), checkpointing_steps=10**9,
@@ -37,13 +37,13 @@ def _settings(manifest: Path, output: Path, steps: int, args):
 
 def time_trainer(manifest: Path, workdir: Path, steps: int, args) -> float:
     from ldmflow.data.manifest import load_manifest
-    from ldmflow.training.loop import train
-    from ldmflow.training.pixel_task import PixelDdpmTask
+    from ldmflow.training.legacy_task import LegacyDdpmTask
+    from ldmflow.training.loop import build_accelerator, prepare, train
 
     settings = _settings(manifest, workdir / f"trainer-{steps}", steps, args)
-    task = PixelDdpmTask(settings, load_manifest(manifest, condition_spec="none"))
+    task = LegacyDdpmTask(settings, load_manifest(manifest, condition_spec="none"))
     started = time.perf_counter()
-    train(settings, task, _Quiet())
+    train(settings, task, _Quiet(), prepare(settings, task, build_accelerator(settings)))
     return time.perf_counter() - started
 
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from ldmflow.tracking.projects import run_entry_point
+from ldmflow.projects import run_entry_point
 
 if __name__ == "__main__":
     run_entry_point("pipeline", sys.argv[1:])

@@ -5,8 +5,9 @@ import sys
 
 import torch
 
+from ldmflow.settings import LegacyDdpmSettings
 from ldmflow.training.loop import _prepare, build_accelerator
-from ldmflow.training.settings import PixelDdpmSettings
+from ldmflow.training.task import Task
 
 
 class IndexData(torch.utils.data.Dataset):
@@ -17,24 +18,19 @@ class IndexData(torch.utils.data.Dataset):
         return {"index": index}
 
 
-class Task:
-    metric_names = ()
-
+class IndexTask(Task):
     def setup(self, accelerator):
         return torch.nn.Linear(1, 1), IndexData()
-
-    def after_prepare(self, accelerator, model):
-        pass
 
 
 class Quiet:
     run_id = ""
 
 
-settings = PixelDdpmSettings(manifest_path="unused", output_dir=sys.argv[1], resolution=32, train_batch_size=2,
+settings = LegacyDdpmSettings(manifest_path="unused", output_dir=sys.argv[1], resolution=32, train_batch_size=2,
                              block_out_channels=(32, 32), num_epochs=2, no_mlflow=True)
 accelerator = build_accelerator(settings)
-run = _prepare(settings, Task(), accelerator)
+run = _prepare(settings, IndexTask(), accelerator)
 seen = []
 for epoch in range(2):
     run.dataloader.set_epoch(epoch)

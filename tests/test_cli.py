@@ -32,13 +32,6 @@ def test_help_imports_no_torch_diffusers_or_mlflow():
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_the_cli_offers_exactly_the_image_formats_image_io_writes():
-    from ldmflow.cli import IMAGE_FORMATS
-    from ldmflow.data import image_io
-
-    assert IMAGE_FORMATS == image_io.IMAGE_FORMATS
-
-
 def test_python_dash_m_and_the_console_script_agree():
     result = subprocess.run([sys.executable, "-m", "ldmflow", "--help"], capture_output=True, text=True, check=True)
     assert "latent-ddpm" in result.stdout

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from ldmflow.data.conditions import (
-    DEFAULT_CONDITION_SPEC,
     ConditionSpec,
     ConditionStats,
     compute_condition_stats,
     extract_conditions,
 )
 from ldmflow.errors import LdmflowError
+from ldmflow.settings import DEFAULT_CONDITION_SPEC
 
 LABEL = "entry 7 (renders/a.png)"
 
@@ -171,11 +171,15 @@ def test_stats_dict_round_trip_and_validation():
         stats.to_dict("a:1,b:1")
 
 
-def test_normalize_keeps_absent_conditions_at_zero():
-    spec = ConditionSpec.parse("temperature:1,wind:2")
-    stats = ConditionStats(mean=(10.0, 0.0, 1.0), std=(5.0, 2.0, 2.0))
-    values = np.array([[20.0, 0.0, 0.0], [0.0, 4.0, 5.0]], dtype=np.float32)
-    present = np.array([[True, False], [False, True]])
-    normalised = stats.normalize(values, present, spec)
-    np.testing.assert_allclose(normalised, [[2.0, 0.0, 0.0], [0.0, 2.0, 2.0]])
-    assert normalised.dtype == np.float32
+def test_encoder_normalises_and_keeps_absent_conditions_at_zero():
+    import torch
+
+    from ldmflow.models.conditioning import ConditionEncoder
+
+    encoder = ConditionEncoder(ConditionSpec.parse("temperature:1,wind:2"),
+                               ConditionStats(mean=(10.0, 0.0, 1.0), std=(5.0, 2.0, 2.0)))
+    values = torch.tensor([[20.0, 0.0, 0.0], [0.0, 4.0, 5.0]])
+    present = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    encoded = encoder.encode(values, present)  # normalised values, then one presence flag per condition
+    np.testing.assert_allclose(encoded.numpy(), [[2.0, 0.0, 0.0, 1.0, 0.0], [0.0, 2.0, 2.0, 0.0, 1.0]])
+    assert encoded.dtype == torch.float32

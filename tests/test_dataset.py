@@ -101,7 +101,7 @@ def test_file_corrupted_after_loading_is_substituted(tmp_path, caplog):
     assert items[0]["conditions"][0] == 2.0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(paths[1]) in warnings[0]
-    assert dataset.unreadable_count == 1
+    assert len(dataset.unreadable_paths) == 1
 
 
 def test_every_file_unreadable_raises(tmp_path):
@@ -111,7 +111,7 @@ def test_every_file_unreadable_raises(tmp_path):
     dataset = ManifestImageDataset([_record(i, p) for i, p in enumerate(paths)], resolution=8)
     with pytest.raises(LdmflowError, match="None of the 2 images"):
         dataset[0]
-    assert dataset.unreadable_count == 2
+    assert len(dataset.unreadable_paths) == 2
 
 
 def test_empty_records_rejected():

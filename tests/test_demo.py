@@ -12,8 +12,9 @@ from ldmflow.data.demo import (
     probe_conditions,
     render_demo_image,
 )
-from ldmflow.data.image_io import IMAGE_FORMATS, read_image
+from ldmflow.data.image_io import read_image
 from ldmflow.errors import LdmflowError
+from ldmflow.settings import IMAGE_FORMATS
 
 
 def _rank_correlation(a, b) -> float:

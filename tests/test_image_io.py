@@ -4,7 +4,6 @@ import tifffile
 from PIL import Image
 
 from ldmflow.data.image_io import (
-    IMAGE_FORMATS,
     UnreadableImageError,
     encode_png16,
     extension_for,
@@ -13,6 +12,7 @@ from ldmflow.data.image_io import (
     write_image,
 )
 from ldmflow.errors import LdmflowError
+from ldmflow.settings import IMAGE_FORMATS
 
 
 def _random_image(height=12, width=20, seed=0) -> np.ndarray:

@@ -91,8 +91,8 @@ def test_runs_log_params_metrics_previews_and_conditions(store):
     client = _client()
     unet = client.get_model_version("ldmflow-latent-ddpm", "1")
     run = client.get_run(unet.run_id)
-    assert run.data.params["vae_uri"] == "models:/ldmflow-vae/1"  # from `-P`, not logged twice
-    assert run.data.params["vae_path"] == "models:/ldmflow-vae/1"
+    assert run.data.params["vae_uri"] == "models:/ldmflow-vae/1"  # from `-P`, one name for the VAE
+    assert "vae_path" not in run.data.params
     assert run.data.params["condition_spec"] == "temperature:1,wind:3,wind_mag:1"
     assert {"loss", "lr", "grad_norm", "images_per_second", "nonfinite_steps"} <= set(run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -109,7 +109,7 @@ def test_lineage_json_and_models_listing(store):
     vae = client.get_model_version("ldmflow-vae", "1")
     assert chain["vae"]["name"] == "ldmflow-vae" and str(chain["vae"]["version"]) == "1"
     assert chain["vae"]["run_id"] == vae.run_id
-    assert chain["unet"]["run_id"] == client.get_model_version("ldmflow-latent-ddpm", "1").run_id
+    assert chain["ddpm"]["run_id"] == client.get_model_version("ldmflow-latent-ddpm", "1").run_id
     assert len(chain["samples"]) == 1
     sample_run = client.get_run(chain["samples"][0])
     assert sample_run.data.tags["ldmflow.model_uri"] == "models:/ldmflow-latent-ddpm/1"
@@ -163,9 +163,9 @@ def test_sample_errors_are_clear(store):
 def test_pipeline_runs_children_under_one_parent_and_reuses_them(store):
     env, manifest = store
     params = ["-P", f"manifest_path={manifest}", "-P", f"output_root={env['WORKDIR']}/pipeline", "-P",
-              "resolution=32", "-P", "vae_block_out_channels=16,16,16,16", "-P", "unet_block_out_channels=32,32",
+              "resolution=32", "-P", "vae_block_out_channels=16,16,16,16", "-P", "ddpm_block_out_channels=32,32",
               "-P", "layers_per_block=1", "-P", "vae_epochs=1", "-P", "ddpm_epochs=1", "-P", "num_images=2",
-              "-P", "train_batch_size=4", "-P", "lr_warmup_steps=0", "-P", "num_inference_steps=2"]
+              "-P", "vae_train_batch_size=4", "-P", "ddpm_train_batch_size=4", "-P", "lr_warmup_steps=0", "-P", "num_inference_steps=2"]
     first = mlflow_run(env, "pipeline", *params)
     second = mlflow_run(env, "pipeline", *params)
     assert "reusing finished run" not in first.stderr

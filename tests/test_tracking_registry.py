@@ -230,15 +230,15 @@ def test_lineage_of_a_latent_ddpm(env):
     assert result["dataset_digest"] == DIGEST
     assert result["vae"] == {"name": "ldmflow-vae", "version": "1", "run_id": env["vae"].run_id,
                              "uri": "models:/ldmflow-vae@champion"}
-    assert result["unet"] == {"name": "ldmflow-latent-ddpm", "version": "1", "run_id": env["ldm"].run_id}
+    assert result["ddpm"] == {"name": "ldmflow-latent-ddpm", "version": "1", "run_id": env["ldm"].run_id}
     assert sorted(result["samples"]) == sorted(env["samples"])
     assert format_lineage(result) == (f"dataset {DIGEST[:12]} -> ldmflow-vae v1 (run {env['vae'].run_id[:8]}) -> "
                                       f"ldmflow-latent-ddpm v1 (run {env['ldm'].run_id[:8]}) -> 2 sample runs")
 
 
-def test_lineage_of_a_vae_lists_the_unets_trained_on_it(env):
+def test_lineage_of_a_vae_lists_the_latent_ddpms_trained_on_it(env):
     result = lineage("models:/ldmflow-vae@champion")
-    assert [(u["name"], u["version"]) for u in result["unets"]] == [("ldmflow-latent-ddpm", "1")]
+    assert [(u["name"], u["version"]) for u in result["latent_ddpms"]] == [("ldmflow-latent-ddpm", "1")]
     assert sorted(result["samples"]) == sorted(env["samples"])
     assert format_lineage(result).endswith("ldmflow-latent-ddpm v1 (run " + env["ldm"].run_id[:8] + ") -> 2 sample runs")
 

@@ -16,9 +16,9 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from ldmflow.errors import LdmflowError
+from ldmflow.settings import VaeSettings
 from ldmflow.tracking import store
 from ldmflow.tracking.run_tracker import PENDING_FILE, NullTracker, RunTracker, open_run, replay_pending
-from ldmflow.training.settings import VaeSettings
 
 
 @pytest.fixture(autouse=True)

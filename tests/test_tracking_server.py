@@ -20,10 +20,10 @@ from diffusers import AutoencoderKL
 from mlflow import MlflowClient
 from PIL import Image
 
+from ldmflow.settings import VaeSettings
 from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
 from ldmflow.tracking.registry import log_and_register
 from ldmflow.tracking.run_tracker import PENDING_FILE, open_run, replay_pending
-from ldmflow.training.settings import VaeSettings
 
 DIGEST = "feedface" * 8
 

@@ -116,7 +116,7 @@ def test_latent_sampler_follows_the_saved_condition_layout(latent_dir):
 def test_unconditional_latent_model_has_no_class_embedding(data, vae_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    invoke("latent-ddpm", "--manifest_path", str(data), "--vae_path", str(vae_dir), "--output_dir", str(tmp_path),
+    invoke("latent-ddpm", "--manifest_path", str(data), "--vae_uri", str(vae_dir), "--output_dir", str(tmp_path),
            *TINY, *TINY_UNET, "--max_train_steps", "2", "--condition_spec", "none", "--cache_latents",
            "--random_flip")
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
@@ -162,7 +162,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_a_kill_continues_exactly(data, vae_dir, tmp_path):
-    common = ["--manifest_path", str(data), "--vae_path", str(vae_dir), *TINY, *TINY_UNET, "--max_train_steps",
+    common = ["--manifest_path", str(data), "--vae_uri", str(vae_dir), *TINY, *TINY_UNET, "--max_train_steps",
               "6", "--checkpointing_steps", "2", "--save_images_epochs", "100", "--random_flip", "--use_ema"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     invoke("latent-ddpm", *common, "--output_dir", str(straight))
@@ -203,14 +203,14 @@ def test_bad_flags_give_clear_errors(data, tmp_path):
 
 
 def test_a_folder_that_is_not_a_vae_is_refused(data, latent_dir, tmp_path):
-    result = invoke("latent-ddpm", "--manifest_path", str(data), "--vae_path", str(latent_dir / "unet"),
+    result = invoke("latent-ddpm", "--manifest_path", str(data), "--vae_uri", str(latent_dir / "unet"),
                     "--output_dir", str(tmp_path / "out"), *TINY, *TINY_UNET, expect_ok=False)
     assert result.exit_code == 1
     assert "is not a vae model" in result.output or "not a diffusers AutoencoderKL folder" in result.output
 
 
 def test_condition_spec_mismatch_names_the_entry(data, vae_dir, tmp_path):
-    result = invoke("latent-ddpm", "--manifest_path", str(data), "--vae_path", str(vae_dir), "--output_dir",
+    result = invoke("latent-ddpm", "--manifest_path", str(data), "--vae_uri", str(vae_dir), "--output_dir",
                     str(tmp_path), *TINY, *TINY_UNET, "--condition_spec", "temperature:1,wind:2", expect_ok=False)
     assert result.exit_code == 1 and "wind" in result.output and "entry" in result.output
 
@@ -228,11 +228,11 @@ def test_xformers_request_falls_back_to_sdpa_and_fp16_to_fp32_on_cpu(data, tmp_p
 def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(data, tmp_path):
     from ldmflow.data.manifest import load_manifest
     from ldmflow.errors import LdmflowError
-    from ldmflow.training.loop import train
-    from ldmflow.training.pixel_task import PixelDdpmTask
-    from ldmflow.training.settings import PixelDdpmSettings
+    from ldmflow.settings import LegacyDdpmSettings
+    from ldmflow.training.legacy_task import LegacyDdpmTask
+    from ldmflow.training.loop import build_accelerator, prepare, train
 
-    class Diverging(PixelDdpmTask):
+    class Diverging(LegacyDdpmTask):
         """Finite for two optimizer steps, then NaN forever."""
         calls = 0
 
@@ -249,14 +249,14 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(dat
         def log_image(self, image, key, step): pass
         def set_tags(self, tags): pass
 
-    settings = PixelDdpmSettings(manifest_path=str(data), output_dir=str(tmp_path), resolution=32,
+    settings = LegacyDdpmSettings(manifest_path=str(data), output_dir=str(tmp_path), resolution=32,
                                  train_batch_size=4, block_out_channels=(32, 32), layers_per_block=1,
                                  lr_warmup_steps=0, checkpointing_steps=2, logging_steps=1, max_nonfinite_steps=3,
                                  max_train_steps=20, no_mlflow=True)
     task = Diverging(settings, load_manifest(data, condition_spec="none"))
     with pytest.raises(LdmflowError, match=r"3 non-finite losses in a row at step 5; the last good checkpoint is "
                                            r".*checkpoint-4"):
-        train(settings, task, Recorder())
+        train(settings, task, Recorder(), prepare(settings, task, build_accelerator(settings)))
     assert (tmp_path / "checkpoint-2").is_dir()
     logged = dict(Recorder.metrics)
     assert logged[3]["nonfinite_steps"] == 1 and logged[2]["nonfinite_steps"] == 0

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldmflow.data.conditions import DEFAULT_CONDITION_SPEC, ConditionSpec
+from ldmflow.data.conditions import ConditionSpec
 from ldmflow.data.manifest import ManifestReport, load_manifest
+from ldmflow.settings import CheckManifestSettings
 
 
 def check_manifest(
     manifest_path: str | Path,
-    split: str | None = "train",
-    condition_spec: str | ConditionSpec = DEFAULT_CONDITION_SPEC,
+    split: str | None = CheckManifestSettings.split,
+    condition_spec: str | ConditionSpec = CheckManifestSettings.condition_spec,
     data_root: str | Path | None = None,
     allow_outside_root: bool = False,
 ) -> dict:

@@ -13,7 +13,6 @@ import numpy as np
 
 from ldmflow.errors import LdmflowError
 
-from ldmflow.data import DEFAULT_CONDITION_SPEC  # noqa: F401  (re-exported)
 
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VECTOR_SPLIT_RE = re.compile(r"[,\s;]+")
@@ -228,14 +227,6 @@ class ConditionStats:
             mean.extend(float(v) for v in m)
             std.extend(float(v) for v in s)
         return cls(tuple(mean), tuple(std))
-
-    def normalize(self, values: np.ndarray, present: np.ndarray, spec: ConditionSpec | str) -> np.ndarray:
-        """``(values - mean) / std`` with absent conditions left at 0 (the mean), for (..., value_dim) arrays."""
-        spec = ConditionSpec.parse(spec)
-        self._check_length(spec)
-        normalised = (np.asarray(values, np.float32) - np.float32(self.mean)) / np.float32(self.std)
-        mask = np.repeat(np.asarray(present, bool), spec.dims, axis=-1)  # (..., value_dim)
-        return np.where(mask, normalised, np.float32(0.0)).astype(np.float32)
 
     def _check_length(self, spec: ConditionSpec) -> None:
         if len(self.mean) != spec.value_dim or len(self.std) != spec.value_dim:

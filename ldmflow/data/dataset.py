@@ -45,8 +45,8 @@ def crop_square(image: torch.Tensor, size: int, random: bool) -> torch.Tensor:
 class ManifestImageDataset(torch.utils.data.Dataset):
     """Images and condition vectors of manifest records, as training batches expect them.
 
-    A file that fails to decode is warned about once (by path), counted in ``unreadable_count`` (distinct
-    files, per process: each DataLoader worker keeps its own count) and replaced by the next readable record in
+    A file that fails to decode is warned about once (by path), remembered in ``unreadable_paths`` (per
+    process: each DataLoader worker keeps its own set) and replaced by the next readable record in
     index order, so an epoch never crashes on one bad file. The returned ``index`` is the record actually used.
     """
 
@@ -67,8 +67,7 @@ class ManifestImageDataset(torch.utils.data.Dataset):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.preserve_input_precision = preserve_input_precision
-        self.unreadable_count = 0
-        self._unreadable_paths: set[str] = set()
+        self.unreadable_paths: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -93,13 +92,12 @@ class ManifestImageDataset(torch.utils.data.Dataset):
     def _load(self, index: int) -> np.ndarray | None:
         """The decoded (H, W, 3) image, or None (warned once per path) when it cannot be decoded."""
         path = str(self.records[index].image_path)
-        if path in self._unreadable_paths:
+        if path in self.unreadable_paths:
             return None
         try:
             return read_image(path, preserve_precision=self.preserve_input_precision)
         except UnreadableImageError as exc:
-            self._unreadable_paths.add(path)
-            self.unreadable_count += 1
+            self.unreadable_paths.add(path)
             logger.warning("Skipping unreadable image %s (%s); using the next readable one instead.", path, exc.reason)
             return None
 

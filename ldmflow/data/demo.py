@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ldmflow.data.image_io import IMAGE_FORMATS, extension_for, write_image
+from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
+from ldmflow.settings import IMAGE_FORMATS, DemoDataSettings
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +127,11 @@ def _demo_entry(index: int, split: str, rng: np.random.Generator) -> tuple[dict,
 
 def make_demo_dataset(
     output_dir: str | Path,
-    num_images: int = 64,
-    resolution: int = 64,
-    image_format: str = "png",
-    seed: int = 0,
-    val_fraction: float = 0.1,
+    num_images: int = DemoDataSettings.num_images,
+    resolution: int = DemoDataSettings.resolution,
+    image_format: str = DemoDataSettings.image_format,
+    seed: int = DemoDataSettings.seed,
+    val_fraction: float = DemoDataSettings.val_fraction,
 ) -> Path:
     """Write ``output_dir/images/NNNNN.<ext>`` and ``output_dir/manifest.json``; returns the manifest path.
 

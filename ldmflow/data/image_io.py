@@ -19,10 +19,10 @@ import tifffile
 from PIL import Image
 
 from ldmflow.errors import LdmflowError
+from ldmflow.settings import IMAGE_FORMATS
 
 logger = logging.getLogger(__name__)
 
-IMAGE_FORMATS = ("png", "png16", "tiff16", "tiff32")
 _EXTENSIONS = {"png": ".png", "png16": ".png", "tiff16": ".tiff", "tiff32": ".tiff"}
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

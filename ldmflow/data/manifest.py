@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from ldmflow.data.conditions import (
-    DEFAULT_CONDITION_SPEC,
     ConditionSpec,
     ConditionStats,
     ConditionValues,
@@ -26,6 +25,7 @@ from ldmflow.data.conditions import (
 )
 from ldmflow.data.image_io import UnreadableImageError, probe_readable, read_image
 from ldmflow.errors import LdmflowError
+from ldmflow.settings import DEFAULT_CONDITION_SPEC
 
 logger = logging.getLogger(__name__)
 

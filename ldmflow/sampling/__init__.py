@@ -1,1 +1,1 @@
-"""Sampling: a pure denoising loop, the latent and pixel samplers built on it, condition input, grids."""
+"""Sampling: a pure denoising loop, the latent and legacy samplers built on it, condition input, grids."""

@@ -44,16 +44,16 @@ def lineage(model_uri: str) -> dict:
     tags = dict(found.tags or {})
     stage = tags.get("stage", "")
     me = {"name": found.name, "version": str(found.version), "run_id": found.run_id or ""}
-    result = {"stage": stage, "dataset_digest": tags.get("dataset_digest", ""), "vae": None, "unet": None,
-              "unets": [], "samples": []}
+    result = {"stage": stage, "dataset_digest": tags.get("dataset_digest", ""), "vae": None, "ddpm": None,
+              "latent_ddpms": [], "samples": []}
     if stage == "vae":
         result["vae"] = {**me, "uri": f"models:/{found.name}/{found.version}"}
-        for unet in _unets_from_vae(client, found):
-            unet["samples"] = _sample_runs(client, unet["name"], unet["version"], unet.pop("model_id"))
-            result["unets"].append(unet)
-            result["samples"] += unet["samples"]
+        for ddpm in _latent_ddpms_from_vae(client, found):
+            ddpm["samples"] = _sample_runs(client, ddpm["name"], ddpm["version"], ddpm.pop("model_id"))
+            result["latent_ddpms"].append(ddpm)
+            result["samples"] += ddpm["samples"]
         return result
-    result["unet"] = me
+    result["ddpm"] = me
     result["samples"] = _sample_runs(client, found.name, str(found.version), version_model_id(found))
     if stage == "latent_ddpm":
         result["vae"] = {"name": tags.get("vae_model_name", ""), "version": tags.get("vae_model_version", ""),
@@ -61,7 +61,7 @@ def lineage(model_uri: str) -> dict:
     return result
 
 
-def _unets_from_vae(client, vae_version) -> list[dict]:
+def _latent_ddpms_from_vae(client, vae_version) -> list[dict]:
     """Registered latent DDPM versions whose lineage tags point at this VAE version."""
     from ldmflow.tracking.model_uri import version_model_id
 
@@ -123,12 +123,12 @@ def format_lineage(d: dict) -> str:
         else:
             head += f" -> vae {vae.get('uri') or '?'}"
     if d.get("stage") == "vae":
-        if not d.get("unets"):
+        if not d.get("latent_ddpms"):
             return head + " -> no latent DDPM trained from it yet"
-        return "\n".join(f"{head} -> {u['name']} v{u['version']} (run {_short(u['run_id'])}) -> "
-                         f"{_count(u['samples'])}" for u in d["unets"])
-    unet = d.get("unet") or {}
-    return f"{head} -> {unet.get('name')} v{unet.get('version')} (run {_short(unet.get('run_id'))}) -> " \
+        return "\n".join(f"{head} -> {m['name']} v{m['version']} (run {_short(m['run_id'])}) -> "
+                         f"{_count(m['samples'])}" for m in d["latent_ddpms"])
+    ddpm = d.get("ddpm") or {}
+    return f"{head} -> {ddpm.get('name')} v{ddpm.get('version')} (run {_short(ddpm.get('run_id'))}) -> " \
            f"{_count(d.get('samples', []))}"
 
 

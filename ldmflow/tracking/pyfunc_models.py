@@ -10,7 +10,7 @@ Serving formats (JSON friendly, one row per image):
   (output `image`, base64 PNG) or "encode" (output `latent`, nested lists (4, H/8, W/8) of the posterior mean
   times the VAE's scaling_factor, i.e. what the latent DDPM was trained on); mode = "decode" takes such a
   `latent` column (nested lists or their JSON text) and returns `image`.
-- `PixelDdpmPyfunc`: one row per image with an integer `seed` column, or param num_images > 0 (then any one
+- `LegacyDdpmPyfunc`: one row per image with an integer `seed` column, or param num_images > 0 (then any one
   row, e.g. {"seed": 0}, and random seeds). Params: num_inference_steps, scheduler, batch_size. Output like
   the latent model.
 
@@ -101,7 +101,7 @@ def _chunks(count: int, size: int):
 
 
 LATENT_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0, "scheduler": "ddim", "batch_size": 8}
-PIXEL_DEFAULTS = {"num_inference_steps": 25, "scheduler": "ddim", "batch_size": 8, "num_images": 0}
+LEGACY_DEFAULTS = {"num_inference_steps": 25, "scheduler": "ddim", "batch_size": 8, "num_images": 0}
 VAE_DEFAULTS = {"mode": "reconstruct"}
 
 
@@ -205,16 +205,16 @@ def _column(frame: pd.DataFrame, name: str) -> pd.Series:
     return frame[name]
 
 
-class PixelDdpmPyfunc(mlflow.pyfunc.PythonModel):
+class LegacyDdpmPyfunc(mlflow.pyfunc.PythonModel):
     """The legacy unconditional pixel DDPM: seeds (or a count) in, images out."""
 
     def load_context(self, context):
-        from ldmflow.sampling.pixel import PixelSampler
+        from ldmflow.sampling.legacy import LegacySampler
 
-        self._sampler = PixelSampler.from_folder(context.artifacts["pipeline"], device=_device())
+        self._sampler = LegacySampler.from_folder(context.artifacts["pipeline"], device=_device())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        options = _params(params, PIXEL_DEFAULTS)
+        options = _params(params, LEGACY_DEFAULTS)
         frame = pd.DataFrame(model_input)
         count = int(options["num_images"])
         if count > 0:
@@ -254,8 +254,11 @@ def vae_signature() -> ModelSignature:
                           params=ParamSchema([ParamSpec("mode", "string", "reconstruct")]))
 
 
-def pixel_signature() -> ModelSignature:
+def legacy_signature() -> ModelSignature:
     params = ParamSchema([ParamSpec("num_inference_steps", "long", 25), ParamSpec("scheduler", "string", "ddim"),
                           ParamSpec("batch_size", "long", 8), ParamSpec("num_images", "long", 0)])
     return ModelSignature(inputs=Schema([ColSpec("long", SEED_COLUMN, required=False)]),
                           outputs=_output_schema(), params=params)
+
+
+PixelDdpmPyfunc = LegacyDdpmPyfunc  # the name models logged before 0.2 were pickled with

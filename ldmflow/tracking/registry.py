@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_NAMES = {"vae": "ldmflow-vae", "latent_ddpm": "ldmflow-latent-ddpm",
                        "legacy_ddpm": "ldmflow-legacy-ddpm"}
 STAGE_VERSION_TAG = "stage"
+REGISTERED_URI_TAG = "ldmflow.registered_model_uri"  # set on a training run: the version it registered
 LINEAGE_TAGS = ("vae_model_name", "vae_model_version", "vae_run_id", "vae_uri")
 # ldmflow's own runtime dependencies (pyproject.toml), next to the exactly pinned torch/diffusers/mlflow.
 _UNPINNED_REQUIREMENTS = ["accelerate>=1.0,<2", "pillow>=10", "numpy>=1.24", "pandas>=2.0", "safetensors>=0.4",
@@ -176,8 +177,8 @@ def _stage(stage: str, output_dir: Path, staging: Path, vae_source: ModelSource 
         folder = find_diffusers_folder(output_dir, "legacy_ddpm")
         for part in ("model_index.json", "unet", "scheduler"):
             _link_tree(folder / part, staging / "pipeline" / part)
-        return ({"pipeline": str(staging / "pipeline")}, pyfunc_models.PixelDdpmPyfunc(),
-                pyfunc_models.pixel_signature())
+        return ({"pipeline": str(staging / "pipeline")}, pyfunc_models.LegacyDdpmPyfunc(),
+                pyfunc_models.legacy_signature())
     folder = find_diffusers_folder(output_dir, "latent_ddpm")
     _link_tree(folder / "unet", staging / "unet")
     _link_tree(find_diffusers_folder(vae_source.local_dir, "vae"), staging / "vae", top_level_only=True)

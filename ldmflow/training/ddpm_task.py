@@ -1,4 +1,4 @@
-"""What the latent and pixel DDPM tasks share: noise schedule, EMA, the loss call, preview bookkeeping."""
+"""What the latent and legacy DDPM tasks share: noise schedule, EMA, the loss call, preview bookkeeping."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
+from ldmflow.settings import DdpmSettings
 from ldmflow.training.diffusion import build_noise_scheduler, diffusion_loss
-from ldmflow.training.settings import DdpmSettings
+from ldmflow.training.task import Task
 
 
-class DdpmTask:
+class DdpmTask(Task):
     """Base for DDPM tasks; subclasses provide `setup`, `denoiser`, `clean_sample`, `_preview` and `save`."""
-
-    metric_names: tuple[str, ...] = ()
 
     def __init__(self, settings: DdpmSettings, clip_sample: bool = True):
         self.settings = settings
@@ -26,7 +25,6 @@ class DdpmTask:
 
     def after_prepare(self, accelerator: Accelerator, model) -> None:
         """EMA of the unwrapped weights on the training device, saved and restored with every checkpoint."""
-        self.accelerator = accelerator
         if not self.settings.use_ema:
             return
         unwrapped = accelerator.unwrap_model(model)

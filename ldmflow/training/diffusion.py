@@ -1,4 +1,4 @@
-"""The DDPM training objective shared by the latent and pixel trainers (noise, timesteps, target, min-SNR)."""
+"""The DDPM training objective shared by the latent and legacy trainers (noise, timesteps, target, min-SNR)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from ldmflow.training.settings import DdpmSettings
+from ldmflow.settings import DdpmSettings
 
 
 def build_noise_scheduler(settings: DdpmSettings, clip_sample: bool = True) -> DDPMScheduler:

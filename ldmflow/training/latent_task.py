@@ -23,9 +23,9 @@ from ldmflow.models.conditioning import ConditionEncoder
 from ldmflow.sampling.condition_input import spanning_conditions
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 from ldmflow.sampling.latent import VAE_SOURCE_FILE, LatentSampler
+from ldmflow.files import publish_folder, temporary_folder
+from ldmflow.settings import LatentDdpmSettings
 from ldmflow.training.ddpm_task import DdpmTask
-from ldmflow.training.saving import publish_folder, temporary_folder
-from ldmflow.training.settings import LatentDdpmSettings
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ def load_vae(folder: str | Path, described_as: str) -> AutoencoderKL:
     try:
         vae = AutoencoderKL.from_pretrained(folder)
     except (OSError, ValueError, EnvironmentError) as error:
-        raise LdmflowError(f"--vae_path {described_as}: not a diffusers AutoencoderKL folder "
+        raise LdmflowError(f"--vae_uri {described_as}: not a diffusers AutoencoderKL folder "
                            f"({str(error).splitlines()[0]}). Train one with `ldmflow vae`.") from None
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if factor != VAE_DOWNSAMPLE or vae.config.latent_channels != VAE_LATENT_CHANNELS:
-        raise LdmflowError(f"--vae_path {described_as}: ldmflow needs a x{VAE_DOWNSAMPLE} VAE with "
+        raise LdmflowError(f"--vae_uri {described_as}: ldmflow needs a x{VAE_DOWNSAMPLE} VAE with "
                            f"{VAE_LATENT_CHANNELS} latent channels; this one is x{factor} with "
                            f"{vae.config.latent_channels}.")
     return vae.eval().requires_grad_(False)
@@ -69,7 +69,7 @@ class LatentDdpmTask(DdpmTask):
         super().__init__(settings, clip_sample=False)  # latents are not bounded to [-1, 1]
         self.manifest, self.vae_source = manifest, vae_source
         self.encoder = None if manifest.spec.is_empty else ConditionEncoder(manifest.spec, manifest.stats)
-        self.vae = load_vae(vae_source.local_dir, settings.vae_path)  # checked before any MLflow run opens
+        self.vae = load_vae(vae_source.local_dir, settings.vae_uri)  # checked before any MLflow run opens
 
     def setup(self, accelerator: Accelerator):
         s = self.settings

@@ -1,6 +1,6 @@
 """The one training loop shared by every task: accelerate for devices, precision, distribution and state.
 
-A task (vae_task, latent_task, pixel_task) supplies the model, data and loss; the loop owns the order of a
+A task (vae_task, latent_task, legacy_task) supplies the model, data and loss; the loop owns the order of a
 step, which reads top to bottom: forward/backward, clip, skip non-finite, optimizer/LR/EMA step, log,
 checkpoint, and previews at epoch ends. Metrics stay on the device and are read once per `logging_steps`.
 """
@@ -21,7 +21,8 @@ from PIL import Image
 
 from ldmflow.errors import LdmflowError
 from ldmflow.training.checkpoints import TrainingState, find_resume_checkpoint, list_checkpoints, save_checkpoint
-from ldmflow.training.settings import TrainSettings
+from ldmflow.settings import TrainSettings
+from ldmflow.training.task import Task
 
 logger = logging.getLogger(__name__)
 
@@ -32,21 +33,6 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image: Image.Image, key: str, step: int) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
-
-
-class Task(Protocol):
-    """The model-specific part of training, called by `train`."""
-
-    metric_names: tuple[str, ...]  # loss parts returned by `loss`, in this order
-
-    def setup(self, accelerator: Accelerator) -> tuple[torch.nn.Module, torch.utils.data.Dataset]: ...
-    def after_prepare(self, accelerator: Accelerator, model: torch.nn.Module) -> None: ...
-    def after_resume(self, accelerator: Accelerator) -> None: ...
-    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def after_optimizer_step(self, model: torch.nn.Module) -> None: ...
-    def end_of_epoch(self, accelerator: Accelerator, model: torch.nn.Module, step: int,
-                     previews: bool) -> tuple[dict[str, float], dict[str, Image.Image]]: ...
-    def save(self, accelerator: Accelerator, model: torch.nn.Module) -> dict[str, float]: ...
 
 
 def build_accelerator(settings: TrainSettings) -> Accelerator:
@@ -120,7 +106,7 @@ class _MetricWindow:
 
 
 @dataclass
-class _Run:
+class PreparedRun:
     """What `train` prepares once and every step uses."""
 
     accelerator: Accelerator
@@ -136,7 +122,7 @@ class _Run:
     resumed_tags: dict | None = None  # set by `prepare` when it resumed from a checkpoint
 
 
-def prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> _Run:
+def prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> PreparedRun:
     """Everything before the first step, resume included, so a bad checkpoint fails before a run is tracked."""
     run = _prepare(settings, task, accelerator)
     run.resumed_tags = _resume(settings, accelerator, run.state)
@@ -144,7 +130,7 @@ def prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> _R
     return run
 
 
-def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> _Run:
+def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> PreparedRun:
     """Model, data, optimizer and LR schedule prepared by accelerate; the step count is per process."""
     set_seed(settings.seed, device_specific=True)
     model, dataset = task.setup(accelerator)
@@ -165,13 +151,12 @@ def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> _
     state = TrainingState()
     accelerator.register_for_checkpointing(state)
     task.after_prepare(accelerator, model)
-    return _Run(accelerator, model, optimizer, dataloader, dataset, lr_scheduler, state, steps_per_epoch, max_steps)
+    return PreparedRun(accelerator, model, optimizer, dataloader, dataset, lr_scheduler, state, steps_per_epoch,
+                       max_steps)
 
 
-def train(settings: TrainSettings, task: Task, tracker: Tracker, accelerator: Accelerator | None = None,
-          prepared: _Run | None = None) -> dict[str, float]:
-    """Run the whole training (after `prepare`, done here if not given) and return `task.save`'s metrics."""
-    run = prepared or prepare(settings, task, accelerator or build_accelerator(settings))
+def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRun) -> dict[str, float]:
+    """Run the whole training from what `prepare` made, and return `task.save`'s metrics."""
     accelerator, state = run.accelerator, run.state
     state.run_id = getattr(tracker, "run_id", "") or ""
     if run.resumed_tags and accelerator.is_main_process:
@@ -203,7 +188,7 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, accelerator: Ac
     return final_metrics
 
 
-def _train_epoch(settings, task, tracker, run: _Run, window: _MetricWindow, batches, epoch: int) -> None:
+def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindow, batches, epoch: int) -> None:
     """Steps until the epoch or the step budget ends: forward/backward, clip, step, log, checkpoint."""
     accelerator, state, model = run.accelerator, run.state, run.model
     micro_step = 0

@@ -16,9 +16,10 @@ from ldmflow.data.manifest import Manifest
 from ldmflow.models.architectures import build_vae
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.sampling.grids import image_grid, to_pil
+from ldmflow.files import publish_files, temporary_folder
+from ldmflow.settings import VaeSettings
 from ldmflow.training.evaluation import psnr, ssim
-from ldmflow.training.saving import publish_files, temporary_folder
-from ldmflow.training.settings import VaeSettings
+from ldmflow.training.task import Task
 
 logger = logging.getLogger(__name__)
 NUM_PREVIEW_IMAGES = 8
@@ -38,7 +39,7 @@ class VaeWithLoss(torch.nn.Module):
         return reconstruction, posterior.kl()  # kl: (B,)
 
 
-class VaeTask:
+class VaeTask(Task):
     """The VAE's part of training: model, loss, validation and previews, scaling factor, saving."""
 
     metric_names = ("mse", "l1", "kl")
@@ -54,12 +55,6 @@ class VaeTask:
         self.eval_data = image_dataset(self.val_manifest or self.manifest, s, training=False)
         return VaeWithLoss(vae), self.train_data
 
-    def after_prepare(self, accelerator: Accelerator, model) -> None:
-        self.accelerator = accelerator
-
-    def after_resume(self, accelerator: Accelerator) -> None:
-        pass
-
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = batch["pixel_values"]
         reconstruction, kl = model(pixels)
@@ -68,9 +63,6 @@ class VaeTask:
         kl = kl.float().mean()
         loss = mse + l1 + self.settings.kl_weight * kl
         return loss, torch.stack([mse, l1, kl]).detach()
-
-    def after_optimizer_step(self, model) -> None:
-        pass
 
     @torch.no_grad()
     def end_of_epoch(self, accelerator: Accelerator, model, step: int, previews: bool):

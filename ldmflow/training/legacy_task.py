@@ -14,18 +14,18 @@ from ldmflow.data.manifest import Manifest
 from ldmflow.models.architectures import build_pixel_unet
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.sampling.grids import image_grid, to_pil
-from ldmflow.sampling.pixel import PixelSampler
+from ldmflow.sampling.legacy import LegacySampler
+from ldmflow.files import publish_files, temporary_folder
+from ldmflow.settings import LegacyDdpmSettings
 from ldmflow.training.ddpm_task import DdpmTask
-from ldmflow.training.saving import publish_files, temporary_folder
-from ldmflow.training.settings import PixelDdpmSettings
 
 logger = logging.getLogger(__name__)
 
 
-class PixelDdpmTask(DdpmTask):
+class LegacyDdpmTask(DdpmTask):
     """Pixel-space DDPM on the manifest's images."""
 
-    def __init__(self, settings: PixelDdpmSettings, manifest: Manifest):
+    def __init__(self, settings: LegacyDdpmSettings, manifest: Manifest):
         super().__init__(settings)
         self.manifest = manifest
 
@@ -42,7 +42,7 @@ class PixelDdpmTask(DdpmTask):
         return lambda noisy, timesteps: model(noisy, timesteps).sample
 
     def _preview(self, unet, step: int) -> Image.Image:
-        sampler = PixelSampler(unet, self.noise_scheduler.config)
+        sampler = LegacySampler(unet, self.noise_scheduler.config)
         images = sampler.generate(self.settings.num_preview_images, self.settings.preview_inference_steps, "ddim")
         return image_grid(to_pil(images))
 

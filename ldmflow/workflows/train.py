@@ -11,12 +11,11 @@ import logging
 from pathlib import Path
 
 from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
-from ldmflow.training.settings import LatentDdpmSettings, PixelDdpmSettings, TrainSettings, VaeSettings
+from ldmflow.settings import LatentDdpmSettings, LegacyDdpmSettings, TrainSettings, VaeSettings
 
 logger = logging.getLogger(__name__)
-REGISTERED_URI_TAG = "ldmflow.registered_model_uri"
 
-STAGES = {VaeSettings: "vae", LatentDdpmSettings: "latent_ddpm", PixelDdpmSettings: "legacy_ddpm"}
+STAGES = {VaeSettings: "vae", LatentDdpmSettings: "latent_ddpm", LegacyDdpmSettings: "legacy_ddpm"}
 
 
 def _load(settings: TrainSettings, split: str, condition_spec: str) -> Manifest:
@@ -44,9 +43,9 @@ def _build_task(settings: TrainSettings, manifest: Manifest, vae_source):
         from ldmflow.training.latent_task import LatentDdpmTask
 
         return LatentDdpmTask(settings, manifest, vae_source)
-    from ldmflow.training.pixel_task import PixelDdpmTask
+    from ldmflow.training.legacy_task import LegacyDdpmTask
 
-    return PixelDdpmTask(settings, manifest)
+    return LegacyDdpmTask(settings, manifest)
 
 
 def _resolve_vae(settings: LatentDdpmSettings, accelerator):
@@ -62,7 +61,7 @@ def _resolve_vae(settings: LatentDdpmSettings, accelerator):
     payload = [None]
     if accelerator.is_main_process:
         try:
-            source = resolve_model_source(settings.vae_path, dst_dir=Path(settings.output_dir) / ".vae_download")
+            source = resolve_model_source(settings.vae_uri, dst_dir=Path(settings.output_dir) / ".vae_download")
             payload = [dataclasses.replace(source, local_dir=find_diffusers_folder(source.local_dir, "vae"))]
         except LdmflowError as error:
             payload = [str(error)]
@@ -75,7 +74,7 @@ def _resolve_vae(settings: LatentDdpmSettings, accelerator):
 
 def run_training(settings: TrainSettings) -> dict[str, float]:
     """Train the model `settings` describes, tracked in MLflow unless --no_mlflow; returns final metrics."""
-    from ldmflow.tracking.registry import log_and_register
+    from ldmflow.tracking.registry import REGISTERED_URI_TAG, log_and_register
     from ldmflow.tracking.run_tracker import open_run
     from ldmflow.training.loop import build_accelerator, prepare, train
 
@@ -93,7 +92,7 @@ def run_training(settings: TrainSettings) -> dict[str, float]:
         if not manifest.spec.is_empty:
             tracker.log_dict({"condition_spec": str(manifest.spec), "stats": manifest.stats.to_dict(manifest.spec)},
                              "conditioning.json")
-        metrics = train(settings, task, tracker, accelerator, prepared)
+        metrics = train(settings, task, tracker, prepared)
         if is_main and not settings.no_mlflow:
             registered = log_and_register(
                 stage, settings.output_dir, tracker, registered_model_name=settings.registered_model_name,

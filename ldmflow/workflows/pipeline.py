@@ -10,15 +10,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError
+from ldmflow.settings import PipelineSettings, param_value
+from ldmflow.tracking.registry import REGISTERED_URI_TAG
 from ldmflow.tracking.store import filter_value
-from ldmflow.training.run import REGISTERED_URI_TAG
-from ldmflow.training.settings import DEFAULT_CONDITION_SPEC, settings_params
 
 logger = logging.getLogger(__name__)
+CODE_VERSION_TAG = "ldmflow.code_version"
+ENTRY_POINT_TAG = "mlflow.project.entryPoint"
+DATASET_DIGEST_TAG = "dataset_digest"
 
 
 def project_dir() -> Path:
@@ -28,40 +30,6 @@ def project_dir() -> Path:
             return candidate
     raise LdmflowError("The pipeline runs the project's MLflow entry points: start it from an ldmflow checkout "
                        "(the folder with MLproject).")
-CODE_VERSION_TAG = "ldmflow.code_version"
-ENTRY_POINT_TAG = "mlflow.project.entryPoint"
-DATASET_DIGEST_TAG = "dataset_digest"
-
-
-@dataclass(frozen=True)
-class PipelineSettings:
-    """Sizes and lengths of the three steps; everything else keeps each command's defaults."""
-
-    manifest_path: str
-    output_root: str = "outputs/pipeline"
-    resolution: int = 256
-    train_batch_size: int = 8
-    vae_block_out_channels: str = "128,256,512,512"
-    unet_block_out_channels: str = "256,256,256"
-    layers_per_block: int = 2
-    vae_epochs: int = 50
-    ddpm_epochs: int = 50
-    learning_rate: float = 1e-4
-    kl_weight: float = 1e-4
-    lr_warmup_steps: int = 500
-    save_images_epochs: int = 5
-    checkpointing_steps: int = 500
-    condition_spec: str = DEFAULT_CONDITION_SPEC
-    use_ema: bool = True
-    cache_latents: bool = True
-    num_images: int = 8
-    num_inference_steps: int = 25
-    guidance_scale: float = 3.0
-    seed: int = 0
-    experiment_name: str = "ldmflow"
-
-    def to_params(self) -> dict[str, str]:
-        return settings_params(self)
 
 
 def code_version() -> str:
@@ -104,24 +72,10 @@ def _run_step(client, experiment_id: str, entry_point: str, parameters: dict[str
 
 
 def _step_parameters(settings: PipelineSettings) -> tuple[dict, dict, dict]:
-    root = Path(settings.output_root).resolve()
-    shared = {"manifest_path": str(Path(settings.manifest_path).resolve()), "resolution": str(settings.resolution),
-              "train_batch_size": str(settings.train_batch_size), "seed": str(settings.seed),
-              "layers_per_block": str(settings.layers_per_block), "learning_rate": str(settings.learning_rate),
-              "lr_warmup_steps": str(settings.lr_warmup_steps),
-              "save_images_epochs": str(settings.save_images_epochs),
-              "checkpointing_steps": str(settings.checkpointing_steps)}
-    vae = {**shared, "output_dir": str(root / "vae"), "num_epochs": str(settings.vae_epochs),
-           "kl_weight": str(settings.kl_weight),
-           "block_out_channels": settings.vae_block_out_channels}
-    latent = {**shared, "output_dir": str(root / "latent_ddpm"), "num_epochs": str(settings.ddpm_epochs),
-              "block_out_channels": settings.unet_block_out_channels, "condition_spec": settings.condition_spec,
-              "use_ema": str(settings.use_ema).lower(),
-              "cache_latents": str(settings.cache_latents).lower(), "guidance_scale": str(settings.guidance_scale)}
-    sample = {"output_dir": str(root / "samples"), "num_images": str(settings.num_images),
-              "num_inference_steps": str(settings.num_inference_steps), "seed": str(settings.seed),
-              "guidance_scale": str(settings.guidance_scale)}
-    return vae, latent, sample
+    """Each step's MLproject parameters, as the strings MLflow stores (the reuse check compares those)."""
+    steps = settings.step_arguments()
+    return tuple({name: param_value(value) for name, value in steps[step].items()}
+                 for step in ("vae", "latent_ddpm", "sample"))
 
 
 def _sample_conditions(settings: PipelineSettings, manifest) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Publish finished outputs atomically: build them in a temporary folder, then rename into place."""
+"""Atomic file publishing for every layer: build outputs in a temporary folder, then rename them into place."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pixel-space sampling from a legacy DDPM output folder (a DDPMPipeline folder)."""
+"""Sampling from a legacy (pixel-space) DDPM output folder (a DDPMPipeline folder)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ from diffusers import DDPMScheduler, UNet2DModel
 from ldmflow.sampling.denoise import denoise, initial_noise, make_scheduler, step_generators
 
 
-class PixelSampler:
+class LegacySampler:
     """Unconditional images from a UNet2DModel and its training noise schedule."""
 
     def __init__(self, unet: UNet2DModel, scheduler_config: dict):
         self.unet, self.scheduler_config = unet, dict(scheduler_config)
 
     @classmethod
-    def from_folder(cls, folder, device="cpu") -> "PixelSampler":
+    def from_folder(cls, folder, device="cpu") -> "LegacySampler":
         unet = UNet2DModel.from_pretrained(folder, subfolder="unet").to(device).eval()
         return cls(unet, DDPMScheduler.load_config(folder, subfolder="scheduler"))
 

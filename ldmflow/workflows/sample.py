@@ -9,27 +9,27 @@ import numpy as np
 
 from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
+from ldmflow.files import publish_files, temporary_folder
 from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame, parse_condition_option,
                                               read_conditions_file)
 from ldmflow.sampling.denoise import check_inference_steps
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
-from ldmflow.training.saving import publish_files, temporary_folder
-from ldmflow.training.settings import SampleSettings
+from ldmflow.settings import SampleSettings
 
 logger = logging.getLogger(__name__)
 
 
 def load_sampler(folder: Path):
-    """A LatentSampler or PixelSampler for a training output folder or a downloaded ldmflow MLflow model."""
+    """A LatentSampler or LegacySampler for a training output folder or a downloaded ldmflow MLflow model."""
     from ldmflow.sampling.latent import LatentSampler
-    from ldmflow.sampling.pixel import PixelSampler
+    from ldmflow.sampling.legacy import LegacySampler
     from ldmflow.tracking.model_uri import find_diffusers_folder, latent_ddpm_folders
 
     try:
         folders = latent_ddpm_folders(folder)
     except LdmflowError as latent_error:
         try:
-            return PixelSampler.from_folder(find_diffusers_folder(folder, "legacy_ddpm"))
+            return LegacySampler.from_folder(find_diffusers_folder(folder, "legacy_ddpm"))
         except LdmflowError:
             raise LdmflowError(f"{folder} is neither a latent DDPM nor a legacy DDPM model: {latent_error}") from None
     return LatentSampler.from_folders(folders.unet_dir, folders.vae_dir, folders.scheduler_dir,

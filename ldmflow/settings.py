@@ -1,0 +1,371 @@
+"""Every command's settings, one frozen dataclass each: the single source of every default.
+
+The CLI's options (`cli.py`) and MLproject's parameters (`projects.py` renders the file) are generated from
+these fields and their metadata, so a default, a choice or a help text is written here and nowhere else.
+This module is at the bottom of the package: every layer may import it, and it imports only the standard
+library (the CLI's --help stays instant).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+
+from ldmflow.errors import LdmflowError
+
+DEFAULT_CONDITION_SPEC = "temperature:1,wind:3,wind_mag:1"  # the original scripts' default
+DEFAULT_EXPERIMENT = "ldmflow"
+IMAGE_FORMATS = ("png", "png16", "tiff16", "tiff32")  # what image_io writes
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
+
+
+def setting(default=MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,
+            aliases: tuple[str, ...] = (), project: bool = True, project_type: str | None = None):
+    """A settings field with what the CLI and MLproject need to expose it.
+
+    choices: allowed values (a click.Choice); aliases: other accepted flags (the original scripts' names);
+    project=False: a CLI-only option (`mlflow run` has its own run and experiment); project_type: MLproject's
+    `path` or `uri` instead of the type derived from the annotation.
+    """
+    metadata = {"help": help, "choices": choices, "aliases": aliases, "project": project,
+                "project_type": project_type}
+    return field(default=default, metadata=metadata)
+
+
+def setting_fields(settings_class) -> list[tuple[dataclasses.Field, type, dict]]:
+    """(field, resolved type, metadata) per field; metadata is inherited from the base class that declared it,
+    so a subclass may override just the default (`resolution: int = 64`)."""
+    hints = typing.get_type_hints(settings_class)
+    result = []
+    for item in dataclasses.fields(settings_class):
+        metadata: dict = {}
+        for klass in reversed(settings_class.__mro__):
+            declared = getattr(klass, "__dataclass_fields__", {}).get(item.name)
+            if declared is not None:
+                metadata.update({k: v for k, v in declared.metadata.items() if v not in (None, "", ())})
+        result.append((item, hints[item.name], metadata))
+    return result
+
+
+def settings_params(settings) -> dict[str, str]:
+    """Flat string params for MLflow (None becomes an empty string, tuples a comma list, booleans true/false)."""
+    return {item.name: param_value(getattr(settings, item.name)) for item in dataclasses.fields(settings)}
+
+
+def param_value(value) -> str:
+    """One setting as MLflow stores it, the same string `mlflow run -P name=value` logs."""
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "" if value is None else str(value)
+
+
+def _check_at_least(settings, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and value < minimum:
+            raise LdmflowError(f"--{name} must be at least {minimum}, got {value}.")
+
+
+def _check_choice(settings, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(settings, name) not in choices:
+        raise LdmflowError(f"--{name} must be one of {', '.join(choices)}, got {getattr(settings, name)!r}.")
+
+
+def _check_alias(alias: str | None) -> None:
+    if alias is not None and (alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias) or not alias.strip()):
+        raise LdmflowError(f"--register_alias {alias!r} is reserved by MLflow (latest, v<number>); "
+                           "choose another name such as candidate or champion.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """What every trainer shares: data, optimisation, checkpoints, previews and tracking."""
+
+    manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).", project_type="path")
+    output_dir: str = setting(help="Where weights, checkpoints and previews go.")
+    split: str = setting("train", "metadata.split value to train on.")
+    val_split: str = setting("val", "Split used for validation, if present.")
+    data_root: str | None = setting(None, "Folder output_rel is relative to (default: the manifest's).")
+    allow_outside_root: bool = setting(False, "Accept output_rel paths outside the data root.")
+    resolution: int = setting(256, "Square training size in pixels (multiple of 8).")
+    random_crop: bool = setting(False, "Random instead of center crop.")
+    random_flip: bool = setting(False, "Random horizontal flips.")
+    preserve_input_precision: bool = setting(False, "Keep 16-bit/float precision instead of 8-bit.")
+    train_batch_size: int = setting(8, "Images per process and step.")
+    eval_batch_size: int = setting(4, "Images per batch for validation and previews.")
+    num_epochs: int = setting(50, "Passes over the training split.")
+    max_train_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides --num_epochs).")
+    learning_rate: float = setting(1e-4, "AdamW learning rate.")
+    lr_scheduler: str = setting("cosine", "Learning-rate schedule (diffusers.optimization).", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = setting(500, "Linear warm-up steps of the LR schedule.")
+    adam_weight_decay: float = setting(1e-6, "AdamW weight decay.")
+    gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
+    mixed_precision: str = setting("no", "Autocast precision (fp16 needs CUDA).", choices=MIXED_PRECISIONS)
+    seed: int = setting(0, "Seed of weights, shuffling, augmentation and noise.")
+    dataloader_num_workers: int = setting(0, "Data-loader worker processes.")
+    checkpointing_steps: int = setting(500, "Save a resumable checkpoint every N steps.")
+    checkpoints_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.")
+    resume_from_checkpoint: str | None = setting(None, "'latest' or a checkpoint folder.")
+    save_images_epochs: int = setting(5, "Preview every N epochs (and after the last).")
+    logging_steps: int = setting(10, "Log metrics every N steps.")
+    max_nonfinite_steps: int = setting(5, "Stop after this many non-finite losses in a row.")
+    block_out_channels: tuple[int, ...] = setting((), "Channels per resolution level, comma separated.")
+    layers_per_block: int = setting(2, "ResNet layers per resolution level.")
+    enable_xformers_memory_efficient_attention: bool = setting(
+        False, "Use xformers when installed and usable; otherwise PyTorch SDPA.")
+    experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
+    run_name: str | None = setting(None, "MLflow run name.", project=False)
+    no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False)
+    registered_model_name: str | None = setting(None, "Registry name (default ldmflow-<stage>).")
+    register_alias: str | None = setting(None, "Set this alias (e.g. candidate) on the new version.")
+
+    def __post_init__(self) -> None:
+        if self.resolution <= 0 or self.resolution % 8:
+            raise LdmflowError(f"--resolution must be a positive multiple of 8, got {self.resolution}.")
+        _check_at_least(self, 1, "train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
+                        "checkpointing_steps", "save_images_epochs", "logging_steps", "layers_per_block",
+                        "max_train_steps", "max_nonfinite_steps", "checkpoints_total_limit")
+        _check_at_least(self, 0, "dataloader_num_workers", "lr_warmup_steps")
+        _check_choice(self, "mixed_precision", MIXED_PRECISIONS)
+        _check_choice(self, "lr_scheduler", LR_SCHEDULERS)
+        if any(c < 1 for c in self.block_out_channels):
+            raise LdmflowError(f"--block_out_channels must be positive integers, got {self.block_out_channels}.")
+        _check_alias(self.register_alias)
+
+    def to_params(self) -> dict[str, str]:
+        return settings_params(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VaeSettings(TrainSettings):
+    """`ldmflow vae`: AutoencoderKL with 4 latent channels and x8 downsampling."""
+
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    kl_weight: float = setting(1e-4, "Weight of the KL term (loss = MSE + L1 + kl_weight x KL).")
+    scaling_factor_batches: int = setting(50, "Training batches used to measure the latent scaling factor.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_at_least(self, 1, "scaling_factor_batches")
+        if len(self.block_out_channels) != 4:
+            raise LdmflowError(
+                "The VAE downsamples x8, so --block_out_channels needs exactly 4 values "
+                f"(one per resolution level), got {len(self.block_out_channels)}: {self.block_out_channels}."
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DdpmSettings(TrainSettings):
+    """What both DDPM trainers (latent and legacy) share: noise schedule, objective, EMA, previews."""
+
+    block_out_channels: tuple[int, ...] = (128, 128, 256, 256, 512, 512)
+    use_ema: bool = setting(False, "Keep an EMA of the weights (used for previews and saving).")
+    ema_max_decay: float = setting(0.9999, "Largest EMA decay.")
+    ema_inv_gamma: float = setting(1.0, "EMA warm-up inverse multiplicative factor.")
+    ema_power: float = setting(0.75, "EMA warm-up exponential factor.")
+    prediction_type: str = setting("epsilon", "What the UNet predicts.", choices=PREDICTION_TYPES)
+    snr_gamma: float | None = setting(None, "Min-SNR loss weighting gamma (5.0 is typical).")
+    ddpm_num_steps: int = setting(1000, "Diffusion steps of the noise schedule.")
+    ddpm_beta_schedule: str = setting("linear", "Noise schedule.", choices=BETA_SCHEDULES)
+    num_preview_images: int = setting(8, "Images per preview grid.")
+    preview_inference_steps: int = setting(25, "DDIM steps for preview grids.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_at_least(self, 1, "num_preview_images", "preview_inference_steps", "ddpm_num_steps")
+        if self.preview_inference_steps > self.ddpm_num_steps:
+            raise LdmflowError(f"--preview_inference_steps ({self.preview_inference_steps}) cannot exceed "
+                               f"--ddpm_num_steps ({self.ddpm_num_steps}).")
+        _check_choice(self, "prediction_type", PREDICTION_TYPES)
+        _check_choice(self, "ddpm_beta_schedule", BETA_SCHEDULES)
+        if len(self.block_out_channels) < 2:
+            raise LdmflowError("--block_out_channels needs at least 2 values for a UNet.")
+
+    def _check_downsampling(self, size: int, what: str) -> None:
+        if size % (2 ** (len(self.block_out_channels) - 1)):
+            raise LdmflowError(f"{what} cannot be downsampled {len(self.block_out_channels) - 1} times; "
+                               "use fewer --block_out_channels or a larger resolution.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentDdpmSettings(DdpmSettings):
+    """`ldmflow latent-ddpm`: a conditioned UNet2DConditionModel on a trained VAE's latents."""
+
+    vae_uri: str = setting(help="The VAE: its folder or an MLflow URI (runs:/, models:/name/version, ...).",
+                           aliases=("--vae_path",), project_type="uri")
+    block_out_channels: tuple[int, ...] = (256, 256, 256)
+    train_batch_size: int = 4
+    condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "Comma list of name:dim, or 'none' for unconditional.")
+    cond_dropout_prob: float = setting(0.1, "Probability of training a sample with the null condition "
+                                            "(classifier-free guidance).")
+    cache_latents: bool = setting(False, "Encode the dataset once, then train from the cache.")
+    guidance_scale: float = setting(3.0, "Classifier-free guidance of the preview grids.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.vae_uri:
+            raise LdmflowError("--vae_uri is required: a VAE folder or an MLflow model URI.")
+        latent = self.resolution // 8
+        self._check_downsampling(latent, f"Latents of {latent}x{latent} (resolution {self.resolution} / 8)")
+        if not 0.0 <= self.cond_dropout_prob < 1.0:
+            raise LdmflowError(f"--cond_dropout_prob must be in [0, 1), got {self.cond_dropout_prob}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LegacyDdpmSettings(DdpmSettings):
+    """`ldmflow legacy-ddpm`: the original unconditional UNet2DModel in pixel space.
+
+    Its resolution defaults to 64 like diffusers' train_unconditional.py, which the legacy script derives from
+    (a six-level pixel UNet at 256 px is many times the latent model's cost).
+    """
+
+    resolution: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_downsampling(self.resolution, f"Resolution {self.resolution}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleSettings:
+    """`ldmflow sample`: images from a trained model, for given conditions or unconditional."""
+
+    model_uri: str = setting(help="Output folder, runs:/..., models:/name/version, models:/name@alias or "
+                                  "models:/<model_id>.", project_type="uri")
+    output_dir: str = setting("outputs/samples", "Where the images and grid.png go.")
+    num_images: int = setting(8, "Images to generate (without --conditions_file).")
+    condition: tuple[str, ...] = setting((), "name=value, repeatable: --condition temperature=12.5 "
+                                             "--condition wind=1,0,0 (every image gets them).", project=False)
+    conditions_file: str | None = setting(None, "CSV or JSON list: one row of conditions (and seed) per image.")
+    guidance_scale: float = setting(3.0, "Classifier-free guidance scale (1 = no guidance).")
+    num_inference_steps: int = setting(25, "Denoising steps.")
+    scheduler: str = setting("ddim", "Sampling scheduler.", choices=SAMPLING_SCHEDULERS)
+    seed: int = setting(0, "Image i uses seed + i.")
+    output_format: str = setting("png", "Image file format.", choices=IMAGE_FORMATS)
+    experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
+    run_name: str | None = setting(None, "MLflow run name.", project=False)
+    no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False)
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, 1, "num_images", "num_inference_steps")
+        _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
+        _check_choice(self, "output_format", IMAGE_FORMATS)
+        if self.condition and self.conditions_file:
+            raise LdmflowError("Give conditions either with --condition or with --conditions_file, not both.")
+
+    def to_params(self) -> dict[str, str]:
+        return settings_params(self)
+
+
+def _default(settings_class, name: str):
+    """A field's default, for settings that pass it on to another command (the pipeline's steps)."""
+    return next(item for item in dataclasses.fields(settings_class) if item.name == name).default
+
+
+def _channels(settings_class) -> str:
+    return param_value(_default(settings_class, "block_out_channels"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSettings:
+    """`ldmflow pipeline`: vae -> latent_ddpm -> sample. Defaults are the steps' own, except where noted."""
+
+    manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).", project_type="path")
+    output_root: str = setting("outputs/pipeline", "Folder of the steps' output folders.")
+    resolution: int = setting(_default(TrainSettings, "resolution"), "Training size of both models.")
+    vae_train_batch_size: int = setting(_default(VaeSettings, "train_batch_size"), "VAE batch size.")
+    ddpm_train_batch_size: int = setting(_default(LatentDdpmSettings, "train_batch_size"), "Latent DDPM batch size.")
+    vae_block_out_channels: str = setting(_channels(VaeSettings), "VAE channels per level.")
+    ddpm_block_out_channels: str = setting(_channels(LatentDdpmSettings), "Latent UNet channels per level.",
+                                           aliases=("--unet_block_out_channels",))
+    layers_per_block: int = setting(_default(TrainSettings, "layers_per_block"), "Layers per level, both models.")
+    vae_epochs: int = setting(_default(VaeSettings, "num_epochs"), "VAE epochs.")
+    ddpm_epochs: int = setting(_default(LatentDdpmSettings, "num_epochs"), "Latent DDPM epochs.")
+    learning_rate: float = setting(_default(TrainSettings, "learning_rate"), "Learning rate of both models.")
+    lr_warmup_steps: int = setting(_default(TrainSettings, "lr_warmup_steps"), "LR warm-up of both models.")
+    save_images_epochs: int = setting(_default(TrainSettings, "save_images_epochs"), "Preview every N epochs.")
+    checkpointing_steps: int = setting(_default(TrainSettings, "checkpointing_steps"), "Checkpoint every N steps.")
+    kl_weight: float = setting(_default(VaeSettings, "kl_weight"), "VAE KL weight.")
+    condition_spec: str = setting(_default(LatentDdpmSettings, "condition_spec"), "Conditions of the latent DDPM.")
+    use_ema: bool = setting(True, "EMA weights for the latent DDPM (on here; off by default in latent-ddpm).")
+    cache_latents: bool = setting(True, "Cache the VAE latents (on here; off by default in latent-ddpm).")
+    num_images: int = setting(_default(SampleSettings, "num_images"), "Images of the sample step.")
+    num_inference_steps: int = setting(_default(SampleSettings, "num_inference_steps"), "Sampling steps.")
+    guidance_scale: float = setting(_default(SampleSettings, "guidance_scale"), "Guidance of previews and samples.")
+    seed: int = setting(_default(TrainSettings, "seed"), "Seed of every step.")
+    experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
+
+    def __post_init__(self) -> None:
+        """Check every step's settings now, so a bad value fails before the parent run opens."""
+        placeholders = ({}, {"vae_uri": "models:/vae-step"}, {"model_uri": "models:/latent-ddpm-step"})
+        for (name, arguments), settings_class, upstream in zip(self.step_arguments().items(),
+                                                               (VaeSettings, LatentDdpmSettings, SampleSettings),
+                                                               placeholders):
+            try:
+                settings_class(**arguments, **upstream)
+            except LdmflowError as error:
+                raise LdmflowError(f"Pipeline step {name}: {error}") from None
+
+    def step_arguments(self) -> dict[str, dict]:
+        """Per step (vae, latent_ddpm, sample), the settings the pipeline sets; the upstream model URIs are
+        added when the step before has run, and everything else keeps the step's own default."""
+        root = Path(self.output_root).resolve()
+        shared = {name: getattr(self, name) for name in ("resolution", "seed", "layers_per_block", "learning_rate",
+                                                         "lr_warmup_steps", "save_images_epochs",
+                                                         "checkpointing_steps")}
+        shared["manifest_path"] = str(Path(self.manifest_path).resolve())
+        vae = {**shared, "output_dir": str(root / "vae"), "train_batch_size": self.vae_train_batch_size,
+               "num_epochs": self.vae_epochs, "kl_weight": self.kl_weight,
+               "block_out_channels": _int_list(self.vae_block_out_channels, "vae_block_out_channels")}
+        latent = {**shared, "output_dir": str(root / "latent_ddpm"), "train_batch_size": self.ddpm_train_batch_size,
+                  "num_epochs": self.ddpm_epochs,
+                  "block_out_channels": _int_list(self.ddpm_block_out_channels, "ddpm_block_out_channels"),
+                  **{name: getattr(self, name) for name in ("condition_spec", "use_ema", "cache_latents",
+                                                            "guidance_scale")}}
+        sample = {"output_dir": str(root / "samples"),
+                  **{name: getattr(self, name) for name in ("num_images", "num_inference_steps", "seed",
+                                                            "guidance_scale")}}
+        return {"vae": vae, "latent_ddpm": latent, "sample": sample}
+
+    def to_params(self) -> dict[str, str]:
+        return settings_params(self)
+
+
+def _int_list(text: str, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise LdmflowError(f"--{name} must be a comma list of integers such as 32,64, got {text!r}.") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoDataSettings:
+    """`ldmflow demo-data`: a synthetic, condition-dependent dataset."""
+
+    output_dir: str = setting(help="Folder for images/ and manifest.json.")
+    num_images: int = setting(64, "Images to write.")
+    resolution: int = setting(64, "Image size in pixels.")
+    image_format: str = setting("png", "Image file format.", choices=IMAGE_FORMATS)
+    seed: int = setting(0, "Seed of the scenes and the split.")
+    val_fraction: float = setting(0.1, "Fraction of entries in the val split.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckManifestSettings:
+    """`ldmflow check-manifest`: the data report before a long training."""
+
+    manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).")
+    split: str = setting(_default(TrainSettings, "split"), "Split to check ('all' for every entry).")
+    condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "Comma list of name:dim, or 'none'.")
+    data_root: str | None = setting(None, "Folder output_rel is relative to (default: the manifest's).")
+    allow_outside_root: bool = setting(False, "Accept output_rel paths outside the data root.")
