@@ -24,6 +24,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
+REGISTER_CHOICES = ("best", "last")
 
 
 def setting(default=MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,
@@ -117,6 +118,11 @@ class TrainSettings:
     checkpoints_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: str | None = setting(None, "'latest' or a checkpoint folder.")
     save_images_epochs: int = setting(5, "Preview every N epochs (and after the last).")
+    eval_epochs: int = setting(1, "Validate on the val split every N epochs (and after the last); 0: never.")
+    checkpoint_metric: str | None = setting(None, "Validation metric that picks the best checkpoint (default: "
+                                                  "the stage's, val/psnr or val/denoise_loss[_ema]).")
+    register: str = setting("best", "Register the best checkpoint (by --checkpoint_metric) or the last weights; "
+                                    "without validation the last.", choices=REGISTER_CHOICES)
     logging_steps: int = setting(10, "Log metrics every N steps.")
     max_nonfinite_steps: int = setting(5, "Stop after this many non-finite losses in a row.")
     block_out_channels: tuple[int, ...] = setting((), "Channels per resolution level, comma separated.")
@@ -135,8 +141,9 @@ class TrainSettings:
         _check_at_least(self, 1, "train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
                         "checkpointing_steps", "save_images_epochs", "logging_steps", "layers_per_block",
                         "max_train_steps", "max_nonfinite_steps", "checkpoints_total_limit")
-        _check_at_least(self, 0, "dataloader_num_workers", "lr_warmup_steps")
+        _check_at_least(self, 0, "dataloader_num_workers", "lr_warmup_steps", "eval_epochs")
         _check_choice(self, "mixed_precision", MIXED_PRECISIONS)
+        _check_choice(self, "register", REGISTER_CHOICES)
         _check_choice(self, "lr_scheduler", LR_SCHEDULERS)
         if any(c < 1 for c in self.block_out_channels):
             raise LdmflowError(f"--block_out_channels must be positive integers, got {self.block_out_channels}.")
@@ -179,10 +186,14 @@ class DdpmSettings(TrainSettings):
     ddpm_beta_schedule: str = setting("linear", "Noise schedule.", choices=BETA_SCHEDULES)
     num_preview_images: int = setting(8, "Images per preview grid.")
     preview_inference_steps: int = setting(25, "DDIM steps for preview grids.")
+    val_timesteps: int = setting(10, "Timesteps of the fixed grid the validation denoising loss averages over.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_at_least(self, 1, "num_preview_images", "preview_inference_steps", "ddpm_num_steps")
+        _check_at_least(self, 1, "num_preview_images", "preview_inference_steps", "ddpm_num_steps", "val_timesteps")
+        if self.val_timesteps > self.ddpm_num_steps:
+            raise LdmflowError(f"--val_timesteps ({self.val_timesteps}) cannot exceed --ddpm_num_steps "
+                               f"({self.ddpm_num_steps}).")
         if self.preview_inference_steps > self.ddpm_num_steps:
             raise LdmflowError(f"--preview_inference_steps ({self.preview_inference_steps}) cannot exceed "
                                f"--ddpm_num_steps ({self.ddpm_num_steps}).")

@@ -94,11 +94,17 @@ def test_runs_log_params_metrics_previews_and_conditions(store):
     assert run.data.params["vae_uri"] == "models:/ldmflow-vae/1"  # from `-P`, one name for the VAE
     assert "vae_path" not in run.data.params
     assert run.data.params["condition_spec"] == "temperature:1,wind:3,wind_mag:1"
-    assert {"loss", "lr", "grad_norm", "images_per_second", "nonfinite_steps"} <= set(run.data.metrics)
+    assert {"loss", "lr", "grad_norm", "images_per_second", "nonfinite_steps", "val/denoise_loss",
+            "val/denoise_loss_ema"} <= set(run.data.metrics)
+    assert unet.tags["checkpoint"] == "best" and unet.tags["checkpoint_metric"] == "val/denoise_loss_ema"
+    assert float(unet.tags["checkpoint_metric_value"]) == pytest.approx(run.data.metrics["val/denoise_loss_ema"],
+                                                                        rel=1e-5)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "conditioning.json" in artifacts and "images" in artifacts
     vae_run = client.get_run(client.get_model_version("ldmflow-vae", "1").run_id)
-    assert {"mse", "l1", "kl", "val_psnr", "val_ssim", "latent_scaling_factor"} <= set(vae_run.data.metrics)
+    assert {"mse", "l1", "kl", "val/psnr", "val/ssim", "latent_scaling_factor"} <= set(vae_run.data.metrics)
+    vae_version = client.get_model_version("ldmflow-vae", "1")
+    assert (vae_version.tags["checkpoint"], vae_version.tags["checkpoint_metric"]) == ("best", "val/psnr")
     assert vae_run.info.status == "FINISHED"
 
 

@@ -81,7 +81,7 @@ def write_pixel_output(folder: Path) -> None:
 def train_and_register(root: Path, stage: str, folder: str, **kwargs):
     """A run as the trainers make it: open_run, metrics, then log_and_register inside the run."""
     with open_run(RunSettings(str(root / folder), run_name=folder), stage, enabled=True) as tracker:
-        tracker.log_metrics({"loss": 0.25, "val_psnr": 21.5, "latent_scaling_factor": 0.8}, step=4)
+        tracker.log_metrics({"loss": 0.25, "val/psnr": 21.5, "latent_scaling_factor": 0.8}, step=4)
         return log_and_register(stage, root / folder, tracker, dataset_digest=DIGEST, **kwargs)
 
 
@@ -97,7 +97,9 @@ def env(tmp_path_factory):
         torch.manual_seed(0)
         tiny_vae().save_pretrained(root / "vae_out")
         (root / "vae_out" / "images").mkdir()
-        vae = train_and_register(root, "vae", "vae_out", alias="champion")
+        vae = train_and_register(root, "vae", "vae_out", alias="champion",
+                                 extra_tags={"checkpoint": "best", "checkpoint_step": "4",
+                                             "checkpoint_metric": "val/psnr", "checkpoint_metric_value": "21.5"})
         vae_source = resolve_model_source("models:/ldmflow-vae@champion", dst_dir=root / "downloaded_vae")
         write_latent_output(root / "ldm_out", vae_source)
         ldm = train_and_register(root, "latent_ddpm", "ldm_out", vae_source=vae_source, condition_spec=SPEC)
@@ -256,12 +258,13 @@ def test_list_models_shows_every_version_with_metrics(env):
         ("ldmflow-legacy-ddpm", "legacy_ddpm")]
     vae = rows[0]
     assert vae["aliases"] == ["champion"] and vae["loss"] == pytest.approx(0.25)
-    assert vae["latent_scaling_factor"] == pytest.approx(0.8) and vae["val_psnr"] == pytest.approx(21.5)
+    assert vae["latent_scaling_factor"] == pytest.approx(0.8) and vae["val/psnr"] == pytest.approx(21.5)
     assert rows[2]["vae"] == "ldmflow-vae v1"
     table = format_models(rows)
-    assert table.splitlines()[0].split() == ["MODEL", "STAGE", "ALIASES", "RUN", "DATASET", "VAE", "LOSS", "VAL_PSNR",
-                                             "SCALE"]
-    assert "ldmflow-vae v1" in table and "@champion" in table and "21.5" in table
+    assert table.splitlines()[0].split() == ["MODEL", "STAGE", "ALIASES", "RUN", "DATASET", "VAE", "WEIGHTS", "LOSS",
+                                             "VAL_PSNR", "VAL_DENOISE", "SCALE"]
+    assert vae["checkpoint"] == "best@4 (val/psnr=21.5)" and rows[3]["checkpoint"] == ""
+    assert "ldmflow-vae v1" in table and "@champion" in table and "best@4 (val/psnr=21.5)" in table
 
 
 def decode(text: str) -> Image.Image:

@@ -104,14 +104,14 @@ def test_log_register_and_resolve_through_the_server(server, rest_env):
                   norm_num_groups=8, sample_size=32, layers_per_block=1).save_pretrained(root / "vae_out")
     (root / "manifest.json").write_text("[]")
     with open_run(settings(root), "vae", enabled=True) as tracker:
-        tracker.log_metrics({"loss": 0.5, "val_psnr": 20.0}, 3)
+        tracker.log_metrics({"loss": 0.5, "val/psnr": 20.0}, 3)
         tracker.log_image(Image.new("RGB", (16, 16), "green"), "reconstructions", 3)
         assert tracker.log_dataset(root / "manifest.json", DIGEST, "train", 4, "manifest-train")
         registered = log_and_register("vae", root / "vae_out", tracker, alias="champion", dataset_digest=DIGEST)
     client = MlflowClient()
     run = client.get_run(registered.run_id)
     assert run.info.status == "FINISHED" and run.data.params["kl_weight"] == "0.0001"
-    assert run.data.metrics["val_psnr"] == 20.0 and run.data.tags["stage"] == "vae"
+    assert run.data.metrics["val/psnr"] == 20.0 and run.data.tags["stage"] == "vae"
     assert run.inputs.dataset_inputs[0].dataset.digest == DIGEST[:36]
     assert any(a.path.endswith(".png") for a in client.list_artifacts(registered.run_id, "images"))
     source = resolve_model_source("models:/ldmflow-vae@champion", dst_dir=root / "download")

@@ -17,7 +17,7 @@ SAMPLE_MODEL_RUN_TAG = "ldmflow.model_run_id"
 SAMPLE_STAGE = "sample"
 STAGES = ("vae", "latent_ddpm", "legacy_ddpm")
 # Run metrics shown by list_models (names the training loop logs).
-KEY_METRICS = ("loss", "val_psnr", "latent_scaling_factor")
+KEY_METRICS = ("loss", "val/psnr", "val/denoise_loss", "val/denoise_loss_ema", "latent_scaling_factor")
 _PAGE = 1000
 
 
@@ -157,6 +157,7 @@ def list_models() -> list[dict]:
                      "aliases": aliases.get((v.name, str(v.version)), []), "run_id": v.run_id or "",
                      "dataset_digest": v.tags.get("dataset_digest", ""),
                      "vae": _vae_label(v.tags), "condition_spec": v.tags.get("condition_spec", ""),
+                     "checkpoint": _checkpoint_label(v.tags),
                      **{key: metrics.get(key) for key in KEY_METRICS}})
     return rows
 
@@ -179,6 +180,16 @@ def _runs_by_id(client, run_ids: list[str]) -> dict:
     return runs
 
 
+def _checkpoint_label(tags: dict) -> str:
+    """`best@120 (val/psnr=23.1)` or `last@400`: which weights a version holds (registry tags)."""
+    if not tags.get("checkpoint"):
+        return ""
+    label = f"{tags['checkpoint']}@{tags.get('checkpoint_step', '?')}"
+    if tags.get("checkpoint_metric"):
+        label += f" ({tags['checkpoint_metric']}={float(tags['checkpoint_metric_value']):.4g})"
+    return label
+
+
 def _vae_label(tags: dict) -> str:
     if tags.get("vae_model_name"):
         return f"{tags['vae_model_name']} v{tags.get('vae_model_version', '?')}"
@@ -189,13 +200,19 @@ def format_models(rows: list[dict]) -> str:
     """A plain-text table of `list_models()` rows."""
     if not rows:
         return "No ldmflow models are registered in this MLflow store."
-    header = ("MODEL", "STAGE", "ALIASES", "RUN", "DATASET", "VAE", "LOSS", "VAL_PSNR", "SCALE")
+    header = ("MODEL", "STAGE", "ALIASES", "RUN", "DATASET", "VAE", "WEIGHTS", "LOSS", "VAL_PSNR", "VAL_DENOISE",
+              "SCALE")
     table = [header] + [(
         f"{r['name']} v{r['version']}", r["stage"], ",".join(f"@{a}" for a in r["aliases"]), _short(r["run_id"]),
-        r["dataset_digest"][:12], r["vae"], _number(r.get("loss")), _number(r.get("val_psnr")),
+        r["dataset_digest"][:12], r["vae"], r["checkpoint"], _number(r.get("loss")), _number(r.get("val/psnr")),
+        _number(_first_known(r.get("val/denoise_loss_ema"), r.get("val/denoise_loss"))),
         _number(r.get("latent_scaling_factor"))) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table)
+
+
+def _first_known(*values):
+    return next((value for value in values if value is not None), None)
 
 
 def _number(value) -> str:

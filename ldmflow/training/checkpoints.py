@@ -14,23 +14,29 @@ from ldmflow.errors import LdmflowError
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+BEST_CHECKPOINT = "checkpoint-best"  # the best validated state; never pruned, never picked by `latest`
 
 
 @dataclass
 class TrainingState:
-    """What accelerate's own state does not cover: progress counters (saved with every checkpoint)."""
+    """What accelerate's own state does not cover: progress counters and the best validation so far (saved
+    with every checkpoint, so a resumed run keeps its best-so-far)."""
 
     global_step: int = 0
     nonfinite_steps: int = 0
     run_id: str = ""
+    best_step: int | None = None
+    best_value: float | None = None
 
     def state_dict(self) -> dict:
-        return {"global_step": self.global_step, "nonfinite_steps": self.nonfinite_steps, "run_id": self.run_id}
+        return {"global_step": self.global_step, "nonfinite_steps": self.nonfinite_steps, "run_id": self.run_id,
+                "best_step": self.best_step, "best_value": self.best_value}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = int(state["global_step"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.run_id = str(state.get("run_id", ""))
+        self.best_step, self.best_value = state.get("best_step"), state.get("best_value")
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -60,11 +66,13 @@ def find_resume_checkpoint(output_dir: str | Path, resume_from: str | None) -> P
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
-    """Save accelerate's state (models, optimizer, scheduler, RNG, registered objects) atomically."""
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None,
+                    name: str | None = None) -> Path:
+    """Save accelerate's state (models, optimizer, scheduler, RNG, registered objects) atomically, as
+    `checkpoint-<step>` or under `name`."""
     output_dir = Path(output_dir)
-    final = output_dir / f"checkpoint-{step}"
-    temporary = output_dir / f".checkpoint-{step}.tmp"
+    final = output_dir / (name or f"checkpoint-{step}")
+    temporary = output_dir / f".{final.name}.tmp"
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()

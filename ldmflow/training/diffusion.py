@@ -22,16 +22,21 @@ def build_noise_scheduler(settings: DdpmSettings, clip_sample: bool = True) -> D
                          prediction_type=settings.prediction_type, clip_sample=clip_sample)
 
 
+def diffusion_target(scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor,
+                     timesteps: torch.Tensor) -> torch.Tensor:
+    """What the model learns to predict: the noise (epsilon) or the velocity (v_prediction)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    return noise
+
+
 def diffusion_loss(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], clean: torch.Tensor,
                    scheduler: DDPMScheduler, snr_gamma: float | None) -> torch.Tensor:
     """Noise `clean` (B, C, H, W) at random timesteps and return the fp32 regression loss of the denoiser."""
     noise = torch.randn_like(clean)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
     noisy = scheduler.add_noise(clean, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(clean, noise, timesteps)
-    else:
-        target = noise
+    target = diffusion_target(scheduler, clean, noise, timesteps)
     prediction = denoiser(noisy, timesteps).float()
     if snr_gamma is None:
         return F.mse_loss(prediction, target.float())

@@ -65,8 +65,9 @@ class LatentDataset(torch.utils.data.Dataset):
 class LatentDdpmTask(DdpmTask):
     """Latent diffusion: VAE encoding (or its cache), condition encoding with dropout, UNet, previews, saving."""
 
-    def __init__(self, settings: LatentDdpmSettings, manifest: Manifest, vae_source):
-        super().__init__(settings, clip_sample=False)  # latents are not bounded to [-1, 1]
+    def __init__(self, settings: LatentDdpmSettings, manifest: Manifest, vae_source,
+                 val_manifest: Manifest | None = None):
+        super().__init__(settings, val_manifest, clip_sample=False)  # latents are not bounded to [-1, 1]
         self.manifest, self.vae_source = manifest, vae_source
         self.encoder = None if manifest.spec.is_empty else ConditionEncoder(manifest.spec, manifest.stats)
         self.vae = load_vae(vae_source.local_dir, settings.vae_uri)  # checked before any MLflow run opens
@@ -120,11 +121,14 @@ class LatentDdpmTask(DdpmTask):
             latents = DiagonalGaussianDistribution(self._encode(batch["pixel_values"])).sample()
         return latents * self.scaling_factor  # (B, 4, h, w), unit variance by construction of the factor
 
-    def denoiser(self, model, batch: dict):
+    def validation_sample(self, batch: dict) -> torch.Tensor:
+        return DiagonalGaussianDistribution(self._encode(batch["pixel_values"])).mode() * self.scaling_factor
+
+    def denoiser(self, model, batch: dict, drop_conditions: bool = True):
         labels = None
         if self.encoder is not None:
             encoded = self.encoder.encode(batch["conditions"].float(), batch["present"].float())  # (B, D + K)
-            labels = self.encoder.drop(encoded, self.settings.cond_dropout_prob)
+            labels = self.encoder.drop(encoded, self.settings.cond_dropout_prob) if drop_conditions else encoded
         return lambda noisy, timesteps: model(noisy, timesteps, encoder_hidden_states=None,
                                               class_labels=labels).sample
 
@@ -139,10 +143,11 @@ class LatentDdpmTask(DdpmTask):
                                   num_inference_steps=self.settings.preview_inference_steps)
         return image_grid(to_pil(images), labels=[condition_label(c) for c in conditions])
 
-    def save(self, accelerator: Accelerator, model) -> dict[str, float]:
+    def save(self, accelerator: Accelerator, model, target_dir: Path) -> dict[str, float]:
         if not accelerator.is_main_process:
             return {}
-        output_dir = Path(self.settings.output_dir)
+        output_dir = Path(target_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
         unet = accelerator.unwrap_model(model)
         with self.ema_weights(unet):
             temporary = temporary_folder(output_dir, "unet")

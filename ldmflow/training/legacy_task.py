@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 class LegacyDdpmTask(DdpmTask):
     """Pixel-space DDPM on the manifest's images."""
 
-    def __init__(self, settings: LegacyDdpmSettings, manifest: Manifest):
-        super().__init__(settings)
+    def __init__(self, settings: LegacyDdpmSettings, manifest: Manifest, val_manifest: Manifest | None = None):
+        super().__init__(settings, val_manifest)
         self.manifest = manifest
 
     def setup(self, accelerator: Accelerator):
@@ -38,7 +38,10 @@ class LegacyDdpmTask(DdpmTask):
     def clean_sample(self, batch: dict):
         return batch["pixel_values"]  # (B, 3, H, W) in [-1, 1]
 
-    def denoiser(self, model, batch: dict):
+    def validation_sample(self, batch: dict):
+        return batch["pixel_values"]
+
+    def denoiser(self, model, batch: dict, drop_conditions: bool = True):
         return lambda noisy, timesteps: model(noisy, timesteps).sample
 
     def _preview(self, unet, step: int) -> Image.Image:
@@ -46,12 +49,12 @@ class LegacyDdpmTask(DdpmTask):
         images = sampler.generate(self.settings.num_preview_images, self.settings.preview_inference_steps, "ddim")
         return image_grid(to_pil(images))
 
-    def save(self, accelerator: Accelerator, model) -> dict[str, float]:
+    def save(self, accelerator: Accelerator, model, target_dir: Path) -> dict[str, float]:
         if accelerator.is_main_process:
             unet = accelerator.unwrap_model(model)
             with self.ema_weights(unet):
-                temporary = temporary_folder(self.settings.output_dir, "pipeline")
+                temporary = temporary_folder(target_dir, "pipeline")
                 DDPMPipeline(unet=unet, scheduler=self.noise_scheduler).save_pretrained(temporary)
-            publish_files(temporary, Path(self.settings.output_dir))
-            logger.info("Saved the DDPMPipeline to %s.", self.settings.output_dir)
+            publish_files(temporary, target_dir)
+            logger.info("Saved the DDPMPipeline to %s.", target_dir)
         return {}

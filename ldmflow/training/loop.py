@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -20,7 +21,8 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 
 from ldmflow.errors import LdmflowError
-from ldmflow.training.checkpoints import TrainingState, find_resume_checkpoint, list_checkpoints, save_checkpoint
+from ldmflow.training.checkpoints import (BEST_CHECKPOINT, TrainingState, find_resume_checkpoint, list_checkpoints,
+                                          save_checkpoint)
 from ldmflow.settings import TrainSettings
 from ldmflow.training.task import Task
 
@@ -68,11 +70,11 @@ class EpochSeededData(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
-            torch.random.default_generator.manual_seed(_derive_seed(self.seed, self.epoch, index))
+            torch.random.default_generator.manual_seed(derive_seed(self.seed, self.epoch, index))
             return self.dataset[index]
 
 
-def _derive_seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across processes and Python runs, unlike hash())."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
@@ -118,8 +120,49 @@ class PreparedRun:
     state: TrainingState
     steps_per_epoch: int
     max_steps: int
+    checkpoint_metric: str | None = None  # the validation metric that picks checkpoint-best
+    checkpoint_after_epoch: bool = False
     nonfinite_in_a_row: int = 0
     resumed_tags: dict | None = None  # set by `prepare` when it resumed from a checkpoint
+
+
+@dataclass
+class TrainingOutcome:
+    """What a training produced: its final metrics and the model folder to register (best or last)."""
+
+    metrics: dict[str, float]
+    model_dir: Path
+    checkpoint: str  # "best" or "last"
+    step: int
+    metric: str | None = None
+    metric_value: float | None = None
+
+    def version_tags(self) -> dict[str, str]:
+        """Recorded on the registered version: which weights these are."""
+        tags = {"checkpoint": self.checkpoint, "checkpoint_step": str(self.step)}
+        if self.metric is not None:
+            tags.update(checkpoint_metric=self.metric, checkpoint_metric_value=f"{self.metric_value:.6g}")
+        return tags
+
+
+_HIGHER_IS_BETTER = ("psnr", "ssim")  # every other validation metric is a loss or a distance
+
+
+def _is_better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return math.isfinite(value)
+    return value > best if any(word in metric for word in _HIGHER_IS_BETTER) else value < best
+
+
+def _checkpoint_metric(settings: TrainSettings, task: Task) -> str | None:
+    """--checkpoint_metric, checked against what this run validates; by default the task's first metric."""
+    available = task.validation_metrics if settings.eval_epochs else ()
+    if settings.checkpoint_metric is None:
+        return available[0] if available else None
+    if settings.checkpoint_metric not in available:
+        offered = ", ".join(available) or "nothing (no val split, or --eval_epochs 0)"
+        raise LdmflowError(f"--checkpoint_metric {settings.checkpoint_metric}: this run validates {offered}.")
+    return settings.checkpoint_metric
 
 
 def prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> PreparedRun:
@@ -152,11 +195,11 @@ def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> P
     accelerator.register_for_checkpointing(state)
     task.after_prepare(accelerator, model)
     return PreparedRun(accelerator, model, optimizer, dataloader, dataset, lr_scheduler, state, steps_per_epoch,
-                       max_steps)
+                       max_steps, _checkpoint_metric(settings, task))
 
 
-def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRun) -> dict[str, float]:
-    """Run the whole training from what `prepare` made, and return `task.save`'s metrics."""
+def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRun) -> TrainingOutcome:
+    """Run the whole training from what `prepare` made; save the last weights (and the best ones)."""
     accelerator, state = run.accelerator, run.state
     state.run_id = getattr(tracker, "run_id", "") or ""
     if run.resumed_tags and accelerator.is_main_process:
@@ -177,15 +220,41 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
             batches = accelerator.skip_first_batches(batches, skip_batches * settings.gradient_accumulation_steps)
         _train_epoch(settings, task, tracker, run, window, batches, epoch)
         last_epoch = epoch == num_epochs - 1 or state.global_step >= run.max_steps
-        _end_of_epoch(settings, task, accelerator, run.model, tracker, epoch, state.global_step, last_epoch)
+        _end_of_epoch(settings, task, run, tracker, epoch, last_epoch)
+        if run.checkpoint_after_epoch:
+            _checkpoint(settings, run, tracker)
+            run.checkpoint_after_epoch = False
 
     accelerator.wait_for_everyone()
-    final_metrics = task.save(accelerator, run.model)
+    output_dir = Path(settings.output_dir)
+    final_metrics = task.save(accelerator, run.model, output_dir)
     if accelerator.is_main_process and final_metrics:
         tracker.log_metrics(final_metrics, state.global_step)
+    outcome = _registered_weights(settings, task, run, TrainingOutcome(final_metrics, output_dir, "last",
+                                                                       state.global_step))
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # drop the DDP wrapper before any process-group teardown (gloo deadlocks otherwise)
-    return final_metrics
+    return outcome
+
+
+def _registered_weights(settings, task, run: PreparedRun, last: TrainingOutcome) -> TrainingOutcome:
+    """The outcome to register: the last weights, or (--register best) the best validated ones, exported
+    from checkpoint-best to output_dir/best unless they are the last weights anyway."""
+    state, metric = run.state, run.checkpoint_metric
+    best = Path(settings.output_dir) / BEST_CHECKPOINT
+    if settings.register != "best" or metric is None or state.best_step is None or not best.is_dir():
+        if settings.register == "best" and run.accelerator.is_main_process:
+            logger.info("No validated checkpoint to choose from: registering the last weights.")
+        return last
+    step, value = state.best_step, state.best_value
+    if step == state.global_step:
+        return TrainingOutcome(last.metrics, last.model_dir, "best", step, metric, value)
+    run.accelerator.load_state(str(best))
+    task.after_resume(run.accelerator)
+    target = Path(settings.output_dir) / "best"
+    metrics = task.save(run.accelerator, run.model, target)
+    logger.info("Exported the best weights (step %d, %s %.5g) to %s.", step, metric, value, target)
+    return TrainingOutcome(metrics, target, "best", step, metric, value)
 
 
 def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindow, batches, epoch: int) -> None:
@@ -194,7 +263,7 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
     micro_step = 0
     for batch in batches:
         # Noise, timesteps and dropout are a function of the step: resume continues exactly.
-        torch.manual_seed(_derive_seed(settings.seed, state.global_step, micro_step, accelerator.process_index))
+        torch.manual_seed(derive_seed(settings.seed, state.global_step, micro_step, accelerator.process_index))
         micro_step += 1
         with accelerator.accumulate(model):
             loss, parts = task.loss(model, batch)  # loss: fp32 scalar, parts: (len(metric_names),)
@@ -225,12 +294,19 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
             if accelerator.is_main_process:
                 tracker.log_metrics(metrics, state.global_step)
         if state.global_step % settings.checkpointing_steps == 0:
-            path = save_checkpoint(accelerator, settings.output_dir, state.global_step, settings.checkpoints_total_limit)
-            if accelerator.is_main_process:
-                tracker.set_tags({"ldmflow.last_checkpoint": str(path),
-                                  "ldmflow.last_checkpoint_step": str(state.global_step)})
+            if state.global_step % run.steps_per_epoch and state.global_step < run.max_steps:
+                _checkpoint(settings, run, tracker)
+            else:  # the epoch's last step: checkpoint after its validation, so it holds the best-so-far
+                run.checkpoint_after_epoch = True
         if state.global_step >= run.max_steps:
             return
+
+
+def _checkpoint(settings: TrainSettings, run: PreparedRun, tracker: Tracker) -> None:
+    step = run.state.global_step
+    path = save_checkpoint(run.accelerator, settings.output_dir, step, settings.checkpoints_total_limit)
+    if run.accelerator.is_main_process:
+        tracker.set_tags({"ldmflow.last_checkpoint": str(path), "ldmflow.last_checkpoint_step": str(step)})
 
 
 def _step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor | None, accelerator: Accelerator) -> bool:
@@ -273,15 +349,25 @@ def _resume(settings: TrainSettings, accelerator: Accelerator, state: TrainingSt
             "ldmflow.resumed_from_run_id": state.run_id}
 
 
-def _end_of_epoch(settings, task, accelerator, model, tracker, epoch, step, last_epoch) -> None:
-    """Validation metrics every epoch; preview grids every --save_images_epochs and after the last epoch."""
+def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_epoch: bool) -> None:
+    """Validation every --eval_epochs and previews every --save_images_epochs (both after the last epoch);
+    a better validation score than any before saves checkpoint-best."""
+    accelerator, model, step = run.accelerator, run.model, run.state.global_step
     previews = (epoch + 1) % settings.save_images_epochs == 0 or last_epoch
+    validate = settings.eval_epochs > 0 and ((epoch + 1) % settings.eval_epochs == 0 or last_epoch)
     model.eval()
-    metrics, images = task.end_of_epoch(accelerator, model, step, previews=previews)
+    metrics, images = task.end_of_epoch(accelerator, model, step, previews=previews, validate=validate)
     if accelerator.is_main_process:
         if metrics:
             tracker.log_metrics(metrics, step)
         for key, image in images.items():
             tracker.log_image(image, key, step)
     model.train()
+    metric = run.checkpoint_metric
+    if metric in metrics and _is_better(metric, metrics[metric], run.state.best_value):
+        run.state.best_step, run.state.best_value = step, metrics[metric]  # saved with the checkpoint
+        save_checkpoint(accelerator, settings.output_dir, step, None, name=BEST_CHECKPOINT)
+        if accelerator.is_main_process:
+            tracker.set_tags({"ldmflow.best_checkpoint_step": str(step),
+                              "ldmflow.best_checkpoint_metric": f"{metric}={metrics[metric]:.6g}"})
     accelerator.wait_for_everyone()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 from PIL import Image
@@ -11,6 +13,11 @@ class Task:
     """A task provides `setup`, `loss` and `save`; the other hooks do nothing unless a task needs them."""
 
     metric_names: tuple[str, ...] = ()  # loss parts returned by `loss`, in this order
+
+    @property
+    def validation_metrics(self) -> tuple[str, ...]:
+        """What `end_of_epoch(validate=True)` returns; the first is the default --checkpoint_metric."""
+        return ()
 
     def setup(self, accelerator: Accelerator) -> tuple[torch.nn.Module, torch.utils.data.Dataset]:
         """The model to train and its training dataset (before accelerate prepares them)."""
@@ -29,11 +36,11 @@ class Task:
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
         """Called after each finite optimizer step."""
 
-    def end_of_epoch(self, accelerator: Accelerator, model: torch.nn.Module, step: int,
-                     previews: bool) -> tuple[dict[str, float], dict[str, Image.Image]]:
-        """Validation metrics and, when `previews`, preview images to log at `step`."""
+    def end_of_epoch(self, accelerator: Accelerator, model: torch.nn.Module, step: int, previews: bool,
+                     validate: bool) -> tuple[dict[str, float], dict[str, Image.Image]]:
+        """When `validate`, validation metrics (equal on every process); when `previews`, images to log."""
         return {}, {}
 
-    def save(self, accelerator: Accelerator, model: torch.nn.Module) -> dict[str, float]:
-        """Write the final model (main process) and return final metrics to log."""
+    def save(self, accelerator: Accelerator, model: torch.nn.Module, target_dir: Path) -> dict[str, float]:
+        """Write the model to `target_dir` (main process; every process calls) and return metrics to log."""
         raise NotImplementedError

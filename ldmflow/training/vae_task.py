@@ -64,10 +64,14 @@ class VaeTask(Task):
         loss = mse + l1 + self.settings.kl_weight * kl
         return loss, torch.stack([mse, l1, kl]).detach()
 
+    @property
+    def validation_metrics(self) -> tuple[str, ...]:
+        return ("val/psnr", "val/ssim") if self.val_manifest else ()
+
     @torch.no_grad()
-    def end_of_epoch(self, accelerator: Accelerator, model, step: int, previews: bool):
+    def end_of_epoch(self, accelerator: Accelerator, model, step: int, previews: bool, validate: bool):
         vae = accelerator.unwrap_model(model).vae
-        metrics = self._validate(accelerator, vae) if self.val_manifest else {}
+        metrics = self._validate(accelerator, vae) if validate and self.val_manifest else {}
         images = {}
         if previews and accelerator.is_main_process:
             images["reconstructions"] = self._preview(vae, step)
@@ -85,7 +89,7 @@ class VaeTask(Task):
                                    torch.tensor(float(len(pixels)), device=accelerator.device)])
         totals = accelerator.reduce(totals, reduction="sum")
         count = max(totals[2].item(), 1.0)
-        return {"val_psnr": totals[0].item() / count, "val_ssim": totals[1].item() / count}
+        return {"val/psnr": totals[0].item() / count, "val/ssim": totals[1].item() / count}
 
     def _preview(self, vae, step: int) -> Image.Image:
         """Inputs (top row) above their reconstructions (bottom row), saved to output_dir/images/."""
@@ -118,14 +122,14 @@ class VaeTask(Task):
         variance = squares / count - (total / count) ** 2
         return float(1.0 / max(variance, 1e-12) ** 0.5)
 
-    def save(self, accelerator: Accelerator, model) -> dict[str, float]:
+    def save(self, accelerator: Accelerator, model, target_dir: Path) -> dict[str, float]:
         vae = accelerator.unwrap_model(model).vae
         vae.eval()
         scaling_factor = self.measure_scaling_factor(accelerator, vae)
         if accelerator.is_main_process:
             vae.register_to_config(scaling_factor=scaling_factor)
-            temporary = temporary_folder(self.settings.output_dir, "vae")
+            temporary = temporary_folder(target_dir, "vae")
             vae.save_pretrained(temporary, safe_serialization=True)
-            publish_files(temporary, Path(self.settings.output_dir))
-            logger.info("Saved the VAE to %s (latent scaling factor %.5f).", self.settings.output_dir, scaling_factor)
+            publish_files(temporary, target_dir)
+            logger.info("Saved the VAE to %s (latent scaling factor %.5f).", target_dir, scaling_factor)
         return {"latent_scaling_factor": scaling_factor}

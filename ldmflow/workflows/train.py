@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
+from ldmflow.errors import LdmflowError
 from ldmflow.settings import LatentDdpmSettings, LegacyDdpmSettings, TrainSettings, VaeSettings
 
 logger = logging.getLogger(__name__)
@@ -23,29 +24,38 @@ def _load(settings: TrainSettings, split: str, condition_spec: str) -> Manifest:
                          data_root=settings.data_root, allow_outside_root=settings.allow_outside_root)
 
 
-def _validation_manifest(settings: TrainSettings) -> Manifest | None:
-    """The val split when the manifest has one (the VAE reports PSNR/SSIM on it), else None."""
-    if not settings.val_split or settings.val_split == settings.split:
+def _validation_manifest(settings: TrainSettings, train: Manifest) -> Manifest | None:
+    """The val split when the manifest has one, else None; never an image that is also trained on."""
+    if not settings.val_split or settings.eval_epochs == 0:
         return None
     try:
-        return _load(settings, settings.val_split, "none")
+        val = _load(settings, settings.val_split, getattr(settings, "condition_spec", "none"))
     except NothingUsableError:
         logger.info("No usable '%s' entries: validation metrics are skipped.", settings.val_split)
         return None
+    trained = {record.image_path for record in train.records}
+    shared = [record.image_path for record in val.records if record.image_path in trained]
+    if shared:
+        raise LdmflowError(
+            f"--split {settings.split!r} and --val_split {settings.val_split!r} share {len(shared)} image(s) "
+            f"(e.g. {shared[0]}): validation would score images the model trains on. Train on a split without "
+            "them, or pass --val_split '' to train without validation.")
+    return val
 
 
 def _build_task(settings: TrainSettings, manifest: Manifest, vae_source):
+    val = _validation_manifest(settings, manifest)
     if isinstance(settings, VaeSettings):
         from ldmflow.training.vae_task import VaeTask
 
-        return VaeTask(settings, manifest, _validation_manifest(settings))
+        return VaeTask(settings, manifest, val)
     if isinstance(settings, LatentDdpmSettings):
         from ldmflow.training.latent_task import LatentDdpmTask
 
-        return LatentDdpmTask(settings, manifest, vae_source)
+        return LatentDdpmTask(settings, manifest, vae_source, val)
     from ldmflow.training.legacy_task import LegacyDdpmTask
 
-    return LegacyDdpmTask(settings, manifest)
+    return LegacyDdpmTask(settings, manifest, val)
 
 
 def _resolve_vae(settings: LatentDdpmSettings, accelerator):
@@ -55,7 +65,6 @@ def _resolve_vae(settings: LatentDdpmSettings, accelerator):
     """
     from accelerate.utils import broadcast_object_list
 
-    from ldmflow.errors import LdmflowError
     from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
 
     payload = [None]
@@ -92,12 +101,13 @@ def run_training(settings: TrainSettings) -> dict[str, float]:
         if not manifest.spec.is_empty:
             tracker.log_dict({"condition_spec": str(manifest.spec), "stats": manifest.stats.to_dict(manifest.spec)},
                              "conditioning.json")
-        metrics = train(settings, task, tracker, prepared)
+        outcome = train(settings, task, tracker, prepared)
         if is_main and not settings.no_mlflow:
             registered = log_and_register(
-                stage, settings.output_dir, tracker, registered_model_name=settings.registered_model_name,
+                stage, outcome.model_dir, tracker, registered_model_name=settings.registered_model_name,
                 alias=settings.register_alias, vae_source=vae_source, dataset_digest=manifest.digest,
-                condition_spec=None if manifest.spec.is_empty else str(manifest.spec))
+                condition_spec=None if manifest.spec.is_empty else str(manifest.spec),
+                extra_tags=outcome.version_tags())
             tracker.set_tags({REGISTERED_URI_TAG: registered.model_uri})
     accelerator.end_training()
-    return metrics
+    return outcome.metrics

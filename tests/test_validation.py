@@ -1,0 +1,152 @@
+"""Validation during training (fixed-noise denoising loss, no leakage) and the best checkpoint it picks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from ldmflow.cli import cli
+from ldmflow.data.manifest import load_manifest
+from ldmflow.errors import LdmflowError
+from ldmflow.settings import LegacyDdpmSettings
+from ldmflow.training.legacy_task import LegacyDdpmTask
+from ldmflow.training.loop import build_accelerator, prepare, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("validation-data")
+    result = CliRunner().invoke(cli, ["demo-data", "--output_dir", str(folder), "--num_images", "12",
+                                      "--resolution", "32", "--val_fraction", "0.25"])
+    assert result.exit_code == 0, result.output
+    return folder / "manifest.json"
+
+
+class Recorder:
+    run_id = ""
+
+    def __init__(self):
+        self.metrics, self.tags = [], {}
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append((step, dict(metrics)))
+
+    def log_image(self, image, key, step):
+        pass
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+
+class Scripted(LegacyDdpmTask):
+    """A legacy DDPM whose validation loss is read from a script, so which epoch is best is known."""
+
+    def __init__(self, settings, data, losses):
+        super().__init__(settings, load_manifest(data, condition_spec="none"),
+                         load_manifest(data, split="val", condition_spec="none"))
+        self.losses = list(losses)
+
+    def validation_loss(self, accelerator, unet):
+        return self.losses.pop(0)
+
+
+def settings_for(data: Path, output: Path, **overrides) -> LegacyDdpmSettings:
+    values = dict(manifest_path=str(data), output_dir=str(output), resolution=32, train_batch_size=3,
+                  block_out_channels=(16, 16), layers_per_block=1, lr_warmup_steps=0, learning_rate=1e-3,
+                  num_preview_images=1, preview_inference_steps=1, save_images_epochs=100, logging_steps=1,
+                  checkpointing_steps=3, num_epochs=3, no_mlflow=True)
+    return LegacyDdpmSettings(**{**values, **overrides})
+
+
+def run(settings, task, recorder=None):
+    recorder = recorder or Recorder()
+    return train(settings, task, recorder, prepare(settings, task, build_accelerator(settings))), recorder
+
+
+def unet_weights(folder: Path) -> dict:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_the_validation_loss_uses_fixed_noise_and_timesteps(data, tmp_path):
+    settings = settings_for(data, tmp_path)
+    task = LegacyDdpmTask(settings, load_manifest(data, condition_spec="none"),
+                          load_manifest(data, split="val", condition_spec="none"))
+    accelerator = build_accelerator(settings)
+    unet, _ = task.setup(accelerator)
+    first, second = task.validation_loss(accelerator, unet), task.validation_loss(accelerator, unet)
+    assert first == second and first > 0  # the same weights score the same, every time
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert task.validation_loss(accelerator, unet) == first
+    with torch.no_grad():
+        next(unet.parameters()).add_(0.5)
+    assert task.validation_loss(accelerator, unet) != first
+
+
+def test_each_epoch_logs_raw_and_ema_validation_losses(data, tmp_path):
+    settings = settings_for(data, tmp_path, use_ema=True, num_epochs=2)
+    task = LegacyDdpmTask(settings, load_manifest(data, condition_spec="none"),
+                          load_manifest(data, split="val", condition_spec="none"))
+    outcome, recorder = run(settings, task)
+    validated = [(step, m) for step, m in recorder.metrics if "val/denoise_loss" in m]
+    assert [step for step, _ in validated] == [3, 6]  # 9 training images, batch 3: 3 steps per epoch
+    assert all("val/denoise_loss_ema" in m for _, m in validated)
+    assert outcome.metric == "val/denoise_loss_ema"  # the registered weights are the EMA's, so is the choice
+
+
+def test_the_best_validated_weights_are_exported_and_chosen(data, tmp_path):
+    settings = settings_for(data, tmp_path)
+    outcome, recorder = run(settings, Scripted(settings, data, [0.5, 0.3, 0.4]))
+    assert (outcome.checkpoint, outcome.step, outcome.metric, outcome.metric_value) == \
+        ("best", 6, "val/denoise_loss", 0.3)
+    assert outcome.model_dir == tmp_path / "best"
+    assert outcome.version_tags() == {"checkpoint": "best", "checkpoint_step": "6",
+                                      "checkpoint_metric": "val/denoise_loss", "checkpoint_metric_value": "0.3"}
+    best, last, at_6 = unet_weights(tmp_path / "best"), unet_weights(tmp_path), \
+        load_file(tmp_path / "checkpoint-best" / "model.safetensors")
+    assert all(torch.equal(best[key], at_6[key]) for key in best)  # the weights of step 6, not the last ones
+    assert not all(torch.equal(best[key], last[key]) for key in best)
+    assert recorder.tags["ldmflow.best_checkpoint_step"] == "6"
+
+
+def test_register_last_and_a_best_last_epoch_need_no_export(data, tmp_path):
+    settings = settings_for(data, tmp_path / "last", register="last")
+    outcome, _ = run(settings, Scripted(settings, data, [0.5, 0.3, 0.4]))
+    assert (outcome.checkpoint, outcome.step, outcome.model_dir) == ("last", 9, tmp_path / "last")
+    settings = settings_for(data, tmp_path / "improving")
+    outcome, _ = run(settings, Scripted(settings, data, [0.5, 0.4, 0.3]))
+    assert (outcome.checkpoint, outcome.step, outcome.model_dir) == ("best", 9, tmp_path / "improving")
+    assert not (tmp_path / "improving" / "best").exists()
+
+
+def test_a_resumed_run_keeps_its_best_so_far(data, tmp_path):
+    settings = settings_for(data, tmp_path, num_epochs=2)
+    run(settings, Scripted(settings, data, [0.5, 0.3]))
+    resumed = settings_for(data, tmp_path, num_epochs=3, resume_from_checkpoint="latest")
+    outcome, _ = run(resumed, Scripted(resumed, data, [0.4]))  # worse than the 0.3 of step 6
+    assert (outcome.checkpoint, outcome.step, outcome.metric_value) == ("best", 6, 0.3)
+
+
+def test_checkpoint_metric_must_be_one_the_run_validates(data, tmp_path):
+    settings = settings_for(data, tmp_path, checkpoint_metric="val/fid")
+    task = Scripted(settings, data, [])
+    with pytest.raises(LdmflowError, match=r"--checkpoint_metric val/fid: this run validates val/denoise_loss\."):
+        prepare(settings, task, build_accelerator(settings))
+    settings = settings_for(data, tmp_path, checkpoint_metric="val/denoise_loss", eval_epochs=0)
+    with pytest.raises(LdmflowError, match=r"validates nothing \(no val split, or --eval_epochs 0\)"):
+        prepare(settings, Scripted(settings, data, []), build_accelerator(settings))
+
+
+def test_validation_never_scores_training_images(data, tmp_path):
+    args = ["vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--resolution", "32",
+            "--block_out_channels", "8,8,8,8", "--layers_per_block", "1", "--no_mlflow"]
+    result = CliRunner().invoke(cli, [*args, "--split", "all"])
+    assert result.exit_code == 1
+    assert "--split 'all' and --val_split 'val' share 3 image(s)" in result.output
+    assert "--val_split ''" in result.output
+    result = CliRunner().invoke(cli, [*args, "--split", "all", "--val_split", "", "--max_train_steps", "1",
+                                      "--scaling_factor_batches", "1", "--save_images_epochs", "100"])
+    assert result.exit_code == 0, result.output
