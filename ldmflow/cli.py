@@ -12,9 +12,9 @@ import typing
 import click
 
 from ldmflow.errors import LdmflowError
-from ldmflow.settings import (DEFAULT_EXPERIMENT, CheckManifestSettings, DemoDataSettings, LatentDdpmSettings,
-                              LegacyDdpmSettings, PipelineSettings, SampleSettings, VaeSettings, param_value,
-                              setting_fields)
+from ldmflow.settings import (DEFAULT_EXPERIMENT, CheckManifestSettings, DemoDataSettings, EvaluateSettings,
+                              LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings, ProbeSettings, SampleSettings,
+                              VaeSettings, param_value, setting_fields)
 
 
 class _Command(click.Command):
@@ -149,6 +149,24 @@ def legacy_ddpm_command(**options):
     from ldmflow.workflows.train import run_training
 
     run_training(LegacyDdpmSettings(**options))
+
+
+@cli.command("probe")
+@settings_options(ProbeSettings)
+def probe_command(**options):
+    """Train the condition probe that evaluation reads conditions back with; registered as ldmflow-probe."""
+    from ldmflow.workflows.train import run_training
+
+    run_training(ProbeSettings(**options))
+
+
+@cli.command("evaluate")
+@settings_options(EvaluateSettings)
+def evaluate_command(**options):
+    """Score a model (FID/KID, condition adherence, diversity; PSNR/SSIM/rFID for a VAE) on a split."""
+    from ldmflow.workflows.evaluate import format_metrics, run_evaluation
+
+    click.echo(format_metrics(run_evaluation(EvaluateSettings(**options))))
 
 
 @cli.command("sample")

@@ -16,15 +16,17 @@ import json
 
 import click
 
-from ldmflow.settings import (LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings, SampleSettings, VaeSettings,
-                              param_value, setting_fields)
+from ldmflow.settings import (EvaluateSettings, LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings,
+                              ProbeSettings, SampleSettings, VaeSettings, param_value, setting_fields)
 
 # entry point -> (ldmflow command, settings). Each has entrypoints/<entry point>.py.
 ENTRY_POINTS = {
     "vae": ("vae", VaeSettings),
     "latent_ddpm": ("latent-ddpm", LatentDdpmSettings),
     "legacy_ddpm": ("legacy-ddpm", LegacyDdpmSettings),
+    "probe": ("probe", ProbeSettings),
     "sample": ("sample", SampleSettings),
+    "evaluate": ("evaluate", EvaluateSettings),
     "pipeline": ("pipeline", PipelineSettings),
 }
 

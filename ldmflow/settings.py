@@ -25,6 +25,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
 REGISTER_CHOICES = ("best", "last")
+FEATURE_EXTRACTORS = ("auto", "inception", "probe")
 
 
 def setting(default=MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,
@@ -85,6 +86,15 @@ def _check_alias(alias: str | None) -> None:
     if alias is not None and (alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias) or not alias.strip()):
         raise LdmflowError(f"--register_alias {alias!r} is reserved by MLflow (latest, v<number>); "
                            "choose another name such as candidate or champion.")
+
+
+def _default(settings_class, name: str):
+    """A field's default, for settings that pass it on to another command (the pipeline's steps)."""
+    return next(item for item in dataclasses.fields(settings_class) if item.name == name).default
+
+
+def _channels(settings_class) -> str:
+    return param_value(_default(settings_class, "block_out_channels"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,6 +258,32 @@ class LegacyDdpmSettings(DdpmSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ProbeSettings(TrainSettings):
+    """`ldmflow probe`: a small CNN that reads the conditions back from images, for evaluation."""
+
+    resolution: int = 64
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)
+    train_batch_size: int = 16
+    eval_batch_size: int = 32
+    num_epochs: int = 40
+    learning_rate: float = 1e-3
+    lr_warmup_steps: int = 0
+    save_images_epochs: int = 10**6  # a probe has no previews
+    condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "The conditions to read: comma list of name:dim.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.condition_spec.strip().lower() == "none":
+            raise LdmflowError("A probe reads conditions: --condition_spec none leaves it nothing to learn.")
+        if self.random_flip:
+            raise LdmflowError("--random_flip would mirror images but not their directional conditions; "
+                               "the probe trains without flips.")
+        if self.resolution % 2 ** len(self.block_out_channels):
+            raise LdmflowError(f"--resolution {self.resolution} cannot be halved {len(self.block_out_channels)} "
+                               "times; use fewer --block_out_channels or a larger resolution.")
+
+
+@dataclass(frozen=True, kw_only=True)
 class SampleSettings:
     """`ldmflow sample`: images from a trained model, for given conditions or unconditional."""
 
@@ -278,13 +314,49 @@ class SampleSettings:
         return settings_params(self)
 
 
-def _default(settings_class, name: str):
-    """A field's default, for settings that pass it on to another command (the pipeline's steps)."""
-    return next(item for item in dataclasses.fields(settings_class) if item.name == name).default
+@dataclass(frozen=True, kw_only=True)
+class EvaluateSettings:
+    """`ldmflow evaluate`: quality metrics of a trained model, logged to a run linked to the model."""
 
+    model_uri: str = setting(help="The model: its folder, runs:/..., models:/name/version or models:/name@alias.",
+                             project_type="uri")
+    manifest_path: str = setting(help="JSON manifest with the real images (see docs/manifest.md).",
+                                 project_type="path")
+    split: str = setting("val", "Real images to compare with (and the probe's validation split).")
+    train_split: str = setting("train", "The model's training split: the probe's training images and the "
+                                        "conditions' range.")
+    data_root: str | None = setting(None, "Folder output_rel is relative to (default: the manifest's).")
+    allow_outside_root: bool = setting(False, "Accept output_rel paths outside the data root.")
+    output_dir: str = setting("outputs/evaluate", "Where the sample grid, the table and a new probe go.")
+    num_samples: int = setting(256, "Generated (or reconstructed) images compared with the real ones.")
+    guidance_scale: float = setting(3.0, "Classifier-free guidance of the evaluated samples.")
+    num_inference_steps: int = setting(25, "Denoising steps.")
+    scheduler: str = setting("ddim", "Sampling scheduler.", choices=SAMPLING_SCHEDULERS)
+    seed: int = setting(0, "Sample i uses seed + i: two models are compared on identical noise.")
+    batch_size: int = setting(16, "Images per generation or feature batch.")
+    feature_extractor: str = setting("auto", "Features for FID/KID: inception (needs ldmflow[eval]), probe (the "
+                                             "condition probe's), or auto (inception when available).",
+                                     choices=FEATURE_EXTRACTORS)
+    inception_weights: str | None = setting(None, "Local pt_inception-2015-12-05 weights (else downloaded).")
+    probe_uri: str | None = setting(None, "Condition probe (folder or MLflow URI); default: the registered probe "
+                                          "of this dataset, trained when there is none.")
+    condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "Conditions the probe reads ('none': no probe); a "
+                                                          "conditioned model's own spec takes precedence.")
+    probe_epochs: int = setting(_default(ProbeSettings, "num_epochs"), "Epochs of a probe trained here.")
+    experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
+    run_name: str | None = setting(None, "MLflow run name.", project=False)
+    no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False)
 
-def _channels(settings_class) -> str:
-    return param_value(_default(settings_class, "block_out_channels"))
+    def __post_init__(self) -> None:
+        _check_at_least(self, 2, "num_samples")
+        _check_at_least(self, 1, "num_inference_steps", "batch_size")
+        _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
+        _check_choice(self, "feature_extractor", FEATURE_EXTRACTORS)
+        if self.guidance_scale < 1:
+            raise LdmflowError(f"--guidance_scale must be at least 1 (1 = no guidance), got {self.guidance_scale}.")
+
+    def to_params(self) -> dict[str, str]:
+        return settings_params(self)
 
 
 @dataclass(frozen=True, kw_only=True)

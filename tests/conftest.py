@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +44,11 @@ def write_test_image():
         return path
 
     return _write
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _reset_mlflow_tracking_uri():
+    """In-process commands set MLflow's global tracking URI; no test module inherits another's store."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)

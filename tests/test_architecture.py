@@ -16,7 +16,7 @@ LAYERS = (
     ("ldmflow.settings", "ldmflow.files"),
     ("ldmflow.data",),
     ("ldmflow.models",),
-    ("ldmflow.sampling",),
+    ("ldmflow.sampling", "ldmflow.evaluation"),
     ("ldmflow.training", "ldmflow.tracking"),
     ("ldmflow.workflows",),
     ("ldmflow.cli",),

@@ -262,7 +262,7 @@ def test_list_models_shows_every_version_with_metrics(env):
     assert rows[2]["vae"] == "ldmflow-vae v1"
     table = format_models(rows)
     assert table.splitlines()[0].split() == ["MODEL", "STAGE", "ALIASES", "RUN", "DATASET", "VAE", "WEIGHTS", "LOSS",
-                                             "VAL_PSNR", "VAL_DENOISE", "SCALE"]
+                                             "VAL_PSNR", "VAL_DENOISE", "EVAL_FID", "SCALE"]
     assert vae["checkpoint"] == "best@4 (val/psnr=21.5)" and rows[3]["checkpoint"] == ""
     assert "ldmflow-vae v1" in table and "@champion" in table and "best@4 (val/psnr=21.5)" in table
 

@@ -15,7 +15,8 @@ SAMPLE_MODEL_VERSION_TAG = "ldmflow.model_version"
 SAMPLE_MODEL_ID_TAG = "ldmflow.model_id"
 SAMPLE_MODEL_RUN_TAG = "ldmflow.model_run_id"
 SAMPLE_STAGE = "sample"
-STAGES = ("vae", "latent_ddpm", "legacy_ddpm")
+EVALUATE_STAGE = "evaluate"
+STAGES = ("vae", "latent_ddpm", "legacy_ddpm", "probe")
 # Run metrics shown by list_models (names the training loop logs).
 KEY_METRICS = ("loss", "val/psnr", "val/denoise_loss", "val/denoise_loss_ema", "latent_scaling_factor")
 _PAGE = 1000
@@ -45,7 +46,9 @@ def lineage(model_uri: str) -> dict:
     stage = tags.get("stage", "")
     me = {"name": found.name, "version": str(found.version), "run_id": found.run_id or ""}
     result = {"stage": stage, "dataset_digest": tags.get("dataset_digest", ""), "vae": None, "ddpm": None,
-              "latent_ddpms": [], "samples": []}
+              "latent_ddpms": [], "samples": [],
+              "evaluations": _sample_runs(client, found.name, str(found.version), version_model_id(found),
+                                          EVALUATE_STAGE)}
     if stage == "vae":
         result["vae"] = {**me, "uri": f"models:/{found.name}/{found.version}"}
         for ddpm in _latent_ddpms_from_vae(client, found):
@@ -76,15 +79,15 @@ def _latent_ddpms_from_vae(client, vae_version) -> list[dict]:
              "model_id": version_model_id(v)} for v in sorted(versions, key=lambda v: (v.name, int(v.version)))]
 
 
-def _sample_runs(client, name: str, version: str, model_id: str | None) -> list[str]:
-    """Ids of runs tagged as sampled from this version (by name+version, or by its logged model id)."""
+def _sample_runs(client, name: str, version: str, model_id: str | None, stage: str = SAMPLE_STAGE) -> list[str]:
+    """Ids of the sample (or evaluate) runs tagged with this version (by name+version, or its logged model id)."""
     queries = [f"tags.`{SAMPLE_MODEL_NAME_TAG}` = {filter_value(name)} "
                f"AND tags.`{SAMPLE_MODEL_VERSION_TAG}` = {filter_value(version)}"]
     if model_id:
         queries.append(f"tags.`{SAMPLE_MODEL_ID_TAG}` = {filter_value(model_id)}")
     run_ids: list[str] = []
     for query in queries:
-        for run in _search_runs(client, query):
+        for run in _search_runs(client, f"{query} AND tags.`ldmflow.stage` = {filter_value(stage)}"):
             if run.info.run_id not in run_ids:
                 run_ids.append(run.info.run_id)
     return run_ids
@@ -129,11 +132,16 @@ def format_lineage(d: dict) -> str:
                          f"{_count(m['samples'])}" for m in d["latent_ddpms"])
     ddpm = d.get("ddpm") or {}
     return f"{head} -> {ddpm.get('name')} v{ddpm.get('version')} (run {_short(ddpm.get('run_id'))}) -> " \
-           f"{_count(d.get('samples', []))}"
+           f"{_count(d.get('samples', []))}{_evaluations(d)}"
 
 
 def _count(samples: list) -> str:
     return f"{len(samples)} sample run{'' if len(samples) == 1 else 's'}"
+
+
+def _evaluations(d: dict) -> str:
+    count = len(d.get("evaluations") or [])
+    return f", {count} evaluation{'' if count == 1 else 's'}" if count else ""
 
 
 def list_models() -> list[dict]:
@@ -158,6 +166,7 @@ def list_models() -> list[dict]:
                      "dataset_digest": v.tags.get("dataset_digest", ""),
                      "vae": _vae_label(v.tags), "condition_spec": v.tags.get("condition_spec", ""),
                      "checkpoint": _checkpoint_label(v.tags),
+                     "eval_fid": _float_tag(v.tags, "eval/fid", "eval/rfid"),
                      **{key: metrics.get(key) for key in KEY_METRICS}})
     return rows
 
@@ -178,6 +187,11 @@ def _runs_by_id(client, run_ids: list[str]) -> dict:
         for run in _search_runs(client, f"attributes.run_id IN ({chunk})"):
             runs[run.info.run_id] = run
     return runs
+
+
+def _float_tag(tags: dict, *keys: str) -> float | None:
+    """The first of `keys` that the version carries (evaluate writes its scores as version tags)."""
+    return next((float(tags[key]) for key in keys if key in tags), None)
 
 
 def _checkpoint_label(tags: dict) -> str:
@@ -201,11 +215,11 @@ def format_models(rows: list[dict]) -> str:
     if not rows:
         return "No ldmflow models are registered in this MLflow store."
     header = ("MODEL", "STAGE", "ALIASES", "RUN", "DATASET", "VAE", "WEIGHTS", "LOSS", "VAL_PSNR", "VAL_DENOISE",
-              "SCALE")
+              "EVAL_FID", "SCALE")
     table = [header] + [(
         f"{r['name']} v{r['version']}", r["stage"], ",".join(f"@{a}" for a in r["aliases"]), _short(r["run_id"]),
         r["dataset_digest"][:12], r["vae"], r["checkpoint"], _number(r.get("loss")), _number(r.get("val/psnr")),
-        _number(_first_known(r.get("val/denoise_loss_ema"), r.get("val/denoise_loss"))),
+        _number(_first_known(r.get("val/denoise_loss_ema"), r.get("val/denoise_loss"))), _number(r.get("eval_fid")),
         _number(r.get("latent_scaling_factor"))) for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table)

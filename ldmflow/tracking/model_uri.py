@@ -19,7 +19,8 @@ from ldmflow.tracking.store import filter_value
 ACCEPTED_FORMS = ("a local folder, runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> "
                   "or models:/<model_id>")
 # Where each stage's diffusers folder lives inside a logged ldmflow pyfunc model (see registry.py).
-MODEL_ARTIFACT_DIRS = {"vae": "artifacts/vae", "latent_ddpm": "artifacts", "legacy_ddpm": "artifacts/pipeline"}
+MODEL_ARTIFACT_DIRS = {"vae": "artifacts/vae", "latent_ddpm": "artifacts", "legacy_ddpm": "artifacts/pipeline",
+                       "probe": "artifacts/probe"}
 _MAX_LISTED = 20
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 
@@ -247,7 +248,7 @@ def find_diffusers_folder(local_dir, kind: str) -> Path:
 
 def _logged_model_kind(root: Path) -> str | None:
     """The stage of an ldmflow pyfunc model, from its artifact layout (None if it is not one)."""
-    for kind in ("latent_ddpm", "legacy_ddpm", "vae"):  # a latent model also holds a vae/: test it first
+    for kind in ("latent_ddpm", "legacy_ddpm", "vae", "probe"):  # a latent model also holds a vae/: test it first
         if _looks_like(root / MODEL_ARTIFACT_DIRS[kind], kind):
             return kind
     return None
@@ -259,13 +260,17 @@ def _looks_like(folder: Path, kind: str) -> bool:
         return config.is_file() and _class_name(config) == "AutoencoderKL"
     if kind == "latent_ddpm":
         return (folder / "unet" / "config.json").is_file() and (folder / "scheduler_config.json").is_file()
+    if kind == "probe":
+        config = folder / "config.json"
+        return config.is_file() and _class_name(config) == "ConditionProbe"
     return (folder / "model_index.json").is_file() and (folder / "unet").is_dir()
 
 
 def _expected_layout(kind: str) -> str:
     return {"vae": "expected config.json of an AutoencoderKL and its weights",
             "latent_ddpm": "expected unet/ and scheduler_config.json (a latent-ddpm output folder)",
-            "legacy_ddpm": "expected model_index.json, unet/ and scheduler/ (a DDPMPipeline folder)"}[kind]
+            "legacy_ddpm": "expected model_index.json, unet/ and scheduler/ (a DDPMPipeline folder)",
+            "probe": "expected config.json of a ConditionProbe (an `ldmflow probe` output folder)"}[kind]
 
 
 def _class_name(config: Path) -> str | None:

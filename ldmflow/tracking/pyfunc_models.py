@@ -10,6 +10,8 @@ Serving formats (JSON friendly, one row per image):
   (output `image`, base64 PNG) or "encode" (output `latent`, nested lists (4, H/8, W/8) of the posterior mean
   times the VAE's scaling_factor, i.e. what the latent DDPM was trained on); mode = "decode" takes such a
   `latent` column (nested lists or their JSON text) and returns `image`.
+- `ProbePyfunc`: input column `image` (base64 images); output one column per condition component
+  (`component_columns`) in physical units: what the condition probe reads from each image.
 - `LegacyDdpmPyfunc`: one row per image with an integer `seed` column, or param num_images > 0 (then any one
   row, e.g. {"seed": 0}, and random seeds). Params: num_inference_steps, scheduler, batch_size. Output like
   the latent model.
@@ -228,6 +230,33 @@ class LegacyDdpmPyfunc(mlflow.pyfunc.PythonModel):
             images.extend(self._sampler.generate(len(rows), num_inference_steps=int(options["num_inference_steps"]),
                                                  scheduler=str(options["scheduler"]), seeds=[seeds[i] for i in rows]))
         return pd.DataFrame({IMAGE_COLUMN: [image_to_base64_png(image) for image in images], SEED_COLUMN: seeds})
+
+
+class ProbePyfunc(mlflow.pyfunc.PythonModel):
+    """The condition probe: images in, conditions in physical units out."""
+
+    def load_context(self, context):
+        from ldmflow.models.probe import ProbeReader
+
+        self._reader = ProbeReader.from_folder(context.artifacts["probe"], device=_device())
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from ldmflow.sampling.condition_input import component_columns
+
+        frame = pd.DataFrame(model_input)
+        images = [base64_to_image(str(text), row) for row, text in enumerate(_column(frame, IMAGE_COLUMN))]
+        read = np.concatenate([self._reader.read(image[None]) for image in images]) if images else \
+            np.zeros((0, self._reader.encoder.spec.value_dim))
+        return pd.DataFrame(read, columns=component_columns(self._reader.encoder.spec))
+
+
+def probe_signature(condition_spec: str) -> ModelSignature:
+    from ldmflow.data.conditions import ConditionSpec
+    from ldmflow.sampling.condition_input import component_columns
+
+    columns = component_columns(ConditionSpec.parse(condition_spec))
+    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
+                          outputs=Schema([ColSpec("double", column) for column in columns]))
 
 
 def _output_schema() -> Schema:

@@ -29,7 +29,7 @@ from ldmflow.tracking.model_uri import ModelSource, find_diffusers_folder, vae_s
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAMES = {"vae": "ldmflow-vae", "latent_ddpm": "ldmflow-latent-ddpm",
-                       "legacy_ddpm": "ldmflow-legacy-ddpm"}
+                       "legacy_ddpm": "ldmflow-legacy-ddpm", "probe": "ldmflow-probe"}
 STAGE_VERSION_TAG = "stage"
 REGISTERED_URI_TAG = "ldmflow.registered_model_uri"  # set on a training run: the version it registered
 LINEAGE_TAGS = ("vae_model_name", "vae_model_version", "vae_run_id", "vae_uri")
@@ -173,6 +173,10 @@ def _stage(stage: str, output_dir: Path, staging: Path, vae_source: ModelSource 
     if stage == "vae":
         _link_tree(find_diffusers_folder(output_dir, "vae"), staging / "vae", top_level_only=True)
         return {"vae": str(staging / "vae")}, pyfunc_models.VaePyfunc(), pyfunc_models.vae_signature()
+    if stage == "probe":
+        _link_tree(output_dir, staging / "probe", top_level_only=True)
+        return {"probe": str(staging / "probe")}, pyfunc_models.ProbePyfunc(), \
+            pyfunc_models.probe_signature(tags["condition_spec"])
     if stage == "legacy_ddpm":
         folder = find_diffusers_folder(output_dir, "legacy_ddpm")
         for part in ("model_index.json", "unet", "scheduler"):

@@ -18,7 +18,7 @@ from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.sampling.grids import image_grid, to_pil
 from ldmflow.files import publish_files, temporary_folder
 from ldmflow.settings import VaeSettings
-from ldmflow.training.evaluation import psnr, ssim
+from ldmflow.evaluation.image_metrics import psnr, ssim
 from ldmflow.training.task import Task
 
 logger = logging.getLogger(__name__)

@@ -36,11 +36,11 @@ def load_sampler(folder: Path):
                                       folders.conditioning_path)
 
 
-def record_sample_source(tracker, source) -> None:
-    """Tag the sample run with the model it used, and log that model as the run's input (lineage)."""
-    from ldmflow.tracking.lineage import SAMPLE_STAGE, sample_run_tags
+def record_sample_source(tracker, source, stage: str = "sample") -> None:
+    """Tag a sample (or evaluate) run with the model it used, and log that model as the run's input (lineage)."""
+    from ldmflow.tracking.lineage import sample_run_tags
 
-    tracker.set_tags({"ldmflow.stage": SAMPLE_STAGE, **sample_run_tags(source)})
+    tracker.set_tags({"ldmflow.stage": stage, **sample_run_tags(source)})
     if source.model_id and getattr(tracker, "run_id", None):
         import mlflow
         from mlflow.entities import LoggedModelInput

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
 from ldmflow.errors import LdmflowError
-from ldmflow.settings import LatentDdpmSettings, LegacyDdpmSettings, TrainSettings, VaeSettings
+from ldmflow.settings import LatentDdpmSettings, LegacyDdpmSettings, ProbeSettings, TrainSettings, VaeSettings
 
 logger = logging.getLogger(__name__)
 
-STAGES = {VaeSettings: "vae", LatentDdpmSettings: "latent_ddpm", LegacyDdpmSettings: "legacy_ddpm"}
+STAGES = {VaeSettings: "vae", LatentDdpmSettings: "latent_ddpm", LegacyDdpmSettings: "legacy_ddpm",
+          ProbeSettings: "probe"}
 
 
 def _load(settings: TrainSettings, split: str, condition_spec: str) -> Manifest:
@@ -53,6 +54,10 @@ def _build_task(settings: TrainSettings, manifest: Manifest, vae_source):
         from ldmflow.training.latent_task import LatentDdpmTask
 
         return LatentDdpmTask(settings, manifest, vae_source, val)
+    if isinstance(settings, ProbeSettings):
+        from ldmflow.training.probe_task import ProbeTask
+
+        return ProbeTask(settings, manifest, val)
     from ldmflow.training.legacy_task import LegacyDdpmTask
 
     return LegacyDdpmTask(settings, manifest, val)
@@ -81,8 +86,10 @@ def _resolve_vae(settings: LatentDdpmSettings, accelerator):
     return payload[0]
 
 
-def run_training(settings: TrainSettings) -> dict[str, float]:
-    """Train the model `settings` describes, tracked in MLflow unless --no_mlflow; returns final metrics."""
+def run_training(settings: TrainSettings):
+    """Train the model `settings` describes, tracked in MLflow unless --no_mlflow.
+
+    Returns (TrainingOutcome, the registered model's URI or None)."""
     from ldmflow.tracking.registry import REGISTERED_URI_TAG, log_and_register
     from ldmflow.tracking.run_tracker import open_run
     from ldmflow.training.loop import build_accelerator, prepare, train
@@ -95,6 +102,7 @@ def run_training(settings: TrainSettings) -> dict[str, float]:
     vae_source = _resolve_vae(settings, accelerator) if isinstance(settings, LatentDdpmSettings) else None
     task = _build_task(settings, manifest, vae_source)
     prepared = prepare(settings, task, accelerator)  # model, data, resume: bad input fails before a run opens
+    model_uri = None
     with open_run(settings, stage, enabled=is_main and not settings.no_mlflow) as tracker:
         tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
                             name=Path(manifest.path).stem)
@@ -109,5 +117,6 @@ def run_training(settings: TrainSettings) -> dict[str, float]:
                 condition_spec=None if manifest.spec.is_empty else str(manifest.spec),
                 extra_tags=outcome.version_tags())
             tracker.set_tags({REGISTERED_URI_TAG: registered.model_uri})
+            model_uri = registered.model_uri
     accelerator.end_training()
-    return outcome.metrics
+    return outcome, model_uri

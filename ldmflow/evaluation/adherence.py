@@ -1,0 +1,85 @@
+"""How far images show the conditions they were asked for, in physical units and as % of the training range.
+
+Scalar conditions: mean absolute error. Vector conditions (dim > 1): the angle between the requested and the
+read direction, taken as axes (0-90 degrees: a probe cannot always tell a direction from its opposite, e.g.
+stripes along the wind), for vectors longer than a quarter of the training range, and the error of their
+length. `shuffled_baseline` scores the same readings against permuted requests: what a model that ignores
+its conditions would get.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ldmflow.data.conditions import ConditionSpec
+
+ANGLE_MIN_FRACTION = 0.25  # directions of vectors shorter than this fraction of the length range are not scored
+
+
+def condition_ranges(spec: ConditionSpec, values: np.ndarray, present: np.ndarray) -> dict[str, tuple[float, float]]:
+    """name -> (low, high) over the entries where it is present: values (scalars), lengths (vectors)."""
+    ranges = {}
+    for index, ((name, dim), part) in enumerate(zip(spec.items, spec.slices().values())):
+        known = np.asarray(values)[np.asarray(present)[:, index].astype(bool), part]
+        amounts = known[:, 0] if dim == 1 else np.linalg.norm(known, axis=1)
+        ranges[name] = (float(amounts.min()), float(amounts.max())) if len(amounts) else (0.0, 1.0)
+    return ranges
+
+
+def condition_errors(spec: ConditionSpec, requested: np.ndarray, present: np.ndarray, read: np.ndarray,
+                     ranges: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Per condition: `<name>_mae` and `<name>_mae_pct` (scalars), `<name>_angle_error_deg`,
+    `<name>_length_mae` and `<name>_length_mae_pct` (vectors); conditions absent from a request are skipped."""
+    errors = {}
+    for index, ((name, dim), part) in enumerate(zip(spec.items, spec.slices().values())):
+        rows = np.asarray(present)[:, index].astype(bool)
+        wanted, got = np.asarray(requested)[rows, part], np.asarray(read)[rows, part]
+        low, high = ranges[name]
+        span = max(high - low, 1e-12)
+        if not rows.any():
+            continue
+        if dim == 1:
+            mae = float(np.abs(wanted[:, 0] - got[:, 0]).mean())
+            errors.update({f"{name}_mae": mae, f"{name}_mae_pct": 100.0 * mae / span})
+            continue
+        wanted_length, got_length = np.linalg.norm(wanted, axis=1), np.linalg.norm(got, axis=1)
+        length_mae = float(np.abs(wanted_length - got_length).mean())
+        errors.update({f"{name}_length_mae": length_mae, f"{name}_length_mae_pct": 100.0 * length_mae / span})
+        scored = wanted_length > low + ANGLE_MIN_FRACTION * span
+        if scored.any():
+            cosine = np.abs((wanted[scored] * got[scored]).sum(axis=1)) / np.maximum(
+                wanted_length[scored] * got_length[scored], 1e-12)
+            errors[f"{name}_angle_error_deg"] = float(np.degrees(np.arccos(np.clip(cosine, 0.0, 1.0))).mean())
+    return errors
+
+
+def shuffled_baseline(spec: ConditionSpec, requested: np.ndarray, present: np.ndarray, read: np.ndarray,
+                      ranges: dict[str, tuple[float, float]], seed: int = 0) -> dict[str, float]:
+    """`condition_errors` of the readings against the requests in a fixed random order (the chance level)."""
+    order = np.random.default_rng(seed).permutation(len(requested))
+    both = np.asarray(present).astype(bool) & np.asarray(present)[order].astype(bool)
+    return condition_errors(spec, np.asarray(requested)[order], both, read, ranges)
+
+
+def mean_pairwise_distance(features: np.ndarray) -> float:
+    """Mean Euclidean distance between distinct rows of (N, C) features (NaN for fewer than 2 rows)."""
+    features = np.asarray(features, dtype=np.float64)
+    if len(features) < 2:
+        return float("nan")
+    squares = (features**2).sum(axis=1)
+    distances = np.sqrt(np.maximum(squares[:, None] + squares[None, :] - 2 * features @ features.T, 0.0))
+    return float(distances[np.triu_indices(len(features), k=1)].mean())
+
+
+def diversity(features: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """Feature distance between samples of the same request (`diversity_within`) and of different requests
+    (`diversity_across`): a model that collapses to one image per condition has a small `within`."""
+    groups = np.asarray(groups)
+    within = [mean_pairwise_distance(features[groups == g]) for g in np.unique(groups)]
+    pairs = []
+    for g in np.unique(groups):
+        inside, outside = features[groups == g], features[groups != g]
+        if len(outside):
+            pairs.append(np.linalg.norm(inside[:, None, :] - outside[None, :, :], axis=2).mean())
+    return {"diversity_within": float(np.nanmean(within)), "diversity_across": float(np.mean(pairs)) if pairs
+            else float("nan")}

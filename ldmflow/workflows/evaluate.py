@@ -1,0 +1,367 @@
+"""`ldmflow evaluate`: quality metrics of a trained model, logged to a run linked to the model and the version.
+
+- VAE: PSNR, SSIM, rFID/rKID of posterior-mode reconstructions of the split's images (and LPIPS when its
+  backbone is installed).
+- Latent and legacy DDPM: FID and KID of `num_samples` generated images (seed + i, so two models meet the
+  same noise) against the split's images; sample diversity.
+- Conditioned latent DDPM: condition adherence read back by the dataset's condition probe, at the evaluated
+  guidance and at guidance 1, next to the shuffled-request baseline.
+
+Everything that can fail on input (model, manifest, conditions, probe) is settled before the run opens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ldmflow.data.conditions import ConditionSpec
+from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
+from ldmflow.errors import LdmflowError
+from ldmflow.evaluation import distribution
+from ldmflow.evaluation.adherence import condition_errors, condition_ranges, diversity, shuffled_baseline
+from ldmflow.settings import EvaluateSettings, ProbeSettings
+
+logger = logging.getLogger(__name__)
+EVALUATE_STAGE = "evaluate"
+PROBE_MODEL_NAME = "ldmflow-probe"
+DIVERSITY_REQUESTS, DIVERSITY_SEEDS = 8, 4  # requests x seeds generated for the diversity scores
+
+
+@dataclass
+class EvaluatedModel:
+    stage: str  # vae, latent_ddpm or legacy_ddpm
+    model: object  # AutoencoderKL, LatentSampler or LegacySampler
+    resolution: int
+    spec: ConditionSpec  # what the model is conditioned on (none for the VAE and the legacy DDPM)
+
+
+def load_evaluated_model(folder: Path) -> EvaluatedModel:
+    """The model in a training output folder or a downloaded ldmflow MLflow model, with its stage."""
+    from ldmflow.tracking.model_uri import find_diffusers_folder
+    from ldmflow.workflows.sample import load_sampler
+
+    try:
+        sampler = load_sampler(folder)
+    except LdmflowError as not_a_ddpm:
+        try:
+            vae_dir = find_diffusers_folder(folder, "vae")
+        except LdmflowError:
+            raise LdmflowError(f"{folder}: evaluate takes a vae, latent_ddpm or legacy_ddpm model "
+                               f"({not_a_ddpm}).") from None
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+        return EvaluatedModel("vae", vae, int(vae.config.sample_size), ConditionSpec.parse("none"))
+    if hasattr(sampler, "spec"):
+        size = sampler.unet.config.sample_size * 2 ** (len(sampler.vae.config.block_out_channels) - 1)
+        return EvaluatedModel("latent_ddpm", sampler, int(size), sampler.spec)
+    return EvaluatedModel("legacy_ddpm", sampler, int(sampler.unet.config.sample_size), ConditionSpec.parse("none"))
+
+
+def _load(settings: EvaluateSettings, split: str, spec: str) -> Manifest:
+    try:
+        return load_manifest(settings.manifest_path, split=split, condition_spec=spec, data_root=settings.data_root,
+                             allow_outside_root=settings.allow_outside_root)
+    except NothingUsableError as error:
+        raise LdmflowError(f"--split {split}: {error}") from None
+
+
+def _images(manifest: Manifest, resolution: int, count: int) -> np.ndarray:
+    """(N, R, R, 3) in [0, 1]: the first `count` images of the split, center-cropped like training."""
+    from ldmflow.data.dataset import ManifestImageDataset
+
+    dataset = ManifestImageDataset(manifest.records[:count], resolution)
+    return np.stack([(dataset[i]["pixel_values"].permute(1, 2, 0).numpy() + 1) / 2 for i in range(len(dataset))])
+
+
+def _requests(manifest: Manifest, count: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """`count` requests cycling through the split's entries whose conditions are all known:
+    (condition dicts, (N, D) values, (N, K) presence)."""
+    complete = [r for r in manifest.records if np.asarray(r.present).all()]
+    if not complete:
+        raise LdmflowError(f"No entry of split {manifest.report.split!r} has every condition of {manifest.spec}: "
+                           "nothing to ask the model for.")
+    chosen = [complete[i % len(complete)] for i in range(count)]
+    slices = manifest.spec.slices()
+    conditions = [{name: np.asarray(r.conditions)[part].tolist() for name, part in slices.items()} for r in chosen]
+    return (conditions, np.stack([r.conditions for r in chosen]).astype(np.float32),
+            np.stack([r.present for r in chosen]).astype(bool))
+
+
+def _check_conditions_known(manifest: Manifest) -> None:
+    """A model's conditions must appear in the manifest (missing ones are zero-filled for training)."""
+    present = np.stack([r.present for r in manifest.records]).astype(bool)
+    absent = [name for name, known in zip(manifest.spec.names, present.any(axis=0)) if not known]
+    if absent:
+        raise LdmflowError(f"The manifest's split {manifest.report.split!r} has no value of {', '.join(absent)}, "
+                           f"which the model is conditioned on ({manifest.spec}).")
+
+
+@contextlib.contextmanager
+def _own_run():
+    """Train the probe in a run of its own even under `mlflow run -e evaluate` (which sets MLFLOW_RUN_ID)."""
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
+
+
+def find_registered_probe(dataset_digest: str, spec: ConditionSpec) -> str | None:
+    """models:/ldmflow-probe/<newest version trained on this manifest for these conditions>, or None."""
+    from mlflow import MlflowClient
+
+    from ldmflow.tracking.store import filter_value, use_tracking_store
+
+    client = MlflowClient(use_tracking_store())
+    query = (f"name = {filter_value(PROBE_MODEL_NAME)} AND tags.dataset_digest = {filter_value(dataset_digest)} "
+             f"AND tags.condition_spec = {filter_value(str(spec))}")
+    versions = client.search_model_versions(filter_string=query, max_results=100)
+    newest = max(versions, key=lambda v: int(v.version), default=None)
+    return None if newest is None else f"models:/{PROBE_MODEL_NAME}/{newest.version}"
+
+
+def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str):
+    """(ProbeReader, its URI): --probe_uri, else this dataset's registered probe, else one trained now."""
+    from ldmflow.models.probe import ProbeReader
+    from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
+
+    uri = settings.probe_uri or (None if settings.no_mlflow else find_registered_probe(digest, spec))
+    if uri is None:
+        uri = _train_probe(settings, spec)
+    else:
+        logger.info("Condition probe: %s.", uri)
+    reader = ProbeReader.from_folder(find_diffusers_folder(resolve_model_source(uri).local_dir, "probe"))
+    if reader.encoder.spec != spec:
+        raise LdmflowError(f"--probe_uri {uri} reads {reader.encoder.spec}; the evaluation needs {spec}.")
+    return reader, uri
+
+
+def _train_probe(settings: EvaluateSettings, spec: ConditionSpec) -> str:
+    from ldmflow.workflows.train import run_training
+
+    output_dir = Path(settings.output_dir) / "probe"
+    logger.info("No condition probe for this dataset yet: training one (%d epochs) in %s.", settings.probe_epochs,
+                output_dir)
+    probe = ProbeSettings(manifest_path=settings.manifest_path, output_dir=str(output_dir), split=settings.train_split,
+                          val_split=settings.split, condition_spec=str(spec), data_root=settings.data_root,
+                          allow_outside_root=settings.allow_outside_root, num_epochs=settings.probe_epochs,
+                          seed=settings.seed, no_mlflow=settings.no_mlflow, experiment_name=settings.experiment_name,
+                          registered_model_name=PROBE_MODEL_NAME)
+    with _own_run():
+        _, model_uri = run_training(probe)
+    return model_uri or str(output_dir)
+
+
+def feature_extractor(settings: EvaluateSettings, probe) -> tuple[object | None, str, str | None]:
+    """(features module or None, its name, a sentence on what was skipped and why, or None)."""
+    from ldmflow.models.probe import ProbeFeatures
+
+    skipped = None
+    if settings.feature_extractor in ("auto", "inception"):
+        try:
+            return distribution.inception_features(settings.inception_weights), distribution.INCEPTION, None
+        except distribution.Unavailable as error:
+            skipped = f"Inception features ({error})"
+    if settings.feature_extractor in ("auto", "probe") and probe is not None:
+        return ProbeFeatures(probe[0].probe), f"probe:{probe[1]}", \
+            skipped and f"{skipped}; FID/KID use the condition probe's features instead"
+    if settings.feature_extractor == "probe":
+        return None, "", "FID/KID on probe features (no probe: --condition_spec is none)"
+    return None, "", f"{skipped}, so FID/KID"
+
+
+def _generate(settings: EvaluateSettings, evaluated: EvaluatedModel, conditions, seeds, guidance: float):
+    images = []
+    for start in range(0, len(seeds), settings.batch_size):
+        part = seeds[start:start + settings.batch_size]
+        if evaluated.stage == "latent_ddpm":
+            images.append(evaluated.model.generate(
+                conditions[start:start + len(part)] if conditions else None, num_images=len(part),
+                guidance_scale=guidance, num_inference_steps=settings.num_inference_steps,
+                scheduler=settings.scheduler, seeds=part))
+        else:
+            images.append(evaluated.model.generate(len(part), settings.num_inference_steps, settings.scheduler,
+                                                   seeds=part))
+    return np.concatenate(images)
+
+
+def _reconstruct(vae, images: np.ndarray, batch_size: int) -> np.ndarray:
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            pixels = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() * 2 - 1
+            decoded = vae.decode(vae.encode(pixels.to(vae.device)).latent_dist.mode()).sample
+            rows.append(((decoded.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(rows)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    params: dict[str, str]
+    grid: object  # PIL image: samples (top) over real images (bottom) for the same requests
+    table: dict[str, list]  # one row per evaluated sample, for mlflow.log_table
+    skipped: str | None
+
+
+def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manifest, train: Manifest,
+             probe) -> Evaluation:
+    """Every metric of `evaluated` against the split `real` (probe: (ProbeReader, uri) or None)."""
+    from ldmflow.evaluation.image_metrics import psnr, ssim
+    from ldmflow.sampling.grids import condition_label, image_grid, to_pil
+
+    features, features_name, skipped = feature_extractor(settings, probe)
+    real_images = _images(real, evaluated.resolution, settings.num_samples)
+    metrics, labels, table = {}, None, {}
+    params = {"eval_num_samples": str(settings.num_samples), "eval_num_real": str(len(real_images)),
+              "eval_feature_extractor": features_name or "none", "eval_stage": evaluated.stage}
+    if evaluated.stage == "vae":
+        import torch
+
+        generated = _reconstruct(evaluated.model, real_images, settings.batch_size)
+        reference, test = (torch.from_numpy(a).permute(0, 3, 1, 2) for a in (real_images, generated))
+        metrics.update(psnr=float(psnr(reference, test).mean()), ssim=float(ssim(reference, test).mean()))
+        try:
+            metrics["lpips"] = distribution.lpips(real_images, generated, settings.batch_size)
+        except distribution.Unavailable as error:
+            skipped = "; ".join(filter(None, [skipped, f"LPIPS ({error})"]))
+        if features is not None:
+            metrics.update({f"r{key}": value for key, value in
+                            distribution.fid_kid(features, real_images, generated, settings.batch_size).items()})
+        requested = None
+    else:
+        seeds = [settings.seed + i for i in range(settings.num_samples)]
+        conditioned = evaluated.stage == "latent_ddpm" and not evaluated.spec.is_empty
+        requested = _requests(real, settings.num_samples) if conditioned else None
+        generated = _generate(settings, evaluated, requested[0] if requested else None, seeds,
+                              settings.guidance_scale)
+        if features is not None:
+            metrics.update(distribution.fid_kid(features, real_images, generated, settings.batch_size))
+            metrics.update(_diversity(settings, evaluated, features, requested))
+        if requested:
+            metrics.update(_adherence(settings, evaluated, real, train, probe[0], requested, generated, seeds,
+                                      real_images))
+            labels = [condition_label(c) for c in requested[0][:8]]
+        table = {"seed": seeds}
+    if probe is not None:
+        read = probe[0].read(generated)
+        table.update({f"probed_{column}": read[:, i].tolist() for i, column in enumerate(_columns(probe[0]))})
+        if requested:
+            table.update({f"requested_{column}": requested[1][:, i].tolist()
+                          for i, column in enumerate(_columns(probe[0]))})
+    table["image"] = to_pil(generated)
+    count = min(8, len(generated), len(real_images))
+    grid = image_grid(to_pil(np.concatenate([generated[:count], real_images[:count]])),
+                      labels=(labels + [""] * count) if labels else None, columns=count)
+    return Evaluation(metrics, params, grid, table, skipped)
+
+
+def _columns(reader) -> list[str]:
+    from ldmflow.sampling.condition_input import component_columns
+
+    return component_columns(reader.encoder.spec)
+
+
+def _adherence(settings, evaluated, real, train, reader, requested, generated, seeds, real_images) -> dict:
+    """Probe readings of the samples against their requests, at the evaluated guidance and at 1, the
+    shuffled baseline, and the probe's own error on the real images (how far to trust it)."""
+    spec = evaluated.spec
+    ranges = condition_ranges(spec, np.stack([r.conditions for r in train.records]),
+                              np.stack([r.present for r in train.records]).astype(bool))
+    conditions, values, present = requested
+    read = reader.read(generated, settings.batch_size)
+    metrics = condition_errors(spec, values, present, read, ranges)
+    metrics.update({f"shuffled/{k}": v for k, v in shuffled_baseline(spec, values, present, read, ranges,
+                                                                      settings.seed).items()})
+    if settings.guidance_scale != 1.0:
+        unguided = _generate(settings, evaluated, conditions, seeds, 1.0)
+        metrics.update({f"guidance1/{k}": v for k, v in condition_errors(
+            spec, values, present, reader.read(unguided, settings.batch_size), ranges).items()})
+    real_values = np.stack([r.conditions for r in real.records[:len(real_images)]])
+    real_present = np.stack([r.present for r in real.records[:len(real_images)]]).astype(bool)
+    metrics.update({f"probe/{k}": v for k, v in condition_errors(
+        spec, real_values, real_present, reader.read(real_images, settings.batch_size), ranges).items()})
+    return metrics
+
+
+def _diversity(settings, evaluated, features, requested) -> dict:
+    """Feature distances among DIVERSITY_SEEDS samples of each of DIVERSITY_REQUESTS requests (conditioned),
+    or among all samples (unconditional)."""
+    seeds = [10**6 + settings.seed + i for i in range(DIVERSITY_REQUESTS * DIVERSITY_SEEDS)]
+    if requested is None:
+        images = _generate(settings, evaluated, None, seeds[:DIVERSITY_REQUESTS * 2], settings.guidance_scale)
+        from ldmflow.evaluation.adherence import mean_pairwise_distance
+
+        return {"diversity": mean_pairwise_distance(distribution.extract(features, images))}
+    chosen = requested[0][:DIVERSITY_REQUESTS]
+    conditions = [c for c in chosen for _ in range(DIVERSITY_SEEDS)]
+    images = _generate(settings, evaluated, conditions, seeds[:len(conditions)], settings.guidance_scale)
+    groups = np.repeat(np.arange(len(chosen)), DIVERSITY_SEEDS)
+    return diversity(distribution.extract(features, images), groups)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """The evaluation table: one metric per line, grouped as logged."""
+    if not metrics:
+        return "No metric could be computed (see the warning above)."
+    width = max(len(key) for key in metrics)
+    return "\n".join(f"{key:{width}s}  {value:.4g}" for key, value in sorted(metrics.items()))
+
+
+def run_evaluation(settings: EvaluateSettings) -> dict[str, float]:
+    """Resolve and check everything, evaluate, and log an `evaluate` run linked to the model."""
+    from ldmflow.tracking.model_uri import resolve_model_source
+    from ldmflow.tracking.run_tracker import open_run
+    from ldmflow.workflows.sample import record_sample_source
+
+    source = resolve_model_source(settings.model_uri)
+    evaluated = load_evaluated_model(Path(source.local_dir))
+    spec = evaluated.spec if not evaluated.spec.is_empty else ConditionSpec.parse(settings.condition_spec)
+    real = _load(settings, settings.split, str(spec))
+    train = _load(settings, settings.train_split, str(spec))
+    if evaluated.stage == "latent_ddpm" and not evaluated.spec.is_empty:
+        _check_conditions_known(real)
+    probe = None if spec.is_empty else resolve_probe(settings, spec, real.digest)
+    output_dir = Path(settings.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open_run(settings, EVALUATE_STAGE, enabled=not settings.no_mlflow) as tracker:
+        record_sample_source(tracker, source, stage=EVALUATE_STAGE)
+        result = evaluate(settings, evaluated, real, train, probe)
+        metrics = {f"eval/{key}": value for key, value in result.metrics.items() if np.isfinite(value)}
+        tracker.log_params(result.params | ({"eval_probe_uri": probe[1]} if probe else {}))
+        tracker.log_metrics(metrics, step=0)
+        tracker.log_image(result.grid, key="evaluation", step=0)
+        result.grid.save(output_dir / "evaluation_grid.png")
+        if result.skipped:
+            line = f"Skipped {result.skipped}. To enable: {distribution.ENABLE}."
+            logger.warning(line)
+            tracker.set_tags({"ldmflow.eval_skipped": line[:5000]})
+        if getattr(tracker, "run_id", None):
+            _link_to_model(tracker, source, metrics, result.table)
+    return metrics
+
+
+def _link_to_model(tracker, source, metrics: dict[str, float], table: dict) -> None:
+    """The scores on the logged model (MLflow 3 model metrics) and as tags of the registered version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    tracker.flush()
+    mlflow.log_table(data=table, artifact_file="evaluation_samples.json", run_id=tracker.run_id)
+    if source.model_id:
+        mlflow.log_metrics(metrics, step=0, run_id=tracker.run_id, model_id=source.model_id)
+    if source.model_name and source.model_version:
+        client = MlflowClient()
+        for key, value in metrics.items():
+            client.set_model_version_tag(source.model_name, source.model_version, key, f"{value:.6g}")
+        client.set_model_version_tag(source.model_name, source.model_version, "eval_run_id", tracker.run_id)

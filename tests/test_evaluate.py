@@ -1,0 +1,170 @@
+"""`ldmflow evaluate` and `ldmflow probe`: metrics, the probe, MLflow links, and bad input, on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ldmflow.cli import cli
+from ldmflow.data.conditions import ConditionSpec
+from ldmflow.evaluation.adherence import condition_errors, diversity, shuffled_baseline
+
+TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0",
+        "--learning_rate", "1e-3", "--logging_steps", "2"]
+QUICK = ["--num_samples", "6", "--num_inference_steps", "2", "--batch_size", "4", "--probe_epochs", "2"]
+
+
+def invoke(*args: str, ok: bool = True):
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A tracked tiny VAE and latent DDPM (registered v1 each) in a temporary SQLite store."""
+    root = tmp_path_factory.mktemp("evaluate")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        invoke("demo-data", "--output_dir", "data", "--num_images", "24", "--resolution", "32")
+        invoke("vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae", *TINY, "--num_epochs", "2",
+               "--block_out_channels", "16,16,16,16", "--scaling_factor_batches", "2")
+        invoke("latent-ddpm", "--manifest_path", "data/manifest.json", "--vae_uri", "models:/ldmflow-vae/1",
+               "--output_dir", "ldm", *TINY, "--block_out_channels", "32,32", "--num_preview_images", "2",
+               "--preview_inference_steps", "2", "--num_epochs", "1", "--use_ema")
+        yield root, patch
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _runs(stage: str):
+    client = _client()
+    experiment = client.get_experiment_by_name("ldmflow")
+    return client.search_runs([experiment.experiment_id], f"tags.`ldmflow.stage` = '{stage}'")
+
+
+def test_evaluating_a_latent_ddpm_logs_linked_metrics_and_trains_the_probe_once(store):
+    result = invoke("evaluate", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--manifest_path",
+                    "data/manifest.json", "--feature_extractor", "probe", *QUICK)
+    for name in ("eval/fid", "eval/kid", "eval/temperature_mae_pct", "eval/wind_angle_error_deg",
+                 "eval/shuffled/temperature_mae", "eval/guidance1/temperature_mae", "eval/probe/temperature_mae",
+                 "eval/diversity_within", "eval/diversity_across"):
+        assert name in result.output
+    client = _client()
+    probe = client.get_model_version("ldmflow-probe", "1")
+    assert probe.tags["stage"] == "probe" and probe.tags["condition_spec"] == "temperature:1,wind:3,wind_mag:1"
+    [run] = _runs("evaluate")
+    assert run.data.tags["ldmflow.model_name"] == "ldmflow-latent-ddpm" and run.data.tags["ldmflow.model_version"] == "1"
+    assert run.data.params["eval_feature_extractor"] == "probe:models:/ldmflow-probe/1"
+    assert run.data.params["eval_num_samples"] == "6"
+    assert {"eval/fid", "eval/kid", "eval/wind_angle_error_deg"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "evaluation_samples.json" in artifacts
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "evaluation_samples.json")).read_text())
+    assert {"seed", "image", "requested_temperature", "probed_temperature"} <= set(table["columns"])
+    assert len(table["data"]) == 6
+    version = client.get_model_version("ldmflow-latent-ddpm", "1")
+    assert float(version.tags["eval/fid"]) == pytest.approx(run.data.metrics["eval/fid"], rel=1e-4)
+    assert version.tags["eval_run_id"] == run.info.run_id
+    from ldmflow.tracking.model_uri import version_model_id
+
+    model = client.get_logged_model(version_model_id(version))
+    assert any(m.key == "eval/fid" for m in model.metrics)
+    # the model's lineage lists the evaluation; `models` shows its FID
+    chain = json.loads(invoke("lineage", "models:/ldmflow-latent-ddpm/1", "--json").output)
+    assert chain["evaluations"] == [run.info.run_id]
+    assert invoke("lineage", "models:/ldmflow-latent-ddpm/1").output.strip().endswith("1 evaluation")
+    table_text = invoke("models").output
+    assert "EVAL_FID" in table_text and "ldmflow-probe v1" in table_text
+    # a second evaluation reuses the registered probe of this dataset
+    invoke("evaluate", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--manifest_path", "data/manifest.json",
+           "--feature_extractor", "probe", *QUICK)
+    assert len(client.search_model_versions("name = 'ldmflow-probe'")) == 1
+
+
+def test_evaluating_a_vae_scores_reconstructions_and_names_what_was_skipped(store, caplog):
+    caplog.set_level("WARNING")
+    result = invoke("evaluate", "--model_uri", "models:/ldmflow-vae/1", "--manifest_path", "data/manifest.json",
+                    *QUICK, "--no_mlflow")
+    for name in ("eval/psnr", "eval/ssim", "eval/rfid", "eval/rkid"):
+        assert name in result.output
+    skipped = [r.message for r in caplog.records if r.message.startswith("Skipped")]
+    assert len(skipped) == 1
+    assert "Inception features (torch-fidelity is not installed)" in skipped[0]
+    assert "LPIPS" in skipped[0] and "--inception_weights PATH" in skipped[0]
+
+
+def test_inception_without_weights_is_one_line_and_the_rest_is_computed(store, caplog):
+    caplog.set_level("WARNING")
+    result = invoke("evaluate", "--model_uri", "ldm", "--manifest_path", "data/manifest.json", *QUICK,
+                    "--feature_extractor", "inception", "--inception_weights", "missing.pth", "--no_mlflow")
+    assert "eval/fid" not in result.output and "eval/temperature_mae" in result.output
+    [line] = [r.message for r in caplog.records if r.message.startswith("Skipped")]
+    assert "the Inception weights file missing.pth does not exist" in line and "so FID/KID" in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model_uri", "models:/ldmflow-probe/1"], "evaluate takes a vae, latent_ddpm or legacy_ddpm model"),
+    (["--num_samples", "0"], "--num_samples must be at least 2, got 0"),
+    (["--split", "test"], "--split test:"),
+    (["--guidance_scale", "0.5"], "--guidance_scale must be at least 1"),
+])
+def test_bad_input_is_one_line_and_leaves_no_run(store, args, message):
+    before = len(_runs("evaluate"))
+    arguments = ["evaluate", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--manifest_path",
+                 "data/manifest.json", *QUICK, *args]
+    result = invoke(*arguments, ok=False)
+    assert result.exit_code == 1 and message in result.output
+    assert result.output.count("Error:") == 1
+    assert len(_runs("evaluate")) == before
+
+
+def test_a_manifest_without_the_models_conditions_is_refused(store, tmp_path):
+    root, _ = store
+    entries = json.loads((root / "data" / "manifest.json").read_text())
+    items = entries["items"] if isinstance(entries, dict) else entries
+    for item in items:
+        item["metadata"].pop("temperature", None)
+    stripped = root / "data" / "no_temperature.json"
+    stripped.write_text(json.dumps(entries))
+    result = invoke("evaluate", "--model_uri", "ldm", "--manifest_path", str(stripped), *QUICK, "--no_mlflow",
+                    ok=False)
+    assert result.exit_code == 1 and "has no value of temperature" in result.output
+
+
+def test_condition_errors_in_units_percent_and_axes():
+    spec = ConditionSpec.parse("temperature:1,wind:3")
+    requested = np.array([[10.0, 4, 0, 0], [20.0, 0, 4, 0], [30.0, 0.1, 0, 0]])
+    read = np.array([[12.0, -4, 0, 0], [20.0, 4, 0, 0], [27.0, 0, 0, 0]])
+    present = np.ones((3, 2), bool)
+    ranges = {"temperature": (0.0, 50.0), "wind": (0.0, 4.0)}
+    errors = condition_errors(spec, requested, present, read, ranges)
+    assert errors["temperature_mae"] == pytest.approx(5 / 3)
+    assert errors["temperature_mae_pct"] == pytest.approx(100 * (5 / 3) / 50)
+    assert errors["wind_angle_error_deg"] == pytest.approx(45.0)  # 0 (opposite = same axis) and 90; short one skipped
+    assert errors["wind_length_mae"] == pytest.approx(0.1 / 3)
+    present[0, 0] = False  # an absent condition is not scored
+    assert condition_errors(spec, requested, present, read, ranges)["temperature_mae"] == pytest.approx(1.5)
+    order = np.random.default_rng(0).permutation(3)
+    assert list(order) != [0, 1, 2]
+    baseline = shuffled_baseline(spec, requested, np.ones((3, 2), bool), requested, ranges, seed=0)
+    assert baseline == condition_errors(spec, requested[order], np.ones((3, 2), bool), requested, ranges)
+    assert baseline["temperature_mae"] > 0  # the requests themselves, shuffled, no longer match
+
+
+def test_diversity_separates_collapse_from_variety():
+    groups = np.repeat([0, 1], 3)
+    collapsed = np.array([[0.0, 0], [0, 0], [0, 0], [5, 0], [5, 0], [5, 0]])
+    scores = diversity(collapsed, groups)
+    assert scores["diversity_within"] == 0 and scores["diversity_across"] == pytest.approx(5.0)
