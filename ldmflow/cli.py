@@ -182,10 +182,13 @@ def sample_command(**options):
 @settings_options(PipelineSettings)
 def pipeline_command(**options):
     """vae -> latent_ddpm -> sample as child runs of one parent run; unchanged finished steps are reused."""
-    from ldmflow.workflows.pipeline import run_pipeline
+    from ldmflow.workflows.evaluate import format_metrics
+    from ldmflow.workflows.pipeline import evaluation_metrics, run_pipeline
 
     summary = run_pipeline(PipelineSettings(**options))
     click.echo(json.dumps(summary, indent=2))
+    click.echo(f"\nEvaluation of {summary['latent_ddpm_uri']} (run {summary['evaluate_run_id']}):")
+    click.echo(format_metrics(evaluation_metrics(summary["evaluate_run_id"])))
 
 
 @cli.command("lineage")

@@ -385,14 +385,16 @@ class PipelineSettings:
     num_images: int = setting(_default(SampleSettings, "num_images"), "Images of the sample step.")
     num_inference_steps: int = setting(_default(SampleSettings, "num_inference_steps"), "Sampling steps.")
     guidance_scale: float = setting(_default(SampleSettings, "guidance_scale"), "Guidance of previews and samples.")
+    eval_num_samples: int = setting(_default(EvaluateSettings, "num_samples"), "Images the evaluate step scores.")
     seed: int = setting(_default(TrainSettings, "seed"), "Seed of every step.")
     experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
 
     def __post_init__(self) -> None:
         """Check every step's settings now, so a bad value fails before the parent run opens."""
-        placeholders = ({}, {"vae_uri": "models:/vae-step"}, {"model_uri": "models:/latent-ddpm-step"})
-        for (name, arguments), settings_class, upstream in zip(self.step_arguments().items(),
-                                                               (VaeSettings, LatentDdpmSettings, SampleSettings),
+        upstream_model = {"model_uri": "models:/latent-ddpm-step"}
+        placeholders = ({}, {"vae_uri": "models:/vae-step"}, upstream_model, upstream_model)
+        step_classes = (VaeSettings, LatentDdpmSettings, SampleSettings, EvaluateSettings)
+        for (name, arguments), settings_class, upstream in zip(self.step_arguments().items(), step_classes,
                                                                placeholders):
             try:
                 settings_class(**arguments, **upstream)
@@ -400,7 +402,7 @@ class PipelineSettings:
                 raise LdmflowError(f"Pipeline step {name}: {error}") from None
 
     def step_arguments(self) -> dict[str, dict]:
-        """Per step (vae, latent_ddpm, sample), the settings the pipeline sets; the upstream model URIs are
+        """Per step (vae, latent_ddpm, sample, evaluate), the settings the pipeline sets; upstream model URIs are
         added when the step before has run, and everything else keeps the step's own default."""
         root = Path(self.output_root).resolve()
         shared = {name: getattr(self, name) for name in ("resolution", "seed", "layers_per_block", "learning_rate",
@@ -418,7 +420,10 @@ class PipelineSettings:
         sample = {"output_dir": str(root / "samples"),
                   **{name: getattr(self, name) for name in ("num_images", "num_inference_steps", "seed",
                                                             "guidance_scale")}}
-        return {"vae": vae, "latent_ddpm": latent, "sample": sample}
+        evaluate = {"manifest_path": shared["manifest_path"], "output_dir": str(root / "evaluate"),
+                    "num_samples": self.eval_num_samples, "condition_spec": self.condition_spec,
+                    **{name: getattr(self, name) for name in ("num_inference_steps", "guidance_scale", "seed")}}
+        return {"vae": vae, "latent_ddpm": latent, "sample": sample, "evaluate": evaluate}
 
     def to_params(self) -> dict[str, str]:
         return settings_params(self)

@@ -168,3 +168,68 @@ def test_diversity_separates_collapse_from_variety():
     collapsed = np.array([[0.0, 0], [0, 0], [0, 0], [5, 0], [5, 0], [5, 0]])
     scores = diversity(collapsed, groups)
     assert scores["diversity_within"] == 0 and scores["diversity_across"] == pytest.approx(5.0)
+
+
+class DemoRenderer:
+    """A stand-in latent model that draws demo images: for the requested conditions (an oracle, the best a
+    model can do), or for fixed ones (a model that ignores its conditions)."""
+
+    def __init__(self, spec: ConditionSpec, ignore_conditions: bool = False):
+        self.spec, self.ignore_conditions = spec, ignore_conditions
+
+    def generate(self, conditions, num_images, guidance_scale, num_inference_steps, scheduler, seeds):
+        from ldmflow.data.demo import render_demo_image
+
+        images = []
+        for condition, seed in zip(conditions, seeds):
+            if self.ignore_conditions:
+                condition = {"temperature": [10.0], "wind": [3.0, 3.0, 0.0]}
+            rng = np.random.default_rng(seed)
+            images.append(render_demo_image(condition["temperature"][0], condition["wind"][:2], 32, rng))
+        return np.stack(images).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def demo_probe(tmp_path_factory):
+    """A 64-image demo manifest and a probe trained on it (about 5 s)."""
+    from ldmflow.models.probe import ProbeReader
+    from ldmflow.settings import ProbeSettings
+    from ldmflow.workflows.train import run_training
+
+    root = tmp_path_factory.mktemp("demo-probe")
+    invoke("demo-data", "--output_dir", str(root / "data"), "--num_images", "64", "--resolution", "32",
+           "--val_fraction", "0.25")
+    manifest = str(root / "data" / "manifest.json")
+    outcome, _ = run_training(ProbeSettings(manifest_path=manifest, output_dir=str(root / "probe"), resolution=32,
+                                            block_out_channels=(16, 32, 64), num_epochs=60, no_mlflow=True))
+    return manifest, ProbeReader.from_folder(outcome.model_dir)
+
+
+def _scores(manifest: str, reader, model) -> dict[str, float]:
+    from ldmflow.data.manifest import load_manifest
+    from ldmflow.settings import EvaluateSettings
+    from ldmflow.workflows.evaluate import EvaluatedModel, evaluate
+
+    settings = EvaluateSettings(model_uri="unused", manifest_path=manifest, num_samples=32, no_mlflow=True,
+                                guidance_scale=1.0, feature_extractor="probe")
+    real, train = (load_manifest(manifest, split=split) for split in ("val", "train"))
+    evaluated = EvaluatedModel("latent_ddpm", model, 32, real.spec)
+    return evaluate(settings, evaluated, real, train, (reader, "probe")).metrics
+
+
+def test_the_probe_reads_demo_conditions_within_five_percent(demo_probe):
+    manifest, reader = demo_probe
+    scores = _scores(manifest, reader, DemoRenderer(reader.encoder.spec))
+    assert scores["probe/temperature_mae_pct"] <= 5.0 and scores["probe/wind_mag_mae_pct"] <= 5.0
+
+
+def test_adherence_scores_a_model_that_follows_its_conditions_far_above_chance(demo_probe):
+    manifest, reader = demo_probe
+    follows = _scores(manifest, reader, DemoRenderer(reader.encoder.spec))
+    ignores = _scores(manifest, reader, DemoRenderer(reader.encoder.spec, ignore_conditions=True))
+    assert follows["temperature_mae_pct"] <= 10.0 and follows["wind_angle_error_deg"] <= 20.0
+    assert follows["temperature_mae_pct"] < 0.5 * follows["shuffled/temperature_mae_pct"]
+    assert follows["wind_angle_error_deg"] < 0.5 * follows["shuffled/wind_angle_error_deg"]
+    assert ignores["temperature_mae_pct"] > 0.7 * ignores["shuffled/temperature_mae_pct"]
+    assert follows["fid"] < ignores["fid"]  # FID on the probe's features sees the wrong images too
+    assert follows["diversity_across"] > follows["diversity_within"]

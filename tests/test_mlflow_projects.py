@@ -171,11 +171,12 @@ def test_pipeline_runs_children_under_one_parent_and_reuses_them(store):
     params = ["-P", f"manifest_path={manifest}", "-P", f"output_root={env['WORKDIR']}/pipeline", "-P",
               "resolution=32", "-P", "vae_block_out_channels=16,16,16,16", "-P", "ddpm_block_out_channels=32,32",
               "-P", "layers_per_block=1", "-P", "vae_epochs=1", "-P", "ddpm_epochs=1", "-P", "num_images=2",
-              "-P", "vae_train_batch_size=4", "-P", "ddpm_train_batch_size=4", "-P", "lr_warmup_steps=0", "-P", "num_inference_steps=2"]
+              "-P", "vae_train_batch_size=4", "-P", "ddpm_train_batch_size=4", "-P", "eval_num_samples=8", "-P", "lr_warmup_steps=0", "-P", "num_inference_steps=2"]
     first = mlflow_run(env, "pipeline", *params)
     second = mlflow_run(env, "pipeline", *params)
     assert "reusing finished run" not in first.stderr
-    assert second.stderr.count("reusing finished run") == 3
+    assert second.stderr.count("reusing finished run") == 4
+    assert "Evaluation of models:/ldmflow-latent-ddpm/" in second.stdout and "eval/temperature_mae" in second.stdout
     client = _client()
     latest = client.get_model_version("ldmflow-latent-ddpm", "2")
     assert latest.tags["vae_model_version"] == "2"

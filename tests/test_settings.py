@@ -117,8 +117,9 @@ def test_pipeline_defaults_are_the_steps_defaults():
 def test_the_pipeline_passes_only_parameters_its_steps_declare():
     from ldmflow.workflows.pipeline import _step_parameters
 
-    for entry_point, parameters in zip(("vae", "latent_ddpm", "sample"),
-                                       _step_parameters(PipelineSettings(manifest_path="m.json"))):
+    steps = _step_parameters(PipelineSettings(manifest_path="m.json"))
+    assert list(steps) == ["vae", "latent_ddpm", "sample", "evaluate"]
+    for entry_point, parameters in steps.items():
         assert set(parameters) <= set(project_parameters(entry_point)), entry_point
 
 

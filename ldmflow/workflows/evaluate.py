@@ -336,6 +336,7 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, float]:
     output_dir.mkdir(parents=True, exist_ok=True)
     with open_run(settings, EVALUATE_STAGE, enabled=not settings.no_mlflow) as tracker:
         record_sample_source(tracker, source, stage=EVALUATE_STAGE)
+        tracker.set_tags({"dataset_digest": real.digest})
         result = evaluate(settings, evaluated, real, train, probe)
         metrics = {f"eval/{key}": value for key, value in result.metrics.items() if np.isfinite(value)}
         tracker.log_params(result.params | ({"eval_probe_uri": probe[1]} if probe else {}))

@@ -71,11 +71,10 @@ def _run_step(client, experiment_id: str, entry_point: str, parameters: dict[str
     return client.get_run(submitted.run_id), False
 
 
-def _step_parameters(settings: PipelineSettings) -> tuple[dict, dict, dict]:
+def _step_parameters(settings: PipelineSettings) -> dict[str, dict[str, str]]:
     """Each step's MLproject parameters, as the strings MLflow stores (the reuse check compares those)."""
-    steps = settings.step_arguments()
-    return tuple({name: param_value(value) for name, value in steps[step].items()}
-                 for step in ("vae", "latent_ddpm", "sample"))
+    return {step: {name: param_value(value) for name, value in arguments.items()}
+            for step, arguments in settings.step_arguments().items()}
 
 
 def _sample_conditions(settings: PipelineSettings, manifest) -> dict[str, str]:
@@ -97,8 +96,16 @@ def _registered_uri(run, step: str) -> str:
     return uri
 
 
+def evaluation_metrics(run_id: str) -> dict[str, float]:
+    """The `eval/` metrics of an evaluate run (what `make demo` prints at the end)."""
+    from mlflow import MlflowClient
+
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    return {key: value for key, value in metrics.items() if key.startswith("eval/")}
+
+
 def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
-    """Run (or reuse) the three steps under one parent run; returns the step run ids and model URIs."""
+    """Run (or reuse) the four steps under one parent run; returns the step run ids and model URIs."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -112,22 +119,25 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
     use_tracking_store()
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(settings.experiment_name)
     client = MlflowClient()
-    vae_params, latent_params, sample_params = _step_parameters(settings)
+    params = _step_parameters(settings)
     with mlflow.start_run(run_id=os.environ.get("MLFLOW_RUN_ID"), experiment_id=experiment_id) as parent:
         existing = client.get_run(parent.info.run_id).data.params
         mlflow.log_params({k: v for k, v in settings.to_params().items() if k not in existing})
         mlflow.set_tags({"ldmflow.stage": "pipeline", CODE_VERSION_TAG: version})
         digest = manifest.digest
-        vae_run, vae_reused = _run_step(client, experiment_id, "vae", vae_params, version, digest)
+        vae_run, vae_reused = _run_step(client, experiment_id, "vae", params["vae"], version, digest)
         vae_uri = _registered_uri(vae_run, "vae")
         latent_run, latent_reused = _run_step(client, experiment_id, "latent_ddpm",
-                                              {**latent_params, "vae_uri": vae_uri}, version, digest)
+                                              {**params["latent_ddpm"], "vae_uri": vae_uri}, version, digest)
         unet_uri = _registered_uri(latent_run, "latent_ddpm")
-        sample_params.update(model_uri=unet_uri, **_sample_conditions(settings, manifest))
+        sample_params = {**params["sample"], "model_uri": unet_uri, **_sample_conditions(settings, manifest)}
         sample_run, sample_reused = _run_step(client, experiment_id, "sample", sample_params, version)
+        evaluate_run, evaluate_reused = _run_step(client, experiment_id, "evaluate",
+                                                  {**params["evaluate"], "model_uri": unet_uri}, version, digest)
         summary = {"vae_run_id": vae_run.info.run_id, "vae_uri": vae_uri, "vae_reused": str(vae_reused),
                    "latent_ddpm_run_id": latent_run.info.run_id, "latent_ddpm_uri": unet_uri,
                    "latent_ddpm_reused": str(latent_reused), "sample_run_id": sample_run.info.run_id,
-                   "sample_reused": str(sample_reused)}
+                   "sample_reused": str(sample_reused), "evaluate_run_id": evaluate_run.info.run_id,
+                   "evaluate_reused": str(evaluate_reused)}
         mlflow.set_tags({f"ldmflow.pipeline.{key}": value for key, value in summary.items()})
     return summary
