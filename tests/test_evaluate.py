@@ -93,6 +93,20 @@ def test_evaluating_a_latent_ddpm_logs_linked_metrics_and_trains_the_probe_once(
     assert len(client.search_model_versions("name = 'ldmflow-probe'")) == 1
 
 
+def test_a_latent_ddpm_trained_after_a_probe_exists_scores_adherence_while_training(store):
+    from ldmflow.data.manifest import load_manifest
+    from ldmflow.tracking.registry import registered_probe_uri
+
+    manifest = load_manifest("data/manifest.json")
+    if registered_probe_uri(manifest.digest, str(manifest.spec)) is None:  # when run alone
+        invoke("probe", "--manifest_path", "data/manifest.json", "--output_dir", "probe", "--num_epochs", "2")
+    invoke("latent-ddpm", "--manifest_path", "data/manifest.json", "--vae_uri", "models:/ldmflow-vae/1",
+           "--output_dir", "ldm2", *TINY, "--block_out_channels", "32,32", "--num_preview_images", "2",
+           "--preview_inference_steps", "2", "--num_epochs", "1", "--registered_model_name", "adherence-check")
+    run = _client().get_run(_client().get_model_version("adherence-check", "1").run_id)
+    assert {"val/temperature_mae_pct", "val/wind_angle_error_deg", "val/denoise_loss"} <= set(run.data.metrics)
+
+
 def test_evaluating_a_vae_scores_reconstructions_and_names_what_was_skipped(store, caplog):
     caplog.set_level("WARNING")
     result = invoke("evaluate", "--model_uri", "models:/ldmflow-vae/1", "--manifest_path", "data/manifest.json",

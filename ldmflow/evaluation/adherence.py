@@ -12,8 +12,24 @@ from __future__ import annotations
 import numpy as np
 
 from ldmflow.data.conditions import ConditionSpec
+from ldmflow.data.manifest import Manifest
+from ldmflow.errors import LdmflowError
 
 ANGLE_MIN_FRACTION = 0.25  # directions of vectors shorter than this fraction of the length range are not scored
+
+
+def manifest_requests(manifest: Manifest, count: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """`count` requests cycling through the entries whose conditions are all known: (condition dicts,
+    (N, D) values, (N, K) presence), so samples are asked for conditions that real images have."""
+    complete = [r for r in manifest.records if np.asarray(r.present).all()]
+    if not complete:
+        raise LdmflowError(f"No entry of split {manifest.report.split!r} has every condition of {manifest.spec}: "
+                           "nothing to ask the model for.")
+    chosen = [complete[i % len(complete)] for i in range(count)]
+    slices = manifest.spec.slices()
+    conditions = [{name: np.asarray(r.conditions)[part].tolist() for name, part in slices.items()} for r in chosen]
+    return (conditions, np.stack([r.conditions for r in chosen]).astype(np.float32),
+            np.stack([r.present for r in chosen]).astype(bool))
 
 
 def condition_ranges(spec: ConditionSpec, values: np.ndarray, present: np.ndarray) -> dict[str, tuple[float, float]]:

@@ -108,6 +108,20 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     return registered
 
 
+def registered_probe_uri(dataset_digest: str, condition_spec: str) -> str | None:
+    """models:/ldmflow-probe/<newest version trained on this manifest for these conditions>, or None."""
+    from mlflow import MlflowClient
+
+    from ldmflow.tracking.store import filter_value, use_tracking_store
+
+    name = DEFAULT_MODEL_NAMES["probe"]
+    query = (f"name = {filter_value(name)} AND tags.dataset_digest = {filter_value(dataset_digest)} "
+             f"AND tags.condition_spec = {filter_value(condition_spec)}")
+    versions = MlflowClient(use_tracking_store()).search_model_versions(filter_string=query, max_results=1000)
+    newest = max(versions, key=lambda v: int(v.version), default=None)
+    return None if newest is None else f"models:/{name}/{newest.version}"
+
+
 def vae_lineage_tags(vae_source: ModelSource) -> dict[str, str]:
     """The VAE a latent DDPM was trained on; a plain folder VAE only has `vae_uri`."""
     values = {"vae_uri": vae_source.uri, "vae_model_name": vae_source.model_name,

@@ -83,7 +83,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
             shutil.rmtree(final)
         temporary.rename(final)
         _prune(output_dir, total_limit)
-        logger.info("Saved checkpoint %s", final)
+        (logger.debug if name else logger.info)("Saved checkpoint %s", final)  # the best one: often, quietly
     accelerator.wait_for_everyone()
     return final
 

@@ -17,9 +17,11 @@ from PIL import Image
 from ldmflow.data.dataset import image_dataset
 from ldmflow.data.manifest import Manifest
 from ldmflow.errors import LdmflowError
+from ldmflow.evaluation.adherence import condition_errors, condition_ranges, manifest_requests
 from ldmflow.models.architectures import VAE_DOWNSAMPLE, VAE_LATENT_CHANNELS, build_latent_unet
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.models.conditioning import ConditionEncoder
+from ldmflow.models.probe import ProbeReader
 from ldmflow.sampling.condition_input import spanning_conditions
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 from ldmflow.sampling.latent import VAE_SOURCE_FILE, LatentSampler
@@ -28,6 +30,7 @@ from ldmflow.settings import LatentDdpmSettings
 from ldmflow.training.ddpm_task import DdpmTask
 
 logger = logging.getLogger(__name__)
+ADHERENCE_REQUESTS = 8
 
 
 def load_vae(folder: str | Path, described_as: str) -> AutoencoderKL:
@@ -66,8 +69,9 @@ class LatentDdpmTask(DdpmTask):
     """Latent diffusion: VAE encoding (or its cache), condition encoding with dropout, UNet, previews, saving."""
 
     def __init__(self, settings: LatentDdpmSettings, manifest: Manifest, vae_source,
-                 val_manifest: Manifest | None = None):
+                 val_manifest: Manifest | None = None, probe_dir: Path | None = None):
         super().__init__(settings, val_manifest, clip_sample=False)  # latents are not bounded to [-1, 1]
+        self.probe = ProbeReader.from_folder(probe_dir) if probe_dir else None
         self.manifest, self.vae_source = manifest, vae_source
         self.encoder = None if manifest.spec.is_empty else ConditionEncoder(manifest.spec, manifest.stats)
         self.vae = load_vae(vae_source.local_dir, settings.vae_uri)  # checked before any MLflow run opens
@@ -131,6 +135,29 @@ class LatentDdpmTask(DdpmTask):
             labels = self.encoder.drop(encoded, self.settings.cond_dropout_prob) if drop_conditions else encoded
         return lambda noisy, timesteps: model(noisy, timesteps, encoder_hidden_states=None,
                                               class_labels=labels).sample
+
+    def end_of_epoch(self, accelerator: Accelerator, model, step: int, previews: bool, validate: bool):
+        metrics, images = super().end_of_epoch(accelerator, model, step, previews, validate)
+        if validate and self.probe is not None and accelerator.is_main_process:
+            unet = accelerator.unwrap_model(model)
+            with self.ema_weights(unet):
+                metrics.update(self._adherence(unet))
+        return metrics, images
+
+    @torch.no_grad()
+    def _adherence(self, unet) -> dict[str, float]:
+        """A cheap condition-adherence score (main process): ADHERENCE_REQUESTS fixed val requests, sampled
+        like the previews and read back by the dataset's probe, in % of the training range."""
+        s = self.settings
+        conditions, values, present = manifest_requests(self.val_manifest, ADHERENCE_REQUESTS)
+        sampler = LatentSampler(unet, self.vae, self.noise_scheduler.config, self.encoder)
+        images = sampler.generate(conditions, guidance_scale=s.guidance_scale,
+                                  num_inference_steps=s.preview_inference_steps, seeds=list(range(len(conditions))))
+        spec = self.manifest.spec
+        ranges = condition_ranges(spec, np.stack([r.conditions for r in self.manifest.records]),
+                                  np.stack([r.present for r in self.manifest.records]).astype(bool))
+        errors = condition_errors(spec, values, present, self.probe.read(images), ranges)
+        return {f"val/{key}": value for key, value in errors.items()}
 
     def _preview(self, unet, step: int) -> Image.Image:
         sampler = LatentSampler(unet, self.vae, self.noise_scheduler.config, self.encoder)

@@ -24,12 +24,12 @@ from ldmflow.data.conditions import ConditionSpec
 from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.evaluation import distribution
-from ldmflow.evaluation.adherence import condition_errors, condition_ranges, diversity, shuffled_baseline
+from ldmflow.evaluation.adherence import (condition_errors, condition_ranges, diversity, manifest_requests,
+                                          shuffled_baseline)
 from ldmflow.settings import EvaluateSettings, ProbeSettings
 
 logger = logging.getLogger(__name__)
 EVALUATE_STAGE = "evaluate"
-PROBE_MODEL_NAME = "ldmflow-probe"
 DIVERSITY_REQUESTS, DIVERSITY_SEEDS = 8, 4  # requests x seeds generated for the diversity scores
 
 
@@ -80,20 +80,6 @@ def _images(manifest: Manifest, resolution: int, count: int) -> np.ndarray:
     return np.stack([(dataset[i]["pixel_values"].permute(1, 2, 0).numpy() + 1) / 2 for i in range(len(dataset))])
 
 
-def _requests(manifest: Manifest, count: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """`count` requests cycling through the split's entries whose conditions are all known:
-    (condition dicts, (N, D) values, (N, K) presence)."""
-    complete = [r for r in manifest.records if np.asarray(r.present).all()]
-    if not complete:
-        raise LdmflowError(f"No entry of split {manifest.report.split!r} has every condition of {manifest.spec}: "
-                           "nothing to ask the model for.")
-    chosen = [complete[i % len(complete)] for i in range(count)]
-    slices = manifest.spec.slices()
-    conditions = [{name: np.asarray(r.conditions)[part].tolist() for name, part in slices.items()} for r in chosen]
-    return (conditions, np.stack([r.conditions for r in chosen]).astype(np.float32),
-            np.stack([r.present for r in chosen]).astype(bool))
-
-
 def _check_conditions_known(manifest: Manifest) -> None:
     """A model's conditions must appear in the manifest (missing ones are zero-filled for training)."""
     present = np.stack([r.present for r in manifest.records]).astype(bool)
@@ -114,26 +100,14 @@ def _own_run():
             os.environ["MLFLOW_RUN_ID"] = saved
 
 
-def find_registered_probe(dataset_digest: str, spec: ConditionSpec) -> str | None:
-    """models:/ldmflow-probe/<newest version trained on this manifest for these conditions>, or None."""
-    from mlflow import MlflowClient
-
-    from ldmflow.tracking.store import filter_value, use_tracking_store
-
-    client = MlflowClient(use_tracking_store())
-    query = (f"name = {filter_value(PROBE_MODEL_NAME)} AND tags.dataset_digest = {filter_value(dataset_digest)} "
-             f"AND tags.condition_spec = {filter_value(str(spec))}")
-    versions = client.search_model_versions(filter_string=query, max_results=100)
-    newest = max(versions, key=lambda v: int(v.version), default=None)
-    return None if newest is None else f"models:/{PROBE_MODEL_NAME}/{newest.version}"
-
-
 def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str):
     """(ProbeReader, its URI): --probe_uri, else this dataset's registered probe, else one trained now."""
     from ldmflow.models.probe import ProbeReader
     from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
 
-    uri = settings.probe_uri or (None if settings.no_mlflow else find_registered_probe(digest, spec))
+    from ldmflow.tracking.registry import registered_probe_uri
+
+    uri = settings.probe_uri or (None if settings.no_mlflow else registered_probe_uri(digest, str(spec)))
     if uri is None:
         uri = _train_probe(settings, spec)
     else:
@@ -153,8 +127,7 @@ def _train_probe(settings: EvaluateSettings, spec: ConditionSpec) -> str:
     probe = ProbeSettings(manifest_path=settings.manifest_path, output_dir=str(output_dir), split=settings.train_split,
                           val_split=settings.split, condition_spec=str(spec), data_root=settings.data_root,
                           allow_outside_root=settings.allow_outside_root, num_epochs=settings.probe_epochs,
-                          seed=settings.seed, no_mlflow=settings.no_mlflow, experiment_name=settings.experiment_name,
-                          registered_model_name=PROBE_MODEL_NAME)
+                          seed=settings.seed, no_mlflow=settings.no_mlflow, experiment_name=settings.experiment_name)
     with _own_run():
         _, model_uri = run_training(probe)
     return model_uri or str(output_dir)
@@ -242,7 +215,7 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
     else:
         seeds = [settings.seed + i for i in range(settings.num_samples)]
         conditioned = evaluated.stage == "latent_ddpm" and not evaluated.spec.is_empty
-        requested = _requests(real, settings.num_samples) if conditioned else None
+        requested = manifest_requests(real, settings.num_samples) if conditioned else None
         generated = _generate(settings, evaluated, requested[0] if requested else None, seeds,
                               settings.guidance_scale)
         if features is not None:

@@ -44,7 +44,7 @@ def _validation_manifest(settings: TrainSettings, train: Manifest) -> Manifest |
     return val
 
 
-def _build_task(settings: TrainSettings, manifest: Manifest, vae_source):
+def _build_task(settings: TrainSettings, manifest: Manifest, vae_source, accelerator):
     val = _validation_manifest(settings, manifest)
     if isinstance(settings, VaeSettings):
         from ldmflow.training.vae_task import VaeTask
@@ -53,7 +53,8 @@ def _build_task(settings: TrainSettings, manifest: Manifest, vae_source):
     if isinstance(settings, LatentDdpmSettings):
         from ldmflow.training.latent_task import LatentDdpmTask
 
-        return LatentDdpmTask(settings, manifest, vae_source, val)
+        probe = _registered_probe(settings, manifest, accelerator) if val is not None else None
+        return LatentDdpmTask(settings, manifest, vae_source, val, probe)
     if isinstance(settings, ProbeSettings):
         from ldmflow.training.probe_task import ProbeTask
 
@@ -63,27 +64,56 @@ def _build_task(settings: TrainSettings, manifest: Manifest, vae_source):
     return LegacyDdpmTask(settings, manifest, val)
 
 
-def _resolve_vae(settings: LatentDdpmSettings, accelerator):
-    """The VAE's ModelSource, resolved (and downloaded) by the main process only, then shared with the others.
+def _on_main(accelerator, resolve):
+    """`resolve()` (a registry search, a download) on the main process only, its result shared with the others.
 
-    Downloads go to output_dir/.vae_download, so every process reads the same local folder.
+    Downloads go inside output_dir, so every process reads the same local folder.
     """
     from accelerate.utils import broadcast_object_list
-
-    from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
 
     payload = [None]
     if accelerator.is_main_process:
         try:
-            source = resolve_model_source(settings.vae_uri, dst_dir=Path(settings.output_dir) / ".vae_download")
-            payload = [dataclasses.replace(source, local_dir=find_diffusers_folder(source.local_dir, "vae"))]
+            payload = [("ok", resolve())]
         except LdmflowError as error:
-            payload = [str(error)]
+            payload = [("error", str(error))]
     if accelerator.num_processes > 1:
         payload = broadcast_object_list(payload)
-    if isinstance(payload[0], str):
-        raise LdmflowError(payload[0])
-    return payload[0]
+    status, value = payload[0]
+    if status == "error":
+        raise LdmflowError(value)
+    return value
+
+
+def _resolve_vae(settings: LatentDdpmSettings, accelerator):
+    """The VAE's ModelSource, its local_dir the diffusers folder."""
+    from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
+
+    def resolve():
+        source = resolve_model_source(settings.vae_uri, dst_dir=Path(settings.output_dir) / ".vae_download")
+        return dataclasses.replace(source, local_dir=find_diffusers_folder(source.local_dir, "vae"))
+
+    return _on_main(accelerator, resolve)
+
+
+def _registered_probe(settings: LatentDdpmSettings, manifest: Manifest, accelerator) -> Path | None:
+    """The folder of this dataset's registered condition probe, if there is one: the latent DDPM's validation
+    then also scores condition adherence. None without tracking or conditions."""
+    from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
+    from ldmflow.tracking.registry import registered_probe_uri
+
+    if settings.no_mlflow or manifest.spec.is_empty or settings.eval_epochs == 0:
+        return None
+
+    def resolve():
+        uri = registered_probe_uri(manifest.digest, str(manifest.spec))
+        if uri is None:
+            return None
+        logger.info("Validation reads conditions back with the dataset's probe %s.", uri)
+        source = resolve_model_source(uri, dst_dir=Path(settings.output_dir) / ".probe_download")
+        return find_diffusers_folder(source.local_dir, "probe")
+
+    return _on_main(accelerator, resolve)
 
 
 def run_training(settings: TrainSettings):
@@ -100,7 +130,7 @@ def run_training(settings: TrainSettings):
     manifest = _load(settings, settings.split, getattr(settings, "condition_spec", "none"))
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     vae_source = _resolve_vae(settings, accelerator) if isinstance(settings, LatentDdpmSettings) else None
-    task = _build_task(settings, manifest, vae_source)
+    task = _build_task(settings, manifest, vae_source, accelerator)
     prepared = prepare(settings, task, accelerator)  # model, data, resume: bad input fails before a run opens
     model_uri = None
     with open_run(settings, stage, enabled=is_main and not settings.no_mlflow) as tracker:
