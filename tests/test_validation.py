@@ -150,3 +150,34 @@ def test_validation_never_scores_training_images(data, tmp_path):
     result = CliRunner().invoke(cli, [*args, "--split", "all", "--val_split", "", "--max_train_steps", "1",
                                       "--scaling_factor_batches", "1", "--save_images_epochs", "100"])
     assert result.exit_code == 0, result.output
+
+
+def _vae_run(data: Path, output: Path):
+    from ldmflow.settings import VaeSettings
+    from ldmflow.training.vae_task import VaeTask
+
+    settings = VaeSettings(manifest_path=str(data), output_dir=str(output), resolution=32, train_batch_size=3,
+                           block_out_channels=(8, 8, 8, 8), layers_per_block=1, num_epochs=1, lr_warmup_steps=0,
+                           scaling_factor_batches=1, no_mlflow=True)
+    task = VaeTask(settings, load_manifest(data, condition_spec="none"),
+                   load_manifest(data, split="val", condition_spec="none"))
+    return run(settings, task)
+
+
+def test_the_vae_validates_with_lpips_when_it_can_be_had(data, tmp_path, monkeypatch, caplog):
+    from ldmflow.evaluation import distribution
+
+    caplog.set_level("INFO")
+    _, recorder = _vae_run(data, tmp_path / "without")
+    validated = [m for _, m in recorder.metrics if "val/psnr" in m]
+    assert validated and not any("val/lpips" in m for m in validated)
+    assert "val/lpips is skipped: LPIPS needs torchvision" in caplog.text
+
+    class MeanAbsoluteDistance(torch.nn.Module):  # stands in for torchmetrics' LPIPS: (B, 3, H, W) pairs in [0, 1]
+        def forward(self, first, second):
+            return (first - second).abs().mean()
+
+    monkeypatch.setattr(distribution, "lpips_metric", MeanAbsoluteDistance)
+    _, recorder = _vae_run(data, tmp_path / "with")
+    [validated] = [m for _, m in recorder.metrics if "val/psnr" in m]
+    assert 0 < validated["val/lpips"] < 1

@@ -45,17 +45,22 @@ def inception_features(weights_path: str | None = None) -> torch.nn.Module:
         raise Unavailable(f"the Inception weights could not be loaded: {_first_line(error)}") from None
 
 
-@torch.no_grad()
-def lpips(real: np.ndarray, generated: np.ndarray, batch_size: int = 32) -> float:
-    """Mean LPIPS (AlexNet) between image pairs (N, H, W, 3) in [0, 1], or Unavailable."""
+def lpips_metric() -> torch.nn.Module:
+    """torchmetrics' LPIPS (AlexNet; images (B, 3, H, W) in [0, 1]), or Unavailable."""
     try:
         from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-        metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+        return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
     except (ModuleNotFoundError, ImportError):
         raise Unavailable("LPIPS needs torchvision") from None
     except (OSError, RuntimeError, ValueError) as error:
         raise Unavailable(f"the LPIPS backbone could not be loaded: {_first_line(error)}") from None
+
+
+@torch.no_grad()
+def lpips(real: np.ndarray, generated: np.ndarray, batch_size: int = 32) -> float:
+    """Mean LPIPS (AlexNet) between image pairs (N, H, W, 3) in [0, 1], or Unavailable."""
+    metric = lpips_metric()
     for start in range(0, len(real), batch_size):
         as_tensors = [torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
                       .float() for images in (generated, real)]

@@ -18,6 +18,7 @@ from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.sampling.grids import image_grid, to_pil
 from ldmflow.files import publish_files, temporary_folder
 from ldmflow.settings import VaeSettings
+from ldmflow.evaluation import distribution
 from ldmflow.evaluation.image_metrics import psnr, ssim
 from ldmflow.training.task import Task
 
@@ -46,6 +47,7 @@ class VaeTask(Task):
 
     def __init__(self, settings: VaeSettings, manifest: Manifest, val_manifest: Manifest | None):
         self.settings, self.manifest, self.val_manifest = settings, manifest, val_manifest
+        self._lpips = None  # built at the first validation; False when LPIPS cannot be had here
 
     def setup(self, accelerator: Accelerator):
         s = self.settings
@@ -77,19 +79,35 @@ class VaeTask(Task):
             images["reconstructions"] = self._preview(vae, step)
         return metrics, images
 
+    def _perceptual(self, accelerator: Accelerator):
+        """LPIPS when its backbone can be had (torchvision and its weights), else False (said once)."""
+        if self._lpips is None:
+            try:
+                self._lpips = distribution.lpips_metric().to(accelerator.device)
+            except distribution.Unavailable as error:
+                if accelerator.is_main_process:
+                    logger.info("val/lpips is skipped: %s.", error)
+                self._lpips = False
+        return self._lpips
+
     def _validate(self, accelerator: Accelerator, vae) -> dict[str, float]:
-        """PSNR/SSIM of posterior-mode reconstructions on the val split, sharded over processes."""
+        """PSNR/SSIM (and LPIPS) of posterior-mode reconstructions on the val split, sharded over processes."""
         indices = list(range(accelerator.process_index, len(self.eval_data), accelerator.num_processes))
-        totals = torch.zeros(3, device=accelerator.device)  # psnr sum, ssim sum, count
+        lpips = self._perceptual(accelerator)
+        totals = torch.zeros(4, device=accelerator.device)  # psnr sum, ssim sum, lpips sum, count
         for pixels in pixel_batches(self.eval_data, indices, self.settings.eval_batch_size):
             pixels = pixels.to(accelerator.device)
             reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
             reference, test = (pixels.float() + 1) / 2, ((reconstruction.float() + 1) / 2).clamp(0, 1)
-            totals += torch.stack([psnr(reference, test).sum(), ssim(reference, test).sum(),
+            perceptual = lpips(test, reference).float() * len(pixels) if lpips else torch.zeros((), device=test.device)
+            totals += torch.stack([psnr(reference, test).sum(), ssim(reference, test).sum(), perceptual.reshape(()),
                                    torch.tensor(float(len(pixels)), device=accelerator.device)])
         totals = accelerator.reduce(totals, reduction="sum")
-        count = max(totals[2].item(), 1.0)
-        return {"val/psnr": totals[0].item() / count, "val/ssim": totals[1].item() / count}
+        count = max(totals[3].item(), 1.0)
+        metrics = {"val/psnr": totals[0].item() / count, "val/ssim": totals[1].item() / count}
+        if lpips:
+            metrics["val/lpips"] = totals[2].item() / count
+        return metrics
 
     def _preview(self, vae, step: int) -> Image.Image:
         """Inputs (top row) above their reconstructions (bottom row), saved to output_dir/images/."""
