@@ -2,11 +2,14 @@
 
 `python -m ldmflow.projects > MLproject` (`make mlproject`) writes the file: every entry point declares every
 setting of its command with the settings' own default, so MLproject never drifts from the CLI. MLflow has no
-integer type: integers, booleans and lists are `string` parameters that the CLI checks.
+integer type: integers, booleans and lists are `string` parameters that the CLI checks. Paths and model URIs
+are strings too: MLflow's `path` and `uri` types fail after the run is created, leaving it RUNNING, while
+ldmflow's own checks fail cleanly (relative paths are then relative to the project folder).
 
 MLflow appends every `-P` value that MLproject does not declare as `--name value`. Boolean click flags take
 no value, so `--use_ema true` / `--use_ema false` are turned into `--use_ema` / nothing here, and empty
-values of optional parameters (`--max_train_steps ''`) are dropped so the CLI default (None) applies.
+values of optional settings (`--max_train_steps ''`) are dropped so their default (None) applies. Any other
+empty value reaches the CLI, whose checks speak (`-P condition_spec=` is an error, not the default spec).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ FALSE_WORDS = {"false", "0", "no", "off", ""}
 
 
 def normalise_arguments(command: click.Command, argv: list[str]) -> list[str]:
-    """Rewrite MLflow-style `--flag value` pairs for click boolean flags; drop `--option ''` pairs."""
+    """Rewrite MLflow-style `--flag value` pairs for click boolean flags; drop `--option ''` of optional settings."""
+    optional = {opt for param in command.params if isinstance(param, click.Option) and param.default is None
+                for opt in param.opts}
     negations = {opt: (param.secondary_opts[0] if param.secondary_opts else None)
                  for param in command.params if isinstance(param, click.Option) and param.is_flag
                  for opt in param.opts}
@@ -56,7 +61,7 @@ def normalise_arguments(command: click.Command, argv: list[str]) -> list[str]:
             elif negations[name]:
                 result.append(negations[name])
             continue
-        if argument.startswith("--") and not has_equals and following == "":
+        if argument in optional and following == "":
             index += 2
             continue
         result.append(argument)
@@ -87,8 +92,7 @@ def project_parameters(entry_point: str) -> dict[str, tuple[str, str | None]]:
         default = None if item.default is dataclasses.MISSING else param_value(item.default)
         if default is None and item.name == "output_dir":
             default = f"outputs/{entry_point}"
-        project_type = metadata.get("project_type") or ("float" if kind is float else "string")
-        result[item.name] = (project_type, default)
+        result[item.name] = ("float" if kind is float else "string", default)
     return result
 
 

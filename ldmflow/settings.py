@@ -9,6 +9,7 @@ library (the CLI's --help stays instant).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import MISSING, dataclass, field
@@ -29,15 +30,13 @@ FEATURE_EXTRACTORS = ("auto", "inception", "probe")
 
 
 def setting(default=MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,
-            aliases: tuple[str, ...] = (), project: bool = True, project_type: str | None = None):
+            aliases: tuple[str, ...] = (), project: bool = True):
     """A settings field with what the CLI and MLproject need to expose it.
 
     choices: allowed values (a click.Choice); aliases: other accepted flags (the original scripts' names);
-    project=False: a CLI-only option (`mlflow run` has its own run and experiment); project_type: MLproject's
-    `path` or `uri` instead of the type derived from the annotation.
+    project=False: a CLI-only option (`mlflow run` has its own run and experiment).
     """
-    metadata = {"help": help, "choices": choices, "aliases": aliases, "project": project,
-                "project_type": project_type}
+    metadata = {"help": help, "choices": choices, "aliases": aliases, "project": project}
     return field(default=default, metadata=metadata)
 
 
@@ -77,6 +76,23 @@ def _check_at_least(settings, minimum: int, *names: str) -> None:
             raise LdmflowError(f"--{name} must be at least {minimum}, got {value}.")
 
 
+def _check_number(settings, name: str, low: float | None = None, high: float | None = None,
+                  low_open: bool = False, high_open: bool = False) -> None:
+    """A finite number within [low, high] (open ends where asked); None (an unset optional) passes."""
+    value = getattr(settings, name)
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise LdmflowError(f"--{name} must be a finite number, got {value}.")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+        raise LdmflowError(f"--{name} must be in {span}, got {value}.")
+
+
 def _check_choice(settings, name: str, choices: tuple[str, ...]) -> None:
     if getattr(settings, name) not in choices:
         raise LdmflowError(f"--{name} must be one of {', '.join(choices)}, got {getattr(settings, name)!r}.")
@@ -101,7 +117,7 @@ def _channels(settings_class) -> str:
 class TrainSettings:
     """What every trainer shares: data, optimisation, checkpoints, previews and tracking."""
 
-    manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).", project_type="path")
+    manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).")
     output_dir: str = setting(help="Where weights, checkpoints and previews go.")
     split: str = setting("train", "metadata.split value to train on.")
     val_split: str = setting("val", "Split used for validation, if present.")
@@ -152,6 +168,9 @@ class TrainSettings:
                         "checkpointing_steps", "save_images_epochs", "logging_steps", "layers_per_block",
                         "max_train_steps", "max_nonfinite_steps", "checkpoints_total_limit")
         _check_at_least(self, 0, "dataloader_num_workers", "lr_warmup_steps", "eval_epochs")
+        _check_number(self, "learning_rate", 0, 1, low_open=True)
+        _check_number(self, "adam_weight_decay", 0)
+        _check_number(self, "max_grad_norm", 0, low_open=True)
         _check_choice(self, "mixed_precision", MIXED_PRECISIONS)
         _check_choice(self, "register", REGISTER_CHOICES)
         _check_choice(self, "lr_scheduler", LR_SCHEDULERS)
@@ -174,6 +193,7 @@ class VaeSettings(TrainSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_at_least(self, 1, "scaling_factor_batches")
+        _check_number(self, "kl_weight", 0)
         if len(self.block_out_channels) != 4:
             raise LdmflowError(
                 "The VAE downsamples x8, so --block_out_channels needs exactly 4 values "
@@ -201,6 +221,10 @@ class DdpmSettings(TrainSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_at_least(self, 1, "num_preview_images", "preview_inference_steps", "ddpm_num_steps", "val_timesteps")
+        _check_number(self, "ema_max_decay", 0, 1)
+        _check_number(self, "ema_inv_gamma", 0, low_open=True)
+        _check_number(self, "ema_power", 0, low_open=True)
+        _check_number(self, "snr_gamma", 0, low_open=True)
         if self.val_timesteps > self.ddpm_num_steps:
             raise LdmflowError(f"--val_timesteps ({self.val_timesteps}) cannot exceed --ddpm_num_steps "
                                f"({self.ddpm_num_steps}).")
@@ -223,7 +247,7 @@ class LatentDdpmSettings(DdpmSettings):
     """`ldmflow latent-ddpm`: a conditioned UNet2DConditionModel on a trained VAE's latents."""
 
     vae_uri: str = setting(help="The VAE: its folder or an MLflow URI (runs:/, models:/name/version, ...).",
-                           aliases=("--vae_path",), project_type="uri")
+                           aliases=("--vae_path",))
     block_out_channels: tuple[int, ...] = (256, 256, 256)
     train_batch_size: int = 4
     condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "Comma list of name:dim, or 'none' for unconditional.")
@@ -234,12 +258,14 @@ class LatentDdpmSettings(DdpmSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.condition_spec.strip():
+            raise LdmflowError("--condition_spec is empty: give name:dim,... or none for an unconditional model.")
         if not self.vae_uri:
             raise LdmflowError("--vae_uri is required: a VAE folder or an MLflow model URI.")
         latent = self.resolution // 8
         self._check_downsampling(latent, f"Latents of {latent}x{latent} (resolution {self.resolution} / 8)")
-        if not 0.0 <= self.cond_dropout_prob < 1.0:
-            raise LdmflowError(f"--cond_dropout_prob must be in [0, 1), got {self.cond_dropout_prob}.")
+        _check_number(self, "cond_dropout_prob", 0, 1, high_open=True)
+        _check_number(self, "guidance_scale", 1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -288,7 +314,7 @@ class SampleSettings:
     """`ldmflow sample`: images from a trained model, for given conditions or unconditional."""
 
     model_uri: str = setting(help="Output folder, runs:/..., models:/name/version, models:/name@alias or "
-                                  "models:/<model_id>.", project_type="uri")
+                                  "models:/<model_id>.")
     output_dir: str = setting("outputs/samples", "Where the images and grid.png go.")
     num_images: int = setting(8, "Images to generate (without --conditions_file).")
     condition: tuple[str, ...] = setting((), "name=value, repeatable: --condition temperature=12.5 "
@@ -305,6 +331,7 @@ class SampleSettings:
 
     def __post_init__(self) -> None:
         _check_at_least(self, 1, "num_images", "num_inference_steps")
+        _check_number(self, "guidance_scale", 1)
         _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
         _check_choice(self, "output_format", IMAGE_FORMATS)
         if self.condition and self.conditions_file:
@@ -318,10 +345,8 @@ class SampleSettings:
 class EvaluateSettings:
     """`ldmflow evaluate`: quality metrics of a trained model, logged to a run linked to the model."""
 
-    model_uri: str = setting(help="The model: its folder, runs:/..., models:/name/version or models:/name@alias.",
-                             project_type="uri")
-    manifest_path: str = setting(help="JSON manifest with the real images (see docs/manifest.md).",
-                                 project_type="path")
+    model_uri: str = setting(help="The model: its folder, runs:/..., models:/name/version or models:/name@alias.")
+    manifest_path: str = setting(help="JSON manifest with the real images (see docs/manifest.md).")
     split: str = setting("val", "Real images to compare with (and the probe's validation split).")
     train_split: str = setting("train", "The model's training split: the probe's training images and the "
                                         "conditions' range.")
@@ -352,8 +377,8 @@ class EvaluateSettings:
         _check_at_least(self, 1, "num_inference_steps", "batch_size")
         _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
         _check_choice(self, "feature_extractor", FEATURE_EXTRACTORS)
-        if self.guidance_scale < 1:
-            raise LdmflowError(f"--guidance_scale must be at least 1 (1 = no guidance), got {self.guidance_scale}.")
+        _check_number(self, "guidance_scale", 1)
+        _check_at_least(self, 1, "probe_epochs")
 
     def to_params(self) -> dict[str, str]:
         return settings_params(self)
@@ -363,7 +388,7 @@ class EvaluateSettings:
 class PipelineSettings:
     """`ldmflow pipeline`: vae -> latent_ddpm -> sample. Defaults are the steps' own, except where noted."""
 
-    manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).", project_type="path")
+    manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).")
     output_root: str = setting("outputs/pipeline", "Folder of the steps' output folders.")
     resolution: int = setting(_default(TrainSettings, "resolution"), "Training size of both models.")
     vae_train_batch_size: int = setting(_default(VaeSettings, "train_batch_size"), "VAE batch size.")
@@ -446,6 +471,7 @@ class DemoDataSettings:
     image_format: str = setting("png", "Image file format.", choices=IMAGE_FORMATS)
     seed: int = setting(0, "Seed of the scenes and the split.")
     val_fraction: float = setting(0.1, "Fraction of entries in the val split.")
+    overwrite: bool = setting(False, "Replace manifest.json and images/ in a folder that is not empty.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -55,7 +55,7 @@ def test_mlproject_parameters_have_the_settings_names_types_and_defaults(entry_p
             assert item.name not in declared
             continue
         parameter = declared[item.name]
-        expected_type = metadata.get("project_type") or ("float" if kind is float else "string")
+        expected_type = "float" if kind is float else "string"
         assert parameter.type == expected_type, item.name
         if item.default is dataclasses.MISSING:
             assert parameter.default is None or item.name == "output_dir", item.name

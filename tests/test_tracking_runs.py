@@ -39,8 +39,8 @@ def sqlite_store(tmp_path, monkeypatch) -> Path:
 
 
 def settings(tmp_path: Path, **overrides) -> VaeSettings:
-    return VaeSettings(manifest_path=str(tmp_path / "manifest.json"), output_dir=str(tmp_path / "out"),
-                       run_name="test-run", **overrides)
+    return VaeSettings(**{"manifest_path": str(tmp_path / "manifest.json"), "output_dir": str(tmp_path / "out"),
+                          "run_name": "test-run", **overrides})
 
 
 def free_port() -> int:
@@ -267,3 +267,26 @@ def test_dataset_input_is_logged_and_searchable_by_digest(sqlite_store):
     found = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                filter_string=f"dataset.digest = '{digest[:36]}'")
     assert [r.info.run_id for r in found] == [tracker.run_id]
+
+
+def test_runs_of_the_same_seed_get_different_names(sqlite_store):
+    import random
+
+    names = []
+    for _ in range(2):
+        random.seed(0)  # what the trainers' set_seed does before the run opens
+        with open_run(settings(sqlite_store, run_name=None), "vae") as tracker:
+            names.append(MlflowClient().get_run(tracker.run_id).info.run_name)
+    assert names[0] != names[1] and all(name.startswith("vae-") for name in names)
+
+
+def test_a_failing_tracker_is_not_masked_and_the_run_is_not_left_running(sqlite_store, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("tracker broke")
+
+    monkeypatch.setattr(RunTracker, "__init__", broken)
+    with pytest.raises(RuntimeError, match="tracker broke"):
+        with open_run(settings(sqlite_store), "vae"):
+            pass
+    [run] = MlflowClient().search_runs([store.ensure_experiment("ldmflow")])
+    assert run.info.status == "FAILED"

@@ -181,3 +181,13 @@ def test_the_vae_validates_with_lpips_when_it_can_be_had(data, tmp_path, monkeyp
     _, recorder = _vae_run(data, tmp_path / "with")
     [validated] = [m for _, m in recorder.metrics if "val/psnr" in m]
     assert 0 < validated["val/lpips"] < 1
+
+
+def test_the_scaling_factor_is_measured_on_a_seeded_random_sample():
+    from ldmflow.training.vae_task import scaling_factor_sample
+
+    sample = scaling_factor_sample(1000, 50, seed=0)
+    assert len(set(sample)) == 50 and sample == scaling_factor_sample(1000, 50, seed=0)
+    assert sorted(sample) != list(range(50)) and max(sample) > 500  # not the manifest's first entries
+    assert sample != scaling_factor_sample(1000, 50, seed=1)
+    assert sorted(scaling_factor_sample(10, 50, seed=0)) == list(range(10))  # fewer images: all of them

@@ -11,8 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from PIL import Image
 
 from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
+from ldmflow.files import publish_files, temporary_folder
 from ldmflow.settings import IMAGE_FORMATS, DemoDataSettings
 
 logger = logging.getLogger(__name__)
@@ -132,12 +132,14 @@ def make_demo_dataset(
     image_format: str = DemoDataSettings.image_format,
     seed: int = DemoDataSettings.seed,
     val_fraction: float = DemoDataSettings.val_fraction,
+    overwrite: bool = DemoDataSettings.overwrite,
 ) -> Path:
     """Write ``output_dir/images/NNNNN.<ext>`` and ``output_dir/manifest.json``; returns the manifest path.
 
     Deterministic from ``seed``. ``round(num_images * val_fraction)`` randomly chosen entries get split "val"
     (at least one entry stays "train"), the rest "train". Entries with index % 12 == 7 omit temperature (the
-    image still shows the true one) and entries with index % 4 == 2 omit wind_mag.
+    image still shows the true one) and entries with index % 4 == 2 omit wind_mag. A folder that is not empty
+    is refused unless ``overwrite``; the files are built aside and moved in at the end.
     """
     if num_images < 1:
         raise LdmflowError(f"--num_images must be at least 1, got {num_images}.")
@@ -148,6 +150,19 @@ def make_demo_dataset(
     if not 0.0 <= val_fraction < 1.0:
         raise LdmflowError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
     output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    final_dir, output_dir = output_dir, temporary_folder(output_dir, "demo-data")
+    try:
+        _write_dataset(output_dir, num_images, resolution, image_format, seed, val_fraction)
+    except BaseException:
+        shutil.rmtree(output_dir, ignore_errors=True)  # no half-written dataset left behind
+        raise
+    publish_files(output_dir, final_dir)
+    return final_dir / "manifest.json"
+
+
+def _write_dataset(output_dir: Path, num_images: int, resolution: int, image_format: str, seed: int,
+                   val_fraction: float) -> None:
     rng = np.random.default_rng(seed)
     num_val = min(int(round(num_images * val_fraction)), num_images - 1)
     val_indices = set(rng.permutation(num_images)[:num_val].tolist())
@@ -165,18 +180,16 @@ def make_demo_dataset(
         "image_format": image_format,
         "items": items,
     }
-    manifest_path = output_dir / "manifest.json"
-    _write_text_atomic(manifest_path, json.dumps(manifest, indent=1) + "\n")
-    logger.info("Wrote %d demo images (%d val) and %s", num_images, num_val, manifest_path)
-    return manifest_path
+    (output_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    logger.info("Wrote %d demo images (%d val).", num_images, num_val)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Never write over a user's data: a file, or a folder with anything in it, is refused (unless overwrite)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise LdmflowError(f"--output_dir {output_dir} is a file; give a folder for the demo dataset.")
+    entries = sorted(p.name for p in output_dir.iterdir() if not p.name.startswith(".")) if output_dir.is_dir() \
+        else []
+    if entries and not overwrite:
+        raise LdmflowError(f"--output_dir {output_dir} is not empty ({len(entries)} entries, e.g. {entries[0]}); "
+                           "pass --overwrite to replace its manifest.json and images/.")

@@ -14,6 +14,7 @@ import logging
 import os
 import posixpath
 import re
+import secrets
 import time
 import warnings
 from pathlib import Path
@@ -300,10 +301,17 @@ def open_run(settings, stage: str, enabled: bool = True):
     except BaseException:
         status = "FAILED"
         raise
-    finally:
-        tracker.close()
-        if owned and not _end_run(run_id, status):
+    finally:  # the run never stays RUNNING, and an error in RunTracker() itself is not masked
+        if tracker is not None:
+            tracker.close()
+        if owned and not _end_run(run_id, status) and tracker is not None:
             tracker.write_pending_status(status)
+
+
+def default_run_name(stage: str) -> str:
+    """`vae-20261126-0853-3fa2`: distinct for every run. MLflow's own names come from the global `random`,
+    which the trainers seed, so every run of a seed would get the same one."""
+    return f"{stage}-{time.strftime('%Y%m%d-%H%M')}-{secrets.token_hex(2)}"
 
 
 def _start_run(settings, stage: str) -> tuple[str, bool]:
@@ -324,7 +332,7 @@ def _start_run(settings, stage: str) -> tuple[str, bool]:
             run = mlflow.start_run(run_id=run_id, nested=active is not None, log_system_metrics=True)
         else:
             run = mlflow.start_run(experiment_id=ensure_experiment(settings.experiment_name),
-                                   run_name=getattr(settings, "run_name", None) or None,
+                                   run_name=getattr(settings, "run_name", None) or default_run_name(stage),
                                    nested=active is not None, tags={STAGE_TAG: stage}, log_system_metrics=True)
     except MlflowException as error:
         what = f"attach to run MLFLOW_RUN_ID={run_id}" if run_id else "start an MLflow run"

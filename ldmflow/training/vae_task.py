@@ -26,6 +26,11 @@ logger = logging.getLogger(__name__)
 NUM_PREVIEW_IMAGES = 8
 
 
+def scaling_factor_sample(count: int, size: int, seed: int) -> list[int]:
+    """A seeded random sample of image indices: a manifest sorted by anything must not skew the factor."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size].tolist()
+
+
 class VaeWithLoss(torch.nn.Module):
     """Encode -> sample -> decode in one forward, so the prepared (DDP) wrapper sees every trained call."""
 
@@ -125,10 +130,11 @@ class VaeTask(Task):
     @torch.no_grad()
     def measure_scaling_factor(self, accelerator: Accelerator, vae) -> float:
         """1 / std of posterior samples over training batches (all processes), so scaled latents have unit variance."""
-        batches = max(1, self.settings.scaling_factor_batches)
         batch_size = self.settings.train_batch_size
         plain = image_dataset(self.manifest, self.settings, training=False)
-        indices = list(range(min(len(plain), batches * batch_size)))[accelerator.process_index::accelerator.num_processes]
+        chosen = scaling_factor_sample(len(plain), self.settings.scaling_factor_batches * batch_size,
+                                       self.settings.seed)
+        indices = chosen[accelerator.process_index::accelerator.num_processes]
         totals = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count; float64 on the CPU (MPS has none)
         for pixels in pixel_batches(plain, indices, batch_size):
             latents = vae.encode(pixels.to(accelerator.device)).latent_dist.sample().float()  # (B, 4, h, w)
