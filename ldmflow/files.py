@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
+
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin")
 
 
 def temporary_folder(output_dir: str | Path, name: str) -> Path:
@@ -37,3 +40,16 @@ def publish_files(temporary: Path, target_dir: Path) -> None:
         else:
             os.replace(entry, target_dir / entry.name)
     temporary.rmdir()
+
+
+def model_digest(folder: str | Path) -> str:
+    """sha256 of a diffusers model folder's config and weights (top-level .json, .safetensors and .bin files):
+    what identifies a VAE whatever path it is found at, and changes when the folder is trained over."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix in MODEL_FILE_SUFFIXES:
+            digest.update(path.name.encode() + b"\0")
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()

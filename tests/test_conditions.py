@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -183,3 +184,12 @@ def test_encoder_normalises_and_keeps_absent_conditions_at_zero():
     encoded = encoder.encode(values, present)  # normalised values, then one presence flag per condition
     np.testing.assert_allclose(encoded.numpy(), [[2.0, 0.0, 0.0, 1.0, 0.0], [0.0, 2.0, 2.0, 0.0, 1.0]])
     assert encoded.dtype == torch.float32
+
+
+@pytest.mark.parametrize("value", [1e39, -3.5e38, [0.0, 1e300, 0.0]])
+def test_finite_values_beyond_float32_are_errors_not_inf(value):
+    name = "wind" if isinstance(value, list) else "temperature"
+    with pytest.raises(LdmflowError, match=re.escape(f"{LABEL}: condition {name!r} has the value") + ".* beyond the float32"):
+        extract_conditions({name: value}, "temperature:1,wind:3", LABEL)
+    largest = extract_conditions({"temperature": 3.0e38}, "temperature:1", LABEL)  # still representable
+    assert np.isfinite(largest.values).all()

@@ -300,3 +300,29 @@ def test_a_tracked_resume_is_tagged_with_the_run_and_step_it_continues(data, tmp
     assert result.exit_code == 1 and "does not match this model and settings" in result.output
     assert "size mismatch" in result.output
     assert len(client.search_runs([experiment.experiment_id])) == 2
+
+
+def test_a_latent_model_refuses_a_vae_that_was_trained_over(latent_dir, vae_dir, tmp_path):
+    from diffusers import AutoencoderKL
+
+    model, vae = tmp_path / "latent", tmp_path / "vae"
+    shutil.copytree(latent_dir, model)
+    shutil.copytree(vae_dir, vae)
+    record = json.loads((model / "vae_source.json").read_text())
+    assert len(record["vae_digest"]) == 64 and record["vae_scaling_factor"] > 0
+    record["vae_path"], record["vae_uri"] = str(vae), str(vae)
+    (model / "vae_source.json").write_text(json.dumps(record))
+    sample = ["sample", "--model_uri", str(model), "--output_dir", str(tmp_path / "samples"), "--num_images", "1",
+              "--num_inference_steps", "2", "--no_mlflow", "--condition", "temperature=10", "--condition",
+              "wind=1,0,0", "--condition", "wind_mag=1"]
+    invoke(*sample)  # the recorded VAE: fine
+    retrained = AutoencoderKL.from_pretrained(vae)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(0.01)
+    retrained.save_pretrained(vae)  # e.g. a later `ldmflow vae --output_dir` on the same folder
+    result = invoke(*sample, expect_ok=False)
+    assert result.exit_code == 1 and "is not the one this latent model was trained with" in result.output
+    from ldmflow.sampling.latent import LatentSampler
+
+    with pytest.raises(Exception, match="is not the one this latent model was trained with"):
+        LatentSampler.from_training_output(model)

@@ -191,3 +191,22 @@ def test_the_scaling_factor_is_measured_on_a_seeded_random_sample():
     assert sorted(sample) != list(range(50)) and max(sample) > 500  # not the manifest's first entries
     assert sample != scaling_factor_sample(1000, 50, seed=1)
     assert sorted(scaling_factor_sample(10, 50, seed=0)) == list(range(10))  # fewer images: all of them
+
+
+def test_weights_that_are_not_finite_are_never_written(data, tmp_path):
+    class Overflowing(LegacyDdpmTask):
+        """Finite losses and gradients, but the weights turn to inf after the second step."""
+
+        def after_optimizer_step(self, model):
+            super().after_optimizer_step(model)
+            self.steps = getattr(self, "steps", 0) + 1
+            if self.steps == 2:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("inf"))
+
+    settings = settings_for(data, tmp_path, checkpointing_steps=1, num_epochs=1)
+    task = Overflowing(settings, load_manifest(data, condition_spec="none"), None)
+    with pytest.raises(LdmflowError, match=r"non-finite by step 2; checkpoint-2 was not written and the last "
+                                           r"checkpoint is .*checkpoint-1\. Lower --learning_rate"):
+        run(settings, task)
+    assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()

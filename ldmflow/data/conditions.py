@@ -152,7 +152,13 @@ def _read_condition(metadata: dict, name: str, dim: int, entry_label: str) -> np
     array = np.asarray(components, dtype=np.float64)
     if not np.all(np.isfinite(array)):
         return None
+    if np.any(np.abs(array) > FLOAT32_MAX):  # finite in JSON, but inf once stored as float32
+        raise LdmflowError(f"{entry_label}: condition {name!r} has the value {raw!r}, beyond the float32 range "
+                           f"(+-{FLOAT32_MAX:.3g}) that training uses.")
     return array
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _wind_magnitude(metadata: dict) -> float | None:

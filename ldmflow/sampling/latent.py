@@ -11,10 +11,28 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ldmflow.data.conditions import ConditionSpec, extract_conditions
 from ldmflow.errors import LdmflowError
+from ldmflow.files import model_digest
 from ldmflow.models.conditioning import CONDITIONING_FILE, ConditionEncoder
 from ldmflow.sampling.denoise import denoise, initial_noise, make_scheduler, step_generators
 
 VAE_SOURCE_FILE = "vae_source.json"
+
+
+def check_recorded_vae(vae_dir: str | Path, source_file: str | Path) -> None:
+    """The VAE in `vae_dir` is the one `vae_source.json` recorded (weights digest and scaling factor), or one
+    clear error: a latent model decoded by another VAE gives wrong images without any other sign."""
+    record = json.loads(Path(source_file).read_text())
+    expected, found = record.get("vae_digest"), None
+    if expected and (found := model_digest(vae_dir)) != expected:
+        raise LdmflowError(
+            f"The VAE at {vae_dir} is not the one this latent model was trained with: its weights digest "
+            f"{found[:12]} differs from {expected[:12]} recorded in {source_file} (the folder was trained over or "
+            f"replaced). Use the registered model, or restore the VAE {record.get('vae_uri') or ''}.".rstrip())
+    factor = record.get("vae_scaling_factor")
+    config = json.loads((Path(vae_dir) / "config.json").read_text())
+    if factor is not None and abs(float(config.get("scaling_factor", 0.0)) - float(factor)) > 1e-6 * abs(factor):
+        raise LdmflowError(f"The VAE at {vae_dir} has scaling_factor {config.get('scaling_factor')}, but this latent "
+                           f"model was trained with {factor} ({source_file}).")
 
 
 class LatentSampler:
@@ -41,6 +59,7 @@ class LatentSampler:
         """A `ldmflow latent-ddpm` output folder: unet/, scheduler_config.json, vae_source.json."""
         output_dir = Path(output_dir)
         source = json.loads((output_dir / VAE_SOURCE_FILE).read_text())
+        check_recorded_vae(source["vae_path"], output_dir / VAE_SOURCE_FILE)
         return cls.from_folders(output_dir / "unet", source["vae_path"], output_dir,
                                 output_dir / CONDITIONING_FILE, device)
 

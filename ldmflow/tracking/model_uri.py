@@ -298,15 +298,28 @@ def vae_source_from_file(folder) -> ModelSource:
         raise LdmflowError(f"{folder} has neither a vae/ folder nor vae_source.json; cannot find its VAE.")
     data = json.loads(source_file.read_text())
     local = Path(data.get("vae_path") or "")
-    if not (data.get("vae_path") and _looks_like(local, "vae")):
+    if not (data.get("vae_path") and _looks_like(local, "vae") and _is_recorded_vae(local, source_file)):
         if not data.get("vae_uri"):
             raise LdmflowError(f"{source_file}: the VAE folder {local} is gone and no vae_uri is recorded.")
         local = find_diffusers_folder(resolve_model_source(data["vae_uri"]).local_dir, "vae")
+    from ldmflow.sampling.latent import check_recorded_vae  # torch: only where a VAE is actually checked
+
+    check_recorded_vae(local, source_file)
     version = data.get("vae_model_version")
     return ModelSource(local_dir=local, uri=data.get("vae_uri") or str(local),
                        model_name=data.get("vae_model_name") or None, model_version=str(version) if version else None,
                        run_id=data.get("vae_run_id") or None, model_id=data.get("vae_model_id") or None,
                        is_registered=bool(data.get("vae_model_name")))
+
+
+def _is_recorded_vae(folder: Path, source_file: Path) -> bool:
+    from ldmflow.sampling.latent import check_recorded_vae
+
+    try:
+        check_recorded_vae(folder, source_file)
+    except LdmflowError:
+        return False  # changed since: the recorded vae_uri is tried next
+    return True
 
 
 def _raise_unless_missing(error: Exception) -> None:

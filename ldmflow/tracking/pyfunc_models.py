@@ -111,9 +111,11 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
     """Conditioned latent DDPM + its VAE: a DataFrame of conditions in, one generated image per row out."""
 
     def load_context(self, context):
-        from ldmflow.sampling.latent import LatentSampler
+        from ldmflow.sampling.latent import LatentSampler, check_recorded_vae
 
         artifacts = context.artifacts
+        if artifacts.get("vae_source"):
+            check_recorded_vae(artifacts["vae"], artifacts["vae_source"])
         conditioning = artifacts.get("conditioning")
         self._sampler = LatentSampler.from_folders(artifacts["unet"], artifacts["vae"],
                                                    str(Path(artifacts["scheduler"]).parent),

@@ -25,7 +25,7 @@ from ldmflow.models.probe import ProbeReader
 from ldmflow.sampling.condition_input import spanning_conditions
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 from ldmflow.sampling.latent import VAE_SOURCE_FILE, LatentSampler
-from ldmflow.files import publish_folder, temporary_folder
+from ldmflow.files import model_digest, publish_folder, temporary_folder
 from ldmflow.settings import LatentDdpmSettings
 from ldmflow.training.ddpm_task import DdpmTask
 
@@ -193,4 +193,5 @@ class LatentDdpmTask(DdpmTask):
         return {"vae_path": str(Path(source.local_dir).resolve()), "vae_uri": source.uri,
                 "vae_model_name": source.model_name, "vae_model_version": source.model_version,
                 "vae_run_id": source.run_id, "vae_model_id": source.model_id,
-                "vae_scaling_factor": self.scaling_factor, "condition_spec": str(self.manifest.spec)}
+                "vae_scaling_factor": self.scaling_factor, "vae_digest": model_digest(source.local_dir),
+                "condition_spec": str(self.manifest.spec)}

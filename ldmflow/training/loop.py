@@ -227,6 +227,7 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
 
     accelerator.wait_for_everyone()
     output_dir = Path(settings.output_dir)
+    _check_weights_finite(settings, run, "the model")
     final_metrics = task.save(accelerator, run.model, output_dir)
     if accelerator.is_main_process and final_metrics:
         tracker.log_metrics(final_metrics, state.global_step)
@@ -302,8 +303,20 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
             return
 
 
+def _check_weights_finite(settings: TrainSettings, run: PreparedRun, what: str) -> None:
+    """Never write weights that are not finite: the loss and gradient guard cannot see an update that overflows."""
+    finite = torch.stack([torch.isfinite(p.detach()).all() for p in run.model.parameters()]).all().float()
+    if run.accelerator.reduce(finite.reshape(1), reduction="mean").item() == 1.0:
+        return
+    checkpoints = list_checkpoints(settings.output_dir)
+    last = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+    raise LdmflowError(f"The weights became non-finite by step {run.state.global_step}; {what} was not written "
+                       f"and {last}. Lower --learning_rate or --max_grad_norm, or try --mixed_precision no.")
+
+
 def _checkpoint(settings: TrainSettings, run: PreparedRun, tracker: Tracker) -> None:
     step = run.state.global_step
+    _check_weights_finite(settings, run, f"checkpoint-{step}")
     path = save_checkpoint(run.accelerator, settings.output_dir, step, settings.checkpoints_total_limit)
     if run.accelerator.is_main_process:
         tracker.set_tags({"ldmflow.last_checkpoint": str(path), "ldmflow.last_checkpoint_step": str(step)})
@@ -366,6 +379,7 @@ def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_ep
     metric = run.checkpoint_metric
     if metric in metrics and _is_better(metric, metrics[metric], run.state.best_value):
         run.state.best_step, run.state.best_value = step, metrics[metric]  # saved with the checkpoint
+        _check_weights_finite(settings, run, BEST_CHECKPOINT)
         save_checkpoint(accelerator, settings.output_dir, step, None, name=BEST_CHECKPOINT)
         if accelerator.is_main_process:
             tracker.set_tags({"ldmflow.best_checkpoint_step": str(step),
