@@ -193,3 +193,23 @@ def test_finite_values_beyond_float32_are_errors_not_inf(value):
         extract_conditions({name: value}, "temperature:1,wind:3", LABEL)
     largest = extract_conditions({"temperature": 3.0e38}, "temperature:1", LABEL)  # still representable
     assert np.isfinite(largest.values).all()
+
+
+def test_flip_rules_parse_round_trip_and_give_signs():
+    spec = ConditionSpec.parse("temperature:1, wind:3:flipx=0, colour:3:flipx=none, tilt:2:flipx=0/1")
+    assert spec.items == (("temperature", 1), ("wind", 3), ("colour", 3), ("tilt", 2))
+    assert str(spec) == "temperature:1,wind:3:flipx=0,colour:3:flipx=none,tilt:2:flipx=0/1"
+    assert ConditionSpec.parse(str(spec)) == spec
+    np.testing.assert_array_equal(spec.flip_signs(), [1, -1, 1, 1, 1, 1, 1, -1, -1])
+    assert ConditionSpec.parse("temperature:1").flip_signs().tolist() == [1.0]  # scalars need no rule
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("wind:3:flipx=3", "names components (3,), but it has 3 (0 to 2)"),
+    ("wind:3:flipx=x", "must list component numbers"),
+    ("wind:3:mirror=0", "the one option is flipx="),
+    ("wind:3:flipx=", "the one option is flipx="),
+])
+def test_bad_flip_rules_are_errors(text, fragment):
+    with pytest.raises(LdmflowError, match=re.escape(fragment)):
+        ConditionSpec.parse(text)

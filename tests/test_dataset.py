@@ -117,3 +117,44 @@ def test_every_file_unreadable_raises(tmp_path):
 def test_empty_records_rejected():
     with pytest.raises(LdmflowError, match="no records"):
         ManifestImageDataset([], resolution=8)
+
+
+def test_flipped_samples_keep_labels_the_demo_probe_agrees_with(tmp_path):
+    """A horizontal flip mirrors the wind's x component with the stripes: the label follows the image."""
+    import math
+
+    from ldmflow.data.demo import angle_error, make_demo_dataset, probe_conditions
+    from ldmflow.data.manifest import load_manifest
+
+    manifest = load_manifest(make_demo_dataset(tmp_path / "demo", num_images=16, resolution=32),
+                             condition_spec="temperature:1,wind:3:flipx=0,wind_mag:1")
+    flipping = ManifestImageDataset(manifest.records, 32, random_flip=True, flip_signs=manifest.spec.flip_signs())
+    plain = ManifestImageDataset(manifest.records, 32)
+    torch.manual_seed(0)
+    flips = 0
+    for index in range(len(manifest.records)):
+        item, reference = flipping[index], plain[index]
+        flipped = not torch.equal(item["pixel_values"], reference["pixel_values"])
+        flips += flipped
+        wind = item["conditions"][1:4].numpy()
+        expected_x = -reference["conditions"][1].item() if flipped else reference["conditions"][1].item()
+        assert wind[0] == pytest.approx(expected_x) and wind[1] == reference["conditions"][2].item()
+        if np.hypot(wind[0], wind[1]) > 3:  # the probe reads stripe directions of clear stripes
+            probed = probe_conditions(((item["pixel_values"].permute(1, 2, 0).numpy() + 1) / 2))
+            assert math.degrees(angle_error(math.atan2(wind[1], wind[0]) % math.pi, probed["wind_angle"])) < 10
+    assert 0 < flips < len(manifest.records)
+
+
+def test_random_flip_needs_a_rule_for_every_vector_condition(tmp_path):
+    from types import SimpleNamespace
+
+    from ldmflow.data.dataset import image_dataset
+    from ldmflow.data.demo import make_demo_dataset
+    from ldmflow.data.manifest import load_manifest
+    from ldmflow.errors import LdmflowError
+
+    manifest = load_manifest(make_demo_dataset(tmp_path / "demo", num_images=4, resolution=16))
+    settings = SimpleNamespace(resolution=16, random_crop=False, random_flip=True, preserve_input_precision=False)
+    with pytest.raises(LdmflowError, match=r"vector condition 'wind' has no flip rule.*'wind:3:flipx=0'"):
+        image_dataset(manifest, settings, training=True)
+    assert image_dataset(manifest, settings, training=False).random_flip is False  # evaluation never flips

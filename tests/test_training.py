@@ -163,7 +163,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_after_a_kill_continues_exactly(data, vae_dir, tmp_path):
     common = ["--manifest_path", str(data), "--vae_uri", str(vae_dir), *TINY, *TINY_UNET, "--max_train_steps",
-              "6", "--checkpointing_steps", "2", "--save_images_epochs", "100", "--random_flip", "--use_ema"]
+              "6", "--checkpointing_steps", "2", "--save_images_epochs", "100", "--random_flip", "--use_ema",
+              "--condition_spec", "temperature:1,wind:3:flipx=0,wind_mag:1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     invoke("latent-ddpm", *common, "--output_dir", str(straight))
     invoke("latent-ddpm", *common, "--output_dir", str(resumed))

@@ -22,9 +22,14 @@ _MIN_STD = 1e-8
 
 @dataclass(frozen=True)
 class ConditionSpec:
-    """Ordered condition names and their dimensions; the value vector is their concatenation."""
+    """Ordered condition names and their dimensions; the value vector is their concatenation.
+
+    A vector condition may say what a horizontal flip does to it: `wind:3:flipx=0` (the flip negates
+    component 0, as it mirrors an x direction), `flipx=0/2` (several components) or `flipx=none` (unchanged).
+    """
 
     items: tuple[tuple[str, int], ...] = ()
+    flipx: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (name, negated components) of conditions with a rule
 
     @classmethod
     def parse(cls, text: str | ConditionSpec | None) -> ConditionSpec:
@@ -35,13 +40,32 @@ class ConditionSpec:
         if stripped.lower() in ("", "none"):
             return cls(())
         items: list[tuple[str, int]] = []
+        rules: list[tuple[str, tuple[int, ...]]] = []
         for part in stripped.split(","):
-            items.append(_parse_item(part.strip(), text))
+            name, dim, rule = _parse_item(part.strip(), text)
+            items.append((name, dim))
+            if rule is not None:
+                rules.append((name, rule))
         names = [name for name, _ in items]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise LdmflowError(f"Invalid condition spec {text!r}: duplicate name(s) {', '.join(duplicates)}.")
-        return cls(tuple(items))
+        return cls(tuple(items), tuple(rules))
+
+    def flip_signs(self) -> np.ndarray:
+        """(value_dim,) +1/-1 factors a horizontal flip applies to the value vector; a vector condition without
+        a flipx rule cannot be flipped safely (its label would contradict the mirrored image)."""
+        rules = dict(self.flipx)
+        signs = np.ones(self.value_dim, dtype=np.float32)
+        for (name, dim), where in zip(self.items, self.slices().values()):
+            if name in rules:
+                signs[where][list(rules[name])] = -1.0
+            elif dim > 1:
+                raise LdmflowError(
+                    f"--random_flip mirrors images, but the vector condition {name!r} has no flip rule: say which "
+                    f"components a horizontal flip negates, e.g. --condition_spec '{name}:{dim}:flipx=0' "
+                    f"(or '{name}:{dim}:flipx=none' when a flip leaves it unchanged), or train without --random_flip.")
+        return signs
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -75,16 +99,24 @@ class ConditionSpec:
     def __str__(self) -> str:
         if self.is_empty:
             return "none"
-        return ",".join(f"{name}:{dim}" for name, dim in self.items)
+        rules = dict(self.flipx)
+
+        def item(name: str, dim: int) -> str:
+            if name not in rules:
+                return f"{name}:{dim}"
+            return f"{name}:{dim}:flipx={'/'.join(str(i) for i in rules[name]) or 'none'}"
+
+        return ",".join(item(name, dim) for name, dim in self.items)
 
 
-def _parse_item(part: str, text: str | None) -> tuple[str, int]:
-    """One ``name:dim`` item; every problem names the whole spec so the user can find it."""
+def _parse_item(part: str, text: str | None) -> tuple[str, int, tuple[int, ...] | None]:
+    """One ``name:dim[:flipx=...]`` item; every problem names the whole spec so the user can find it."""
     if not part:
         raise LdmflowError(f"Invalid condition spec {text!r}: empty item (stray comma?). Use 'name:dim,...' or 'none'.")
     if ":" not in part:
         raise LdmflowError(f"Invalid condition spec {text!r}: item {part!r} has no ':dim' (e.g. 'temperature:1').")
-    name, _, dim_text = (s.strip() for s in part.partition(":"))
+    name, _, rest = (s.strip() for s in part.partition(":"))
+    dim_text, _, option = (s.strip() for s in rest.partition(":"))
     if not _NAME_RE.match(name):
         raise LdmflowError(
             f"Invalid condition spec {text!r}: bad name {name!r} (letters, digits and '_', not starting with a digit)."
@@ -96,7 +128,26 @@ def _parse_item(part: str, text: str | None) -> tuple[str, int]:
     dim = int(dim_text)
     if dim < 1:
         raise LdmflowError(f"Invalid condition spec {text!r}: dimension of {name!r} must be at least 1, got {dim}.")
-    return name, dim
+    return name, dim, _parse_flip_rule(option, name, dim, text) if option else None
+
+
+def _parse_flip_rule(option: str, name: str, dim: int, text: str | None) -> tuple[int, ...]:
+    """`flipx=0`, `flipx=0/2` or `flipx=none` -> the components a horizontal flip negates."""
+    key, _, value = (s.strip() for s in option.partition("="))
+    if key != "flipx" or not value:
+        raise LdmflowError(f"Invalid condition spec {text!r}: {name!r} has option {option!r}; the one option is "
+                           f"flipx=<component>[/<component>...] or flipx=none.")
+    if value.lower() == "none":
+        return ()
+    try:
+        components = tuple(sorted({int(v) for v in value.split("/")}))
+    except ValueError:
+        raise LdmflowError(f"Invalid condition spec {text!r}: flipx of {name!r} must list component numbers "
+                           f"(e.g. flipx=0), got {value!r}.") from None
+    if any(not 0 <= c < dim for c in components):
+        raise LdmflowError(f"Invalid condition spec {text!r}: flipx of {name!r} names components {components}, "
+                           f"but it has {dim} (0 to {dim - 1}).")
+    return components
 
 
 @dataclass(frozen=True, eq=False)

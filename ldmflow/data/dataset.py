@@ -57,6 +57,7 @@ class ManifestImageDataset(torch.utils.data.Dataset):
         random_crop: bool = False,
         random_flip: bool = False,
         preserve_input_precision: bool = False,
+        flip_signs: np.ndarray | None = None,
     ):
         if not records:
             raise LdmflowError("The dataset has no records to train on.")
@@ -66,6 +67,7 @@ class ManifestImageDataset(torch.utils.data.Dataset):
         self.resolution = resolution
         self.random_crop = random_crop
         self.random_flip = random_flip
+        self.flip_signs = flip_signs  # (value_dim,) factors a flip applies to the conditions (ConditionSpec)
         self.preserve_input_precision = preserve_input_precision
         self.unreadable_paths: set[str] = set()
 
@@ -79,9 +81,13 @@ class ManifestImageDataset(torch.utils.data.Dataset):
             image = self._load(candidate)
             if image is not None:
                 record = self.records[candidate]
+                pixels, flipped = self._transform(image)
+                conditions = np.array(record.conditions, dtype=np.float32)  # (value_dim,)
+                if flipped and self.flip_signs is not None:
+                    conditions = conditions * self.flip_signs  # a mirrored wind points the mirrored way
                 return {
-                    "pixel_values": self._transform(image),  # (3, R, R) in [-1, 1]
-                    "conditions": torch.from_numpy(np.array(record.conditions, dtype=np.float32)),  # (value_dim,)
+                    "pixel_values": pixels,  # (3, R, R) in [-1, 1]
+                    "conditions": torch.from_numpy(conditions),
                     "present": torch.from_numpy(np.array(record.present, dtype=np.float32)),  # (K,)
                     "index": candidate,
                 }
@@ -101,20 +107,25 @@ class ManifestImageDataset(torch.utils.data.Dataset):
             logger.warning("Skipping unreadable image %s (%s); using the next readable one instead.", path, exc.reason)
             return None
 
-    def _transform(self, image: np.ndarray) -> torch.Tensor:
+    def _transform(self, image: np.ndarray) -> tuple[torch.Tensor, bool]:
+        """(3, R, R) pixels in [-1, 1], and whether they were mirrored."""
         pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (3, H, W) in [0, 1]
         pixels = resize_shorter_side(pixels, self.resolution)
         pixels = crop_square(pixels, self.resolution, random=self.random_crop)
-        if self.random_flip and torch.rand(1).item() < 0.5:
+        flipped = self.random_flip and torch.rand(1).item() < 0.5
+        if flipped:
             pixels = pixels.flip(-1)
-        return (pixels.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous()  # (3, R, R) in [-1, 1]
+        return (pixels.clamp(0.0, 1.0) * 2.0 - 1.0).contiguous(), flipped
 
 
 def image_dataset(manifest, settings, training: bool) -> ManifestImageDataset:
-    """A manifest's images with a trainer's transform flags; random augmentation only when training."""
+    """A manifest's images with a trainer's transform flags; random augmentation only when training. Flips
+    need a flip rule for every vector condition (ConditionSpec.flip_signs says which way they turn)."""
+    flip = settings.random_flip and training
     return ManifestImageDataset(
-        manifest.records, settings.resolution, random_crop=settings.random_crop and training,
-        random_flip=settings.random_flip and training, preserve_input_precision=settings.preserve_input_precision)
+        manifest.records, settings.resolution, random_crop=settings.random_crop and training, random_flip=flip,
+        preserve_input_precision=settings.preserve_input_precision,
+        flip_signs=manifest.spec.flip_signs() if flip else None)
 
 
 def pixel_batches(dataset: ManifestImageDataset, indices: list[int], batch_size: int):

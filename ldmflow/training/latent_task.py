@@ -51,9 +51,11 @@ def load_vae(folder: str | Path, described_as: str) -> AutoencoderKL:
 class LatentDataset(torch.utils.data.Dataset):
     """Cached posterior parameters (mean and log-variance) per image, plus both flips when --random_flip."""
 
-    def __init__(self, parameters: torch.Tensor, flipped: torch.Tensor | None, conditions, present):
+    def __init__(self, parameters: torch.Tensor, flipped: torch.Tensor | None, conditions, present,
+                 flip_signs: torch.Tensor | None = None):
         self.parameters, self.flipped = parameters, flipped  # (N, 8, h, w) each
         self.conditions, self.present = conditions, present  # (N, D), (N, K)
+        self.flip_signs = flip_signs  # (D,): what a flip does to the conditions
 
     def __len__(self) -> int:
         return len(self.parameters)
@@ -61,7 +63,8 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         use_flip = self.flipped is not None and torch.rand(()) < 0.5
         params = self.flipped[index] if use_flip else self.parameters[index]
-        return {"latent_parameters": params, "conditions": self.conditions[index],
+        conditions = self.conditions[index] * self.flip_signs if use_flip else self.conditions[index]
+        return {"latent_parameters": params, "conditions": conditions,
                 "present": self.present[index], "index": index}
 
 
@@ -99,6 +102,7 @@ class LatentDdpmTask(DdpmTask):
         s = self.settings
         if s.random_crop:
             logger.warning("--cache_latents encodes one center crop per image; --random_crop is ignored.")
+        signs = torch.from_numpy(self.manifest.spec.flip_signs()) if s.random_flip else None
         plain = image_dataset(self.manifest, s, training=False)
         shard = list(range(len(plain)))[accelerator.process_index::accelerator.num_processes]
         encoded = []
@@ -116,7 +120,7 @@ class LatentDdpmTask(DdpmTask):
         conditions = torch.from_numpy(np.stack([r.conditions for r in records]))
         present = torch.from_numpy(np.stack([r.present for r in records]).astype(np.float32))
         logger.info("Cached latents of %d images%s.", len(parameters), " (and their flips)" if s.random_flip else "")
-        return LatentDataset(parameters, flipped, conditions, present)
+        return LatentDataset(parameters, flipped, conditions, present, signs)
 
     def clean_sample(self, batch: dict) -> torch.Tensor:
         if "latent_parameters" in batch:
