@@ -95,12 +95,8 @@ def test_bad_spec_is_an_error(demo_manifest):
 
 @pytest.fixture
 def cli():
-    try:
-        from ldmflow.cli import cli as group
-    except ModuleNotFoundError as error:
-        if error.name == "ldmflow.cli":
-            pytest.skip("ldmflow/cli.py not written yet")
-        raise
+    from ldmflow.cli import cli as group  # a broken build fails here; it never skips
+
     return group
 
 

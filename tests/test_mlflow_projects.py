@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -134,7 +135,15 @@ def test_pyfunc_predicts_images_for_a_frame_of_conditions(store):
     frame = pd.DataFrame({"temperature": [0.0, 30.0], "wind_0": [1.0, 0.0], "wind_1": [0.0, 1.0],
                           "wind_2": [0.0, 0.0], "wind_mag": [1.0, 1.0], "seed": [1, 2]})
     result = model.predict(frame, params={"num_inference_steps": 2})
-    assert len(result) == 2
+    assert list(result.columns) == ["image", "seed"] and result["seed"].tolist() == [1, 2]
+    import base64
+    import io
+
+    from PIL import Image
+
+    images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(text)))) for text in result["image"]]
+    assert all(image.shape == (32, 32, 3) for image in images)
+    assert not np.array_equal(images[0], images[1])  # other conditions and seed, another image
 
 
 def test_sample_errors_are_clear(store):

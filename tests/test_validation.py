@@ -210,3 +210,16 @@ def test_weights_that_are_not_finite_are_never_written(data, tmp_path):
                                            r"checkpoint is .*checkpoint-1\. Lower --learning_rate"):
         run(settings, task)
     assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
+
+
+def test_the_saved_weights_are_the_ema_weights(data, tmp_path):
+    settings = settings_for(data, tmp_path, use_ema=True, num_epochs=1, register="last")
+    task = LegacyDdpmTask(settings, load_manifest(data, condition_spec="none"), None)
+    prepared = prepare(settings, task, build_accelerator(settings))
+    train(settings, task, Recorder(), prepared)
+    saved = unet_weights(tmp_path)
+    unet = prepared.accelerator.unwrap_model(prepared.model)
+    names = [name for name, _ in unet.named_parameters()]
+    assert all(torch.equal(saved[name], shadow.cpu()) for name, shadow in zip(names, task.ema.shadow_params))
+    live = dict(unet.named_parameters())
+    assert not all(torch.equal(saved[name], live[name].detach().cpu()) for name in names)  # not the raw weights
