@@ -58,11 +58,12 @@ def test_16bit_png_precision_kept_or_quantised(tmp_path):
 
 
 @pytest.mark.parametrize("filter_type", [0, 4])
-def test_16bit_rgba_png_drops_alpha(tmp_path, filter_type):
+def test_16bit_rgba_png_composites_alpha_on_black(tmp_path, filter_type):
     values = np.random.default_rng(1).integers(0, 65536, (9, 7, 4), dtype=np.uint16)
     path = tmp_path / "rgba16.png"
     path.write_bytes(encode_png16(values, filter_type=filter_type))
-    np.testing.assert_allclose(read_image(path, True), values[..., :3] / 65535.0, atol=1e-7)
+    expected = values[..., :3] / 65535.0 * (values[..., 3:] / 65535.0)
+    np.testing.assert_allclose(read_image(path, True), expected, atol=1e-6)
 
 
 def test_16bit_grayscale_png(tmp_path):
@@ -83,7 +84,10 @@ def test_8bit_grayscale_rgba_palette_and_jpeg(tmp_path):
 
     rgba = np.concatenate([rgb, np.zeros((10, 10, 1), np.uint8)], axis=-1)  # fully transparent
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
-    np.testing.assert_allclose(read_image(tmp_path / "rgba.png"), rgb / 255.0, atol=1e-6)  # alpha dropped
+    assert read_image(tmp_path / "rgba.png").max() == 0.0  # composited on black, never the hidden colour
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "opaque.png")
+    np.testing.assert_allclose(read_image(tmp_path / "opaque.png"), rgb / 255.0, atol=1e-6)
 
     Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
     assert read_image(tmp_path / "p.png").shape == (10, 10, 3)
@@ -151,3 +155,37 @@ def test_png_with_damaged_pixel_data_is_unreadable(tmp_path):
     assert probe_readable(path) is None  # the header and ending look fine
     with pytest.raises(UnreadableImageError, match="IDAT chunk at byte 33 fails its CRC check"):
         read_image(path)
+
+
+def test_half_transparent_pixels_are_composited_on_black(tmp_path):
+    Image.new("RGBA", (4, 4), (255, 255, 255, 128)).save(tmp_path / "half.png")
+    np.testing.assert_allclose(read_image(tmp_path / "half.png", True), 128 / 255.0, atol=1e-6)
+    Image.new("LA", (4, 4), (200, 0)).save(tmp_path / "gray_alpha.png")
+    assert read_image(tmp_path / "gray_alpha.png").max() == 0.0
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".tiff"])
+def test_exif_orientation_is_applied_as_viewers_do(tmp_path, orientation, suffix):
+    stored = np.zeros((6, 10, 3), np.uint8)
+    stored[:2, :3] = 255  # a white block at the top left, so every orientation differs
+    path = tmp_path / f"oriented{suffix}"
+    if suffix == ".tiff":
+        tifffile.imwrite(path, stored, photometric="rgb", extratags=[(274, "H", 1, orientation, False)])
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(stored).save(path, exif=exif, **({"quality": 100} if suffix == ".jpg" else {}))
+    shown = np.asarray(_with_orientation(stored, orientation)) / 255.0  # what a viewer shows
+    image = read_image(path)
+    assert image.shape == shown.shape
+    assert np.abs(image - shown).max() < 0.1  # JPEG rounding around the block's edges
+
+
+def _with_orientation(array: np.ndarray, orientation: int) -> Image.Image:
+    """Pillow's own reading of an orientation tag (ImageOps.exif_transpose), the reference."""
+    from PIL import ImageOps
+
+    image = Image.fromarray(array)
+    image.getexif()[0x0112] = orientation
+    return ImageOps.exif_transpose(image)

@@ -51,7 +51,9 @@ def extension_for(image_format: str) -> str:
 def read_image(path: str | Path, preserve_precision: bool = False) -> np.ndarray:
     """Decode an image to (H, W, 3) float32 in [0, 1].
 
-    Grayscale is replicated to three channels and alpha is dropped. Without ``preserve_precision`` values are
+    EXIF orientation is applied, so the pixels stand as the image is shown. Grayscale is replicated to three
+    channels; alpha is composited on black (colour x alpha, as premultiplied renders store it). Without
+    ``preserve_precision`` values are
     quantised to 8-bit steps (what the original ToTensor-on-8-bit pipeline saw); with it, 16-bit data keeps its
     65535 steps and float data its values. Everything is clipped to [0, 1] (HDR values above 1 are lost).
     """
@@ -61,14 +63,15 @@ def read_image(path: str | Path, preserve_precision: bool = False) -> np.ndarray
         if not data:
             raise UnreadableImageError(path, "empty file")
         if data[:4] in _TIFF_MAGIC:
-            array = _read_tiff(path)
+            array, orientation = _read_tiff(path), _tiff_orientation(path)
         else:
             is_png = data[:8] == _PNG_MAGIC
             problem = _png_chunk_problem(data) if is_png else None
             if problem:  # Pillow does not check IDAT checksums, so damaged pixels would pass silently
                 raise UnreadableImageError(path, problem)
             array = _read_pillow(io.BytesIO(data), is_png=is_png)
-        image = _to_unit_rgb(array, path)
+            orientation = _exif_orientation(io.BytesIO(data))
+        image = _to_unit_rgb(_orient(array, orientation), path)
     except UnreadableImageError:
         raise
     except Exception as exc:  # decoders raise many types (OSError, ValueError, SyntaxError, zlib.error ...)
@@ -94,6 +97,32 @@ def _png_chunk_problem(data: bytes) -> str | None:
             return None
         position = end
     return "truncated PNG (no IEND chunk)"
+
+
+def _exif_orientation(source) -> int:
+    try:
+        with Image.open(source) as img:
+            return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - no readable EXIF: as stored
+        return 1
+
+
+def _tiff_orientation(path: Path) -> int:
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tag = tif.pages[0].tags.get("Orientation")
+            return int(tag.value) if tag is not None else 1
+    except Exception:  # noqa: BLE001
+        return 1
+
+
+def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF/TIFF orientation (2-8) to (H, W[, C]) samples, as viewers (and PIL's exif_transpose) do."""
+    transforms = {
+        2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, k=-1), 7: lambda a: a[::-1, ::-1].swapaxes(0, 1),
+        8: lambda a: np.rot90(a, k=1)}
+    return np.ascontiguousarray(transforms[orientation](array)) if orientation in transforms else array
 
 
 def _read_tiff(path: Path) -> np.ndarray:
@@ -154,17 +183,25 @@ def _png_16bit_rgb(source: Path | io.BytesIO, high: np.ndarray) -> np.ndarray:
 
 
 def _to_unit_rgb(array: np.ndarray, path: Path) -> np.ndarray:
-    """Scale by the integer type's range (floats as-is), make 3 channels, clip to [0, 1]."""
+    """Scale by the integer type's range (floats as-is), composite alpha on black, make 3 channels, clip."""
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    elif array.ndim == 3 and array.shape[-1] == 2:  # gray + alpha
-        array = np.repeat(array[..., :1], 3, axis=-1)
-    elif array.ndim == 3 and array.shape[-1] >= 3:
-        array = array[..., :3]  # drop alpha and any extra samples
-    else:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] > 4):
         raise UnreadableImageError(path, f"unsupported array shape {array.shape}")
+    scaled = _scaled(array, path)
+    if scaled.ndim == 2:
+        scaled = scaled[..., None]
+    colour, alpha = (scaled[..., :1], scaled[..., 1:2]) if scaled.shape[-1] == 2 else \
+        (scaled[..., :3], scaled[..., 3:4] if scaled.shape[-1] == 4 else None)
+    if alpha is not None:
+        colour = colour * np.clip(alpha, 0.0, 1.0)
+    if colour.shape[-1] == 1:
+        colour = np.repeat(colour, 3, axis=-1)
+    return np.clip(colour, 0.0, 1.0).astype(np.float32)  # (H, W, 3)
+
+
+def _scaled(array: np.ndarray, path: Path) -> np.ndarray:
+    """Samples as floats in the file's [0, 1] (integer types by their range, floats as they are)."""
     if array.dtype == np.bool_:
         scaled = array.astype(np.float32)
     elif array.dtype == np.uint8:
@@ -177,8 +214,7 @@ def _to_unit_rgb(array: np.ndarray, path: Path) -> np.ndarray:
         scaled = array.astype(np.float32)
     else:
         raise UnreadableImageError(path, f"unsupported sample type {array.dtype}")
-    scaled = np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
-    return np.clip(scaled, 0.0, 1.0).astype(np.float32)  # (H, W, 3)
+    return np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
 
 
 def probe_readable(path: str | Path) -> str | None:
