@@ -1,0 +1,135 @@
+"""Bad input, command by command: one clear line, a non-zero exit, no traceback, no half-written output, and
+no FAILED or RUNNING run left behind. A new case is one line of CASES."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ldmflow.cli import cli
+
+TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0"]
+VAE = ["vae", "--manifest_path", "{data}", "--output_dir", "{out}", *TINY, "--block_out_channels", "8,8,8,8"]
+LATENT = ["latent-ddpm", "--manifest_path", "{data}", "--vae_uri", "{vae}", "--output_dir", "{out}", *TINY,
+          "--block_out_channels", "16,16"]
+LEGACY = ["legacy-ddpm", "--manifest_path", "{data}", "--output_dir", "{out}", *TINY, "--block_out_channels", "16,16"]
+PROBE = ["probe", "--manifest_path", "{data}", "--output_dir", "{out}", "--resolution", "32"]
+SAMPLE = ["sample", "--model_uri", "{latent}", "--output_dir", "{out}", "--num_inference_steps", "2"]
+EVALUATE = ["evaluate", "--model_uri", "{latent}", "--manifest_path", "{data}", "--output_dir", "{out}"]
+PIPELINE = ["pipeline", "--manifest_path", "{data}", "--output_root", "{out}"]
+
+CASES = [  # (id, arguments, fragment of the one error line)
+    ("check-manifest: no such file", ["check-manifest", "--manifest_path", "{tmp}/missing.json"], "missing.json"),
+    ("check-manifest: broken JSON", ["check-manifest", "--manifest_path", "{broken}"], "line 1"),
+    ("check-manifest: bad spec", ["check-manifest", "--manifest_path", "{data}", "--condition_spec", "wind:x"],
+     "dimension of 'wind' must be an integer"),
+    ("demo-data: a file", ["demo-data", "--output_dir", "{broken}"], "is a file"),
+    ("demo-data: not empty", ["demo-data", "--output_dir", "{data_dir}"], "is not empty"),
+    ("demo-data: no images", ["demo-data", "--output_dir", "{out}", "--num_images", "0"], "--num_images"),
+    ("demo-data: val fraction", ["demo-data", "--output_dir", "{out}", "--val_fraction", "1.5"], "--val_fraction"),
+    ("vae: resolution", [*VAE, "--resolution", "30"], "--resolution must be a positive multiple of 8"),
+    ("vae: gradient ascent", [*VAE, "--max_grad_norm", "-1"], "--max_grad_norm must be in (0, inf]"),
+    ("vae: nan learning rate", [*VAE, "--learning_rate", "nan"], "--learning_rate must be a finite number"),
+    ("vae: negative KL", [*VAE, "--kl_weight", "-1"], "--kl_weight must be in [0, inf]"),
+    ("vae: checkpoint limit", [*VAE, "--checkpoints_total_limit", "-1"], "--checkpoints_total_limit must be at"),
+    ("vae: three levels", [*VAE, "--block_out_channels", "8,8,8"], "exactly 4 values"),
+    ("vae: channels not numbers", [*VAE, "--block_out_channels", "a,b"], "comma list of integers"),
+    ("vae: reserved alias", [*VAE, "--register_alias", "latest"], "reserved by MLflow"),
+    ("vae: no checkpoint", [*VAE, "--resume_from_checkpoint", "{tmp}/nothing"], "not a complete ldmflow checkpoint"),
+    ("vae: val leaks into train", [*VAE, "--split", "all"], "share"),
+    ("vae: unknown checkpoint metric", [*VAE, "--checkpoint_metric", "val/fid"], "--checkpoint_metric val/fid"),
+    ("vae: precision", [*VAE, "--mixed_precision", "fp8"], "'fp8' is not one of"),
+    ("vae: no manifest", [*VAE[:2], "{tmp}/missing.json", *VAE[3:]], "missing.json"),
+    ("vae: eval epochs", [*VAE, "--eval_epochs", "-1"], "--eval_epochs must be at least 0"),
+    ("vae: workers", [*VAE, "--dataloader_num_workers", "-1"], "--dataloader_num_workers must be at least 0"),
+    ("latent: no VAE there", [*LATENT[:4], "{tmp}/no_vae", *LATENT[5:]], "does not exist"),
+    ("latent: not a VAE", [*LATENT[:4], "{data_dir}", *LATENT[5:]], "vae"),
+    ("latent: empty spec", [*LATENT, "--condition_spec", ""], "--condition_spec is empty"),
+    ("latent: flip without rule", [*LATENT, "--random_flip"], "has no flip rule"),
+    ("latent: dropout", [*LATENT, "--cond_dropout_prob", "1"], "--cond_dropout_prob must be in [0, 1)"),
+    ("latent: EMA gamma", [*LATENT, "--ema_inv_gamma", "0"], "--ema_inv_gamma must be in (0, inf]"),
+    ("latent: min-SNR", [*LATENT, "--snr_gamma", "-5"], "--snr_gamma must be in (0, inf]"),
+    ("latent: guidance", [*LATENT, "--guidance_scale", "0.5"], "--guidance_scale must be in [1, inf]"),
+    ("latent: too deep", [*LATENT, "--resolution", "40"], "cannot be downsampled"),
+    ("latent: spec vs data", [*LATENT, "--condition_spec", "temperature:1,wind:2"], "wind"),
+    ("legacy: preview steps", [*LEGACY, "--ddpm_num_steps", "10"], "cannot exceed --ddpm_num_steps"),
+    ("legacy: prediction type", [*LEGACY, "--prediction_type", "x0"], "'x0' is not one of"),
+    ("legacy: val timesteps", [*LEGACY, "--val_timesteps", "0"], "--val_timesteps must be at least 1"),
+    ("legacy: EMA decay", [*LEGACY, "--ema_max_decay", "2"], "--ema_max_decay must be in [0, 1]"),
+    ("probe: no conditions", [*PROBE, "--condition_spec", "none"], "nothing to learn"),
+    ("probe: flips", [*PROBE, "--random_flip"], "--random_flip"),
+    ("sample: no model", ["sample", "--model_uri", "{tmp}/nothing", "--output_dir", "{out}"], "does not exist"),
+    ("sample: no images", [*SAMPLE, "--num_images", "0"], "--num_images must be at least 1"),
+    ("sample: condition not a number", [*SAMPLE, "--condition", "temperature=warm"], "temperature"),
+    ("sample: unknown condition", [*SAMPLE, "--condition", "pressure=1"], "pressure"),
+    ("sample: scheduler", [*SAMPLE, "--scheduler", "euler"], "'euler' is not one of"),
+    ("sample: nan guidance", [*SAMPLE, "--guidance_scale", "nan"], "--guidance_scale must be a finite number"),
+    ("sample: too many steps", [*SAMPLE, "--num_inference_steps", "5000"], "5000"),
+    ("evaluate: one sample", [*EVALUATE, "--num_samples", "1"], "--num_samples must be at least 2"),
+    ("evaluate: empty split", [*EVALUATE, "--split", "test"], "--split test"),
+    ("evaluate: no model", ["evaluate", "--model_uri", "{tmp}/nothing", "--manifest_path", "{data}"],
+     "does not exist"),
+    ("pipeline: no epochs", [*PIPELINE, "--vae_epochs", "0"], "Pipeline step vae: --num_epochs must be at least 1"),
+    ("pipeline: channels", [*PIPELINE, "--ddpm_block_out_channels", "3,x"], "comma list of integers"),
+    ("lineage: unknown model", ["lineage", "models:/no-such-model/1"], "no-such-model"),
+]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A demo manifest, a broken one, a tiny VAE and latent DDPM, and a tracking store to watch for runs."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        runner = CliRunner()
+        assert runner.invoke(cli, ["demo-data", "--output_dir", "data", "--num_images", "16", "--resolution", "32",
+                                   "--val_fraction", "0.25"]).exit_code == 0
+        (root / "broken.json").write_text('{"items": [')
+        common = [*TINY, "--no_mlflow", "--max_train_steps", "1", "--save_images_epochs", "100"]
+        assert runner.invoke(cli, ["vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae", *common,
+                                   "--block_out_channels", "8,8,8,8", "--scaling_factor_batches", "1"]).exit_code == 0
+        assert runner.invoke(cli, ["latent-ddpm", "--manifest_path", "data/manifest.json", "--vae_uri", "vae",
+                                   "--output_dir", "latent", *common, "--block_out_channels", "16,16",
+                                   "--num_preview_images", "1", "--preview_inference_steps", "1"]).exit_code == 0
+        values = {"tmp": str(root), "data": str(root / "data" / "manifest.json"), "data_dir": str(root / "data"),
+                  "broken": str(root / "broken.json"), "vae": str(root / "vae"), "latent": str(root / "latent")}
+        yield root, values
+
+
+def _open_or_failed_runs() -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, "attributes.status != 'FINISHED'") if experiments else []
+    return [(run.info.run_name, run.info.status) for run in runs]
+
+
+@pytest.mark.parametrize("case_id, arguments, fragment", CASES, ids=[case[0] for case in CASES])
+def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(inputs, case_id, arguments, fragment):
+    root, values = inputs
+    out = root / "out" / case_id.replace(":", "").replace(" ", "_")
+    args = [argument.format(**values, out=out) for argument in arguments]
+    result = CliRunner().invoke(cli, args)
+    assert isinstance(result.exception, SystemExit), f"{case_id}: raised {result.exception!r}"  # no traceback
+    assert result.exit_code != 0, case_id
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    assert fragment in result.output, f"{case_id}: {result.output}"
+    assert "Traceback" not in result.output
+    written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".png")] \
+        if out.exists() else []
+    assert not written, f"{case_id} left {written}"
+    assert _open_or_failed_runs() == [], case_id
+
+
+def test_the_table_covers_every_command():
+    commands = {arguments[0] for _, arguments, _ in CASES}
+    assert len(CASES) >= 40
+    assert {"check-manifest", "demo-data", "vae", "latent-ddpm", "legacy-ddpm", "probe", "sample", "evaluate",
+            "pipeline", "lineage"} <= commands
