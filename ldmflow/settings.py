@@ -315,7 +315,7 @@ class SampleSettings:
 
     model_uri: str = setting(help="Output folder, runs:/..., models:/name/version, models:/name@alias or "
                                   "models:/<model_id>.")
-    output_dir: str = setting("outputs/samples", "Where the images and grid.png go.")
+    output_dir: str = setting("outputs/samples", "Each run writes its images and grid.png to a new folder here.")
     num_images: int = setting(8, "Images to generate (without --conditions_file).")
     condition: tuple[str, ...] = setting((), "name=value, repeatable: --condition temperature=12.5 "
                                              "--condition wind=1,0,0 (every image gets them).", project=False)

@@ -343,3 +343,16 @@ def test_conditions_and_guidance_change_the_samples(latent_dir):
     np.testing.assert_array_equal(reference, sample(cold, 3.0))  # same seed, same request: same image
     assert np.abs(reference - sample(warm, 3.0)).mean() > 1e-4  # other conditions: another image
     assert np.abs(reference - sample(cold, 1.0)).mean() > 1e-4  # guidance changes it too
+
+
+def test_sampling_writes_a_new_folder_and_never_deletes_files(latent_dir, tmp_path):
+    output = tmp_path / "mine"
+    output.mkdir()
+    (output / "sample_0000.png").write_bytes(b"the user's own file")
+    args = ["sample", "--model_uri", str(latent_dir), "--output_dir", str(output), "--num_images", "2",
+            "--num_inference_steps", "2", "--no_mlflow"]
+    first = Path(invoke(*args).output.strip().splitlines()[-1])
+    second = Path(invoke(*args).output.strip().splitlines()[-1])
+    assert (output / "sample_0000.png").read_bytes() == b"the user's own file"
+    assert first.parent.parent == output and first != second and first.is_file() and second.is_file()
+    assert sorted(p.name for p in first.parent.iterdir()) == ["grid.png", "sample_0000.png", "sample_0001.png"]

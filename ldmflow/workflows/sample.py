@@ -9,7 +9,7 @@ import numpy as np
 
 from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
-from ldmflow.files import publish_files, temporary_folder
+from ldmflow.files import publish_folder, temporary_folder
 from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame, parse_condition_option,
                                               read_conditions_file)
 from ldmflow.sampling.denoise import check_inference_steps
@@ -100,7 +100,10 @@ def generate(settings: SampleSettings, sampler, conditions, seeds) -> np.ndarray
 
 def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None, image_format: str,
                   tracker) -> Path:
-    """sample_0000.<ext> ... and grid.png: logged, then published into output_dir replacing earlier samples."""
+    """sample_0000.<ext> ... and grid.png, logged, then published as a new folder inside output_dir
+    (samples-<date>-<time>-<random>): nothing that is already there is touched."""
+    from ldmflow.tracking.run_tracker import default_run_name
+
     temporary = temporary_folder(output_dir, "samples")
     extension = extension_for(image_format)
     for index, image in enumerate(images):
@@ -109,10 +112,9 @@ def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None
     grid.save(temporary / "grid.png")
     tracker.log_image(grid, key="samples", step=0)
     tracker.log_artifacts(str(temporary), "samples")  # exactly this run's files, nothing else in output_dir
-    for stale in list(output_dir.glob("sample_*")):
-        stale.unlink()
-    publish_files(temporary, output_dir)
-    return output_dir / "grid.png"
+    folder = output_dir / default_run_name("samples")
+    publish_folder(temporary, folder)
+    return folder / "grid.png"
 
 
 def run_sampling(settings: SampleSettings) -> Path:
