@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
+
+from ldmflow.errors import LdmflowError
 
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin")
 
@@ -53,3 +58,34 @@ def model_digest(folder: str | Path) -> str:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
     return digest.hexdigest()
+
+
+LOCK_FILE = ".ldmflow.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, holder: str):
+    """Hold `folder`'s lock while writing into it, or fail at once naming who holds it (two trainings on one
+    output folder would overwrite each other's checkpoints). The OS releases it if the process dies."""
+    import fcntl
+
+    path = Path(folder) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        other = handle.read().strip() or "another process"
+        handle.close()
+        raise LdmflowError(f"{folder} is in use by {other}: wait for it to finish, or give another --output_dir.")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{holder} (pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    handle.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: the folder is left as it would be without ldmflow
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

@@ -55,6 +55,13 @@ def setting_fields(settings_class) -> list[tuple[dataclasses.Field, type, dict]]
     return result
 
 
+# Settings that may differ when a run is resumed: how long, how often, where to track; not what is trained.
+RESUMABLE_CHANGES = ("num_epochs", "max_train_steps", "resume_from_checkpoint", "allow_changed_settings",
+                     "dataloader_num_workers", "checkpointing_steps", "checkpoints_total_limit", "save_images_epochs",
+                     "logging_steps", "eval_epochs", "max_nonfinite_steps", "experiment_name", "run_name",
+                     "no_mlflow", "registered_model_name", "register_alias", "register", "output_dir")
+
+
 def settings_params(settings) -> dict[str, str]:
     """Flat string params for MLflow (None becomes an empty string, tuples a comma list, booleans true/false)."""
     return {item.name: param_value(getattr(settings, item.name)) for item in dataclasses.fields(settings)}
@@ -160,6 +167,8 @@ class TrainSettings:
     no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False)
     registered_model_name: str | None = setting(None, "Registry name (default ldmflow-<stage>).")
     register_alias: str | None = setting(None, "Set this alias (e.g. candidate) on the new version.")
+    allow_changed_settings: bool = setting(False, "Resume even though the settings or the data differ from the "
+                                                  "checkpoint's.")
 
     def __post_init__(self) -> None:
         if self.resolution <= 0 or self.resolution % 8:

@@ -283,11 +283,18 @@ def test_a_tracked_resume_is_tagged_with_the_run_and_step_it_continues(data, tmp
               "--experiment_name", "resume-test", "--logging_steps", "1"]
     invoke(*common)
     shutil.rmtree(output / "checkpoint-4")
-    invoke(*common, "--resume_from_checkpoint", "latest")
     client = MlflowClient()
     experiment = client.get_experiment_by_name("resume-test")
+    [killed] = client.search_runs([experiment.experiment_id])
+    client.update_run(killed.info.run_id, status="RUNNING")  # what kill -9 leaves behind
+    # other settings or other data: refused before any run opens
+    result = invoke(*common, "--resume_from_checkpoint", "latest", "--learning_rate", "0.002", expect_ok=False)
+    assert result.exit_code == 1 and "--learning_rate '0.001' -> '0.002'" in result.output
+    assert "--allow_changed_settings" in result.output
+    invoke(*common, "--resume_from_checkpoint", "latest")
     first, second = sorted(client.search_runs([experiment.experiment_id]), key=lambda r: r.info.start_time)
-    assert first.info.status == second.info.status == "FINISHED"
+    assert first.info.status == "KILLED" and first.data.tags["ldmflow.resumed_by_run_id"] == second.info.run_id
+    assert second.info.status == "FINISHED"
     assert second.data.tags["ldmflow.resumed_from_step"] == "2"
     assert second.data.tags["ldmflow.resumed_from_run_id"] == first.info.run_id
     assert second.data.tags["ldmflow.resumed_from_checkpoint"].endswith("checkpoint-2")

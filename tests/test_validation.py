@@ -223,3 +223,42 @@ def test_the_saved_weights_are_the_ema_weights(data, tmp_path):
     assert all(torch.equal(saved[name], shadow.cpu()) for name, shadow in zip(names, task.ema.shadow_params))
     live = dict(unet.named_parameters())
     assert not all(torch.equal(saved[name], live[name].detach().cpu()) for name in names)  # not the raw weights
+
+
+def test_two_trainings_never_share_an_output_folder(data, tmp_path):
+    from ldmflow.files import folder_lock
+
+    args = ["legacy-ddpm", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--resolution", "32",
+            "--block_out_channels", "16,16", "--layers_per_block", "1", "--max_train_steps", "1", "--no_mlflow",
+            "--save_images_epochs", "100"]
+    with folder_lock(tmp_path, "ldmflow vae (run 1234)"):
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert f"{tmp_path} is in use by ldmflow vae (run 1234) (pid" in result.output
+    assert not (tmp_path / "unet").exists()
+    assert CliRunner().invoke(cli, args).exit_code == 0  # free again once the other one ends
+
+
+def test_a_resume_on_changed_data_is_refused_unless_allowed(data, tmp_path):
+    import json as json_module
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data.parent, copy)
+    settings = settings_for(copy / "manifest.json", tmp_path / "out", num_epochs=1, checkpointing_steps=3)
+    first = LegacyDdpmTask(settings, load_manifest(settings.manifest_path, condition_spec="none"), None)
+    manifest = load_manifest(settings.manifest_path, condition_spec="none")
+    train(settings, first, Recorder(), prepare(settings, first, build_accelerator(settings), manifest.digest))
+    entries = json_module.loads((copy / "manifest.json").read_text())
+    entries["items"].pop()  # the data changed since
+    (copy / "manifest.json").write_text(json_module.dumps(entries))
+    changed = load_manifest(settings.manifest_path, condition_spec="none")
+    for allow in (False, True):
+        resumed = settings_for(copy / "manifest.json", tmp_path / "out", num_epochs=2, resume_from_checkpoint="latest",
+                               allow_changed_settings=allow)
+        task = LegacyDdpmTask(resumed, changed, None)
+        if allow:
+            prepare(resumed, task, build_accelerator(resumed), changed.digest)
+        else:
+            with pytest.raises(LdmflowError, match=r"the manifest's content \(digest .* -> .*\)"):
+                prepare(resumed, task, build_accelerator(resumed), changed.digest)

@@ -308,6 +308,25 @@ def open_run(settings, stage: str, enabled: bool = True):
             tracker.write_pending_status(status)
 
 
+def close_abandoned_run(run_id: str, successor: str) -> bool:
+    """When a resume takes over from `run_id`: link it to its successor, and mark it KILLED if a killed process
+    (kill -9, a lost node) left it RUNNING. True if it was."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+        client.set_tag(run_id, "ldmflow.resumed_by_run_id", successor)
+        if run.info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+            logger.info("Run %s was left RUNNING by a killed process: marked KILLED.", run_id)
+            return True
+    except MlflowException as error:  # another store, or deleted: the tags still say where this run came from
+        logger.info("Could not update run %s: %s", run_id, str(error).splitlines()[0])
+    return False
+
+
 def default_run_name(stage: str) -> str:
     """`vae-20261126-0853-3fa2`: distinct for every run. MLflow's own names come from the global `random`,
     which the trainers seed, so every run of a seed would get the same one."""

@@ -27,16 +27,18 @@ class TrainingState:
     run_id: str = ""
     best_step: int | None = None
     best_value: float | None = None
+    fingerprint: dict | None = None  # the settings and data digest the state was trained with
 
     def state_dict(self) -> dict:
         return {"global_step": self.global_step, "nonfinite_steps": self.nonfinite_steps, "run_id": self.run_id,
-                "best_step": self.best_step, "best_value": self.best_value}
+                "best_step": self.best_step, "best_value": self.best_value, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = int(state["global_step"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.run_id = str(state.get("run_id", ""))
         self.best_step, self.best_value = state.get("best_step"), state.get("best_value")
+        self.fingerprint = state.get("fingerprint")
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

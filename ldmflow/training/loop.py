@@ -23,7 +23,7 @@ from PIL import Image
 from ldmflow.errors import LdmflowError
 from ldmflow.training.checkpoints import (BEST_CHECKPOINT, TrainingState, find_resume_checkpoint, list_checkpoints,
                                           save_checkpoint)
-from ldmflow.settings import TrainSettings
+from ldmflow.settings import RESUMABLE_CHANGES, TrainSettings
 from ldmflow.training.task import Task
 
 logger = logging.getLogger(__name__)
@@ -165,12 +165,39 @@ def _checkpoint_metric(settings: TrainSettings, task: Task) -> str | None:
     return settings.checkpoint_metric
 
 
-def prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> PreparedRun:
+def prepare(settings: TrainSettings, task: Task, accelerator: Accelerator, dataset_digest: str = "") -> PreparedRun:
     """Everything before the first step, resume included, so a bad checkpoint fails before a run is tracked."""
     run = _prepare(settings, task, accelerator)
+    fingerprint = training_fingerprint(settings, dataset_digest)
     run.resumed_tags = _resume(settings, accelerator, run.state)
+    if run.resumed_tags:
+        _check_fingerprint(settings, run.state.fingerprint, fingerprint)
+    run.state.fingerprint = fingerprint  # saved with every checkpoint from now on
     task.after_resume(accelerator)
     return run
+
+
+def training_fingerprint(settings: TrainSettings, dataset_digest: str) -> dict:
+    """What a checkpoint's state was trained with: the settings that shape it, and the data's digest."""
+    params = {k: v for k, v in settings.to_params().items() if k not in RESUMABLE_CHANGES}
+    return {"settings": params, "dataset_digest": dataset_digest}
+
+
+def _check_fingerprint(settings: TrainSettings, recorded: dict | None, current: dict) -> None:
+    """A resume continues the same training: other settings or other data are refused, unless allowed."""
+    if not recorded or settings.allow_changed_settings:
+        return
+    old, new = recorded.get("settings", {}), current["settings"]
+    changed = [f"--{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+               if old.get(key) != new.get(key)]
+    if recorded.get("dataset_digest") and current["dataset_digest"] and \
+            recorded["dataset_digest"] != current["dataset_digest"]:
+        changed.append(f"the manifest's content (digest {recorded['dataset_digest'][:12]} -> "
+                       f"{current['dataset_digest'][:12]})")
+    if changed:
+        raise LdmflowError(f"Cannot resume from {settings.resume_from_checkpoint}: it was trained with other "
+                           f"settings or data ({'; '.join(changed[:6])}). Use the same ones, or pass "
+                           "--allow_changed_settings to continue anyway.")
 
 
 def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> PreparedRun:

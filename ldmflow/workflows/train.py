@@ -6,12 +6,14 @@ behind; only the main process talks to MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
 
 from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
 from ldmflow.errors import LdmflowError
+from ldmflow.files import folder_lock
 from ldmflow.settings import LatentDdpmSettings, LegacyDdpmSettings, ProbeSettings, TrainSettings, VaeSettings
 
 logger = logging.getLogger(__name__)
@@ -120,22 +122,34 @@ def run_training(settings: TrainSettings):
     """Train the model `settings` describes, tracked in MLflow unless --no_mlflow.
 
     Returns (TrainingOutcome, the registered model's URI or None)."""
-    from ldmflow.tracking.registry import REGISTERED_URI_TAG, log_and_register
-    from ldmflow.tracking.run_tracker import open_run
-    from ldmflow.training.loop import build_accelerator, prepare, train
+    from ldmflow.training.loop import build_accelerator
 
     stage = STAGES[type(settings)]
     accelerator = build_accelerator(settings)
+    is_main = accelerator.is_main_process
+    with folder_lock(settings.output_dir, f"ldmflow {stage}") if is_main else contextlib.nullcontext():
+        return _train_in(settings, stage, accelerator)
+
+
+def _train_in(settings: TrainSettings, stage: str, accelerator):
+    """run_training with the output folder locked by the main process."""
+    from ldmflow.tracking.registry import REGISTERED_URI_TAG, log_and_register
+    from ldmflow.tracking.run_tracker import close_abandoned_run, open_run
+    from ldmflow.training.loop import prepare, train
+
     is_main = accelerator.is_main_process
     manifest = _load(settings, settings.split, getattr(settings, "condition_spec", "none"))
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     vae_source = _resolve_vae(settings, accelerator) if isinstance(settings, LatentDdpmSettings) else None
     task = _build_task(settings, manifest, vae_source, accelerator)
-    prepared = prepare(settings, task, accelerator)  # model, data, resume: bad input fails before a run opens
+    prepared = prepare(settings, task, accelerator, manifest.digest)  # bad input fails before a run opens
     model_uri = None
     with open_run(settings, stage, enabled=is_main and not settings.no_mlflow) as tracker:
         tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
                             name=Path(manifest.path).stem)
+        previous = (prepared.resumed_tags or {}).get("ldmflow.resumed_from_run_id")
+        if previous and tracker.run_id and previous != tracker.run_id:
+            close_abandoned_run(previous, tracker.run_id)
         if not manifest.spec.is_empty:
             tracker.log_dict({"condition_spec": str(manifest.spec), "stats": manifest.stats.to_dict(manifest.spec)},
                              "conditioning.json")
