@@ -262,3 +262,28 @@ def test_a_resume_on_changed_data_is_refused_unless_allowed(data, tmp_path):
         else:
             with pytest.raises(LdmflowError, match=r"the manifest's content \(digest .* -> .*\)"):
                 prepare(resumed, task, build_accelerator(resumed), changed.digest)
+
+
+def test_unreadable_images_met_in_training_are_counted_named_and_warned_once(data, tmp_path, caplog):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(data.parent, copy)
+    settings = settings_for(copy / "manifest.json", tmp_path / "out", num_epochs=2, logging_steps=3)
+    manifest = load_manifest(settings.manifest_path, condition_spec="none")
+    broken = manifest.records[0].image_path
+    broken.write_bytes(broken.read_bytes()[:60] + b"\0" * 40)  # damaged after the manifest was checked
+    logged = {}
+
+    class Keeper(Recorder):
+        def log_dict(self, obj, artifact_file):
+            logged[artifact_file] = obj
+            return True
+
+    caplog.set_level("WARNING")
+    _, recorder = run(settings, LegacyDdpmTask(settings, manifest, None), Keeper())
+    counts = [m["unreadable_substitutions"] for _, m in recorder.metrics if "unreadable_substitutions" in m]
+    assert counts[-1] >= 2  # met in each of the two epochs, replaced each time
+    assert logged["unreadable_images.json"] == {"unreadable_images": [str(broken)]}
+    [warning] = [r.message for r in caplog.records if "could not be read" in r.message]
+    assert warning.startswith("1 image(s) could not be read during training")

@@ -87,6 +87,8 @@ class ManifestImageDataset(torch.utils.data.Dataset):
                     conditions = conditions * self.flip_signs  # a mirrored wind points the mirrored way
                 return {
                     "pixel_values": pixels,  # (3, R, R) in [-1, 1]
+                    "substituted": int(candidate != index),  # the training loop counts and reports these
+                    "unreadable": "" if candidate == index else str(self.records[index].image_path),
                     "conditions": torch.from_numpy(conditions),
                     "present": torch.from_numpy(np.array(record.present, dtype=np.float32)),  # (K,)
                     "index": candidate,
@@ -103,8 +105,8 @@ class ManifestImageDataset(torch.utils.data.Dataset):
         try:
             return read_image(path, preserve_precision=self.preserve_input_precision)
         except UnreadableImageError as exc:
-            self.unreadable_paths.add(path)
-            logger.warning("Skipping unreadable image %s (%s); using the next readable one instead.", path, exc.reason)
+            self.unreadable_paths.add(path)  # the training loop warns once, with the count, and names the files
+            logger.debug("Skipping unreadable image %s (%s); using the next readable one instead.", path, exc.reason)
             return None
 
     def _transform(self, image: np.ndarray) -> tuple[torch.Tensor, bool]:

@@ -112,7 +112,10 @@ class LatentDdpmTask(DdpmTask):
             params = self._encode(pixels).cpu()
             flipped = self._encode(pixels.flip(-1)).cpu() if s.random_flip else params
             # item["index"] is the record actually read (an unreadable image is replaced by the next one)
-            encoded += [(i, item["index"], p, f) for i, item, p, f in zip(shard[start:], items, params, flipped)]
+            encoded += [(i, item["index"], p, f, item["unreadable"])
+                        for i, item, p, f in zip(shard[start:], items, params, flipped)]
+        self.unreadable_before_training = frozenset(item_path for _, _, _, _, item_path in encoded if item_path)
+        encoded = [entry[:4] for entry in encoded]
         encoded = sorted(gather_object(encoded) if accelerator.num_processes > 1 else encoded, key=lambda e: e[0])
         records = [self.manifest.records[e[1]] for e in encoded]
         parameters = torch.stack([e[2] for e in encoded])

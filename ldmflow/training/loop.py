@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
 
@@ -34,6 +34,7 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, image: Image.Image, key: str, step: int) -> None: ...
+    def log_dict(self, obj, artifact_file: str) -> bool: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
 
@@ -88,19 +89,24 @@ class _MetricWindow:
     def __init__(self, names: tuple[str, ...], device: torch.device):
         self.names = ("loss",) + names
         self.sums = torch.zeros(len(self.names), device=device)
+        self.substituted = torch.zeros(1, device=device)  # unreadable images replaced so far (not reset)
         self.micro_steps = 0
         self.samples = 0
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, parts: torch.Tensor, batch_size: int) -> None:
+    def add(self, loss: torch.Tensor, parts: torch.Tensor, batch_size: int, substituted=None) -> None:
         self.sums += torch.cat([loss.detach().float().reshape(1), parts.detach().float()])
+        if substituted is not None:
+            self.substituted += torch.as_tensor(substituted, device=self.sums.device).sum()
         self.micro_steps += 1
         self.samples += batch_size
 
     def read(self, accelerator: Accelerator) -> dict[str, float]:
-        means = accelerator.reduce(self.sums / max(self.micro_steps, 1), reduction="mean").tolist()
+        means = accelerator.reduce(torch.cat([self.sums / max(self.micro_steps, 1), self.substituted]),
+                                   reduction="mean").tolist()
         elapsed = time.perf_counter() - self.started
         metrics = dict(zip(self.names, means))
+        metrics["unreadable_substitutions"] = means[-1] * accelerator.num_processes
         metrics["images_per_second"] = self.samples * accelerator.num_processes / max(elapsed, 1e-9)
         self.sums.zero_()
         self.micro_steps, self.samples, self.started = 0, 0, time.perf_counter()
@@ -122,6 +128,7 @@ class PreparedRun:
     max_steps: int
     checkpoint_metric: str | None = None  # the validation metric that picks checkpoint-best
     checkpoint_after_epoch: bool = False
+    unreadable_paths: set = field(default_factory=set)  # images replaced by a neighbour (this process)
     nonfinite_in_a_row: int = 0
     resumed_tags: dict | None = None  # set by `prepare` when it resumed from a checkpoint
 
@@ -253,6 +260,7 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
             run.checkpoint_after_epoch = False
 
     accelerator.wait_for_everyone()
+    _report_unreadable(run, task, tracker)
     output_dir = Path(settings.output_dir)
     _check_weights_finite(settings, run, "the model")
     final_metrics = task.save(accelerator, run.model, output_dir)
@@ -263,6 +271,18 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # drop the DDP wrapper before any process-group teardown (gloo deadlocks otherwise)
     return outcome
+
+
+def _report_unreadable(run: PreparedRun, task: Task, tracker: Tracker) -> None:
+    """One warning with the count, and the files named in the run's unreadable_images.json."""
+    paths = run.unreadable_paths | task.unreadable_before_training
+    if run.accelerator.num_processes > 1:
+        paths = {path for part in gather_object([sorted(paths)]) for path in part}
+    if paths and run.accelerator.is_main_process:
+        logger.warning("%d image(s) could not be read during training and were replaced by their neighbours "
+                       "(metric unreadable_substitutions; the files are listed in unreadable_images.json), e.g. %s.",
+                       len(paths), sorted(paths)[0])
+        tracker.log_dict({"unreadable_images": sorted(paths)}, "unreadable_images.json")
 
 
 def _registered_weights(settings, task, run: PreparedRun, last: TrainingOutcome) -> TrainingOutcome:
@@ -303,7 +323,8 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
                     run.optimizer.step()
                     run.lr_scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
-        window.add(loss, parts, len(batch["index"]))
+        window.add(loss, parts, len(batch["index"]), batch.get("substituted"))
+        run.unreadable_paths.update(path for path in batch.get("unreadable", ()) if path)
         if not accelerator.sync_gradients:
             continue
         micro_step = 0

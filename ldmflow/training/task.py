@@ -13,6 +13,7 @@ class Task:
     """A task provides `setup`, `loss` and `save`; the other hooks do nothing unless a task needs them."""
 
     metric_names: tuple[str, ...] = ()  # loss parts returned by `loss`, in this order
+    unreadable_before_training: frozenset[str] = frozenset()  # images replaced while caching (reported at the end)
 
     @property
     def validation_metrics(self) -> tuple[str, ...]:
