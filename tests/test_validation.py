@@ -287,3 +287,34 @@ def test_unreadable_images_met_in_training_are_counted_named_and_warned_once(dat
     assert logged["unreadable_images.json"] == {"unreadable_images": [str(broken)]}
     [warning] = [r.message for r in caplog.records if "could not be read" in r.message]
     assert warning.startswith("1 image(s) could not be read during training")
+
+
+def test_sigterm_checkpoints_marks_the_run_killed_and_exits_non_zero(data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow import MlflowClient
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env.pop("MLFLOW_RUN_ID", None)
+    output = tmp_path / "out"
+    command = [sys.executable, "-m", "ldmflow", "legacy-ddpm", "--manifest_path", str(data), "--output_dir",
+               str(output), "--resolution", "32", "--block_out_channels", "16,16", "--layers_per_block", "1",
+               "--max_train_steps", "100000", "--checkpointing_steps", "100000", "--save_images_epochs", "100000",
+               "--eval_epochs", "0", "--experiment_name", "preempted"]
+    process = subprocess.Popen(command, env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    deadline = time.monotonic() + 120
+    while "Training 100000 steps" not in seen and time.monotonic() < deadline:  # the loop has started
+        seen += process.stderr.readline()
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "SIGTERM: stopped at step" in seen + rest
+    assert [p.name for p in output.iterdir() if p.name.startswith("checkpoint-")]
+    experiment = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("preempted")
+    [run] = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs([experiment.experiment_id])
+    assert run.info.status == "KILLED"

@@ -7,8 +7,11 @@ checkpoint, and previews at epoch ends. Metrics stay on the device and are read 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +131,7 @@ class PreparedRun:
     max_steps: int
     checkpoint_metric: str | None = None  # the validation metric that picks checkpoint-best
     checkpoint_after_epoch: bool = False
+    stop_requested: bool = False  # set by SIGTERM
     unreadable_paths: set = field(default_factory=set)  # images replaced by a neighbour (this process)
     nonfinite_in_a_row: int = 0
     resumed_tags: dict | None = None  # set by `prepare` when it resumed from a checkpoint
@@ -240,9 +244,51 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
         tracker.set_tags(run.resumed_tags)
     num_epochs = math.ceil(run.max_steps / run.steps_per_epoch)
     first_epoch, skip_batches = divmod(state.global_step, run.steps_per_epoch)
-    logger.info("Training %d steps (%d epochs of %d steps) on %d process(es), %d images.", run.max_steps,
-                num_epochs, run.steps_per_epoch, accelerator.num_processes, len(run.dataset))
     window = _MetricWindow(task.metric_names, accelerator.device)
+    with _sigterm_requests_stop(run):
+        logger.info("Training %d steps (%d epochs of %d steps) on %d process(es), %d images.", run.max_steps,
+                    num_epochs, run.steps_per_epoch, accelerator.num_processes, len(run.dataset))
+        _train_epochs(settings, task, tracker, run, window, first_epoch, skip_batches, num_epochs)
+    outcome = _finish(settings, task, tracker, run)
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # drop the DDP wrapper before any process-group teardown (gloo deadlocks otherwise)
+    return outcome
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM (how clusters preempt): the state was checkpointed, and the run ends KILLED."""
+
+
+@contextlib.contextmanager
+def _sigterm_requests_stop(run: PreparedRun):
+    """SIGTERM sets a flag the loop checks after each step, so it can checkpoint before it stops."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        run.stop_requested = True
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_now(run: PreparedRun, at_log_point: bool) -> bool:
+    """Whether a SIGTERM asks to stop: every step alone; with several processes, agreed at log points."""
+    if run.accelerator.num_processes == 1:
+        return run.stop_requested
+    if not at_log_point:
+        return False
+    flag = torch.tensor([float(run.stop_requested)], device=run.accelerator.device)
+    return run.accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+def _train_epochs(settings, task, tracker, run: PreparedRun, window, first_epoch: int, skip_batches: int,
+                  num_epochs: int) -> None:
+    accelerator, state = run.accelerator, run.state
     for epoch in range(first_epoch, num_epochs):
         if state.global_step >= run.max_steps:
             break
@@ -259,6 +305,10 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
             _checkpoint(settings, run, tracker)
             run.checkpoint_after_epoch = False
 
+
+def _finish(settings, task, tracker, run: PreparedRun) -> TrainingOutcome:
+    """After the last step: report unreadable images, save the last (and best) weights."""
+    accelerator, state = run.accelerator, run.state
     accelerator.wait_for_everyone()
     _report_unreadable(run, task, tracker)
     output_dir = Path(settings.output_dir)
@@ -266,11 +316,8 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
     final_metrics = task.save(accelerator, run.model, output_dir)
     if accelerator.is_main_process and final_metrics:
         tracker.log_metrics(final_metrics, state.global_step)
-    outcome = _registered_weights(settings, task, run, TrainingOutcome(final_metrics, output_dir, "last",
-                                                                       state.global_step))
-    accelerator.wait_for_everyone()
-    accelerator.free_memory()  # drop the DDP wrapper before any process-group teardown (gloo deadlocks otherwise)
-    return outcome
+    return _registered_weights(settings, task, run, TrainingOutcome(final_metrics, output_dir, "last",
+                                                                    state.global_step))
 
 
 def _report_unreadable(run: PreparedRun, task: Task, tracker: Tracker) -> None:
@@ -342,6 +389,12 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
                            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
             if accelerator.is_main_process:
                 tracker.log_metrics(metrics, state.global_step)
+        at_log_point = state.global_step % settings.logging_steps == 0
+        if _stop_now(run, at_log_point):
+            _checkpoint(settings, run, tracker)
+            logger.warning("SIGTERM: stopped at step %d with a checkpoint; continue with --resume_from_checkpoint "
+                           "latest.", state.global_step)
+            raise Preempted(f"stopped by SIGTERM at step {state.global_step}")
         if state.global_step % settings.checkpointing_steps == 0:
             if state.global_step % run.steps_per_epoch and state.global_step < run.max_steps:
                 _checkpoint(settings, run, tracker)
