@@ -320,6 +320,23 @@ def test_pixel_pyfunc_takes_seeds_or_a_count(env):
     assert len(by_count) == 3
 
 
+def test_serving_limits_give_clear_errors(env, monkeypatch):
+    monkeypatch.setenv("LDMFLOW_SERVING_MAX_ROWS", "3")
+    monkeypatch.setenv("LDMFLOW_SERVING_MAX_IMAGE_PIXELS", "1000")
+    legacy = mlflow.pyfunc.load_model("models:/ldmflow-legacy-ddpm@prod")
+    with pytest.raises(Exception, match=r"4 images in one request; this server allows 3"):
+        legacy.predict(pd.DataFrame({"seed": [1, 2, 3, 4]}), params={"num_inference_steps": 2})
+    with pytest.raises(Exception, match=r"4 images in one request"):
+        legacy.predict(pd.DataFrame({"seed": [0]}), params={"num_inference_steps": 2, "num_images": 4})
+    with pytest.raises(Exception, match=r"Param num_inference_steps must be between 1 and 1000 .* got 5000"):
+        legacy.predict(pd.DataFrame({"seed": [1]}), params={"num_inference_steps": 5000})
+    vae = mlflow.pyfunc.load_model(env["vae"].model_uri)
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buffer, format="PNG")
+    with pytest.raises(Exception, match=r"Row 0: the image is 64x64, over this server's limit of 1000 pixels"):
+        vae.predict(pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()]}))
+
+
 def test_model_loads_from_its_own_code_without_ldmflow_installed(env, tmp_path):
     """A fresh interpreter outside the repo (no ldmflow on its path) loads and runs the latent model."""
     local = mlflow.artifacts.download_artifacts(env["ldm"].model_uri, dst_path=str(tmp_path / "model"))

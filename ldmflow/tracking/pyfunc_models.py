@@ -17,13 +17,19 @@ Serving formats (JSON friendly, one row per image):
   the latent model.
 
 Missing seeds are drawn at random and returned, so every image can be reproduced.
+
+Serving limits (`SERVING_LIMITS`, each overridable by an environment variable `LDMFLOW_SERVING_MAX_<NAME>` of
+the serving process) keep one request from exhausting a serving GPU: rows (images) per request,
+num_inference_steps, batch_size and input image pixels. Each gives one clear error.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import io
+import json
+import math
+import os
 import random
 from pathlib import Path
 
@@ -38,6 +44,17 @@ from ldmflow.sampling.condition_input import SEED_COLUMN
 
 IMAGE_COLUMN = "image"
 LATENT_COLUMN = "latent"
+SERVING_LIMITS = {"rows": 256, "num_inference_steps": 1000, "batch_size": 64, "image_pixels": 4096 * 4096}
+
+
+def _limit(name: str) -> int:
+    return int(os.environ.get(f"LDMFLOW_SERVING_MAX_{name.upper()}", SERVING_LIMITS[name]))
+
+
+def _check_rows(count: int) -> None:
+    if count > _limit("rows"):
+        raise LdmflowError(f"{count} images in one request; this server allows {_limit('rows')} "
+                           "(LDMFLOW_SERVING_MAX_ROWS). Split the request.")
 
 
 def image_to_base64_png(image: np.ndarray) -> str:
@@ -56,8 +73,15 @@ def base64_to_image(text: str, row: int, channels: int = 3) -> np.ndarray:
 
     try:
         image = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
-        image.load()
     except Exception:  # noqa: BLE001 - any decoding problem is the caller's input
+        raise LdmflowError(f"Row {row}: column 'image' is not a base64-encoded image.") from None
+    width, height = image.size  # from the header: nothing is decoded yet
+    if width * height > _limit("image_pixels"):
+        raise LdmflowError(f"Row {row}: the image is {width}x{height}, over this server's limit of "
+                           f"{_limit('image_pixels')} pixels (LDMFLOW_SERVING_MAX_IMAGE_PIXELS).")
+    try:
+        image.load()
+    except Exception:  # noqa: BLE001
         raise LdmflowError(f"Row {row}: column 'image' is not a base64-encoded image.") from None
     if image.mode in ("I;16", "I;16B", "I"):
         array = np.asarray(image, dtype=np.float32) / 65535.0
@@ -94,6 +118,15 @@ def _params(params: dict | None, defaults: dict) -> dict:
     unknown = sorted(set(merged) - set(defaults))
     if unknown:
         raise LdmflowError(f"Unknown param(s) {unknown}; this model accepts {sorted(defaults)}.")
+    for name in ("num_inference_steps", "batch_size"):
+        if name in merged and not 1 <= int(merged[name]) <= _limit(name):
+            raise LdmflowError(f"Param {name} must be between 1 and {_limit(name)} on this server "
+                               f"(LDMFLOW_SERVING_MAX_{name.upper()}), got {merged[name]}.")
+    if "guidance_scale" in merged and not (math.isfinite(float(merged["guidance_scale"]))
+                                           and float(merged["guidance_scale"]) >= 1):
+        raise LdmflowError(f"Param guidance_scale must be a finite number >= 1, got {merged['guidance_scale']}.")
+    if "num_images" in merged:
+        _check_rows(int(merged["num_images"]))
     return merged
 
 
@@ -128,6 +161,7 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         frame = pd.DataFrame(model_input)
         if frame.empty:
             raise LdmflowError("No rows: give one row per image (condition columns and/or seed).")
+        _check_rows(len(frame))
         seeds = _seeds(frame, len(frame))
         spec = self._sampler.spec
         conditions = conditions_from_frame(frame, spec) if not spec.is_empty else [{} for _ in range(len(frame))]
@@ -158,6 +192,7 @@ class VaePyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         mode = _params(params, VAE_DEFAULTS)["mode"]
         frame = pd.DataFrame(model_input)
+        _check_rows(len(frame))
         if mode == "decode":
             return pd.DataFrame({IMAGE_COLUMN: [self._decode(value, row)
                                                 for row, value in enumerate(_column(frame, LATENT_COLUMN))]})
@@ -224,6 +259,7 @@ class LegacyDdpmPyfunc(mlflow.pyfunc.PythonModel):
         if count > 0:
             seeds = _seeds(pd.DataFrame(), count)
         elif SEED_COLUMN in frame.columns and len(frame):
+            _check_rows(len(frame))
             seeds = _seeds(frame, len(frame))
         else:
             raise LdmflowError("Give one row per image with a 'seed' column, or the param num_images.")
@@ -246,6 +282,7 @@ class ProbePyfunc(mlflow.pyfunc.PythonModel):
         from ldmflow.sampling.condition_input import component_columns
 
         frame = pd.DataFrame(model_input)
+        _check_rows(len(frame))
         images = [base64_to_image(str(text), row) for row, text in enumerate(_column(frame, IMAGE_COLUMN))]
         read = np.concatenate([self._reader.read(image[None]) for image in images]) if images else \
             np.zeros((0, self._reader.encoder.spec.value_dim))
