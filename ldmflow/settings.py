@@ -27,6 +27,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
 REGISTER_CHOICES = ("best", "last")
 FEATURE_EXTRACTORS = ("auto", "inception", "probe")
+MAX_IMAGE_PIXELS = 16384 * 16384  # larger images are refused from their header, before any decoding
 
 
 def setting(default=MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,
@@ -134,6 +135,8 @@ class TrainSettings:
     random_crop: bool = setting(False, "Random instead of center crop.")
     random_flip: bool = setting(False, "Random horizontal flips.")
     preserve_input_precision: bool = setting(False, "Keep 16-bit/float precision instead of 8-bit.")
+    max_image_pixels: int = setting(MAX_IMAGE_PIXELS, "Images with more pixels are skipped as unreadable "
+                                                      "(from their header, before decoding).")
     train_batch_size: int = setting(8, "Images per process and step.")
     eval_batch_size: int = setting(4, "Images per batch for validation and previews.")
     num_epochs: int = setting(50, "Passes over the training split.")
@@ -173,8 +176,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.resolution <= 0 or self.resolution % 8:
             raise LdmflowError(f"--resolution must be a positive multiple of 8, got {self.resolution}.")
-        _check_at_least(self, 1, "train_batch_size", "eval_batch_size", "num_epochs", "gradient_accumulation_steps",
-                        "checkpointing_steps", "save_images_epochs", "logging_steps", "layers_per_block",
+        _check_at_least(self, 1, "max_image_pixels", "train_batch_size", "eval_batch_size", "num_epochs",
+                        "gradient_accumulation_steps", "checkpointing_steps", "save_images_epochs", "logging_steps", "layers_per_block",
                         "max_train_steps", "max_nonfinite_steps", "checkpoints_total_limit")
         _check_at_least(self, 0, "dataloader_num_workers", "lr_warmup_steps", "eval_epochs")
         _check_number(self, "learning_rate", 0, 1, low_open=True)
@@ -492,3 +495,4 @@ class CheckManifestSettings:
     condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "Comma list of name:dim, or 'none'.")
     data_root: str | None = setting(None, "Folder output_rel is relative to (default: the manifest's).")
     allow_outside_root: bool = setting(False, "Accept output_rel paths outside the data root.")
+    max_image_pixels: int = setting(MAX_IMAGE_PIXELS, "Images with more pixels are reported as unreadable.")

@@ -189,3 +189,20 @@ def _with_orientation(array: np.ndarray, orientation: int) -> Image.Image:
     image = Image.fromarray(array)
     image.getexif()[0x0112] = orientation
     return ImageOps.exif_transpose(image)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tiff"])
+def test_images_over_the_pixel_limit_are_refused_from_their_header(tmp_path, suffix):
+    from ldmflow.data.image_io import probe_readable
+
+    path = tmp_path / f"large{suffix}"
+    if suffix == ".tiff":  # a 20000 x 20000 TIFF (a sparse file): its pixels are never read
+        tifffile.imwrite(path, shape=(20000, 20000), dtype=np.uint8)
+    else:
+        Image.new("RGB", (300, 200)).save(path)
+    limit = 100 * 100 if suffix == ".png" else 16384 * 16384
+    with pytest.raises(UnreadableImageError, match=r"over --max_image_pixels"):
+        read_image(path, max_pixels=limit)
+    assert "over --max_image_pixels" in probe_readable(path, limit)
+    if suffix == ".png":
+        assert read_image(path).shape == (200, 300, 3)  # under the default limit

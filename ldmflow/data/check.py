@@ -15,6 +15,7 @@ def check_manifest(
     condition_spec: str | ConditionSpec = CheckManifestSettings.condition_spec,
     data_root: str | Path | None = None,
     allow_outside_root: bool = False,
+    max_image_pixels: int = CheckManifestSettings.max_image_pixels,
 ) -> dict:
     """The report (``ManifestReport.to_dict()``) of loading ``split`` with every image fully decoded.
 
@@ -28,6 +29,7 @@ def check_manifest(
         data_root=data_root,
         allow_outside_root=allow_outside_root,
         verify_images="full",
+        max_image_pixels=max_image_pixels,
     )
     return manifest.report.to_dict()
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from ldmflow.data.image_io import UnreadableImageError, read_image
 from ldmflow.data.manifest import ManifestRecord
 from ldmflow.errors import LdmflowError
+from ldmflow.settings import MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class ManifestImageDataset(torch.utils.data.Dataset):
         random_flip: bool = False,
         preserve_input_precision: bool = False,
         flip_signs: np.ndarray | None = None,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
         if not records:
             raise LdmflowError("The dataset has no records to train on.")
@@ -68,6 +70,7 @@ class ManifestImageDataset(torch.utils.data.Dataset):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.flip_signs = flip_signs  # (value_dim,) factors a flip applies to the conditions (ConditionSpec)
+        self.max_image_pixels = max_image_pixels
         self.preserve_input_precision = preserve_input_precision
         self.unreadable_paths: set[str] = set()
 
@@ -103,7 +106,8 @@ class ManifestImageDataset(torch.utils.data.Dataset):
         if path in self.unreadable_paths:
             return None
         try:
-            return read_image(path, preserve_precision=self.preserve_input_precision)
+            return read_image(path, preserve_precision=self.preserve_input_precision,
+                              max_pixels=self.max_image_pixels)
         except UnreadableImageError as exc:
             self.unreadable_paths.add(path)  # the training loop warns once, with the count, and names the files
             logger.debug("Skipping unreadable image %s (%s); using the next readable one instead.", path, exc.reason)
@@ -127,7 +131,8 @@ def image_dataset(manifest, settings, training: bool) -> ManifestImageDataset:
     return ManifestImageDataset(
         manifest.records, settings.resolution, random_crop=settings.random_crop and training, random_flip=flip,
         preserve_input_precision=settings.preserve_input_precision,
-        flip_signs=manifest.spec.flip_signs() if flip else None)
+        flip_signs=manifest.spec.flip_signs() if flip else None,
+        max_image_pixels=getattr(settings, "max_image_pixels", MAX_IMAGE_PIXELS))
 
 
 def pixel_batches(dataset: ManifestImageDataset, indices: list[int], batch_size: int):

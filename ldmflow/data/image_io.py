@@ -19,7 +19,7 @@ import tifffile
 from PIL import Image
 
 from ldmflow.errors import LdmflowError
-from ldmflow.settings import IMAGE_FORMATS
+from ldmflow.settings import IMAGE_FORMATS, MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def extension_for(image_format: str) -> str:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def read_image(path: str | Path, preserve_precision: bool = False) -> np.ndarray:
+def read_image(path: str | Path, preserve_precision: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode an image to (H, W, 3) float32 in [0, 1].
 
     EXIF orientation is applied, so the pixels stand as the image is shown. Grayscale is replicated to three
@@ -62,6 +62,9 @@ def read_image(path: str | Path, preserve_precision: bool = False) -> np.ndarray
         data = path.read_bytes()
         if not data:
             raise UnreadableImageError(path, "empty file")
+        too_large = _oversize(path, data[:4] in _TIFF_MAGIC, max_pixels)
+        if too_large:
+            raise UnreadableImageError(path, too_large)
         if data[:4] in _TIFF_MAGIC:
             array, orientation = _read_tiff(path), _tiff_orientation(path)
         else:
@@ -97,6 +100,24 @@ def _png_chunk_problem(data: bytes) -> str | None:
             return None
         position = end
     return "truncated PNG (no IEND chunk)"
+
+
+def _oversize(path: Path, is_tiff: bool, max_pixels: int) -> str | None:
+    """Why an image is too large to decode (from its header alone), or None: a 20k x 20k TIFF must not
+    exhaust memory."""
+    if is_tiff:
+        with tifffile.TiffFile(path) as tif:
+            shape = tif.pages[0].shape
+            height, width = (shape[1], shape[2]) if tif.pages[0].axes.startswith("S") else (shape[0], shape[1])
+    else:
+        try:
+            with Image.open(path) as img:
+                width, height = img.size
+        except Image.DecompressionBombError as error:  # Pillow's own, larger limit
+            return f"over --max_image_pixels {max_pixels} ({error})"
+    if width * height > max_pixels:
+        return f"{width}x{height} pixels, over --max_image_pixels {max_pixels}"
+    return None
 
 
 def _exif_orientation(source) -> int:
@@ -217,7 +238,7 @@ def _scaled(array: np.ndarray, path: Path) -> np.ndarray:
     return np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
 
 
-def probe_readable(path: str | Path) -> str | None:
+def probe_readable(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
     """Cheap header-level check: the reason a file is clearly broken, or None if it looks decodable.
 
     Reads the header (and for PNG the trailing IEND chunk, for TIFF the strip table against the file size), so
@@ -234,6 +255,9 @@ def probe_readable(path: str | Path) -> str | None:
                 handle.seek(max(size - 12, 0))
                 if handle.read(12)[4:8] != b"IEND":
                     return "truncated PNG (no IEND chunk at the end)"
+        too_large = _oversize(path, head[:4] in _TIFF_MAGIC, max_pixels)
+        if too_large:
+            return too_large
         if head[:4] in _TIFF_MAGIC:
             return _probe_tiff(path, size)
         with Image.open(path) as img:

@@ -25,7 +25,7 @@ from ldmflow.data.conditions import (
 )
 from ldmflow.data.image_io import UnreadableImageError, probe_readable, read_image
 from ldmflow.errors import LdmflowError
-from ldmflow.settings import DEFAULT_CONDITION_SPEC
+from ldmflow.settings import DEFAULT_CONDITION_SPEC, MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def load_manifest(
     data_root: str | Path | None = None,
     allow_outside_root: bool = False,
     verify_images: str = "header",
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> Manifest:
     """Load the entries of ``split`` (None or "all": every entry) whose images exist and can be read.
 
@@ -132,7 +133,7 @@ def load_manifest(
         image_path = _resolve_image_path(root, output_rel, label, allow_outside_root)
         candidates.append(_Candidate(index, output_rel, image_path, extract_conditions(metadata, spec, label)))
 
-    usable, missing, unreadable = _verify_files(candidates, verify_images, split_name)
+    usable, missing, unreadable = _verify_files(candidates, verify_images, split_name, max_image_pixels)
     report = _build_report(spec, split_name, len(entries), candidates, usable, missing, unreadable, split_values)
     if not usable:
         raise NothingUsableError(_nothing_usable_message(report, path, root), report)
@@ -253,7 +254,7 @@ def _resolve_image_path(root: Path, output_rel: str, label: str, allow_outside_r
 
 
 def _verify_files(
-    candidates: list[_Candidate], verify_images: str, split_name: str | None
+    candidates: list[_Candidate], verify_images: str, split_name: str | None, max_pixels: int
 ) -> tuple[list[_Candidate], list[_Candidate], list[tuple[_Candidate, str]]]:
     """Split candidates into usable, missing and unreadable (with reason); one warning per kind of problem."""
     usable: list[_Candidate] = []
@@ -263,7 +264,7 @@ def _verify_files(
         if not candidate.image_path.is_file():
             missing.append(candidate)
             continue
-        reason = _unreadable_reason(candidate.image_path, verify_images)
+        reason = _unreadable_reason(candidate.image_path, verify_images, max_pixels)
         if reason is None:
             usable.append(candidate)
         else:
@@ -282,12 +283,12 @@ def _verify_files(
     return usable, missing, unreadable
 
 
-def _unreadable_reason(image_path: Path, verify_images: str) -> str | None:
+def _unreadable_reason(image_path: Path, verify_images: str, max_pixels: int) -> str | None:
     if verify_images == "header":
-        return probe_readable(image_path)
+        return probe_readable(image_path, max_pixels)
     if verify_images == "full":
         try:
-            read_image(image_path, preserve_precision=True)
+            read_image(image_path, preserve_precision=True, max_pixels=max_pixels)
         except UnreadableImageError as exc:
             return exc.reason
     return None

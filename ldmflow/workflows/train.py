@@ -24,7 +24,8 @@ STAGES = {VaeSettings: "vae", LatentDdpmSettings: "latent_ddpm", LegacyDdpmSetti
 
 def _load(settings: TrainSettings, split: str, condition_spec: str) -> Manifest:
     return load_manifest(settings.manifest_path, split=split, condition_spec=condition_spec,
-                         data_root=settings.data_root, allow_outside_root=settings.allow_outside_root)
+                         data_root=settings.data_root, allow_outside_root=settings.allow_outside_root,
+                         max_image_pixels=settings.max_image_pixels)
 
 
 def _validation_manifest(settings: TrainSettings, train: Manifest) -> Manifest | None:
