@@ -70,8 +70,11 @@ def folder_lock(folder: str | Path, holder: str):
     import fcntl
 
     path = Path(folder) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a+")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
+    except OSError as error:  # read-only, a file in the way, no space
+        raise LdmflowError(f"Cannot write to the output folder {folder}: {error.strerror or error}.") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -45,6 +45,7 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("vae: no manifest", [*VAE[:2], "{tmp}/missing.json", *VAE[3:]], "missing.json"),
     ("vae: eval epochs", [*VAE, "--eval_epochs", "-1"], "--eval_epochs must be at least 0"),
     ("vae: workers", [*VAE, "--dataloader_num_workers", "-1"], "--dataloader_num_workers must be at least 0"),
+    ("vae: output under a file", [*VAE[:4], "{broken}/out", *VAE[5:]], "Cannot write to the output folder"),
     ("latent: no VAE there", [*LATENT[:4], "{tmp}/no_vae", *LATENT[5:]], "does not exist"),
     ("latent: not a VAE", [*LATENT[:4], "{data_dir}", *LATENT[5:]], "vae"),
     ("latent: empty spec", [*LATENT, "--condition_spec", ""], "--condition_spec is empty"),
