@@ -318,3 +318,25 @@ def test_sigterm_checkpoints_marks_the_run_killed_and_exits_non_zero(data, tmp_p
     experiment = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("preempted")
     [run] = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs([experiment.experiment_id])
     assert run.info.status == "KILLED"
+
+
+def test_the_lr_schedule_keeps_step_with_global_step_across_skipped_steps(data, tmp_path):
+    class OneBadStep(LegacyDdpmTask):
+        calls = 0
+
+        def loss(self, model, batch):
+            loss, parts = super().loss(model, batch)
+            OneBadStep.calls += 1
+            return (loss * float("nan") if OneBadStep.calls == 3 else loss), parts
+
+        def after_optimizer_step(self, model):
+            self.ema_updates = getattr(self, "ema_updates", 0) + 1
+
+    settings = settings_for(data, tmp_path, lr_scheduler="constant_with_warmup", lr_warmup_steps=10,
+                            learning_rate=1e-3, max_train_steps=6, num_epochs=10)
+    task = OneBadStep(settings, load_manifest(data, condition_spec="none"), None)
+    _, recorder = run(settings, task)
+    logged = {step: m for step, m in recorder.metrics if "lr" in m}
+    assert logged[3]["nonfinite_steps"] == 1
+    assert logged[6]["lr"] == pytest.approx(1e-3 * 6 / 10)  # warm-up at step 6, though step 3 was skipped
+    assert task.ema_updates == 5  # the skipped step did not move the EMA

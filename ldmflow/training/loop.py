@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -366,9 +367,13 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                 finite = _step_is_finite(loss, grad_norm, accelerator)
-                if finite or accelerator.scaler is not None:  # fp16: the GradScaler skips and updates itself
+                optimizer_called = finite or accelerator.scaler is not None  # fp16: the GradScaler skips itself
+                if optimizer_called:
                     run.optimizer.step()
                     run.lr_scheduler.step()
+                weights_moved = optimizer_called and not accelerator.optimizer_step_was_skipped
+                if not weights_moved:  # the LR schedule stays in step with global_step all the same
+                    _advance_lr_schedule(run)
             run.optimizer.zero_grad(set_to_none=True)
         window.add(loss, parts, len(batch["index"]), batch.get("substituted"))
         run.unreadable_paths.update(path for path in batch.get("unreadable", ()) if path)
@@ -376,9 +381,10 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
             continue
         micro_step = 0
         state.global_step += 1
+        if finite and weights_moved:  # the EMA follows real steps only (not a GradScaler skip)
+            task.after_optimizer_step(model)
         if finite:
             run.nonfinite_in_a_row = 0
-            task.after_optimizer_step(model)
         else:
             run.nonfinite_in_a_row += 1
             state.nonfinite_steps += 1
@@ -421,6 +427,16 @@ def _checkpoint(settings: TrainSettings, run: PreparedRun, tracker: Tracker) -> 
     path = save_checkpoint(run.accelerator, settings.output_dir, step, settings.checkpoints_total_limit)
     if run.accelerator.is_main_process:
         tracker.set_tags({"ldmflow.last_checkpoint": str(path), "ldmflow.last_checkpoint_step": str(step)})
+
+
+def _advance_lr_schedule(run: PreparedRun) -> None:
+    """One step of the LR schedule without an optimizer step (accelerate holds it back after a skipped step);
+    the schedule counts a step per process, as accelerate's own stepping does."""
+    scheduler = getattr(run.lr_scheduler, "scheduler", run.lr_scheduler)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(run.accelerator.num_processes):
+            scheduler.step()
 
 
 def _step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor | None, accelerator: Accelerator) -> bool:
