@@ -197,9 +197,9 @@ def pipeline_command(**options):
 def lineage_command(model_uri, as_json):
     """Print dataset -> VAE -> latent DDPM -> sample runs for a registered model version."""
     from ldmflow.tracking.lineage import format_lineage, lineage
-    from ldmflow.tracking.store import use_tracking_store
+    from ldmflow.tracking.store import reachable_store
 
-    use_tracking_store()
+    reachable_store()
     chain = lineage(model_uri)
     click.echo(json.dumps(chain, indent=2) if as_json else format_lineage(chain))
 
@@ -209,9 +209,9 @@ def lineage_command(model_uri, as_json):
 def models_command(as_json):
     """List registered ldmflow model versions with their stage, lineage and key metrics."""
     from ldmflow.tracking.lineage import format_models, list_models
-    from ldmflow.tracking.store import use_tracking_store
+    from ldmflow.tracking.store import reachable_store
 
-    use_tracking_store()
+    reachable_store()
     rows = list_models()
     click.echo(json.dumps(rows, indent=2) if as_json else format_models(rows))
 

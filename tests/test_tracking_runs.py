@@ -295,3 +295,19 @@ def test_a_failing_tracker_is_not_masked_and_the_run_is_not_left_running(sqlite_
             pass
     [run] = MlflowClient().search_runs([store.ensure_experiment("ldmflow")])
     assert run.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("args", [["lineage", "models:/ldmflow-vae/1"], ["models"],
+                                  ["sample", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--no_mlflow"],
+                                  ["sample", "--model_uri", "runs:/0123abcd/model", "--no_mlflow"]])
+def test_commands_against_a_server_that_is_down_fail_within_seconds(tmp_path, monkeypatch, args):
+    from click.testing import CliRunner
+
+    from ldmflow.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "Cannot reach the MLflow tracking server" in result.output
+    assert time.monotonic() - started < 60  # MLflow's own HTTP retries take minutes; this is a loose bound

@@ -136,10 +136,10 @@ def _version_numbers(client, name: str) -> list[int]:
 def _resolve_models_uri(uri: str, dst_dir) -> ModelSource:
     from mlflow import MlflowClient
 
-    from ldmflow.tracking.store import use_tracking_store
+    from ldmflow.tracking.store import reachable_store
 
     name, version, alias = parse_models_uri(uri)
-    client = MlflowClient(use_tracking_store())
+    client = MlflowClient(reachable_store())
     if version is None and alias is None:
         return _resolve_model_id(client, uri, name, dst_dir)
     found = registered_version(client, name, version, alias)
@@ -188,12 +188,12 @@ def _resolve_runs_uri(uri: str, dst_dir) -> ModelSource:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from ldmflow.tracking.store import use_tracking_store
+    from ldmflow.tracking.store import reachable_store
 
     run_id, _, path = uri[len("runs:"):].lstrip("/").partition("/")
     if not uri.startswith("runs:/") or not run_id or not path.strip("/"):
         raise LdmflowError(f"Malformed run URI {uri!r}: expected runs:/<run_id>/<path>, e.g. runs:/<run_id>/model.")
-    client = MlflowClient(use_tracking_store())
+    client = MlflowClient(reachable_store())
     try:
         run = client.get_run(run_id)
     except MlflowException as error:

@@ -66,6 +66,13 @@ def use_tracking_store() -> str:
     return uri
 
 
+def reachable_store() -> str:
+    """use_tracking_store(), failing within seconds (not minutes of retries) when its server is down."""
+    uri = use_tracking_store()
+    check_server_reachable(uri)
+    return uri
+
+
 def check_server_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast on a server that is down, instead of after MLflow's ~4 minutes of HTTP retries."""
     parsed = urlparse(uri)
@@ -78,7 +85,7 @@ def check_server_reachable(uri: str, timeout: float = 5.0) -> None:
     except OSError as error:
         raise LdmflowError(
             f"Cannot reach the MLflow tracking server at {uri} ({error}). Start it, fix MLFLOW_TRACKING_URI, "
-            "or pass --no_mlflow to train without tracking."
+            "or (training, sampling) pass --no_mlflow to work without tracking."
         ) from None
 
 
