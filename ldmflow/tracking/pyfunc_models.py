@@ -329,4 +329,4 @@ def legacy_signature() -> ModelSignature:
                           outputs=_output_schema(), params=params)
 
 
-PixelDdpmPyfunc = LegacyDdpmPyfunc  # the name models logged before 0.2 were pickled with
+PixelDdpmPyfunc = LegacyDdpmPyfunc  # the class name that models registered before the rename were pickled with
