@@ -24,11 +24,21 @@ class _Command(click.Command):
         try:
             return super().invoke(ctx)
         except LdmflowError as error:
-            raise click.ClickException(str(error)) from None
+            raise click.ClickException(_one_line(error)) from None
         except Exception as error:
             if type(error).__module__.startswith("mlflow."):  # server errors, failed project steps
                 raise click.ClickException(f"MLflow: {str(error).splitlines()[0] if str(error) else error!r}") from None
             raise
+
+
+def _one_line(error: LdmflowError) -> str:
+    """The message of an LdmflowError, also when a DataLoader worker raised it: torch then wraps it as
+    "Caught LdmflowError in DataLoader worker process 0. Original Traceback ..."; its last line is ours."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(("LdmflowError", "ldmflow.")) and ": " in last else last
 
 
 class _Group(click.Group):

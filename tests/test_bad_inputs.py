@@ -138,3 +138,19 @@ def test_the_table_covers_every_command():
     assert len(CASES) >= 40
     assert {"check-manifest", "demo-data", "vae", "latent-ddpm", "legacy-ddpm", "probe", "sample", "evaluate",
             "pipeline", "lineage"} <= commands
+
+
+def test_an_error_inside_a_data_loader_worker_is_one_line(tmp_path):
+    from ldmflow.data.demo import make_demo_dataset
+
+    manifest = make_demo_dataset(tmp_path / "data", num_images=4, resolution=32)
+    for image in (tmp_path / "data" / "images").iterdir():  # damaged inside: the header check passes, decoding fails
+        data = bytearray(image.read_bytes())
+        data[60:70] = b"\xff" * 10
+        image.write_bytes(bytes(data))
+    result = CliRunner().invoke(cli, ["legacy-ddpm", "--manifest_path", str(manifest), "--output_dir",
+                                      str(tmp_path / "out"), *TINY, "--block_out_channels", "16,16", "--no_mlflow",
+                                      "--dataloader_num_workers", "1", "--split", "all", "--val_split", ""])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1
+    [line] = [line for line in result.output.splitlines() if line.strip()]
+    assert line.startswith("Error: None of the 4 images in the dataset could be read"), result.output
