@@ -61,3 +61,30 @@ def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
     assert {p.name for p in (output / "checkpoint-4").glob("random_states_*.pkl")} == {
         "random_states_0.pkl", "random_states_1.pkl"}
     assert result.stderr.count("Saved the VAE to") == 1
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_latent_ddpm_from_a_shared_latent_cache(tmp_path):
+    from click.testing import CliRunner
+
+    from ldmflow.cli import cli
+
+    manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32, val_fraction=0.2)
+    vae = tmp_path / "vae"
+    result = CliRunner().invoke(cli, ["vae", "--manifest_path", str(manifest), "--output_dir", str(vae),
+                                      "--resolution", "32", "--max_train_steps", "1", "--block_out_channels",
+                                      "8,8,8,8", "--layers_per_block", "1", "--scaling_factor_batches", "1",
+                                      "--no_mlflow"])
+    assert result.exit_code == 0, result.output
+    output = tmp_path / "latent"
+    result = _launch(tmp_path, "-m", "ldmflow", "latent-ddpm", "--manifest_path", str(manifest), "--vae_uri",
+                     str(vae), "--output_dir", str(output), "--resolution", "32", "--train_batch_size", "2",
+                     "--max_train_steps", "4", "--block_out_channels", "16,16", "--layers_per_block", "1",
+                     "--lr_warmup_steps", "0", "--cache_latents", "--random_flip", "--use_ema",
+                     "--condition_spec", "temperature:1,wind:3:flipx=0,wind_mag:1", "--num_preview_images", "1",
+                     "--preview_inference_steps", "1", "--no_mlflow")
+    # every process holds the whole cache (gathered from both shards), flips included
+    assert result.stderr.count("Cached latents of 16 images (and their flips)") == 2
+    assert "on 2 process(es)" in result.stderr
+    assert (output / "unet" / "config.json").is_file() and (output / "vae_source.json").is_file()
+    assert result.stderr.count("Saved the latent DDPM to") == 1  # only the main process writes
