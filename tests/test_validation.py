@@ -340,3 +340,20 @@ def test_the_lr_schedule_keeps_step_with_global_step_across_skipped_steps(data, 
     assert logged[3]["nonfinite_steps"] == 1
     assert logged[6]["lr"] == pytest.approx(1e-3 * 6 / 10)  # warm-up at step 6, though step 3 was skipped
     assert task.ema_updates == 5  # the skipped step did not move the EMA
+
+
+def test_a_full_disk_is_named_and_leaves_no_half_written_checkpoint(data, tmp_path, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+
+    def full(self, output_dir, *args, **kwargs):
+        (tmp_path / ".checkpoint-3.tmp").mkdir(exist_ok=True)
+        (tmp_path / ".checkpoint-3.tmp" / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", full)
+    settings = settings_for(data, tmp_path, checkpointing_steps=3, num_epochs=1)
+    with pytest.raises(LdmflowError, match=r"Could not write checkpoint-3 in .*: the disk is full \(.* MiB free\)"):
+        run(settings, LegacyDdpmTask(settings, load_manifest(data, condition_spec="none"), None))
+    assert not (tmp_path / ".checkpoint-3.tmp").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import shutil
@@ -78,7 +79,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     if accelerator.is_main_process and temporary.exists():
         shutil.rmtree(temporary)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
+    try:
+        accelerator.save_state(str(temporary))
+    except (OSError, RuntimeError) as error:  # torch reports a full disk as RuntimeError("... iostream error")
+        shutil.rmtree(temporary, ignore_errors=True)  # never leave a half-written checkpoint behind
+        raise LdmflowError(f"Could not write {final.name} in {output_dir}: {_disk_problem(error, output_dir)}. "
+                           "Free some space (or --checkpoints_total_limit), then resume from the last "
+                           "checkpoint.") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -88,6 +95,14 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         (logger.debug if name else logger.info)("Saved checkpoint %s", final)  # the best one: often, quietly
     accelerator.wait_for_everyone()
     return final
+
+
+def _disk_problem(error: Exception, folder: Path) -> str:
+    """What went wrong in words: a full disk is named as such (torch's own message says 'iostream error')."""
+    free = shutil.disk_usage(folder).free if folder.exists() else None
+    if getattr(error, "errno", None) == errno.ENOSPC or "iostream" in str(error) or free == 0:
+        return f"the disk is full ({free // 2**20 if free is not None else '?'} MiB free)"
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 def _prune(output_dir: Path, total_limit: int | None) -> None:
