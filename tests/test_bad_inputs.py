@@ -74,6 +74,8 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("evaluate: one sample", [*EVALUATE, "--num_samples", "1"], "--num_samples must be at least 2"),
     ("evaluate: probe epochs", [*EVALUATE, "--probe_epochs", "0"], "--probe_epochs must be at least 1"),
     ("evaluate: features", [*EVALUATE, "--feature_extractor", "clip"], "'clip' is not one of"),
+    ("evaluate: no probe there", [*EVALUATE, "--probe_uri", "{tmp}/no_probe"], "does not exist"),
+    ("evaluate: probe of a VAE", [*EVALUATE, "--probe_uri", "{vae}"], "is not a probe model"),
     ("evaluate: empty split", [*EVALUATE, "--split", "test"], "--split test"),
     ("evaluate: no model", ["evaluate", "--model_uri", "{tmp}/nothing", "--manifest_path", "{data}"],
      "does not exist"),

@@ -42,6 +42,12 @@ def condition_ranges(spec: ConditionSpec, values: np.ndarray, present: np.ndarra
     return ranges
 
 
+def manifest_ranges(manifest: Manifest) -> dict[str, tuple[float, float]]:
+    """`condition_ranges` of a loaded split (the training range the % errors refer to)."""
+    return condition_ranges(manifest.spec, np.stack([r.conditions for r in manifest.records]),
+                            np.stack([r.present for r in manifest.records]).astype(bool))
+
+
 def condition_errors(spec: ConditionSpec, requested: np.ndarray, present: np.ndarray, read: np.ndarray,
                      ranges: dict[str, tuple[float, float]]) -> dict[str, float]:
     """Per condition: `<name>_mae` and `<name>_mae_pct` (scalars), `<name>_angle_error_deg`,

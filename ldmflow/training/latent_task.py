@@ -17,7 +17,7 @@ from PIL import Image
 from ldmflow.data.dataset import image_dataset
 from ldmflow.data.manifest import Manifest
 from ldmflow.errors import LdmflowError
-from ldmflow.evaluation.adherence import condition_errors, condition_ranges, manifest_requests
+from ldmflow.evaluation.adherence import condition_errors, manifest_ranges, manifest_requests
 from ldmflow.models.architectures import VAE_DOWNSAMPLE, VAE_LATENT_CHANNELS, build_latent_unet
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.models.conditioning import ConditionEncoder
@@ -75,6 +75,7 @@ class LatentDdpmTask(DdpmTask):
                  val_manifest: Manifest | None = None, probe_dir: Path | None = None):
         super().__init__(settings, val_manifest, clip_sample=False)  # latents are not bounded to [-1, 1]
         self.probe = ProbeReader.from_folder(probe_dir) if probe_dir else None
+        self.ranges = manifest_ranges(manifest) if self.probe else None  # what adherence % refer to
         self.manifest, self.vae_source = manifest, vae_source
         self.encoder = None if manifest.spec.is_empty else ConditionEncoder(manifest.spec, manifest.stats)
         self.vae = load_vae(vae_source.local_dir, settings.vae_uri)  # checked before any MLflow run opens
@@ -160,10 +161,7 @@ class LatentDdpmTask(DdpmTask):
         sampler = LatentSampler(unet, self.vae, self.noise_scheduler.config, self.encoder)
         images = sampler.generate(conditions, guidance_scale=s.guidance_scale,
                                   num_inference_steps=s.preview_inference_steps, seeds=list(range(len(conditions))))
-        spec = self.manifest.spec
-        ranges = condition_ranges(spec, np.stack([r.conditions for r in self.manifest.records]),
-                                  np.stack([r.present for r in self.manifest.records]).astype(bool))
-        errors = condition_errors(spec, values, present, self.probe.read(images), ranges)
+        errors = condition_errors(self.manifest.spec, values, present, self.probe.read(images), self.ranges)
         return {f"val/{key}": value for key, value in errors.items()}
 
     def _preview(self, unet, step: int) -> Image.Image:

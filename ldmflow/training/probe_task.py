@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from ldmflow.data.dataset import image_dataset
 from ldmflow.data.manifest import Manifest
-from ldmflow.evaluation.adherence import condition_errors, condition_ranges
+from ldmflow.evaluation.adherence import condition_errors, manifest_ranges
 from ldmflow.files import publish_files, temporary_folder
 from ldmflow.models.conditioning import ConditionEncoder
 from ldmflow.models.probe import ConditionProbe, ProbeReader
@@ -38,7 +38,7 @@ class ProbeTask(Task):
         self.settings, self.manifest, self.val_manifest = settings, manifest, val_manifest
         spec = manifest.spec
         self.encoder = ConditionEncoder(spec, manifest.stats)
-        self.ranges = condition_ranges(spec, *_values(manifest))
+        self.ranges = manifest_ranges(manifest)
         self.vectors = [part for (_, dim), part in zip(spec.items, spec.slices().values()) if dim > 1]
 
     @property

@@ -24,8 +24,8 @@ from ldmflow.data.conditions import ConditionSpec
 from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.evaluation import distribution
-from ldmflow.evaluation.adherence import (condition_errors, condition_ranges, diversity, manifest_requests,
-                                          shuffled_baseline)
+from ldmflow.evaluation.adherence import (condition_errors, diversity, manifest_ranges, manifest_requests,
+                                          mean_pairwise_distance, shuffled_baseline)
 from ldmflow.settings import EvaluateSettings, ProbeSettings
 
 logger = logging.getLogger(__name__)
@@ -221,13 +221,12 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
         if features is not None:
             metrics.update(distribution.fid_kid(features, real_images, generated, settings.batch_size))
             metrics.update(_diversity(settings, evaluated, features, requested))
-        if requested:
-            metrics.update(_adherence(settings, evaluated, real, train, probe[0], requested, generated, seeds,
-                                      real_images))
-            labels = [condition_label(c) for c in requested[0][:8]]
         table = {"seed": seeds}
+    read = probe[0].read(generated, settings.batch_size) if probe is not None else None
+    if requested:
+        metrics.update(_adherence(settings, evaluated, real, train, probe[0], requested, read, seeds, real_images))
+        labels = [condition_label(c) for c in requested[0][:8]]
     if probe is not None:
-        read = probe[0].read(generated)
         table.update({f"probed_{column}": read[:, i].tolist() for i, column in enumerate(_columns(probe[0]))})
         if requested:
             table.update({f"requested_{column}": requested[1][:, i].tolist()
@@ -245,14 +244,12 @@ def _columns(reader) -> list[str]:
     return component_columns(reader.encoder.spec)
 
 
-def _adherence(settings, evaluated, real, train, reader, requested, generated, seeds, real_images) -> dict:
-    """Probe readings of the samples against their requests, at the evaluated guidance and at 1, the
-    shuffled baseline, and the probe's own error on the real images (how far to trust it)."""
+def _adherence(settings, evaluated, real, train, reader, requested, read, seeds, real_images) -> dict:
+    """Probe readings (`read`) of the samples against their requests, at the evaluated guidance and at 1,
+    the shuffled baseline, and the probe's own error on the real images (how far to trust it)."""
     spec = evaluated.spec
-    ranges = condition_ranges(spec, np.stack([r.conditions for r in train.records]),
-                              np.stack([r.present for r in train.records]).astype(bool))
+    ranges = manifest_ranges(train)
     conditions, values, present = requested
-    read = reader.read(generated, settings.batch_size)
     metrics = condition_errors(spec, values, present, read, ranges)
     metrics.update({f"shuffled/{k}": v for k, v in shuffled_baseline(spec, values, present, read, ranges,
                                                                       settings.seed).items()})
@@ -273,8 +270,6 @@ def _diversity(settings, evaluated, features, requested) -> dict:
     seeds = [10**6 + settings.seed + i for i in range(DIVERSITY_REQUESTS * DIVERSITY_SEEDS)]
     if requested is None:
         images = _generate(settings, evaluated, None, seeds[:DIVERSITY_REQUESTS * 2], settings.guidance_scale)
-        from ldmflow.evaluation.adherence import mean_pairwise_distance
-
         return {"diversity": mean_pairwise_distance(distribution.extract(features, images))}
     chosen = requested[0][:DIVERSITY_REQUESTS]
     conditions = [c for c in chosen for _ in range(DIVERSITY_SEEDS)]
