@@ -172,7 +172,7 @@ def test_resume_after_a_kill_continues_exactly(data, vae_dir, tmp_path):
     for name in ("checkpoint-4", "checkpoint-6", "unet"):
         shutil.rmtree(resumed / name)
     shutil.copytree(resumed / "checkpoint-2", resumed / ".checkpoint-4.tmp")
-    (resumed / ".checkpoint-4.tmp" / "custom_checkpoint_0.pkl").unlink()
+    (resumed / ".checkpoint-4.tmp" / "training_state.json").unlink()
     result = invoke("latent-ddpm", *common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest")
     assert (resumed / "checkpoint-6").is_dir()
     expected, actual = _weights(straight), _weights(resumed)
@@ -180,6 +180,44 @@ def test_resume_after_a_kill_continues_exactly(data, vae_dir, tmp_path):
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
     assert "Error" not in result.output
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named in `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("target", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
+def test_a_checkpoint_holding_a_crafted_pickle_is_refused_without_running_it(data, tmp_path, target):
+    output, marker = tmp_path / "out", tmp_path / "code-ran"
+    common = ["--manifest_path", str(data), "--output_dir", str(output), *TINY, *TINY_UNET, "--checkpointing_steps",
+              "2", "--save_images_epochs", "100", "--resolution", "32", "--use_ema"]
+    invoke("legacy-ddpm", *common, "--max_train_steps", "2")
+    checkpoint = output / "checkpoint-2"
+    assert {"training_state.json", "ema.json", "ema.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    assert not list(checkpoint.glob("custom_checkpoint_*"))  # the loop's own state is never pickled
+    torch.save({"state": _Payload(marker)}, checkpoint / target)
+    result = invoke("legacy-ddpm", *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
+                    expect_ok=False)
+    assert not marker.exists()
+    assert result.exit_code != 0
+    assert "Cannot resume from" in result.output and "pickle" in result.output and "Traceback" not in result.output
+
+
+def test_a_checkpoint_from_before_json_state_is_refused_with_a_reason(tmp_path):
+    from ldmflow.errors import LdmflowError
+    from ldmflow.training.checkpoints import find_resume_checkpoint
+
+    old = tmp_path / "checkpoint-2"
+    old.mkdir()
+    (old / "custom_checkpoint_0.pkl").write_bytes(b"")
+    with pytest.raises(LdmflowError, match="no longer unpickles"):
+        find_resume_checkpoint(tmp_path, str(old))
 
 
 def test_bad_flags_give_clear_errors(data, tmp_path):

@@ -1,15 +1,24 @@
-"""Crash-safe checkpoints: written under a temporary name and renamed, pruned to a limit, found for resume."""
+"""Crash-safe checkpoints: written under a temporary name and renamed, pruned to a limit, found for resume.
+
+Nothing in a checkpoint is unpickled with code execution allowed: accelerate loads weights, optimizer, schedule
+and RNG with `weights_only=True`, and the loop's own state (counters, EMA) is JSON plus safetensors, never
+accelerate's pickled custom state."""
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
+from safetensors.torch import load_file, save_file
 
 from ldmflow.errors import LdmflowError
 
@@ -64,15 +73,21 @@ def find_resume_checkpoint(output_dir: str | Path, resume_from: str | None) -> P
     path = Path(resume_from)
     if not path.is_dir() and (Path(output_dir) / resume_from).is_dir():
         path = Path(output_dir) / resume_from
-    if not path.is_dir() or not (path / "custom_checkpoint_0.pkl").exists():
+    if path.is_dir() and not (path / f"{STATE_NAME}.json").exists() and (path / "custom_checkpoint_0.pkl").exists():
+        raise LdmflowError(f"--resume_from_checkpoint {resume_from}: written by an older ldmflow, which stored its "
+                           "state as a pickle; ldmflow no longer unpickles checkpoints. Start a new run.")
+    if not path.is_dir() or not (path / f"{STATE_NAME}.json").exists():
         raise LdmflowError(f"--resume_from_checkpoint {resume_from}: not a complete ldmflow checkpoint folder.")
     return path
 
 
+STATE_NAME = "training_state"  # the loop's own state, <name>.json (+ <name>.safetensors when it holds tensors)
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None,
-                    name: str | None = None) -> Path:
-    """Save accelerate's state (models, optimizer, scheduler, RNG, registered objects) atomically, as
-    `checkpoint-<step>` or under `name`."""
+                    states: dict[str, object], name: str | None = None) -> Path:
+    """Save accelerate's state (models, optimizer, scheduler, RNG) and `states` (objects with `state_dict`)
+    atomically, as `checkpoint-<step>` or under `name`."""
     output_dir = Path(output_dir)
     final = output_dir / (name or f"checkpoint-{step}")
     temporary = output_dir / f".{final.name}.tmp"
@@ -81,6 +96,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(temporary))
+        if accelerator.is_main_process:
+            for state_name, obj in states.items():
+                _save_plain_state(obj.state_dict(), temporary / state_name)
     except (OSError, RuntimeError) as error:  # torch reports a full disk as RuntimeError("... iostream error")
         shutil.rmtree(temporary, ignore_errors=True)  # never leave a half-written checkpoint behind
         raise LdmflowError(f"Could not write {final.name} in {output_dir}: {_disk_problem(error, output_dir)}. "
@@ -95,6 +113,65 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         (logger.debug if name else logger.info)("Saved checkpoint %s", final)  # the best one: often, quietly
     accelerator.wait_for_everyone()
     return final
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path, states: dict[str, object]) -> None:
+    """Load what `save_checkpoint` wrote; a file that only unpickling arbitrary code could read is refused."""
+    rng_file = folder / f"random_states_{accelerator.process_index}.pkl"
+    if strays := sorted(path.name for path in folder.glob("custom_checkpoint_*")):
+        raise LdmflowError(f"Cannot resume from {folder}: it holds {strays[0]}, a pickle that ldmflow never writes "
+                           "and will not load. Use a checkpoint this ldmflow wrote.")
+    try:
+        if rng_file.exists():  # accelerate refuses it too, but only logs that and resumes with other RNG
+            accelerate_load(rng_file)
+        accelerator.load_state(str(folder))
+    except pickle.UnpicklingError as error:
+        raise LdmflowError(f"Cannot resume from {folder}: it holds a pickle that only code execution could load "
+                           f"({str(error).splitlines()[0][:160]}). Use a checkpoint this ldmflow wrote.") from None
+    for state_name, obj in states.items():
+        obj.load_state_dict(_load_plain_state(folder / state_name))
+
+
+def _save_plain_state(state: dict, stem: Path) -> None:
+    """A state dict as JSON, with its tensors (at any depth) moved to a safetensors file beside it."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def plain(value):
+        if isinstance(value, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = value.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    stem.with_suffix(".json").write_text(json.dumps(plain(state)))
+    if tensors:
+        save_file(tensors, str(stem.with_suffix(".safetensors")))
+
+
+def _load_plain_state(stem: Path) -> dict:
+    tensor_file = stem.with_suffix(".safetensors")
+    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
+
+    def restore(value):
+        if isinstance(value, dict):
+            if set(value) == {"__tensor__"}:
+                return tensors[value["__tensor__"]]
+            return {key: restore(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [restore(v) for v in value]
+        return value
+
+    try:
+        return restore(json.loads(stem.with_suffix(".json").read_text()))
+    except FileNotFoundError:
+        raise LdmflowError(f"Cannot resume from {stem.parent}: it has no {stem.name} state. Use the same --use_ema "
+                           "as the run that wrote it.") from None
+    except (OSError, ValueError, KeyError) as error:
+        raise LdmflowError(f"Cannot resume from {stem.parent}: its {stem.name} state is damaged ({error}).") from None
 
 
 def _disk_problem(error: Exception, folder: Path) -> str:

@@ -43,10 +43,12 @@ class DdpmTask(Task):
                             inv_gamma=self.settings.ema_inv_gamma, power=self.settings.ema_power,
                             model_cls=type(unwrapped), model_config=unwrapped.config)
         self.ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(self.ema)
+
+    def checkpoint_states(self) -> dict[str, object]:
+        return {"ema": self.ema} if self.ema is not None else {}
 
     def after_resume(self, accelerator: Accelerator) -> None:
-        """accelerate loads custom state onto the CPU; the EMA must live where the weights are."""
+        """A checkpoint's EMA loads onto the CPU; it must live where the weights are."""
         if self.ema is not None:
             self.ema.to(accelerator.device)
 

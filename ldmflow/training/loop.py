@@ -25,8 +25,8 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 
 from ldmflow.errors import LdmflowError
-from ldmflow.training.checkpoints import (BEST_CHECKPOINT, TrainingState, find_resume_checkpoint, list_checkpoints,
-                                          save_checkpoint)
+from ldmflow.training.checkpoints import (BEST_CHECKPOINT, STATE_NAME, TrainingState, find_resume_checkpoint,
+                                          list_checkpoints, load_checkpoint, save_checkpoint)
 from ldmflow.settings import RESUMABLE_CHANGES, TrainSettings
 from ldmflow.training.task import Task
 
@@ -136,6 +136,7 @@ class PreparedRun:
     unreadable_paths: set = field(default_factory=set)  # images replaced by a neighbour (this process)
     nonfinite_in_a_row: int = 0
     resumed_tags: dict | None = None  # set by `prepare` when it resumed from a checkpoint
+    checkpoint_states: dict = field(default_factory=dict)  # saved with every checkpoint beside accelerate's state
 
 
 @dataclass
@@ -181,7 +182,7 @@ def prepare(settings: TrainSettings, task: Task, accelerator: Accelerator, datas
     """Everything before the first step, resume included, so a bad checkpoint fails before a run is tracked."""
     run = _prepare(settings, task, accelerator)
     fingerprint = training_fingerprint(settings, dataset_digest)
-    run.resumed_tags = _resume(settings, accelerator, run.state)
+    run.resumed_tags = _resume(settings, accelerator, run)
     if run.resumed_tags:
         _check_fingerprint(settings, run.state.fingerprint, fingerprint)
     run.state.fingerprint = fingerprint  # saved with every checkpoint from now on
@@ -231,10 +232,10 @@ def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> P
         settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_steps * accelerator.num_processes))
     state = TrainingState()
-    accelerator.register_for_checkpointing(state)
     task.after_prepare(accelerator, model)
     return PreparedRun(accelerator, model, optimizer, dataloader, dataset, lr_scheduler, state, steps_per_epoch,
-                       max_steps, _checkpoint_metric(settings, task))
+                       max_steps, _checkpoint_metric(settings, task),
+                       checkpoint_states={STATE_NAME: state, **task.checkpoint_states()})
 
 
 def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRun) -> TrainingOutcome:
@@ -345,7 +346,7 @@ def _registered_weights(settings, task, run: PreparedRun, last: TrainingOutcome)
     step, value = state.best_step, state.best_value
     if step == state.global_step:
         return TrainingOutcome(last.metrics, last.model_dir, "best", step, metric, value)
-    run.accelerator.load_state(str(best))
+    load_checkpoint(run.accelerator, best, run.checkpoint_states)
     task.after_resume(run.accelerator)
     target = Path(settings.output_dir) / "best"
     metrics = task.save(run.accelerator, run.model, target)
@@ -424,7 +425,8 @@ def _check_weights_finite(settings: TrainSettings, run: PreparedRun, what: str) 
 def _checkpoint(settings: TrainSettings, run: PreparedRun, tracker: Tracker) -> None:
     step = run.state.global_step
     _check_weights_finite(settings, run, f"checkpoint-{step}")
-    path = save_checkpoint(run.accelerator, settings.output_dir, step, settings.checkpoints_total_limit)
+    path = save_checkpoint(run.accelerator, settings.output_dir, step, settings.checkpoints_total_limit,
+                           run.checkpoint_states)
     if run.accelerator.is_main_process:
         tracker.set_tags({"ldmflow.last_checkpoint": str(path), "ldmflow.last_checkpoint_step": str(step)})
 
@@ -461,19 +463,20 @@ def _check_nonfinite(settings: TrainSettings, state: TrainingState, in_a_row: in
             "Lower --learning_rate, check the data, or try --mixed_precision no.")
 
 
-def _resume(settings: TrainSettings, accelerator: Accelerator, state: TrainingState) -> dict | None:
+def _resume(settings: TrainSettings, accelerator: Accelerator, run: PreparedRun) -> dict | None:
     """Load the checkpoint to resume from, if any; returns the tags that say where the run continues from."""
     checkpoint = find_resume_checkpoint(settings.output_dir, settings.resume_from_checkpoint)
     if checkpoint is None:
         return None
     try:
-        accelerator.load_state(str(checkpoint))
+        load_checkpoint(accelerator, checkpoint, run.checkpoint_states)
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:
         lines = str(error).splitlines()
         detail = next((line.strip() for line in lines if "size mismatch" in line or "Missing key" in line),
                       lines[0] if lines else type(error).__name__)
         raise LdmflowError(f"Cannot resume from {checkpoint}: it does not match this model and settings "
                            f"({detail[:300]}). Use the same model size and --use_ema as the run that wrote it.") from None
+    state = run.state
     logger.info("Resumed from %s at step %d.", checkpoint, state.global_step)
     return {"ldmflow.resumed_from_checkpoint": str(checkpoint), "ldmflow.resumed_from_step": str(state.global_step),
             "ldmflow.resumed_from_run_id": state.run_id}
@@ -497,7 +500,7 @@ def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_ep
     if metric in metrics and _is_better(metric, metrics[metric], run.state.best_value):
         run.state.best_step, run.state.best_value = step, metrics[metric]  # saved with the checkpoint
         _check_weights_finite(settings, run, BEST_CHECKPOINT)
-        save_checkpoint(accelerator, settings.output_dir, step, None, name=BEST_CHECKPOINT)
+        save_checkpoint(accelerator, settings.output_dir, step, None, run.checkpoint_states, name=BEST_CHECKPOINT)
         if accelerator.is_main_process:
             tracker.set_tags({"ldmflow.best_checkpoint_step": str(step),
                               "ldmflow.best_checkpoint_metric": f"{metric}={metrics[metric]:.6g}"})

@@ -27,6 +27,10 @@ class Task:
     def after_prepare(self, accelerator: Accelerator, model: torch.nn.Module) -> None:
         """Called once the model is prepared (wrapped for DDP, on the device)."""
 
+    def checkpoint_states(self) -> dict[str, object]:
+        """Objects with `state_dict`/`load_state_dict` saved with every checkpoint (tensors and plain values)."""
+        return {}
+
     def after_resume(self, accelerator: Accelerator) -> None:
         """Called after a checkpoint was (or was not) loaded."""
 
