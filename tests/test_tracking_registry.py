@@ -338,8 +338,11 @@ def test_serving_limits_give_clear_errors(env, monkeypatch):
 
 
 def test_model_loads_from_its_own_code_without_ldmflow_installed(env, tmp_path):
-    """A fresh interpreter outside the repo (no ldmflow on its path) loads and runs the latent model."""
+    """A fresh interpreter outside the repo (no ldmflow on its path) loads and runs the latent model, from code
+    (MLflow's models-from-code): nothing in the model is a pickle."""
     local = mlflow.artifacts.download_artifacts(env["ldm"].model_uri, dst_path=str(tmp_path / "model"))
+    assert not list(Path(local).rglob("*.pkl"))
+    assert "model_code_path" in (Path(local) / "MLmodel").read_text()
     script = (
         "import importlib.util, sys\n"
         "installed = importlib.util.find_spec('ldmflow') is not None\n"

@@ -89,13 +89,13 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
         tags["condition_spec"] = condition_spec
     tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
     with tempfile.TemporaryDirectory(prefix="ldmflow-model-") as staging, _active_run(run_id), \
-            warnings.catch_warnings(), _without_pickle_warning():
+            warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")  # a signature is given
-        artifacts, python_model, signature = _stage(stage, output_dir, Path(staging), vae_source, tags)
+        artifacts, model_class, signature = _stage(stage, output_dir, Path(staging), vae_source, tags)
         try:
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=python_model, artifacts=artifacts, signature=signature,
-                code_paths=[_package_copy(Path(staging))], pip_requirements=pip_requirements(),
+                name="model", python_model=_model_code(model_class, Path(staging)), artifacts=artifacts,
+                signature=signature, code_paths=[_package_copy(Path(staging))], pip_requirements=pip_requirements(),
                 registered_model_name=name, tags=tags, step=last_step)
         except (mlflow.exceptions.MlflowException, OSError) as error:  # server down, disk full...
             raise LdmflowError(f"Could not log or register the {stage} model in MLflow: "
@@ -164,38 +164,37 @@ def _active_run(run_id: str):
         mlflow.end_run(status if status != "RUNNING" else "FINISHED")
 
 
-@contextlib.contextmanager
-def _without_pickle_warning():
-    """Drop MLflow's CloudPickle warning: our python_model holds no state and pickles as a reference to a class
-    in the model's own bundled code."""
+def _model_code(model_class: type, staging: Path) -> str:
+    """The model as code (MLflow's models-from-code): loading it runs this file against the bundled ldmflow
+    package; nothing is unpickled."""
+    path = staging / "model_code.py"
+    path.write_text(f'''"""ldmflow {model_class.__name__}, logged as code: see ldmflow.tracking.pyfunc_models."""
 
-    def keep(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Passing a Python object as `python_model`")
+import mlflow.models
 
-    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
-    pyfunc_logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        pyfunc_logger.removeFilter(keep)
+from {model_class.__module__} import {model_class.__name__}
+
+mlflow.models.set_model({model_class.__name__}())
+''')
+    return str(path)
 
 
 def _stage(stage: str, output_dir: Path, staging: Path, vae_source: ModelSource | None, tags: dict):
-    """Link (or copy) the model's files into fixed names; returns (artifacts, python model, signature)."""
+    """Link (or copy) the model's files into fixed names; returns (artifacts, python model class, signature)."""
     from ldmflow.tracking import pyfunc_models
 
     if stage == "vae":
         _link_tree(find_diffusers_folder(output_dir, "vae"), staging / "vae", top_level_only=True)
-        return {"vae": str(staging / "vae")}, pyfunc_models.VaePyfunc(), pyfunc_models.vae_signature()
+        return {"vae": str(staging / "vae")}, pyfunc_models.VaePyfunc, pyfunc_models.vae_signature()
     if stage == "probe":
         _link_tree(output_dir, staging / "probe", top_level_only=True)
-        return {"probe": str(staging / "probe")}, pyfunc_models.ProbePyfunc(), \
+        return {"probe": str(staging / "probe")}, pyfunc_models.ProbePyfunc, \
             pyfunc_models.probe_signature(tags["condition_spec"])
     if stage == "legacy_ddpm":
         folder = find_diffusers_folder(output_dir, "legacy_ddpm")
         for part in ("model_index.json", "unet", "scheduler"):
             _link_tree(folder / part, staging / "pipeline" / part)
-        return ({"pipeline": str(staging / "pipeline")}, pyfunc_models.LegacyDdpmPyfunc(),
+        return ({"pipeline": str(staging / "pipeline")}, pyfunc_models.LegacyDdpmPyfunc,
                 pyfunc_models.legacy_signature())
     folder = find_diffusers_folder(output_dir, "latent_ddpm")
     _link_tree(folder / "unet", staging / "unet")
@@ -206,7 +205,7 @@ def _stage(stage: str, output_dir: Path, staging: Path, vae_source: ModelSource 
         if (folder / file_name).is_file():
             _link_tree(folder / file_name, staging / file_name)
             artifacts[key] = str(staging / file_name)
-    return artifacts, pyfunc_models.LatentDiffusionPyfunc(), pyfunc_models.latent_signature(tags["condition_spec"])
+    return artifacts, pyfunc_models.LatentDiffusionPyfunc, pyfunc_models.latent_signature(tags["condition_spec"])
 
 
 def _link_tree(source: Path, target: Path, top_level_only: bool = False) -> None:
