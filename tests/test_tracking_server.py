@@ -153,3 +153,47 @@ def test_server_outage_mid_run_keeps_training_and_replays(server, rest_env, capl
     history = MlflowClient().get_metric_history(tracker.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(21))
     assert MlflowClient().get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def test_a_server_gone_for_good_ends_the_run_within_the_retry_budget(server, rest_env, monkeypatch):
+    """The server dies during training and stays down: the process stops waiting after
+    LDMFLOW_TRACKING_RETRY_SECONDS (not minutes of HTTP retries per request), keeps what it could not send in
+    the pending file, and exits non-zero with one line."""
+    from click.testing import CliRunner
+
+    from ldmflow.cli import cli
+    from ldmflow.training import loop
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # ldmflow bounds MLflow's retries itself
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
+    monkeypatch.setenv("LDMFLOW_TRACKING_RETRY_SECONDS", "8")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["demo-data", "--output_dir", "data", "--num_images", "8", "--resolution", "32"]
+                         ).exit_code == 0
+    train, ended = loop.train, {}
+
+    def train_then_lose_the_server(*args, **kwargs):
+        outcome = train(*args, **kwargs)
+        server.stop()
+        ended["at"] = time.monotonic()
+        return outcome
+
+    monkeypatch.setattr(loop, "train", train_then_lose_the_server)
+    try:
+        result = runner.invoke(cli, [
+            "vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae_out", "--resolution", "32",
+            "--train_batch_size", "4", "--layers_per_block", "1", "--block_out_channels", "8,8,8,8",
+            "--max_train_steps", "2", "--logging_steps", "1", "--save_images_epochs", "100", "--eval_epochs", "0"])
+        waited = time.monotonic() - ended["at"]
+    finally:
+        server.start()
+    assert result.exit_code != 0
+    assert "MLflow stayed unreachable for 8 s after training" in result.output
+    assert "Traceback" not in result.output
+    assert waited < 60, f"took {waited:.0f} s after training; MLflow's default retries alone take about 4 minutes"
+    pending = rest_env / "vae_out" / PENDING_FILE
+    lines = [json.loads(line) for line in pending.read_text().splitlines()]
+    assert lines[-1]["kind"] == "status"
+    replay_pending(pending)
+    run_id = lines[-1]["run_id"]
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"

@@ -152,6 +152,23 @@ class RunTracker:
         """Wait until everything buffered is uploaded; False when MLflow is unreachable or time ran out."""
         return self._uploader.flush(timeout)
 
+    def wait_for_store(self, seconds: float) -> None:
+        """At the end of training: return once everything buffered reached MLflow and its server answers. If it
+        stays unreachable for `seconds`, stop waiting for it (the rest goes to the pending file when the run
+        closes) and raise."""
+        from ldmflow.tracking.store import RETRY_SECONDS_ENV, server_answers, stop_waiting_for_server
+
+        deadline = time.monotonic() + seconds
+        while not (self._uploader.flush(max(deadline - time.monotonic(), 0.0)) and server_answers()):
+            if time.monotonic() >= deadline:
+                stop_waiting_for_server()
+                raise LdmflowError(
+                    f"MLflow stayed unreachable for {seconds:.0f} s after training ({RETRY_SECONDS_ENV}), so the "
+                    f"model was not registered. The weights are in {self._output_dir}; the run's end and any "
+                    f"values not uploaded are in {self._output_dir / PENDING_FILE} (upload them with "
+                    "ldmflow.tracking.run_tracker.replay_pending).")
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+
     def close(self) -> None:
         """Last upload attempt; whatever is still pending goes to `<output_dir>/mlflow_pending_metrics.jsonl`."""
         if self._closed:

@@ -17,6 +17,8 @@ from ldmflow.errors import LdmflowError
 
 logger = logging.getLogger(__name__)
 
+RETRY_SECONDS_ENV = "LDMFLOW_TRACKING_RETRY_SECONDS"  # how long a run waits for a server that went away
+DEFAULT_RETRY_SECONDS = 60.0
 DEFAULT_DB_NAME = "mlflow.db"
 ARTIFACTS_DIR_NAME = "mlartifacts"
 _SQLITE_PREFIX = "sqlite:///"
@@ -63,7 +65,43 @@ def use_tracking_store() -> str:
 
     uri = resolve_tracking_uri()
     mlflow.set_tracking_uri(uri)
+    bound_http_retries()
     return uri
+
+
+def retry_seconds() -> float:
+    """LDMFLOW_TRACKING_RETRY_SECONDS (default 60): the most a run waits for a tracking server that went away."""
+    text = os.environ.get(RETRY_SECONDS_ENV, "").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_RETRY_SECONDS
+    except ValueError:
+        raise LdmflowError(f"{RETRY_SECONDS_ENV}={text!r}: expected a number of seconds.") from None
+    if not seconds >= 0:
+        raise LdmflowError(f"{RETRY_SECONDS_ENV}={text!r}: expected a number of seconds >= 0.")
+    return seconds
+
+
+def bound_http_retries() -> None:
+    """Fit MLflow's per-request HTTP retries (7, about 4 minutes, by default) into a quarter of retry_seconds(),
+    unless the user set MLFLOW_HTTP_REQUEST_MAX_RETRIES: a server gone for good then costs about that, not
+    minutes per request. Backoffs are 0, 2f, 4f, ... seconds for backoff factor f."""
+    if "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in os.environ:
+        return
+    factor = float(os.environ.get("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2") or 2)
+    budget, retries, waited = retry_seconds() / 4, 0, 0.0
+    while retries < 7:
+        pause = factor * 2 ** retries if retries else 0.0  # the wait before retry number retries + 1
+        if waited + pause > budget:
+            break
+        waited, retries = waited + pause, retries + 1
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(retries)
+
+
+def stop_waiting_for_server() -> None:
+    """After giving up on the server: the run's remaining bookkeeping calls fail at once (their values go to
+    the pending file), instead of each retrying."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
 
 
 def reachable_store() -> str:
@@ -71,6 +109,15 @@ def reachable_store() -> str:
     uri = use_tracking_store()
     check_server_reachable(uri)
     return uri
+
+
+def server_answers(timeout: float = 5.0) -> bool:
+    """True unless the tracking store is a server that does not accept a connection."""
+    try:
+        check_server_reachable(resolve_tracking_uri(), timeout)
+    except LdmflowError:
+        return False
+    return True
 
 
 def check_server_reachable(uri: str, timeout: float = 5.0) -> None:

@@ -136,9 +136,11 @@ def _train_in(settings: TrainSettings, stage: str, accelerator):
     """run_training with the output folder locked by the main process."""
     from ldmflow.tracking.registry import REGISTERED_URI_TAG, log_and_register
     from ldmflow.tracking.run_tracker import close_abandoned_run, open_run
+    from ldmflow.tracking.store import retry_seconds
     from ldmflow.training.loop import prepare, train
 
     is_main = accelerator.is_main_process
+    patience = retry_seconds()  # how long the end of the run waits for a tracking server that went away
     manifest = _load(settings, settings.split, getattr(settings, "condition_spec", "none"))
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     vae_source = _resolve_vae(settings, accelerator) if isinstance(settings, LatentDdpmSettings) else None
@@ -156,6 +158,7 @@ def _train_in(settings: TrainSettings, stage: str, accelerator):
                              "conditioning.json")
         outcome = train(settings, task, tracker, prepared)
         if is_main and not settings.no_mlflow:
+            tracker.wait_for_store(patience)
             registered = log_and_register(
                 stage, outcome.model_dir, tracker, registered_model_name=settings.registered_model_name,
                 alias=settings.register_alias, vae_source=vae_source, dataset_digest=manifest.digest,
