@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -45,6 +46,17 @@ def publish_files(temporary: Path, target_dir: Path) -> None:
         else:
             os.replace(entry, target_dir / entry.name)
     temporary.rmdir()
+
+
+def disk_problem(error: Exception, folder: Path) -> str:
+    """What went wrong in words: a full disk is named as such (torch says 'iostream error', safetensors
+    'StorageFull')."""
+    folder = Path(folder)
+    free = shutil.disk_usage(folder).free if folder.exists() else None
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "iostream" in text or "StorageFull" in text or free == 0:
+        return f"the disk is full ({free // 2**20 if free is not None else '?'} MiB free)"
+    return (text.splitlines() or [type(error).__name__])[0][:200]
 
 
 def model_digest(folder: str | Path) -> str:

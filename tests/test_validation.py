@@ -357,3 +357,49 @@ def test_a_full_disk_is_named_and_leaves_no_half_written_checkpoint(data, tmp_pa
     with pytest.raises(LdmflowError, match=r"Could not write checkpoint-3 in .*: the disk is full \(.* MiB free\)"):
         run(settings, LegacyDdpmTask(settings, load_manifest(data, condition_spec="none"), None))
     assert not (tmp_path / ".checkpoint-3.tmp").exists()
+
+
+def test_a_full_disk_while_saving_the_model_is_named_and_leaves_no_temporary_folder(data, tmp_path, monkeypatch):
+    from diffusers import ModelMixin
+    from safetensors import SafetensorError
+
+    def full(self, folder, *args, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(ModelMixin, "save_pretrained", full)
+    settings = settings_for(data, tmp_path, checkpointing_steps=2, max_train_steps=2)
+    with pytest.raises(LdmflowError, match=r"Could not write the model in .*: the disk is full \(.* MiB free\)\. "
+                                           r"Free some space, then resume from .*checkpoint-2"):
+        run(settings, LegacyDdpmTask(settings, load_manifest(data, condition_spec="none"), None))
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "unet").exists()
+
+
+def test_a_step_the_grad_scaler_skips_moves_neither_the_ema_nor_the_lr_schedule_off_step(data, tmp_path,
+                                                                                         monkeypatch):
+    """fp16's GradScaler skips an optimizer step on overflow (accelerate reports it as
+    `step_was_skipped`; there is no fp16 on this CPU, so the report is simulated at step 3)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    class CountingEma(LegacyDdpmTask):
+        def after_optimizer_step(self, model):
+            self.ema_updates = getattr(self, "ema_updates", 0) + 1
+
+    steps = []
+    real_step = AcceleratedOptimizer.step
+
+    def step(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step", step)
+    monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: len(steps) == 3))
+    settings = settings_for(data, tmp_path, lr_scheduler="constant_with_warmup", lr_warmup_steps=10,
+                            learning_rate=1e-3, max_train_steps=6, num_epochs=10)
+    task = CountingEma(settings, load_manifest(data, condition_spec="none"), None)
+    _, recorder = run(settings, task)
+    logged = {step: m for step, m in recorder.metrics if "lr" in m}
+    assert task.ema_updates == 5  # not after the skipped step
+    assert logged[6]["lr"] == pytest.approx(1e-3 * 6 / 10)
+    assert logged[6]["nonfinite_steps"] == 0  # a scaler skip is not a non-finite loss

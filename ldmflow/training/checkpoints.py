@@ -6,7 +6,6 @@ accelerate's pickled custom state."""
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import pickle
@@ -21,6 +20,7 @@ from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
 from ldmflow.errors import LdmflowError
+from ldmflow.files import disk_problem
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -101,7 +101,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
                 _save_plain_state(obj.state_dict(), temporary / state_name)
     except (OSError, RuntimeError) as error:  # torch reports a full disk as RuntimeError("... iostream error")
         shutil.rmtree(temporary, ignore_errors=True)  # never leave a half-written checkpoint behind
-        raise LdmflowError(f"Could not write {final.name} in {output_dir}: {_disk_problem(error, output_dir)}. "
+        raise LdmflowError(f"Could not write {final.name} in {output_dir}: {disk_problem(error, output_dir)}. "
                            "Free some space (or --checkpoints_total_limit), then resume from the last "
                            "checkpoint.") from None
     accelerator.wait_for_everyone()
@@ -172,14 +172,6 @@ def _load_plain_state(stem: Path) -> dict:
                            "as the run that wrote it.") from None
     except (OSError, ValueError, KeyError) as error:
         raise LdmflowError(f"Cannot resume from {stem.parent}: its {stem.name} state is damaged ({error}).") from None
-
-
-def _disk_problem(error: Exception, folder: Path) -> str:
-    """What went wrong in words: a full disk is named as such (torch's own message says 'iostream error')."""
-    free = shutil.disk_usage(folder).free if folder.exists() else None
-    if getattr(error, "errno", None) == errno.ENOSPC or "iostream" in str(error) or free == 0:
-        return f"the disk is full ({free // 2**20 if free is not None else '?'} MiB free)"
-    return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 def _prune(output_dir: Path, total_limit: int | None) -> None:

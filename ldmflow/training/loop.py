@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -23,8 +24,10 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
+from safetensors import SafetensorError
 
 from ldmflow.errors import LdmflowError
+from ldmflow.files import disk_problem
 from ldmflow.training.checkpoints import (BEST_CHECKPOINT, STATE_NAME, TrainingState, find_resume_checkpoint,
                                           list_checkpoints, load_checkpoint, save_checkpoint)
 from ldmflow.settings import RESUMABLE_CHANGES, TrainSettings
@@ -315,11 +318,25 @@ def _finish(settings, task, tracker, run: PreparedRun) -> TrainingOutcome:
     _report_unreadable(run, task, tracker)
     output_dir = Path(settings.output_dir)
     _check_weights_finite(settings, run, "the model")
-    final_metrics = task.save(accelerator, run.model, output_dir)
+    final_metrics = _save_model(settings, task, run, output_dir)
     if accelerator.is_main_process and final_metrics:
         tracker.log_metrics(final_metrics, state.global_step)
     return _registered_weights(settings, task, run, TrainingOutcome(final_metrics, output_dir, "last",
                                                                     state.global_step))
+
+
+def _save_model(settings, task: Task, run: PreparedRun, target: Path) -> dict[str, float]:
+    """task.save, with a full disk (or another write error) said in one line and no temporary folder left."""
+    try:
+        return task.save(run.accelerator, run.model, target)
+    except (OSError, RuntimeError, SafetensorError) as error:
+        for temporary in Path(target).glob(".*.tmp"):
+            shutil.rmtree(temporary, ignore_errors=True)
+        checkpoints = list_checkpoints(settings.output_dir)
+        last = (f"resume from {checkpoints[-1]} (--resume_from_checkpoint latest) to save it again" if checkpoints
+                else "no checkpoint was written")
+        raise LdmflowError(f"Could not write the model in {target}: {disk_problem(error, Path(target))}. Free some "
+                           f"space, then {last}.") from None
 
 
 def _report_unreadable(run: PreparedRun, task: Task, tracker: Tracker) -> None:
@@ -349,7 +366,7 @@ def _registered_weights(settings, task, run: PreparedRun, last: TrainingOutcome)
     load_checkpoint(run.accelerator, best, run.checkpoint_states)
     task.after_resume(run.accelerator)
     target = Path(settings.output_dir) / "best"
-    metrics = task.save(run.accelerator, run.model, target)
+    metrics = _save_model(settings, task, run, target)
     logger.info("Exported the best weights (step %d, %s %.5g) to %s.", step, metric, value, target)
     return TrainingOutcome(metrics, target, "best", step, metric, value)
 
