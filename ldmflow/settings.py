@@ -196,21 +196,30 @@ class TrainSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class VaeSettings(TrainSettings):
-    """`ldmflow vae`: AutoencoderKL with 4 latent channels and x8 downsampling."""
+    """`ldmflow vae`: AutoencoderKL, by default with 4 latent channels and x8 downsampling."""
 
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
     kl_weight: float = setting(1e-4, "Weight of the KL term (loss = MSE + L1 + kl_weight x KL).")
     scaling_factor_batches: int = setting(50, "Training batches used to measure the latent scaling factor.")
+    latent_channels: int = setting(4, "Channels of the latent space (the LDM paper compares 4, 8 and 16).")
+    downsample_factor: int = setting(8, "How much the latents shrink each side: 4, 8 or 16 (--block_out_channels "
+                                        "then needs 3, 4 or 5 widths, one per level).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_at_least(self, 1, "scaling_factor_batches")
+        _check_at_least(self, 1, "scaling_factor_batches", "latent_channels")
         _check_number(self, "kl_weight", 0)
-        if len(self.block_out_channels) != 4:
+        if self.downsample_factor not in (4, 8, 16):
+            raise LdmflowError(f"--downsample_factor must be 4, 8 or 16, got {self.downsample_factor}.")
+        levels = self.downsample_factor.bit_length()  # 4 -> 3 levels, 8 -> 4, 16 -> 5
+        if len(self.block_out_channels) != levels:
             raise LdmflowError(
-                "The VAE downsamples x8, so --block_out_channels needs exactly 4 values "
-                f"(one per resolution level), got {len(self.block_out_channels)}: {self.block_out_channels}."
-            )
+                f"--downsample_factor {self.downsample_factor} needs {levels} --block_out_channels (one per "
+                f"resolution level), got {len(self.block_out_channels)}: "
+                f"{','.join(map(str, self.block_out_channels))}.")
+        if self.resolution % self.downsample_factor:
+            raise LdmflowError(f"--resolution {self.resolution} is not a multiple of --downsample_factor "
+                               f"{self.downsample_factor}.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,8 +283,6 @@ class LatentDdpmSettings(DdpmSettings):
             raise LdmflowError("--condition_spec is empty: give name:dim,... or none for an unconditional model.")
         if not self.vae_uri:
             raise LdmflowError("--vae_uri is required: a VAE folder or an MLflow model URI.")
-        latent = self.resolution // 8
-        self._check_downsampling(latent, f"Latents of {latent}x{latent} (resolution {self.resolution} / 8)")
         _check_number(self, "cond_dropout_prob", 0, 1, high_open=True)
         _check_number(self, "guidance_scale", 1)
 
@@ -481,6 +488,8 @@ class DemoDataSettings:
     num_images: int = setting(64, "Images to write.")
     resolution: int = setting(64, "Image size in pixels.")
     image_format: str = setting("png", "Image file format.", choices=IMAGE_FORMATS)
+    style: str = setting("stripes", "Smooth stripes, or textured: fine streaks and colour clouds a blurry VAE loses.",
+                         choices=("stripes", "textured"))
     seed: int = setting(0, "Seed of the scenes and the split.")
     val_fraction: float = setting(0.1, "Fraction of entries in the val split.")
     overwrite: bool = setting(False, "Replace manifest.json and images/ in a folder that is not empty.")

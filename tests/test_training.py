@@ -229,7 +229,7 @@ def test_bad_flags_give_clear_errors(data, tmp_path):
     assert result.exit_code != 0 and "'warp' is not one of" in result.output
     result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--block_out_channels",
                     "16,16", expect_ok=False)
-    assert result.exit_code != 0 and "exactly 4 values" in result.output
+    assert result.exit_code != 0 and "--downsample_factor 8 needs 4 --block_out_channels" in result.output
     result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--register_alias", "v2",
                     expect_ok=False)
     assert result.exit_code == 1 and "reserved by MLflow" in result.output
@@ -401,3 +401,46 @@ def test_sampling_writes_a_new_folder_and_never_deletes_files(latent_dir, tmp_pa
     assert (output / "sample_0000.png").read_bytes() == b"the user's own file"
     assert first.parent.parent == output and first != second and first.is_file() and second.is_file()
     assert sorted(p.name for p in first.parent.iterdir()) == ["grid.png", "sample_0000.png", "sample_0001.png"]
+
+
+def test_any_latent_shape_trains_samples_and_is_recorded(data, tmp_path):
+    """An f4 VAE with 8 latent channels: the latent DDPM, its sampler and vae_source.json follow its shape."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from ldmflow.sampling.latent import LatentSampler
+
+    vae_out, ldm_out = tmp_path / "vae", tmp_path / "ldm"
+    invoke("vae", "--manifest_path", str(data), "--output_dir", str(vae_out), *TINY, "--max_train_steps", "2",
+           "--block_out_channels", "16,16,16", "--downsample_factor", "4", "--latent_channels", "8",
+           "--save_images_epochs", "100", "--scaling_factor_batches", "1")
+    vae = AutoencoderKL.from_pretrained(vae_out)
+    assert vae.config.latent_channels == 8 and len(vae.config.block_out_channels) == 3
+    invoke("latent-ddpm", "--manifest_path", str(data), "--vae_uri", str(vae_out), "--output_dir", str(ldm_out),
+           *TINY, *TINY_UNET, "--max_train_steps", "2", "--cache_latents", "--save_images_epochs", "100")
+    unet = UNet2DConditionModel.from_pretrained(ldm_out / "unet")
+    assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (8, 8, 8)
+    source = json.loads((ldm_out / "vae_source.json").read_text())
+    assert (source["vae_latent_channels"], source["vae_downsample_factor"]) == (8, 4)
+    images = LatentSampler.from_training_output(ldm_out).generate(
+        [{"temperature": 10.0, "wind": [1, 0, 0]}], num_inference_steps=2)
+    assert images.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--downsample_factor", "3"], "--downsample_factor must be 4, 8 or 16, got 3"),
+    (["--downsample_factor", "16"], "--downsample_factor 16 needs 5 --block_out_channels"),
+    (["--downsample_factor", "16", "--block_out_channels", "8,8,8,8,8", "--resolution", "40"],
+     "--resolution 40 is not a multiple of --downsample_factor 16"),
+    (["--latent_channels", "0"], "--latent_channels"),
+])
+def test_bad_latent_shape_flags_are_one_line(data, tmp_path, flags, message):
+    result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--no_mlflow", *flags,
+                    expect_ok=False)
+    assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_latent_resolution_the_unet_cannot_downsample_is_refused(data, vae_dir, tmp_path):
+    result = invoke("latent-ddpm", "--manifest_path", str(data), "--vae_uri", str(vae_dir), "--output_dir",
+                    str(tmp_path), *TINY, "--resolution", "48", "--block_out_channels", "32,32,32", expect_ok=False)
+    assert result.exit_code != 0
+    assert "--resolution 48 must be a multiple of 32: the VAE downsamples x8 and the UNet's 3" in result.output

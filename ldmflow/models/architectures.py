@@ -6,8 +6,10 @@ import math
 
 from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
 
-VAE_LATENT_CHANNELS = 4
-VAE_DOWNSAMPLE = 8
+
+def vae_downsample_factor(vae_config) -> int:
+    """How much an AutoencoderKL shrinks each side: x2 per level below the top (4 levels: x8)."""
+    return 2 ** (len(vae_config.block_out_channels) - 1)
 
 
 def norm_groups(block_out_channels: tuple[int, ...]) -> int:
@@ -25,8 +27,9 @@ def norm_groups(block_out_channels: tuple[int, ...]) -> int:
     return groups
 
 
-def build_vae(block_out_channels: tuple[int, ...], layers_per_block: int, resolution: int) -> AutoencoderKL:
-    """AutoencoderKL with 4 latent channels and x8 downsampling (4 levels, 3 downsamples)."""
+def build_vae(block_out_channels: tuple[int, ...], layers_per_block: int, resolution: int,
+              latent_channels: int) -> AutoencoderKL:
+    """AutoencoderKL with one level per block width: 3 widths downsample x4, 4 widths x8, 5 widths x16."""
     levels = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3,
@@ -35,7 +38,7 @@ def build_vae(block_out_channels: tuple[int, ...], layers_per_block: int, resolu
         up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
-        latent_channels=VAE_LATENT_CHANNELS,
+        latent_channels=latent_channels,
         norm_num_groups=norm_groups(block_out_channels),
         sample_size=resolution,
         scaling_factor=1.0,  # measured after training (ldmflow.training.vae_task)
@@ -52,7 +55,7 @@ def _block_types(levels: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def build_latent_unet(block_out_channels: tuple[int, ...], layers_per_block: int, latent_size: int,
-                      condition_dim: int | None) -> UNet2DConditionModel:
+                      latent_channels: int, condition_dim: int | None) -> UNet2DConditionModel:
     """UNet2DConditionModel without cross-attention; conditions enter through the projection class embedding.
 
     condition_dim None (spec `none`) builds an unconditional model: no class embedding at all.
@@ -60,8 +63,8 @@ def build_latent_unet(block_out_channels: tuple[int, ...], layers_per_block: int
     down, up = _block_types(len(block_out_channels))
     return UNet2DConditionModel(
         sample_size=latent_size,
-        in_channels=VAE_LATENT_CHANNELS,
-        out_channels=VAE_LATENT_CHANNELS,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=down,
         up_block_types=up,
         mid_block_type="UNetMidBlock2D",

@@ -6,10 +6,11 @@ Serving formats (JSON friendly, one row per image):
   of the model's spec, e.g. temperature, wind_0, wind_1, wind_2, wind_mag; all optional, all blank = an
   unconditional sample) plus an optional integer `seed`. Params: num_inference_steps (25), guidance_scale (3.0),
   scheduler ("ddim"), batch_size (8). Output: `image` (base64-encoded 8-bit RGB PNG) and the `seed` used.
-- `VaePyfunc`: input column `image` (base64 PNG/TIFF/JPEG; sides multiple of 8). Param mode = "reconstruct"
-  (output `image`, base64 PNG) or "encode" (output `latent`, nested lists (4, H/8, W/8) of the posterior mean
-  times the VAE's scaling_factor, i.e. what the latent DDPM was trained on); mode = "decode" takes such a
-  `latent` column (nested lists or their JSON text) and returns `image`.
+- `VaePyfunc`: input column `image` (base64 PNG/TIFF/JPEG; sides multiples of the VAE's downsample factor f).
+  Param mode = "reconstruct" (output `image`, base64 PNG) or "encode" (output `latent`, nested lists
+  (latent_channels, H/f, W/f) of the posterior mean times the VAE's scaling_factor, i.e. what the latent DDPM
+  was trained on); mode = "decode" takes such a `latent` column (nested lists or their JSON text) and returns
+  `image`.
 - `ProbePyfunc`: input column `image` (base64 images); output one column per condition component
   (`component_columns`) in physical units: what the condition probe reads from each image.
 - `LegacyDdpmPyfunc`: one row per image with an integer `seed` column, or param num_images > 0 (then any one
@@ -205,26 +206,29 @@ class VaePyfunc(mlflow.pyfunc.PythonModel):
     def _encode_or_reconstruct(self, text: str, row: int, mode: str):
         import torch
 
+        from ldmflow.models.architectures import vae_downsample_factor
+
         array = base64_to_image(text, row, self._vae.config.in_channels)
-        if array.shape[0] % 8 or array.shape[1] % 8:
+        factor = vae_downsample_factor(self._vae.config)
+        if array.shape[0] % factor or array.shape[1] % factor:
             raise LdmflowError(f"Row {row}: image is {array.shape[1]}x{array.shape[0]}; "
-                               "both sides must be multiples of 8.")
+                               f"both sides must be multiples of {factor} for this VAE.")
         pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(self._vae.device) * 2 - 1  # (1, C, H, W)
         with torch.no_grad():
             posterior = self._vae.encode(pixels).latent_dist
             if mode == "encode":
-                latent = posterior.mode() * self._vae.config.scaling_factor  # (1, 4, H/8, W/8)
+                latent = posterior.mode() * self._vae.config.scaling_factor  # (1, c, H/f, W/f)
                 return latent[0].float().cpu().numpy().tolist()
             return self._to_png(self._vae.decode(posterior.mode()).sample)
 
     def _decode(self, value, row: int) -> str:
-        """Scaled latents (4, h, w) as nested lists or their JSON text -> a base64 PNG."""
+        """Scaled latents (c, h, w) as nested lists or their JSON text -> a base64 PNG."""
         import torch
 
         try:
             array = np.asarray(json.loads(value) if isinstance(value, str) else value, dtype=np.float32)
         except (TypeError, ValueError):
-            raise LdmflowError(f"Row {row}: 'latent' must be a (4, h, w) nested list or its JSON text.") from None
+            raise LdmflowError(f"Row {row}: 'latent' must be a (c, h, w) nested list or its JSON text.") from None
         channels = self._vae.config.latent_channels
         if array.ndim != 3 or array.shape[0] != channels:
             raise LdmflowError(f"Row {row}: latent has shape {array.shape}; expected ({channels}, h, w).")

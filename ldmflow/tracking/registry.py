@@ -87,6 +87,8 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
         tags.update(vae_lineage_tags(vae_source))
     elif condition_spec:
         tags["condition_spec"] = condition_spec
+    if stage == "vae":
+        tags.update(latent_shape_tags(find_diffusers_folder(output_dir, "vae")))
     tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
     with tempfile.TemporaryDirectory(prefix="ldmflow-model-") as staging, _active_run(run_id), \
             warnings.catch_warnings():
@@ -122,11 +124,22 @@ def registered_probe_uri(dataset_digest: str, condition_spec: str) -> str | None
     return None if newest is None else f"models:/{name}/{newest.version}"
 
 
+def latent_shape_tags(vae_dir: Path) -> dict[str, str]:
+    """`latent_channels` and `downsample_factor` of a VAE folder: the first-stage trade-off, searchable."""
+    config = json.loads((Path(vae_dir) / "config.json").read_text())
+    return {"latent_channels": str(config["latent_channels"]),
+            "downsample_factor": str(2 ** (len(config["block_out_channels"]) - 1))}
+
+
 def vae_lineage_tags(vae_source: ModelSource) -> dict[str, str]:
-    """The VAE a latent DDPM was trained on; a plain folder VAE only has `vae_uri`."""
+    """The VAE a latent DDPM was trained on (and its latent shape); a plain folder VAE only has `vae_uri`."""
     values = {"vae_uri": vae_source.uri, "vae_model_name": vae_source.model_name,
               "vae_model_version": vae_source.model_version, "vae_run_id": vae_source.run_id}
-    return {key: str(value) for key, value in values.items() if value}
+    tags = {key: str(value) for key, value in values.items() if value}
+    with contextlib.suppress(LdmflowError, OSError):  # a VAE not at hand locally has no shape tags
+        shape = latent_shape_tags(find_diffusers_folder(vae_source.local_dir, "vae"))
+        tags.update({f"vae_{key}": value for key, value in shape.items()})
+    return tags
 
 
 def _run_of(tracker_or_run_id) -> tuple[str, int]:

@@ -18,7 +18,7 @@ from ldmflow.data.dataset import image_dataset
 from ldmflow.data.manifest import Manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.evaluation.adherence import condition_errors, manifest_ranges, manifest_requests
-from ldmflow.models.architectures import VAE_DOWNSAMPLE, VAE_LATENT_CHANNELS, build_latent_unet
+from ldmflow.models.architectures import build_latent_unet, vae_downsample_factor
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.models.conditioning import ConditionEncoder
 from ldmflow.models.probe import ProbeReader
@@ -34,18 +34,24 @@ ADHERENCE_REQUESTS = 8
 
 
 def load_vae(folder: str | Path, described_as: str) -> AutoencoderKL:
-    """A frozen fp32 AutoencoderKL with x8 downsampling and 4 latent channels, or a clear error."""
+    """A frozen fp32 AutoencoderKL (any latent channels and downsampling), or a clear error."""
     try:
         vae = AutoencoderKL.from_pretrained(folder)
     except (OSError, ValueError, EnvironmentError) as error:
         raise LdmflowError(f"--vae_uri {described_as}: not a diffusers AutoencoderKL folder "
                            f"({str(error).splitlines()[0]}). Train one with `ldmflow vae`.") from None
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if factor != VAE_DOWNSAMPLE or vae.config.latent_channels != VAE_LATENT_CHANNELS:
-        raise LdmflowError(f"--vae_uri {described_as}: ldmflow needs a x{VAE_DOWNSAMPLE} VAE with "
-                           f"{VAE_LATENT_CHANNELS} latent channels; this one is x{factor} with "
-                           f"{vae.config.latent_channels}.")
     return vae.eval().requires_grad_(False)
+
+
+def latent_size(settings: LatentDdpmSettings, vae: AutoencoderKL) -> int:
+    """The latents' side at --resolution; refused unless the VAE and then every UNet level divide it."""
+    factor, levels = vae_downsample_factor(vae.config), len(settings.block_out_channels) - 1
+    size = settings.resolution // factor
+    if settings.resolution % factor or size % 2 ** levels:
+        raise LdmflowError(
+            f"--resolution {settings.resolution} must be a multiple of {factor * 2 ** levels}: the VAE downsamples "
+            f"x{factor} and the UNet's {len(settings.block_out_channels)} --block_out_channels x{2 ** levels} more.")
+    return size
 
 
 class LatentDataset(torch.utils.data.Dataset):
@@ -53,7 +59,7 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __init__(self, parameters: torch.Tensor, flipped: torch.Tensor | None, conditions, present,
                  flip_signs: torch.Tensor | None = None):
-        self.parameters, self.flipped = parameters, flipped  # (N, 8, h, w) each
+        self.parameters, self.flipped = parameters, flipped  # (N, 2c, h, w) each: mean and log-variance
         self.conditions, self.present = conditions, present  # (N, D), (N, K)
         self.flip_signs = flip_signs  # (D,): what a flip does to the conditions
 
@@ -79,13 +85,14 @@ class LatentDdpmTask(DdpmTask):
         self.manifest, self.vae_source = manifest, vae_source
         self.encoder = None if manifest.spec.is_empty else ConditionEncoder(manifest.spec, manifest.stats)
         self.vae = load_vae(vae_source.local_dir, settings.vae_uri)  # checked before any MLflow run opens
+        self.latent_size = latent_size(settings, self.vae)
 
     def setup(self, accelerator: Accelerator):
         s = self.settings
         self.vae = self.vae.to(accelerator.device)
         self.scaling_factor = float(self.vae.config.scaling_factor)
-        unet = build_latent_unet(s.block_out_channels, s.layers_per_block, s.resolution // VAE_DOWNSAMPLE,
-                                 self.encoder.encoded_dim if self.encoder else None)
+        unet = build_latent_unet(s.block_out_channels, s.layers_per_block, self.latent_size,
+                                 self.vae.config.latent_channels, self.encoder.encoded_dim if self.encoder else None)
         enable_memory_efficient_attention(unet, s.enable_xformers_memory_efficient_attention)
         images = image_dataset(self.manifest, s, training=True)
         dataset = self._cache_latents(accelerator) if s.cache_latents else images
@@ -94,7 +101,7 @@ class LatentDdpmTask(DdpmTask):
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 8, h, w) posterior parameters, always in fp32 (fp16 VAEs overflow)."""
+        """(B, 3, H, W) -> (B, 2c, h, w) posterior parameters, always in fp32 (fp16 VAEs overflow)."""
         with torch.autocast(self.vae.device.type, enabled=False):
             return self.vae.encode(pixels.to(self.vae.device, torch.float32)).latent_dist.parameters
 
@@ -131,7 +138,7 @@ class LatentDdpmTask(DdpmTask):
             latents = DiagonalGaussianDistribution(batch["latent_parameters"]).sample()
         else:
             latents = DiagonalGaussianDistribution(self._encode(batch["pixel_values"])).sample()
-        return latents * self.scaling_factor  # (B, 4, h, w), unit variance by construction of the factor
+        return latents * self.scaling_factor  # (B, c, h, w), unit variance by construction of the factor
 
     def validation_sample(self, batch: dict) -> torch.Tensor:
         return DiagonalGaussianDistribution(self._encode(batch["pixel_values"])).mode() * self.scaling_factor
@@ -199,4 +206,6 @@ class LatentDdpmTask(DdpmTask):
                 "vae_model_name": source.model_name, "vae_model_version": source.model_version,
                 "vae_run_id": source.run_id, "vae_model_id": source.model_id,
                 "vae_scaling_factor": self.scaling_factor, "vae_digest": model_digest(source.local_dir),
+                "vae_latent_channels": self.vae.config.latent_channels,
+                "vae_downsample_factor": vae_downsample_factor(self.vae.config),
                 "condition_spec": str(self.manifest.spec)}

@@ -41,7 +41,7 @@ class VaeWithLoss(torch.nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Posterior statistics in fp32 even under autocast: the KL sums thousands of terms.
         posterior = DiagonalGaussianDistribution(self.vae.encode(pixels).latent_dist.parameters.float())
-        reconstruction = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W) from latents (B, 4, H/8, W/8)
+        reconstruction = self.vae.decode(posterior.sample()).sample  # (B, 3, H, W) from latents (B, c, H/f, W/f)
         return reconstruction, posterior.kl()  # kl: (B,)
 
 
@@ -56,7 +56,7 @@ class VaeTask(Task):
 
     def setup(self, accelerator: Accelerator):
         s = self.settings
-        vae = build_vae(s.block_out_channels, s.layers_per_block, s.resolution)
+        vae = build_vae(s.block_out_channels, s.layers_per_block, s.resolution, s.latent_channels)
         enable_memory_efficient_attention(vae, s.enable_xformers_memory_efficient_attention)
         self.train_data = image_dataset(self.manifest, s, training=True)
         self.eval_data = image_dataset(self.val_manifest or self.manifest, s, training=False)
@@ -137,7 +137,7 @@ class VaeTask(Task):
         indices = chosen[accelerator.process_index::accelerator.num_processes]
         totals = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count; float64 on the CPU (MPS has none)
         for pixels in pixel_batches(plain, indices, batch_size):
-            latents = vae.encode(pixels.to(accelerator.device)).latent_dist.sample().float()  # (B, 4, h, w)
+            latents = vae.encode(pixels.to(accelerator.device)).latent_dist.sample().float()  # (B, c, h, w)
             partial = torch.stack([latents.sum(), (latents**2).sum()]).cpu().double()
             totals += torch.cat([partial, torch.tensor([float(latents.numel())], dtype=torch.float64)])
         if accelerator.num_processes > 1:
