@@ -119,14 +119,15 @@ def test_empty_records_rejected():
         ManifestImageDataset([], resolution=8)
 
 
-def test_flipped_samples_keep_labels_the_demo_probe_agrees_with(tmp_path):
+@pytest.mark.parametrize("style", ["stripes", "textured"])
+def test_flipped_samples_keep_labels_the_demo_probe_agrees_with(tmp_path, style):
     """A horizontal flip mirrors the wind's x component with the stripes: the label follows the image."""
     import math
 
     from ldmflow.data.demo import angle_error, make_demo_dataset, probe_conditions
     from ldmflow.data.manifest import load_manifest
 
-    manifest = load_manifest(make_demo_dataset(tmp_path / "demo", num_images=16, resolution=32),
+    manifest = load_manifest(make_demo_dataset(tmp_path / "demo", num_images=16, resolution=32, style=style),
                              condition_spec="temperature:1,wind:3:flipx=0,wind_mag:1")
     flipping = ManifestImageDataset(manifest.records, 32, random_flip=True, flip_signs=manifest.spec.flip_signs())
     plain = ManifestImageDataset(manifest.records, 32)

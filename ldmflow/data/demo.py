@@ -1,9 +1,15 @@
 """A synthetic, condition-controlled dataset and a probe that reads the conditions back from an image.
 
-Each image is a flat background whose colour encodes temperature (blue when cold, red when hot) overlaid with
-soft grey stripes that run along the wind direction, with a contrast proportional to the wind speed. It is
-small and smooth enough for a tiny VAE at 32 px, and ``probe_conditions`` lets tests measure whether a trained
-model obeys its conditions. Numpy and Pillow only.
+Each image is a background whose colour encodes temperature (blue when cold, red when hot) overlaid with a grey
+pattern that runs along the wind direction, with a contrast proportional to the wind speed. Two styles:
+
+- ``stripes``: two soft sinusoidal stripes per image, smooth enough for a tiny VAE at 32 px.
+- ``textured``: fine streaks (periods of 4 to 8 px) along the wind plus multi-octave value-noise clouds, detail
+  that a blurry VAE visibly loses. The clouds live on the colour axis (1, -2, 1), which changes neither the
+  luminance nor red - blue, so the probe reads the same conditions as for stripes.
+
+``probe_conditions`` reads both styles back, which lets tests measure whether a trained model obeys its
+conditions. Numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -24,11 +30,22 @@ from ldmflow.settings import IMAGE_FORMATS, DemoDataSettings
 
 logger = logging.getLogger(__name__)
 
+STYLES = ("stripes", "textured")  # the choices of DemoDataSettings.style
 TEMPERATURE_RANGE = (-20.0, 40.0)  # degrees C, sampled uniformly
 WIND_MAG_RANGE = (0.0, 10.0)  # m/s, sampled uniformly; the direction is uniform over the circle
 STRIPES_PER_IMAGE = 2  # stripe period = resolution / 2: 4 latent cells of an x8 VAE, and resolution-free
 AMPLITUDE_PER_MS = 0.02  # stripe amplitude per m/s of wind (0.2 at 10 m/s)
 NOISE_STD = 0.01  # per-channel pixel noise, so images are not perfectly clean
+STREAK_PERIODS = (4.0, 8.0)  # px; textured style: finer than a latent cell of an x8 VAE, coarser than aliasing
+STREAK_TONES = 6  # sinusoids of random period and phase summed into one streak profile
+CLOUD_STD = 0.04  # textured style: standard deviation of the clouds on the red and blue channels (green: twice)
+CLOUD_AXIS = np.array([1.0, -2.0, 1.0])  # orthogonal to grey (luminance) and to red - blue (temperature)
+PROBE_SIGMA = 1.0  # px; Gaussian derivatives keep the orientation of fine streaks, central differences skew it
+_DESCRIPTIONS = {  # the manifest's description, per style
+    "stripes": "Synthetic images: background colour = temperature, stripe direction/contrast = wind.",
+    "textured": "Synthetic images: background colour = temperature, fine streak direction/contrast = wind, "
+                "colour clouds = noise.",
+}
 _MISSING_TEMPERATURE_EVERY = (12, 7)  # entries with index % 12 == 7 omit temperature
 _MISSING_WIND_MAG_EVERY = (4, 2)  # entries with index % 4 == 2 omit wind_mag (the loader computes it)
 
@@ -40,25 +57,73 @@ def _background(temperature: float) -> np.ndarray:
     return np.array([0.25 + 0.5 * u, 0.45, 0.75 - 0.5 * u])
 
 
-def render_demo_image(
-    temperature: float, wind_xy: tuple[float, float], resolution: int, rng: np.random.Generator
-) -> np.ndarray:
-    """(H, W, 3) float32 in [0, 1]: colour from temperature, stripes along the wind, contrast from its speed.
-
-    Angles follow maths convention: x to the right, y up, counter-clockwise. The stripe phase and the pixel
-    noise come from ``rng``.
-    """
-    wind_x, wind_y = float(wind_xy[0]), float(wind_xy[1])
-    magnitude = min(math.hypot(wind_x, wind_y), WIND_MAG_RANGE[1])
-    angle = math.atan2(wind_y, wind_x)
+def _across_wind(angle: float, resolution: int) -> np.ndarray:
+    """(H, W) pixel-centre coordinate along the normal of the wind: patterns of it alone run along the wind."""
     centres = np.arange(resolution) + 0.5
     x = centres[None, :]  # (1, W)
     y = -centres[:, None]  # (H, 1), y grows upwards
-    normal_x, normal_y = -math.sin(angle), math.cos(angle)  # across the stripes
+    return x * -math.sin(angle) + y * math.cos(angle)
+
+
+def _stripes(across: np.ndarray, resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """A sine of amplitude 1 (variance 1/2) with STRIPES_PER_IMAGE periods across the image, random phase."""
     period = resolution / STRIPES_PER_IMAGE
     phase = rng.uniform(0.0, 2.0 * math.pi)
-    wave = np.sin(2.0 * math.pi * (x * normal_x + y * normal_y) / period + phase)  # (H, W)
-    image = _background(temperature)[None, None, :] + AMPLITUDE_PER_MS * magnitude * wave[..., None]
+    return np.sin(2.0 * math.pi * across / period + phase)
+
+
+def _streaks(across: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Fine streaks: random-phase sinusoids with periods in STREAK_PERIODS, rescaled to mean 0, variance 1/2.
+
+    The variance of a unit sine, so the probe reads the wind speed from the contrast as for stripes; every
+    period stays above 2 px, so no aliased component runs across the wind.
+    """
+    frequencies = rng.uniform(1.0 / STREAK_PERIODS[1], 1.0 / STREAK_PERIODS[0], size=(STREAK_TONES, 1, 1))
+    phases = rng.uniform(0.0, 2.0 * math.pi, size=(STREAK_TONES, 1, 1))
+    profile = np.sin(2.0 * math.pi * frequencies * across[None] + phases).sum(axis=0)  # (H, W)
+    profile = profile - profile.mean()
+    return profile * math.sqrt(0.5) / max(float(profile.std()), 1e-12)
+
+
+def _value_noise(resolution: int, cells: int, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) Gaussian values on a (cells + 1)^2 lattice, smoothstep-interpolated between lattice points."""
+    lattice = rng.standard_normal((cells + 1, cells + 1))
+    position = (np.arange(resolution) + 0.5) * cells / resolution
+    index = np.minimum(position.astype(int), cells - 1)
+    t = position - index
+    weight = t * t * (3.0 - 2.0 * t)
+    rows = lattice[index] * (1.0 - weight)[:, None] + lattice[index + 1] * weight[:, None]  # (H, cells + 1)
+    return rows[:, index] * (1.0 - weight)[None, :] + rows[:, index + 1] * weight[None, :]
+
+
+def _clouds(resolution: int, rng: np.random.Generator, persistence: float = 0.7) -> np.ndarray:
+    """(H, W) fractal noise, mean 0 and std 1: octaves from 2 cells per side down to 2 px cells."""
+    clouds, cells, weight = np.zeros((resolution, resolution)), 2, 1.0
+    while cells <= max(resolution // 2, 2):
+        clouds += weight * _value_noise(resolution, cells, rng)
+        cells, weight = cells * 2, weight * persistence
+    clouds -= clouds.mean()
+    return clouds / max(float(clouds.std()), 1e-12)
+
+
+def render_demo_image(
+    temperature: float, wind_xy: tuple[float, float], resolution: int, rng: np.random.Generator,
+    style: str = DemoDataSettings.style,
+) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1]: colour from temperature, a grey pattern along the wind, contrast from its speed.
+
+    Angles follow maths convention: x to the right, y up, counter-clockwise. The pattern's randomness and the
+    pixel noise come from ``rng``; ``style`` is "stripes" or "textured" (see the module docstring).
+    """
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    wind_x, wind_y = float(wind_xy[0]), float(wind_xy[1])
+    magnitude = min(math.hypot(wind_x, wind_y), WIND_MAG_RANGE[1])
+    across = _across_wind(math.atan2(wind_y, wind_x), resolution)
+    pattern = _stripes(across, resolution, rng) if style == "stripes" else _streaks(across, rng)
+    image = _background(temperature)[None, None, :] + AMPLITUDE_PER_MS * magnitude * pattern[..., None]
+    if style == "textured":
+        image = image + CLOUD_STD * _clouds(resolution, rng)[..., None] * CLOUD_AXIS
     image = image + rng.normal(0.0, NOISE_STD, size=image.shape)  # (H, W, 3)
     return np.clip(image, 0.0, 1.0).astype(np.float32)
 
@@ -81,10 +146,11 @@ def _as_unit_array(image) -> np.ndarray:
 def probe_conditions(image) -> dict[str, float]:
     """Estimate ``temperature``, ``wind_angle`` and ``wind_mag`` from a demo image.
 
-    temperature: from the mean red - blue difference. wind_angle: stripe orientation in radians in [0, pi)
-    from the luminance structure tensor; stripes are symmetric, so the wind direction is only recovered modulo
-    180 degrees, and it is meaningless when the wind is near 0. wind_mag: from the luminance standard
-    deviation less the demo noise, i.e. stripe contrast; any other texture in the image reads as wind.
+    Works for both styles without being told which. temperature: from the mean red - blue difference.
+    wind_angle: pattern orientation in radians in [0, pi) from the luminance structure tensor; the patterns are
+    symmetric, so the wind direction is only recovered modulo 180 degrees, and it is meaningless when the wind is
+    near 0. wind_mag: from the luminance standard deviation less the demo noise, i.e. pattern contrast; any
+    other grey texture in the image reads as wind (the textured style's clouds are colour only).
     """
     array = _as_unit_array(image)  # (H, W, 3)
     low, high = TEMPERATURE_RANGE
@@ -92,15 +158,35 @@ def probe_conditions(image) -> dict[str, float]:
     temperature = low + (high - low) * (red_minus_blue + 0.5)
 
     luminance = array.mean(axis=-1)  # (H, W)
-    grad_x = (luminance[1:-1, 2:] - luminance[1:-1, :-2]) / 2.0  # (H-2, W-2)
-    grad_y = (luminance[:-2, 1:-1] - luminance[2:, 1:-1]) / 2.0  # y up: row above minus row below
-    jxx, jyy, jxy = (grad_x**2).sum(), (grad_y**2).sum(), (grad_x * grad_y).sum()
-    gradient_angle = 0.5 * math.atan2(2.0 * jxy, jxx - jyy)
-    wind_angle = (gradient_angle + math.pi / 2.0) % math.pi  # stripes run across the gradient
-
+    wind_angle = _pattern_orientation(luminance)
     signal_var = max(float(luminance.var()) - NOISE_STD**2 / 3.0, 0.0)
     wind_mag = math.sqrt(2.0 * signal_var) / AMPLITUDE_PER_MS  # a sine of amplitude A has variance A^2 / 2
     return {"temperature": temperature, "wind_angle": wind_angle, "wind_mag": wind_mag}
+
+
+def _gaussian_derivative(image: np.ndarray, axis: int) -> np.ndarray:
+    """d image / d axis smoothed by a Gaussian of PROBE_SIGMA, on the pixels the kernels fit in ('valid').
+
+    Unlike central differences, its response is proportional to the frequency vector (times an isotropic
+    gain) up to the finest streaks, so a structure tensor built on it keeps their orientation.
+    """
+    radius = max(1, min(4, (min(image.shape) - 1) // 2))
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    smooth = np.exp(-0.5 * (offsets / PROBE_SIGMA) ** 2)
+    smooth /= smooth.sum()
+    derivative = offsets * smooth / (offsets**2 * smooth).sum()  # slope 1 on a ramp
+    window = np.lib.stride_tricks.sliding_window_view
+    differentiated = window(image, len(offsets), axis=axis) @ derivative
+    return window(differentiated, len(offsets), axis=1 - axis) @ smooth
+
+
+def _pattern_orientation(luminance: np.ndarray) -> float:
+    """Orientation in [0, pi) of the lines in ``luminance``: across the dominant gradient of the structure tensor."""
+    grad_x = _gaussian_derivative(luminance, axis=1)
+    grad_y = -_gaussian_derivative(luminance, axis=0)  # y up: rows grow downwards
+    jxx, jyy, jxy = (grad_x**2).sum(), (grad_y**2).sum(), (grad_x * grad_y).sum()
+    gradient_angle = 0.5 * math.atan2(2.0 * jxy, jxx - jyy)
+    return (gradient_angle + math.pi / 2.0) % math.pi
 
 
 def angle_error(a, b):
@@ -130,16 +216,18 @@ def make_demo_dataset(
     num_images: int = DemoDataSettings.num_images,
     resolution: int = DemoDataSettings.resolution,
     image_format: str = DemoDataSettings.image_format,
+    style: str = DemoDataSettings.style,
     seed: int = DemoDataSettings.seed,
     val_fraction: float = DemoDataSettings.val_fraction,
     overwrite: bool = DemoDataSettings.overwrite,
 ) -> Path:
     """Write ``output_dir/images/NNNNN.<ext>`` and ``output_dir/manifest.json``; returns the manifest path.
 
-    Deterministic from ``seed``. ``round(num_images * val_fraction)`` randomly chosen entries get split "val"
-    (at least one entry stays "train"), the rest "train". Entries with index % 12 == 7 omit temperature (the
-    image still shows the true one) and entries with index % 4 == 2 omit wind_mag. A folder that is not empty
-    is refused unless ``overwrite``; the files are built aside and moved in at the end.
+    Deterministic from ``seed``; ``style`` picks the pattern (module docstring) and is recorded in the manifest.
+    ``round(num_images * val_fraction)`` randomly chosen entries get split "val" (at least one entry stays
+    "train"), the rest "train". Entries with index % 12 == 7 omit temperature (the image still shows the true
+    one) and entries with index % 4 == 2 omit wind_mag. A folder that is not empty is refused unless
+    ``overwrite``; the files are built aside and moved in at the end.
     """
     if num_images < 1:
         raise LdmflowError(f"--num_images must be at least 1, got {num_images}.")
@@ -147,13 +235,15 @@ def make_demo_dataset(
         raise LdmflowError(f"--resolution must be at least 8 for demo data, got {resolution}.")
     if image_format not in IMAGE_FORMATS:
         raise LdmflowError(f"--image_format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}.")
+    if style not in STYLES:
+        raise LdmflowError(f"--style must be one of {', '.join(STYLES)}, got {style!r}.")
     if not 0.0 <= val_fraction < 1.0:
         raise LdmflowError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, overwrite)
     final_dir, output_dir = output_dir, temporary_folder(output_dir, "demo-data")
     try:
-        _write_dataset(output_dir, num_images, resolution, image_format, seed, val_fraction)
+        _write_dataset(output_dir, num_images, resolution, image_format, style, seed, val_fraction)
     except BaseException:
         shutil.rmtree(output_dir, ignore_errors=True)  # no half-written dataset left behind
         raise
@@ -161,7 +251,7 @@ def make_demo_dataset(
     return final_dir / "manifest.json"
 
 
-def _write_dataset(output_dir: Path, num_images: int, resolution: int, image_format: str, seed: int,
+def _write_dataset(output_dir: Path, num_images: int, resolution: int, image_format: str, style: str, seed: int,
                    val_fraction: float) -> None:
     rng = np.random.default_rng(seed)
     num_val = min(int(round(num_images * val_fraction)), num_images - 1)
@@ -170,14 +260,16 @@ def _write_dataset(output_dir: Path, num_images: int, resolution: int, image_for
     for index in range(num_images):
         metadata, temperature, wind_xy = _demo_entry(index, "val" if index in val_indices else "train", rng)
         output_rel = f"images/{index:05d}{extension_for(image_format)}"
-        write_image(output_dir / output_rel, render_demo_image(temperature, wind_xy, resolution, rng), image_format)
+        image = render_demo_image(temperature, wind_xy, resolution, rng, style)
+        write_image(output_dir / output_rel, image, image_format)
         items.append({"output_rel": output_rel, "metadata": metadata})
     manifest = {
         "name": "ldmflow-demo",
-        "description": "Synthetic images: background colour = temperature, stripe direction/contrast = wind.",
+        "description": _DESCRIPTIONS[style],
         "seed": seed,
         "resolution": resolution,
         "image_format": image_format,
+        "style": style,
         "items": items,
     }
     (output_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
