@@ -23,6 +23,7 @@ IMAGE_FORMATS = ("png", "png16", "tiff16", "tiff32")  # what image_io writes
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+DISC_LOSSES = ("hinge", "vanilla")  # the VAE discriminator's loss
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
 REGISTER_CHOICES = ("best", "last")
@@ -204,11 +205,26 @@ class VaeSettings(TrainSettings):
     latent_channels: int = setting(4, "Channels of the latent space (the LDM paper compares 4, 8 and 16).")
     downsample_factor: int = setting(8, "How much the latents shrink each side: 4, 8 or 16 (--block_out_channels "
                                         "then needs 3, 4 or 5 widths, one per level).")
+    perceptual_weight: float = setting(0.0, "Weight of the LPIPS perceptual loss (1.0 in latent diffusion); 0: off.")
+    perceptual_weights: str | None = setting(None, "Folder with the LPIPS weight files (default: "
+                                                   "$LDMFLOW_LPIPS_WEIGHTS, else downloaded on first use).")
+    disc_weight: float = setting(0.0, "Weight of the PatchGAN adversarial loss (0.5 in latent diffusion); 0: off.")
+    disc_start: int = setting(0, "Step from which the discriminator trains and the adversarial term applies.")
+    disc_loss: str = setting("hinge", "Adversarial loss.", choices=DISC_LOSSES)
+    disc_learning_rate: float | None = setting(None, "Discriminator learning rate (default: --learning_rate).")
+    disc_layers: int = setting(3, "Strided layers of the PatchGAN discriminator.")
+    learn_logvar: bool = setting(False, "Learn an output log-variance that weighs the reconstruction loss, as "
+                                        "latent diffusion does.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_at_least(self, 1, "scaling_factor_batches", "latent_channels")
+        _check_at_least(self, 1, "scaling_factor_batches", "latent_channels", "disc_layers")
+        _check_at_least(self, 0, "disc_start")
         _check_number(self, "kl_weight", 0)
+        _check_number(self, "perceptual_weight", 0)
+        _check_number(self, "disc_weight", 0)
+        _check_number(self, "disc_learning_rate", 0, 1, low_open=True)
+        _check_choice(self, "disc_loss", DISC_LOSSES)
         if self.downsample_factor not in (4, 8, 16):
             raise LdmflowError(f"--downsample_factor must be 4, 8 or 16, got {self.downsample_factor}.")
         levels = self.downsample_factor.bit_length()  # 4 -> 3 levels, 8 -> 4, 16 -> 5

@@ -64,6 +64,21 @@ def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_train_a_vae_with_its_discriminator(tmp_path):
+    """The VAE and the PatchGAN discriminator both DDP-wrapped by accelerate, across --disc_start."""
+    manifest = make_demo_dataset(tmp_path / "data", num_images=16, resolution=32, style="textured")
+    output = tmp_path / "vae"
+    result = _launch(tmp_path, "-m", "ldmflow", "vae", "--manifest_path", str(manifest), "--output_dir", str(output),
+                     "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "4",
+                     "--block_out_channels", "8,8,8,8", "--layers_per_block", "1", "--lr_warmup_steps", "0",
+                     "--checkpointing_steps", "4", "--scaling_factor_batches", "1", "--disc_weight", "0.5",
+                     "--disc_start", "2", "--disc_layers", "2", "--eval_epochs", "0", "--no_mlflow")
+    assert "on 2 process(es)" in result.stderr and result.stderr.count("Saved the VAE to") == 1
+    checkpoint = output / "checkpoint-4"
+    assert {"model_1.safetensors", "optimizer_1.bin"} <= {p.name for p in checkpoint.iterdir()}
+
+
+@pytest.mark.slow
 def test_two_processes_train_a_latent_ddpm_from_a_shared_latent_cache(tmp_path):
     from click.testing import CliRunner
 

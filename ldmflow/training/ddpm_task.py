@@ -34,7 +34,7 @@ class DdpmTask(Task):
             return ()
         return ("val/denoise_loss_ema", "val/denoise_loss") if self.settings.use_ema else ("val/denoise_loss",)
 
-    def after_prepare(self, accelerator: Accelerator, model) -> None:
+    def after_prepare(self, accelerator: Accelerator, model, plan) -> None:
         """EMA of the unwrapped weights on the training device, saved and restored with every checkpoint."""
         if not self.settings.use_ema:
             return

@@ -22,7 +22,6 @@ from typing import Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
-from diffusers.optimization import get_scheduler
 from PIL import Image
 from safetensors import SafetensorError
 
@@ -31,7 +30,7 @@ from ldmflow.files import disk_problem
 from ldmflow.training.checkpoints import (BEST_CHECKPOINT, STATE_NAME, TrainingState, find_resume_checkpoint,
                                           list_checkpoints, load_checkpoint, save_checkpoint)
 from ldmflow.settings import RESUMABLE_CHANGES, TrainSettings
-from ldmflow.training.task import Task
+from ldmflow.training.task import Task, TrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -231,11 +230,10 @@ def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> P
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     steps_per_epoch = max(1, math.ceil(len(dataloader) / settings.gradient_accumulation_steps))  # this process's
     max_steps = settings.max_train_steps or settings.num_epochs * steps_per_epoch
-    lr_scheduler = accelerator.prepare(get_scheduler(
-        settings.lr_scheduler, optimizer, num_warmup_steps=settings.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_steps * accelerator.num_processes))
+    plan = TrainingPlan(max_steps, settings.lr_scheduler, settings.lr_warmup_steps, accelerator.num_processes)
+    lr_scheduler = plan.schedule(accelerator, optimizer, max_steps)
     state = TrainingState()
-    task.after_prepare(accelerator, model)
+    task.after_prepare(accelerator, model, plan)
     return PreparedRun(accelerator, model, optimizer, dataloader, dataset, lr_scheduler, state, steps_per_epoch,
                        max_steps, _checkpoint_metric(settings, task),
                        checkpoint_states={STATE_NAME: state, **task.checkpoint_states()})
@@ -380,8 +378,10 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
         torch.manual_seed(derive_seed(settings.seed, state.global_step, micro_step, accelerator.process_index))
         micro_step += 1
         with accelerator.accumulate(model):
+            task.step = state.global_step
             loss, parts = task.loss(model, batch)  # loss: fp32 scalar, parts: (len(metric_names),)
             accelerator.backward(loss)
+            task.after_backward(accelerator)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
                 finite = _step_is_finite(loss, grad_norm, accelerator)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -9,10 +10,29 @@ from accelerate import Accelerator
 from PIL import Image
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The run's length, and LR schedules built like the model's (type, warm-up, steps counted per process)."""
+
+    max_steps: int
+    lr_scheduler: str
+    warmup_steps: int
+    num_processes: int
+
+    def schedule(self, accelerator: Accelerator, optimizer, num_steps: int):
+        """A prepared LR schedule of `num_steps` optimizer steps for `optimizer`."""
+        from diffusers.optimization import get_scheduler
+
+        return accelerator.prepare(get_scheduler(
+            self.lr_scheduler, optimizer, num_warmup_steps=self.warmup_steps * self.num_processes,
+            num_training_steps=num_steps * self.num_processes))
+
+
 class Task:
     """A task provides `setup`, `loss` and `save`; the other hooks do nothing unless a task needs them."""
 
     metric_names: tuple[str, ...] = ()  # loss parts returned by `loss`, in this order
+    step: int = 0  # the optimizer step `loss` computes (set by the loop before each step)
     unreadable_before_training: frozenset[str] = frozenset()  # images replaced while caching (reported at the end)
 
     @property
@@ -24,8 +44,9 @@ class Task:
         """The model to train and its training dataset (before accelerate prepares them)."""
         raise NotImplementedError
 
-    def after_prepare(self, accelerator: Accelerator, model: torch.nn.Module) -> None:
-        """Called once the model is prepared (wrapped for DDP, on the device)."""
+    def after_prepare(self, accelerator: Accelerator, model: torch.nn.Module, plan: "TrainingPlan") -> None:
+        """Called once the model is prepared (wrapped for DDP, on the device); `plan` says how long the run is
+        and builds LR schedules like the model's for any other optimizer the task prepares."""
 
     def checkpoint_states(self) -> dict[str, object]:
         """Objects with `state_dict`/`load_state_dict` saved with every checkpoint (tensors and plain values)."""
@@ -37,6 +58,10 @@ class Task:
     def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(fp32 scalar loss, (len(metric_names),) detached parts) through the prepared model."""
         raise NotImplementedError
+
+    def after_backward(self, accelerator: Accelerator) -> None:
+        """Called after each micro-batch's backward, inside the loop's gradient-accumulation context (for a
+        second model that trains on the same batch, such as a discriminator)."""
 
     def after_optimizer_step(self, model: torch.nn.Module) -> None:
         """Called after each finite optimizer step."""
