@@ -23,7 +23,9 @@ IMAGE_FORMATS = ("png", "png16", "tiff16", "tiff32")  # what image_io writes
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-DISC_LOSSES = ("hinge", "vanilla")  # the VAE discriminator's loss
+DISC_LOSSES = ("hinge", "vanilla")
+SAMPLE_DTYPES = ("fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # the VAE discriminator's loss
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
 REGISTER_CHOICES = ("best", "last")
@@ -61,7 +63,8 @@ def setting_fields(settings_class) -> list[tuple[dataclasses.Field, type, dict]]
 RESUMABLE_CHANGES = ("num_epochs", "max_train_steps", "resume_from_checkpoint", "allow_changed_settings",
                      "dataloader_num_workers", "checkpointing_steps", "checkpoints_total_limit", "save_images_epochs",
                      "logging_steps", "eval_epochs", "max_nonfinite_steps", "experiment_name", "run_name",
-                     "no_mlflow", "registered_model_name", "register_alias", "register", "output_dir")
+                     "no_mlflow", "registered_model_name", "register_alias", "register", "output_dir",
+                     "torch_compile", "compile_mode", "channels_last", "allow_tf32")  # speed only, same model
 
 
 def settings_params(settings) -> dict[str, str]:
@@ -166,6 +169,13 @@ class TrainSettings:
     layers_per_block: int = setting(2, "ResNet layers per resolution level.")
     enable_xformers_memory_efficient_attention: bool = setting(
         False, "Use xformers when installed and usable; otherwise PyTorch SDPA.")
+    torch_compile: bool = setting(False, "torch.compile the trained model (minutes of compiling, then faster "
+                                         "steps; worth it for long runs on a GPU).")
+    compile_mode: str = setting("default", "torch.compile mode.", choices=COMPILE_MODES)
+    channels_last: bool = setting(False, "Channels-last memory layout for the convolutions (faster on tensor "
+                                         "cores).")
+    allow_tf32: bool = setting(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer); "
+                                     "--no_allow_tf32 for strict fp32.")
     experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
     run_name: str | None = setting(None, "MLflow run name.", project=False)
     no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False)
@@ -187,6 +197,7 @@ class TrainSettings:
         _check_choice(self, "mixed_precision", MIXED_PRECISIONS)
         _check_choice(self, "register", REGISTER_CHOICES)
         _check_choice(self, "lr_scheduler", LR_SCHEDULERS)
+        _check_choice(self, "compile_mode", COMPILE_MODES)
         if any(c < 1 for c in self.block_out_channels):
             raise LdmflowError(f"--block_out_channels must be positive integers, got {self.block_out_channels}.")
         _check_alias(self.register_alias)
@@ -247,6 +258,8 @@ class DdpmSettings(TrainSettings):
     ema_max_decay: float = setting(0.9999, "Largest EMA decay.")
     ema_inv_gamma: float = setting(1.0, "EMA warm-up inverse multiplicative factor.")
     ema_power: float = setting(0.75, "EMA warm-up exponential factor.")
+    ema_update_every: int = setting(1, "Update the EMA every N optimizer steps, with decay^N (the same horizon at "
+                                       "1/N of the cost).")
     prediction_type: str = setting("epsilon", "What the UNet predicts.", choices=PREDICTION_TYPES)
     snr_gamma: float | None = setting(None, "Min-SNR loss weighting gamma (5.0 is typical).")
     ddpm_num_steps: int = setting(1000, "Diffusion steps of the noise schedule.")
@@ -254,11 +267,19 @@ class DdpmSettings(TrainSettings):
     num_preview_images: int = setting(8, "Images per preview grid.")
     preview_inference_steps: int = setting(25, "DDIM steps for preview grids.")
     val_timesteps: int = setting(10, "Timesteps of the fixed grid the validation denoising loss averages over.")
+    attention_head_dim: int = setting(8, "Channels per attention head (heads = width / this); 64 suits tensor "
+                                         "cores better at large widths.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_at_least(self, 1, "num_preview_images", "preview_inference_steps", "ddpm_num_steps", "val_timesteps")
+        _check_at_least(self, 1, "num_preview_images", "preview_inference_steps", "ddpm_num_steps", "val_timesteps",
+                        "attention_head_dim")
+        attended = self.block_out_channels[-2:] if len(self.block_out_channels) >= 3 else self.block_out_channels[-1:]
+        if any(width % self.attention_head_dim for width in attended):  # the widths that have self-attention
+            raise LdmflowError(f"--attention_head_dim {self.attention_head_dim} must divide the attention levels' "
+                               f"widths {','.join(map(str, attended))} (--block_out_channels).")
         _check_number(self, "ema_max_decay", 0, 1)
+        _check_at_least(self, 1, "ema_update_every")
         _check_number(self, "ema_inv_gamma", 0, low_open=True)
         _check_number(self, "ema_power", 0, low_open=True)
         _check_number(self, "snr_gamma", 0, low_open=True)
@@ -359,15 +380,19 @@ class SampleSettings:
     num_inference_steps: int = setting(25, "Denoising steps.")
     scheduler: str = setting("ddim", "Sampling scheduler.", choices=SAMPLING_SCHEDULERS)
     seed: int = setting(0, "Image i uses seed + i.")
+    batch_size: int = setting(16, "Images denoised together (an image depends only on its seed, whatever this).")
+    dtype: str = setting("fp32", "UNet precision on a GPU (the VAE decodes in bf16 or fp32); fp32 on a CPU.",
+                         choices=SAMPLE_DTYPES)
     output_format: str = setting("png", "Image file format.", choices=IMAGE_FORMATS)
     experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
     run_name: str | None = setting(None, "MLflow run name.", project=False)
     no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False)
 
     def __post_init__(self) -> None:
-        _check_at_least(self, 1, "num_images", "num_inference_steps")
+        _check_at_least(self, 1, "num_images", "num_inference_steps", "batch_size")
         _check_number(self, "guidance_scale", 1)
         _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
+        _check_choice(self, "dtype", SAMPLE_DTYPES)
         _check_choice(self, "output_format", IMAGE_FORMATS)
         if self.condition and self.conditions_file:
             raise LdmflowError("Give conditions either with --condition or with --conditions_file, not both.")
@@ -439,6 +464,11 @@ class PipelineSettings:
     save_images_epochs: int = setting(_default(TrainSettings, "save_images_epochs"), "Preview every N epochs.")
     checkpointing_steps: int = setting(_default(TrainSettings, "checkpointing_steps"), "Checkpoint every N steps.")
     kl_weight: float = setting(_default(VaeSettings, "kl_weight"), "VAE KL weight.")
+    latent_channels: int = setting(_default(VaeSettings, "latent_channels"), "VAE latent channels.")
+    downsample_factor: int = setting(_default(VaeSettings, "downsample_factor"), "VAE downsampling (4, 8, 16).")
+    disc_weight: float = setting(_default(VaeSettings, "disc_weight"), "VAE adversarial loss weight; 0: off.")
+    disc_start: int = setting(_default(VaeSettings, "disc_start"), "Step the VAE discriminator starts at.")
+    perceptual_weight: float = setting(_default(VaeSettings, "perceptual_weight"), "VAE LPIPS weight; 0: off.")
     condition_spec: str = setting(_default(LatentDdpmSettings, "condition_spec"), "Conditions of the latent DDPM.")
     use_ema: bool = setting(True, "EMA weights for the latent DDPM (on here; off by default in latent-ddpm).")
     cache_latents: bool = setting(True, "Cache the VAE latents (on here; off by default in latent-ddpm).")
@@ -470,7 +500,9 @@ class PipelineSettings:
                                                          "checkpointing_steps")}
         shared["manifest_path"] = str(Path(self.manifest_path).resolve())
         vae = {**shared, "output_dir": str(root / "vae"), "train_batch_size": self.vae_train_batch_size,
-               "num_epochs": self.vae_epochs, "kl_weight": self.kl_weight,
+               "num_epochs": self.vae_epochs,
+               **{name: getattr(self, name) for name in ("kl_weight", "latent_channels", "downsample_factor",
+                                                         "disc_weight", "disc_start", "perceptual_weight")},
                "block_out_channels": _int_list(self.vae_block_out_channels, "vae_block_out_channels")}
         latent = {**shared, "output_dir": str(root / "latent_ddpm"), "train_batch_size": self.ddpm_train_batch_size,
                   "num_epochs": self.ddpm_epochs,

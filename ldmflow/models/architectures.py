@@ -55,7 +55,8 @@ def _block_types(levels: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def build_latent_unet(block_out_channels: tuple[int, ...], layers_per_block: int, latent_size: int,
-                      latent_channels: int, condition_dim: int | None) -> UNet2DConditionModel:
+                      latent_channels: int, condition_dim: int | None,
+                      attention_head_dim: int = 8) -> UNet2DConditionModel:
     """UNet2DConditionModel without cross-attention; conditions enter through the projection class embedding.
 
     condition_dim None (spec `none`) builds an unconditional model: no class embedding at all.
@@ -71,13 +72,14 @@ def build_latent_unet(block_out_channels: tuple[int, ...], layers_per_block: int
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
         norm_num_groups=norm_groups(block_out_channels),
-        attention_head_dim=8,
+        attention_head_dim=attention_head_dim,
         class_embed_type="projection" if condition_dim else None,
         projection_class_embeddings_input_dim=condition_dim or None,
     )
 
 
-def build_pixel_unet(block_out_channels: tuple[int, ...], layers_per_block: int, resolution: int) -> UNet2DModel:
+def build_pixel_unet(block_out_channels: tuple[int, ...], layers_per_block: int, resolution: int,
+                     attention_head_dim: int = 8) -> UNet2DModel:
     """The legacy pixel-space UNet2DModel of the original scripts (unconditional)."""
     down, up = _block_types(len(block_out_channels))
     return UNet2DModel(
@@ -89,5 +91,5 @@ def build_pixel_unet(block_out_channels: tuple[int, ...], layers_per_block: int,
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
         norm_num_groups=norm_groups(block_out_channels),
-        attention_head_dim=8,
+        attention_head_dim=attention_head_dim,
     )

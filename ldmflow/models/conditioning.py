@@ -36,17 +36,22 @@ class ConditionEncoder:
     def encoded_dim(self) -> int:
         return 0 if self.spec.is_empty else self.spec.value_dim + self.spec.num_conditions
 
-    def _expand_presence(self, present: torch.Tensor) -> torch.Tensor:
-        """(B, K) per-condition flags -> (B, D) per-value-dimension flags."""
-        repeats = torch.tensor(self.spec.dims, device=present.device)
-        return torch.repeat_interleave(present, repeats, dim=1)
+    def _tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(D,) mean, (D,) std and (D,) condition index of each value dimension, on `device`: built once per
+        device and dtype, so encoding a batch makes no host-to-device copy and no host sync."""
+        tables = self.__dict__.setdefault("_device_tables", {})  # a cache beside the frozen fields
+        key = (str(device), dtype)
+        if key not in tables:
+            owner = torch.repeat_interleave(torch.arange(self.spec.num_conditions), torch.tensor(self.spec.dims))
+            tables[key] = (torch.tensor(self.stats.mean, dtype=dtype, device=device),
+                           torch.tensor(self.stats.std, dtype=dtype, device=device), owner.to(device))
+        return tables[key]
 
     def encode(self, values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """(B, D) physical values and (B, K) 0/1 flags -> (B, D + K) UNet condition input."""
-        mean = torch.tensor(self.stats.mean, dtype=values.dtype, device=values.device)
-        std = torch.tensor(self.stats.std, dtype=values.dtype, device=values.device)
+        mean, std, owner = self._tables(values.device, values.dtype)
         present = present.to(values.dtype)
-        normalised = (values - mean) / std * self._expand_presence(present)
+        normalised = (values - mean) / std * present[:, owner]  # each value dimension's condition flag
         return torch.cat([normalised, present], dim=1)
 
     def null(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:

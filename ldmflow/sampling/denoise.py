@@ -10,6 +10,25 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from ldmflow.errors import LdmflowError
 
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm_solver": DPMSolverMultistepScheduler}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> str:
+    """Where sampling runs unless told: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_dtype(name: str, device) -> torch.dtype:
+    """The UNet's dtype for `--dtype`; half precision only where it is fast (not on the CPU: fp32 there)."""
+    if name not in DTYPES:
+        raise LdmflowError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}.")
+    return DTYPES[name] if torch.device(device).type != "cpu" else torch.float32
+
+
+def batches(count: int, batch_size: int | None):
+    """Index ranges of at most `batch_size` images (all at once when None)."""
+    size = batch_size or max(count, 1)
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
 # model(sample (B, C, H, W), timestep, condition (B, E) or None) -> prediction (B, C, H, W)
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -53,6 +72,8 @@ def denoise(model: Denoiser, scheduler, noise: torch.Tensor, num_inference_steps
     scheduler.set_timesteps(num_inference_steps, device=noise.device)
     sample = noise * scheduler.init_noise_sigma
     guided = condition is not None and null_condition is not None and guidance_scale != 1.0
+    if guided and torch.equal(condition, null_condition):  # every row unconditional: null + null is one pass
+        guided = False
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(sample, timestep)
         if guided:

@@ -13,7 +13,7 @@ from ldmflow.data.conditions import ConditionSpec, extract_conditions
 from ldmflow.errors import LdmflowError
 from ldmflow.files import model_digest
 from ldmflow.models.conditioning import CONDITIONING_FILE, ConditionEncoder
-from ldmflow.sampling.denoise import denoise, initial_noise, make_scheduler, step_generators
+from ldmflow.sampling.denoise import batches, denoise, initial_noise, make_scheduler, model_dtype, step_generators
 
 VAE_SOURCE_FILE = "vae_source.json"
 
@@ -43,11 +43,16 @@ class LatentSampler:
         self.unet, self.vae, self.scheduler_config, self.encoder = unet, vae, dict(scheduler_config), encoder
 
     @classmethod
-    def from_folders(cls, unet_dir, vae_dir, scheduler_dir, conditioning_path=None, device="cpu") -> "LatentSampler":
+    def from_folders(cls, unet_dir, vae_dir, scheduler_dir, conditioning_path=None, device="cpu",
+                     dtype: str = "fp32") -> "LatentSampler":
+        """`dtype` is the UNet's (fp32, bf16, fp16); the VAE decodes in bf16 when asked, else fp32 (fp16 VAEs
+        overflow)."""
         from diffusers import DDPMScheduler
 
-        unet = UNet2DConditionModel.from_pretrained(unet_dir).to(device).eval()
-        vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
+        unet_dtype = model_dtype(dtype, device)
+        unet = UNet2DConditionModel.from_pretrained(unet_dir).to(device, unet_dtype).eval()
+        vae_dtype = torch.bfloat16 if unet_dtype == torch.bfloat16 else torch.float32
+        vae = AutoencoderKL.from_pretrained(vae_dir).to(device, vae_dtype).eval()
         scheduler_config = DDPMScheduler.load_config(scheduler_dir)
         encoder = None
         if conditioning_path and Path(conditioning_path).is_file():
@@ -55,13 +60,19 @@ class LatentSampler:
         return cls(unet, vae, scheduler_config, encoder)
 
     @classmethod
-    def from_training_output(cls, output_dir, device="cpu") -> "LatentSampler":
+    def from_training_output(cls, output_dir, device="cpu", dtype: str = "fp32") -> "LatentSampler":
         """A `ldmflow latent-ddpm` output folder: unet/, scheduler_config.json, vae_source.json."""
         output_dir = Path(output_dir)
         source = json.loads((output_dir / VAE_SOURCE_FILE).read_text())
         check_recorded_vae(source["vae_path"], output_dir / VAE_SOURCE_FILE)
         return cls.from_folders(output_dir / "unet", source["vae_path"], output_dir,
-                                output_dir / CONDITIONING_FILE, device)
+                                output_dir / CONDITIONING_FILE, device, dtype)
+
+    def set_dtype(self, name: str) -> None:
+        """Switch the UNet to fp32, bf16 or fp16 (and the VAE to bf16 or fp32) where they are."""
+        dtype = model_dtype(name, self.unet.device)
+        self.unet.to(dtype)
+        self.vae.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
 
     @property
     def spec(self) -> ConditionSpec:
@@ -91,8 +102,9 @@ class LatentSampler:
     @torch.no_grad()
     def generate(self, conditions: list[dict] | None = None, num_images: int | None = None,
                  guidance_scale: float = 3.0, num_inference_steps: int = 25, scheduler: str = "ddim",
-                 seeds: list[int] | None = None) -> np.ndarray:
-        """(N, H, W, 3) float32 images in [0, 1]; N = len(conditions), or num_images when unconditional."""
+                 seeds: list[int] | None = None, batch_size: int | None = None) -> np.ndarray:
+        """(N, H, W, 3) float32 images in [0, 1]; N = len(conditions), or num_images when unconditional.
+        Image i depends only on seeds[i] and its conditions, whatever `batch_size` (None: all at once)."""
         count = len(conditions) if conditions else (num_images or (len(seeds) if seeds else 1))
         seeds = list(seeds) if seeds is not None else list(range(count))
         if len(seeds) != count:
@@ -102,15 +114,24 @@ class LatentSampler:
         if self.encoder and not self.spec.is_empty:
             null = self.encoder.null(count, device=self.unet.device)
             condition = null if condition is None else condition
-        size = self.unet.config.sample_size
+        parts = [self._generate(seeds[rows.start:rows.stop],
+                                None if condition is None else condition[rows.start:rows.stop],
+                                None if null is None else null[rows.start:rows.stop],
+                                guidance_scale, num_inference_steps, scheduler) for rows in batches(count, batch_size)]
+        return np.concatenate(parts)
+
+    def _generate(self, seeds, condition, null, guidance_scale, num_inference_steps, scheduler) -> np.ndarray:
+        size, dtype = self.unet.config.sample_size, self.unet.dtype
         noise = initial_noise((self.unet.config.in_channels, size, size), seeds, self.unet.device)
         schedule = make_scheduler(scheduler, {**self.scheduler_config, "clip_sample": False})  # latents are unbounded
 
         def model(sample, timestep, class_labels):
-            return self.unet(sample, timestep, encoder_hidden_states=None, class_labels=class_labels).sample
+            labels = None if class_labels is None else class_labels.to(dtype)
+            return self.unet(sample.to(dtype), timestep, encoder_hidden_states=None, class_labels=labels).sample.float()
 
         latents = denoise(model, schedule, noise, num_inference_steps, condition, null, guidance_scale,
                           generator=step_generators(seeds))
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (N, 3, H, W) in ~[-1, 1]
+        latents = (latents / self.vae.config.scaling_factor).to(self.vae.dtype)
+        images = self.vae.decode(latents).sample  # (N, 3, H, W) in ~[-1, 1]
         images = (images.float() / 2 + 0.5).clamp(0, 1)
         return images.permute(0, 2, 3, 1).cpu().numpy()

@@ -5,7 +5,7 @@ Serving formats (JSON friendly, one row per image):
 - `LatentDiffusionPyfunc`: input columns are the condition components in physical units (`component_columns`
   of the model's spec, e.g. temperature, wind_0, wind_1, wind_2, wind_mag; all optional, all blank = an
   unconditional sample) plus an optional integer `seed`. Params: num_inference_steps (25), guidance_scale (3.0),
-  scheduler ("ddim"), batch_size (8). Output: `image` (base64-encoded 8-bit RGB PNG) and the `seed` used.
+  scheduler ("ddim"), batch_size (8), dtype ("fp32", "bf16" or "fp16"; fp32 on a CPU). Output: `image` (base64-encoded 8-bit RGB PNG) and the `seed` used.
 - `VaePyfunc`: input column `image` (base64 PNG/TIFF/JPEG; sides multiples of the VAE's downsample factor f).
   Param mode = "reconstruct" (output `image`, base64 PNG) or "encode" (output `latent`, nested lists
   (latent_channels, H/f, W/f) of the posterior mean times the VAE's scaling_factor, i.e. what the latent DDPM
@@ -14,7 +14,7 @@ Serving formats (JSON friendly, one row per image):
 - `ProbePyfunc`: input column `image` (base64 images); output one column per condition component
   (`component_columns`) in physical units: what the condition probe reads from each image.
 - `LegacyDdpmPyfunc`: one row per image with an integer `seed` column, or param num_images > 0 (then any one
-  row, e.g. {"seed": 0}, and random seeds). Params: num_inference_steps, scheduler, batch_size. Output like
+  row, e.g. {"seed": 0}, and random seeds). Params: num_inference_steps, scheduler, batch_size, dtype. Output like
   the latent model.
 
 Missing seeds are drawn at random and returned, so every image can be reproduced.
@@ -42,6 +42,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from ldmflow.errors import LdmflowError
 from ldmflow.sampling.condition_input import SEED_COLUMN
+from ldmflow.sampling.denoise import batches
 
 IMAGE_COLUMN = "image"
 LATENT_COLUMN = "latent"
@@ -131,13 +132,9 @@ def _params(params: dict | None, defaults: dict) -> dict:
     return merged
 
 
-def _chunks(count: int, size: int):
-    size = max(int(size), 1)
-    return [range(start, min(start + size, count)) for start in range(0, count, size)]
-
-
-LATENT_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0, "scheduler": "ddim", "batch_size": 8}
-LEGACY_DEFAULTS = {"num_inference_steps": 25, "scheduler": "ddim", "batch_size": 8, "num_images": 0}
+LATENT_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0, "scheduler": "ddim", "batch_size": 8,
+                   "dtype": "fp32"}
+LEGACY_DEFAULTS = {"num_inference_steps": 25, "scheduler": "ddim", "batch_size": 8, "num_images": 0, "dtype": "fp32"}
 VAE_DEFAULTS = {"mode": "reconstruct"}
 
 
@@ -159,6 +156,7 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         from ldmflow.sampling.condition_input import conditions_from_frame
 
         options = _params(params, LATENT_DEFAULTS)
+        self._sampler.set_dtype(str(options["dtype"]))
         frame = pd.DataFrame(model_input)
         if frame.empty:
             raise LdmflowError("No rows: give one row per image (condition columns and/or seed).")
@@ -170,7 +168,7 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         conditioned = [i for i, condition in enumerate(conditions) if condition]
         unconditional = [i for i, condition in enumerate(conditions) if not condition]
         for group in (conditioned, unconditional):  # the sampler takes all-conditioned or all-blank batches
-            for chunk in _chunks(len(group), options["batch_size"]):
+            for chunk in batches(len(group), int(options["batch_size"])):
                 rows = [group[i] for i in chunk]
                 generated = self._sampler.generate(
                     [conditions[i] for i in rows] if group is conditioned else None, num_images=len(rows),
@@ -258,6 +256,7 @@ class LegacyDdpmPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         options = _params(params, LEGACY_DEFAULTS)
+        self._sampler.set_dtype(str(options["dtype"]))
         frame = pd.DataFrame(model_input)
         count = int(options["num_images"])
         if count > 0:
@@ -268,7 +267,7 @@ class LegacyDdpmPyfunc(mlflow.pyfunc.PythonModel):
         else:
             raise LdmflowError("Give one row per image with a 'seed' column, or the param num_images.")
         images = []
-        for rows in _chunks(len(seeds), options["batch_size"]):
+        for rows in batches(len(seeds), int(options["batch_size"])):
             images.extend(self._sampler.generate(len(rows), num_inference_steps=int(options["num_inference_steps"]),
                                                  scheduler=str(options["scheduler"]), seeds=[seeds[i] for i in rows]))
         return pd.DataFrame({IMAGE_COLUMN: [image_to_base64_png(image) for image in images], SEED_COLUMN: seeds})

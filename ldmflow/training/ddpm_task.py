@@ -18,6 +18,22 @@ from ldmflow.training.loop import derive_seed
 from ldmflow.training.task import Task
 
 
+class StridedEMA(EMAModel):
+    """diffusers' EMAModel (foreach: one fused update for all tensors) updated every `every` optimizer steps with
+    decay**every: the same averaging horizon and warm-up as an update every step, at 1/every of the cost."""
+
+    def __init__(self, parameters, every: int = 1, **kwargs):
+        super().__init__(parameters, foreach=True, **kwargs)
+        self.every = every
+
+    def get_decay(self, optimization_step: int) -> float:
+        return super().get_decay(optimization_step) ** self.every
+
+    def step(self, parameters) -> None:
+        self.optimization_step += self.every - 1  # it counts optimizer steps, not updates
+        super().step(parameters)
+
+
 class DdpmTask(Task):
     """Base for DDPM tasks; subclasses provide `setup`, `denoiser`, `clean_sample`, `validation_sample`,
     `_preview` and `save`."""
@@ -39,9 +55,10 @@ class DdpmTask(Task):
         if not self.settings.use_ema:
             return
         unwrapped = accelerator.unwrap_model(model)
-        self.ema = EMAModel(unwrapped.parameters(), decay=self.settings.ema_max_decay, use_ema_warmup=True,
-                            inv_gamma=self.settings.ema_inv_gamma, power=self.settings.ema_power,
-                            model_cls=type(unwrapped), model_config=unwrapped.config)
+        self.ema = StridedEMA(unwrapped.parameters(), every=self.settings.ema_update_every,
+                              decay=self.settings.ema_max_decay, use_ema_warmup=True,
+                              inv_gamma=self.settings.ema_inv_gamma, power=self.settings.ema_power,
+                              model_cls=type(unwrapped), model_config=unwrapped.config)
         self.ema.to(accelerator.device)
 
     def checkpoint_states(self) -> dict[str, object]:
@@ -70,7 +87,7 @@ class DdpmTask(Task):
         return loss, loss.new_zeros(0)
 
     def after_optimizer_step(self, model) -> None:
-        if self.ema is not None:
+        if self.ema is not None and (self.step + 1) % self.settings.ema_update_every == 0:
             self.ema.step(model.parameters())
 
     @contextlib.contextmanager

@@ -31,7 +31,7 @@ class LegacyDdpmTask(DdpmTask):
 
     def setup(self, accelerator: Accelerator):
         s = self.settings
-        unet = build_pixel_unet(s.block_out_channels, s.layers_per_block, s.resolution)
+        unet = build_pixel_unet(s.block_out_channels, s.layers_per_block, s.resolution, s.attention_head_dim)
         enable_memory_efficient_attention(unet, s.enable_xformers_memory_efficient_attention)
         return unet, image_dataset(self.manifest, s, training=True)
 

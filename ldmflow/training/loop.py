@@ -50,12 +50,16 @@ def build_accelerator(settings: TrainSettings) -> Accelerator:
     if precision == "fp16" and not torch.cuda.is_available():
         logger.warning("--mixed_precision fp16 needs CUDA; running in fp32 on this machine.")
         precision = "no"
+    if torch.cuda.is_available():  # TF32: fp32 ranges with 10-bit mantissas on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = settings.allow_tf32
     return Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=settings.output_dir, automatic_checkpoint_naming=False),
         # One shuffle for all processes (data_seed): each image is seen once per epoch, and resume is exact.
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=settings.seed),
+        # non_blocking: pinned batches are copied to the GPU while the previous step still runs.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=settings.seed,
+                                                  non_blocking=torch.cuda.is_available()),
     )
 
 
@@ -224,9 +228,13 @@ def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> P
     dataset = EpochSeededData(dataset, settings.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
                                   weight_decay=settings.adam_weight_decay)
+    workers = settings.dataloader_num_workers
     dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=settings.train_batch_size, shuffle=True, num_workers=settings.dataloader_num_workers,
+        dataset, batch_size=settings.train_batch_size, shuffle=True, num_workers=workers,
+        pin_memory=accelerator.device.type == "cuda", persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
         drop_last=len(dataset) >= settings.train_batch_size * accelerator.num_processes)
+    model = _fast_layout(settings, model)
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
     steps_per_epoch = max(1, math.ceil(len(dataloader) / settings.gradient_accumulation_steps))  # this process's
     max_steps = settings.max_train_steps or settings.num_epochs * steps_per_epoch
@@ -237,6 +245,16 @@ def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> P
     return PreparedRun(accelerator, model, optimizer, dataloader, dataset, lr_scheduler, state, steps_per_epoch,
                        max_steps, _checkpoint_metric(settings, task),
                        checkpoint_states={STATE_NAME: state, **task.checkpoint_states()})
+
+
+def _fast_layout(settings: TrainSettings, model: torch.nn.Module) -> torch.nn.Module:
+    """--channels_last and --torch_compile. `Module.compile` compiles in place: parameter names, saving, EMA,
+    DDP and checkpoints see the plain module, so a compiled run resumes with or without compiling."""
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if settings.torch_compile:
+        model.compile(mode=None if settings.compile_mode == "default" else settings.compile_mode)
+    return model
 
 
 def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRun) -> TrainingOutcome:

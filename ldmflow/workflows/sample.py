@@ -19,8 +19,10 @@ from ldmflow.settings import SampleSettings
 logger = logging.getLogger(__name__)
 
 
-def load_sampler(folder: Path):
-    """A LatentSampler or LegacySampler for a training output folder or a downloaded ldmflow MLflow model."""
+def load_sampler(folder: Path, dtype: str = "fp32"):
+    """A LatentSampler or LegacySampler for a training output folder or a downloaded ldmflow MLflow model, on the
+    GPU when there is one."""
+    from ldmflow.sampling.denoise import default_device
     from ldmflow.sampling.latent import LatentSampler
     from ldmflow.sampling.legacy import LegacySampler
     from ldmflow.tracking.model_uri import find_diffusers_folder, latent_ddpm_folders
@@ -29,11 +31,11 @@ def load_sampler(folder: Path):
         folders = latent_ddpm_folders(folder)
     except LdmflowError as latent_error:
         try:
-            return LegacySampler.from_folder(find_diffusers_folder(folder, "legacy_ddpm"))
+            return LegacySampler.from_folder(find_diffusers_folder(folder, "legacy_ddpm"), default_device(), dtype)
         except LdmflowError:
             raise LdmflowError(f"{folder} is neither a latent DDPM nor a legacy DDPM model: {latent_error}") from None
     return LatentSampler.from_folders(folders.unet_dir, folders.vae_dir, folders.scheduler_dir,
-                                      folders.conditioning_path)
+                                      folders.conditioning_path, default_device(), dtype)
 
 
 def record_sample_source(tracker, source, stage: str = "sample") -> None:
@@ -94,8 +96,9 @@ def generate(settings: SampleSettings, sampler, conditions, seeds) -> np.ndarray
     if hasattr(sampler, "spec"):
         return sampler.generate(conditions, num_images=len(seeds), guidance_scale=settings.guidance_scale,
                                 num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
-                                seeds=seeds)
-    return sampler.generate(len(seeds), settings.num_inference_steps, settings.scheduler, seeds=seeds)
+                                seeds=seeds, batch_size=settings.batch_size)
+    return sampler.generate(len(seeds), settings.num_inference_steps, settings.scheduler, seeds=seeds,
+                            batch_size=settings.batch_size)
 
 
 def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None, image_format: str,
@@ -123,7 +126,7 @@ def run_sampling(settings: SampleSettings) -> Path:
     from ldmflow.tracking.run_tracker import open_run
 
     source = resolve_model_source(settings.model_uri)
-    sampler = load_sampler(Path(source.local_dir))
+    sampler = load_sampler(Path(source.local_dir), settings.dtype)
     conditions, seeds = requested_conditions(settings, sampler)
     check_inference_steps(settings.num_inference_steps, sampler.scheduler_config)  # before any run opens
     output_dir = Path(settings.output_dir)

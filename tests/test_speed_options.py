@@ -1,0 +1,128 @@
+"""Throughput options: strided foreach EMA, torch.compile, channels-last, sampling batches and dtypes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
+
+from ldmflow.cli import cli
+from ldmflow.data.demo import make_demo_dataset
+from ldmflow.errors import LdmflowError
+from ldmflow.sampling.denoise import denoise, make_scheduler
+from ldmflow.settings import LegacyDdpmSettings
+from ldmflow.training.ddpm_task import StridedEMA
+
+LEGACY = ["legacy-ddpm", "--resolution", "32", "--train_batch_size", "4", "--block_out_channels", "16,16",
+          "--layers_per_block", "1", "--lr_warmup_steps", "0", "--learning_rate", "1e-3", "--num_preview_images", "1",
+          "--preview_inference_steps", "2", "--save_images_epochs", "100", "--eval_epochs", "0", "--no_mlflow"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("speed"), num_images=12, resolution=32)
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_a_strided_ema_keeps_the_horizon_and_counts_optimizer_steps():
+    weights = [torch.nn.Parameter(torch.zeros(3))]
+    every_step = EMAModel(weights, decay=0.99, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    strided = StridedEMA(weights, every=4, decay=0.99, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    assert strided.foreach  # one fused update for every tensor
+    assert strided.get_decay(40) == pytest.approx(every_step.get_decay(40) ** 4)
+    for step in range(1, 401):
+        with torch.no_grad():
+            weights[0].fill_(step / 400)  # a weight drifting steadily
+        every_step.step(weights)
+        if step % 4 == 0:
+            strided.step(weights)
+    assert strided.optimization_step == every_step.optimization_step == 400
+    torch.testing.assert_close(strided.shadow_params[0], every_step.shadow_params[0], atol=0.02, rtol=0)
+
+
+def test_the_ema_updates_every_n_steps_in_training(data, tmp_path):
+    invoke(*LEGACY, "--manifest_path", str(data), "--output_dir", str(tmp_path), "--use_ema", "--ema_update_every",
+           "2", "--max_train_steps", "4", "--checkpointing_steps", "4")
+    state = json.loads((tmp_path / "checkpoint-4" / "ema.json").read_text())
+    assert state["optimization_step"] == 4
+
+
+def test_channels_last_trains_and_saves_plain_diffusers_weights(data, tmp_path):
+    from diffusers import UNet2DModel
+
+    invoke(*LEGACY, "--manifest_path", str(data), "--output_dir", str(tmp_path), "--channels_last",
+           "--max_train_steps", "2")
+    assert UNet2DModel.from_pretrained(tmp_path, subfolder="unet").config.sample_size == 32
+
+
+@pytest.mark.slow
+def test_a_compiled_run_checkpoints_previews_and_resumes_uncompiled(data, tmp_path):
+    """torch.compile (on the CPU here, as on a GPU) with EMA, previews, a checkpoint and a resume without it:
+    the same weights as a run never compiled."""
+    common = [*LEGACY, "--manifest_path", str(data), "--use_ema", "--max_train_steps", "4", "--checkpointing_steps",
+              "2", "--save_images_epochs", "1", "--learning_rate", "1e-5"]  # Adam moves any weight <= 1e-5 a step
+    plain, compiled = tmp_path / "plain", tmp_path / "compiled"
+    invoke(*common, "--output_dir", str(plain))
+    invoke(*common, "--output_dir", str(compiled), "--torch_compile")
+    assert any((compiled / "images").iterdir())
+    for name in ("checkpoint-4", "unet"):
+        import shutil
+
+        shutil.rmtree(compiled / name)
+    invoke(*common, "--output_dir", str(compiled), "--resume_from_checkpoint", "latest")  # not compiled now
+    expected = load_file(plain / "unet" / "diffusion_pytorch_model.safetensors")
+    actual = load_file(compiled / "unet" / "diffusion_pytorch_model.safetensors")
+    assert expected.keys() == actual.keys()  # no _orig_mod. prefixes
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-4)  # fused kernels round otherwise
+
+
+def test_all_unconditional_rows_are_denoised_once_per_step_not_twice():
+    calls = []
+
+    def model(sample, timestep, condition):
+        calls.append(len(sample))
+        return torch.zeros_like(sample)
+
+    scheduler = make_scheduler("ddim", {"num_train_timesteps": 10})
+    null = torch.zeros(3, 4)
+    denoise(model, scheduler, torch.randn(3, 1, 4, 4), 2, condition=null.clone(), null_condition=null,
+            guidance_scale=3.0)
+    assert calls == [3, 3]
+    calls.clear()
+    denoise(model, scheduler, torch.randn(3, 1, 4, 4), 2, condition=torch.ones(3, 4), null_condition=null,
+            guidance_scale=3.0)
+    assert calls == [6, 6]
+
+
+def test_sampling_batches_do_not_change_the_images_and_dtype_is_fp32_on_cpu(data, tmp_path):
+    from ldmflow.sampling.legacy import LegacySampler
+
+    invoke(*LEGACY, "--manifest_path", str(data), "--output_dir", str(tmp_path), "--max_train_steps", "1")
+    sampler = LegacySampler.from_folder(tmp_path, dtype="bf16")
+    assert sampler.unet.dtype == torch.float32  # half precision only where it is fast
+    together = sampler.generate(num_inference_steps=2, seeds=[5, 6, 7])
+    one_by_one = sampler.generate(num_inference_steps=2, seeds=[5, 6, 7], batch_size=1)
+    torch.testing.assert_close(torch.from_numpy(one_by_one), torch.from_numpy(together), atol=1e-5, rtol=0)
+    with pytest.raises(LdmflowError, match="dtype must be one of fp32, bf16, fp16"):
+        sampler.set_dtype("fp8")
+
+
+def test_the_attention_head_size_is_configurable_and_checked(data, tmp_path):
+    from diffusers import UNet2DModel
+
+    invoke(*LEGACY, "--manifest_path", str(data), "--output_dir", str(tmp_path), "--max_train_steps", "1",
+           "--block_out_channels", "16,32,32", "--attention_head_dim", "16")
+    assert UNet2DModel.from_pretrained(tmp_path, subfolder="unet").config.attention_head_dim == 16
+    with pytest.raises(LdmflowError, match="--attention_head_dim 24 must divide"):
+        LegacyDdpmSettings(manifest_path="m", output_dir="o", block_out_channels=(16, 32, 32), attention_head_dim=24)
