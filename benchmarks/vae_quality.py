@@ -65,13 +65,24 @@ class _Clock:
     def set_tags(self, tags): pass
 
 
-def _steps_within(seconds: float, data: Path, scratch: Path, resolution: int, losses: dict) -> int:
-    """How many steps of this loss fit in `seconds`, timed over a short run's steps after its warm-up."""
+def _seconds_per_step(data: Path, scratch: Path, resolution: int, losses: dict) -> float:
+    """Timed over a short run's steps after its warm-up."""
     few, many = CALIBRATION_STEPS
     clock = _Clock()
     _train(_settings(data, scratch, resolution, many, logging_steps=1, **losses), clock)
-    per_step = (clock.times[many] - clock.times[few]) / (many - few)
-    return max(many, int(seconds / per_step))
+    return (clock.times[many] - clock.times[few]) / (many - few)
+
+
+def _steps_within(seconds: float, data: Path, scratch: Path, resolution: int, losses: dict, args) -> int:
+    """How many steps of this loss fit in `seconds`; with a discriminator, its steps before --disc_start (none)
+    and after (all) are timed apart."""
+    if "disc_weight" not in losses:
+        return int(seconds / _seconds_per_step(data, scratch, resolution, losses))
+    plain = {key: value for key, value in losses.items() if key != "disc_weight"}
+    before = _seconds_per_step(data, scratch / "before", resolution, plain)
+    after = _seconds_per_step(data, scratch / "after", resolution, {**losses, "disc_start": 0})
+    fraction = args.disc_start_fraction
+    return int(seconds / (fraction * before + (1 - fraction) * after))
 
 
 @torch.no_grad()
@@ -142,8 +153,7 @@ def main() -> None:
     results = {}
     for name, losses in configurations.items():
         folder = root / "".join(c if c.isalnum() or c == "." else "_" for c in name)
-        steps = _steps_within(args.seconds, data, folder / "calibration", args.resolution,
-                              {**losses, "disc_start": 0} if "disc_weight" in losses else losses)
+        steps = _steps_within(args.seconds, data, folder / "calibration", args.resolution, losses, args)
         if "disc_weight" in losses:
             losses = {**losses, "disc_start": int(steps * args.disc_start_fraction)}  # reconstruction first
         seconds = _train(_settings(data, folder, args.resolution, steps, **losses))
