@@ -14,7 +14,7 @@ DEMO_PARAMS ?= -P resolution=64 -P vae_train_batch_size=8 -P ddpm_train_batch_si
 
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test mlproject clean
+.PHONY: install demo test mlproject clean server server-stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,server]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -41,6 +41,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# A team server on this machine: PostgreSQL + MLflow with proxied artifacts and basic auth (docs/mlflow.md).
+server: install
+	$(BIN)/ldmflow server --root $(abspath team-server)
+
+server-stop:
+	$(BIN)/ldmflow server-stop --root $(abspath team-server)
 
 # MLproject is generated from ldmflow/settings.py (tests fail when it is out of date).
 mlproject: install

@@ -14,7 +14,7 @@ import click
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import (DEFAULT_EXPERIMENT, CheckManifestSettings, DemoDataSettings, EvaluateSettings,
                               LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings, ProbeSettings, SampleSettings,
-                              VaeSettings, param_value, setting_fields)
+                              ServerSettings, VaeSettings, param_value, setting_fields)
 
 
 class _Command(click.Command):
@@ -137,7 +137,7 @@ def demo_data_command(**options):
 @cli.command("vae")
 @settings_options(VaeSettings)
 def vae_command(**options):
-    """Train an AutoencoderKL (4 latent channels, x8) and save it in diffusers format at --output_dir."""
+    """Train an AutoencoderKL (by default 4 latent channels, x8) and save it in diffusers format at --output_dir."""
     from ldmflow.workflows.train import run_training
 
     run_training(VaeSettings(**options))
@@ -224,6 +224,29 @@ def models_command(as_json):
     reachable_store()
     rows = list_models()
     click.echo(json.dumps(rows, indent=2) if as_json else format_models(rows))
+
+
+@cli.command("server")
+@settings_options(ServerSettings)
+def server_command(**options):
+    """Start a team MLflow server: PostgreSQL, proxied artifacts, basic auth (prints what to export)."""
+    from ldmflow.tracking.team_server import start_server
+
+    settings = ServerSettings(**options)
+    state = start_server(settings.root, settings.port)
+    click.echo(f"MLflow server on {state.tracking_uri} (PostgreSQL on 127.0.0.1:{state.pg_port}); to use it:")
+    click.echo(state.exports())
+    click.echo(f"Stop it with: ldmflow server-stop --root {settings.root}")
+
+
+@cli.command("server-stop")
+@click.option("--root", default=ServerSettings.root, show_default=True, help="The folder `ldmflow server` used.")
+def server_stop_command(root):
+    """Stop the team server started in --root (its MLflow server and PostgreSQL, nothing else)."""
+    from ldmflow.tracking.team_server import stop_server
+
+    stop_server(root)
+    click.echo(f"Stopped the server in {root}.")
 
 
 @cli.command("init-store")

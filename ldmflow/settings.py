@@ -383,6 +383,7 @@ class SampleSettings:
     batch_size: int = setting(16, "Images denoised together (an image depends only on its seed, whatever this).")
     dtype: str = setting("fp32", "UNet precision on a GPU (the VAE decodes in bf16 or fp32); fp32 on a CPU.",
                          choices=SAMPLE_DTYPES)
+    torch_compile: bool = setting(False, "torch.compile the UNet (pays off for many images).")
     output_format: str = setting("png", "Image file format.", choices=IMAGE_FORMATS)
     experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
     run_name: str | None = setting(None, "MLflow run name.", project=False)
@@ -541,6 +542,17 @@ class DemoDataSettings:
     seed: int = setting(0, "Seed of the scenes and the split.")
     val_fraction: float = setting(0.1, "Fraction of entries in the val split.")
     overwrite: bool = setting(False, "Replace manifest.json and images/ in a folder that is not empty.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """`ldmflow server`: a team's MLflow server on this machine (PostgreSQL, proxied artifacts, basic auth)."""
+
+    root: str = setting("team-server", "Folder of its database, artifacts, logs and state.")
+    port: int = setting(5000, "Port of the MLflow server on 127.0.0.1.")
+
+    def __post_init__(self) -> None:
+        _check_number(self, "port", 1, 65535)
 
 
 @dataclass(frozen=True, kw_only=True)

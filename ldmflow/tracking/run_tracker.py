@@ -355,7 +355,7 @@ def _start_run(settings, stage: str) -> tuple[str, bool]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from ldmflow.tracking.store import check_server_reachable, ensure_experiment, use_tracking_store
+    from ldmflow.tracking.store import access_problem, check_server_reachable, ensure_experiment, use_tracking_store
 
     uri = use_tracking_store()
     check_server_reachable(uri)
@@ -372,7 +372,8 @@ def _start_run(settings, stage: str) -> tuple[str, bool]:
                                    nested=active is not None, tags={STAGE_TAG: stage}, log_system_metrics=True)
     except MlflowException as error:
         what = f"attach to run MLFLOW_RUN_ID={run_id}" if run_id else "start an MLflow run"
-        raise LdmflowError(f"Cannot {what} in {uri}: {str(error).splitlines()[0]}") from None
+        reason = access_problem(error, f"log runs to experiment {settings.experiment_name!r}")
+        raise LdmflowError(f"Cannot {what} in {uri}: {reason or str(error).splitlines()[0]}.") from None
     logger.info("MLflow run %s (%s) in %s.", run.info.run_id, run.info.run_name, uri)
     return run.info.run_id, True
 

@@ -111,6 +111,21 @@ def reachable_store() -> str:
     return uri
 
 
+def access_problem(error: Exception, what: str) -> str | None:
+    """One line for a server that refused these credentials (401) or this user (403); None for other errors."""
+    code, text = getattr(error, "error_code", ""), str(error)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == "UNAUTHENTICATED" or "error code 401" in text:
+        if not user:
+            return ("the server requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                    "(`ldmflow server` prints them)")
+        return f"the server refused the login of {user!r}: check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    if code == "PERMISSION_DENIED" or "error code 403" in text:
+        return (f"user {user!r} may not {what}: ask the experiment's owner (or the server's admin) for EDIT "
+                "permission, or use another --experiment_name")
+    return None
+
+
 def server_answers(timeout: float = 5.0) -> bool:
     """True unless the tracking store is a server that does not accept a connection."""
     try:

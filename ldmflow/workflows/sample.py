@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
@@ -19,9 +20,18 @@ from ldmflow.settings import SampleSettings
 logger = logging.getLogger(__name__)
 
 
-def load_sampler(folder: Path, dtype: str = "fp32"):
+def load_sampler(folder: Path, dtype: str = "fp32", compile_unet: bool = False):
     """A LatentSampler or LegacySampler for a training output folder or a downloaded ldmflow MLflow model, on the
-    GPU when there is one."""
+    GPU when there is one (cuDNN then picks the fastest kernels for the fixed sampling shapes)."""
+    sampler = _sampler(folder, dtype)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+    if compile_unet:
+        sampler.unet.compile()
+    return sampler
+
+
+def _sampler(folder: Path, dtype: str):
     from ldmflow.sampling.denoise import default_device
     from ldmflow.sampling.latent import LatentSampler
     from ldmflow.sampling.legacy import LegacySampler
@@ -126,7 +136,7 @@ def run_sampling(settings: SampleSettings) -> Path:
     from ldmflow.tracking.run_tracker import open_run
 
     source = resolve_model_source(settings.model_uri)
-    sampler = load_sampler(Path(source.local_dir), settings.dtype)
+    sampler = load_sampler(Path(source.local_dir), settings.dtype, settings.torch_compile)
     conditions, seeds = requested_conditions(settings, sampler)
     check_inference_steps(settings.num_inference_steps, sampler.scheduler_config)  # before any run opens
     output_dir = Path(settings.output_dir)
