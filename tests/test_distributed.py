@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,78 @@ def test_two_processes_train_a_latent_ddpm_from_a_shared_latent_cache(tmp_path):
     assert "on 2 process(es)" in result.stderr
     assert (output / "unet" / "config.json").is_file() and (output / "vae_source.json").is_file()
     assert result.stderr.count("Saved the latent DDPM to") == 1  # only the main process writes
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_pixel_ddpm(tmp_path):
+    manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32, val_fraction=0.2)
+    output = tmp_path / "legacy"
+    result = _launch(tmp_path, "-m", "ldmflow", "legacy-ddpm", "--manifest_path", str(manifest), "--output_dir",
+                     str(output), "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "4",
+                     "--block_out_channels", "16,16", "--layers_per_block", "1", "--lr_warmup_steps", "0",
+                     "--use_ema", "--checkpointing_steps", "2", "--num_preview_images", "1",
+                     "--preview_inference_steps", "1", "--no_mlflow")
+    assert "on 2 process(es)" in result.stderr and "16 images" in result.stderr
+    assert (output / "unet" / "config.json").is_file() and (output / "checkpoint-4" / "ema.json").is_file()
+    assert result.stderr.count("Saved the DDPMPipeline to") == 1  # only the main process writes
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_latent_ddpm_encoding_each_batch(tmp_path):
+    from click.testing import CliRunner
+
+    from ldmflow.cli import cli
+
+    manifest = make_demo_dataset(tmp_path / "data", num_images=12, resolution=32)
+    vae = tmp_path / "vae"
+    result = CliRunner().invoke(cli, ["vae", "--manifest_path", str(manifest), "--output_dir", str(vae),
+                                      "--resolution", "32", "--max_train_steps", "1", "--block_out_channels",
+                                      "8,8,8,8", "--layers_per_block", "1", "--scaling_factor_batches", "1",
+                                      "--no_mlflow"])
+    assert result.exit_code == 0, result.output
+    output = tmp_path / "latent"
+    result = _launch(tmp_path, "-m", "ldmflow", "latent-ddpm", "--manifest_path", str(manifest), "--vae_uri",
+                     str(vae), "--output_dir", str(output), "--resolution", "32", "--train_batch_size", "2",
+                     "--max_train_steps", "3", "--block_out_channels", "16,16", "--layers_per_block", "1",
+                     "--lr_warmup_steps", "0", "--num_preview_images", "1", "--preview_inference_steps", "1",
+                     "--no_mlflow")
+    assert "Cached latents" not in result.stderr and "on 2 process(es)" in result.stderr
+    assert result.stderr.count("Saved the latent DDPM to") == 1
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_other_within_a_bounded_time(tmp_path):
+    """kill -9 of one rank mid-run: accelerate's launcher ends the other rank (no hang in a collective)."""
+    import psutil
+
+    manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "ldmflow", "legacy-ddpm", "--manifest_path", str(manifest),
+               "--output_dir", str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "2",
+               "--max_train_steps", "100000", "--block_out_channels", "16,16", "--layers_per_block", "1",
+               "--checkpointing_steps", "100000", "--save_images_epochs", "100000", "--eval_epochs", "0",
+               "--no_mlflow"]
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        seen, deadline = "", time.monotonic() + 120
+        while "Training 100000 steps" not in seen and time.monotonic() < deadline:
+            seen += launcher.stderr.readline()
+        workers = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                   if "ldmflow" in " ".join(p.cmdline()) and "accelerate" not in p.cmdline()[1]]
+        assert len(workers) == 2, [p.cmdline() for p in workers]
+        workers[1].kill()
+        killed_at = time.monotonic()
+        _, rest = launcher.communicate(timeout=180)
+        assert launcher.returncode != 0
+        assert time.monotonic() - killed_at < 120
+        assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+        assert "SIGKILL" in rest or "Signal 9" in rest or "exitcode" in rest
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
