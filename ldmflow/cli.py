@@ -221,9 +221,9 @@ def models_command(as_json):
     from ldmflow.tracking.lineage import format_models, list_models
     from ldmflow.tracking.store import reachable_store
 
-    reachable_store()
+    store = reachable_store()
     rows = list_models()
-    click.echo(json.dumps(rows, indent=2) if as_json else format_models(rows))
+    click.echo(json.dumps(rows, indent=2) if as_json else format_models(rows, store))
 
 
 @cli.command("server")

@@ -180,7 +180,7 @@ def test_local_folder_resolves_without_mlflow_identity(env):
 
 @pytest.mark.parametrize("uri, message", [
     ("no/such/folder", "Model folder no/such/folder does not exist"),
-    ("models:/nope/1", r"Registered model 'nope' does not exist \(registered models: custom-ldm, ldmflow-latent"),
+    ("models:/nope/1", r"Registered model 'nope' does not exist in sqlite:.* \(registered models: custom-ldm, ldmflow-latent"),
     ("models:/ldmflow-vae/7", r"Model 'ldmflow-vae' has no version 7 \(versions: 1\)"),
     ("models:/ldmflow-vae@best", r"Model 'ldmflow-vae' has no alias 'best' \(aliases: @champion -> v1\)"),
     ("models:/ldmflow-vae", "Malformed model URI 'models:/ldmflow-vae': give a version"),

@@ -17,21 +17,25 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
 
 
 def image_grid(images: list[Image.Image], labels: list[str] | None = None, columns: int | None = None) -> Image.Image:
-    """A grid of tiles (upscaled to at least 128 px so captions fit), each captioned when labels are given."""
+    """A grid of tiles (upscaled to at least 128 px so captions fit), each captioned when labels are given.
+
+    Captions are sized for MLflow's 256 px thumbnails of the whole grid (readable there), up to an eighth of
+    a tile's height."""
     columns = columns or min(len(images), 4)
     rows = math.ceil(len(images) / columns)
     size = max(MIN_TILE, images[0].width)
     tiles = [image.resize((size, size), Image.NEAREST) if image.width < size else image for image in images]
     if labels:
-        tiles = [_caption(tile, label) for tile, label in zip(tiles, labels)]
+        font_size = int(min(max(10, columns * size / 28), size / 8))
+        tiles = [_caption(tile, label, font_size) for tile, label in zip(tiles, labels)]
     tiles += [Image.new("RGB", tiles[0].size)] * (rows * columns - len(tiles))
     return make_image_grid(tiles, rows=rows, cols=columns)
 
 
-def _caption(tile: Image.Image, label: str) -> Image.Image:
-    font = ImageFont.load_default(size=10)
+def _caption(tile: Image.Image, label: str, font_size: int = 10) -> Image.Image:
+    font = ImageFont.load_default(size=font_size)
     lines = label.split("\n")
-    strip = 12 * len(lines) + 4
+    strip = (font_size + 2) * len(lines) + 4
     captioned = Image.new("RGB", (tile.width, tile.height + strip), "white")
     captioned.paste(tile, (0, 0))
     ImageDraw.Draw(captioned).multiline_text((3, tile.height + 2), label, fill="black", font=font, spacing=2)

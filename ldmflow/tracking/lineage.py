@@ -210,10 +210,10 @@ def _vae_label(tags: dict) -> str:
     return tags.get("vae_uri", "")
 
 
-def format_models(rows: list[dict]) -> str:
+def format_models(rows: list[dict], store: str = "this MLflow store") -> str:
     """A plain-text table of `list_models()` rows."""
     if not rows:
-        return "No ldmflow models are registered in this MLflow store."
+        return f"No ldmflow models are registered in {store}."
     header = ("MODEL", "STAGE", "ALIASES", "RUN", "DATASET", "VAE", "WEIGHTS", "LOSS", "VAL_PSNR", "VAL_DENOISE",
               "EVAL_FID", "SCALE")
     table = [header] + [(

@@ -102,8 +102,8 @@ def registered_version(client, name: str, version: str | None, alias: str | None
     except MlflowException as error:
         _raise_unless_missing(error)
         names = [m.name for m in client.search_registered_models(max_results=_MAX_LISTED + 1)]
-        known = f"registered models: {_listing(names)}" if names else "no models are registered"
-        raise LdmflowError(f"Registered model {name!r} does not exist ({known}).") from None
+        known = f"registered models: {_listing(names)}" if names else "no models are registered there"
+        raise LdmflowError(f"Registered model {name!r} does not exist in {client.tracking_uri} ({known}).") from None
     if alias is not None:
         try:
             return client.get_model_version_by_alias(name, alias)

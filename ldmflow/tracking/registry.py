@@ -275,3 +275,53 @@ def _tag(client, registered: RegisteredModel, tags: dict, alias: str | None, vae
         client.log_inputs(registered.run_id, models=[LoggedModelInput(vae_source.model_id)])
     if alias:
         client.set_registered_model_alias(registered.name, alias, registered.version)
+    _describe(client, registered, tags, vae_source)
+
+
+MODEL_DESCRIPTIONS = {
+    "vae": "ldmflow's AutoencoderKL (diffusers format): encodes images to the latents the latent DDPMs train on.",
+    "latent_ddpm": "ldmflow's conditioned latent DDPM (a diffusers UNet2DConditionModel) with the VAE it was "
+                   "trained on; the `condition_spec` tag says what it is conditioned on.",
+    "legacy_ddpm": "ldmflow's unconditional pixel-space DDPM (a diffusers DDPMPipeline), for comparison.",
+    "probe": "ldmflow's condition probe: reads the conditions back from images, to score condition adherence.",
+}
+DOWNSTREAM_TAG = "latent_ddpm_versions"  # on a VAE version: the latent DDPM versions trained on it
+
+
+def _describe(client, registered: RegisteredModel, tags: dict, vae_source: ModelSource | None) -> None:
+    """Markdown on the version (links to its run, dataset and VAE version), a description of the registered
+    model, and on the VAE version the latent DDPM trained on it: lineage in both directions, without scrolling
+    through tag boxes."""
+    stage = tags[STAGE_VERSION_TAG]
+    run_link = f"[{registered.run_id[:8]}](#/experiments/{_experiment_of(client, registered.run_id)}/runs/" \
+               f"{registered.run_id})"
+    lines = [f"**{stage}** trained in run {run_link} on dataset `{tags['dataset_digest'][:12]}`."]
+    if tags.get("condition_spec"):
+        lines.append(f"Conditions: `{tags['condition_spec']}`.")
+    if vae_source is not None and vae_source.model_name and vae_source.model_version:
+        lines.append(f"VAE: [{vae_source.model_name} v{vae_source.model_version}]"
+                     f"(#/models/{vae_source.model_name}/versions/{vae_source.model_version}).")
+        with contextlib.suppress(Exception):  # the VAE version may live in another store
+            _add_downstream(client, vae_source, f"{registered.name}/{registered.version}")
+    elif vae_source is not None:
+        lines.append(f"VAE: `{vae_source.uri}` (a folder, not a registered version).")
+    lines.append(f"Evaluate it with `ldmflow evaluate --model_uri {registered.model_uri}`; its evaluations are "
+                 f"listed by `ldmflow lineage {registered.model_uri}`.")
+    client.update_model_version(registered.name, registered.version, description="\n\n".join(lines))
+    model = client.get_registered_model(registered.name)
+    if not model.description and stage in MODEL_DESCRIPTIONS:
+        client.update_registered_model(registered.name, description=MODEL_DESCRIPTIONS[stage])
+
+
+def _add_downstream(client, vae_source: ModelSource, downstream: str) -> None:
+    version = client.get_model_version(vae_source.model_name, vae_source.model_version)
+    known = [item for item in version.tags.get(DOWNSTREAM_TAG, "").split(",") if item]
+    client.set_model_version_tag(vae_source.model_name, vae_source.model_version, DOWNSTREAM_TAG,
+                                 ",".join(known + [downstream]))
+    note = f"Latent DDPM trained on this VAE: [{downstream}](#/models/{downstream.replace('/', '/versions/')})."
+    client.update_model_version(vae_source.model_name, vae_source.model_version,
+                                description=f"{version.description or ''}\n\n{note}".strip())
+
+
+def _experiment_of(client, run_id: str) -> str:
+    return client.get_run(run_id).info.experiment_id

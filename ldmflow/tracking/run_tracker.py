@@ -344,10 +344,19 @@ def close_abandoned_run(run_id: str, successor: str) -> bool:
     return False
 
 
-def default_run_name(stage: str) -> str:
-    """`vae-20261126-0853-3fa2`: distinct for every run. MLflow's own names come from the global `random`,
-    which the trainers seed, so every run of a seed would get the same one."""
-    return f"{stage}-{time.strftime('%Y%m%d-%H%M')}-{secrets.token_hex(2)}"
+def default_run_name(stage: str, settings=None) -> str:
+    """`vae-64px-3fa2`, `sample-g3-91c0`: the stage, its key setting, and a random suffix so every run's name
+    differs (MLflow's own names come from the global `random`, which the trainers seed: every run of a seed
+    would get the same one)."""
+    key = ""
+    if stage in ("sample", "evaluate") and getattr(settings, "guidance_scale", None) is not None:
+        key = f"-g{settings.guidance_scale:g}"
+    elif getattr(settings, "resolution", None):
+        key = f"-{settings.resolution}px"
+    return f"{stage}{key}-{secrets.token_hex(2)}"
+
+
+MLFLOW_RANDOM_NAME = re.compile(r"^[a-z]+-[a-z]+-\d+$")  # what `mlflow run` names a run it starts
 
 
 def _start_run(settings, stage: str) -> tuple[str, bool]:
@@ -366,16 +375,26 @@ def _start_run(settings, stage: str) -> tuple[str, bool]:
     try:
         if run_id:
             run = mlflow.start_run(run_id=run_id, nested=active is not None, log_system_metrics=True)
+            if not getattr(settings, "run_name", None) and MLFLOW_RANDOM_NAME.match(run.info.run_name or ""):
+                mlflow.set_tag("mlflow.runName", default_run_name(stage, settings))  # `mlflow run` named it
         else:
             run = mlflow.start_run(experiment_id=ensure_experiment(settings.experiment_name),
-                                   run_name=getattr(settings, "run_name", None) or default_run_name(stage),
+                                   run_name=getattr(settings, "run_name", None) or default_run_name(stage, settings),
                                    nested=active is not None, tags={STAGE_TAG: stage}, log_system_metrics=True)
     except MlflowException as error:
         what = f"attach to run MLFLOW_RUN_ID={run_id}" if run_id else "start an MLflow run"
         reason = access_problem(error, f"log runs to experiment {settings.experiment_name!r}")
         raise LdmflowError(f"Cannot {what} in {uri}: {reason or str(error).splitlines()[0]}.") from None
-    logger.info("MLflow run %s (%s) in %s.", run.info.run_id, run.info.run_name, uri)
+    name = mlflow.get_run(run.info.run_id).info.run_name
+    logger.info("MLflow run %s (%s); watch it live: %s", run.info.run_id, name, run_location(uri, run))
     return run.info.run_id, True
+
+
+def run_location(uri: str, run) -> str:
+    """The run's page in the MLflow UI for a server; for a local store, the command that serves the UI."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
 
 
 def _end_run(run_id: str, status: str) -> bool:

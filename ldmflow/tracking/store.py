@@ -105,7 +105,16 @@ def stop_waiting_for_server() -> None:
 
 
 def reachable_store() -> str:
-    """use_tracking_store(), failing within seconds (not minutes of retries) when its server is down."""
+    """The store to read from: use_tracking_store(), failing within seconds (not minutes of retries) when its
+    server is down, and without creating an empty SQLite database where none is."""
+    uri = resolve_tracking_uri()
+    database = sqlite_db_path(uri)
+    if database is not None and not database.is_file():
+        unset = not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+        raise LdmflowError(
+            f"No MLflow store at {database}" + (" (MLFLOW_TRACKING_URI is unset, so ldmflow looks for ./mlflow.db "
+                                                "in the current folder)" if unset else "") +
+            ". Run from the folder that holds your runs' mlflow.db, or set MLFLOW_TRACKING_URI.")
     uri = use_tracking_store()
     check_server_reachable(uri)
     return uri
@@ -151,6 +160,18 @@ def check_server_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+EXPERIMENT_DESCRIPTION = """Runs of [ldmflow](https://github.com/ldmflow/ldmflow): one run per stage (`vae`, `latent_ddpm`,
+`legacy_ddpm`, `probe`, `sample`, `evaluate`; the `ldmflow.stage` column), pipeline steps as child runs.
+
+- **Compare**: select runs, *Compare*; training curves are `loss`, `val/psnr` (VAE) and `val/denoise_loss_ema`
+  (latent DDPM); evaluation metrics start with `eval/`.
+- **Previews**: each run's *Artifacts* `images/` (and the image slider under *Model metrics*), from step 0.
+- **Models**: *Models* tab; every registered version's description links its run, dataset and VAE.
+- Filters: `tags.ldmflow.stage = 'latent_ddpm'`, `params.resolution = '256'`,
+  `dataset.digest = '<digest>'`.
+"""
+
+
 def ensure_experiment(name: str) -> str:
     """The id of experiment `name`, created if needed (artifacts next to the SQLite database by default)."""
     from mlflow import MlflowClient
@@ -163,7 +184,8 @@ def ensure_experiment(name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(uri, name))
+            return client.create_experiment(name, artifact_location=_artifact_location(uri, name),
+                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
         except MlflowException:  # created by a concurrent process in the meantime
             experiment = client.get_experiment_by_name(name)
             if experiment is None:

@@ -269,11 +269,23 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
     with _sigterm_requests_stop(run):
         logger.info("Training %d steps (%d epochs of %d steps) on %d process(es), %d images.", run.max_steps,
                     num_epochs, run.steps_per_epoch, accelerator.num_processes, len(run.dataset))
+        if state.global_step == 0:
+            _preview_before_training(task, run, tracker)
         _train_epochs(settings, task, tracker, run, window, first_epoch, skip_batches, num_epochs)
     outcome = _finish(settings, task, tracker, run)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # drop the DDP wrapper before any process-group teardown (gloo deadlocks otherwise)
     return outcome
+
+
+def _preview_before_training(task: Task, run: PreparedRun, tracker: Tracker) -> None:
+    """Previews of the untrained model at step 0, so MLflow's image slider starts from noise."""
+    run.model.eval()
+    _, images = task.end_of_epoch(run.accelerator, run.model, 0, previews=True, validate=False)
+    run.model.train()
+    if run.accelerator.is_main_process:
+        for key, image in images.items():
+            tracker.log_image(image, key, 0)
 
 
 class Preempted(KeyboardInterrupt):

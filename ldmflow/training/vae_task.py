@@ -215,13 +215,13 @@ class VaeTask(Task):
         return metrics
 
     def _preview(self, vae, step: int) -> Image.Image:
-        """Inputs (top row) above their reconstructions (bottom row), saved to output_dir/images/."""
+        """Inputs (top row, captioned) above their reconstructions (bottom row), saved to output_dir/images/."""
         count = min(NUM_PREVIEW_IMAGES, len(self.eval_data))
         pixels = next(pixel_batches(self.eval_data, list(range(count)), count)).to(vae.device)
         reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
         rows = torch.cat([pixels, reconstruction.float()]).clamp(-1, 1)  # (2N, 3, H, W)
         tiles = to_pil(((rows + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
-        grid = image_grid(tiles, columns=count)
+        grid = image_grid(tiles, labels=["input"] * count + ["reconstruction"] * count, columns=count)
         folder = Path(self.settings.output_dir) / "images"
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"reconstructions_step{step:07d}.png")

@@ -120,7 +120,13 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(settings.experiment_name)
     client = MlflowClient()
     params = _step_parameters(settings)
-    with mlflow.start_run(run_id=os.environ.get("MLFLOW_RUN_ID"), experiment_id=experiment_id) as parent:
+    from ldmflow.tracking.run_tracker import MLFLOW_RANDOM_NAME, default_run_name
+
+    attach = os.environ.get("MLFLOW_RUN_ID")
+    name = default_run_name("pipeline", settings)
+    with mlflow.start_run(run_id=attach, experiment_id=experiment_id, run_name=None if attach else name) as parent:
+        if attach and MLFLOW_RANDOM_NAME.match(parent.info.run_name or ""):
+            mlflow.set_tag("mlflow.runName", name)
         existing = client.get_run(parent.info.run_id).data.params
         mlflow.log_params({k: v for k, v in settings.to_params().items() if k not in existing})
         mlflow.set_tags({"ldmflow.stage": "pipeline", CODE_VERSION_TAG: version})

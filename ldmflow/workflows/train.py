@@ -149,7 +149,7 @@ def _train_in(settings: TrainSettings, stage: str, accelerator):
     model_uri = None
     with open_run(settings, stage, enabled=is_main and not settings.no_mlflow) as tracker:
         tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
-                            name=Path(manifest.path).stem)
+                            name=f"{Path(manifest.path).stem} ({settings.split}, {len(manifest.records)} images)")
         previous = (prepared.resumed_tags or {}).get("ldmflow.resumed_from_run_id")
         if previous and tracker.run_id and previous != tracker.run_id:
             close_abandoned_run(previous, tracker.run_id)

@@ -1,0 +1,94 @@
+"""What a user sees in the MLflow UI and the console: run names by stage, a step-0 preview, registered versions
+whose Markdown links their run and VAE (and the VAE its latent DDPMs), an experiment description, and
+read-only commands that never create an empty store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from ldmflow.cli import cli
+from ldmflow.data.demo import make_demo_dataset
+
+TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0",
+        "--max_train_steps", "2", "--save_images_epochs", "1"]
+
+
+def invoke(*args: str, ok: bool = True):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui-story")
+    store = f"sqlite:///{root}/mlflow.db"
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    os.environ["MLFLOW_TRACKING_URI"] = store
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    data = make_demo_dataset(root / "data", num_images=12, resolution=32)
+    invoke("vae", "--manifest_path", data, "--output_dir", root / "vae", *TINY, "--block_out_channels", "8,8,8,8",
+           "--scaling_factor_batches", "1")
+    invoke("latent-ddpm", "--manifest_path", data, "--vae_uri", "models:/ldmflow-vae/1", "--output_dir",
+           root / "ldm", *TINY, "--block_out_channels", "16,16", "--num_preview_images", "1",
+           "--preview_inference_steps", "1")
+    invoke("sample", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--output_dir", root / "samples",
+           "--num_images", "1", "--num_inference_steps", "1")
+    yield MlflowClient(store)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _runs(client) -> dict[str, object]:
+    experiment = client.get_experiment_by_name("ldmflow")
+    return {run.data.tags["ldmflow.stage"]: run for run in client.search_runs([experiment.experiment_id])}
+
+
+def test_runs_are_named_by_stage_and_key_setting(story):
+    names = {stage: run.info.run_name for stage, run in _runs(story).items()}
+    assert names["vae"].startswith("vae-32px-") and names["latent_ddpm"].startswith("latent_ddpm-32px-")
+    assert names["sample"].startswith("sample-g3-")
+
+
+def test_a_preview_is_logged_at_step_zero(story):
+    for stage, key in (("vae", "reconstructions"), ("latent_ddpm", "samples")):
+        logged = [a.path for a in story.list_artifacts(_runs(story)[stage].info.run_id, "images")]
+        assert any(path.startswith(f"images/{key}+step+0+") for path in logged), logged
+
+
+def test_versions_describe_their_lineage_in_both_directions(story):
+    ldm_run = _runs(story)["latent_ddpm"].info.run_id
+    latent = story.get_model_version("ldmflow-latent-ddpm", "1")
+    assert "[ldmflow-vae v1](#/models/ldmflow-vae/versions/1)" in latent.description
+    assert f"runs/{ldm_run})" in latent.description and "Conditions: `temperature:1" in latent.description
+    vae = story.get_model_version("ldmflow-vae", "1")
+    assert vae.tags["latent_ddpm_versions"] == "ldmflow-latent-ddpm/1"
+    assert "#/models/ldmflow-latent-ddpm/versions/1" in vae.description
+    assert story.get_registered_model("ldmflow-vae").description.startswith("ldmflow's AutoencoderKL")
+
+
+def test_the_experiment_and_dataset_say_what_they_are(story):
+    experiment = story.get_experiment_by_name("ldmflow")
+    assert "ldmflow.stage" in experiment.tags["mlflow.note.content"]
+    dataset = story.get_run(_runs(story)["vae"].info.run_id).inputs.dataset_inputs[0].dataset
+    assert dataset.name == "manifest (train, 10 images)" or dataset.name.startswith("manifest (train, ")
+
+
+@pytest.mark.parametrize("command", [["models"], ["lineage", "models:/ldmflow-vae/1"],
+                                     ["sample", "--model_uri", "models:/ldmflow-vae/1", "--no_mlflow"]])
+def test_read_only_commands_on_a_missing_store_say_so_and_create_nothing(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = invoke(*command, ok=False)
+    assert result.exit_code != 0
+    assert f"No MLflow store at {tmp_path / 'mlflow.db'} (MLFLOW_TRACKING_URI is unset" in result.output
+    assert not list(tmp_path.iterdir())  # no mlflow.db, no mlartifacts
