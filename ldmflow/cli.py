@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -45,12 +46,20 @@ class _Group(click.Group):
     command_class = _Command
 
 
+QUIET_LOGGERS = ("urllib3", "alembic", "git", "PIL", "matplotlib", "accelerate", "httpx", "mlflow.store",
+                 "mlflow.system_metrics", "mlflow.projects", "mlflow.tracking._tracking_service")
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr; only warnings from the chatty libraries ldmflow builds on."""
+    """Log to stderr; only warnings from the chatty libraries ldmflow builds on (system-metrics chatter, the
+    projects runner's long command lines), and no artifact progress bars where stderr is not a terminal
+    (their carriage returns join into one long line in a log file)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for name in ("urllib3", "alembic", "git", "PIL", "matplotlib", "accelerate", "httpx", "mlflow.store"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def _comma_ints(ctx, param, value):

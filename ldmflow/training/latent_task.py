@@ -77,6 +77,8 @@ class LatentDataset(torch.utils.data.Dataset):
 class LatentDdpmTask(DdpmTask):
     """Latent diffusion: VAE encoding (or its cache), condition encoding with dropout, UNet, previews, saving."""
 
+    name = "latent_ddpm"
+
     def __init__(self, settings: LatentDdpmSettings, manifest: Manifest, vae_source,
                  val_manifest: Manifest | None = None, probe_dir: Path | None = None):
         super().__init__(settings, val_manifest, clip_sample=False)  # latents are not bounded to [-1, 1]

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 class LegacyDdpmTask(DdpmTask):
     """Pixel-space DDPM on the manifest's images."""
 
+    name = "legacy_ddpm"
+
     def __init__(self, settings: LegacyDdpmSettings, manifest: Manifest, val_manifest: Manifest | None = None):
         super().__init__(settings, val_manifest)
         self.manifest = manifest

@@ -30,6 +30,7 @@ from ldmflow.files import disk_problem
 from ldmflow.training.checkpoints import (BEST_CHECKPOINT, STATE_NAME, TrainingState, find_resume_checkpoint,
                                           list_checkpoints, load_checkpoint, save_checkpoint)
 from ldmflow.settings import RESUMABLE_CHANGES, TrainSettings
+from ldmflow.training.progress import Progress
 from ldmflow.training.task import Task, TrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class PreparedRun:
     nonfinite_in_a_row: int = 0
     resumed_tags: dict | None = None  # set by `prepare` when it resumed from a checkpoint
     checkpoint_states: dict = field(default_factory=dict)  # saved with every checkpoint beside accelerate's state
+    progress: Progress | None = None  # set by `train`
 
 
 @dataclass
@@ -271,7 +273,11 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
                     num_epochs, run.steps_per_epoch, accelerator.num_processes, len(run.dataset))
         if state.global_step == 0:
             _preview_before_training(task, run, tracker)
-        _train_epochs(settings, task, tracker, run, window, first_epoch, skip_batches, num_epochs)
+        run.progress = Progress(task.name, run.max_steps, state.global_step, enabled=accelerator.is_main_process)
+        try:
+            _train_epochs(settings, task, tracker, run, window, first_epoch, skip_batches, num_epochs)
+        finally:
+            run.progress.close()
     outcome = _finish(settings, task, tracker, run)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # drop the DDP wrapper before any process-group teardown (gloo deadlocks otherwise)
@@ -429,6 +435,8 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
             continue
         micro_step = 0
         state.global_step += 1
+        run.progress.update(1, settings.train_batch_size * settings.gradient_accumulation_steps
+                            * accelerator.num_processes)
         if finite and weights_moved:  # the EMA follows real steps only (not a GradScaler skip)
             task.after_optimizer_step(model)
         if finite:
@@ -443,6 +451,8 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
                            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
             if accelerator.is_main_process:
                 tracker.log_metrics(metrics, state.global_step)
+            if "loss" in metrics:
+                run.progress.note(loss=metrics["loss"])
         at_log_point = state.global_step % settings.logging_steps == 0
         if _stop_now(run, at_log_point):
             _checkpoint(settings, run, tracker)

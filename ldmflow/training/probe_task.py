@@ -34,6 +34,8 @@ def _values(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
 class ProbeTask(Task):
     """Model, axis-aware loss, validation error per condition (% of the training range), saving."""
 
+    name = "probe"
+
     def __init__(self, settings: ProbeSettings, manifest: Manifest, val_manifest: Manifest | None):
         self.settings, self.manifest, self.val_manifest = settings, manifest, val_manifest
         spec = manifest.spec

@@ -31,6 +31,7 @@ class TrainingPlan:
 class Task:
     """A task provides `setup`, `loss` and `save`; the other hooks do nothing unless a task needs them."""
 
+    name: str = "training"  # what progress lines call it
     metric_names: tuple[str, ...] = ()  # loss parts returned by `loss`, in this order
     step: int = 0  # the optimizer step `loss` computes (set by the loop before each step)
     unreadable_before_training: frozenset[str] = frozenset()  # images replaced while caching (reported at the end)

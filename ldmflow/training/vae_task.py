@@ -71,6 +71,8 @@ class VaeTask(Task):
     """The VAE's part of training: model, loss (and discriminator), validation and previews, scaling factor,
     saving."""
 
+    name = "vae"
+
     def __init__(self, settings: VaeSettings, manifest: Manifest, val_manifest: Manifest | None):
         self.settings, self.manifest, self.val_manifest = settings, manifest, val_manifest
         self._lpips = None  # built at the first validation; False when LPIPS cannot be had here

@@ -64,7 +64,8 @@ def _run_step(client, experiment_id: str, entry_point: str, parameters: dict[str
     if previous is not None:
         logger.info("Step %s: reusing finished run %s.", entry_point, previous.info.run_id)
         return previous, True
-    logger.info("Step %s: running with %s", entry_point, parameters)
+    logger.info("Step %s: starting.", entry_point)
+    logger.debug("Step %s parameters: %s", entry_point, parameters)
     submitted = mlflow.projects.run(str(project_dir()), entry_point=entry_point, parameters=parameters,
                                     env_manager="local", experiment_id=experiment_id, synchronous=True)
     client.set_tag(submitted.run_id, CODE_VERSION_TAG, version)

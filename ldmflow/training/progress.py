@@ -1,0 +1,67 @@
+"""Progress a user can watch: a tqdm bar on a terminal, a compact line every so often in a log file.
+
+Only the main process reports. Non-terminal output (CI, `mlflow run` logs, SLURM) gets one plain line every
+LDMFLOW_PROGRESS_SECONDS (default 30) instead of carriage-return bar updates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+PROGRESS_SECONDS_ENV = "LDMFLOW_PROGRESS_SECONDS"
+
+
+def _interval() -> float:
+    try:
+        return float(os.environ.get(PROGRESS_SECONDS_ENV, "30"))
+    except ValueError:
+        return 30.0
+
+
+class Progress:
+    """`update(steps, images)` after each optimizer step; `note(loss=...)` when metrics are read."""
+
+    def __init__(self, what: str, total: int, done: int = 0, enabled: bool = True):
+        self.what, self.total, self.done, self.first = what, total, done, done
+        self.enabled = enabled
+        self.started, self.last_line = time.monotonic(), time.monotonic()
+        self.images, self.postfix = 0, {}
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=what, unit="step", dynamic_ncols=True, leave=False)
+
+    def update(self, steps: int = 1, images: int = 0) -> None:
+        if not self.enabled:
+            return
+        self.done += steps
+        self.images += images
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        self.postfix["img/s"] = f"{self.images / elapsed:.1f}"
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.update(steps)
+        elif time.monotonic() - self.last_line >= _interval() or self.done == self.total:
+            self.last_line = time.monotonic()
+            logger.info("%s", self.line())
+
+    def note(self, **values: float) -> None:
+        self.postfix.update({key: f"{value:.4g}" for key, value in values.items()})
+
+    def line(self) -> str:
+        """`vae: step 120/350 (34%), loss 0.0123, 45.2 img/s, 5m 10s left`."""
+        elapsed = time.monotonic() - self.started
+        rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        details = ", ".join(f"{key} {value}" for key, value in self.postfix.items())
+        eta = f"{int(left // 60)}m {int(left % 60)}s left" if left == left else "? left"
+        return f"{self.what}: step {self.done}/{self.total} ({100 * self.done // max(self.total, 1)}%), {details}, {eta}"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
