@@ -162,7 +162,7 @@ def test_final_metrics_are_linked_to_the_logged_model(env):
                                   "model_id", "runs"])
 def test_every_uri_form_resolves_to_the_vae(env, form, tmp_path):
     vae = env["vae"]
-    uri = {"model_id": f"models:/{vae.model_id}", "runs": f"runs:/{vae.run_id}/model"}.get(form, form)
+    uri = {"model_id": f"models:/{vae.model_id}", "runs": f"runs:/{vae.run_id}/vae"}.get(form, form)
     source = resolve_model_source(uri, dst_dir=tmp_path)
     assert (source.uri, source.run_id, source.model_id) == (uri, vae.run_id, vae.model_id)
     assert (source.model_name, source.model_version, source.is_registered) == ("ldmflow-vae", "1", True)
@@ -197,7 +197,7 @@ def test_bad_model_uris_have_clear_messages(env, uri, message):
 
 
 def test_missing_run_artifact_lists_what_the_run_has(env):
-    with pytest.raises(LdmflowError, match=r"has no artifact or model 'weights' \(it has: .*model"):
+    with pytest.raises(LdmflowError, match=r"has no artifact or model 'weights' \(it has: .*vae"):
         resolve_model_source(f"runs:/{env['vae'].run_id}/weights")
 
 

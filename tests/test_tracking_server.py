@@ -118,7 +118,7 @@ def test_log_register_and_resolve_through_the_server(server, rest_env):
     source = resolve_model_source("models:/ldmflow-vae@champion", dst_dir=root / "download")
     assert (source.model_version, source.run_id, source.model_id) == ("1", registered.run_id, registered.model_id)
     assert isinstance(AutoencoderKL.from_pretrained(find_diffusers_folder(source.local_dir, "vae")), AutoencoderKL)
-    by_run = resolve_model_source(f"runs:/{registered.run_id}/model", dst_dir=root / "download-run")
+    by_run = resolve_model_source(f"runs:/{registered.run_id}/vae", dst_dir=root / "download-run")
     assert by_run.model_id == registered.model_id
     stored = list((server.root / "server-artifacts").rglob("diffusion_pytorch_model.safetensors"))
     assert stored, "the model's weights went through the server's artifact proxy"

@@ -104,3 +104,9 @@ def test_training_reports_progress_lines_when_stderr_is_not_a_terminal(tmp_path,
     lines = [record.getMessage() for record in caplog.records if record.name == "ldmflow.training.progress"]
     assert lines[0].startswith("legacy_ddpm: step 1/2 (50%), ") and lines[-1].startswith("legacy_ddpm: step 2/2 (100%)")
     assert "img/s" in lines[-1] and "loss " in lines[-1] and "left" in lines[-1]
+
+
+def test_logged_models_are_named_by_stage(story):
+    experiment = story.get_experiment_by_name("ldmflow")
+    names = sorted(model.name for model in story.search_logged_models(experiment_ids=[experiment.experiment_id]))
+    assert names == ["latent_ddpm", "vae"]

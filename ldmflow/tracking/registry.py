@@ -96,7 +96,7 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
         artifacts, model_class, signature = _stage(stage, output_dir, Path(staging), vae_source, tags)
         try:
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=_model_code(model_class, Path(staging)), artifacts=artifacts,
+                name=stage, python_model=_model_code(model_class, Path(staging)), artifacts=artifacts,
                 signature=signature, code_paths=[_package_copy(Path(staging))], pip_requirements=pip_requirements(),
                 registered_model_name=name, tags=tags, step=last_step)
         except (mlflow.exceptions.MlflowException, OSError) as error:  # server down, disk full...
