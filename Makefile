@@ -5,7 +5,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo
 BIN := $(abspath $(VENV))/bin
-STORE := sqlite:///$(abspath .)/mlflow.db
+# The demo's tracking store: MLFLOW_TRACKING_URI when set (e.g. the team server of `make server`), else ./mlflow.db.
+STORE := $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///$(abspath .)/mlflow.db)
 PYTEST_ARGS ?= -q
 # Demo sizes: a few minutes on a 2-core CPU. Real runs use the entry points' defaults (256 px, 50 epochs).
 DEMO_PARAMS ?= -P resolution=64 -P vae_train_batch_size=8 -P ddpm_train_batch_size=8 -P vae_epochs=25 \

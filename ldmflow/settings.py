@@ -23,9 +23,9 @@ IMAGE_FORMATS = ("png", "png16", "tiff16", "tiff32")  # what image_io writes
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-DISC_LOSSES = ("hinge", "vanilla")
+DISC_LOSSES = ("hinge", "vanilla")  # the VAE discriminator's loss
 SAMPLE_DTYPES = ("fp32", "bf16", "fp16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # the VAE discriminator's loss
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
 REGISTER_CHOICES = ("best", "last")
@@ -188,7 +188,8 @@ class TrainSettings:
         if self.resolution <= 0 or self.resolution % 8:
             raise LdmflowError(f"--resolution must be a positive multiple of 8, got {self.resolution}.")
         _check_at_least(self, 1, "max_image_pixels", "train_batch_size", "eval_batch_size", "num_epochs",
-                        "gradient_accumulation_steps", "checkpointing_steps", "save_images_epochs", "logging_steps", "layers_per_block",
+                        "gradient_accumulation_steps", "checkpointing_steps", "save_images_epochs", "logging_steps",
+                        "layers_per_block",
                         "max_train_steps", "max_nonfinite_steps", "checkpoints_total_limit")
         _check_at_least(self, 0, "dataloader_num_workers", "lr_warmup_steps", "eval_epochs")
         _check_number(self, "learning_rate", 0, 1, low_open=True)

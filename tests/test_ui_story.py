@@ -95,13 +95,13 @@ def test_read_only_commands_on_a_missing_store_say_so_and_create_nothing(tmp_pat
 
 
 def test_training_reports_progress_lines_when_stderr_is_not_a_terminal(tmp_path, monkeypatch, caplog):
-    caplog.set_level("INFO", logger="ldmflow.training.progress")
+    caplog.set_level("INFO", logger="ldmflow.progress")
     monkeypatch.setenv("LDMFLOW_PROGRESS_SECONDS", "0")
     data = make_demo_dataset(tmp_path / "data", num_images=12, resolution=32)
     invoke("legacy-ddpm", "--manifest_path", data, "--output_dir", tmp_path / "out", *TINY, "--block_out_channels",
            "16,16", "--num_preview_images", "1", "--preview_inference_steps", "1", "--no_mlflow",
            "--logging_steps", "1")
-    lines = [record.getMessage() for record in caplog.records if record.name == "ldmflow.training.progress"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "ldmflow.progress"]
     assert lines[0].startswith("legacy_ddpm: step 1/2 (50%), ") and lines[-1].startswith("legacy_ddpm: step 2/2 (100%)")
     assert "img/s" in lines[-1] and "loss " in lines[-1] and "left" in lines[-1]
 

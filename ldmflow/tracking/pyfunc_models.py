@@ -5,7 +5,8 @@ Serving formats (JSON friendly, one row per image):
 - `LatentDiffusionPyfunc`: input columns are the condition components in physical units (`component_columns`
   of the model's spec, e.g. temperature, wind_0, wind_1, wind_2, wind_mag; all optional, all blank = an
   unconditional sample) plus an optional integer `seed`. Params: num_inference_steps (25), guidance_scale (3.0),
-  scheduler ("ddim"), batch_size (8), dtype ("fp32", "bf16" or "fp16"; fp32 on a CPU). Output: `image` (base64-encoded 8-bit RGB PNG) and the `seed` used.
+  scheduler ("ddim"), batch_size (8), dtype ("fp32", "bf16" or "fp16"; fp32 on a CPU). Output: `image`
+  (base64-encoded 8-bit RGB PNG) and the `seed` used.
 - `VaePyfunc`: input column `image` (base64 PNG/TIFF/JPEG; sides multiples of the VAE's downsample factor f).
   Param mode = "reconstruct" (output `image`, base64 PNG) or "encode" (output `latent`, nested lists
   (latent_channels, H/f, W/f) of the posterior mean times the VAE's scaling_factor, i.e. what the latent DDPM

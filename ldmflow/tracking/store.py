@@ -160,8 +160,8 @@ def check_server_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-EXPERIMENT_DESCRIPTION = """Runs of [ldmflow](https://github.com/ldmflow/ldmflow): one run per stage (`vae`, `latent_ddpm`,
-`legacy_ddpm`, `probe`, `sample`, `evaluate`; the `ldmflow.stage` column), pipeline steps as child runs.
+EXPERIMENT_DESCRIPTION = """Runs of ldmflow: one run per stage (`vae`, `latent_ddpm`, `legacy_ddpm`, `probe`, `sample`,
+`evaluate`; the `ldmflow.stage` column), pipeline steps as child runs.
 
 - **Compare**: select runs, *Compare*; training curves are `loss`, `val/psnr` (VAE) and `val/denoise_loss_ema`
   (latent DDPM); evaluation metrics start with `eval/`.

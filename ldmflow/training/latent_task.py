@@ -19,6 +19,7 @@ from ldmflow.data.manifest import Manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.evaluation.adherence import condition_errors, manifest_ranges, manifest_requests
 from ldmflow.models.architectures import build_latent_unet, vae_downsample_factor
+from ldmflow.progress import Progress
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.models.conditioning import ConditionEncoder
 from ldmflow.models.probe import ProbeReader
@@ -117,7 +118,10 @@ class LatentDdpmTask(DdpmTask):
         plain = image_dataset(self.manifest, s, training=False)
         shard = list(range(len(plain)))[accelerator.process_index::accelerator.num_processes]
         encoded = []
+        progress = Progress("caching latents", -(-len(shard) // s.eval_batch_size), unit="batch",
+                            enabled=accelerator.is_main_process)
         for start in range(0, len(shard), s.eval_batch_size):
+            progress.update(1, min(s.eval_batch_size, len(shard) - start))
             items = [plain[i] for i in shard[start:start + s.eval_batch_size]]
             pixels = torch.stack([item["pixel_values"] for item in items])
             params = self._encode(pixels).cpu()
@@ -125,6 +129,7 @@ class LatentDdpmTask(DdpmTask):
             # item["index"] is the record actually read (an unreadable image is replaced by the next one)
             encoded += [(i, item["index"], p, f, item["unreadable"])
                         for i, item, p, f in zip(shard[start:], items, params, flipped)]
+        progress.close()
         self.unreadable_before_training = frozenset(item_path for _, _, _, _, item_path in encoded if item_path)
         encoded = [entry[:4] for entry in encoded]
         encoded = sorted(gather_object(encoded) if accelerator.num_processes > 1 else encoded, key=lambda e: e[0])

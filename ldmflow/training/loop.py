@@ -30,7 +30,7 @@ from ldmflow.files import disk_problem
 from ldmflow.training.checkpoints import (BEST_CHECKPOINT, STATE_NAME, TrainingState, find_resume_checkpoint,
                                           list_checkpoints, load_checkpoint, save_checkpoint)
 from ldmflow.settings import RESUMABLE_CHANGES, TrainSettings
-from ldmflow.training.progress import Progress
+from ldmflow.progress import Progress
 from ldmflow.training.task import Task, TrainingPlan
 
 logger = logging.getLogger(__name__)

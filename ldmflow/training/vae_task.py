@@ -15,6 +15,7 @@ from PIL import Image
 from ldmflow.data.dataset import image_dataset, pixel_batches
 from ldmflow.data.manifest import Manifest
 from ldmflow.models.architectures import build_vae
+from ldmflow.progress import Progress
 from ldmflow.models.discriminator import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.sampling.grids import image_grid, to_pil
@@ -252,10 +253,14 @@ class VaeTask(Task):
                                        self.settings.seed)
         indices = chosen[accelerator.process_index::accelerator.num_processes]
         totals = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count; float64 on the CPU (MPS has none)
+        progress = Progress("measuring the latent scaling factor", -(-len(indices) // batch_size), unit="batch",
+                            enabled=accelerator.is_main_process)
         for pixels in pixel_batches(plain, indices, batch_size):
+            progress.update(1, len(pixels))
             latents = vae.encode(pixels.to(accelerator.device)).latent_dist.sample().float()  # (B, c, h, w)
             partial = torch.stack([latents.sum(), (latents**2).sum()]).cpu().double()
             totals += torch.cat([partial, torch.tensor([float(latents.numel())], dtype=torch.float64)])
+        progress.close()
         if accelerator.num_processes > 1:
             totals = accelerator.reduce(totals.float().to(accelerator.device), reduction="sum").double().cpu()
         total, squares, count = totals.tolist()

@@ -152,7 +152,11 @@ def feature_extractor(settings: EvaluateSettings, probe) -> tuple[object | None,
 
 
 def _generate(settings: EvaluateSettings, evaluated: EvaluatedModel, conditions, seeds, guidance: float):
+    from ldmflow.progress import Progress
+
     images = []
+    progress = Progress(f"evaluate: generating {len(seeds)} images (guidance {guidance:g})",
+                        -(-len(seeds) // settings.batch_size), unit="batch")
     for start in range(0, len(seeds), settings.batch_size):
         part = seeds[start:start + settings.batch_size]
         if evaluated.stage == "latent_ddpm":
@@ -163,6 +167,8 @@ def _generate(settings: EvaluateSettings, evaluated: EvaluatedModel, conditions,
         else:
             images.append(evaluated.model.generate(len(part), settings.num_inference_steps, settings.scheduler,
                                                    seeds=part))
+        progress.update(1, len(part))
+    progress.close()
     return np.concatenate(images)
 
 

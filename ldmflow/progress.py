@@ -25,8 +25,8 @@ def _interval() -> float:
 class Progress:
     """`update(steps, images)` after each optimizer step; `note(loss=...)` when metrics are read."""
 
-    def __init__(self, what: str, total: int, done: int = 0, enabled: bool = True):
-        self.what, self.total, self.done, self.first = what, total, done, done
+    def __init__(self, what: str, total: int, done: int = 0, enabled: bool = True, unit: str = "step"):
+        self.what, self.total, self.done, self.first, self.unit = what, total, done, done, unit
         self.enabled = enabled
         self.started, self.last_line = time.monotonic(), time.monotonic()
         self.images, self.postfix = 0, {}
@@ -34,7 +34,7 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=done, desc=what, unit="step", dynamic_ncols=True, leave=False)
+            self.bar = tqdm(total=total, initial=done, desc=what, unit=unit, dynamic_ncols=True, leave=False)
 
     def update(self, steps: int = 1, images: int = 0) -> None:
         if not self.enabled:
@@ -58,9 +58,10 @@ class Progress:
         elapsed = time.monotonic() - self.started
         rate = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
         left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        details = ", ".join(f"{key} {value}" for key, value in self.postfix.items())
-        eta = f"{int(left // 60)}m {int(left % 60)}s left" if left == left else "? left"
-        return f"{self.what}: step {self.done}/{self.total} ({100 * self.done // max(self.total, 1)}%), {details}, {eta}"
+        parts = [f"{self.unit} {self.done}/{self.total} ({100 * self.done // max(self.total, 1)}%)",
+                 *(f"{key} {value}" for key, value in self.postfix.items()),
+                 f"{int(left // 60)}m {int(left % 60)}s left" if left == left else "? left"]
+        return f"{self.what}: {', '.join(parts)}"
 
     def close(self) -> None:
         if self.bar is not None:
