@@ -205,7 +205,10 @@ def pipeline_command(**options):
     from ldmflow.workflows.pipeline import evaluation_metrics, run_pipeline
 
     summary = run_pipeline(PipelineSettings(**options))
-    click.echo(json.dumps(summary, indent=2))
+    for step in ("vae", "latent_ddpm", "sample", "evaluate"):
+        model = summary.get(f"{step}_uri", "")
+        reused = " (reused)" if summary[f"{step}_reused"] == "True" else ""
+        click.echo(f"{step:12s} run {summary[f'{step}_run_id']}{reused} {model}".rstrip())
     click.echo(f"\nEvaluation of {summary['latent_ddpm_uri']} (run {summary['evaluate_run_id']}):")
     click.echo(format_metrics(evaluation_metrics(summary["evaluate_run_id"])))
 

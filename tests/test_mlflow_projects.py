@@ -185,7 +185,7 @@ def test_pipeline_runs_children_under_one_parent_and_reuses_them(store):
     second = mlflow_run(env, "pipeline", *params)
     assert "reusing finished run" not in first.stderr
     assert second.stderr.count("reusing finished run") == 4
-    assert "Evaluation of models:/ldmflow-latent-ddpm/" in second.stdout and "eval/temperature_mae" in second.stdout
+    assert "Evaluation of models:/ldmflow-latent-ddpm/" in second.stdout and "temperature_mae" in second.stdout
     client = _client()
     latest = client.get_model_version("ldmflow-latent-ddpm", "2")
     assert latest.tags["vae_model_version"] == "2"

@@ -49,15 +49,15 @@ class LatentSampler:
         overflow)."""
         from diffusers import DDPMScheduler
 
-        unet_dtype = model_dtype(dtype, device)
-        unet = UNet2DConditionModel.from_pretrained(unet_dir).to(device, unet_dtype).eval()
-        vae_dtype = torch.bfloat16 if unet_dtype == torch.bfloat16 else torch.float32
-        vae = AutoencoderKL.from_pretrained(vae_dir).to(device, vae_dtype).eval()
+        unet = UNet2DConditionModel.from_pretrained(unet_dir).to(device).eval()
+        vae = AutoencoderKL.from_pretrained(vae_dir).to(device).eval()
         scheduler_config = DDPMScheduler.load_config(scheduler_dir)
         encoder = None
         if conditioning_path and Path(conditioning_path).is_file():
             encoder = ConditionEncoder.load(conditioning_path)
-        return cls(unet, vae, scheduler_config, encoder)
+        sampler = cls(unet, vae, scheduler_config, encoder)
+        sampler.set_dtype(dtype)
+        return sampler
 
     @classmethod
     def from_training_output(cls, output_dir, device="cpu", dtype: str = "fp32") -> "LatentSampler":
@@ -71,8 +71,11 @@ class LatentSampler:
     def set_dtype(self, name: str) -> None:
         """Switch the UNet to fp32, bf16 or fp16 (and the VAE to bf16 or fp32) where they are."""
         dtype = model_dtype(name, self.unet.device)
-        self.unet.to(dtype)
-        self.vae.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+        vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+        if self.unet.dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
+            self.unet.to(dtype)
+        if self.vae.dtype != vae_dtype:
+            self.vae.to(vae_dtype)
 
     @property
     def spec(self) -> ConditionSpec:

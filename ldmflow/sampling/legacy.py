@@ -17,12 +17,16 @@ class LegacySampler:
 
     @classmethod
     def from_folder(cls, folder, device="cpu", dtype: str = "fp32") -> "LegacySampler":
-        unet = UNet2DModel.from_pretrained(folder, subfolder="unet").to(device, model_dtype(dtype, device)).eval()
-        return cls(unet, DDPMScheduler.load_config(folder, subfolder="scheduler"))
+        unet = UNet2DModel.from_pretrained(folder, subfolder="unet").to(device).eval()
+        sampler = cls(unet, DDPMScheduler.load_config(folder, subfolder="scheduler"))
+        sampler.set_dtype(dtype)
+        return sampler
 
     def set_dtype(self, name: str) -> None:
         """Switch the UNet to fp32, bf16 or fp16 where it is."""
-        self.unet.to(model_dtype(name, self.unet.device))
+        dtype = model_dtype(name, self.unet.device)
+        if self.unet.dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
+            self.unet.to(dtype)
 
     @torch.no_grad()
     def generate(self, num_images: int = 1, num_inference_steps: int = 25, scheduler: str = "ddim",

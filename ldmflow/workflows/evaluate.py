@@ -284,12 +284,24 @@ def _diversity(settings, evaluated, features, requested) -> dict:
     return diversity(distribution.extract(features, images), groups)
 
 
+COLUMNS = {"": "model", "guidance1/": "guidance 1", "shuffled/": "shuffled", "probe/": "real images"}
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
-    """The evaluation table: one metric per line, grouped as logged."""
+    """The evaluation table: one row per measure (eval/...), and a column each for the model, the model without
+    guidance, shuffled requests (what ignoring the conditions scores) and the probe on real images."""
     if not metrics:
         return "No metric could be computed (see the warning above)."
-    width = max(len(key) for key in metrics)
-    return "\n".join(f"{key:{width}s}  {value:.4g}" for key, value in sorted(metrics.items()))
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        name = key.removeprefix("eval/")
+        prefix = next((p for p in COLUMNS if p and name.startswith(p)), "")
+        rows.setdefault(name[len(prefix):], {})[prefix] = value
+    shown = [prefix for prefix in COLUMNS if any(prefix in row for row in rows.values())]
+    table = [["eval/...", *(COLUMNS[prefix] for prefix in shown)]]
+    table += [[name, *(f"{row[p]:.4g}" if p in row else "" for p in shown)] for name, row in sorted(rows.items())]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table)
 
 
 def run_evaluation(settings: EvaluateSettings) -> dict[str, float]:
