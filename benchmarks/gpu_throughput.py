@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from step_clock import StepClock
 
 VARIANTS = {  # name -> extra settings
     "plain": {},
@@ -32,22 +33,6 @@ VARIANTS = {  # name -> extra settings
     "attention_head_dim 64": {"attention_head_dim": 64},
 }
 LOG_EVERY = 10
-
-
-class _Clock:
-    """A tracker that logs nothing and notes when each logging step arrives."""
-
-    run_id = ""
-
-    def __init__(self):
-        self.times: dict[int, float] = {}
-
-    def log_metrics(self, metrics, step):
-        self.times.setdefault(step, time.perf_counter())
-
-    def log_image(self, image, key, step): pass
-
-    def set_tags(self, tags): pass
 
 
 def _vae(folder: Path) -> Path:
@@ -72,10 +57,9 @@ def ms_per_step(manifest: Path, vae: Path, output: Path, args, **variant) -> flo
         logging_steps=LOG_EVERY, num_preview_images=1, preview_inference_steps=1, no_mlflow=True, **variant)
     task = LatentDdpmTask(settings, load_manifest(manifest, condition_spec=settings.condition_spec),
                           ModelSource(local_dir=vae, uri=str(vae)))
-    clock = _Clock()
+    clock = StepClock()
     train(settings, task, clock, prepare(settings, task, build_accelerator(settings)))
-    first, last = 2 * LOG_EVERY, max(clock.times)  # after warm-up and compilation
-    return (clock.times[last] - clock.times[first]) / (last - first) * 1000
+    return clock.seconds_per_step(2 * LOG_EVERY) * 1000  # after warm-up and compilation
 
 
 def ema_ms(args) -> dict[str, float]:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from step_clock import StepClock
 
 CALIBRATION_STEPS = (8, 40)  # one run's steps between these two give the time per step (after warm-up)
 
@@ -36,7 +37,7 @@ def _settings(data: Path, output: Path, resolution: int, steps: int, **losses):
                        no_mlflow=True, **losses)
 
 
-def _train(settings, clock: "_Clock | None" = None) -> float:
+def _train(settings, clock: "StepClock | None" = None) -> float:
     """Train; returns the wall-clock seconds of the training steps alone (setup excluded)."""
     from ldmflow.data.manifest import load_manifest
     from ldmflow.training.loop import build_accelerator, prepare, train
@@ -45,32 +46,16 @@ def _train(settings, clock: "_Clock | None" = None) -> float:
     task = VaeTask(settings, load_manifest(settings.manifest_path, condition_spec="none"), None)
     run = prepare(settings, task, build_accelerator(settings))
     started = time.perf_counter()
-    train(settings, task, clock or _Clock(), run)
+    train(settings, task, clock or StepClock(), run)
     return time.perf_counter() - started
-
-
-class _Clock:
-    """A tracker that logs nothing and notes when each step's metrics arrive (logging_steps 1)."""
-
-    run_id = ""
-
-    def __init__(self):
-        self.times: dict[int, float] = {}
-
-    def log_metrics(self, metrics, step):
-        self.times.setdefault(step, time.perf_counter())
-
-    def log_image(self, image, key, step): pass
-
-    def set_tags(self, tags): pass
 
 
 def _seconds_per_step(data: Path, scratch: Path, resolution: int, losses: dict) -> float:
     """Timed over a short run's steps after its warm-up."""
     few, many = CALIBRATION_STEPS
-    clock = _Clock()
+    clock = StepClock()
     _train(_settings(data, scratch, resolution, many, logging_steps=1, **losses), clock)
-    return (clock.times[many] - clock.times[few]) / (many - few)
+    return clock.seconds_per_step(few, many)
 
 
 def _steps_within(seconds: float, data: Path, scratch: Path, resolution: int, losses: dict, args) -> int:

@@ -38,6 +38,20 @@ def _launch(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def _tiny_vae(manifest: Path, output: Path) -> Path:
+    """A one-step x8 VAE (one process) for the latent DDPM tests to encode with."""
+    from click.testing import CliRunner
+
+    from ldmflow.cli import cli
+
+    result = CliRunner().invoke(cli, ["vae", "--manifest_path", str(manifest), "--output_dir", str(output),
+                                      "--resolution", "32", "--max_train_steps", "1", "--block_out_channels",
+                                      "8,8,8,8", "--layers_per_block", "1", "--scaling_factor_batches", "1",
+                                      "--no_mlflow"])
+    assert result.exit_code == 0, result.output
+    return output
+
+
 @pytest.mark.slow
 def test_two_processes_see_every_image_once_per_epoch(tmp_path):
     _launch(tmp_path, str(Path(__file__).with_name("distributed_coverage.py")), str(tmp_path))
@@ -82,17 +96,8 @@ def test_two_processes_train_a_vae_with_its_discriminator(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_train_a_latent_ddpm_from_a_shared_latent_cache(tmp_path):
-    from click.testing import CliRunner
-
-    from ldmflow.cli import cli
-
     manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32, val_fraction=0.2)
-    vae = tmp_path / "vae"
-    result = CliRunner().invoke(cli, ["vae", "--manifest_path", str(manifest), "--output_dir", str(vae),
-                                      "--resolution", "32", "--max_train_steps", "1", "--block_out_channels",
-                                      "8,8,8,8", "--layers_per_block", "1", "--scaling_factor_batches", "1",
-                                      "--no_mlflow"])
-    assert result.exit_code == 0, result.output
+    vae = _tiny_vae(manifest, tmp_path / "vae")
     output = tmp_path / "latent"
     result = _launch(tmp_path, "-m", "ldmflow", "latent-ddpm", "--manifest_path", str(manifest), "--vae_uri",
                      str(vae), "--output_dir", str(output), "--resolution", "32", "--train_batch_size", "2",
@@ -123,17 +128,8 @@ def test_two_processes_train_the_pixel_ddpm(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_train_a_latent_ddpm_encoding_each_batch(tmp_path):
-    from click.testing import CliRunner
-
-    from ldmflow.cli import cli
-
     manifest = make_demo_dataset(tmp_path / "data", num_images=12, resolution=32)
-    vae = tmp_path / "vae"
-    result = CliRunner().invoke(cli, ["vae", "--manifest_path", str(manifest), "--output_dir", str(vae),
-                                      "--resolution", "32", "--max_train_steps", "1", "--block_out_channels",
-                                      "8,8,8,8", "--layers_per_block", "1", "--scaling_factor_batches", "1",
-                                      "--no_mlflow"])
-    assert result.exit_code == 0, result.output
+    vae = _tiny_vae(manifest, tmp_path / "vae")
     output = tmp_path / "latent"
     result = _launch(tmp_path, "-m", "ldmflow", "latent-ddpm", "--manifest_path", str(manifest), "--vae_uri",
                      str(vae), "--output_dir", str(output), "--resolution", "32", "--train_batch_size", "2",
