@@ -52,9 +52,10 @@ def test_a_strided_ema_keeps_the_horizon_and_counts_optimizer_steps():
 
 def test_the_ema_updates_every_n_steps_in_training(data, tmp_path):
     invoke(*LEGACY, "--manifest_path", str(data), "--output_dir", str(tmp_path), "--use_ema", "--ema_update_every",
-           "2", "--max_train_steps", "4", "--checkpointing_steps", "4")
-    state = json.loads((tmp_path / "checkpoint-4" / "ema.json").read_text())
-    assert state["optimization_step"] == 4
+           "2", "--max_train_steps", "4", "--checkpointing_steps", "1")
+    counted = [json.loads((tmp_path / f"checkpoint-{step}" / "ema.json").read_text())["optimization_step"]
+               for step in (1, 2, 3, 4)]
+    assert counted == [0, 2, 2, 4]  # updated after steps 2 and 4 only, each counting the steps it covers
 
 
 def test_channels_last_trains_and_saves_plain_diffusers_weights(data, tmp_path):

@@ -364,6 +364,8 @@ def _save_model(settings, task: Task, run: PreparedRun, target: Path) -> dict[st
     try:
         return task.save(run.accelerator, run.model, target)
     except (OSError, RuntimeError, SafetensorError) as error:
+        if type(error) is RuntimeError and "iostream" not in str(error):
+            raise  # not a write error (out of memory, a collective): let it speak for itself
         for temporary in Path(target).glob(".*.tmp"):
             shutil.rmtree(temporary, ignore_errors=True)
         checkpoints = list_checkpoints(settings.output_dir)
