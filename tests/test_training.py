@@ -293,7 +293,7 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(dat
                                  lr_warmup_steps=0, checkpointing_steps=2, logging_steps=1, max_nonfinite_steps=3,
                                  max_train_steps=20, no_mlflow=True)
     task = Diverging(settings, load_manifest(data, condition_spec="none"))
-    with pytest.raises(LdmflowError, match=r"3 non-finite losses in a row at step 5; the last good checkpoint is "
+    with pytest.raises(LdmflowError, match=r"3 non-finite losses in a row by step 5; the last good checkpoint is "
                                            r".*checkpoint-4"):
         train(settings, task, Recorder(), prepare(settings, task, build_accelerator(settings)))
     assert (tmp_path / "checkpoint-2").is_dir()

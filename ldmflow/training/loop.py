@@ -31,6 +31,7 @@ from ldmflow.training.checkpoints import (BEST_CHECKPOINT, STATE_NAME, TrainingS
                                           list_checkpoints, load_checkpoint, save_checkpoint)
 from ldmflow.settings import RESUMABLE_CHANGES, TrainSettings
 from ldmflow.progress import Progress
+from ldmflow.training.skipped_steps import SkippedSteps, fused_adamw_available
 from ldmflow.training.task import Task, TrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ class PreparedRun:
     checkpoint_after_epoch: bool = False
     stop_requested: bool = False  # set by SIGTERM
     unreadable_paths: set = field(default_factory=set)  # images replaced by a neighbour (this process)
-    nonfinite_in_a_row: int = 0
+    fused_optimizer: bool = False  # fused AdamW: a non-finite step is skipped on the device
+    skipped: SkippedSteps | None = None  # set by `train`
     resumed_tags: dict | None = None  # set by `prepare` when it resumed from a checkpoint
     checkpoint_states: dict = field(default_factory=dict)  # saved with every checkpoint beside accelerate's state
     progress: Progress | None = None  # set by `train`
@@ -228,8 +230,9 @@ def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> P
     if len(dataset) == 0:
         raise LdmflowError("The training dataset is empty.")
     dataset = EpochSeededData(dataset, settings.seed)
+    fused = fused_adamw_available(accelerator.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate,
-                                  weight_decay=settings.adam_weight_decay)
+                                  weight_decay=settings.adam_weight_decay, fused=fused or None)
     workers = settings.dataloader_num_workers
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=settings.train_batch_size, shuffle=True, num_workers=workers,
@@ -245,7 +248,7 @@ def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> P
     state = TrainingState()
     task.after_prepare(accelerator, model, plan)
     return PreparedRun(accelerator, model, optimizer, dataloader, dataset, lr_scheduler, state, steps_per_epoch,
-                       max_steps, _checkpoint_metric(settings, task),
+                       max_steps, _checkpoint_metric(settings, task), fused_optimizer=fused,
                        checkpoint_states={STATE_NAME: state, **task.checkpoint_states()})
 
 
@@ -269,11 +272,13 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
     first_epoch, skip_batches = divmod(state.global_step, run.steps_per_epoch)
     window = _MetricWindow(task.metric_names, accelerator.device)
     with _sigterm_requests_stop(run):
-        logger.info("Training %d steps (%d epochs of %d steps) on %d process(es), %d images.", run.max_steps,
-                    num_epochs, run.steps_per_epoch, accelerator.num_processes, len(run.dataset))
+        logger.info("Training %d steps (%d epochs of %d steps) on %d process(es), %d images; checkpoints every %d "
+                    "steps in %s.", run.max_steps, num_epochs, run.steps_per_epoch, accelerator.num_processes,
+                    len(run.dataset), settings.checkpointing_steps, settings.output_dir)
         if state.global_step == 0:
             _preview_before_training(task, run, tracker)
         run.progress = Progress(task.name, run.max_steps, state.global_step, enabled=accelerator.is_main_process)
+        run.skipped = SkippedSteps(accelerator.device, state.nonfinite_steps)
         try:
             _train_epochs(settings, task, tracker, run, window, first_epoch, skip_batches, num_epochs)
         finally:
@@ -422,14 +427,7 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
             task.after_backward(accelerator)
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                finite = _step_is_finite(loss, grad_norm, accelerator)
-                optimizer_called = finite or accelerator.scaler is not None  # fp16: the GradScaler skips itself
-                if optimizer_called:
-                    run.optimizer.step()
-                    run.lr_scheduler.step()
-                weights_moved = optimizer_called and not accelerator.optimizer_step_was_skipped
-                if not weights_moved:  # the LR schedule stays in step with global_step all the same
-                    _advance_lr_schedule(run)
+                weights_moved = _optimizer_step(run, run.skipped.check(loss, grad_norm, accelerator))
             run.optimizer.zero_grad(set_to_none=True)
         window.add(loss, parts, len(batch["index"]), batch.get("substituted"))
         run.unreadable_paths.update(path for path in batch.get("unreadable", ()) if path)
@@ -439,15 +437,10 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
         state.global_step += 1
         run.progress.update(1, settings.train_batch_size * settings.gradient_accumulation_steps
                             * accelerator.num_processes)
-        if finite and weights_moved:  # the EMA follows real steps only (not a GradScaler skip)
-            task.after_optimizer_step(model)
-        if finite:
-            run.nonfinite_in_a_row = 0
-        else:
-            run.nonfinite_in_a_row += 1
-            state.nonfinite_steps += 1
-            _check_nonfinite(settings, state, run.nonfinite_in_a_row)
+        if weights_moved:  # the EMA skips what the host knows was skipped (a step skipped on the device
+            task.after_optimizer_step(model)  # left the weights as they were: the EMA steps towards the same)
         if state.global_step % settings.logging_steps == 0 or state.global_step == run.max_steps:
+            _read_skipped(settings, run)
             metrics = window.read(accelerator)
             metrics.update(lr=run.lr_scheduler.get_last_lr()[0], nonfinite_steps=state.nonfinite_steps, epoch=epoch,
                            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
@@ -483,11 +476,14 @@ def _check_weights_finite(settings: TrainSettings, run: PreparedRun, what: str) 
 
 def _checkpoint(settings: TrainSettings, run: PreparedRun, tracker: Tracker) -> None:
     step = run.state.global_step
+    _read_skipped(settings, run)  # the checkpoint's state holds the current count
     _check_weights_finite(settings, run, f"checkpoint-{step}")
     path = save_checkpoint(run.accelerator, settings.output_dir, step, settings.checkpoints_total_limit,
                            run.checkpoint_states)
     if run.accelerator.is_main_process:
         tracker.set_tags({"ldmflow.last_checkpoint": str(path), "ldmflow.last_checkpoint_step": str(step)})
+        if run.progress is not None:
+            run.progress.note(saved=path.name)
 
 
 def _advance_lr_schedule(run: PreparedRun) -> None:
@@ -500,25 +496,37 @@ def _advance_lr_schedule(run: PreparedRun) -> None:
             scheduler.step()
 
 
-def _step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor | None, accelerator: Accelerator) -> bool:
-    """One scalar host sync per optimizer step: a non-finite loss or gradient would poison the weights.
+def _optimizer_step(run: PreparedRun, finite: torch.Tensor) -> bool:
+    """The optimizer and LR-schedule step, unless the step is not finite; False when the host knows the
+    weights did not move. The LR schedule keeps step with global_step either way."""
+    accelerator = run.accelerator
+    if accelerator.scaler is not None:  # fp16: the GradScaler skips non-finite gradients itself
+        moved = True
+    elif run.fused_optimizer:  # decided on the device, no host sync
+        run.optimizer.optimizer.found_inf = (~finite).float()
+        moved = True
+    else:
+        moved = bool(finite)  # one host sync, on devices without fused AdamW
+    if moved:
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        moved = not accelerator.optimizer_step_was_skipped
+    if not moved:
+        _advance_lr_schedule(run)
+    return moved
 
-    Gradients are all-reduced, so their norm agrees on every rank. Under fp16 the GradScaler skips overflowing
-    steps itself (inf gradients are its normal calibration), so there only a non-finite loss on any rank counts.
-    """
-    if accelerator.scaler is None and grad_norm is not None:
-        return bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
-    finite = torch.isfinite(loss.detach()).float().reshape(1)
-    return bool(accelerator.reduce(finite, reduction="mean").item() == 1.0)
 
-
-def _check_nonfinite(settings: TrainSettings, state: TrainingState, in_a_row: int) -> None:
-    logger.warning("Non-finite loss or gradient at step %d: step skipped (%d in a row).", state.global_step, in_a_row)
-    if in_a_row >= settings.max_nonfinite_steps:
+def _read_skipped(settings: TrainSettings, run: PreparedRun) -> None:
+    """Reads the device's count of skipped steps (one host sync per read); stops a run that diverged."""
+    total, new, longest = run.skipped.read()
+    run.state.nonfinite_steps, step = total, run.state.global_step
+    if new:
+        logger.warning("Non-finite loss or gradient: %d step(s) skipped by step %d (%d in all).", new, step, total)
+    if longest >= settings.max_nonfinite_steps:
         checkpoints = list_checkpoints(settings.output_dir)
         last = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
         raise LdmflowError(
-            f"Training diverged: {in_a_row} non-finite losses in a row at step {state.global_step}; {last}. "
+            f"Training diverged: {longest} non-finite losses in a row by step {step}; {last}. "
             "Lower --learning_rate, check the data, or try --mixed_precision no.")
 
 
