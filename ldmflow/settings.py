@@ -425,6 +425,8 @@ class EvaluateSettings:
                                              "condition probe's), or auto (inception when available).",
                                      choices=FEATURE_EXTRACTORS)
     inception_weights: str | None = setting(None, "Local pt_inception-2015-12-05 weights (else downloaded).")
+    perceptual_weights: str | None = setting(None, "Folder with the LPIPS weight files, for a VAE's LPIPS (default: "
+                                                   "$LDMFLOW_LPIPS_WEIGHTS, else torch hub's cache; never downloaded).")
     probe_uri: str | None = setting(None, "Condition probe (folder or MLflow URI); default: the registered probe "
                                           "of this dataset, trained when there is none.")
     condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "Conditions the probe reads ('none': no probe); a "

@@ -46,6 +46,28 @@ def write_test_image():
     return _write
 
 
+@pytest.fixture
+def lpips_weights(tmp_path) -> Path:
+    """A folder with the published LPIPS files' key names and shapes and seeded values (the real ones cannot
+    be downloaded here)."""
+    import torch
+
+    from ldmflow.models.perceptual import ALEXNET_FILE, LINEAR_FILE
+
+    folder = tmp_path / "lpips-weights"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    convs = ((0, 64, 3, 11), (3, 192, 64, 5), (6, 384, 192, 3), (8, 256, 384, 3), (10, 256, 256, 3))
+    backbone = {}
+    for index, out, inp, kernel in convs:
+        backbone[f"features.{index}.weight"] = torch.randn(out, inp, kernel, kernel, generator=generator) * 0.05
+        backbone[f"features.{index}.bias"] = torch.zeros(out)
+    torch.save(backbone, folder / ALEXNET_FILE)
+    torch.save({f"lin{k}.model.1.weight": torch.rand(1, out, 1, 1, generator=generator) / out
+                for k, (_, out, _, _) in enumerate(convs)}, folder / LINEAR_FILE)
+    return folder
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _reset_mlflow_tracking_uri():
     """In-process commands set MLflow's global tracking URI; no test module inherits another's store."""

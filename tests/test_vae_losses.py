@@ -15,7 +15,7 @@ from ldmflow.cli import cli
 from ldmflow.data.demo import make_demo_dataset
 from ldmflow.data.manifest import load_manifest
 from ldmflow.models.discriminator import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
-from ldmflow.models.perceptual import ALEXNET_FILE, LINEAR_FILE, WEIGHTS_ENV
+from ldmflow.models.perceptual import WEIGHTS_ENV
 from ldmflow.settings import VaeSettings
 from ldmflow.training.loop import build_accelerator, prepare, train
 from ldmflow.training.vae_task import VaeTask
@@ -116,23 +116,8 @@ def test_a_learned_log_variance_trains_and_stays_out_of_the_saved_vae(data, tmp_
     assert not any("logvar" in key for key in load_file(tmp_path / "diffusion_pytorch_model.safetensors"))
 
 
-def _fake_lpips_weights(folder: Path) -> Path:
-    """The published files' key names and shapes, seeded values (the real ones cannot be downloaded here)."""
-    folder.mkdir()
-    generator = torch.Generator().manual_seed(0)
-    convs = ((0, 64, 3, 11), (3, 192, 64, 5), (6, 384, 192, 3), (8, 256, 384, 3), (10, 256, 256, 3))
-    backbone = {}
-    for index, out, inp, kernel in convs:
-        backbone[f"features.{index}.weight"] = torch.randn(out, inp, kernel, kernel, generator=generator) * 0.05
-        backbone[f"features.{index}.bias"] = torch.zeros(out)
-    torch.save(backbone, folder / ALEXNET_FILE)
-    torch.save({f"lin{k}.model.1.weight": torch.rand(1, out, 1, 1, generator=generator) / out
-                for k, (_, out, _, _) in enumerate(convs)}, folder / LINEAR_FILE)
-    return folder
-
-
-def test_the_perceptual_loss_trains_from_a_weights_folder(data, tmp_path, monkeypatch):
-    monkeypatch.setenv(WEIGHTS_ENV, str(_fake_lpips_weights(tmp_path / "lpips")))
+def test_the_perceptual_loss_trains_from_a_weights_folder(data, tmp_path, monkeypatch, lpips_weights):
+    monkeypatch.setenv(WEIGHTS_ENV, str(lpips_weights))
     _, logged = train_vae(data, tmp_path / "out", perceptual_weight=1.0, eval_epochs=1)
     assert all(metrics["perceptual"] > 0 for metrics in logged.values())
 

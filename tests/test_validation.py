@@ -164,23 +164,36 @@ def _vae_run(data: Path, output: Path):
     return run(settings, task)
 
 
-def test_the_vae_validates_with_lpips_when_it_can_be_had(data, tmp_path, monkeypatch, caplog):
-    from ldmflow.evaluation import distribution
+def test_the_vae_validates_with_lpips_from_local_weights_and_never_downloads(data, tmp_path, monkeypatch, caplog,
+                                                                             lpips_weights):
+    from ldmflow.models.perceptual import ALEXNET_FILE, LINEAR_CACHE_NAME, WEIGHTS_ENV
 
+    def no_download(url, *args, **kwargs):
+        raise AssertionError(f"an optional metric downloaded {url}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty hub cache
     caplog.set_level("INFO")
     _, recorder = _vae_run(data, tmp_path / "without")
     validated = [m for _, m in recorder.metrics if "val/psnr" in m]
     assert validated and not any("val/lpips" in m for m in validated)
-    assert "val/lpips is skipped: LPIPS needs torchvision" in caplog.text
+    [skipped] = [r.getMessage() for r in caplog.records if "val/lpips is skipped" in r.getMessage()]
+    assert "no LPIPS weights here" in skipped and WEIGHTS_ENV in skipped and "--perceptual_weights" in skipped
 
-    class MeanAbsoluteDistance(torch.nn.Module):  # stands in for torchmetrics' LPIPS: (B, 3, H, W) pairs in [0, 1]
-        def forward(self, first, second):
-            return (first - second).abs().mean()
-
-    monkeypatch.setattr(distribution, "lpips_metric", MeanAbsoluteDistance)
+    monkeypatch.setenv(WEIGHTS_ENV, str(lpips_weights))  # a folder
     _, recorder = _vae_run(data, tmp_path / "with")
     [validated] = [m for _, m in recorder.metrics if "val/psnr" in m]
     assert 0 < validated["val/lpips"] < 1
+
+    monkeypatch.delenv(WEIGHTS_ENV)  # or a first download's cache
+    cache = tmp_path / "torch-home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    for name, cached in ((ALEXNET_FILE, ALEXNET_FILE), ("alex.pth", LINEAR_CACHE_NAME)):
+        (cache / cached).write_bytes((lpips_weights / name).read_bytes())
+    _, recorder = _vae_run(data, tmp_path / "cached")
+    [cached] = [m for _, m in recorder.metrics if "val/psnr" in m]
+    assert cached["val/lpips"] == pytest.approx(validated["val/lpips"], rel=1e-4)
 
 
 def test_the_scaling_factor_is_measured_on_a_seeded_random_sample():
@@ -339,7 +352,40 @@ def test_the_lr_schedule_keeps_step_with_global_step_across_skipped_steps(data, 
     logged = {step: m for step, m in recorder.metrics if "lr" in m}
     assert logged[3]["nonfinite_steps"] == 1
     assert logged[6]["lr"] == pytest.approx(1e-3 * 6 / 10)  # warm-up at step 6, though step 3 was skipped
-    assert task.ema_updates == 5  # the skipped step did not move the EMA
+    assert task.ema_updates == 6  # skipped on the device: the EMA steps too, towards the same weights
+
+
+def test_a_nonfinite_step_is_skipped_on_the_device_and_read_with_the_metrics(data, tmp_path, monkeypatch, caplog):
+    """No host sync per step: fused AdamW's found_inf leaves the weights as they were (with weight decay, a
+    zero-gradient update would still move them; a NaN one would poison them), and the count is read only at
+    log points."""
+    from ldmflow.training.skipped_steps import SkippedSteps
+
+    reads, real_read = [], SkippedSteps.read
+    monkeypatch.setattr(SkippedSteps, "read", lambda self: reads.append(1) or real_read(self))
+
+    class OneBadStep(LegacyDdpmTask):
+        calls, weights = 0, []
+
+        def loss(self, model, batch):
+            loss, parts = super().loss(model, batch)
+            OneBadStep.calls += 1
+            return (loss * float("nan") if OneBadStep.calls == 3 else loss), parts
+
+        def after_optimizer_step(self, model):
+            OneBadStep.weights.append([p.detach().clone() for p in model.parameters()])
+
+    caplog.set_level("WARNING")
+    settings = settings_for(data, tmp_path, max_train_steps=6, num_epochs=10, logging_steps=3,
+                            checkpointing_steps=100, adam_weight_decay=0.1)
+    _, recorder = run(settings, OneBadStep(settings, load_manifest(data, condition_spec="none"), None))
+    before, skipped, after = OneBadStep.weights[1:4]
+    assert all(torch.equal(a, b) for a, b in zip(before, skipped))
+    assert all(torch.isfinite(p).all() for p in after) and not all(torch.equal(a, b) for a, b in zip(skipped, after))
+    logged = {step: m for step, m in recorder.metrics if "nonfinite_steps" in m}
+    assert sorted(logged) == [3, 6] and logged[3]["nonfinite_steps"] == 1 and logged[6]["nonfinite_steps"] == 1
+    assert len(reads) == 2  # once per log point, not once per step
+    assert "1 step(s) skipped by step 3 (1 in all)" in caplog.text
 
 
 def test_a_full_disk_is_named_and_leaves_no_half_written_checkpoint(data, tmp_path, monkeypatch):

@@ -45,27 +45,30 @@ def inception_features(weights_path: str | None = None) -> torch.nn.Module:
         raise Unavailable(f"the Inception weights could not be loaded: {_first_line(error)}") from None
 
 
-def lpips_metric() -> torch.nn.Module:
-    """torchmetrics' LPIPS (AlexNet; images (B, 3, H, W) in [0, 1]), or Unavailable."""
-    try:
-        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+def lpips_metric(weights_dir: str | None = None) -> torch.nn.Module:
+    """ldmflow's LPIPS (AlexNet; (B, 3, H, W) pairs in [-1, 1] -> (B,)) from local weights only, or Unavailable:
+    an optional metric never downloads."""
+    from ldmflow.models.perceptual import WHERE_TO_PUT_THEM, PerceptualWeightsUnavailable, load_lpips
 
-        return LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
-    except (ModuleNotFoundError, ImportError):
-        raise Unavailable("LPIPS needs torchvision") from None
-    except (OSError, RuntimeError, ValueError) as error:
-        raise Unavailable(f"the LPIPS backbone could not be loaded: {_first_line(error)}") from None
+    try:
+        return load_lpips(weights_dir, download=False)
+    except PerceptualWeightsUnavailable as error:
+        raise Unavailable(f"no LPIPS weights here ({error.problem}). {WHERE_TO_PUT_THEM}") from None
 
 
 @torch.no_grad()
-def lpips(real: np.ndarray, generated: np.ndarray, batch_size: int = 32) -> float:
+def lpips(real: np.ndarray, generated: np.ndarray, batch_size: int = 32, weights_dir: str | None = None) -> float:
     """Mean LPIPS (AlexNet) between image pairs (N, H, W, 3) in [0, 1], or Unavailable."""
-    metric = lpips_metric()
+    from ldmflow.models.perceptual import MIN_IMAGE_SIZE
+
+    if min(real.shape[1:3]) < MIN_IMAGE_SIZE:
+        raise Unavailable(f"AlexNet needs {MIN_IMAGE_SIZE} px or more")
+    metric, total = lpips_metric(weights_dir), 0.0
     for start in range(0, len(real), batch_size):
-        as_tensors = [torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
-                      .float() for images in (generated, real)]
-        metric.update(*as_tensors)
-    return float(metric.compute())
+        first, second = (torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+                         .float() * 2 - 1 for images in (generated, real))
+        total += float(metric(first, second).sum())
+    return total / max(len(real), 1)
 
 
 def _uint8(images: np.ndarray) -> torch.Tensor:

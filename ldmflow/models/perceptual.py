@@ -25,6 +25,8 @@ LINEAR_FILE = "alex.pth"
 LINEAR_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/alex.pth"
 LINEAR_CACHE_NAME = "lpips-v0.1-alex.pth"  # torch hub's cache is shared: "alex.pth" alone says too little
 WEIGHTS_ENV = "LDMFLOW_LPIPS_WEIGHTS"
+WHERE_TO_PUT_THEM = (f"Put {ALEXNET_FILE} and {LINEAR_FILE} in a folder and pass --perceptual_weights DIR or set "
+                     f"{WEIGHTS_ENV}")
 DOWNLOAD_TIMEOUT_S = 30.0
 MIN_IMAGE_SIZE = 31  # smaller inputs shrink to nothing before AlexNet's second max-pool
 TAP_CHANNELS = (64, 192, 384, 256, 256)  # outputs of the ReLUs at features.1, 4, 7, 9, 11
@@ -32,7 +34,12 @@ _TAPS = (1, 4, 7, 9, 11)
 
 
 class PerceptualWeightsUnavailable(LdmflowError):
-    """The LPIPS weights could be neither read from the given folder nor downloaded (one-line message)."""
+    """The LPIPS weights could be neither read from the given folder nor downloaded (one-line message);
+    `problem` is the reason alone, for callers that phrase the advice themselves."""
+
+    def __init__(self, message: str, problem: str):
+        super().__init__(message)
+        self.problem = problem
 
 
 class _Head(torch.nn.Module):
@@ -110,19 +117,23 @@ def _without_autocast(device: torch.device) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
-def load_lpips(weights_dir: str | os.PathLike | None = None) -> LPIPS:
+def load_lpips(weights_dir: str | os.PathLike | None = None, download: bool = True) -> LPIPS:
     """LPIPS with the published weights, from `weights_dir`, else $LDMFLOW_LPIPS_WEIGHTS, else downloaded.
 
     The download happens once, into torch hub's cache (`torch.hub.get_dir()`), as torchvision would do it.
+    With `download=False` (an optional metric, which must not fetch 230 MB unasked) only that cache counts.
     Any failure raises PerceptualWeightsUnavailable with one line saying how to provide the files.
     """
     folder = weights_dir or os.environ.get(WEIGHTS_ENV) or None
     if folder is not None:
         folder = Path(folder)
         sources = [(folder / name, _read(folder / name)) for name in (ALEXNET_FILE, LINEAR_FILE)]
-    else:
+    elif download:
         sources = [(ALEXNET_URL, _download(ALEXNET_URL, ALEXNET_FILE, check_hash=True)),
                    (LINEAR_URL, _download(LINEAR_URL, LINEAR_CACHE_NAME, check_hash=False))]
+    else:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        sources = [(cache / name, _read(cache / name)) for name in (ALEXNET_FILE, LINEAR_CACHE_NAME)]
     model = LPIPS()
     expected = model.state_dict()
     loaded = {}
@@ -144,7 +155,7 @@ def check_lpips_weights(weights_dir: str | os.PathLike | None = None) -> None:
 def _unavailable(problem: str) -> PerceptualWeightsUnavailable:
     return PerceptualWeightsUnavailable(
         f"--perceptual_weight needs the LPIPS weights (AlexNet + LPIPS v0.1 heads): {problem}. "
-        f"Put {ALEXNET_FILE} and {LINEAR_FILE} in a folder and pass --perceptual_weights DIR or set {WEIGHTS_ENV}.")
+        f"{WHERE_TO_PUT_THEM}.", problem)
 
 
 def _first_line(error: BaseException) -> str:

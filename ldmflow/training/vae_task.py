@@ -185,10 +185,16 @@ class VaeTask(Task):
         return metrics, images
 
     def _perceptual(self, accelerator: Accelerator):
-        """LPIPS when its backbone can be had (torchvision and its weights), else False (said once)."""
+        """The LPIPS of val/lpips: the training loss's own, else one from local weights (never downloaded),
+        else False (said once)."""
         if self._lpips is None:
+            from ldmflow.models.perceptual import MIN_IMAGE_SIZE
+
             try:
-                self._lpips = distribution.lpips_metric().to(accelerator.device)
+                if self.settings.resolution < MIN_IMAGE_SIZE:
+                    raise distribution.Unavailable(f"AlexNet needs {MIN_IMAGE_SIZE} px or more")
+                self._lpips = self.perceptual if self.perceptual is not None else \
+                    distribution.lpips_metric(self.settings.perceptual_weights).to(accelerator.device)
             except distribution.Unavailable as error:
                 if accelerator.is_main_process:
                     logger.info("val/lpips is skipped: %s.", error)
@@ -198,22 +204,19 @@ class VaeTask(Task):
     def _validate(self, accelerator: Accelerator, vae) -> dict[str, float]:
         """PSNR/SSIM (and LPIPS) of posterior-mode reconstructions on the val split, sharded over processes."""
         indices = list(range(accelerator.process_index, len(self.eval_data), accelerator.num_processes))
-        lpips = self._perceptual(accelerator) if self.perceptual is None else None
+        lpips = self._perceptual(accelerator)
         totals = torch.zeros(4, device=accelerator.device)  # psnr sum, ssim sum, lpips sum, count
         for pixels in pixel_batches(self.eval_data, indices, self.settings.eval_batch_size):
             pixels = pixels.to(accelerator.device)
             reconstruction = vae.decode(vae.encode(pixels).latent_dist.mode()).sample
             reference, test = (pixels.float() + 1) / 2, ((reconstruction.float() + 1) / 2).clamp(0, 1)
-            if self.perceptual is not None:  # the training loss's own LPIPS (no torchvision needed)
-                perceptual = self.perceptual(test * 2 - 1, reference * 2 - 1).sum()
-            else:
-                perceptual = lpips(test, reference).float() * len(pixels) if lpips else test.new_zeros(())
-            totals += torch.stack([psnr(reference, test).sum(), ssim(reference, test).sum(), perceptual.reshape(()),
+            perceptual = lpips(test * 2 - 1, reference * 2 - 1).sum() if lpips is not False else test.new_zeros(())
+            totals += torch.stack([psnr(reference, test).sum(), ssim(reference, test).sum(), perceptual,
                                    torch.tensor(float(len(pixels)), device=accelerator.device)])
         totals = accelerator.reduce(totals, reduction="sum")
         count = max(totals[3].item(), 1.0)
         metrics = {"val/psnr": totals[0].item() / count, "val/ssim": totals[1].item() / count}
-        if lpips or self.perceptual is not None:
+        if lpips is not False:
             metrics["val/lpips"] = totals[2].item() / count
         return metrics
 

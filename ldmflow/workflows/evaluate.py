@@ -211,7 +211,8 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
         reference, test = (torch.from_numpy(a).permute(0, 3, 1, 2) for a in (real_images, generated))
         metrics.update(psnr=float(psnr(reference, test).mean()), ssim=float(ssim(reference, test).mean()))
         try:
-            metrics["lpips"] = distribution.lpips(real_images, generated, settings.batch_size)
+            metrics["lpips"] = distribution.lpips(real_images, generated, settings.batch_size,
+                                                    settings.perceptual_weights)
         except distribution.Unavailable as error:
             skipped = "; ".join(filter(None, [skipped, f"LPIPS ({error})"]))
         if features is not None:
