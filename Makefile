@@ -8,6 +8,8 @@ BIN := $(abspath $(VENV))/bin
 # The demo's tracking store: MLFLOW_TRACKING_URI when set (e.g. the team server of `make server`), else ./mlflow.db.
 STORE := $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///$(abspath .)/mlflow.db)
 PYTEST_ARGS ?= -q
+# MLFLOW_LOGGING_LEVEL=WARNING: `mlflow run` prints its temporary folder and the whole command line otherwise;
+# ldmflow prints each step's run and the result.
 # Demo sizes: a few minutes on a 2-core CPU. Real runs use the entry points' defaults (256 px, 50 epochs).
 DEMO_PARAMS ?= -P resolution=64 -P vae_train_batch_size=8 -P ddpm_train_batch_size=8 -P vae_epochs=25 \
 	-P ddpm_epochs=300 -P vae_block_out_channels=32,32,64,64 -P ddpm_block_out_channels=64,64 -P layers_per_block=1 \
@@ -32,8 +34,8 @@ demo: install
 	$(BIN)/ldmflow demo-data --output_dir $(DEMO_DIR)/data --num_images 128 --resolution 64 --seed 0
 	$(BIN)/ldmflow check-manifest --manifest_path $(DEMO_DIR)/data/manifest.json
 	MLFLOW_TRACKING_URI=$(STORE) $(BIN)/ldmflow init-store
-	MLFLOW_TRACKING_URI=$(STORE) $(BIN)/mlflow run . -e pipeline --env-manager local --experiment-name ldmflow \
-		-P manifest_path=$(DEMO_DIR)/data/manifest.json -P output_root=$(DEMO_DIR)/outputs $(DEMO_PARAMS)
+	MLFLOW_TRACKING_URI=$(STORE) MLFLOW_LOGGING_LEVEL=WARNING $(BIN)/mlflow run . -e pipeline --env-manager local \
+		--experiment-name ldmflow -P manifest_path=$(DEMO_DIR)/data/manifest.json -P output_root=$(DEMO_DIR)/outputs $(DEMO_PARAMS)
 	@echo
 	@echo "Done. Browse the runs, preview grids and registered models with:"
 	@echo "    $(BIN)/mlflow ui --backend-store-uri $(STORE) --port 5000"

@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=128)
     parser.add_argument("--disc_weights", type=float, nargs="+", default=[0.5], help="one VAE per weight")
     parser.add_argument("--disc_start_fraction", type=float, default=1 / 3, help="of each run's steps")
+    parser.add_argument("--disc_layers", type=int, default=3, help="the discriminator's strided layers (receptive "
+                        "field 70 px at 3, 34 px at 2: smaller judges finer texture)")
     parser.add_argument("--perceptual_weights", default=None, help="LPIPS weights folder: adds a third VAE with "
                         "--perceptual_weight 1 and LPIPS scores")
     parser.add_argument("--output_root", default=None, help="keep the VAEs here (default: a temporary folder)")
@@ -127,13 +129,15 @@ def main() -> None:
     data = make_demo_dataset(root / "data", num_images=args.num_images, resolution=args.resolution,
                              val_fraction=0.125, style="textured", overwrite=True)
     configurations = {"MSE + L1 + KL": {}}
-    configurations.update({f"+ adversarial {weight:g}": {"disc_weight": weight} for weight in args.disc_weights})
+    configurations.update({f"+ adversarial {weight:g}": {"disc_weight": weight, "disc_layers": args.disc_layers}
+                           for weight in args.disc_weights})
     lpips = None
     if args.perceptual_weights:
         from ldmflow.models.perceptual import load_lpips
 
         lpips = load_lpips(args.perceptual_weights)
-        configurations["+ adversarial + LPIPS"] = {"disc_weight": args.disc_weights[0], "perceptual_weight": 1.0,
+        configurations["+ adversarial + LPIPS"] = {"disc_weight": args.disc_weights[0], "disc_layers": args.disc_layers,
+                                                   "perceptual_weight": 1.0,
                                                    "perceptual_weights": args.perceptual_weights}
     results = {}
     for name, losses in configurations.items():

@@ -50,12 +50,28 @@ QUIET_LOGGERS = ("urllib3", "alembic", "git", "PIL", "matplotlib", "accelerate",
                  "mlflow.system_metrics", "mlflow.projects", "mlflow.tracking._tracking_service")
 
 
+class _ShortFormatter(logging.Formatter):
+    """`12:27:29 message`; the level only from warnings up (--verbose adds dates and logger names)."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING:
+            stamp, _, message = text.partition(" ")
+            text = f"{stamp} {record.levelname}: {message}"
+        return text
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Log to stderr; only warnings from the chatty libraries ldmflow builds on (system-metrics chatter, the
     projects runner's long command lines), and no artifact progress bars where stderr is not a terminal
     (their carriage returns join into one long line in a log file)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s") if verbose
+                         else _ShortFormatter())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     if not sys.stderr.isatty():
@@ -209,8 +225,9 @@ def pipeline_command(**options):
         model = summary.get(f"{step}_uri", "")
         reused = " (reused)" if summary[f"{step}_reused"] == "True" else ""
         click.echo(f"{step:12s} run {summary[f'{step}_run_id']}{reused} {model}".rstrip())
-    click.echo(f"\nEvaluation of {summary['latent_ddpm_uri']} (run {summary['evaluate_run_id']}):")
-    click.echo(format_metrics(evaluation_metrics(summary["evaluate_run_id"])))
+    if summary["evaluate_reused"] == "True":  # else its own run printed the table above
+        click.echo(f"\nEvaluation of {summary['latent_ddpm_uri']} (run {summary['evaluate_run_id']}):")
+        click.echo(format_metrics(evaluation_metrics(summary["evaluate_run_id"])))
 
 
 @cli.command("lineage")

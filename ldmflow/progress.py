@@ -1,7 +1,8 @@
 """Progress a user can watch: a tqdm bar on a terminal, a compact line every so often in a log file.
 
 Only the main process reports. Non-terminal output (CI, `mlflow run` logs, SLURM) gets one plain line every
-LDMFLOW_PROGRESS_SECONDS (default 30) instead of carriage-return bar updates.
+LDMFLOW_PROGRESS_SECONDS (default 30) instead of carriage-return bar updates, and a last one at the end of
+work that printed any: work shorter than that prints no progress line at all.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ def _interval() -> float:
 
 
 class Progress:
-    """`update(steps, images)` after each optimizer step; `note(loss=...)` when metrics are read."""
+    """`update(steps, images)` after each optimizer step; `note(loss=..., saved="checkpoint-500")` to show more."""
 
     def __init__(self, what: str, total: int, done: int = 0, enabled: bool = True, unit: str = "step"):
         self.what, self.total, self.done, self.first, self.unit = what, total, done, done, unit
         self.enabled = enabled
         self.started, self.last_line = time.monotonic(), time.monotonic()
-        self.images, self.postfix = 0, {}
+        self.images, self.postfix, self.lines = 0, {}, 0
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -46,12 +47,12 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(self.postfix, refresh=False)
             self.bar.update(steps)
-        elif time.monotonic() - self.last_line >= _interval() or self.done == self.total:
-            self.last_line = time.monotonic()
+        elif time.monotonic() - self.last_line >= _interval() or (self.done == self.total and self.lines):
+            self.last_line, self.lines = time.monotonic(), self.lines + 1
             logger.info("%s", self.line())
 
-    def note(self, **values: float) -> None:
-        self.postfix.update({key: f"{value:.4g}" for key, value in values.items()})
+    def note(self, **values: float | str) -> None:
+        self.postfix.update({key: value if isinstance(value, str) else f"{value:.4g}" for key, value in values.items()})
 
     def line(self) -> str:
         """`vae: step 120/350 (34%), loss 0.0123, 45.2 img/s, 5m 10s left`."""

@@ -106,6 +106,24 @@ def test_training_reports_progress_lines_when_stderr_is_not_a_terminal(tmp_path,
     assert "img/s" in lines[-1] and "loss " in lines[-1] and "left" in lines[-1]
 
 
+def test_work_shorter_than_the_progress_interval_prints_no_progress_line(monkeypatch, caplog):
+    from ldmflow.progress import Progress
+
+    caplog.set_level("INFO", logger="ldmflow.progress")
+    monkeypatch.setenv("LDMFLOW_PROGRESS_SECONDS", "3600")
+    quick = Progress("quick", total=3)
+    for _ in range(3):
+        quick.update(1, images=2)
+    assert not caplog.records
+    clock = [0.0]
+    monkeypatch.setattr("ldmflow.progress.time.monotonic", lambda: clock[0])
+    slow = Progress("slow", total=3)
+    for _ in range(3):
+        clock[0] += 1800.0  # the second step crosses the interval: one line, then the last one
+        slow.update(1, images=2)
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["slow: step 2/3 (66%)", "slow: step 3/3 (100%)"]
+
+
 def test_logged_models_are_named_by_stage(story):
     experiment = story.get_experiment_by_name("ldmflow")
     names = sorted(model.name for model in story.search_logged_models(experiment_ids=[experiment.experiment_id]))

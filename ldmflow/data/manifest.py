@@ -141,7 +141,7 @@ def load_manifest(
         ManifestRecord(c.index, c.output_rel, c.image_path, c.values.values, c.values.present) for c in usable
     ]
     stats = ConditionStats.from_dict(report.condition_stats, spec)
-    logger.info("Loaded %d of %d entries (split %s) from %s", len(records), len(entries), report.split, path)
+    logger.debug("Loaded %d of %d entries (split %s) from %s", len(records), len(entries), report.split, path)
     digest = hashlib.sha256(raw).hexdigest()
     return Manifest(path, root, spec, records, stats, report, digest)
 

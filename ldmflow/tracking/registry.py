@@ -98,16 +98,30 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
             info = mlflow.pyfunc.log_model(
                 name=stage, python_model=_model_code(model_class, Path(staging)), artifacts=artifacts,
                 signature=signature, code_paths=[_package_copy(Path(staging))], pip_requirements=pip_requirements(),
-                registered_model_name=name, tags=tags, step=last_step)
+                tags=tags, step=last_step)
+            version = _register(client, name, info.model_id, run_id, tags)
         except (mlflow.exceptions.MlflowException, OSError) as error:  # server down, disk full...
             raise LdmflowError(f"Could not log or register the {stage} model in MLflow: "
                                f"{str(error).splitlines()[0]}. The trained model is safe in {output_dir}.") from None
-    registered = RegisteredModel(name, str(info.registered_model_version), info.model_id,
-                                 f"models:/{name}/{info.registered_model_version}", run_id)
+    registered = RegisteredModel(name, str(version), info.model_id, f"models:/{name}/{version}", run_id)
     _tag(client, registered, tags, alias, vae_source)
     logger.info("Registered %s (run %s, logged model %s)%s.", registered.model_uri, run_id, info.model_id,
                 f" with alias @{alias}" if alias else "")
     return registered
+
+
+def _register(client, name: str, model_id: str, run_id: str, tags: dict[str, str]) -> str:
+    """A new version of `name` (created when missing) from the logged model, as `log_model(registered_model_name=)`
+    does, but without its two lines printed on stderr per model (ldmflow logs one line of its own)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return client.create_model_version(name, f"models:/{model_id}", run_id=run_id, tags=tags,
+                                       model_id=model_id).version
 
 
 def registered_probe_uri(dataset_digest: str, condition_spec: str) -> str | None:

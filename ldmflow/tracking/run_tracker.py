@@ -385,8 +385,12 @@ def _start_run(settings, stage: str) -> tuple[str, bool]:
         what = f"attach to run MLFLOW_RUN_ID={run_id}" if run_id else "start an MLflow run"
         reason = access_problem(error, f"log runs to experiment {settings.experiment_name!r}")
         raise LdmflowError(f"Cannot {what} in {uri}: {reason or str(error).splitlines()[0]}.") from None
-    name = mlflow.get_run(run.info.run_id).info.run_name
-    logger.info("MLflow run %s (%s); watch it live: %s", run.info.run_id, name, run_location(uri, run))
+    recorded = mlflow.get_run(run.info.run_id)
+    if uri.startswith(("http://", "https://")) or "mlflow.parentRunId" not in recorded.data.tags:
+        logger.info("MLflow run %s (%s); watch it live: %s", run.info.run_id, recorded.info.run_name,
+                    run_location(uri, run))
+    else:  # a pipeline step on a local store: its parent already said how to open the UI
+        logger.info("MLflow run %s (%s)", run.info.run_id, recorded.info.run_name)
     return run.info.run_id, True
 
 

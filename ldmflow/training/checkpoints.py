@@ -110,7 +110,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
             shutil.rmtree(final)
         temporary.rename(final)
         _prune(output_dir, total_limit)
-        (logger.debug if name else logger.info)("Saved checkpoint %s", final)  # the best one: often, quietly
+        logger.debug("Saved checkpoint %s", final)  # the progress line names the newest; the best one changes often
     accelerator.wait_for_everyone()
     return final
 

@@ -94,5 +94,5 @@ class ProbeTask(Task):
             accelerator.unwrap_model(model).save_pretrained(temporary, safe_serialization=True)
             self.encoder.save(temporary)
             publish_files(temporary, Path(target_dir))
-            logger.info("Saved the condition probe to %s.", target_dir)
+            logger.debug("Saved the condition probe to %s.", target_dir)
         return {}

@@ -64,8 +64,7 @@ def _run_step(client, experiment_id: str, entry_point: str, parameters: dict[str
     if previous is not None:
         logger.info("Step %s: reusing finished run %s.", entry_point, previous.info.run_id)
         return previous, True
-    logger.info("Step %s: starting.", entry_point)
-    logger.debug("Step %s parameters: %s", entry_point, parameters)
+    logger.debug("Step %s: starting with %s", entry_point, parameters)  # its run's first line says it started
     submitted = mlflow.projects.run(str(project_dir()), entry_point=entry_point, parameters=parameters,
                                     env_manager="local", experiment_id=experiment_id, synchronous=True)
     client.set_tag(submitted.run_id, CODE_VERSION_TAG, version)
@@ -121,13 +120,15 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(settings.experiment_name)
     client = MlflowClient()
     params = _step_parameters(settings)
-    from ldmflow.tracking.run_tracker import MLFLOW_RANDOM_NAME, default_run_name
+    from ldmflow.tracking.run_tracker import MLFLOW_RANDOM_NAME, default_run_name, run_location
 
     attach = os.environ.get("MLFLOW_RUN_ID")
     name = default_run_name("pipeline", settings)
     with mlflow.start_run(run_id=attach, experiment_id=experiment_id, run_name=None if attach else name) as parent:
         if attach and MLFLOW_RANDOM_NAME.match(parent.info.run_name or ""):
             mlflow.set_tag("mlflow.runName", name)
+        logger.info("MLflow run %s (%s, the steps are its child runs); watch it live: %s", parent.info.run_id, name,
+                    run_location(mlflow.get_tracking_uri(), parent))
         existing = client.get_run(parent.info.run_id).data.params
         mlflow.log_params({k: v for k, v in settings.to_params().items() if k not in existing})
         mlflow.set_tags({"ldmflow.stage": "pipeline", CODE_VERSION_TAG: version})
