@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -127,3 +128,31 @@ def test_the_attention_head_size_is_configurable_and_checked(data, tmp_path):
     assert UNet2DModel.from_pretrained(tmp_path, subfolder="unet").config.attention_head_dim == 16
     with pytest.raises(LdmflowError, match="--attention_head_dim 24 must divide"):
         LegacyDdpmSettings(manifest_path="m", output_dir="o", block_out_channels=(16, 32, 32), attention_head_dim=24)
+
+
+def test_bf16_samples_look_like_fp32_ones(monkeypatch):
+    """What `--dtype bf16` computes on a GPU (UNet and VAE in bf16, the scheduler in fp32), forced on the CPU,
+    where ldmflow itself keeps fp32 because bf16 is slow there."""
+    import ldmflow.sampling.latent as latent
+    from diffusers import DDPMScheduler
+
+    from ldmflow.models.architectures import build_latent_unet, build_vae
+
+    torch.manual_seed(0)
+    sampler = latent.LatentSampler(build_latent_unet((32, 32), 1, 8, 4, None).eval(),
+                                   build_vae((16, 16, 16, 16), 1, 64, 4).eval(), DDPMScheduler().config, None)
+    fp32 = sampler.generate(num_images=2, num_inference_steps=4, seeds=[3, 4])
+    monkeypatch.setattr(latent, "model_dtype", lambda name, device: {"bf16": torch.bfloat16}.get(name, torch.float32))
+    from diffusers.models import modeling_utils
+
+    warned = []
+    monkeypatch.setattr(modeling_utils.logger, "warning", lambda message, *args, **kwargs: warned.append(message))
+    sampler.set_dtype("bf16")
+    assert sampler.unet.dtype == torch.bfloat16 and sampler.vae.dtype == torch.bfloat16
+    assert not warned  # diffusers' "should be kept in float32" on every cast, for models that have no such module
+    bf16 = sampler.generate(num_images=2, num_inference_steps=4, seeds=[3, 4])
+    assert bf16.dtype == fp32.dtype and bf16.shape == fp32.shape and np.isfinite(bf16).all()
+    difference = np.abs(bf16 - fp32)
+    assert difference.mean() < 0.02 and difference.max() < 0.25, (difference.mean(), difference.max())
+    other_seeds = sampler.generate(num_images=2, num_inference_steps=4, seeds=[5, 6])
+    assert np.abs(other_seeds - bf16).mean() > 5 * difference.mean()  # the tolerance is well below a real change

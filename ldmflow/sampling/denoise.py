@@ -25,6 +25,18 @@ def model_dtype(name: str, device) -> torch.dtype:
     return DTYPES[name] if torch.device(device).type != "cpu" else torch.float32
 
 
+def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`model.to(dtype)` in place. diffusers' `to` warns about modules kept in fp32 on every dtype cast, even
+    when a model has none (every model ldmflow builds): those get torch's own `Module.to`, which does the
+    same cast quietly."""
+    if model.dtype == dtype:
+        return
+    if getattr(model, "_keep_in_fp32_modules", None):
+        model.to(dtype)  # diffusers keeps those modules in fp32
+    else:
+        torch.nn.Module.to(model, dtype)
+
+
 def batches(count: int, batch_size: int | None):
     """Index ranges of at most `batch_size` images (all at once when None)."""
     size = batch_size or max(count, 1)

@@ -13,7 +13,8 @@ from ldmflow.data.conditions import ConditionSpec, extract_conditions
 from ldmflow.errors import LdmflowError
 from ldmflow.files import model_digest
 from ldmflow.models.conditioning import CONDITIONING_FILE, ConditionEncoder
-from ldmflow.sampling.denoise import batches, denoise, initial_noise, make_scheduler, model_dtype, step_generators
+from ldmflow.sampling.denoise import (batches, cast_model, denoise, initial_noise, make_scheduler, model_dtype,
+                                     step_generators)
 
 VAE_SOURCE_FILE = "vae_source.json"
 
@@ -72,10 +73,8 @@ class LatentSampler:
         """Switch the UNet to fp32, bf16 or fp16 (and the VAE to bf16 or fp32) where they are."""
         dtype = model_dtype(name, self.unet.device)
         vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
-        if self.unet.dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
-            self.unet.to(dtype)
-        if self.vae.dtype != vae_dtype:
-            self.vae.to(vae_dtype)
+        cast_model(self.unet, dtype)
+        cast_model(self.vae, vae_dtype)
 
     @property
     def spec(self) -> ConditionSpec:

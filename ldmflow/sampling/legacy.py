@@ -6,7 +6,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from ldmflow.sampling.denoise import batches, denoise, initial_noise, make_scheduler, model_dtype, step_generators
+from ldmflow.sampling.denoise import (batches, cast_model, denoise, initial_noise, make_scheduler, model_dtype,
+                                     step_generators)
 
 
 class LegacySampler:
@@ -25,8 +26,7 @@ class LegacySampler:
     def set_dtype(self, name: str) -> None:
         """Switch the UNet to fp32, bf16 or fp16 where it is."""
         dtype = model_dtype(name, self.unet.device)
-        if self.unet.dtype != dtype:  # diffusers warns on every .to(dtype), even a no-op one
-            self.unet.to(dtype)
+        cast_model(self.unet, dtype)
 
     @torch.no_grad()
     def generate(self, num_images: int = 1, num_inference_steps: int = 25, scheduler: str = "ddim",
