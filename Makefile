@@ -39,7 +39,7 @@ demo: install
 	@echo
 	@echo "Done. Browse the runs, preview grids and registered models with:"
 	@echo "    $(BIN)/mlflow ui --backend-store-uri $(STORE) --port 5000"
-	@echo "then open http://127.0.0.1:5000 (Experiments > ldmflow, and Models)."
+	@echo "then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning (ldmflow, and Model registry)."
 	@echo "Lineage of the latent DDPM:  MLFLOW_TRACKING_URI=$(STORE) $(BIN)/ldmflow lineage models:/ldmflow-latent-ddpm/1"
 
 test: install

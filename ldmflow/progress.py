@@ -47,9 +47,14 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(self.postfix, refresh=False)
             self.bar.update(steps)
-        elif time.monotonic() - self.last_line >= _interval() or (self.done == self.total and self.lines):
+        elif self._line_due():
             self.last_line, self.lines = time.monotonic(), self.lines + 1
             logger.info("%s", self.line())
+
+    def _line_due(self) -> bool:
+        """Every interval; at the end too, unless nothing was said yet or the last line was just said."""
+        since, interval = time.monotonic() - self.last_line, _interval()
+        return since >= interval or (self.done == self.total and self.lines > 0 and since >= min(5.0, interval))
 
     def note(self, **values: float | str) -> None:
         self.postfix.update({key: value if isinstance(value, str) else f"{value:.4g}" for key, value in values.items()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -66,6 +67,16 @@ def lpips_weights(tmp_path) -> Path:
     torch.save({f"lin{k}.model.1.weight": torch.rand(1, out, 1, 1, generator=generator) / out
                 for k, (_, out, _, _) in enumerate(convs)}, folder / LINEAR_FILE)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _fresh_ui_hint():
+    """Each test starts as a new process would: the local store's `mlflow ui` command not yet printed."""
+    from ldmflow.tracking.run_tracker import UI_HINT_SHOWN_ENV
+
+    os.environ.pop(UI_HINT_SHOWN_ENV, None)
+    yield
+    os.environ.pop(UI_HINT_SHOWN_ENV, None)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -78,6 +78,9 @@ def test_evaluating_a_latent_ddpm_logs_linked_metrics_and_trains_the_probe_once(
     version = client.get_model_version("ldmflow-latent-ddpm", "1")
     assert float(version.tags["eval/fid"]) == pytest.approx(run.data.metrics["eval/fid"], rel=1e-4)
     assert version.tags["eval_run_id"] == run.info.run_id
+    [note] = [line for line in version.description.splitlines() if line.startswith("Evaluated in run")]
+    assert f"/runs/{run.info.run_id})" in note and f"fid {run.data.metrics['eval/fid']:.4g}" in note
+    assert "temperature_mae_pct" in note and "guidance1" not in note
     from ldmflow.tracking.model_uri import version_model_id
 
     model = client.get_logged_model(version_model_id(version))
@@ -92,6 +95,8 @@ def test_evaluating_a_latent_ddpm_logs_linked_metrics_and_trains_the_probe_once(
     invoke("evaluate", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--manifest_path", "data/manifest.json",
            "--feature_extractor", "probe", *QUICK)
     assert len(client.search_model_versions("name = 'ldmflow-probe'")) == 1
+    described = client.get_model_version("ldmflow-latent-ddpm", "1").description
+    assert described.count("Evaluated in run") == 2  # one line per evaluation
 
 
 def test_a_latent_ddpm_trained_after_a_probe_exists_scores_adherence_while_training(store):

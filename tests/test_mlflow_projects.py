@@ -184,6 +184,10 @@ def test_pipeline_runs_children_under_one_parent_and_reuses_them(store):
     first = mlflow_run(env, "pipeline", *params)
     second = mlflow_run(env, "pipeline", *params)
     assert "reusing finished run" not in first.stderr
+    assert first.stderr.count("watch it live") == 1  # the pipeline's line; its steps do not repeat it
+    assert (first.stdout + first.stderr).count("\ntemperature_mae ") == 1  # the evaluation table, once
+    assert "Loaded " not in first.stderr and "Successfully registered" not in first.stderr
+    assert "workflowType=machine_learning" in first.stderr  # MLflow 3's UI shows runs, not its GenAI view
     assert second.stderr.count("reusing finished run") == 4
     assert "Evaluation of models:/ldmflow-latent-ddpm/" in second.stdout and "temperature_mae" in second.stdout
     client = _client()
@@ -191,3 +195,8 @@ def test_pipeline_runs_children_under_one_parent_and_reuses_them(store):
     assert latest.tags["vae_model_version"] == "2"
     parent = client.get_run(latest.run_id).data.tags["mlflow.parentRunId"]
     assert client.get_run(parent).data.tags["ldmflow.stage"] == "pipeline"
+    experiment = client.get_experiment_by_name("ldmflow")
+    [probe] = client.search_runs([experiment.experiment_id], "tags.`ldmflow.stage` = 'probe'")
+    evaluate = client.get_run(probe.data.tags["mlflow.parentRunId"])  # the evaluation that trained it
+    assert evaluate.data.tags["ldmflow.stage"] == "evaluate"
+    assert client.get_run(evaluate.data.tags["mlflow.parentRunId"]).data.tags["ldmflow.stage"] == "pipeline"

@@ -79,6 +79,7 @@ def test_versions_describe_their_lineage_in_both_directions(story):
 def test_the_experiment_and_dataset_say_what_they_are(story):
     experiment = story.get_experiment_by_name("ldmflow")
     assert "ldmflow.stage" in experiment.tags["mlflow.note.content"]
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
     dataset = story.get_run(_runs(story)["vae"].info.run_id).inputs.dataset_inputs[0].dataset
     assert dataset.name.startswith("manifest (train, ") and dataset.name.endswith(" images)")
 

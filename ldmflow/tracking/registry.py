@@ -337,5 +337,21 @@ def _add_downstream(client, vae_source: ModelSource, downstream: str) -> None:
                                 description=f"{version.description or ''}\n\n{note}".strip())
 
 
+HEADLINE_SCORES = ("fid", "rfid", "kid", "psnr", "ssim", "lpips")  # then the model's condition errors, % of range
+
+
+def add_evaluation_note(client, model_name: str, version: str, run_id: str, metrics: dict[str, float]) -> None:
+    """One line per evaluation in the version's description: a link to the evaluate run and its headline
+    scores (`metrics` keyed `eval/<name>`), so the registry page shows how good a version is."""
+    scores = {key.removeprefix("eval/"): value for key, value in metrics.items() if key.count("/") <= 1}
+    names = [name for name in HEADLINE_SCORES if name in scores] + \
+        sorted(name for name in scores if name.endswith(("_mae_pct", "_angle_error_deg")))
+    summary = ", ".join(f"{name} {scores[name]:.4g}" for name in names)
+    note = (f"Evaluated in run [{run_id[:8]}](#/experiments/{_experiment_of(client, run_id)}/runs/{run_id}): "
+            f"{summary or 'see the run'}.")
+    described = client.get_model_version(model_name, version).description or ""
+    client.update_model_version(model_name, version, description=f"{described}\n\n{note}".strip())
+
+
 def _experiment_of(client, run_id: str) -> str:
     return client.get_run(run_id).info.experiment_id

@@ -24,6 +24,9 @@ from ldmflow.errors import LdmflowError
 logger = logging.getLogger(__name__)
 
 STAGE_TAG = "ldmflow.stage"
+UI_HINT_SHOWN_ENV = "LDMFLOW_UI_HINT_SHOWN"  # set once a local store's `mlflow ui` command was printed
+PARENT_RUN_ENV = "LDMFLOW_PARENT_RUN_ID"  # a new run started while it is set is nested under that run
+UI_MODE = "workflowType=machine_learning"  # MLflow 3's UI opens experiments in its GenAI mode otherwise
 DATASET_DIGEST_TAG = "dataset_digest"
 PENDING_FILE = "mlflow_pending_metrics.jsonl"
 _KEY_RE = re.compile(r"^[/\w.\- :]{1,250}$")
@@ -380,25 +383,32 @@ def _start_run(settings, stage: str) -> tuple[str, bool]:
         else:
             run = mlflow.start_run(experiment_id=ensure_experiment(settings.experiment_name),
                                    run_name=getattr(settings, "run_name", None) or default_run_name(stage, settings),
-                                   nested=active is not None, tags={STAGE_TAG: stage}, log_system_metrics=True)
+                                   nested=active is not None, log_system_metrics=True,
+                                   tags={STAGE_TAG: stage, **_parent_tag()})
     except MlflowException as error:
         what = f"attach to run MLFLOW_RUN_ID={run_id}" if run_id else "start an MLflow run"
         reason = access_problem(error, f"log runs to experiment {settings.experiment_name!r}")
         raise LdmflowError(f"Cannot {what} in {uri}: {reason or str(error).splitlines()[0]}.") from None
-    recorded = mlflow.get_run(run.info.run_id)
-    if uri.startswith(("http://", "https://")) or "mlflow.parentRunId" not in recorded.data.tags:
-        logger.info("MLflow run %s (%s); watch it live: %s", run.info.run_id, recorded.info.run_name,
-                    run_location(uri, run))
-    else:  # a pipeline step on a local store: its parent already said how to open the UI
-        logger.info("MLflow run %s (%s)", run.info.run_id, recorded.info.run_name)
+    name = mlflow.get_run(run.info.run_id).info.run_name
+    if uri.startswith(("http://", "https://")) or not os.environ.get(UI_HINT_SHOWN_ENV):
+        logger.info("MLflow run %s (%s); watch it live: %s", run.info.run_id, name, run_location(uri, run))
+        os.environ[UI_HINT_SHOWN_ENV] = "1"  # a local store's `mlflow ui` command: once per process tree
+    else:
+        logger.info("MLflow run %s (%s)", run.info.run_id, name)
     return run.info.run_id, True
+
+
+def _parent_tag() -> dict[str, str]:
+    parent = os.environ.get(PARENT_RUN_ENV)
+    return {"mlflow.parentRunId": parent} if parent else {}
 
 
 def run_location(uri: str, run) -> str:
     """The run's page in the MLflow UI for a server; for a local store, the command that serves the UI."""
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?{UI_MODE}"
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-    return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000/{page})"
 
 
 def _end_run(run_id: str, status: str) -> bool:

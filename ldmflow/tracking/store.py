@@ -185,7 +185,8 @@ def ensure_experiment(name: str) -> str:
     if experiment is None:
         try:
             return client.create_experiment(name, artifact_location=_artifact_location(uri, name),
-                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
+                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION,
+                                                  "mlflow.experimentKind": "custom_model_development"})
         except MlflowException:  # created by a concurrent process in the meantime
             experiment = client.get_experiment_by_name(name)
             if experiment is None:

@@ -91,11 +91,17 @@ def _check_conditions_known(manifest: Manifest) -> None:
 
 @contextlib.contextmanager
 def _own_run():
-    """Train the probe in a run of its own even under `mlflow run -e evaluate` (which sets MLFLOW_RUN_ID)."""
+    """Train the probe in a run of its own even under `mlflow run -e evaluate` (which sets MLFLOW_RUN_ID),
+    nested under that evaluate run."""
+    from ldmflow.tracking.run_tracker import PARENT_RUN_ENV
+
     saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    if saved is not None:
+        os.environ[PARENT_RUN_ENV] = saved
     try:
         yield
     finally:
+        os.environ.pop(PARENT_RUN_ENV, None)
         if saved is not None:
             os.environ["MLFLOW_RUN_ID"] = saved
 
@@ -344,6 +350,8 @@ def _link_to_model(tracker, source, metrics: dict[str, float], table: dict) -> N
     import mlflow
     from mlflow import MlflowClient
 
+    from ldmflow.tracking.registry import add_evaluation_note
+
     tracker.flush()
     mlflow.log_table(data=table, artifact_file="evaluation_samples.json", run_id=tracker.run_id)
     if source.model_id:
@@ -353,3 +361,4 @@ def _link_to_model(tracker, source, metrics: dict[str, float], table: dict) -> N
         for key, value in metrics.items():
             client.set_model_version_tag(source.model_name, source.model_version, key, f"{value:.6g}")
         client.set_model_version_tag(source.model_name, source.model_version, "eval_run_id", tracker.run_id)
+        add_evaluation_note(client, source.model_name, source.model_version, tracker.run_id, metrics)

@@ -120,7 +120,7 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(settings.experiment_name)
     client = MlflowClient()
     params = _step_parameters(settings)
-    from ldmflow.tracking.run_tracker import MLFLOW_RANDOM_NAME, default_run_name, run_location
+    from ldmflow.tracking.run_tracker import MLFLOW_RANDOM_NAME, UI_HINT_SHOWN_ENV, default_run_name, run_location
 
     attach = os.environ.get("MLFLOW_RUN_ID")
     name = default_run_name("pipeline", settings)
@@ -129,6 +129,7 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
             mlflow.set_tag("mlflow.runName", name)
         logger.info("MLflow run %s (%s, the steps are its child runs); watch it live: %s", parent.info.run_id, name,
                     run_location(mlflow.get_tracking_uri(), parent))
+        os.environ[UI_HINT_SHOWN_ENV] = "1"  # the steps (child processes) need not repeat it
         existing = client.get_run(parent.info.run_id).data.params
         mlflow.log_params({k: v for k, v in settings.to_params().items() if k not in existing})
         mlflow.set_tags({"ldmflow.stage": "pipeline", CODE_VERSION_TAG: version})
