@@ -129,3 +129,21 @@ def test_logged_models_are_named_by_stage(story):
     experiment = story.get_experiment_by_name("ldmflow")
     names = sorted(model.name for model in story.search_logged_models(experiment_ids=[experiment.experiment_id]))
     assert names == ["latent_ddpm", "vae"]
+
+
+def test_preview_captions_fit_their_tiles():
+    """MLflow shows the grid as is: a caption wider than its tile would be cut off mid-number."""
+    import numpy as np
+    from PIL import Image
+
+    from ldmflow.sampling.grids import condition_label, image_grid
+
+    conditions = [{"temperature": -4.16, "wind": [0.485, -6.55, 0.0], "wind_mag": 9.19}] * 4
+    tiles = [Image.new("RGB", (64, 64), "gray")] * 4
+    grid = np.asarray(image_grid(tiles, labels=[condition_label(c) for c in conditions]).convert("L"))
+    tile_width = grid.shape[1] // 4
+    captions = grid[tile_width:, :]  # tiles are upscaled to 128 px; below them, the caption strips
+    for column in range(4):
+        right_edge = captions[:, (column + 1) * tile_width - 3:(column + 1) * tile_width]
+        assert (right_edge > 200).all()  # white: no glyph reaches the tile's edge
+    assert (captions < 100).any()  # and there is text

@@ -26,10 +26,20 @@ def image_grid(images: list[Image.Image], labels: list[str] | None = None, colum
     size = max(MIN_TILE, images[0].width)
     tiles = [image.resize((size, size), Image.NEAREST) if image.width < size else image for image in images]
     if labels:
-        font_size = int(min(max(10, columns * size / 28), size / 8))
+        font_size = _fitting_font_size(labels, size, int(min(max(10, columns * size / 28), size / 8)))
         tiles = [_caption(tile, label, font_size) for tile, label in zip(tiles, labels)]
     tiles += [Image.new("RGB", tiles[0].size)] * (rows * columns - len(tiles))
     return make_image_grid(tiles, rows=rows, cols=columns)
+
+
+def _fitting_font_size(labels: list[str], width: int, largest: int, smallest: int = 8) -> int:
+    """The largest size up to `largest` at which every caption line fits the tile's width (none is cut off)."""
+    lines = [line for label in labels for line in label.split("\n")]
+    for size in range(largest, smallest, -1):
+        font = ImageFont.load_default(size=size)
+        if max(font.getlength(line) for line in lines) <= width - 6:
+            return size
+    return smallest
 
 
 def _caption(tile: Image.Image, label: str, font_size: int = 10) -> Image.Image:
