@@ -26,12 +26,15 @@ from step_clock import StepClock
 CALIBRATION_STEPS = (8, 40)  # one run's steps between these two give the time per step (after warm-up)
 
 
+BLOCKS = {4: (32, 64, 64), 8: (32, 32, 64, 64), 16: (32, 32, 64, 64, 64)}  # VAE widths per downsampling factor
+
+
 def _settings(data: Path, output: Path, resolution: int, steps: int, **losses):
     from ldmflow.settings import VaeSettings
 
-    losses = {"logging_steps": 100, **losses}
+    losses = {"logging_steps": 100, "downsample_factor": 8, **losses}
     return VaeSettings(manifest_path=str(data), output_dir=str(output), resolution=resolution, train_batch_size=8,
-                       block_out_channels=(32, 32, 64, 64), layers_per_block=1, learning_rate=1e-3,
+                       block_out_channels=BLOCKS[losses["downsample_factor"]], layers_per_block=1, learning_rate=1e-3,
                        lr_warmup_steps=20, lr_scheduler="constant_with_warmup", kl_weight=1e-6, max_train_steps=steps,
                        eval_epochs=0, save_images_epochs=10**6, checkpointing_steps=10**6, scaling_factor_batches=2,
                        no_mlflow=True, **losses)
@@ -117,6 +120,8 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=128)
     parser.add_argument("--disc_weights", type=float, nargs="+", default=[0.5], help="one VAE per weight")
     parser.add_argument("--disc_start_fraction", type=float, default=1 / 3, help="of each run's steps")
+    parser.add_argument("--downsample_factor", type=int, default=8, choices=sorted(BLOCKS),
+                        help="the VAEs' first-stage trade-off (x4: 12x compression, x8: 48x)")
     parser.add_argument("--disc_layers", type=int, default=3, help="the discriminator's strided layers (receptive "
                         "field 70 px at 3, 34 px at 2: smaller judges finer texture)")
     parser.add_argument("--perceptual_weights", default=None, help="LPIPS weights folder: adds a third VAE with "
@@ -128,16 +133,17 @@ def main() -> None:
     root = Path(args.output_root or tempfile.mkdtemp(prefix="ldmflow-vae-quality-"))
     data = make_demo_dataset(root / "data", num_images=args.num_images, resolution=args.resolution,
                              val_fraction=0.125, style="textured", overwrite=True)
-    configurations = {"MSE + L1 + KL": {}}
-    configurations.update({f"+ adversarial {weight:g}": {"disc_weight": weight, "disc_layers": args.disc_layers}
+    configurations = {"MSE + L1 + KL": {"downsample_factor": args.downsample_factor}}
+    configurations.update({f"+ adversarial {weight:g}": {"disc_weight": weight, "disc_layers": args.disc_layers,
+                                                          "downsample_factor": args.downsample_factor}
                            for weight in args.disc_weights})
     lpips = None
     if args.perceptual_weights:
         from ldmflow.models.perceptual import load_lpips
 
         lpips = load_lpips(args.perceptual_weights)
-        configurations["+ adversarial + LPIPS"] = {"disc_weight": args.disc_weights[0], "disc_layers": args.disc_layers,
-                                                   "perceptual_weight": 1.0,
+        first_adversarial = configurations[f"+ adversarial {args.disc_weights[0]:g}"]
+        configurations["+ adversarial + LPIPS"] = {**first_adversarial, "perceptual_weight": 1.0,
                                                    "perceptual_weights": args.perceptual_weights}
     results = {}
     for name, losses in configurations.items():
