@@ -52,9 +52,10 @@ class Progress:
             logger.info("%s", self.line())
 
     def _line_due(self) -> bool:
-        """Every interval; at the end too, unless nothing was said yet or the last line was just said."""
+        """Every interval; at the end too, unless nothing was said yet or the last line is under half an
+        interval old (it already said nearly the same)."""
         since, interval = time.monotonic() - self.last_line, _interval()
-        return since >= interval or (self.done == self.total and self.lines > 0 and since >= min(5.0, interval))
+        return since >= interval or (self.done == self.total and self.lines > 0 and since >= interval / 2)
 
     def note(self, **values: float | str) -> None:
         self.postfix.update({key: value if isinstance(value, str) else f"{value:.4g}" for key, value in values.items()})
