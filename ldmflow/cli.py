@@ -221,10 +221,13 @@ def pipeline_command(**options):
     from ldmflow.workflows.pipeline import evaluation_metrics, run_pipeline
 
     summary = run_pipeline(PipelineSettings(**options))
-    for step in ("vae", "latent_ddpm", "sample", "evaluate"):
-        model = summary.get(f"{step}_uri", "")
-        reused = " (reused)" if summary[f"{step}_reused"] == "True" else ""
-        click.echo(f"{step:12s} run {summary[f'{step}_run_id']}{reused} {model}".rstrip())
+
+    def reused(step: str) -> str:
+        return " (reused)" if summary[f"{step}_reused"] == "True" else ""
+
+    click.echo(f"Pipeline: {summary['vae_uri']}{reused('vae')} -> {summary['latent_ddpm_uri']}{reused('latent_ddpm')}; "
+               f"samples in run {summary['sample_run_id']}{reused('sample')}, evaluation in run "
+               f"{summary['evaluate_run_id']}{reused('evaluate')}.")
     if summary["evaluate_reused"] == "True":  # else its own run printed the table above
         click.echo(f"\nEvaluation of {summary['latent_ddpm_uri']} (run {summary['evaluate_run_id']}):")
         click.echo(format_metrics(evaluation_metrics(summary["evaluate_run_id"])))

@@ -189,6 +189,10 @@ def test_pipeline_runs_children_under_one_parent_and_reuses_them(store):
     assert "Loaded " not in first.stderr and "Successfully registered" not in first.stderr
     assert "workflowType=machine_learning" in first.stderr  # MLflow 3's UI shows runs, not its GenAI view
     assert second.stderr.count("reusing finished run") == 4
+    [summary] = [line for line in first.stdout.splitlines() if line.startswith("Pipeline: ")]
+    assert "models:/ldmflow-vae/" in summary and "-> models:/ldmflow-latent-ddpm/" in summary
+    assert "(reused)" not in summary and [line for line in second.stdout.splitlines()
+                                          if line.startswith("Pipeline: ")][0].count("(reused)") == 4
     assert "Evaluation of models:/ldmflow-latent-ddpm/" in second.stdout and "temperature_mae" in second.stdout
     client = _client()
     latest = client.get_model_version("ldmflow-latent-ddpm", "2")
