@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from ldmflow.cli import cli
+from cli_runner import invoke
 from ldmflow.data.conditions import ConditionSpec
 from ldmflow.evaluation.adherence import condition_errors, diversity, shuffled_baseline
 
@@ -17,12 +16,6 @@ TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "
         "--learning_rate", "1e-3", "--logging_steps", "2"]
 QUICK = ["--num_samples", "6", "--num_inference_steps", "2", "--batch_size", "4", "--probe_epochs", "2"]
 
-
-def invoke(*args: str, ok: bool = True):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
-from ldmflow.cli import cli
+from cli_runner import invoke
 from ldmflow.data.demo import make_demo_dataset
 from ldmflow.errors import LdmflowError
 from ldmflow.sampling.denoise import denoise, make_scheduler
@@ -28,11 +27,6 @@ LEGACY = ["legacy-ddpm", "--resolution", "32", "--train_batch_size", "4", "--blo
 def data(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("speed"), num_images=12, resolution=32)
 
-
-def invoke(*args: str):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_a_strided_ema_keeps_the_horizon_and_counts_optimizer_steps():

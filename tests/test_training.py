@@ -9,20 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from ldmflow.cli import cli
+from cli_runner import invoke
 
 TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0",
         "--learning_rate", "1e-3", "--no_mlflow", "--logging_steps", "2"]
 TINY_UNET = ["--block_out_channels", "32,32", "--num_preview_images", "2", "--preview_inference_steps", "3"]
 
-
-def invoke(*args: str, expect_ok: bool = True):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    if expect_ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +196,7 @@ def test_a_checkpoint_holding_a_crafted_pickle_is_refused_without_running_it(dat
     assert not list(checkpoint.glob("custom_checkpoint_*"))  # the loop's own state is never pickled
     torch.save({"state": _Payload(marker)}, checkpoint / target)
     result = invoke("legacy-ddpm", *common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest",
-                    expect_ok=False)
+                    ok=False)
     assert not marker.exists()
     assert result.exit_code != 0
     assert "Cannot resume from" in result.output and "pickle" in result.output and "Traceback" not in result.output
@@ -222,35 +215,35 @@ def test_a_checkpoint_from_before_json_state_is_refused_with_a_reason(tmp_path):
 
 def test_bad_flags_give_clear_errors(data, tmp_path):
     result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--resolution", "30",
-                    expect_ok=False)
+                    ok=False)
     assert result.exit_code != 0 and "--resolution must be a positive multiple of 8, got 30" in result.output
     result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--lr_scheduler", "warp",
-                    expect_ok=False)
+                    ok=False)
     assert result.exit_code != 0 and "'warp' is not one of" in result.output
     result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--block_out_channels",
-                    "16,16", expect_ok=False)
+                    "16,16", ok=False)
     assert result.exit_code != 0 and "--downsample_factor 8 needs 4 --block_out_channels" in result.output
     result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--register_alias", "v2",
-                    expect_ok=False)
+                    ok=False)
     assert result.exit_code == 1 and "reserved by MLflow" in result.output
     result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--resume_from_checkpoint",
-                    str(tmp_path / "checkpoint-9"), "--no_mlflow", expect_ok=False)
+                    str(tmp_path / "checkpoint-9"), "--no_mlflow", ok=False)
     assert result.exit_code == 1 and "not a complete ldmflow checkpoint folder" in result.output
     result = invoke("legacy-ddpm", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--ddpm_num_steps",
-                    "10", expect_ok=False)
+                    "10", ok=False)
     assert result.exit_code == 1 and "--preview_inference_steps (25) cannot exceed --ddpm_num_steps (10)" in result.output
 
 
 def test_a_folder_that_is_not_a_vae_is_refused(data, latent_dir, tmp_path):
     result = invoke("latent-ddpm", "--manifest_path", str(data), "--vae_uri", str(latent_dir / "unet"),
-                    "--output_dir", str(tmp_path / "out"), *TINY, *TINY_UNET, expect_ok=False)
+                    "--output_dir", str(tmp_path / "out"), *TINY, *TINY_UNET, ok=False)
     assert result.exit_code == 1
     assert "is not a vae model" in result.output or "not a diffusers AutoencoderKL folder" in result.output
 
 
 def test_condition_spec_mismatch_names_the_entry(data, vae_dir, tmp_path):
     result = invoke("latent-ddpm", "--manifest_path", str(data), "--vae_uri", str(vae_dir), "--output_dir",
-                    str(tmp_path), *TINY, *TINY_UNET, "--condition_spec", "temperature:1,wind:2", expect_ok=False)
+                    str(tmp_path), *TINY, *TINY_UNET, "--condition_spec", "temperature:1,wind:2", ok=False)
     assert result.exit_code == 1 and "wind" in result.output and "entry" in result.output
 
 
@@ -326,7 +319,7 @@ def test_a_tracked_resume_is_tagged_with_the_run_and_step_it_continues(data, tmp
     [killed] = client.search_runs([experiment.experiment_id])
     client.update_run(killed.info.run_id, status="RUNNING")  # what kill -9 leaves behind
     # other settings or other data: refused before any run opens
-    result = invoke(*common, "--resume_from_checkpoint", "latest", "--learning_rate", "0.002", expect_ok=False)
+    result = invoke(*common, "--resume_from_checkpoint", "latest", "--learning_rate", "0.002", ok=False)
     assert result.exit_code == 1 and "--learning_rate '0.001' -> '0.002'" in result.output
     assert "--allow_changed_settings" in result.output
     invoke(*common, "--resume_from_checkpoint", "latest")
@@ -342,7 +335,7 @@ def test_a_tracked_resume_is_tagged_with_the_run_and_step_it_continues(data, tmp
     assert mlflow.active_run() is None
     # a checkpoint of another model size: one clear message, and no failed run left behind
     other = [a if a != "32,32" else "32,64" for a in common]
-    result = invoke(*other, "--resume_from_checkpoint", "latest", expect_ok=False)
+    result = invoke(*other, "--resume_from_checkpoint", "latest", ok=False)
     assert result.exit_code == 1 and "does not match this model and settings" in result.output
     assert "size mismatch" in result.output
     assert len(client.search_runs([experiment.experiment_id])) == 2
@@ -366,7 +359,7 @@ def test_a_latent_model_refuses_a_vae_that_was_trained_over(latent_dir, vae_dir,
     with torch.no_grad():
         next(retrained.parameters()).add_(0.01)
     retrained.save_pretrained(vae)  # e.g. a later `ldmflow vae --output_dir` on the same folder
-    result = invoke(*sample, expect_ok=False)
+    result = invoke(*sample, ok=False)
     assert result.exit_code == 1 and "is not the one this latent model was trained with" in result.output
     from ldmflow.sampling.latent import LatentSampler
 
@@ -435,12 +428,12 @@ def test_any_latent_shape_trains_samples_and_is_recorded(data, tmp_path):
 ])
 def test_bad_latent_shape_flags_are_one_line(data, tmp_path, flags, message):
     result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--no_mlflow", *flags,
-                    expect_ok=False)
+                    ok=False)
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
 
 
 def test_a_latent_resolution_the_unet_cannot_downsample_is_refused(data, vae_dir, tmp_path):
     result = invoke("latent-ddpm", "--manifest_path", str(data), "--vae_uri", str(vae_dir), "--output_dir",
-                    str(tmp_path), *TINY, "--resolution", "48", "--block_out_channels", "32,32,32", expect_ok=False)
+                    str(tmp_path), *TINY, "--resolution", "48", "--block_out_channels", "32,32,32", ok=False)
     assert result.exit_code != 0
     assert "--resolution 48 must be a multiple of 32: the VAE downsamples x8 and the UNet's 3" in result.output

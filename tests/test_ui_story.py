@@ -8,21 +8,14 @@ import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from ldmflow.cli import cli
+from cli_runner import invoke
 from ldmflow.data.demo import make_demo_dataset
 
 TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0",
         "--max_train_steps", "2", "--save_images_epochs", "1"]
 
-
-def invoke(*args: str, ok: bool = True):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from ldmflow.cli import cli
+from cli_runner import invoke
 from ldmflow.data.demo import make_demo_dataset
 from ldmflow.data.manifest import load_manifest
 from ldmflow.models.discriminator import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
@@ -46,12 +45,6 @@ class Recorder:
     def set_tags(self, tags):
         pass
 
-
-def invoke(*args: str, expect_ok: bool = True):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    if expect_ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 def train_vae(data: Path, output: Path, **overrides):
@@ -133,7 +126,7 @@ def test_missing_perceptual_weights_fail_before_any_run_opens(data, tmp_path, mo
     store = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     result = invoke("vae", "--manifest_path", str(data), "--output_dir", str(tmp_path / "out"), *TINY[:-1],
-                    "--perceptual_weight", "1", "--experiment_name", "lpips", expect_ok=False)
+                    "--perceptual_weight", "1", "--experiment_name", "lpips", ok=False)
     assert result.exit_code != 0 and "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(lines) == 1 and "--perceptual_weights DIR" in lines[0] and WEIGHTS_ENV in lines[0]
