@@ -62,7 +62,7 @@ def setting_fields(settings_class) -> list[tuple[dataclasses.Field, type, dict]]
 # Settings that may differ when a run is resumed: how long, how often, where to track; not what is trained.
 RESUMABLE_CHANGES = ("num_epochs", "max_train_steps", "resume_from_checkpoint", "allow_changed_settings",
                      "dataloader_num_workers", "checkpointing_steps", "checkpoints_total_limit", "save_images_epochs",
-                     "logging_steps", "eval_epochs", "max_nonfinite_steps", "experiment_name", "run_name",
+                     "logging_steps", "eval_epochs", "num_validations", "max_nonfinite_steps", "experiment_name", "run_name",
                      "no_mlflow", "registered_model_name", "register_alias", "register", "output_dir",
                      "torch_compile", "compile_mode", "channels_last", "allow_tf32")  # speed only, same model
 
@@ -158,7 +158,10 @@ class TrainSettings:
     checkpoints_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: str | None = setting(None, "'latest' or a checkpoint folder.")
     save_images_epochs: int = setting(5, "Preview every N epochs (and after the last).")
-    eval_epochs: int = setting(1, "Validate on the val split every N epochs (and after the last); 0: never.")
+    eval_epochs: int | None = setting(None, "Validate on the val split every N epochs (and after the last); 0: "
+                                            "never; default: about --num_validations times per run.")
+    num_validations: int = setting(20, "Validations per run when --eval_epochs is not given (evenly spaced "
+                                       "epochs, the last included): about 5% of a run's time on the demo.")
     checkpoint_metric: str | None = setting(None, "Validation metric that picks the best checkpoint (default: "
                                                   "the stage's, val/psnr or val/denoise_loss[_ema]).")
     register: str = setting("best", "Register the best checkpoint (by --checkpoint_metric) or the last weights; "
@@ -189,7 +192,7 @@ class TrainSettings:
             raise LdmflowError(f"--resolution must be a positive multiple of 8, got {self.resolution}.")
         _check_at_least(self, 1, "max_image_pixels", "train_batch_size", "eval_batch_size", "num_epochs",
                         "gradient_accumulation_steps", "checkpointing_steps", "save_images_epochs", "logging_steps",
-                        "layers_per_block",
+                        "layers_per_block", "num_validations",
                         "max_train_steps", "max_nonfinite_steps", "checkpoints_total_limit")
         _check_at_least(self, 0, "dataloader_num_workers", "lr_warmup_steps", "eval_epochs")
         _check_number(self, "learning_rate", 0, 1, low_open=True)
@@ -265,6 +268,8 @@ class DdpmSettings(TrainSettings):
     snr_gamma: float | None = setting(None, "Min-SNR loss weighting gamma (5.0 is typical).")
     ddpm_num_steps: int = setting(1000, "Diffusion steps of the noise schedule.")
     ddpm_beta_schedule: str = setting("linear", "Noise schedule.", choices=BETA_SCHEDULES)
+    rescale_betas_zero_snr: bool = setting(False, "Rescale the schedule to zero terminal SNR (Lin et al. 2024; "
+                                                  "needs v_prediction), with trailing timestep spacing.")
     num_preview_images: int = setting(8, "Images per preview grid.")
     preview_inference_steps: int = setting(25, "DDIM steps for preview grids.")
     val_timesteps: int = setting(10, "Timesteps of the fixed grid the validation denoising loss averages over.")
@@ -292,6 +297,9 @@ class DdpmSettings(TrainSettings):
                                f"--ddpm_num_steps ({self.ddpm_num_steps}).")
         _check_choice(self, "prediction_type", PREDICTION_TYPES)
         _check_choice(self, "ddpm_beta_schedule", BETA_SCHEDULES)
+        if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
+            raise LdmflowError("--rescale_betas_zero_snr needs --prediction_type v_prediction: at zero terminal SNR "
+                               "the last step's noise says nothing about the image.")
         if len(self.block_out_channels) < 2:
             raise LdmflowError("--block_out_channels needs at least 2 values for a UNet.")
 
@@ -314,6 +322,8 @@ class LatentDdpmSettings(DdpmSettings):
                                             "(classifier-free guidance).")
     cache_latents: bool = setting(False, "Encode the dataset once, then train from the cache.")
     guidance_scale: float = setting(3.0, "Classifier-free guidance of the preview grids.")
+    time_embedding_dim: int | None = setting(None, "Width of the timestep embedding, which the conditions' "
+                                                   "projection adds to (default: 4 x the first channel width).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -323,6 +333,7 @@ class LatentDdpmSettings(DdpmSettings):
             raise LdmflowError("--vae_uri is required: a VAE folder or an MLflow model URI.")
         _check_number(self, "cond_dropout_prob", 0, 1, high_open=True)
         _check_number(self, "guidance_scale", 1)
+        _check_at_least(self, 1, "time_embedding_dim")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -35,6 +35,14 @@ def store(tmp_path_factory):
         yield root, patch
 
 
+def _table(output: str) -> dict[str, list[str]]:
+    """The evaluation table's rows: name -> cells (columns are separated by two spaces or more)."""
+    import re
+
+    rows = [re.split(r"\s{2,}", line.strip()) for line in output.splitlines() if line.strip()]
+    return {row[0]: row[1:] for row in rows}
+
+
 def _client():
     from mlflow import MlflowClient
 
@@ -50,11 +58,13 @@ def _runs(stage: str):
 def test_evaluating_a_latent_ddpm_logs_linked_metrics_and_trains_the_probe_once(store):
     result = invoke("evaluate", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--manifest_path",
                     "data/manifest.json", "--feature_extractor", "probe", *QUICK)
-    table = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line.strip()}
-    assert "guidance 1  shuffled  real images" in result.output  # the table's columns
+    table = _table(result.output)
+    assert table["eval/..."] == ["model", "guidance 1", "shuffled", "VAE reconstructions", "real images"]
     for name in ("fid", "kid", "temperature_mae_pct", "wind_angle_error_deg", "diversity_within", "diversity_across"):
         assert name in table
-    assert len(table["temperature_mae"]) == 4  # model, guidance 1, shuffled, real images
+    assert len(table["temperature_mae"]) == 5  # model, guidance 1, shuffled, VAE reconstructions, real images
+    assert " ± " in table["temperature_mae"][0] and " ± " in table["fid"][0]  # bootstrap intervals
+    assert "fid: not comparable: " in result.output  # 2 val images for the probe's 128 features
     client = _client()
     probe = client.get_model_version("ldmflow-probe", "1")
     assert probe.tags["stage"] == "probe" and probe.tags["condition_spec"] == "temperature:1,wind:3,wind_mag:1"
@@ -90,6 +100,9 @@ def test_evaluating_a_latent_ddpm_logs_linked_metrics_and_trains_the_probe_once(
     assert len(client.search_model_versions("name = 'ldmflow-probe'")) == 1
     described = client.get_model_version("ldmflow-latent-ddpm", "1").description
     assert described.count("Evaluated in run") == 2  # one line per evaluation
+    first, second = sorted(_runs("evaluate"), key=lambda r: r.info.start_time)
+    scores = [{k: v for k, v in run.data.metrics.items() if k.startswith("eval/")} for run in (first, second)]
+    assert len(scores[0]) > 40 and scores[0] == scores[1]  # same requests, seeds and probe: identical numbers
 
 
 def test_a_latent_ddpm_trained_after_a_probe_exists_scores_adherence_while_training(store):
@@ -110,9 +123,11 @@ def test_evaluating_a_vae_scores_reconstructions_and_names_what_was_skipped(stor
     caplog.set_level("WARNING")
     result = invoke("evaluate", "--model_uri", "models:/ldmflow-vae/1", "--manifest_path", "data/manifest.json",
                     *QUICK, "--no_mlflow")
-    rows = {line.split()[0] for line in result.output.splitlines() if line.strip()}
+    rows = _table(result.output)
     for name in ("psnr", "ssim", "rfid", "rkid"):
         assert name in rows
+    assert "VAE reconstructions" in result.output and len(rows["temperature_mae_pct"]) == 2  # recon, real images
+    assert "rfid: not comparable" in result.output
     skipped = [r.message for r in caplog.records if r.message.startswith("Skipped")]
     assert len(skipped) == 1
     assert "Inception features (torch-fidelity is not installed)" in skipped[0]
@@ -189,11 +204,12 @@ class DemoRenderer:
     """A stand-in latent model that draws demo images: for the requested conditions (an oracle, the best a
     model can do), or for fixed ones (a model that ignores its conditions)."""
 
-    def __init__(self, spec: ConditionSpec, ignore_conditions: bool = False):
-        self.spec, self.ignore_conditions = spec, ignore_conditions
+    def __init__(self, spec: ConditionSpec, ignore_conditions: bool = False, vae=None):
+        self.spec, self.ignore_conditions, self.vae = spec, ignore_conditions, vae
 
     def generate(self, conditions, num_images, guidance_scale, num_inference_steps, scheduler, seeds):
         from ldmflow.data.demo import render_demo_image
+        from ldmflow.workflows.evaluate import _reconstruct
 
         images = []
         for condition, seed in zip(conditions, seeds):
@@ -201,7 +217,28 @@ class DemoRenderer:
                 condition = {"temperature": [10.0], "wind": [3.0, 3.0, 0.0]}
             rng = np.random.default_rng(seed)
             images.append(render_demo_image(condition["temperature"][0], condition["wind"][:2], 32, rng))
-        return np.stack(images).astype(np.float32)
+        images = np.stack(images).astype(np.float32)
+        return images if self.vae is None else _reconstruct(self.vae, images, 16)  # decoded by its first stage
+
+
+class StandInVae:
+    """A first stage that keeps each image's mean colour and scales its contrast (1: identity)."""
+
+    def __init__(self, contrast: float):
+        import torch
+
+        self.contrast, self.device = contrast, torch.device("cpu")
+
+    def encode(self, pixels):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: pixels))
+
+    def decode(self, latents):
+        from types import SimpleNamespace
+
+        mean = latents.mean(dim=(2, 3), keepdim=True)
+        return SimpleNamespace(sample=mean + self.contrast * (latents - mean))
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +257,7 @@ def demo_probe(tmp_path_factory):
     return manifest, ProbeReader.from_folder(outcome.model_dir)
 
 
-def _scores(manifest: str, reader, model) -> dict[str, float]:
+def _scores(manifest: str, reader, model, first_stage=None) -> dict[str, float]:
     from ldmflow.data.manifest import load_manifest
     from ldmflow.settings import EvaluateSettings
     from ldmflow.workflows.evaluate import EvaluatedModel, evaluate
@@ -228,7 +265,7 @@ def _scores(manifest: str, reader, model) -> dict[str, float]:
     settings = EvaluateSettings(model_uri="unused", manifest_path=manifest, num_samples=32, no_mlflow=True,
                                 guidance_scale=1.0, feature_extractor="probe")
     real, train = (load_manifest(manifest, split=split) for split in ("val", "train"))
-    evaluated = EvaluatedModel("latent_ddpm", model, 32, real.spec)
+    evaluated = EvaluatedModel("latent_ddpm", model, 32, real.spec, first_stage)
     return evaluate(settings, evaluated, real, train, (reader, "probe")).metrics
 
 
@@ -248,3 +285,36 @@ def test_adherence_scores_a_model_that_follows_its_conditions_far_above_chance(d
     assert ignores["temperature_mae_pct"] > 0.7 * ignores["shuffled/temperature_mae_pct"]
     assert follows["fid"] < ignores["fid"]  # FID on the probe's features sees the wrong images too
     assert follows["diversity_across"] > follows["diversity_within"]
+
+
+def test_a_vae_that_flattens_contrast_is_named_as_the_ceiling_and_an_identity_vae_is_not(demo_probe):
+    from ldmflow.workflows.evaluate import ceiling_lines
+
+    manifest, reader = demo_probe
+    spec = reader.encoder.spec
+    flat = StandInVae(contrast=0.3)
+    capped = _scores(manifest, reader, DemoRenderer(spec, vae=flat), first_stage=flat)
+    assert capped["recon/wind_mag_mae_pct"] > 2 * capped["probe/wind_mag_mae_pct"]  # the VAE lost the contrast
+    [line] = [line for line in ceiling_lines(capped) if line.startswith("wind_mag:")]
+    assert f"reconstructions {capped['recon/wind_mag_mae_pct']:.3g}% vs samples" in line
+    identity = StandInVae(contrast=1.0)
+    kept = _scores(manifest, reader, DemoRenderer(spec, vae=identity), first_stage=identity)
+    assert kept["recon/wind_mag_mae_pct"] == pytest.approx(kept["probe/wind_mag_mae_pct"], abs=1e-3)
+    assert ceiling_lines(kept) == []
+
+
+def test_intervals_cover_the_sampling_noise_and_shrink_with_more_samples():
+    from ldmflow.evaluation.intervals import bootstrap_ci95
+
+    rng = np.random.default_rng(0)
+
+    def width(count: int) -> float:
+        errors = np.abs(rng.normal(0.0, 1.0, count))
+        return bootstrap_ci95(lambda rows: {"mae": float(errors[rows].mean())}, (count,))["mae_ci95"]
+
+    # the mean of |N(0, 1)| has standard deviation 0.60 / sqrt(n): a 95% half-width of about 1.18 / sqrt(n)
+    assert width(400) == pytest.approx(1.18 / 20, rel=0.25)
+    assert width(25) > 3 * width(400)
+    same = np.abs(rng.normal(size=50))
+    draws = [bootstrap_ci95(lambda rows: {"mae": float(same[rows].mean())}, (50,), seed=3) for _ in range(2)]
+    assert draws[0] == draws[1]  # seeded: an evaluation repeats exactly

@@ -4,7 +4,7 @@ Scalar conditions: mean absolute error. Vector conditions (dim > 1): the angle b
 read direction, taken as axes (0-90 degrees: a probe cannot always tell a direction from its opposite, e.g.
 stripes along the wind), for vectors longer than a quarter of the training range, and the error of their
 length. `shuffled_baseline` scores the same readings against permuted requests: what a model that ignores
-its conditions would get.
+its conditions would get. `condition_error_pct` sums it up in one number a checkpoint can be chosen by.
 """
 
 from __future__ import annotations
@@ -16,6 +16,23 @@ from ldmflow.data.manifest import Manifest
 from ldmflow.errors import LdmflowError
 
 ANGLE_MIN_FRACTION = 0.25  # directions of vectors shorter than this fraction of the length range are not scored
+MEAN_ERROR = "condition_error_pct"  # the mean of the headline % errors (angles as % of 90 degrees)
+
+
+def headline_metrics(spec: ConditionSpec) -> dict[str, tuple[str, ...]]:
+    """Per condition, the errors that say how well it is shown: the % error of a scalar; the angle and the
+    length % error of a vector."""
+    return {name: (f"{name}_mae_pct",) if dim == 1 else (f"{name}_angle_error_deg", f"{name}_length_mae_pct")
+            for name, dim in spec.items}
+
+
+def adherence_metric_names(spec: ConditionSpec) -> tuple[str, ...]:
+    """Every name `condition_errors` can return for `spec`, the mean first."""
+    names = [MEAN_ERROR]
+    for name, dim in spec.items:
+        names += [f"{name}_mae", f"{name}_mae_pct"] if dim == 1 else \
+            [f"{name}_length_mae", f"{name}_length_mae_pct", f"{name}_angle_error_deg"]
+    return tuple(names)
 
 
 def manifest_requests(manifest: Manifest, count: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
@@ -51,7 +68,8 @@ def manifest_ranges(manifest: Manifest) -> dict[str, tuple[float, float]]:
 def condition_errors(spec: ConditionSpec, requested: np.ndarray, present: np.ndarray, read: np.ndarray,
                      ranges: dict[str, tuple[float, float]]) -> dict[str, float]:
     """Per condition: `<name>_mae` and `<name>_mae_pct` (scalars), `<name>_angle_error_deg`,
-    `<name>_length_mae` and `<name>_length_mae_pct` (vectors); conditions absent from a request are skipped."""
+    `<name>_length_mae` and `<name>_length_mae_pct` (vectors), and their mean `condition_error_pct`; conditions
+    absent from a request are skipped."""
     errors = {}
     for index, ((name, dim), part) in enumerate(zip(spec.items, spec.slices().values())):
         rows = np.asarray(present)[:, index].astype(bool)
@@ -72,6 +90,10 @@ def condition_errors(spec: ConditionSpec, requested: np.ndarray, present: np.nda
             cosine = np.abs((wanted[scored] * got[scored]).sum(axis=1)) / np.maximum(
                 wanted_length[scored] * got_length[scored], 1e-12)
             errors[f"{name}_angle_error_deg"] = float(np.degrees(np.arccos(np.clip(cosine, 0.0, 1.0))).mean())
+    headlines = [errors[key] * (100.0 / 90.0 if key.endswith("_deg") else 1.0)
+                 for keys in headline_metrics(spec).values() for key in keys if key in errors]
+    if headlines:
+        errors[MEAN_ERROR] = float(np.mean(headlines))
     return errors
 
 

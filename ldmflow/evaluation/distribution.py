@@ -84,22 +84,60 @@ def extract(features: torch.nn.Module, images: np.ndarray, batch_size: int = 64)
     return torch.cat(rows).double().numpy() if rows else np.zeros((0, 0))
 
 
+class _Precomputed(torch.nn.Module):
+    """Features already extracted, passed through: torchmetrics then scores resamples without re-extracting."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+FID_ROUNDS = 50  # bootstrap resamples of FID/KID (each one a matrix square root)
+
+
+def min_fid_images(feature_dim: int) -> int:
+    """Real images below which FID is not comparable: its covariance of `feature_dim` features has rank at most
+    N - 1, so with fewer images than feature_dim + 1 it is singular and FID mostly measures the count."""
+    return feature_dim + 1
+
+
 @torch.no_grad()
-def fid_kid(features: torch.nn.Module, real: np.ndarray, generated: np.ndarray,
-            batch_size: int = 64) -> dict[str, float]:
-    """`fid`, `kid` and `kid_std` of generated against real images (N, H, W, 3) in [0, 1]."""
+def fid_kid_of_features(real: np.ndarray, generated: np.ndarray, seed: int = 0, subsets: int = 100) -> dict[str, float]:
+    """`fid`, `kid` and `kid_std` of (N, C) generated against (M, C) real features; KID's random subsets are
+    drawn from `seed`, so the same features always score the same."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
+    features = _Precomputed(real.shape[1])
     fid = FrechetInceptionDistance(feature=features, reset_real_features=True)
     subset = min(len(real), len(generated), 1000)
     with warnings.catch_warnings():  # "will save all extracted features": at most a few thousand vectors here
         warnings.simplefilter("ignore", UserWarning)
-        kid = KernelInceptionDistance(feature=features, subset_size=max(2, subset), subsets=100)
-    for images, is_real in ((real, True), (generated, False)):
-        for start in range(0, len(images), batch_size):
-            batch = _uint8(images[start:start + batch_size])
-            fid.update(batch, real=is_real)
-            kid.update(batch, real=is_real)
-    kid_mean, kid_std = kid.compute()
+        kid = KernelInceptionDistance(feature=features, subset_size=max(2, subset), subsets=subsets)
+    for rows, is_real in ((real, True), (generated, False)):
+        tensor = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float64))
+        fid.update(tensor, real=is_real)
+        kid.update(tensor, real=is_real)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
     return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def fid_kid(features: torch.nn.Module, real: np.ndarray, generated: np.ndarray, batch_size: int = 64,
+            seed: int = 0, rounds: int = FID_ROUNDS) -> dict[str, float]:
+    """`fid`, `kid`, `kid_std`, their bootstrap `fid_ci95` and `kid_ci95`, and `fid_num_real` /
+    `fid_min_real` (below which FID is not comparable) of generated against real images (N, H, W, 3) in [0, 1]."""
+    from ldmflow.evaluation.intervals import bootstrap_ci95
+
+    real_features, generated_features = (extract(features, images, batch_size) for images in (real, generated))
+    scores = fid_kid_of_features(real_features, generated_features, seed)
+    if rounds:
+        scores.update(bootstrap_ci95(
+            lambda fake, true: {key: value for key, value in fid_kid_of_features(
+                real_features[true], generated_features[fake], seed, subsets=10).items() if key != "kid_std"},
+            (len(generated_features), len(real_features)), rounds=rounds, seed=seed))
+    return scores | {"fid_num_real": float(len(real)), "fid_min_real": float(min_fid_images(real_features.shape[1]))}

@@ -56,7 +56,7 @@ def _block_types(levels: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def build_latent_unet(block_out_channels: tuple[int, ...], layers_per_block: int, latent_size: int,
                       latent_channels: int, condition_dim: int | None,
-                      attention_head_dim: int = 8) -> UNet2DConditionModel:
+                      attention_head_dim: int = 8, time_embedding_dim: int | None = None) -> UNet2DConditionModel:
     """UNet2DConditionModel without cross-attention; conditions enter through the projection class embedding.
 
     condition_dim None (spec `none`) builds an unconditional model: no class embedding at all.
@@ -75,6 +75,7 @@ def build_latent_unet(block_out_channels: tuple[int, ...], layers_per_block: int
         attention_head_dim=attention_head_dim,
         class_embed_type="projection" if condition_dim else None,
         projection_class_embeddings_input_dim=condition_dim or None,
+        time_embedding_dim=time_embedding_dim,
     )
 
 

@@ -16,10 +16,13 @@ def build_noise_scheduler(settings: DdpmSettings, clip_sample: bool = True) -> D
     """The training scheduler; saved beside the model so samplers rebuild the same noise schedule.
 
     clip_sample (clipping the predicted clean sample to [-1, 1]) suits pixels only: unit-variance latents
-    have a third of their values outside that range, so the latent trainer turns it off.
+    have a third of their values outside that range, so the latent trainer turns it off. Zero terminal SNR
+    comes with trailing timestep spacing, so samplers built from this config start from pure noise.
     """
+    zero_snr = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if settings.rescale_betas_zero_snr \
+        else {}
     return DDPMScheduler(num_train_timesteps=settings.ddpm_num_steps, beta_schedule=settings.ddpm_beta_schedule,
-                         prediction_type=settings.prediction_type, clip_sample=clip_sample)
+                         prediction_type=settings.prediction_type, clip_sample=clip_sample, **zero_snr)
 
 
 def diffusion_target(scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor,

@@ -96,7 +96,7 @@ class LatentDdpmTask(DdpmTask):
         self.scaling_factor = float(self.vae.config.scaling_factor)
         unet = build_latent_unet(s.block_out_channels, s.layers_per_block, self.latent_size,
                                  self.vae.config.latent_channels, self.encoder.encoded_dim if self.encoder else None,
-                                 s.attention_head_dim)
+                                 s.attention_head_dim, s.time_embedding_dim)
         enable_memory_efficient_attention(unet, s.enable_xformers_memory_efficient_attention)
         images = image_dataset(self.manifest, s, training=True)
         dataset = self._cache_latents(accelerator) if s.cache_latents else images

@@ -139,6 +139,7 @@ class PreparedRun:
     steps_per_epoch: int
     max_steps: int
     checkpoint_metric: str | None = None  # the validation metric that picks checkpoint-best
+    eval_every: int = 1  # epochs between validations; 0: never
     checkpoint_after_epoch: bool = False
     stop_requested: bool = False  # set by SIGTERM
     unreadable_paths: set = field(default_factory=set)  # images replaced by a neighbour (this process)
@@ -168,7 +169,8 @@ class TrainingOutcome:
         return tags
 
 
-_HIGHER_IS_BETTER = ("psnr", "ssim")  # every other validation metric is a loss or a distance
+_HIGHER_IS_BETTER = ("psnr", "ssim")
+CONDITION_METRIC_MARKS = ("recon/", "condition_error", "_mae", "_angle_error")  # read back by the probe  # every other validation metric is a loss or a distance
 
 
 def _is_better(metric: str, value: float, best: float | None) -> bool:
@@ -179,12 +181,16 @@ def _is_better(metric: str, value: float, best: float | None) -> bool:
 
 def _checkpoint_metric(settings: TrainSettings, task: Task) -> str | None:
     """--checkpoint_metric, checked against what this run validates; by default the task's first metric."""
-    available = task.validation_metrics if settings.eval_epochs else ()
+    available = task.validation_metrics if settings.eval_epochs != 0 else ()
     if settings.checkpoint_metric is None:
         return available[0] if available else None
     if settings.checkpoint_metric not in available:
         offered = ", ".join(available) or "nothing (no val split, or --eval_epochs 0)"
-        raise LdmflowError(f"--checkpoint_metric {settings.checkpoint_metric}: this run validates {offered}.")
+        hint = ""
+        if any(part in settings.checkpoint_metric for part in CONDITION_METRIC_MARKS):
+            hint = (" Condition metrics need this dataset's registered condition probe and MLflow tracking: train "
+                    "one first with `ldmflow probe --manifest_path ...`.")
+        raise LdmflowError(f"--checkpoint_metric {settings.checkpoint_metric}: this run validates {offered}.{hint}")
     return settings.checkpoint_metric
 
 
@@ -248,8 +254,17 @@ def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> P
     state = TrainingState()
     task.after_prepare(accelerator, model, plan)
     return PreparedRun(accelerator, model, optimizer, dataloader, dataset, lr_scheduler, state, steps_per_epoch,
-                       max_steps, _checkpoint_metric(settings, task), fused_optimizer=fused,
+                       max_steps, _checkpoint_metric(settings, task),
+                       validation_interval(settings, math.ceil(max_steps / steps_per_epoch)), fused_optimizer=fused,
                        checkpoint_states={STATE_NAME: state, **task.checkpoint_states()})
+
+
+def validation_interval(settings: TrainSettings, num_epochs: int) -> int:
+    """Epochs between validations: --eval_epochs, else about --num_validations evenly spaced ones (a validation
+    every epoch doubled the demo's latent DDPM time); 0: never."""
+    if settings.eval_epochs is not None:
+        return settings.eval_epochs
+    return max(1, round(num_epochs / settings.num_validations))
 
 
 def _fast_layout(settings: TrainSettings, model: torch.nn.Module) -> torch.nn.Module:
@@ -550,11 +565,11 @@ def _resume(settings: TrainSettings, accelerator: Accelerator, run: PreparedRun)
 
 
 def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_epoch: bool) -> None:
-    """Validation every --eval_epochs and previews every --save_images_epochs (both after the last epoch);
+    """Validation every `run.eval_every` epochs and previews every --save_images_epochs (both after the last epoch);
     a better validation score than any before saves checkpoint-best."""
     accelerator, model, step = run.accelerator, run.model, run.state.global_step
     previews = (epoch + 1) % settings.save_images_epochs == 0 or last_epoch
-    validate = settings.eval_epochs > 0 and ((epoch + 1) % settings.eval_epochs == 0 or last_epoch)
+    validate = run.eval_every > 0 and ((epoch + 1) % run.eval_every == 0 or last_epoch)
     model.eval()
     metrics, images = task.end_of_epoch(accelerator, model, step, previews=previews, validate=validate)
     if accelerator.is_main_process:

@@ -1,11 +1,13 @@
 """`ldmflow evaluate`: quality metrics of a trained model, logged to a run linked to the model and the version.
 
 - VAE: PSNR, SSIM, rFID/rKID of posterior-mode reconstructions of the split's images (and LPIPS when its
-  backbone is installed).
+  weights are at hand), and the conditions the probe reads back from them (`recon/...`).
 - Latent and legacy DDPM: FID and KID of `num_samples` generated images (seed + i, so two models meet the
   same noise) against the split's images; sample diversity.
 - Conditioned latent DDPM: condition adherence read back by the dataset's condition probe, at the evaluated
-  guidance and at guidance 1, next to the shuffled-request baseline.
+  guidance and at guidance 1, next to the shuffled-request baseline and to the ceiling its own VAE sets (the
+  probe on the real images' reconstructions, `recon/...`): `ceiling_lines` names the conditions it caps.
+- Every adherence score and FID/KID has a bootstrap 95% interval (`..._ci95`).
 
 Everything that can fail on input (model, manifest, conditions, probe) is settled before the run opens.
 """
@@ -24,8 +26,9 @@ from ldmflow.data.conditions import ConditionSpec
 from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.evaluation import distribution
-from ldmflow.evaluation.adherence import (condition_errors, diversity, manifest_ranges, manifest_requests,
-                                          mean_pairwise_distance, shuffled_baseline)
+from ldmflow.evaluation.adherence import (condition_errors, diversity, headline_metrics, manifest_ranges,
+                                          manifest_requests, mean_pairwise_distance, shuffled_baseline)
+from ldmflow.evaluation.intervals import CI_SUFFIX, bootstrap_ci95
 from ldmflow.settings import EvaluateSettings, ProbeSettings
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class EvaluatedModel:
     model: object  # AutoencoderKL, LatentSampler or LegacySampler
     resolution: int
     spec: ConditionSpec  # what the model is conditioned on (none for the VAE and the legacy DDPM)
+    first_stage: object = None  # the AutoencoderKL whose reconstructions cap a latent model (the VAE itself)
 
 
 def load_evaluated_model(folder: Path) -> EvaluatedModel:
@@ -57,10 +61,10 @@ def load_evaluated_model(folder: Path) -> EvaluatedModel:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-        return EvaluatedModel("vae", vae, int(vae.config.sample_size), ConditionSpec.parse("none"))
+        return EvaluatedModel("vae", vae, int(vae.config.sample_size), ConditionSpec.parse("none"), vae)
     if hasattr(sampler, "spec"):
         size = sampler.unet.config.sample_size * 2 ** (len(sampler.vae.config.block_out_channels) - 1)
-        return EvaluatedModel("latent_ddpm", sampler, int(size), sampler.spec)
+        return EvaluatedModel("latent_ddpm", sampler, int(size), sampler.spec, sampler.vae)
     return EvaluatedModel("legacy_ddpm", sampler, int(sampler.unet.config.sample_size), ConditionSpec.parse("none"))
 
 
@@ -199,56 +203,78 @@ class Evaluation:
     skipped: str | None
 
 
+@dataclass
+class Requests:
+    """What the samples were asked for: condition dicts for the sampler, and (N, D) values / (N, K) presence."""
+
+    conditions: list[dict]
+    values: np.ndarray
+    present: np.ndarray
+
+
 def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manifest, train: Manifest,
              probe) -> Evaluation:
     """Every metric of `evaluated` against the split `real` (probe: (ProbeReader, uri) or None)."""
-    from ldmflow.evaluation.image_metrics import psnr, ssim
     from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 
     features, features_name, skipped = feature_extractor(settings, probe)
     real_images = _images(real, evaluated.resolution, settings.num_samples)
-    metrics, labels, table = {}, None, {}
+    metrics, labels, table, requests = {}, None, {}, None
     params = {"eval_num_samples": str(settings.num_samples), "eval_num_real": str(len(real_images)),
               "eval_feature_extractor": features_name or "none", "eval_stage": evaluated.stage}
     if evaluated.stage == "vae":
-        import torch
-
         generated = _reconstruct(evaluated.model, real_images, settings.batch_size)
-        reference, test = (torch.from_numpy(a).permute(0, 3, 1, 2) for a in (real_images, generated))
-        metrics.update(psnr=float(psnr(reference, test).mean()), ssim=float(ssim(reference, test).mean()))
-        try:
-            metrics["lpips"] = distribution.lpips(real_images, generated, settings.batch_size,
-                                                    settings.perceptual_weights)
-        except distribution.Unavailable as error:
-            skipped = "; ".join(filter(None, [skipped, f"LPIPS ({error})"]))
-        if features is not None:
-            metrics.update({f"r{key}": value for key, value in
-                            distribution.fid_kid(features, real_images, generated, settings.batch_size).items()})
-        requested = None
+        skipped = _reconstruction_scores(settings, real_images, generated, features, metrics, skipped)
     else:
         seeds = [settings.seed + i for i in range(settings.num_samples)]
-        conditioned = evaluated.stage == "latent_ddpm" and not evaluated.spec.is_empty
-        requested = manifest_requests(real, settings.num_samples) if conditioned else None
-        generated = _generate(settings, evaluated, requested[0] if requested else None, seeds,
+        if evaluated.stage == "latent_ddpm" and not evaluated.spec.is_empty:
+            requests = Requests(*manifest_requests(real, settings.num_samples))
+        generated = _generate(settings, evaluated, requests.conditions if requests else None, seeds,
                               settings.guidance_scale)
         if features is not None:
-            metrics.update(distribution.fid_kid(features, real_images, generated, settings.batch_size))
-            metrics.update(_diversity(settings, evaluated, features, requested))
+            metrics.update(distribution.fid_kid(features, real_images, generated, settings.batch_size, settings.seed))
+            metrics.update(_diversity(settings, evaluated, features, requests))
         table = {"seed": seeds}
-    read = probe[0].read(generated, settings.batch_size) if probe is not None else None
-    if requested:
-        metrics.update(_adherence(settings, evaluated, real, train, probe[0], requested, read, seeds, real_images))
-        labels = [condition_label(c) for c in requested[0][:8]]
     if probe is not None:
-        table.update({f"probed_{column}": read[:, i].tolist() for i, column in enumerate(_columns(probe[0]))})
-        if requested:
-            table.update({f"requested_{column}": requested[1][:, i].tolist()
-                          for i, column in enumerate(_columns(probe[0]))})
+        reader = probe[0]
+        read = reader.read(generated, settings.batch_size)
+        scorer = _Scorer(settings, real.spec, manifest_ranges(train))
+        truth = Requests([], np.stack([r.conditions for r in real.records[:len(real_images)]]),
+                         np.stack([r.present for r in real.records[:len(real_images)]]).astype(bool))
+        metrics.update(scorer.errors(truth, reader.read(real_images, settings.batch_size), "probe/"))
+        if evaluated.stage == "vae":
+            metrics.update(scorer.errors(truth, read, "recon/"))
+        elif requests:
+            metrics.update(_adherence(settings, evaluated, scorer, reader, requests, read, seeds, real_images, truth))
+            labels = [condition_label(c) for c in requests.conditions[:8]]
+            table.update({f"requested_{column}": requests.values[:, i].tolist()
+                          for i, column in enumerate(_columns(reader))})
+        table.update({f"probed_{column}": read[:, i].tolist() for i, column in enumerate(_columns(reader))})
     table["image"] = to_pil(generated)
     count = min(8, len(generated), len(real_images))
     grid = image_grid(to_pil(np.concatenate([generated[:count], real_images[:count]])),
                       labels=(labels + [""] * count) if labels else None, columns=count)
     return Evaluation(metrics, params, grid, table, skipped)
+
+
+def _reconstruction_scores(settings, real_images, reconstructions, features, metrics, skipped) -> str | None:
+    """A VAE's PSNR, SSIM, LPIPS and rFID/rKID into `metrics`; returns `skipped` with what could not be had."""
+    import torch
+
+    from ldmflow.evaluation.image_metrics import psnr, ssim
+
+    reference, test = (torch.from_numpy(a).permute(0, 3, 1, 2) for a in (real_images, reconstructions))
+    metrics.update(psnr=float(psnr(reference, test).mean()), ssim=float(ssim(reference, test).mean()))
+    try:
+        metrics["lpips"] = distribution.lpips(real_images, reconstructions, settings.batch_size,
+                                              settings.perceptual_weights)
+    except distribution.Unavailable as error:
+        skipped = "; ".join(filter(None, [skipped, f"LPIPS ({error})"]))
+    if features is not None:
+        metrics.update({f"r{key}" if key.startswith(("fid", "kid")) else key: value for key, value in
+                        distribution.fid_kid(features, real_images, reconstructions, settings.batch_size,
+                                             settings.seed).items()})
+    return skipped
 
 
 def _columns(reader) -> list[str]:
@@ -257,23 +283,36 @@ def _columns(reader) -> list[str]:
     return component_columns(reader.encoder.spec)
 
 
-def _adherence(settings, evaluated, real, train, reader, requested, read, seeds, real_images) -> dict:
-    """Probe readings (`read`) of the samples against their requests, at the evaluated guidance and at 1,
-    the shuffled baseline, and the probe's own error on the real images (how far to trust it)."""
-    spec = evaluated.spec
-    ranges = manifest_ranges(train)
-    conditions, values, present = requested
-    metrics = condition_errors(spec, values, present, read, ranges)
-    metrics.update({f"shuffled/{k}": v for k, v in shuffled_baseline(spec, values, present, read, ranges,
-                                                                      settings.seed).items()})
+@dataclass
+class _Scorer:
+    """Condition errors in % of the training range, with their bootstrap intervals over the samples."""
+
+    settings: EvaluateSettings
+    spec: ConditionSpec
+    ranges: dict[str, tuple[float, float]]
+
+    def errors(self, requests: Requests, read: np.ndarray, prefix: str = "") -> dict[str, float]:
+        def score(rows):
+            return condition_errors(self.spec, requests.values[rows], requests.present[rows], read[rows], self.ranges)
+
+        scores = score(np.arange(len(read)))
+        scores.update(bootstrap_ci95(score, (len(read),), seed=self.settings.seed))
+        return {f"{prefix}{key}": value for key, value in scores.items()}
+
+
+def _adherence(settings, evaluated, scorer: _Scorer, reader, requests: Requests, read, seeds, real_images,
+               truth: Requests) -> dict:
+    """Probe readings (`read`) of the samples against their requests, at the evaluated guidance and at 1, the
+    shuffled baseline, and the ceiling: the same probe on the real images passed through the model's VAE."""
+    metrics = scorer.errors(requests, read)
+    metrics.update({f"shuffled/{k}": v for k, v in shuffled_baseline(
+        scorer.spec, requests.values, requests.present, read, scorer.ranges, settings.seed).items()})
     if settings.guidance_scale != 1.0:
-        unguided = _generate(settings, evaluated, conditions, seeds, 1.0)
-        metrics.update({f"guidance1/{k}": v for k, v in condition_errors(
-            spec, values, present, reader.read(unguided, settings.batch_size), ranges).items()})
-    real_values = np.stack([r.conditions for r in real.records[:len(real_images)]])
-    real_present = np.stack([r.present for r in real.records[:len(real_images)]]).astype(bool)
-    metrics.update({f"probe/{k}": v for k, v in condition_errors(
-        spec, real_values, real_present, reader.read(real_images, settings.batch_size), ranges).items()})
+        unguided = _generate(settings, evaluated, requests.conditions, seeds, 1.0)
+        metrics.update(scorer.errors(requests, reader.read(unguided, settings.batch_size), "guidance1/"))
+    if evaluated.first_stage is not None:
+        reconstructions = _reconstruct(evaluated.first_stage, real_images, settings.batch_size)
+        metrics.update(scorer.errors(truth, reader.read(reconstructions, settings.batch_size), "recon/"))
     return metrics
 
 
@@ -284,31 +323,75 @@ def _diversity(settings, evaluated, features, requested) -> dict:
     if requested is None:
         images = _generate(settings, evaluated, None, seeds[:DIVERSITY_REQUESTS * 2], settings.guidance_scale)
         return {"diversity": mean_pairwise_distance(distribution.extract(features, images))}
-    chosen = requested[0][:DIVERSITY_REQUESTS]
+    chosen = requested.conditions[:DIVERSITY_REQUESTS]
     conditions = [c for c in chosen for _ in range(DIVERSITY_SEEDS)]
     images = _generate(settings, evaluated, conditions, seeds[:len(conditions)], settings.guidance_scale)
     groups = np.repeat(np.arange(len(chosen)), DIVERSITY_SEEDS)
     return diversity(distribution.extract(features, images), groups)
 
 
-COLUMNS = {"": "model", "guidance1/": "guidance 1", "shuffled/": "shuffled", "probe/": "real images"}
+COLUMNS = {"": "model", "guidance1/": "guidance 1", "shuffled/": "shuffled", "recon/": "VAE reconstructions",
+           "probe/": "real images"}
+CEILING_MARGIN = 0.25  # a model within this fraction of its VAE's reconstructions is capped by the VAE
+_HEADLINE_SUFFIXES = ("_length_mae_pct", "_angle_error_deg", "_mae_pct")  # the errors ceiling lines compare
+_COUNTS = ("fid_num_real", "fid_min_real", "rfid_num_real", "rfid_min_real")  # said below the table, not rows
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
     """The evaluation table: one row per measure (eval/...), and a column each for the model, the model without
-    guidance, shuffled requests (what ignoring the conditions scores) and the probe on real images."""
+    guidance, shuffled requests (what ignoring the conditions scores), the probe on the VAE's reconstructions
+    of the real images (the first stage's ceiling) and on the real images; `± x` is the bootstrap 95% interval.
+    Below it, one line per condition the VAE caps and for a FID on too few images."""
     if not metrics:
         return "No metric could be computed (see the warning above)."
-    rows: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        name = key.removeprefix("eval/")
+    rows: dict[str, dict[str, str]] = {}
+    plain = {key.removeprefix("eval/"): value for key, value in metrics.items()}
+    for name, value in plain.items():
+        if name.endswith(CI_SUFFIX) or name in _COUNTS:
+            continue
         prefix = next((p for p in COLUMNS if p and name.startswith(p)), "")
-        rows.setdefault(name[len(prefix):], {})[prefix] = value
+        interval = plain.get(f"{name}{CI_SUFFIX}")
+        rows.setdefault(name[len(prefix):], {})[prefix] = f"{value:.4g}" + (f" ± {interval:.2g}" if interval else "")
     shown = [prefix for prefix in COLUMNS if any(prefix in row for row in rows.values())]
     table = [["eval/...", *(COLUMNS[prefix] for prefix in shown)]]
-    table += [[name, *(f"{row[p]:.4g}" if p in row else "" for p in shown)] for name, row in sorted(rows.items())]
+    table += [[name, *(row.get(p, "") for p in shown)] for name, row in sorted(rows.items())]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table)
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
+    return "\n".join(lines + ceiling_lines(plain) + fid_count_lines(plain))
+
+
+def ceiling_lines(metrics: dict[str, float]) -> list[str]:
+    """One line per condition error of the samples within CEILING_MARGIN of the same error on the VAE's
+    reconstructions, where those are clearly worse than the real images: the first stage caps it, and
+    training the UNet longer will not help."""
+    lines = []
+    for key, ceiling in sorted(metrics.items()):
+        name = key.removeprefix("recon/")
+        if name == key or not name.endswith(_HEADLINE_SUFFIXES) or name not in metrics:
+            continue
+        samples, real = metrics[name], metrics.get(f"probe/{name}")
+        if real is not None and ceiling <= (1 + CEILING_MARGIN) * real:
+            continue  # the reconstructions read like the real images: the VAE keeps this condition
+        if samples <= (1 + CEILING_MARGIN) * ceiling:
+            condition = next(name[:-len(s)] for s in _HEADLINE_SUFFIXES if name.endswith(s))
+            unit = "°" if name.endswith("_deg") else "%"
+            measure = "angle" if name.endswith("_deg") else "length" if "_length_" in name else ""
+            lines.append(f"{condition}{' ' + measure if measure else ''}: limited by the VAE (reconstructions "
+                         f"{ceiling:.3g}{unit} vs samples {samples:.3g}{unit}); see docs/training.md, 'When a "
+                         "condition is not learned'.")
+    return lines
+
+
+def fid_count_lines(metrics: dict[str, float]) -> list[str]:
+    """A line when FID (or rFID) came from fewer real images than it needs to be compared with another."""
+    lines = []
+    for name in ("fid", "rfid"):
+        count, needed = metrics.get(f"{name}_num_real"), metrics.get(f"{name}_min_real")
+        if name in metrics and count is not None and needed is not None and count < needed:
+            lines.append(f"{name}: not comparable: {count:.0f} real images for {needed - 1:.0f}-dimensional features "
+                         f"(at least {needed:.0f} are needed, more to compare small differences: evaluate on a "
+                         "larger --split and --num_samples).")
+    return lines
 
 
 def run_evaluation(settings: EvaluateSettings) -> dict[str, float]:
@@ -359,6 +442,7 @@ def _link_to_model(tracker, source, metrics: dict[str, float], table: dict) -> N
     if source.model_name and source.model_version:
         client = MlflowClient()
         for key, value in metrics.items():
-            client.set_model_version_tag(source.model_name, source.model_version, key, f"{value:.6g}")
+            if key.count("/") == 1:  # the model's own scores; the other columns stay on the run
+                client.set_model_version_tag(source.model_name, source.model_version, key, f"{value:.6g}")
         client.set_model_version_tag(source.model_name, source.model_version, "eval_run_id", tracker.run_id)
         add_evaluation_note(client, source.model_name, source.model_version, tracker.run_id, metrics)
