@@ -216,7 +216,8 @@ def sample_command(**options):
 @cli.command("pipeline")
 @settings_options(PipelineSettings)
 def pipeline_command(**options):
-    """vae -> latent_ddpm -> sample as child runs of one parent run; unchanged finished steps are reused."""
+    """vae -> latent_ddpm -> sample -> evaluate as child runs of one parent run; unchanged finished steps are
+    reused."""
     from ldmflow.workflows.evaluate import format_metrics
     from ldmflow.workflows.pipeline import evaluation_metrics, run_pipeline
 

@@ -461,7 +461,8 @@ class EvaluateSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineSettings:
-    """`ldmflow pipeline`: vae -> latent_ddpm -> sample. Defaults are the steps' own, except where noted."""
+    """`ldmflow pipeline`: vae -> latent_ddpm -> sample -> evaluate. Defaults are the steps' own, except where
+    noted."""
 
     manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).")
     output_root: str = setting("outputs/pipeline", "Folder of the steps' output folders.")
@@ -478,6 +479,9 @@ class PipelineSettings:
     lr_warmup_steps: int = setting(_default(TrainSettings, "lr_warmup_steps"), "LR warm-up of both models.")
     save_images_epochs: int = setting(_default(TrainSettings, "save_images_epochs"), "Preview every N epochs.")
     checkpointing_steps: int = setting(_default(TrainSettings, "checkpointing_steps"), "Checkpoint every N steps.")
+    eval_epochs: int | None = setting(None, "Validate both models every N epochs; default: --num_validations.")
+    num_validations: int = setting(_default(TrainSettings, "num_validations"), "Validations per training when "
+                                                                              "--eval_epochs is not given.")
     kl_weight: float = setting(_default(VaeSettings, "kl_weight"), "VAE KL weight.")
     latent_channels: int = setting(_default(VaeSettings, "latent_channels"), "VAE latent channels.")
     downsample_factor: int = setting(_default(VaeSettings, "downsample_factor"), "VAE downsampling (4, 8, 16).")
@@ -512,7 +516,7 @@ class PipelineSettings:
         root = Path(self.output_root).resolve()
         shared = {name: getattr(self, name) for name in ("resolution", "seed", "layers_per_block", "learning_rate",
                                                          "lr_warmup_steps", "save_images_epochs",
-                                                         "checkpointing_steps")}
+                                                         "checkpointing_steps", "eval_epochs", "num_validations")}
         shared["manifest_path"] = str(Path(self.manifest_path).resolve())
         vae = {**shared, "output_dir": str(root / "vae"), "train_batch_size": self.vae_train_batch_size,
                "num_epochs": self.vae_epochs,

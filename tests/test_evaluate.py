@@ -115,8 +115,40 @@ def test_a_latent_ddpm_trained_after_a_probe_exists_scores_adherence_while_train
     invoke("latent-ddpm", "--manifest_path", "data/manifest.json", "--vae_uri", "models:/ldmflow-vae/1",
            "--output_dir", "ldm2", *TINY, "--block_out_channels", "32,32", "--num_preview_images", "2",
            "--preview_inference_steps", "2", "--num_epochs", "1", "--registered_model_name", "adherence-check")
-    run = _client().get_run(_client().get_model_version("adherence-check", "1").run_id)
+    version = _client().get_model_version("adherence-check", "1")
+    run = _client().get_run(version.run_id)
     assert {"val/temperature_mae_pct", "val/wind_angle_error_deg", "val/denoise_loss"} <= set(run.data.metrics)
+    assert version.tags["checkpoint_metric"] == "val/condition_error_pct"  # registered by what users care about
+
+
+def test_a_vae_validates_how_well_its_reconstructions_keep_the_conditions_once_a_probe_exists(store):
+    from ldmflow.data.manifest import load_manifest
+    from ldmflow.tracking.registry import registered_probe_uri
+
+    vae = [*TINY, "--num_epochs", "2", "--block_out_channels", "16,16,16,16", "--scaling_factor_batches", "2"]
+    if registered_probe_uri(load_manifest("data/manifest.json").digest, None) is None:  # when run alone
+        invoke("probe", "--manifest_path", "data/manifest.json", "--output_dir", "probe", "--num_epochs", "2")
+    invoke("vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae2", *vae,
+           "--checkpoint_metric", "val/recon/condition_error_pct", "--registered_model_name", "recon-check")
+    version = _client().get_model_version("recon-check", "1")
+    run = _client().get_run(version.run_id)
+    assert {"val/psnr", "val/recon/temperature_mae_pct", "val/recon/wind_angle_error_deg"} <= set(run.data.metrics)
+    assert version.tags["checkpoint_metric"] == "val/recon/condition_error_pct"
+
+
+def test_a_condition_checkpoint_metric_without_a_probe_is_one_line_and_no_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    invoke("demo-data", "--output_dir", "data", "--num_images", "12", "--resolution", "32")
+    result = invoke("vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae", *TINY, "--num_epochs", "1",
+                    "--block_out_channels", "16,16,16,16", "--checkpoint_metric", "val/recon/wind_mag_mae_pct",
+                    ok=False)
+    assert result.exit_code == 1 and result.output.count("Error:") == 1
+    assert "this run validates val/psnr, val/ssim. Condition metrics need this dataset's registered condition " \
+           "probe" in result.output
+    from mlflow import MlflowClient
+
+    assert not MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
 
 
 def test_evaluating_a_vae_scores_reconstructions_and_names_what_was_skipped(store, caplog):

@@ -311,3 +311,19 @@ def test_commands_against_a_server_that_is_down_fail_within_seconds(tmp_path, mo
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "Cannot reach the MLflow tracking server" in result.output
     assert time.monotonic() - started < 60  # MLflow's own HTTP retries take minutes; this is a loose bound
+
+
+def test_a_version_shows_the_metrics_of_its_own_weights_not_of_the_last_step(sqlite_store):
+    from ldmflow.tracking.lineage import _registered_weights_metrics
+    from ldmflow.tracking.registry import _link_metrics_at
+
+    client = MlflowClient()
+    with mlflow.start_run() as run:
+        for step, loss in ((0, 3.0), (10, 2.0), (20, 1.0)):
+            mlflow.log_metric("loss", loss, step=step)
+        mlflow.log_metric("val/denoise_loss", 0.5, step=12)  # the best checkpoint's validation
+        mlflow.log_metric("val/denoise_loss", 0.9, step=20)
+        model = mlflow.create_external_model(name="weights")
+    _link_metrics_at(client, run.info.run_id, model.model_id, step=12)
+    assert _registered_weights_metrics(client, model.model_id) == {"loss": 2.0, "val/denoise_loss": 0.5}
+    assert client.get_run(run.info.run_id).data.metrics["loss"] == 1.0  # the run keeps its last values

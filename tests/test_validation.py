@@ -97,6 +97,21 @@ def test_each_epoch_logs_raw_and_ema_validation_losses(data, tmp_path):
     assert outcome.metric == "val/denoise_loss_ema"  # the registered weights are the EMA's, so is the choice
 
 
+def test_validation_runs_about_num_validations_times_unless_eval_epochs_is_given(data, tmp_path):
+    from ldmflow.training.loop import validation_interval
+
+    def every(**overrides) -> int:
+        return validation_interval(settings_for(data, tmp_path, **overrides), overrides.get("num_epochs", 3))
+
+    assert every(num_epochs=300) == 15  # the demo's latent DDPM: 20 validations, not 300
+    assert every(num_epochs=6, num_validations=4) == 2  # round(6 / 4)
+    assert every(num_epochs=4) == 1  # never less than every epoch
+    assert every(num_epochs=300, eval_epochs=7) == 7 and every(num_epochs=300, eval_epochs=0) == 0
+    settings = settings_for(data, tmp_path, num_epochs=4, num_validations=2)
+    _, recorder = run(settings, Scripted(settings, data, [1.0] * 4))
+    assert [step // 3 for step, m in recorder.metrics if "val/denoise_loss" in m] == [2, 4]  # the last included
+
+
 def test_the_best_validated_weights_are_exported_and_chosen(data, tmp_path):
     settings = settings_for(data, tmp_path)
     outcome, recorder = run(settings, Scripted(settings, data, [0.5, 0.3, 0.4]))

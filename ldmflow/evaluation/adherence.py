@@ -9,6 +9,8 @@ its conditions would get. `condition_error_pct` sums it up in one number a check
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ldmflow.data.conditions import ConditionSpec
@@ -127,3 +129,28 @@ def diversity(features: np.ndarray, groups: np.ndarray) -> dict[str, float]:
             pairs.append(np.linalg.norm(inside[:, None, :] - outside[None, :, :], axis=2).mean())
     return {"diversity_within": float(np.nanmean(within)), "diversity_across": float(np.mean(pairs)) if pairs
             else float("nan")}
+
+
+@dataclass
+class SplitConditions:
+    """A split's known conditions, the training range and the probe that reads them back: how well images of
+    that split (a VAE's reconstructions, say) still show their conditions."""
+
+    reader: object  # ProbeReader
+    values: np.ndarray  # (N, D), in the split's record order
+    present: np.ndarray  # (N, K)
+    ranges: dict[str, tuple[float, float]]
+
+    @classmethod
+    def of(cls, reader, split: Manifest, train: Manifest, image_paths: list | None = None) -> "SplitConditions":
+        """The conditions of `split`'s records, in the order of `image_paths` (default: the split's own)."""
+        by_path = {r.image_path: r for r in split.records}
+        records = [by_path[p] for p in image_paths if p in by_path] if image_paths else split.records
+        return cls(reader, np.stack([r.conditions for r in records]).astype(np.float32),
+                   np.stack([r.present for r in records]).astype(bool), manifest_ranges(train))
+
+    def errors(self, images: np.ndarray) -> dict[str, float]:
+        """`condition_errors` of the first len(images) records, as the probe reads (N, H, W, 3) images."""
+        count = len(images)
+        return condition_errors(self.reader.encoder.spec, self.values[:count], self.present[:count],
+                                self.reader.read(images), self.ranges)

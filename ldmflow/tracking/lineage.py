@@ -155,12 +155,14 @@ def list_models() -> list[dict]:
     for stage in STAGES:
         versions += _all_pages(lambda token, stage=stage: client.search_model_versions(
             filter_string=f"tags.stage = {filter_value(stage)}", max_results=_PAGE, page_token=token))
+    from ldmflow.tracking.model_uri import version_model_id
+
     runs = _runs_by_id(client, sorted({v.run_id for v in versions if v.run_id}))
     aliases = _aliases_by_version(client, sorted({v.name for v in versions}))
     rows = []
     for v in sorted(versions, key=lambda v: (STAGES.index(v.tags["stage"]), v.name, int(v.version))):
         run = runs.get(v.run_id)
-        metrics = run.data.metrics if run else {}
+        metrics = _registered_weights_metrics(client, version_model_id(v)) or (run.data.metrics if run else {})
         rows.append({"name": v.name, "version": str(v.version), "stage": v.tags["stage"],
                      "aliases": aliases.get((v.name, str(v.version)), []), "run_id": v.run_id or "",
                      "dataset_digest": v.tags.get("dataset_digest", ""),
@@ -169,6 +171,20 @@ def list_models() -> list[dict]:
                      "eval_fid": _float_tag(v.tags, "eval/fid", "eval/rfid"),
                      **{key: metrics.get(key) for key in KEY_METRICS}})
     return rows
+
+
+def _registered_weights_metrics(client, model_id: str | None) -> dict[str, float]:
+    """The metrics linked to a version's logged model: the run's as they were at the registered weights' step
+    (its last values may come from later, worse weights)."""
+    from mlflow.exceptions import MlflowException
+
+    if not model_id:
+        return {}
+    try:
+        linked = client.get_logged_model(model_id).metrics or []
+    except MlflowException:
+        return {}
+    return {m.key: m.value for m in sorted(linked, key=lambda m: (m.step, m.timestamp))}
 
 
 def _aliases_by_version(client, names: list[str]) -> dict[tuple[str, str], list[str]]:

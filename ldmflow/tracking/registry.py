@@ -63,8 +63,12 @@ def pip_requirements() -> list[str]:
 
 def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model_name: str | None = None,
                      alias: str | None = None, vae_source: ModelSource | None = None, *, dataset_digest: str,
-                     condition_spec: str | None = None, extra_tags: dict | None = None) -> RegisteredModel:
+                     condition_spec: str | None = None, extra_tags: dict | None = None,
+                     step: int | None = None) -> RegisteredModel:
     """Log `output_dir` of `stage` as a pyfunc model in the run, register it and tag run and version.
+
+    `step`: the step of the weights in `output_dir` (the best checkpoint's; default the run's last): the logged
+    model carries the run's metrics as they were then, so a version shows the scores of its own weights.
 
     For latent_ddpm, `vae_source` (or else `output_dir/vae_source.json`) gives the VAE that is bundled into the
     model and recorded as lineage (and as a model input of the run when it has a logged model id).
@@ -98,7 +102,8 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
             info = mlflow.pyfunc.log_model(
                 name=stage, python_model=_model_code(model_class, Path(staging)), artifacts=artifacts,
                 signature=signature, code_paths=[_package_copy(Path(staging))], pip_requirements=pip_requirements(),
-                tags=tags, step=last_step)
+                tags=tags, step=last_step if step is None else step)
+            _link_metrics_at(client, run_id, info.model_id, last_step if step is None else step)
             version = _register(client, name, info.model_id, run_id, tags)
         except (mlflow.exceptions.MlflowException, OSError) as error:  # server down, disk full...
             raise LdmflowError(f"Could not log or register the {stage} model in MLflow: "
@@ -108,6 +113,25 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     logger.info("Registered %s (run %s, logged model %s)%s.", registered.model_uri, run_id, info.model_id,
                 f" with alias @{alias}" if alias else "")
     return registered
+
+
+def _link_metrics_at(client, run_id: str, model_id: str, step: int) -> None:
+    """Link each run metric's last value at or before `step` to the logged model: `log_model` links only the
+    values logged at exactly `step`, which misses the training loss of a best checkpoint between log points."""
+    from mlflow.entities import Metric
+
+    linked = {metric.key for metric in client.get_logged_model(model_id).metrics or []}
+    rows = []
+    for key in client.get_run(run_id).data.metrics:
+        if key in linked or key.startswith("system/"):
+            continue
+        earlier = [m for m in client.get_metric_history(run_id, key) if m.step <= step and m.model_id is None]
+        if earlier:
+            last = max(earlier, key=lambda m: (m.step, m.timestamp))
+            rows.append(Metric(key=key, value=last.value, timestamp=last.timestamp, step=last.step, run_id=run_id,
+                               model_id=model_id))
+    if rows:
+        client.log_batch(run_id=run_id, metrics=rows)
 
 
 def _register(client, name: str, model_id: str, run_id: str, tags: dict[str, str]) -> str:
@@ -124,15 +148,16 @@ def _register(client, name: str, model_id: str, run_id: str, tags: dict[str, str
                                        model_id=model_id).version
 
 
-def registered_probe_uri(dataset_digest: str, condition_spec: str) -> str | None:
-    """models:/ldmflow-probe/<newest version trained on this manifest for these conditions>, or None."""
+def registered_probe_uri(dataset_digest: str, condition_spec: str | None) -> str | None:
+    """models:/ldmflow-probe/<newest version trained on this manifest for these conditions (None: any)>, or None."""
     from mlflow import MlflowClient
 
     from ldmflow.tracking.store import filter_value, use_tracking_store
 
     name = DEFAULT_MODEL_NAMES["probe"]
-    query = (f"name = {filter_value(name)} AND tags.dataset_digest = {filter_value(dataset_digest)} "
-             f"AND tags.condition_spec = {filter_value(condition_spec)}")
+    query = f"name = {filter_value(name)} AND tags.dataset_digest = {filter_value(dataset_digest)}"
+    if condition_spec is not None:
+        query += f" AND tags.condition_spec = {filter_value(condition_spec)}"
     versions = MlflowClient(use_tracking_store()).search_model_versions(filter_string=query, max_results=1000)
     newest = max(versions, key=lambda v: int(v.version), default=None)
     return None if newest is None else f"models:/{name}/{newest.version}"

@@ -17,7 +17,7 @@ from PIL import Image
 from ldmflow.data.dataset import image_dataset
 from ldmflow.data.manifest import Manifest
 from ldmflow.errors import LdmflowError
-from ldmflow.evaluation.adherence import condition_errors, manifest_ranges, manifest_requests
+from ldmflow.evaluation.adherence import adherence_metric_names, condition_errors, manifest_ranges, manifest_requests
 from ldmflow.models.architectures import build_latent_unet, vae_downsample_factor
 from ldmflow.progress import Progress
 from ldmflow.models.attention import enable_memory_efficient_attention
@@ -158,6 +158,15 @@ class LatentDdpmTask(DdpmTask):
             labels = self.encoder.drop(encoded, self.settings.cond_dropout_prob) if drop_conditions else encoded
         return lambda noisy, timesteps: model(noisy, timesteps, encoder_hidden_states=None,
                                               class_labels=labels).sample
+
+    @property
+    def validation_metrics(self) -> tuple[str, ...]:
+        """With the dataset's probe, condition adherence comes first: the default --checkpoint_metric is then
+        val/condition_error_pct (what users care about), not the denoising loss."""
+        losses = super().validation_metrics
+        if self.probe is None or not losses:
+            return losses
+        return tuple(f"val/{name}" for name in adherence_metric_names(self.manifest.spec)) + losses
 
     def end_of_epoch(self, accelerator: Accelerator, model, step: int, previews: bool, validate: bool):
         metrics, images = super().end_of_epoch(accelerator, model, step, previews, validate)

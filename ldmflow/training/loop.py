@@ -21,7 +21,8 @@ from typing import Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, gather_object,
+                               set_seed)
 from PIL import Image
 from safetensors import SafetensorError
 
@@ -572,6 +573,8 @@ def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_ep
     validate = run.eval_every > 0 and ((epoch + 1) % run.eval_every == 0 or last_epoch)
     model.eval()
     metrics, images = task.end_of_epoch(accelerator, model, step, previews=previews, validate=validate)
+    if validate and accelerator.num_processes > 1:  # scores read on the main process alone (probe readings)
+        metrics = broadcast_object_list([metrics])[0]  # every process then agrees on checkpoint-best
     if accelerator.is_main_process:
         if metrics:
             tracker.log_metrics(metrics, step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -22,6 +23,7 @@ from ldmflow.sampling.grids import image_grid, to_pil
 from ldmflow.files import publish_files, temporary_folder
 from ldmflow.settings import VaeSettings
 from ldmflow.evaluation import distribution
+from ldmflow.evaluation.adherence import SplitConditions, adherence_metric_names
 from ldmflow.evaluation.image_metrics import psnr, ssim
 from ldmflow.errors import LdmflowError
 from ldmflow.training.task import Task
@@ -74,8 +76,12 @@ class VaeTask(Task):
 
     name = "vae"
 
-    def __init__(self, settings: VaeSettings, manifest: Manifest, val_manifest: Manifest | None):
+    def __init__(self, settings: VaeSettings, manifest: Manifest, val_manifest: Manifest | None,
+                 conditions: SplitConditions | None = None):
+        """conditions: the val split's conditions and the dataset's probe, when one is registered: validation
+        then also scores how well the reconstructions keep each condition (`val/recon/...`)."""
         self.settings, self.manifest, self.val_manifest = settings, manifest, val_manifest
+        self.conditions = conditions if val_manifest is not None else None
         self._lpips = None  # built at the first validation; False when LPIPS cannot be had here
         self.perceptual = None
         if settings.perceptual_weight > 0:  # weights resolved now: before any MLflow run opens
@@ -172,7 +178,11 @@ class VaeTask(Task):
 
     @property
     def validation_metrics(self) -> tuple[str, ...]:
-        return ("val/psnr", "val/ssim") if self.val_manifest else ()
+        if not self.val_manifest:
+            return ()
+        recon = () if self.conditions is None else \
+            tuple(f"val/recon/{name}" for name in adherence_metric_names(self.conditions.reader.encoder.spec))
+        return ("val/psnr", "val/ssim") + recon
 
     @torch.no_grad()
     def end_of_epoch(self, accelerator: Accelerator, model, step: int, previews: bool, validate: bool):
@@ -218,7 +228,17 @@ class VaeTask(Task):
         metrics = {"val/psnr": totals[0].item() / count, "val/ssim": totals[1].item() / count}
         if lpips is not False:
             metrics["val/lpips"] = totals[2].item() / count
+        if self.conditions is not None and accelerator.is_main_process:
+            metrics.update({f"val/recon/{key}": value for key, value in self._condition_errors(vae).items()})
         return metrics
+
+    def _condition_errors(self, vae) -> dict[str, float]:
+        """The probe's condition errors on the val split's reconstructions (main process; the loop shares them)."""
+        rows = []
+        for pixels in pixel_batches(self.eval_data, list(range(len(self.eval_data))), self.settings.eval_batch_size):
+            reconstruction = vae.decode(vae.encode(pixels.to(vae.device)).latent_dist.mode()).sample
+            rows.append(((reconstruction.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy())
+        return self.conditions.errors(np.concatenate(rows))
 
     def _preview(self, vae, step: int) -> Image.Image:
         """Inputs (top row, captioned) above their reconstructions (bottom row), saved to output_dir/images/."""

@@ -1,4 +1,4 @@
-"""The `pipeline` entry point: vae -> latent_ddpm -> sample as child runs of one parent run.
+"""The `pipeline` entry point: vae -> latent_ddpm -> sample -> evaluate as child runs of one parent run.
 
 Multistep style (MLflow's multistep_workflow example), with its reuse check done right: a step is reused
 when a FINISHED run of the same entry point exists with the same parameters (compared as the strings MLflow
@@ -73,8 +73,8 @@ def _run_step(client, experiment_id: str, entry_point: str, parameters: dict[str
 
 def _step_parameters(settings: PipelineSettings) -> dict[str, dict[str, str]]:
     """Each step's MLproject parameters, as the strings MLflow stores (the reuse check compares those)."""
-    return {step: {name: param_value(value) for name, value in arguments.items()}
-            for step, arguments in settings.step_arguments().items()}
+    return {step: {name: param_value(value) for name, value in arguments.items() if value is not None}
+            for step, arguments in settings.step_arguments().items()}  # None: the step's own default applies
 
 
 def _sample_conditions(settings: PipelineSettings, manifest) -> dict[str, str]:

@@ -52,7 +52,8 @@ def _build_task(settings: TrainSettings, manifest: Manifest, vae_source, acceler
     if isinstance(settings, VaeSettings):
         from ldmflow.training.vae_task import VaeTask
 
-        return VaeTask(settings, manifest, val)
+        probe = _registered_probe(settings, manifest, accelerator) if val is not None else None
+        return VaeTask(settings, manifest, val, _val_conditions(settings, probe, val) if probe else None)
     if isinstance(settings, LatentDdpmSettings):
         from ldmflow.training.latent_task import LatentDdpmTask
 
@@ -99,17 +100,30 @@ def _resolve_vae(settings: LatentDdpmSettings, accelerator):
     return _on_main(accelerator, resolve)
 
 
-def _registered_probe(settings: LatentDdpmSettings, manifest: Manifest, accelerator) -> Path | None:
-    """The folder of this dataset's registered condition probe, if there is one: the latent DDPM's validation
-    then also scores condition adherence. None without tracking or conditions."""
+def _val_conditions(settings: VaeSettings, probe_dir: Path, val: Manifest):
+    """The val split's conditions (as the probe's spec names them) for the VAE's `val/recon/...` scores."""
+    from ldmflow.evaluation.adherence import SplitConditions
+    from ldmflow.models.probe import ProbeReader
+
+    reader = ProbeReader.from_folder(probe_dir)
+    spec = str(reader.encoder.spec)
+    return SplitConditions.of(reader, _load(settings, settings.val_split, spec), _load(settings, settings.split, spec),
+                              [record.image_path for record in val.records])
+
+
+def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) -> Path | None:
+    """The folder of this dataset's registered condition probe, if there is one: validation then also scores
+    condition adherence (latent DDPM) or how well reconstructions keep the conditions (VAE, any probe of the
+    dataset). None without tracking or conditions."""
     from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
     from ldmflow.tracking.registry import registered_probe_uri
 
-    if settings.no_mlflow or manifest.spec.is_empty or settings.eval_epochs == 0:
+    spec = None if isinstance(settings, VaeSettings) else str(manifest.spec)
+    if settings.no_mlflow or (spec is not None and manifest.spec.is_empty) or settings.eval_epochs == 0:
         return None
 
     def resolve():
-        uri = registered_probe_uri(manifest.digest, str(manifest.spec))
+        uri = registered_probe_uri(manifest.digest, spec)
         if uri is None:
             return None
         logger.info("Validation reads conditions back with the dataset's probe %s.", uri)
@@ -163,7 +177,7 @@ def _train_in(settings: TrainSettings, stage: str, accelerator):
                 stage, outcome.model_dir, tracker, registered_model_name=settings.registered_model_name,
                 alias=settings.register_alias, vae_source=vae_source, dataset_digest=manifest.digest,
                 condition_spec=None if manifest.spec.is_empty else str(manifest.spec),
-                extra_tags=outcome.version_tags())
+                extra_tags=outcome.version_tags(), step=outcome.step)
             tracker.set_tags({REGISTERED_URI_TAG: registered.model_uri})
             model_uri = registered.model_uri
     accelerator.end_training()
