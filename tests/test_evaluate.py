@@ -350,3 +350,22 @@ def test_intervals_cover_the_sampling_noise_and_shrink_with_more_samples():
     same = np.abs(rng.normal(size=50))
     draws = [bootstrap_ci95(lambda rows: {"mae": float(same[rows].mean())}, (50,), seed=3) for _ in range(2)]
     assert draws[0] == draws[1]  # seeded: an evaluation repeats exactly
+
+
+def test_a_probe_of_another_dataset_is_refused_in_one_line(store):
+    from ldmflow.data.manifest import load_manifest
+    from ldmflow.tracking.registry import registered_probe_uri
+
+    root, _ = store
+    uri = registered_probe_uri(load_manifest("data/manifest.json").digest, None)
+    if uri is None:  # when run alone
+        invoke("probe", "--manifest_path", "data/manifest.json", "--output_dir", "probe", "--num_epochs", "2")
+        uri = "models:/ldmflow-probe/1"
+    other = root / "data" / "reordered.json"
+    other.write_text((root / "data" / "manifest.json").read_text() + "\n")  # other bytes: another dataset
+    before = len(_runs("evaluate"))
+    result = invoke("evaluate", "--model_uri", "models:/ldmflow-vae/1", "--manifest_path", str(other), *QUICK,
+                    "--probe_uri", uri, ok=False)
+    assert result.exit_code == 1 and result.output.count("Error:") == 1
+    assert f"--probe_uri {uri} was trained on another dataset" in result.output
+    assert len(_runs("evaluate")) == before

@@ -122,10 +122,31 @@ def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str):
         uri = _train_probe(settings, spec)
     else:
         logger.info("Condition probe: %s.", uri)
-    reader = ProbeReader.from_folder(find_diffusers_folder(resolve_model_source(uri).local_dir, "probe"))
+    source = resolve_model_source(uri)
+    reader = ProbeReader.from_folder(find_diffusers_folder(source.local_dir, "probe"))
     if reader.encoder.spec != spec:
         raise LdmflowError(f"--probe_uri {uri} reads {reader.encoder.spec}; the evaluation needs {spec}.")
+    trained_on = _probe_dataset(source)
+    if trained_on and trained_on != digest:
+        raise LdmflowError(f"--probe_uri {uri} was trained on another dataset (digest {trained_on[:12]}, this "
+                           f"manifest's is {digest[:12]}): it would misread these images. Omit --probe_uri to use "
+                           "(or train) this dataset's probe.")
     return reader, uri
+
+
+def _probe_dataset(source) -> str | None:
+    """The dataset digest a tracked probe was trained on (its version's or run's tag), None when unknown."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if source.model_name and source.model_version:
+            return MlflowClient().get_model_version(source.model_name, source.model_version).tags.get("dataset_digest")
+        if source.run_id:
+            return MlflowClient().get_run(source.run_id).data.tags.get("dataset_digest")
+    except MlflowException:
+        return None
+    return None
 
 
 def _train_probe(settings: EvaluateSettings, spec: ConditionSpec) -> str:
