@@ -121,6 +121,9 @@ def test_the_pipeline_passes_only_parameters_its_steps_declare():
     assert list(steps) == ["vae", "latent_ddpm", "sample", "evaluate"]
     for entry_point, parameters in steps.items():
         assert set(parameters) <= set(project_parameters(entry_point)), entry_point
+    validated = _step_parameters(PipelineSettings(manifest_path="m.json", num_validations=5, eval_epochs=3))
+    for trained in ("vae", "latent_ddpm"):  # validation settings reach both trainings
+        assert validated[trained]["num_validations"] == "5" and validated[trained]["eval_epochs"] == "3"
 
 
 def test_original_flag_names_are_accepted_as_aliases():
