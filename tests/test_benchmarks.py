@@ -1,4 +1,5 @@
-"""The GPU benchmark's --smoke mode runs on the CPU, so the script CI keeps is the one a GPU user runs."""
+"""The benchmarks' --smoke modes run on the CPU, so the script CI keeps is the one a GPU user (or the full
+CPU run) runs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,3 +25,50 @@ def test_the_gpu_benchmark_smoke_run_prints_every_comparison():
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["gflop_per_step"]["latent_ddpm"] > 0 and figures["gflop_per_step"]["vae"] > 0
     assert all(value > 0 for value in [*figures["trainer_ms"].values(), *figures["bare_ms"].values()])
+
+
+def _recipe_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recipe", ROOT / "benchmarks" / "recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["recipe"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_the_recipe_benchmark_smoke_run_prints_its_table_verdicts_plot_and_results(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe.py"), "--smoke", "--work_dir",
+                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["variants"] == ["baseline", "v_prediction"]
+    assert sorted((r["variant"], r["budget"]) for r in figures["results"]) == [("baseline", 2), ("v_prediction", 2)]
+    for score in ("temperature_mae_pct", "wind_angle_error_deg", "wind_mag_mae_pct", "fid"):
+        assert f"- {score} at 2 steps: " in out, out
+        assert all(f"eval/{score}" in r["scores"] and f"eval/{score}_ci95" in r["scores"] for r in figures["results"])
+    assert (tmp_path / "recipe.png").stat().st_size > 0
+
+
+def test_the_recipe_verdict_weighs_the_margin_against_the_seed_spread():
+    recipe = _recipe_module()
+
+    def result(variant, seed, budget, temperature):
+        return {"variant": variant, "seed": seed, "budget": budget, "train_seconds": 10.0,
+                "scores": {"eval/temperature_mae_pct": temperature, "eval/temperature_mae_pct_ci95": 1.0}}
+
+    results = [result("baseline", 0, 100, 9.0), result("baseline", 1, 100, 11.0),
+               result("cosine", 0, 100, 6.0), result("cosine", 1, 100, 7.0),  # wins on both seeds
+               result("baseline", 0, 200, 5.0), result("baseline", 1, 200, 8.0),
+               result("cosine", 0, 200, 5.5), result("cosine", 1, 200, 7.0)]  # better mean, within the spread
+    summary = recipe.summarise(results)
+    assert summary[("baseline", 100)]["eval/temperature_mae_pct"] == {"mean": 10.0, "min": 9.0, "max": 11.0,
+                                                                       "ci95": 1.0}
+    [at_100] = [v for v in recipe.verdicts(summary, ["baseline", "cosine"], 100) if "temperature" in v]
+    assert "cosine wins (6.5 vs baseline 10)" in at_100 and "beyond the seed spread" in at_100
+    [at_200] = [v for v in recipe.verdicts(summary, ["baseline", "cosine"], 200) if "temperature" in v]
+    assert "cosine wins" in at_200 and "within the seed spread" in at_200
+    table = recipe.table(summary, ["baseline", "cosine"], [100, 200])
+    assert "| baseline | 100 | 10 | 10 ± 1 [ci 1] |" in table
