@@ -298,8 +298,9 @@ class DdpmSettings(TrainSettings):
         _check_choice(self, "prediction_type", PREDICTION_TYPES)
         _check_choice(self, "ddpm_beta_schedule", BETA_SCHEDULES)
         if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
-            raise LdmflowError("--rescale_betas_zero_snr needs --prediction_type v_prediction: at zero terminal SNR "
-                               "the last step's noise says nothing about the image.")
+            raise LdmflowError("--rescale_betas_zero_snr needs --prediction_type v_prediction (at zero terminal SNR "
+                               "the last step's noise says nothing about the image); with epsilon add "
+                               "--no_rescale_betas_zero_snr.")
         if len(self.block_out_channels) < 2:
             raise LdmflowError("--block_out_channels needs at least 2 values for a UNet.")
 
@@ -322,6 +323,8 @@ class LatentDdpmSettings(DdpmSettings):
                                             "(classifier-free guidance).")
     cache_latents: bool = setting(False, "Encode the dataset once, then train from the cache.")
     guidance_scale: float = setting(3.0, "Classifier-free guidance of the preview grids.")
+    prediction_type: str = "v_prediction"  # chosen by benchmarks/recipe.py (docs/training.md, Recipe)
+    rescale_betas_zero_snr: bool = True
     time_embedding_dim: int | None = setting(None, "Width of the timestep embedding, which the conditions' "
                                                    "projection adds to (default: 4 x the first channel width).")
 

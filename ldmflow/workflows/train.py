@@ -123,7 +123,16 @@ def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) 
         return None
 
     def resolve():
-        uri = registered_probe_uri(manifest.digest, spec)
+        from mlflow.exceptions import MlflowException
+
+        from ldmflow.tracking.store import access_problem
+
+        try:
+            uri = registered_probe_uri(manifest.digest, spec)
+        except MlflowException as error:  # before any run: a refused login is said as such
+            reason = access_problem(error, "read the model registry")
+            raise LdmflowError(f"Cannot look up the dataset's condition probe: "
+                               f"{reason or str(error).splitlines()[0]}.") from None
         if uri is None:
             return None
         logger.info("Validation reads conditions back with the dataset's probe %s.", uri)
