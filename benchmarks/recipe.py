@@ -31,9 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+from ldmflow.evaluation.intervals import CI_SUFFIX  # the evaluation's own 95% half-width of a score
+
 EXPERIMENT = "ldmflow-recipe"
 SCORES = ("eval/temperature_mae_pct", "eval/wind_angle_error_deg", "eval/wind_mag_mae_pct", "eval/fid")  # lower wins
-CI_SUFFIX = "_ci95"  # the evaluation's own 95% half-width of a score, when evaluate reports it
 FID_COUNTS = ("eval/fid_num_real", "eval/fid_min_real")  # real images FID used, and needs to be comparable
 VARIANTS = {
     "baseline": [],
