@@ -13,7 +13,7 @@ PACKAGE = ROOT / "ldmflow"
 # (training and tracking) do not import each other.
 LAYERS = (
     ("ldmflow", "ldmflow.errors"),
-    ("ldmflow.settings", "ldmflow.files", "ldmflow.progress"),
+    ("ldmflow.settings", "ldmflow.files", "ldmflow.progress", "ldmflow.tags"),
     ("ldmflow.data",),
     ("ldmflow.models",),
     ("ldmflow.sampling", "ldmflow.evaluation"),
