@@ -13,6 +13,7 @@ import typing
 import click
 
 from ldmflow.errors import LdmflowError
+from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE
 from ldmflow.settings import (DEFAULT_EXPERIMENT, CheckManifestSettings, DemoDataSettings, EvaluateSettings,
                               LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings, ProbeSettings, SampleSettings,
                               ServerSettings, VaeSettings, param_value, setting_fields)
@@ -159,7 +160,7 @@ def demo_data_command(**options):
     click.echo(str(make_demo_dataset(**options)))
 
 
-@cli.command("vae")
+@cli.command(VAE.command)
 @settings_options(VaeSettings)
 def vae_command(**options):
     """Train an AutoencoderKL (by default 4 latent channels, x8) and save it in diffusers format at --output_dir."""
@@ -168,7 +169,7 @@ def vae_command(**options):
     run_training(VaeSettings(**options))
 
 
-@cli.command("latent-ddpm")
+@cli.command(LATENT_DDPM.command)
 @settings_options(LatentDdpmSettings)
 def latent_ddpm_command(**options):
     """Train a conditioned UNet2DConditionModel on a VAE's latents; writes unet/, scheduler, vae_source.json."""
@@ -177,7 +178,7 @@ def latent_ddpm_command(**options):
     run_training(LatentDdpmSettings(**options))
 
 
-@cli.command("legacy-ddpm")
+@cli.command(LEGACY_DDPM.command)
 @settings_options(LegacyDdpmSettings)
 def legacy_ddpm_command(**options):
     """Train the original unconditional pixel-space UNet2DModel; saved as a DDPMPipeline folder."""
@@ -186,7 +187,7 @@ def legacy_ddpm_command(**options):
     run_training(LegacyDdpmSettings(**options))
 
 
-@cli.command("probe")
+@cli.command(PROBE.command)
 @settings_options(ProbeSettings)
 def probe_command(**options):
     """Train the condition probe that evaluation reads conditions back with; registered as ldmflow-probe."""
@@ -226,7 +227,8 @@ def pipeline_command(**options):
     def reused(step: str) -> str:
         return " (reused)" if summary[f"{step}_reused"] == "True" else ""
 
-    click.echo(f"Pipeline: {summary['vae_uri']}{reused('vae')} -> {summary['latent_ddpm_uri']}{reused('latent_ddpm')}; "
+    click.echo(f"Pipeline: {summary['vae_uri']}{reused(VAE.name)} -> {summary['latent_ddpm_uri']}"
+               f"{reused(LATENT_DDPM.name)}; "
                f"samples in run {summary['sample_run_id']}{reused('sample')}, evaluation in run "
                f"{summary['evaluate_run_id']}{reused('evaluate')}.")
     if summary["evaluate_reused"] == "True":  # else its own run printed the table above

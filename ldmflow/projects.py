@@ -19,15 +19,12 @@ import json
 
 import click
 
-from ldmflow.settings import (EvaluateSettings, LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings,
-                              ProbeSettings, SampleSettings, VaeSettings, param_value, setting_fields)
+from ldmflow.models.kinds import KINDS
+from ldmflow.settings import EvaluateSettings, PipelineSettings, SampleSettings, param_value, setting_fields
 
-# entry point -> (ldmflow command, settings). Each has entrypoints/<entry point>.py.
+# entry point -> (ldmflow command, settings), one per kind of model first. Each has entrypoints/<entry point>.py.
 ENTRY_POINTS = {
-    "vae": ("vae", VaeSettings),
-    "latent_ddpm": ("latent-ddpm", LatentDdpmSettings),
-    "legacy_ddpm": ("legacy-ddpm", LegacyDdpmSettings),
-    "probe": ("probe", ProbeSettings),
+    **{kind.name: (kind.command, kind.settings) for kind in KINDS},
     "sample": ("sample", SampleSettings),
     "evaluate": ("evaluate", EvaluateSettings),
     "pipeline": ("pipeline", PipelineSettings),

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 
 from ldmflow.data.conditions import ConditionSpec, ConditionStats
-
-CONDITIONING_FILE = "conditioning.json"
+from ldmflow.models.kinds import CONDITIONING_FILE
 
 
 @dataclass(frozen=True)

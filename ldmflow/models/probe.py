@@ -17,7 +17,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from ldmflow.models.architectures import norm_groups
-from ldmflow.models.conditioning import CONDITIONING_FILE, ConditionEncoder
+from ldmflow.models.conditioning import ConditionEncoder
+from ldmflow.models.kinds import CONDITIONING_FILE
 
 
 class ConditionProbe(ModelMixin, ConfigMixin):

@@ -12,11 +12,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from ldmflow.data.conditions import ConditionSpec, extract_conditions
 from ldmflow.errors import LdmflowError
 from ldmflow.files import model_digest
-from ldmflow.models.conditioning import CONDITIONING_FILE, ConditionEncoder
+from ldmflow.models.conditioning import ConditionEncoder
+from ldmflow.models.kinds import CONDITIONING_FILE, UNET_FOLDER, VAE_SOURCE_FILE
 from ldmflow.sampling.denoise import (batches, cast_model, denoise, initial_noise, make_scheduler, model_dtype,
                                      step_generators)
-
-VAE_SOURCE_FILE = "vae_source.json"
 
 
 def check_recorded_vae(vae_dir: str | Path, source_file: str | Path) -> None:
@@ -66,7 +65,7 @@ class LatentSampler:
         output_dir = Path(output_dir)
         source = json.loads((output_dir / VAE_SOURCE_FILE).read_text())
         check_recorded_vae(source["vae_path"], output_dir / VAE_SOURCE_FILE)
-        return cls.from_folders(output_dir / "unet", source["vae_path"], output_dir,
+        return cls.from_folders(output_dir / UNET_FOLDER, source["vae_path"], output_dir,
                                 output_dir / CONDITIONING_FILE, device, dtype)
 
     def set_dtype(self, name: str) -> None:

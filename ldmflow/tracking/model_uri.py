@@ -14,13 +14,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ldmflow.errors import LdmflowError
+from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, UNET_FOLDER, VAE, VAE_SOURCE_FILE, kind_named,
+                                  logged_kind, model_root)
 from ldmflow.tracking.store import filter_value
 
 ACCEPTED_FORMS = ("a local folder, runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> "
                   "or models:/<model_id>")
-# Where each stage's diffusers folder lives inside a logged ldmflow pyfunc model (see registry.py).
-MODEL_ARTIFACT_DIRS = {"vae": "artifacts/vae", "latent_ddpm": "artifacts", "legacy_ddpm": "artifacts/pipeline",
-                       "probe": "artifacts/probe"}
 _MAX_LISTED = 20
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 
@@ -229,79 +228,41 @@ def _download(uri: str, dst_dir) -> Path:
 
 def find_diffusers_folder(local_dir, kind: str) -> Path:
     """The diffusers folder of `kind` inside a downloaded ldmflow MLflow model, or a plain training output."""
-    if kind not in MODEL_ARTIFACT_DIRS:
-        raise LdmflowError(f"Unknown model kind {kind!r}; expected one of {', '.join(MODEL_ARTIFACT_DIRS)}.")
-    root = Path(local_dir)
-    if not (root / "MLmodel").is_file() and (root / "model" / "MLmodel").is_file():
-        root = root / "model"  # runs:/<id>/ downloaded a whole run
-    if (root / "MLmodel").is_file():
-        logged_kind = _logged_model_kind(root)
-        if logged_kind == kind:
-            return root / MODEL_ARTIFACT_DIRS[kind]
-        if logged_kind is not None:
-            raise LdmflowError(f"{local_dir} is a {logged_kind} model, not a {kind} model.")
-    if _looks_like(root, kind):
+    wanted = kind_named(kind)
+    root = model_root(local_dir)
+    logged = logged_kind(root)
+    if logged is wanted:
+        return root / wanted.logged_dir
+    if logged is not None:
+        raise LdmflowError(f"{local_dir} is a {logged.name} model, not a {kind} model.")
+    if wanted.holds(root):
         return root
-    raise LdmflowError(f"{local_dir} is not a {kind} model: {_expected_layout(kind)} (found: "
+    raise LdmflowError(f"{local_dir} is not a {kind} model: {wanted.layout} (found: "
                        f"{_listing(sorted(p.name for p in root.iterdir())) if root.is_dir() else 'no folder'}).")
-
-
-def _logged_model_kind(root: Path) -> str | None:
-    """The stage of an ldmflow pyfunc model, from its artifact layout (None if it is not one)."""
-    for kind in ("latent_ddpm", "legacy_ddpm", "vae", "probe"):  # a latent model also holds a vae/: test it first
-        if _looks_like(root / MODEL_ARTIFACT_DIRS[kind], kind):
-            return kind
-    return None
-
-
-def _looks_like(folder: Path, kind: str) -> bool:
-    if kind == "vae":
-        config = folder / "config.json"
-        return config.is_file() and _class_name(config) == "AutoencoderKL"
-    if kind == "latent_ddpm":
-        return (folder / "unet" / "config.json").is_file() and (folder / "scheduler_config.json").is_file()
-    if kind == "probe":
-        config = folder / "config.json"
-        return config.is_file() and _class_name(config) == "ConditionProbe"
-    return (folder / "model_index.json").is_file() and (folder / "unet").is_dir()
-
-
-def _expected_layout(kind: str) -> str:
-    return {"vae": "expected config.json of an AutoencoderKL and its weights",
-            "latent_ddpm": "expected unet/ and scheduler_config.json (a latent-ddpm output folder)",
-            "legacy_ddpm": "expected model_index.json, unet/ and scheduler/ (a DDPMPipeline folder)",
-            "probe": "expected config.json of a ConditionProbe (an `ldmflow probe` output folder)"}[kind]
-
-
-def _class_name(config: Path) -> str | None:
-    try:
-        return json.loads(config.read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def latent_ddpm_folders(folder) -> LatentDdpmFolders:
     """Sampler inputs from a latent-ddpm folder: its own vae/ (logged models) or the VAE in vae_source.json."""
-    folder = find_diffusers_folder(folder, "latent_ddpm")
-    conditioning = folder / "conditioning.json"
-    vae_dir = folder / "vae"
-    if not _looks_like(vae_dir, "vae"):
+    folder = find_diffusers_folder(folder, LATENT_DDPM.name)
+    conditioning = folder / CONDITIONING_FILE
+    vae_dir = folder / VAE.artifact
+    if not VAE.holds(vae_dir):
         vae_dir = vae_source_from_file(folder).local_dir
-    return LatentDdpmFolders(folder / "unet", vae_dir, folder, conditioning if conditioning.is_file() else None)
+    return LatentDdpmFolders(folder / UNET_FOLDER, vae_dir, folder, conditioning if conditioning.is_file() else None)
 
 
 def vae_source_from_file(folder) -> ModelSource:
     """The VAE a latent-ddpm output folder records in vae_source.json: its local folder if still there, else
     its URI downloaded again; with the registry identity that was recorded."""
-    source_file = Path(folder) / "vae_source.json"
+    source_file = Path(folder) / VAE_SOURCE_FILE
     if not source_file.is_file():
         raise LdmflowError(f"{folder} has neither a vae/ folder nor vae_source.json; cannot find its VAE.")
     data = json.loads(source_file.read_text())
     local = Path(data.get("vae_path") or "")
-    if not (data.get("vae_path") and _looks_like(local, "vae") and _is_recorded_vae(local, source_file)):
+    if not (data.get("vae_path") and VAE.holds(local) and _is_recorded_vae(local, source_file)):
         if not data.get("vae_uri"):
             raise LdmflowError(f"{source_file}: the VAE folder {local} is gone and no vae_uri is recorded.")
-        local = find_diffusers_folder(resolve_model_source(data["vae_uri"]).local_dir, "vae")
+        local = find_diffusers_folder(resolve_model_source(data["vae_uri"]).local_dir, VAE.name)
     from ldmflow.sampling.latent import check_recorded_vae  # torch: only where a VAE is actually checked
 
     check_recorded_vae(local, source_file)

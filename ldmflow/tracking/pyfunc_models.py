@@ -42,6 +42,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from ldmflow.errors import LdmflowError
+from ldmflow.models.kinds import LEGACY_DDPM, PROBE, VAE
 from ldmflow.sampling.condition_input import SEED_COLUMN
 from ldmflow.sampling.denoise import batches
 
@@ -147,9 +148,9 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
 
         artifacts = context.artifacts
         if artifacts.get("vae_source"):
-            check_recorded_vae(artifacts["vae"], artifacts["vae_source"])
+            check_recorded_vae(artifacts[VAE.artifact], artifacts["vae_source"])
         conditioning = artifacts.get("conditioning")
-        self._sampler = LatentSampler.from_folders(artifacts["unet"], artifacts["vae"],
+        self._sampler = LatentSampler.from_folders(artifacts["unet"], artifacts[VAE.artifact],
                                                    str(Path(artifacts["scheduler"]).parent),
                                                    conditioning, device=_device())
 
@@ -187,7 +188,7 @@ class VaePyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from diffusers import AutoencoderKL
 
-        self._vae = AutoencoderKL.from_pretrained(context.artifacts["vae"]).to(_device()).eval()
+        self._vae = AutoencoderKL.from_pretrained(context.artifacts[VAE.artifact]).to(_device()).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         mode = _params(params, VAE_DEFAULTS)["mode"]
@@ -253,7 +254,7 @@ class LegacyDdpmPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from ldmflow.sampling.legacy import LegacySampler
 
-        self._sampler = LegacySampler.from_folder(context.artifacts["pipeline"], device=_device())
+        self._sampler = LegacySampler.from_folder(context.artifacts[LEGACY_DDPM.artifact], device=_device())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         options = _params(params, LEGACY_DEFAULTS)
@@ -280,7 +281,7 @@ class ProbePyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from ldmflow.models.probe import ProbeReader
 
-        self._reader = ProbeReader.from_folder(context.artifacts["probe"], device=_device())
+        self._reader = ProbeReader.from_folder(context.artifacts[PROBE.artifact], device=_device())
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from ldmflow.sampling.condition_input import component_columns

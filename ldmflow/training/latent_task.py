@@ -22,10 +22,11 @@ from ldmflow.models.architectures import build_latent_unet, vae_downsample_facto
 from ldmflow.progress import Progress
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.models.conditioning import ConditionEncoder
+from ldmflow.models.kinds import LATENT_DDPM, UNET_FOLDER, VAE_SOURCE_FILE
 from ldmflow.models.probe import ProbeReader
 from ldmflow.sampling.condition_input import spanning_conditions
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
-from ldmflow.sampling.latent import VAE_SOURCE_FILE, LatentSampler
+from ldmflow.sampling.latent import LatentSampler
 from ldmflow.files import model_digest, publish_folder, temporary_folder
 from ldmflow.settings import LatentDdpmSettings
 from ldmflow.training.ddpm_task import DdpmTask
@@ -78,7 +79,7 @@ class LatentDataset(torch.utils.data.Dataset):
 class LatentDdpmTask(DdpmTask):
     """Latent diffusion: VAE encoding (or its cache), condition encoding with dropout, UNet, previews, saving."""
 
-    name = "latent_ddpm"
+    name = LATENT_DDPM.name
 
     def __init__(self, settings: LatentDdpmSettings, manifest: Manifest, vae_source,
                  val_manifest: Manifest | None = None, probe_dir: Path | None = None):
@@ -206,9 +207,9 @@ class LatentDdpmTask(DdpmTask):
         output_dir.mkdir(parents=True, exist_ok=True)
         unet = accelerator.unwrap_model(model)
         with self.ema_weights(unet):
-            temporary = temporary_folder(output_dir, "unet")
+            temporary = temporary_folder(output_dir, UNET_FOLDER)
             unet.save_pretrained(temporary, safe_serialization=True)
-        publish_folder(temporary, output_dir / "unet")
+        publish_folder(temporary, output_dir / UNET_FOLDER)
         self.noise_scheduler.save_pretrained(output_dir)
         if self.encoder is not None:
             self.encoder.save(output_dir)

@@ -13,6 +13,7 @@ from ldmflow.data.dataset import image_dataset
 from ldmflow.data.manifest import Manifest
 from ldmflow.models.architectures import build_pixel_unet
 from ldmflow.models.attention import enable_memory_efficient_attention
+from ldmflow.models.kinds import LEGACY_DDPM
 from ldmflow.sampling.grids import image_grid, to_pil
 from ldmflow.sampling.legacy import LegacySampler
 from ldmflow.files import publish_files, temporary_folder
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 class LegacyDdpmTask(DdpmTask):
     """Pixel-space DDPM on the manifest's images."""
 
-    name = "legacy_ddpm"
+    name = LEGACY_DDPM.name
 
     def __init__(self, settings: LegacyDdpmSettings, manifest: Manifest, val_manifest: Manifest | None = None):
         super().__init__(settings, val_manifest)

@@ -19,6 +19,7 @@ from ldmflow.data.manifest import Manifest
 from ldmflow.evaluation.adherence import condition_errors, manifest_ranges
 from ldmflow.files import publish_files, temporary_folder
 from ldmflow.models.conditioning import ConditionEncoder
+from ldmflow.models.kinds import PROBE
 from ldmflow.models.probe import ConditionProbe, ProbeReader
 from ldmflow.settings import ProbeSettings
 from ldmflow.training.task import Task
@@ -34,7 +35,7 @@ def _values(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
 class ProbeTask(Task):
     """Model, axis-aware loss, validation error per condition (% of the training range), saving."""
 
-    name = "probe"
+    name = PROBE.name
 
     def __init__(self, settings: ProbeSettings, manifest: Manifest, val_manifest: Manifest | None):
         self.settings, self.manifest, self.val_manifest = settings, manifest, val_manifest
@@ -90,7 +91,7 @@ class ProbeTask(Task):
 
     def save(self, accelerator: Accelerator, model, target_dir: Path) -> dict[str, float]:
         if accelerator.is_main_process:
-            temporary = temporary_folder(target_dir, "probe")
+            temporary = temporary_folder(target_dir, self.name)
             accelerator.unwrap_model(model).save_pretrained(temporary, safe_serialization=True)
             self.encoder.save(temporary)
             publish_files(temporary, Path(target_dir))

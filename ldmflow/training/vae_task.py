@@ -19,6 +19,7 @@ from ldmflow.models.architectures import build_vae
 from ldmflow.progress import Progress
 from ldmflow.models.discriminator import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from ldmflow.models.attention import enable_memory_efficient_attention
+from ldmflow.models.kinds import VAE
 from ldmflow.sampling.grids import image_grid, to_pil
 from ldmflow.files import publish_files, temporary_folder
 from ldmflow.settings import VaeSettings
@@ -74,7 +75,7 @@ class VaeTask(Task):
     """The VAE's part of training: model, loss (and discriminator), validation and previews, scaling factor,
     saving."""
 
-    name = "vae"
+    name = VAE.name
 
     def __init__(self, settings: VaeSettings, manifest: Manifest, val_manifest: Manifest | None,
                  conditions: SplitConditions | None = None):
@@ -296,7 +297,7 @@ class VaeTask(Task):
         scaling_factor = self.measure_scaling_factor(accelerator, vae)
         if accelerator.is_main_process:
             vae.register_to_config(scaling_factor=scaling_factor)
-            temporary = temporary_folder(target_dir, "vae")
+            temporary = temporary_folder(target_dir, self.name)
             vae.save_pretrained(temporary, safe_serialization=True)
             publish_files(temporary, target_dir)
             logger.info("Saved the VAE to %s (latent scaling factor %.5f).", target_dir, scaling_factor)
