@@ -20,14 +20,14 @@ import warnings
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError
+from ldmflow.tags import (DATASET_DIGEST_TAG, DIGEST_INPUT_TAG, PARENT_RUN_TAG, RESUMED_BY_RUN_TAG, RUN_NAME_TAG,
+                          SPLIT_INPUT_TAG, STAGE_TAG)
 
 logger = logging.getLogger(__name__)
 
-STAGE_TAG = "ldmflow.stage"
 UI_HINT_SHOWN_ENV = "LDMFLOW_UI_HINT_SHOWN"  # set once a local store's `mlflow ui` command was printed
 PARENT_RUN_ENV = "LDMFLOW_PARENT_RUN_ID"  # a new run started while it is set is nested under that run
 UI_MODE = "workflowType=machine_learning"  # MLflow 3's UI opens experiments in its GenAI mode otherwise
-DATASET_DIGEST_TAG = "dataset_digest"
 PENDING_FILE = "mlflow_pending_metrics.jsonl"
 _KEY_RE = re.compile(r"^[/\w.\- :]{1,250}$")
 _MAX_PARAM_LENGTH = 6000
@@ -145,8 +145,8 @@ class RunTracker:
             from mlflow.entities import DatasetInput, InputTag
             from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-            tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag("ldmflow.split", split),
-                    InputTag("ldmflow.dataset_digest", digest)]
+            tags = [InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag(SPLIT_INPUT_TAG, split),
+                    InputTag(DIGEST_INPUT_TAG, digest)]
             self._client.log_inputs(self._run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
 
         return self._upload(upload, f"dataset {name!r}")
@@ -337,7 +337,7 @@ def close_abandoned_run(run_id: str, successor: str) -> bool:
     client = MlflowClient()
     try:
         run = client.get_run(run_id)
-        client.set_tag(run_id, "ldmflow.resumed_by_run_id", successor)
+        client.set_tag(run_id, RESUMED_BY_RUN_TAG, successor)
         if run.info.status == "RUNNING":
             client.set_terminated(run_id, "KILLED")
             logger.info("Run %s was left RUNNING by a killed process: marked KILLED.", run_id)
@@ -379,7 +379,7 @@ def _start_run(settings, stage: str) -> tuple[str, bool]:
         if run_id:
             run = mlflow.start_run(run_id=run_id, nested=active is not None, log_system_metrics=True)
             if not getattr(settings, "run_name", None) and MLFLOW_RANDOM_NAME.match(run.info.run_name or ""):
-                mlflow.set_tag("mlflow.runName", default_run_name(stage, settings))  # `mlflow run` named it
+                mlflow.set_tag(RUN_NAME_TAG, default_run_name(stage, settings))  # `mlflow run` named it
         else:
             run = mlflow.start_run(experiment_id=ensure_experiment(settings.experiment_name),
                                    run_name=getattr(settings, "run_name", None) or default_run_name(stage, settings),
@@ -400,7 +400,7 @@ def _start_run(settings, stage: str) -> tuple[str, bool]:
 
 def _parent_tag() -> dict[str, str]:
     parent = os.environ.get(PARENT_RUN_ENV)
-    return {"mlflow.parentRunId": parent} if parent else {}
+    return {PARENT_RUN_TAG: parent} if parent else {}
 
 
 def run_location(uri: str, run) -> str:

@@ -28,6 +28,9 @@ from safetensors import SafetensorError
 
 from ldmflow.errors import LdmflowError
 from ldmflow.files import disk_problem
+from ldmflow.tags import (BEST_CHECKPOINT_METRIC_TAG, BEST_CHECKPOINT_STEP_TAG, CHECKPOINT_METRIC_TAG,
+                          CHECKPOINT_METRIC_VALUE_TAG, CHECKPOINT_STEP_TAG, CHECKPOINT_TAG, LAST_CHECKPOINT_STEP_TAG,
+                          LAST_CHECKPOINT_TAG, RESUMED_FROM_CHECKPOINT_TAG, RESUMED_FROM_RUN_TAG, RESUMED_FROM_STEP_TAG)
 from ldmflow.training.checkpoints import (BEST_CHECKPOINT, STATE_NAME, TrainingState, find_resume_checkpoint,
                                           list_checkpoints, load_checkpoint, save_checkpoint)
 from ldmflow.settings import RESUMABLE_CHANGES, TrainSettings
@@ -164,9 +167,9 @@ class TrainingOutcome:
 
     def version_tags(self) -> dict[str, str]:
         """Recorded on the registered version: which weights these are."""
-        tags = {"checkpoint": self.checkpoint, "checkpoint_step": str(self.step)}
+        tags = {CHECKPOINT_TAG: self.checkpoint, CHECKPOINT_STEP_TAG: str(self.step)}
         if self.metric is not None:
-            tags.update(checkpoint_metric=self.metric, checkpoint_metric_value=f"{self.metric_value:.6g}")
+            tags.update({CHECKPOINT_METRIC_TAG: self.metric, CHECKPOINT_METRIC_VALUE_TAG: f"{self.metric_value:.6g}"})
         return tags
 
 
@@ -497,7 +500,7 @@ def _checkpoint(settings: TrainSettings, run: PreparedRun, tracker: Tracker) -> 
     path = save_checkpoint(run.accelerator, settings.output_dir, step, settings.checkpoints_total_limit,
                            run.checkpoint_states)
     if run.accelerator.is_main_process:
-        tracker.set_tags({"ldmflow.last_checkpoint": str(path), "ldmflow.last_checkpoint_step": str(step)})
+        tracker.set_tags({LAST_CHECKPOINT_TAG: str(path), LAST_CHECKPOINT_STEP_TAG: str(step)})
         if run.progress is not None:
             run.progress.note(saved=path.name)
 
@@ -561,8 +564,8 @@ def _resume(settings: TrainSettings, accelerator: Accelerator, run: PreparedRun)
                            f"({detail[:300]}). Use the same model size and --use_ema as the run that wrote it.") from None
     state = run.state
     logger.info("Resumed from %s at step %d.", checkpoint, state.global_step)
-    return {"ldmflow.resumed_from_checkpoint": str(checkpoint), "ldmflow.resumed_from_step": str(state.global_step),
-            "ldmflow.resumed_from_run_id": state.run_id}
+    return {RESUMED_FROM_CHECKPOINT_TAG: str(checkpoint), RESUMED_FROM_STEP_TAG: str(state.global_step),
+            RESUMED_FROM_RUN_TAG: state.run_id}
 
 
 def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_epoch: bool) -> None:
@@ -587,6 +590,6 @@ def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_ep
         _check_weights_finite(settings, run, BEST_CHECKPOINT)
         save_checkpoint(accelerator, settings.output_dir, step, None, run.checkpoint_states, name=BEST_CHECKPOINT)
         if accelerator.is_main_process:
-            tracker.set_tags({"ldmflow.best_checkpoint_step": str(step),
-                              "ldmflow.best_checkpoint_metric": f"{metric}={metrics[metric]:.6g}"})
+            tracker.set_tags({BEST_CHECKPOINT_STEP_TAG: str(step),
+                              BEST_CHECKPOINT_METRIC_TAG: f"{metric}={metrics[metric]:.6g}"})
     accelerator.wait_for_everyone()
