@@ -7,16 +7,15 @@ The sample command tags its runs with `sample_run_tags(source)` so they show up 
 from __future__ import annotations
 
 from ldmflow.errors import LdmflowError
+from ldmflow.models.kinds import KINDS, LATENT_DDPM, VAE
+from ldmflow.tags import (CHECKPOINT_METRIC_TAG, CHECKPOINT_METRIC_VALUE_TAG, CHECKPOINT_STEP_TAG, CHECKPOINT_TAG,
+                          CONDITION_SPEC_TAG, DATASET_DIGEST_TAG, SAMPLE_MODEL_ID_TAG, SAMPLE_MODEL_NAME_TAG,
+                          SAMPLE_MODEL_RUN_TAG, SAMPLE_MODEL_URI_TAG, SAMPLE_MODEL_VERSION_TAG, STAGE_TAG,
+                          STAGE_VERSION_TAG, VAE_MODEL_NAME_TAG, VAE_MODEL_VERSION_TAG, VAE_RUN_TAG, VAE_URI_TAG)
 from ldmflow.tracking.store import filter_value
 
-SAMPLE_MODEL_URI_TAG = "ldmflow.model_uri"
-SAMPLE_MODEL_NAME_TAG = "ldmflow.model_name"
-SAMPLE_MODEL_VERSION_TAG = "ldmflow.model_version"
-SAMPLE_MODEL_ID_TAG = "ldmflow.model_id"
-SAMPLE_MODEL_RUN_TAG = "ldmflow.model_run_id"
 SAMPLE_STAGE = "sample"
 EVALUATE_STAGE = "evaluate"
-STAGES = ("vae", "latent_ddpm", "legacy_ddpm", "probe")
 # Run metrics shown by list_models (names the training loop logs).
 KEY_METRICS = ("loss", "val/psnr", "val/denoise_loss", "val/denoise_loss_ema", "latent_scaling_factor")
 _PAGE = 1000
@@ -43,13 +42,13 @@ def lineage(model_uri: str) -> dict:
         raise LdmflowError(f"{model_uri}: lineage needs a registered version (models:/<name>/<version> or @alias).")
     found = registered_version(client, name, version, alias)
     tags = dict(found.tags or {})
-    stage = tags.get("stage", "")
+    stage = tags.get(STAGE_VERSION_TAG, "")
     me = {"name": found.name, "version": str(found.version), "run_id": found.run_id or ""}
-    result = {"stage": stage, "dataset_digest": tags.get("dataset_digest", ""), "vae": None, "ddpm": None,
+    result = {"stage": stage, "dataset_digest": tags.get(DATASET_DIGEST_TAG, ""), "vae": None, "ddpm": None,
               "latent_ddpms": [], "samples": [],
               "evaluations": _sample_runs(client, found.name, str(found.version), version_model_id(found),
                                           EVALUATE_STAGE)}
-    if stage == "vae":
+    if stage == VAE.name:
         result["vae"] = {**me, "uri": f"models:/{found.name}/{found.version}"}
         for ddpm in _latent_ddpms_from_vae(client, found):
             ddpm["samples"] = _sample_runs(client, ddpm["name"], ddpm["version"], ddpm.pop("model_id"))
@@ -58,9 +57,9 @@ def lineage(model_uri: str) -> dict:
         return result
     result["ddpm"] = me
     result["samples"] = _sample_runs(client, found.name, str(found.version), version_model_id(found))
-    if stage == "latent_ddpm":
-        result["vae"] = {"name": tags.get("vae_model_name", ""), "version": tags.get("vae_model_version", ""),
-                         "run_id": tags.get("vae_run_id", ""), "uri": tags.get("vae_uri", "")}
+    if stage == LATENT_DDPM.name:
+        result["vae"] = {"name": tags.get(VAE_MODEL_NAME_TAG, ""), "version": tags.get(VAE_MODEL_VERSION_TAG, ""),
+                         "run_id": tags.get(VAE_RUN_TAG, ""), "uri": tags.get(VAE_URI_TAG, "")}
     return result
 
 
@@ -69,10 +68,10 @@ def _latent_ddpms_from_vae(client, vae_version) -> list[dict]:
     from ldmflow.tracking.model_uri import version_model_id
 
     if vae_version.run_id:
-        query = f"tags.vae_run_id = {filter_value(vae_version.run_id)}"
+        query = f"tags.{VAE_RUN_TAG} = {filter_value(vae_version.run_id)}"
     else:
-        query = (f"tags.vae_model_name = {filter_value(vae_version.name)} "
-                 f"AND tags.vae_model_version = {filter_value(vae_version.version)}")
+        query = (f"tags.{VAE_MODEL_NAME_TAG} = {filter_value(vae_version.name)} "
+                 f"AND tags.{VAE_MODEL_VERSION_TAG} = {filter_value(vae_version.version)}")
     versions = _all_pages(lambda token: client.search_model_versions(filter_string=query, max_results=_PAGE,
                                                                      page_token=token))
     return [{"name": v.name, "version": str(v.version), "run_id": v.run_id or "",
@@ -87,7 +86,7 @@ def _sample_runs(client, name: str, version: str, model_id: str | None, stage: s
         queries.append(f"tags.`{SAMPLE_MODEL_ID_TAG}` = {filter_value(model_id)}")
     run_ids: list[str] = []
     for query in queries:
-        for run in _search_runs(client, f"{query} AND tags.`ldmflow.stage` = {filter_value(stage)}"):
+        for run in _search_runs(client, f"{query} AND tags.`{STAGE_TAG}` = {filter_value(stage)}"):
             if run.info.run_id not in run_ids:
                 run_ids.append(run.info.run_id)
     return run_ids
@@ -125,7 +124,7 @@ def format_lineage(d: dict) -> str:
             head += f" -> {vae['name']} v{vae['version']} (run {_short(vae.get('run_id'))})"
         else:
             head += f" -> vae {vae.get('uri') or '?'}"
-    if d.get("stage") == "vae":
+    if d.get("stage") == VAE.name:
         if not d.get("latent_ddpms"):
             return head + " -> no latent DDPM trained from it yet"
         return "\n".join(f"{head} -> {m['name']} v{m['version']} (run {_short(m['run_id'])}) -> "
@@ -152,21 +151,22 @@ def list_models() -> list[dict]:
 
     client = MlflowClient(use_tracking_store())
     versions = []
-    for stage in STAGES:
+    stages = [kind.name for kind in KINDS]
+    for stage in stages:
         versions += _all_pages(lambda token, stage=stage: client.search_model_versions(
-            filter_string=f"tags.stage = {filter_value(stage)}", max_results=_PAGE, page_token=token))
+            filter_string=f"tags.{STAGE_VERSION_TAG} = {filter_value(stage)}", max_results=_PAGE, page_token=token))
     from ldmflow.tracking.model_uri import version_model_id
 
     runs = _runs_by_id(client, sorted({v.run_id for v in versions if v.run_id}))
     aliases = _aliases_by_version(client, sorted({v.name for v in versions}))
     rows = []
-    for v in sorted(versions, key=lambda v: (STAGES.index(v.tags["stage"]), v.name, int(v.version))):
+    for v in sorted(versions, key=lambda v: (stages.index(v.tags[STAGE_VERSION_TAG]), v.name, int(v.version))):
         run = runs.get(v.run_id)
         metrics = _registered_weights_metrics(client, version_model_id(v)) or (run.data.metrics if run else {})
-        rows.append({"name": v.name, "version": str(v.version), "stage": v.tags["stage"],
+        rows.append({"name": v.name, "version": str(v.version), "stage": v.tags[STAGE_VERSION_TAG],
                      "aliases": aliases.get((v.name, str(v.version)), []), "run_id": v.run_id or "",
-                     "dataset_digest": v.tags.get("dataset_digest", ""),
-                     "vae": _vae_label(v.tags), "condition_spec": v.tags.get("condition_spec", ""),
+                     "dataset_digest": v.tags.get(DATASET_DIGEST_TAG, ""),
+                     "vae": _vae_label(v.tags), "condition_spec": v.tags.get(CONDITION_SPEC_TAG, ""),
                      "checkpoint": _checkpoint_label(v.tags),
                      "eval_fid": _float_tag(v.tags, "eval/fid", "eval/rfid"),
                      **{key: metrics.get(key) for key in KEY_METRICS}})
@@ -212,18 +212,18 @@ def _float_tag(tags: dict, *keys: str) -> float | None:
 
 def _checkpoint_label(tags: dict) -> str:
     """`best@120 (val/psnr=23.1)` or `last@400`: which weights a version holds (registry tags)."""
-    if not tags.get("checkpoint"):
+    if not tags.get(CHECKPOINT_TAG):
         return ""
-    label = f"{tags['checkpoint']}@{tags.get('checkpoint_step', '?')}"
-    if tags.get("checkpoint_metric"):
-        label += f" ({tags['checkpoint_metric']}={float(tags['checkpoint_metric_value']):.4g})"
+    label = f"{tags[CHECKPOINT_TAG]}@{tags.get(CHECKPOINT_STEP_TAG, '?')}"
+    if tags.get(CHECKPOINT_METRIC_TAG):
+        label += f" ({tags[CHECKPOINT_METRIC_TAG]}={float(tags[CHECKPOINT_METRIC_VALUE_TAG]):.4g})"
     return label
 
 
 def _vae_label(tags: dict) -> str:
-    if tags.get("vae_model_name"):
-        return f"{tags['vae_model_name']} v{tags.get('vae_model_version', '?')}"
-    return tags.get("vae_uri", "")
+    if tags.get(VAE_MODEL_NAME_TAG):
+        return f"{tags[VAE_MODEL_NAME_TAG]} v{tags.get(VAE_MODEL_VERSION_TAG, '?')}"
+    return tags.get(VAE_URI_TAG, "")
 
 
 def format_models(rows: list[dict], store: str = "this MLflow store") -> str:

@@ -2,12 +2,8 @@
 
 Each model carries its diffusers folders as pyfunc artifacts (stock `from_pretrained` loads them after
 `mlflow.artifacts.download_artifacts`), a copy of the ldmflow package as code (it loads without ldmflow
-installed), explicit pip requirements, and a signature with params for serving. Layout inside the model:
-
-- vae:         artifacts/vae/ (AutoencoderKL)
-- latent_ddpm: artifacts/unet/, artifacts/vae/, artifacts/scheduler_config.json, artifacts/conditioning.json,
-               artifacts/vae_source.json (so `artifacts/` is itself a latent-ddpm output folder)
-- legacy_ddpm: artifacts/pipeline/ (DDPMPipeline: model_index.json, unet/, scheduler/)
+installed), explicit pip requirements, and a signature with params for serving. Its layout is each kind's
+saved folder under artifacts/ (ldmflow/models/kinds.py).
 """
 
 from __future__ import annotations
@@ -24,15 +20,14 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError
+from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, LEGACY_DDPM, PIPELINE_PARTS, PROBE, SCHEDULER_FILE,
+                                  UNET_FOLDER, VAE, VAE_SOURCE_FILE, Kind, kind_named)
+from ldmflow.tags import (CONDITION_SPEC_TAG, DATASET_DIGEST_TAG, DOWNSAMPLE_FACTOR_TAG, DOWNSTREAM_TAG,
+                          LATENT_CHANNELS_TAG, STAGE_VERSION_TAG, VAE_MODEL_NAME_TAG, VAE_MODEL_VERSION_TAG,
+                          VAE_RUN_TAG, VAE_SHAPE_TAG_PREFIX, VAE_URI_TAG)
 from ldmflow.tracking.model_uri import ModelSource, find_diffusers_folder, vae_source_from_file
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL_NAMES = {"vae": "ldmflow-vae", "latent_ddpm": "ldmflow-latent-ddpm",
-                       "legacy_ddpm": "ldmflow-legacy-ddpm", "probe": "ldmflow-probe"}
-STAGE_VERSION_TAG = "stage"
-REGISTERED_URI_TAG = "ldmflow.registered_model_uri"  # set on a training run: the version it registered
-LINEAGE_TAGS = ("vae_model_name", "vae_model_version", "vae_run_id", "vae_uri")
 # ldmflow's own runtime dependencies (pyproject.toml), next to the exactly pinned torch/diffusers/mlflow.
 _UNPINNED_REQUIREMENTS = ["accelerate>=1.0,<2", "pillow>=10", "numpy>=1.24", "pandas>=2.0", "safetensors>=0.4",
                           "click>=8.1", "tifffile>=2023.1", "psutil>=5.9"]
@@ -78,26 +73,25 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
 
     from ldmflow.tracking.store import use_tracking_store
 
-    if stage not in DEFAULT_MODEL_NAMES:
-        raise LdmflowError(f"Unknown stage {stage!r}; expected one of {', '.join(DEFAULT_MODEL_NAMES)}.")
+    kind = kind_named(stage)
     output_dir = Path(output_dir)
-    name = registered_model_name or DEFAULT_MODEL_NAMES[stage]
+    name = registered_model_name or kind.registered_name
     run_id, last_step = _run_of(tracker_or_run_id)
     client = MlflowClient(use_tracking_store())
-    tags = {STAGE_VERSION_TAG: stage, "dataset_digest": dataset_digest}
-    if stage == "latent_ddpm":
+    tags = {STAGE_VERSION_TAG: stage, DATASET_DIGEST_TAG: dataset_digest}
+    if kind is LATENT_DDPM:
         vae_source = vae_source or vae_source_from_file(output_dir)
-        tags["condition_spec"] = condition_spec or _recorded_condition_spec(output_dir)
+        tags[CONDITION_SPEC_TAG] = condition_spec or _recorded_condition_spec(output_dir)
         tags.update(vae_lineage_tags(vae_source))
     elif condition_spec:
-        tags["condition_spec"] = condition_spec
-    if stage == "vae":
-        tags.update(latent_shape_tags(find_diffusers_folder(output_dir, "vae")))
+        tags[CONDITION_SPEC_TAG] = condition_spec
+    if kind is VAE:
+        tags.update(latent_shape_tags(find_diffusers_folder(output_dir, VAE.name)))
     tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
     with tempfile.TemporaryDirectory(prefix="ldmflow-model-") as staging, _active_run(run_id), \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")  # a signature is given
-        artifacts, model_class, signature = _stage(stage, output_dir, Path(staging), vae_source, tags)
+        artifacts, model_class, signature = _stage(kind, output_dir, Path(staging), vae_source, tags)
         try:
             info = mlflow.pyfunc.log_model(
                 name=stage, python_model=_model_code(model_class, Path(staging)), artifacts=artifacts,
@@ -154,10 +148,10 @@ def registered_probe_uri(dataset_digest: str, condition_spec: str | None) -> str
 
     from ldmflow.tracking.store import filter_value, use_tracking_store
 
-    name = DEFAULT_MODEL_NAMES["probe"]
-    query = f"name = {filter_value(name)} AND tags.dataset_digest = {filter_value(dataset_digest)}"
+    name = PROBE.registered_name
+    query = f"name = {filter_value(name)} AND tags.{DATASET_DIGEST_TAG} = {filter_value(dataset_digest)}"
     if condition_spec is not None:
-        query += f" AND tags.condition_spec = {filter_value(condition_spec)}"
+        query += f" AND tags.{CONDITION_SPEC_TAG} = {filter_value(condition_spec)}"
     versions = MlflowClient(use_tracking_store()).search_model_versions(filter_string=query, max_results=1000)
     newest = max(versions, key=lambda v: int(v.version), default=None)
     return None if newest is None else f"models:/{name}/{newest.version}"
@@ -166,18 +160,18 @@ def registered_probe_uri(dataset_digest: str, condition_spec: str | None) -> str
 def latent_shape_tags(vae_dir: Path) -> dict[str, str]:
     """`latent_channels` and `downsample_factor` of a VAE folder: the first-stage trade-off, searchable."""
     config = json.loads((Path(vae_dir) / "config.json").read_text())
-    return {"latent_channels": str(config["latent_channels"]),
-            "downsample_factor": str(2 ** (len(config["block_out_channels"]) - 1))}
+    return {LATENT_CHANNELS_TAG: str(config["latent_channels"]),
+            DOWNSAMPLE_FACTOR_TAG: str(2 ** (len(config["block_out_channels"]) - 1))}
 
 
 def vae_lineage_tags(vae_source: ModelSource) -> dict[str, str]:
     """The VAE a latent DDPM was trained on (and its latent shape); a plain folder VAE only has `vae_uri`."""
-    values = {"vae_uri": vae_source.uri, "vae_model_name": vae_source.model_name,
-              "vae_model_version": vae_source.model_version, "vae_run_id": vae_source.run_id}
+    values = {VAE_URI_TAG: vae_source.uri, VAE_MODEL_NAME_TAG: vae_source.model_name,
+              VAE_MODEL_VERSION_TAG: vae_source.model_version, VAE_RUN_TAG: vae_source.run_id}
     tags = {key: str(value) for key, value in values.items() if value}
     with contextlib.suppress(LdmflowError, OSError):  # a VAE not at hand locally has no shape tags
-        shape = latent_shape_tags(find_diffusers_folder(vae_source.local_dir, "vae"))
-        tags.update({f"vae_{key}": value for key, value in shape.items()})
+        shape = latent_shape_tags(find_diffusers_folder(vae_source.local_dir, VAE.name))
+        tags.update({f"{VAE_SHAPE_TAG_PREFIX}{key}": value for key, value in shape.items()})
     return tags
 
 
@@ -231,33 +225,34 @@ mlflow.models.set_model({model_class.__name__}())
     return str(path)
 
 
-def _stage(stage: str, output_dir: Path, staging: Path, vae_source: ModelSource | None, tags: dict):
-    """Link (or copy) the model's files into fixed names; returns (artifacts, python model class, signature)."""
+def _stage(kind: Kind, output_dir: Path, staging: Path, vae_source: ModelSource | None, tags: dict):
+    """Link (or copy) the model's files into its kind's logged layout; returns (artifacts, python model class,
+    signature). Each artifact is named after its folder or file, so artifacts/ holds the kind's saved folder."""
     from ldmflow.tracking import pyfunc_models
 
-    if stage == "vae":
-        _link_tree(find_diffusers_folder(output_dir, "vae"), staging / "vae", top_level_only=True)
-        return {"vae": str(staging / "vae")}, pyfunc_models.VaePyfunc, pyfunc_models.vae_signature()
-    if stage == "probe":
-        _link_tree(output_dir, staging / "probe", top_level_only=True)
-        return {"probe": str(staging / "probe")}, pyfunc_models.ProbePyfunc, \
-            pyfunc_models.probe_signature(tags["condition_spec"])
-    if stage == "legacy_ddpm":
-        folder = find_diffusers_folder(output_dir, "legacy_ddpm")
-        for part in ("model_index.json", "unet", "scheduler"):
-            _link_tree(folder / part, staging / "pipeline" / part)
-        return ({"pipeline": str(staging / "pipeline")}, pyfunc_models.LegacyDdpmPyfunc,
+    if kind is VAE:
+        _link_tree(find_diffusers_folder(output_dir, VAE.name), staging / VAE.artifact, top_level_only=True)
+        return {VAE.artifact: str(staging / VAE.artifact)}, pyfunc_models.VaePyfunc, pyfunc_models.vae_signature()
+    if kind is PROBE:
+        _link_tree(output_dir, staging / PROBE.artifact, top_level_only=True)
+        return {PROBE.artifact: str(staging / PROBE.artifact)}, pyfunc_models.ProbePyfunc, \
+            pyfunc_models.probe_signature(tags[CONDITION_SPEC_TAG])
+    if kind is LEGACY_DDPM:
+        folder = find_diffusers_folder(output_dir, LEGACY_DDPM.name)
+        for part in PIPELINE_PARTS:
+            _link_tree(folder / part, staging / LEGACY_DDPM.artifact / part)
+        return ({LEGACY_DDPM.artifact: str(staging / LEGACY_DDPM.artifact)}, pyfunc_models.LegacyDdpmPyfunc,
                 pyfunc_models.legacy_signature())
-    folder = find_diffusers_folder(output_dir, "latent_ddpm")
-    _link_tree(folder / "unet", staging / "unet")
-    _link_tree(find_diffusers_folder(vae_source.local_dir, "vae"), staging / "vae", top_level_only=True)
-    artifacts = {"unet": str(staging / "unet"), "vae": str(staging / "vae")}
-    for key, file_name in (("scheduler", "scheduler_config.json"), ("conditioning", "conditioning.json"),
-                           ("vae_source", "vae_source.json")):
+    folder = find_diffusers_folder(output_dir, LATENT_DDPM.name)
+    _link_tree(folder / UNET_FOLDER, staging / UNET_FOLDER)
+    _link_tree(find_diffusers_folder(vae_source.local_dir, VAE.name), staging / VAE.artifact, top_level_only=True)
+    artifacts = {"unet": str(staging / UNET_FOLDER), VAE.artifact: str(staging / VAE.artifact)}
+    for key, file_name in (("scheduler", SCHEDULER_FILE), ("conditioning", CONDITIONING_FILE),
+                           ("vae_source", VAE_SOURCE_FILE)):
         if (folder / file_name).is_file():
             _link_tree(folder / file_name, staging / file_name)
             artifacts[key] = str(staging / file_name)
-    return artifacts, pyfunc_models.LatentDiffusionPyfunc, pyfunc_models.latent_signature(tags["condition_spec"])
+    return artifacts, pyfunc_models.LatentDiffusionPyfunc, pyfunc_models.latent_signature(tags[CONDITION_SPEC_TAG])
 
 
 def _link_tree(source: Path, target: Path, top_level_only: bool = False) -> None:
@@ -294,7 +289,7 @@ def _package_copy(staging: Path) -> str:
 
 
 def _recorded_condition_spec(output_dir: Path) -> str:
-    for file_name in ("conditioning.json", "vae_source.json"):
+    for file_name in (CONDITIONING_FILE, VAE_SOURCE_FILE):
         path = output_dir / file_name
         if path.is_file():
             spec = json.loads(path.read_text()).get("condition_spec")
@@ -317,16 +312,6 @@ def _tag(client, registered: RegisteredModel, tags: dict, alias: str | None, vae
     _describe(client, registered, tags, vae_source)
 
 
-MODEL_DESCRIPTIONS = {
-    "vae": "ldmflow's AutoencoderKL (diffusers format): encodes images to the latents the latent DDPMs train on.",
-    "latent_ddpm": "ldmflow's conditioned latent DDPM (a diffusers UNet2DConditionModel) with the VAE it was "
-                   "trained on; the `condition_spec` tag says what it is conditioned on.",
-    "legacy_ddpm": "ldmflow's unconditional pixel-space DDPM (a diffusers DDPMPipeline), for comparison.",
-    "probe": "ldmflow's condition probe: reads the conditions back from images, to score condition adherence.",
-}
-DOWNSTREAM_TAG = "latent_ddpm_versions"  # on a VAE version: the latent DDPM versions trained on it
-
-
 def _describe(client, registered: RegisteredModel, tags: dict, vae_source: ModelSource | None) -> None:
     """Markdown on the version (links to its run, dataset and VAE version), a description of the registered
     model, and on the VAE version the latent DDPM trained on it: lineage in both directions, without scrolling
@@ -334,9 +319,9 @@ def _describe(client, registered: RegisteredModel, tags: dict, vae_source: Model
     stage = tags[STAGE_VERSION_TAG]
     run_link = f"[{registered.run_id[:8]}](#/experiments/{_experiment_of(client, registered.run_id)}/runs/" \
                f"{registered.run_id})"
-    lines = [f"**{stage}** trained in run {run_link} on dataset `{tags['dataset_digest'][:12]}`."]
-    if tags.get("condition_spec"):
-        lines.append(f"Conditions: `{tags['condition_spec']}`.")
+    lines = [f"**{stage}** trained in run {run_link} on dataset `{tags[DATASET_DIGEST_TAG][:12]}`."]
+    if tags.get(CONDITION_SPEC_TAG):
+        lines.append(f"Conditions: `{tags[CONDITION_SPEC_TAG]}`.")
     if vae_source is not None and vae_source.model_name and vae_source.model_version:
         lines.append(f"VAE: [{vae_source.model_name} v{vae_source.model_version}]"
                      f"(#/models/{vae_source.model_name}/versions/{vae_source.model_version}).")
@@ -348,8 +333,8 @@ def _describe(client, registered: RegisteredModel, tags: dict, vae_source: Model
                  f"listed by `ldmflow lineage {registered.model_uri}`.")
     client.update_model_version(registered.name, registered.version, description="\n\n".join(lines))
     model = client.get_registered_model(registered.name)
-    if not model.description and stage in MODEL_DESCRIPTIONS:
-        client.update_registered_model(registered.name, description=MODEL_DESCRIPTIONS[stage])
+    if not model.description:
+        client.update_registered_model(registered.name, description=kind_named(stage).description)
 
 
 def _add_downstream(client, vae_source: ModelSource, downstream: str) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ldmflow.errors import LdmflowError
+from ldmflow.models.kinds import LATENT_DDPM
+from ldmflow.tags import EXPERIMENT_KIND_TAG, EXPERIMENT_NOTE_TAG, STAGE_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -160,14 +162,14 @@ def check_server_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-EXPERIMENT_DESCRIPTION = """Runs of ldmflow: one run per stage (`vae`, `latent_ddpm`, `legacy_ddpm`, `probe`, `sample`,
-`evaluate`; the `ldmflow.stage` column), pipeline steps as child runs.
+EXPERIMENT_DESCRIPTION = f"""Runs of ldmflow: one run per stage (`vae`, `latent_ddpm`, `legacy_ddpm`, `probe`, `sample`,
+`evaluate`; the `{STAGE_TAG}` column), pipeline steps as child runs.
 
 - **Compare**: select runs, *Compare*; training curves are `loss`, `val/psnr` (VAE) and `val/denoise_loss_ema`
   (latent DDPM); evaluation metrics start with `eval/`.
 - **Previews**: each run's *Artifacts* `images/` (and the image slider under *Model metrics*), from step 0.
 - **Models**: *Models* tab; every registered version's description links its run, dataset and VAE.
-- Filters: `tags.ldmflow.stage = 'latent_ddpm'`, `params.resolution = '256'`,
+- Filters: `tags.{STAGE_TAG} = '{LATENT_DDPM.name}'`, `params.resolution = '256'`,
   `dataset.digest = '<digest>'`.
 """
 
@@ -185,8 +187,8 @@ def ensure_experiment(name: str) -> str:
     if experiment is None:
         try:
             return client.create_experiment(name, artifact_location=_artifact_location(uri, name),
-                                            tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION,
-                                                  "mlflow.experimentKind": "custom_model_development"})
+                                            tags={EXPERIMENT_NOTE_TAG: EXPERIMENT_DESCRIPTION,
+                                                  EXPERIMENT_KIND_TAG: "custom_model_development"})
         except MlflowException:  # created by a concurrent process in the meantime
             experiment = client.get_experiment_by_name(name)
             if experiment is None:

@@ -29,16 +29,19 @@ from ldmflow.evaluation import distribution
 from ldmflow.evaluation.adherence import (condition_errors, diversity, headline_metrics, manifest_ranges,
                                           manifest_requests, mean_pairwise_distance, shuffled_baseline)
 from ldmflow.evaluation.intervals import CI_SUFFIX, bootstrap_ci95
+from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE, detect_kind, names
 from ldmflow.settings import EvaluateSettings, ProbeSettings
+from ldmflow.tags import DATASET_DIGEST_TAG, EVAL_RUN_TAG, EVAL_SKIPPED_TAG
 
 logger = logging.getLogger(__name__)
 EVALUATE_STAGE = "evaluate"
+EVALUATED_KINDS = (VAE, LATENT_DDPM, LEGACY_DDPM)
 DIVERSITY_REQUESTS, DIVERSITY_SEEDS = 8, 4  # requests x seeds generated for the diversity scores
 
 
 @dataclass
 class EvaluatedModel:
-    stage: str  # vae, latent_ddpm or legacy_ddpm
+    stage: str  # the name of one of EVALUATED_KINDS
     model: object  # AutoencoderKL, LatentSampler or LegacySampler
     resolution: int
     spec: ConditionSpec  # what the model is conditioned on (none for the VAE and the legacy DDPM)
@@ -50,22 +53,21 @@ def load_evaluated_model(folder: Path) -> EvaluatedModel:
     from ldmflow.tracking.model_uri import find_diffusers_folder
     from ldmflow.workflows.sample import load_sampler
 
-    try:
-        sampler = load_sampler(folder)
-    except LdmflowError as not_a_ddpm:
-        try:
-            vae_dir = find_diffusers_folder(folder, "vae")
-        except LdmflowError:
-            raise LdmflowError(f"{folder}: evaluate takes a vae, latent_ddpm or legacy_ddpm model "
-                               f"({not_a_ddpm}).") from None
+    kind = detect_kind(folder)
+    if kind not in EVALUATED_KINDS:
+        raise LdmflowError(f"{folder}: evaluate takes a {names(EVALUATED_KINDS)} model (this is a {kind.name} "
+                           "model).")
+    if kind is VAE:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
-        return EvaluatedModel("vae", vae, int(vae.config.sample_size), ConditionSpec.parse("none"), vae)
-    if hasattr(sampler, "spec"):
+        vae = AutoencoderKL.from_pretrained(find_diffusers_folder(folder, VAE.name)).eval()
+        return EvaluatedModel(VAE.name, vae, int(vae.config.sample_size), ConditionSpec.parse("none"), vae)
+    sampler = load_sampler(folder)
+    if kind is LATENT_DDPM:
         size = sampler.unet.config.sample_size * 2 ** (len(sampler.vae.config.block_out_channels) - 1)
-        return EvaluatedModel("latent_ddpm", sampler, int(size), sampler.spec, sampler.vae)
-    return EvaluatedModel("legacy_ddpm", sampler, int(sampler.unet.config.sample_size), ConditionSpec.parse("none"))
+        return EvaluatedModel(LATENT_DDPM.name, sampler, int(size), sampler.spec, sampler.vae)
+    return EvaluatedModel(LEGACY_DDPM.name, sampler, int(sampler.unet.config.sample_size),
+                          ConditionSpec.parse("none"))
 
 
 def _load(settings: EvaluateSettings, split: str, spec: str) -> Manifest:
@@ -123,7 +125,7 @@ def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str):
     else:
         logger.info("Condition probe: %s.", uri)
     source = resolve_model_source(uri)
-    reader = ProbeReader.from_folder(find_diffusers_folder(source.local_dir, "probe"))
+    reader = ProbeReader.from_folder(find_diffusers_folder(source.local_dir, PROBE.name))
     if reader.encoder.spec != spec:
         raise LdmflowError(f"--probe_uri {uri} reads {reader.encoder.spec}; the evaluation needs {spec}.")
     trained_on = _probe_dataset(source)
@@ -141,9 +143,10 @@ def _probe_dataset(source) -> str | None:
 
     try:
         if source.model_name and source.model_version:
-            return MlflowClient().get_model_version(source.model_name, source.model_version).tags.get("dataset_digest")
+            version = MlflowClient().get_model_version(source.model_name, source.model_version)
+            return version.tags.get(DATASET_DIGEST_TAG)
         if source.run_id:
-            return MlflowClient().get_run(source.run_id).data.tags.get("dataset_digest")
+            return MlflowClient().get_run(source.run_id).data.tags.get(DATASET_DIGEST_TAG)
     except MlflowException:
         return None
     return None
@@ -152,7 +155,7 @@ def _probe_dataset(source) -> str | None:
 def _train_probe(settings: EvaluateSettings, spec: ConditionSpec) -> str:
     from ldmflow.workflows.train import run_training
 
-    output_dir = Path(settings.output_dir) / "probe"
+    output_dir = Path(settings.output_dir) / PROBE.name
     logger.info("No condition probe for this dataset yet: training one (%d epochs) in %s.", settings.probe_epochs,
                 output_dir)
     probe = ProbeSettings(manifest_path=settings.manifest_path, output_dir=str(output_dir), split=settings.train_split,
@@ -190,7 +193,7 @@ def _generate(settings: EvaluateSettings, evaluated: EvaluatedModel, conditions,
                         -(-len(seeds) // settings.batch_size), unit="batch")
     for start in range(0, len(seeds), settings.batch_size):
         part = seeds[start:start + settings.batch_size]
-        if evaluated.stage == "latent_ddpm":
+        if evaluated.stage == LATENT_DDPM.name:
             images.append(evaluated.model.generate(
                 conditions[start:start + len(part)] if conditions else None, num_images=len(part),
                 guidance_scale=guidance, num_inference_steps=settings.num_inference_steps,
@@ -243,12 +246,12 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
     metrics, labels, table, requests = {}, None, {}, None
     params = {"eval_num_samples": str(settings.num_samples), "eval_num_real": str(len(real_images)),
               "eval_feature_extractor": features_name or "none", "eval_stage": evaluated.stage}
-    if evaluated.stage == "vae":
+    if evaluated.stage == VAE.name:
         generated = _reconstruct(evaluated.model, real_images, settings.batch_size)
         skipped = _reconstruction_scores(settings, real_images, generated, features, metrics, skipped)
     else:
         seeds = [settings.seed + i for i in range(settings.num_samples)]
-        if evaluated.stage == "latent_ddpm" and not evaluated.spec.is_empty:
+        if evaluated.stage == LATENT_DDPM.name and not evaluated.spec.is_empty:
             requests = Requests(*manifest_requests(real, settings.num_samples))
         generated = _generate(settings, evaluated, requests.conditions if requests else None, seeds,
                               settings.guidance_scale)
@@ -263,7 +266,7 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
         truth = Requests([], np.stack([r.conditions for r in real.records[:len(real_images)]]),
                          np.stack([r.present for r in real.records[:len(real_images)]]).astype(bool))
         metrics.update(scorer.errors(truth, reader.read(real_images, settings.batch_size), "probe/"))
-        if evaluated.stage == "vae":
+        if evaluated.stage == VAE.name:
             metrics.update(scorer.errors(truth, read, "recon/"))
         elif requests:
             metrics.update(_adherence(settings, evaluated, scorer, reader, requests, read, seeds, real_images, truth))
@@ -426,14 +429,14 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, float]:
     spec = evaluated.spec if not evaluated.spec.is_empty else ConditionSpec.parse(settings.condition_spec)
     real = _load(settings, settings.split, str(spec))
     train = _load(settings, settings.train_split, str(spec))
-    if evaluated.stage == "latent_ddpm" and not evaluated.spec.is_empty:
+    if evaluated.stage == LATENT_DDPM.name and not evaluated.spec.is_empty:
         _check_conditions_known(real)
     probe = None if spec.is_empty else resolve_probe(settings, spec, real.digest)
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with open_run(settings, EVALUATE_STAGE, enabled=not settings.no_mlflow) as tracker:
         record_sample_source(tracker, source, stage=EVALUATE_STAGE)
-        tracker.set_tags({"dataset_digest": real.digest})
+        tracker.set_tags({DATASET_DIGEST_TAG: real.digest})
         result = evaluate(settings, evaluated, real, train, probe)
         metrics = {f"eval/{key}": value for key, value in result.metrics.items() if np.isfinite(value)}
         tracker.log_params(result.params | ({"eval_probe_uri": probe[1]} if probe else {}))
@@ -443,7 +446,7 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, float]:
         if result.skipped:
             line = f"Skipped {result.skipped}. To enable: {distribution.ENABLE}."
             logger.warning(line)
-            tracker.set_tags({"ldmflow.eval_skipped": line[:5000]})
+            tracker.set_tags({EVAL_SKIPPED_TAG: line[:5000]})
         if getattr(tracker, "run_id", None):
             _link_to_model(tracker, source, metrics, result.table)
     return metrics
@@ -465,5 +468,5 @@ def _link_to_model(tracker, source, metrics: dict[str, float], table: dict) -> N
         for key, value in metrics.items():
             if key.count("/") == 1:  # the model's own scores; the other columns stay on the run
                 client.set_model_version_tag(source.model_name, source.model_version, key, f"{value:.6g}")
-        client.set_model_version_tag(source.model_name, source.model_version, "eval_run_id", tracker.run_id)
+        client.set_model_version_tag(source.model_name, source.model_version, EVAL_RUN_TAG, tracker.run_id)
         add_evaluation_note(client, source.model_name, source.model_version, tracker.run_id, metrics)

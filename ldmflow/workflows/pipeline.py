@@ -13,14 +13,13 @@ import os
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError
+from ldmflow.models.kinds import LATENT_DDPM, VAE
 from ldmflow.settings import PipelineSettings, param_value
-from ldmflow.tracking.registry import REGISTERED_URI_TAG
+from ldmflow.tags import (CODE_VERSION_TAG, DATASET_DIGEST_TAG, ENTRY_POINT_TAG, PIPELINE_TAG_PREFIX,
+                          REGISTERED_URI_TAG, RUN_NAME_TAG, STAGE_TAG)
 from ldmflow.tracking.store import filter_value
 
 logger = logging.getLogger(__name__)
-CODE_VERSION_TAG = "ldmflow.code_version"
-ENTRY_POINT_TAG = "mlflow.project.entryPoint"
-DATASET_DIGEST_TAG = "dataset_digest"
 
 
 def project_dir() -> Path:
@@ -126,19 +125,19 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
     name = default_run_name("pipeline", settings)
     with mlflow.start_run(run_id=attach, experiment_id=experiment_id, run_name=None if attach else name) as parent:
         if attach and MLFLOW_RANDOM_NAME.match(parent.info.run_name or ""):
-            mlflow.set_tag("mlflow.runName", name)
+            mlflow.set_tag(RUN_NAME_TAG, name)
         logger.info("MLflow run %s (%s, the steps are its child runs); watch it live: %s", parent.info.run_id, name,
                     run_location(mlflow.get_tracking_uri(), parent))
         os.environ[UI_HINT_SHOWN_ENV] = "1"  # the steps (child processes) need not repeat it
         existing = client.get_run(parent.info.run_id).data.params
         mlflow.log_params({k: v for k, v in settings.to_params().items() if k not in existing})
-        mlflow.set_tags({"ldmflow.stage": "pipeline", CODE_VERSION_TAG: version})
+        mlflow.set_tags({STAGE_TAG: "pipeline", CODE_VERSION_TAG: version})
         digest = manifest.digest
-        vae_run, vae_reused = _run_step(client, experiment_id, "vae", params["vae"], version, digest)
-        vae_uri = _registered_uri(vae_run, "vae")
-        latent_run, latent_reused = _run_step(client, experiment_id, "latent_ddpm",
-                                              {**params["latent_ddpm"], "vae_uri": vae_uri}, version, digest)
-        unet_uri = _registered_uri(latent_run, "latent_ddpm")
+        vae_run, vae_reused = _run_step(client, experiment_id, VAE.name, params[VAE.name], version, digest)
+        vae_uri = _registered_uri(vae_run, VAE.name)
+        latent_run, latent_reused = _run_step(client, experiment_id, LATENT_DDPM.name,
+                                              {**params[LATENT_DDPM.name], "vae_uri": vae_uri}, version, digest)
+        unet_uri = _registered_uri(latent_run, LATENT_DDPM.name)
         sample_params = {**params["sample"], "model_uri": unet_uri, **_sample_conditions(settings, manifest)}
         sample_run, sample_reused = _run_step(client, experiment_id, "sample", sample_params, version)
         evaluate_run, evaluate_reused = _run_step(client, experiment_id, "evaluate",
@@ -148,5 +147,5 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
                    "latent_ddpm_reused": str(latent_reused), "sample_run_id": sample_run.info.run_id,
                    "sample_reused": str(sample_reused), "evaluate_run_id": evaluate_run.info.run_id,
                    "evaluate_reused": str(evaluate_reused)}
-        mlflow.set_tags({f"ldmflow.pipeline.{key}": value for key, value in summary.items()})
+        mlflow.set_tags({f"{PIPELINE_TAG_PREFIX}{key}": value for key, value in summary.items()})
     return summary

@@ -11,11 +11,13 @@ import torch
 from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
 from ldmflow.files import publish_folder, temporary_folder
+from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, detect_kind, names
 from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame, parse_condition_option,
                                               read_conditions_file)
 from ldmflow.sampling.denoise import check_inference_steps
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 from ldmflow.settings import SampleSettings
+from ldmflow.tags import STAGE_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +39,13 @@ def _sampler(folder: Path, dtype: str):
     from ldmflow.sampling.legacy import LegacySampler
     from ldmflow.tracking.model_uri import find_diffusers_folder, latent_ddpm_folders
 
-    try:
-        folders = latent_ddpm_folders(folder)
-    except LdmflowError as latent_error:
-        try:
-            return LegacySampler.from_folder(find_diffusers_folder(folder, "legacy_ddpm"), default_device(), dtype)
-        except LdmflowError:
-            raise LdmflowError(f"{folder} is neither a latent DDPM nor a legacy DDPM model: {latent_error}") from None
+    kind = detect_kind(folder)
+    if kind is LEGACY_DDPM:
+        return LegacySampler.from_folder(find_diffusers_folder(folder, LEGACY_DDPM.name), default_device(), dtype)
+    if kind is not LATENT_DDPM:
+        raise LdmflowError(f"{folder} is a {kind.name} model; sampling takes a {names((LATENT_DDPM, LEGACY_DDPM))} "
+                           "model.")
+    folders = latent_ddpm_folders(folder)
     return LatentSampler.from_folders(folders.unet_dir, folders.vae_dir, folders.scheduler_dir,
                                       folders.conditioning_path, default_device(), dtype)
 
@@ -52,7 +54,7 @@ def record_sample_source(tracker, source, stage: str = "sample") -> None:
     """Tag a sample (or evaluate) run with the model it used, and log that model as the run's input (lineage)."""
     from ldmflow.tracking.lineage import sample_run_tags
 
-    tracker.set_tags({"ldmflow.stage": stage, **sample_run_tags(source)})
+    tracker.set_tags({STAGE_TAG: stage, **sample_run_tags(source)})
     if source.model_id and getattr(tracker, "run_id", None):
         import mlflow
         from mlflow.entities import LoggedModelInput

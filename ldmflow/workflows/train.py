@@ -14,12 +14,11 @@ from pathlib import Path
 from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.files import folder_lock
+from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE, Kind, kind_trained_by
 from ldmflow.settings import LatentDdpmSettings, LegacyDdpmSettings, ProbeSettings, TrainSettings, VaeSettings
+from ldmflow.tags import REGISTERED_URI_TAG, RESUMED_FROM_RUN_TAG
 
 logger = logging.getLogger(__name__)
-
-STAGES = {VaeSettings: "vae", LatentDdpmSettings: "latent_ddpm", LegacyDdpmSettings: "legacy_ddpm",
-          ProbeSettings: "probe"}
 
 
 def _load(settings: TrainSettings, split: str, condition_spec: str) -> Manifest:
@@ -47,25 +46,38 @@ def _validation_manifest(settings: TrainSettings, train: Manifest) -> Manifest |
     return val
 
 
-def _build_task(settings: TrainSettings, manifest: Manifest, vae_source, accelerator):
-    val = _validation_manifest(settings, manifest)
-    if isinstance(settings, VaeSettings):
-        from ldmflow.training.vae_task import VaeTask
+def _vae_task(settings: VaeSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator):
+    from ldmflow.training.vae_task import VaeTask
 
-        probe = _registered_probe(settings, manifest, accelerator) if val is not None else None
-        return VaeTask(settings, manifest, val, _val_conditions(settings, probe, val) if probe else None)
-    if isinstance(settings, LatentDdpmSettings):
-        from ldmflow.training.latent_task import LatentDdpmTask
+    probe = _registered_probe(settings, manifest, accelerator) if val is not None else None
+    return VaeTask(settings, manifest, val, _val_conditions(settings, probe, val) if probe else None)
 
-        probe = _registered_probe(settings, manifest, accelerator) if val is not None else None
-        return LatentDdpmTask(settings, manifest, vae_source, val, probe)
-    if isinstance(settings, ProbeSettings):
-        from ldmflow.training.probe_task import ProbeTask
 
-        return ProbeTask(settings, manifest, val)
+def _latent_task(settings: LatentDdpmSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator):
+    from ldmflow.training.latent_task import LatentDdpmTask
+
+    probe = _registered_probe(settings, manifest, accelerator) if val is not None else None
+    return LatentDdpmTask(settings, manifest, vae_source, val, probe)
+
+
+def _legacy_task(settings: LegacyDdpmSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator):
     from ldmflow.training.legacy_task import LegacyDdpmTask
 
     return LegacyDdpmTask(settings, manifest, val)
+
+
+def _probe_task(settings: ProbeSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator):
+    from ldmflow.training.probe_task import ProbeTask
+
+    return ProbeTask(settings, manifest, val)
+
+
+# Each kind's training task, from (settings, train split, val split or None, VAE source, accelerator).
+_TASKS = {VAE: _vae_task, LATENT_DDPM: _latent_task, LEGACY_DDPM: _legacy_task, PROBE: _probe_task}
+
+
+def _build_task(kind: Kind, settings: TrainSettings, manifest: Manifest, vae_source, accelerator):
+    return _TASKS[kind](settings, manifest, _validation_manifest(settings, manifest), vae_source, accelerator)
 
 
 def _on_main(accelerator, resolve):
@@ -95,7 +107,7 @@ def _resolve_vae(settings: LatentDdpmSettings, accelerator):
 
     def resolve():
         source = resolve_model_source(settings.vae_uri, dst_dir=Path(settings.output_dir) / ".vae_download")
-        return dataclasses.replace(source, local_dir=find_diffusers_folder(source.local_dir, "vae"))
+        return dataclasses.replace(source, local_dir=find_diffusers_folder(source.local_dir, VAE.name))
 
     return _on_main(accelerator, resolve)
 
@@ -118,7 +130,7 @@ def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) 
     from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
     from ldmflow.tracking.registry import registered_probe_uri
 
-    spec = None if isinstance(settings, VaeSettings) else str(manifest.spec)
+    spec = None if kind_trained_by(settings) is VAE else str(manifest.spec)
     if settings.no_mlflow or (spec is not None and manifest.spec.is_empty) or settings.eval_epochs == 0:
         return None
 
@@ -137,7 +149,7 @@ def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) 
             return None
         logger.info("Validation reads conditions back with the dataset's probe %s.", uri)
         source = resolve_model_source(uri, dst_dir=Path(settings.output_dir) / ".probe_download")
-        return find_diffusers_folder(source.local_dir, "probe")
+        return find_diffusers_folder(source.local_dir, PROBE.name)
 
     return _on_main(accelerator, resolve)
 
@@ -148,16 +160,16 @@ def run_training(settings: TrainSettings):
     Returns (TrainingOutcome, the registered model's URI or None)."""
     from ldmflow.training.loop import build_accelerator
 
-    stage = STAGES[type(settings)]
+    kind = kind_trained_by(settings)
     accelerator = build_accelerator(settings)
     is_main = accelerator.is_main_process
-    with folder_lock(settings.output_dir, f"ldmflow {stage}") if is_main else contextlib.nullcontext():
-        return _train_in(settings, stage, accelerator)
+    with folder_lock(settings.output_dir, f"ldmflow {kind.name}") if is_main else contextlib.nullcontext():
+        return _train_in(settings, kind, accelerator)
 
 
-def _train_in(settings: TrainSettings, stage: str, accelerator):
+def _train_in(settings: TrainSettings, kind: Kind, accelerator):
     """run_training with the output folder locked by the main process."""
-    from ldmflow.tracking.registry import REGISTERED_URI_TAG, log_and_register
+    from ldmflow.tracking.registry import log_and_register
     from ldmflow.tracking.run_tracker import close_abandoned_run, open_run
     from ldmflow.tracking.store import retry_seconds
     from ldmflow.training.loop import prepare, train
@@ -166,14 +178,14 @@ def _train_in(settings: TrainSettings, stage: str, accelerator):
     patience = retry_seconds()  # how long the end of the run waits for a tracking server that went away
     manifest = _load(settings, settings.split, getattr(settings, "condition_spec", "none"))
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
-    vae_source = _resolve_vae(settings, accelerator) if isinstance(settings, LatentDdpmSettings) else None
-    task = _build_task(settings, manifest, vae_source, accelerator)
+    vae_source = _resolve_vae(settings, accelerator) if kind is LATENT_DDPM else None
+    task = _build_task(kind, settings, manifest, vae_source, accelerator)
     prepared = prepare(settings, task, accelerator, manifest.digest)  # bad input fails before a run opens
     model_uri = None
-    with open_run(settings, stage, enabled=is_main and not settings.no_mlflow) as tracker:
+    with open_run(settings, kind.name, enabled=is_main and not settings.no_mlflow) as tracker:
         tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
                             name=f"{Path(manifest.path).stem} ({settings.split}, {len(manifest.records)} images)")
-        previous = (prepared.resumed_tags or {}).get("ldmflow.resumed_from_run_id")
+        previous = (prepared.resumed_tags or {}).get(RESUMED_FROM_RUN_TAG)
         if previous and tracker.run_id and previous != tracker.run_id:
             close_abandoned_run(previous, tracker.run_id)
         if not manifest.spec.is_empty:
@@ -183,7 +195,7 @@ def _train_in(settings: TrainSettings, stage: str, accelerator):
         if is_main and not settings.no_mlflow:
             tracker.wait_for_store(patience)
             registered = log_and_register(
-                stage, outcome.model_dir, tracker, registered_model_name=settings.registered_model_name,
+                kind.name, outcome.model_dir, tracker, registered_model_name=settings.registered_model_name,
                 alias=settings.register_alias, vae_source=vae_source, dataset_digest=manifest.digest,
                 condition_spec=None if manifest.spec.is_empty else str(manifest.spec),
                 extra_tags=outcome.version_tags(), step=outcome.step)
