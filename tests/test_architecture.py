@@ -1,10 +1,14 @@
-"""Imports only point down the layers written in docs/architecture.md, and that page names every module."""
+"""Imports only point down the layers written in docs/architecture.md, that page names every module, and model
+kinds and tag names are spelt only in their home modules."""
 
 from __future__ import annotations
 
 import ast
 import re
 from pathlib import Path
+
+from ldmflow import tags as tag_home
+from ldmflow.models.kinds import KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ldmflow"
@@ -101,3 +105,103 @@ def test_the_architecture_page_names_every_module_and_no_other():
                        else f"ldmflow/{folder}{name}")
     actual = {str(path.relative_to(ROOT)) for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"}
     assert listed == actual, f"missing from the page: {sorted(actual - listed)}; stale: {sorted(listed - actual)}"
+
+
+# A model kind and an MLflow tag name each have one home; everywhere else they are spelt through it.
+KIND_HOME, TAG_HOME = "ldmflow/models/kinds.py", "ldmflow/tags.py"
+KIND_NAMES = {kind.name for kind in KINDS}
+TAG_NAMES = {value for name, value in vars(tag_home).items() if name.isupper()}
+ALLOWED_KIND_LITERALS = {  # (module, literal): why that spelling stays there
+    ("ldmflow/settings.py", "vae"): "settings.py is below models/: the pipeline's steps, named after what they train",
+    ("ldmflow/settings.py", "latent_ddpm"): "the same",
+    ("ldmflow/settings.py", "probe"): "a --feature_extractor choice (the probe's features)",
+    ("ldmflow/workflows/evaluate.py", "probe"): "that --feature_extractor choice",
+    ("ldmflow/tracking/lineage.py", "vae"): "the `vae` field of lineage() and list_models() rows (their --json)",
+}
+TAG_SETTERS = {"set_tag", "set_model_version_tag", "RunTag", "InputTag"}  # (..., name, value)
+SPELT_FILTER = re.compile(r"\btags\.`?[\w.]")  # `tags.stage = ...` in a search filter, not `tags.{NAME}`
+
+
+def _is_tags(node) -> bool:
+    """`tags`, `run.data.tags`, `version.tags`: a dict of tags."""
+    return getattr(node, "id", None) == "tags" or getattr(node, "attr", None) == "tags"
+
+
+def _keys(node) -> list:
+    return [key for key in node.keys if key is not None] if isinstance(node, ast.Dict) else []
+
+
+def tag_name_places(tree) -> list:
+    """The nodes where a tag's name goes: set_tag(..., name, value), set_tags({name: ...}), tags={name: ...},
+    tags[name], tags.get(name), `tags = {name: ...}` and the dicts of a function named *_tag(s)."""
+    places = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            called = getattr(node.func, "attr", getattr(node.func, "id", ""))
+            if called in TAG_SETTERS and len(node.args) >= 2:
+                places.append(node.args[-2])
+            if called == "set_tags" and node.args:
+                places += _keys(node.args[0])
+            if called == "get" and _is_tags(node.func.value) and node.args:
+                places.append(node.args[0])
+            places += [key for keyword in node.keywords if keyword.arg == "tags" for key in _keys(keyword.value)]
+        elif isinstance(node, ast.Subscript) and _is_tags(node.value):
+            places.append(node.slice)
+        elif isinstance(node, ast.Assign) and any(_is_tags(target) for target in node.targets):
+            places += _keys(node.value)
+        elif isinstance(node, ast.FunctionDef) and node.name.endswith(("_tag", "_tags")):
+            places += [key for inner in ast.walk(node) for key in _keys(inner)]
+    return places
+
+
+def _new_ldmflow_tag(text: str) -> bool:
+    """`ldmflow.something` that is no ldmflow module: a tag name, even one tags.py does not have yet."""
+    path = ROOT / text.replace(".", "/")
+    return bool(re.fullmatch(r"ldmflow\.[\w.]+", text)) and not (path.exists() or path.with_suffix(".py").exists())
+
+
+def _docstrings(tree) -> set[int]:
+    bodies = [node.body for node in ast.walk(tree)
+              if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    return {id(body[0].value) for body in bodies
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)}
+
+
+def spelt_elsewhere(path: Path, source: str | None = None) -> list[str]:
+    """Kind names and tag names written as string literals outside their home module."""
+    module = str(path.relative_to(ROOT))
+    tree = ast.parse(path.read_text() if source is None else source)
+    docstrings = _docstrings(tree)
+    in_tag_place = {id(node) for node in tag_name_places(tree)}
+    problems = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Constant) or not isinstance(node.value, str) or id(node) in docstrings:
+            continue
+        text, where = node.value, f"{module}:{node.lineno} {node.value!r}"
+        if module != KIND_HOME and text in KIND_NAMES and (module, text) not in ALLOWED_KIND_LITERALS:
+            problems.append(f"{where}: a model kind (use ldmflow.models.kinds)")
+        if module == TAG_HOME:
+            continue
+        is_tag = text in TAG_NAMES and ("." in text or id(node) in in_tag_place)  # a dotted one is a tag anywhere
+        if is_tag or _new_ldmflow_tag(text) or SPELT_FILTER.search(text):
+            problems.append(f"{where}: a tag name (use ldmflow.tags)")
+    return problems
+
+
+def test_kind_and_tag_names_are_spelt_only_in_their_home():
+    problems = [problem for path in sorted(PACKAGE.rglob("*.py")) for problem in spelt_elsewhere(path)]
+    assert not problems, "Spell these through their home module:\n" + "\n".join(problems)
+
+
+def test_the_spelling_check_catches_kind_and_tag_literals():
+    lineage = PACKAGE / "tracking" / "lineage.py"
+    assert spelt_elsewhere(lineage, 'if stage == "latent_ddpm":\n    pass\n')
+    assert spelt_elsewhere(lineage, 'client.set_tag(run_id, "ldmflow.new_tag", "1")\n')
+    assert spelt_elsewhere(lineage, 'digest = version.tags.get("dataset_digest")\n')
+    assert spelt_elsewhere(lineage, 'tags = {"condition_spec": spec}\n')
+    assert spelt_elsewhere(lineage, 'query = f"tags.vae_run_id = {run_id}"\n')
+    assert not spelt_elsewhere(lineage, 'row = {"dataset_digest": tags.get(DATASET_DIGEST_TAG)}\n')
+    assert not spelt_elsewhere(lineage, 'query = f"tags.`{STAGE_TAG}` = {filter_value(kind.name)}"\n')
+    assert not spelt_elsewhere(lineage, 'logger = logging.getLogger("ldmflow.tracking.lineage")\n')
+    assert not spelt_elsewhere(PACKAGE / "settings.py", 'steps = {"vae": {}}\n')
+    assert spelt_elsewhere(PACKAGE / "settings.py", 'steps = {"legacy_ddpm": {}}\n')
