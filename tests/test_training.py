@@ -268,8 +268,8 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(dat
         """Finite for two optimizer steps, then NaN forever."""
         calls = 0
 
-        def loss(self, model, batch):
-            loss, parts = super().loss(model, batch)
+        def loss(self, model, batch, step):
+            loss, parts = super().loss(model, batch, step)
             Diverging.calls += 1
             return (loss * float("nan") if Diverging.calls > 2 else loss), parts
 

@@ -225,8 +225,8 @@ def test_weights_that_are_not_finite_are_never_written(data, tmp_path):
     class Overflowing(LegacyDdpmTask):
         """Finite losses and gradients, but the weights turn to inf after the second step."""
 
-        def after_optimizer_step(self, model):
-            super().after_optimizer_step(model)
+        def after_optimizer_step(self, model, step):
+            super().after_optimizer_step(model, step)
             self.steps = getattr(self, "steps", 0) + 1
             if self.steps == 2:
                 with torch.no_grad():
@@ -352,12 +352,12 @@ def test_the_lr_schedule_keeps_step_with_global_step_across_skipped_steps(data, 
     class OneBadStep(LegacyDdpmTask):
         calls = 0
 
-        def loss(self, model, batch):
-            loss, parts = super().loss(model, batch)
+        def loss(self, model, batch, step):
+            loss, parts = super().loss(model, batch, step)
             OneBadStep.calls += 1
             return (loss * float("nan") if OneBadStep.calls == 3 else loss), parts
 
-        def after_optimizer_step(self, model):
+        def after_optimizer_step(self, model, step):
             self.ema_updates = getattr(self, "ema_updates", 0) + 1
 
     settings = settings_for(data, tmp_path, lr_scheduler="constant_with_warmup", lr_warmup_steps=10,
@@ -382,12 +382,12 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_read_with_the_metrics(dat
     class OneBadStep(LegacyDdpmTask):
         calls, weights = 0, []
 
-        def loss(self, model, batch):
-            loss, parts = super().loss(model, batch)
+        def loss(self, model, batch, step):
+            loss, parts = super().loss(model, batch, step)
             OneBadStep.calls += 1
             return (loss * float("nan") if OneBadStep.calls == 3 else loss), parts
 
-        def after_optimizer_step(self, model):
+        def after_optimizer_step(self, model, step):
             OneBadStep.weights.append([p.detach().clone() for p in model.parameters()])
 
     caplog.set_level("WARNING")
@@ -444,7 +444,7 @@ def test_a_step_the_grad_scaler_skips_moves_neither_the_ema_nor_the_lr_schedule_
     from accelerate.optimizer import AcceleratedOptimizer
 
     class CountingEma(LegacyDdpmTask):
-        def after_optimizer_step(self, model):
+        def after_optimizer_step(self, model, step):
             self.ema_updates = getattr(self, "ema_updates", 0) + 1
 
     steps = []

@@ -437,8 +437,7 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
         torch.manual_seed(derive_seed(settings.seed, state.global_step, micro_step, accelerator.process_index))
         micro_step += 1
         with accelerator.accumulate(model):
-            task.step = state.global_step
-            loss, parts = task.loss(model, batch)  # loss: fp32 scalar, parts: (len(metric_names),)
+            loss, parts = task.loss(model, batch, state.global_step)  # fp32 scalar, (len(metric_names),)
             accelerator.backward(loss)
             task.after_backward(accelerator)
             if accelerator.sync_gradients:
@@ -454,7 +453,7 @@ def _train_epoch(settings, task, tracker, run: PreparedRun, window: _MetricWindo
         run.progress.update(1, settings.train_batch_size * settings.gradient_accumulation_steps
                             * accelerator.num_processes)
         if weights_moved:  # the EMA skips what the host knows was skipped (a step skipped on the device
-            task.after_optimizer_step(model)  # left the weights as they were: the EMA steps towards the same)
+            task.after_optimizer_step(model, state.global_step)  # left the weights as they were: the EMA steps towards the same)
         if state.global_step % settings.logging_steps == 0 or state.global_step == run.max_steps:
             _read_skipped(settings, run)
             metrics = window.read(accelerator)
