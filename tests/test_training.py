@@ -262,7 +262,8 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(dat
     from ldmflow.errors import LdmflowError
     from ldmflow.settings import LegacyDdpmSettings
     from ldmflow.training.legacy_task import LegacyDdpmTask
-    from ldmflow.training.loop import build_accelerator, prepare, train
+    from ldmflow.training.loop import train
+    from ldmflow.training.prepare import build_accelerator, prepare
 
     class Diverging(LegacyDdpmTask):
         """Finite for two optimizer steps, then NaN forever."""

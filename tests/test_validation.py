@@ -14,7 +14,8 @@ from ldmflow.data.manifest import load_manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import LegacyDdpmSettings
 from ldmflow.training.legacy_task import LegacyDdpmTask
-from ldmflow.training.loop import build_accelerator, prepare, train
+from ldmflow.training.loop import train
+from ldmflow.training.prepare import build_accelerator, prepare
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_each_epoch_logs_raw_and_ema_validation_losses(data, tmp_path):
 
 
 def test_validation_runs_about_num_validations_times_unless_eval_epochs_is_given(data, tmp_path):
-    from ldmflow.training.loop import validation_interval
+    from ldmflow.training.prepare import validation_interval
 
     def every(**overrides) -> int:
         return validation_interval(settings_for(data, tmp_path, **overrides), overrides.get("num_epochs", 3))

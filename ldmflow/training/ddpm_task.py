@@ -14,7 +14,7 @@ from ldmflow.data.dataset import image_dataset
 from ldmflow.data.manifest import Manifest
 from ldmflow.settings import DdpmSettings
 from ldmflow.training.diffusion import build_noise_scheduler, diffusion_loss, diffusion_target
-from ldmflow.training.loop import derive_seed
+from ldmflow.training.prepare import derive_seed
 from ldmflow.training.task import Task
 
 
