@@ -86,7 +86,8 @@ def latent_trainer(root: Path, manifest: Path, vae: Path, sizes: Sizes, **option
     from ldmflow.settings import LatentDdpmSettings
     from ldmflow.tracking.model_uri import ModelSource
     from ldmflow.training.latent_task import LatentDdpmTask
-    from ldmflow.training.loop import build_accelerator, prepare, train
+    from ldmflow.training.loop import train
+    from ldmflow.training.prepare import build_accelerator, prepare
 
     output = root / "latent-{}".format("-".join(f"{k}" for k, v in options.items() if v) or "eager")
     settings = LatentDdpmSettings(
@@ -142,7 +143,8 @@ def latent_bare(unet_dir: Path, sizes: Sizes, device: torch.device, use_ema: boo
 def vae_trainer(root: Path, manifest: Path, sizes: Sizes) -> tuple[float, Path]:
     from ldmflow.data.manifest import load_manifest
     from ldmflow.settings import VaeSettings
-    from ldmflow.training.loop import build_accelerator, prepare, train
+    from ldmflow.training.loop import train
+    from ldmflow.training.prepare import build_accelerator, prepare
     from ldmflow.training.vae_task import VaeTask
 
     output = root / "vae-trainer"

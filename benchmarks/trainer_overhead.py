@@ -38,7 +38,8 @@ def _settings(manifest: Path, output: Path, steps: int, args):
 def time_trainer(manifest: Path, workdir: Path, steps: int, args) -> float:
     from ldmflow.data.manifest import load_manifest
     from ldmflow.training.legacy_task import LegacyDdpmTask
-    from ldmflow.training.loop import build_accelerator, prepare, train
+    from ldmflow.training.loop import train
+    from ldmflow.training.prepare import build_accelerator, prepare
 
     settings = _settings(manifest, workdir / f"trainer-{steps}", steps, args)
     task = LegacyDdpmTask(settings, load_manifest(manifest, condition_spec="none"))

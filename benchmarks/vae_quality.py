@@ -45,7 +45,8 @@ def _settings(data: Path, output: Path, resolution: int, steps: int, **losses):
 def _train(settings, clock: "StepClock | None" = None) -> float:
     """Train; returns the wall-clock seconds of the training steps alone (setup excluded)."""
     from ldmflow.data.manifest import load_manifest
-    from ldmflow.training.loop import build_accelerator, prepare, train
+    from ldmflow.training.loop import train
+    from ldmflow.training.prepare import build_accelerator, prepare
     from ldmflow.training.vae_task import VaeTask
 
     task = VaeTask(settings, load_manifest(settings.manifest_path, condition_spec="none"), None)

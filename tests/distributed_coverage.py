@@ -6,7 +6,7 @@ import sys
 import torch
 
 from ldmflow.settings import LegacyDdpmSettings
-from ldmflow.training.loop import _prepare, build_accelerator
+from ldmflow.training.prepare import _prepare, build_accelerator
 from ldmflow.training.task import Task
 
 

@@ -262,14 +262,15 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(dat
     from ldmflow.errors import LdmflowError
     from ldmflow.settings import LegacyDdpmSettings
     from ldmflow.training.legacy_task import LegacyDdpmTask
-    from ldmflow.training.loop import build_accelerator, prepare, train
+    from ldmflow.training.loop import train
+    from ldmflow.training.prepare import build_accelerator, prepare
 
     class Diverging(LegacyDdpmTask):
         """Finite for two optimizer steps, then NaN forever."""
         calls = 0
 
-        def loss(self, model, batch):
-            loss, parts = super().loss(model, batch)
+        def loss(self, model, batch, step):
+            loss, parts = super().loss(model, batch, step)
             Diverging.calls += 1
             return (loss * float("nan") if Diverging.calls > 2 else loss), parts
 

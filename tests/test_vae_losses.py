@@ -16,7 +16,8 @@ from ldmflow.data.manifest import load_manifest
 from ldmflow.models.discriminator import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from ldmflow.models.perceptual import WEIGHTS_ENV
 from ldmflow.settings import VaeSettings
-from ldmflow.training.loop import build_accelerator, prepare, train
+from ldmflow.training.loop import train
+from ldmflow.training.prepare import build_accelerator, prepare
 from ldmflow.training.vae_task import VaeTask
 
 TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--block_out_channels",

@@ -14,7 +14,8 @@ from ldmflow.data.manifest import load_manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import LegacyDdpmSettings
 from ldmflow.training.legacy_task import LegacyDdpmTask
-from ldmflow.training.loop import build_accelerator, prepare, train
+from ldmflow.training.loop import train
+from ldmflow.training.prepare import build_accelerator, prepare
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_each_epoch_logs_raw_and_ema_validation_losses(data, tmp_path):
 
 
 def test_validation_runs_about_num_validations_times_unless_eval_epochs_is_given(data, tmp_path):
-    from ldmflow.training.loop import validation_interval
+    from ldmflow.training.prepare import validation_interval
 
     def every(**overrides) -> int:
         return validation_interval(settings_for(data, tmp_path, **overrides), overrides.get("num_epochs", 3))
@@ -225,8 +226,8 @@ def test_weights_that_are_not_finite_are_never_written(data, tmp_path):
     class Overflowing(LegacyDdpmTask):
         """Finite losses and gradients, but the weights turn to inf after the second step."""
 
-        def after_optimizer_step(self, model):
-            super().after_optimizer_step(model)
+        def after_optimizer_step(self, model, step):
+            super().after_optimizer_step(model, step)
             self.steps = getattr(self, "steps", 0) + 1
             if self.steps == 2:
                 with torch.no_grad():
@@ -352,12 +353,12 @@ def test_the_lr_schedule_keeps_step_with_global_step_across_skipped_steps(data, 
     class OneBadStep(LegacyDdpmTask):
         calls = 0
 
-        def loss(self, model, batch):
-            loss, parts = super().loss(model, batch)
+        def loss(self, model, batch, step):
+            loss, parts = super().loss(model, batch, step)
             OneBadStep.calls += 1
             return (loss * float("nan") if OneBadStep.calls == 3 else loss), parts
 
-        def after_optimizer_step(self, model):
+        def after_optimizer_step(self, model, step):
             self.ema_updates = getattr(self, "ema_updates", 0) + 1
 
     settings = settings_for(data, tmp_path, lr_scheduler="constant_with_warmup", lr_warmup_steps=10,
@@ -382,12 +383,12 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_read_with_the_metrics(dat
     class OneBadStep(LegacyDdpmTask):
         calls, weights = 0, []
 
-        def loss(self, model, batch):
-            loss, parts = super().loss(model, batch)
+        def loss(self, model, batch, step):
+            loss, parts = super().loss(model, batch, step)
             OneBadStep.calls += 1
             return (loss * float("nan") if OneBadStep.calls == 3 else loss), parts
 
-        def after_optimizer_step(self, model):
+        def after_optimizer_step(self, model, step):
             OneBadStep.weights.append([p.detach().clone() for p in model.parameters()])
 
     caplog.set_level("WARNING")
@@ -444,7 +445,7 @@ def test_a_step_the_grad_scaler_skips_moves_neither_the_ema_nor_the_lr_schedule_
     from accelerate.optimizer import AcceleratedOptimizer
 
     class CountingEma(LegacyDdpmTask):
-        def after_optimizer_step(self, model):
+        def after_optimizer_step(self, model, step):
             self.ema_updates = getattr(self, "ema_updates", 0) + 1
 
     steps = []

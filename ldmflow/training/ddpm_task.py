@@ -14,7 +14,7 @@ from ldmflow.data.dataset import image_dataset
 from ldmflow.data.manifest import Manifest
 from ldmflow.settings import DdpmSettings
 from ldmflow.training.diffusion import build_noise_scheduler, diffusion_loss, diffusion_target
-from ldmflow.training.loop import derive_seed
+from ldmflow.training.prepare import derive_seed
 from ldmflow.training.task import Task
 
 
@@ -81,13 +81,13 @@ class DdpmTask(Task):
         """A callable (noisy, timesteps) -> prediction through `model`; training drops conditions at random."""
         raise NotImplementedError
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         clean = self.clean_sample(batch)
         loss = diffusion_loss(self.denoiser(model, batch), clean, self.noise_scheduler, self.settings.snr_gamma)
         return loss, loss.new_zeros(0)
 
-    def after_optimizer_step(self, model) -> None:
-        if self.ema is not None and (self.step + 1) % self.settings.ema_update_every == 0:
+    def after_optimizer_step(self, model, step: int) -> None:
+        if self.ema is not None and step % self.settings.ema_update_every == 0:
             self.ema.step(model.parameters())
 
     @contextlib.contextmanager

@@ -65,7 +65,7 @@ class ProbeTask(Task):
             errors[:, part] = torch.where(closer, flipped, errors[:, part])
         return errors
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         values, present = batch["conditions"].float(), batch["present"].float()
         mask = torch.repeat_interleave(present, torch.tensor(self.manifest.spec.dims, device=present.device), dim=1)
         errors = self._squared_errors(model(batch["pixel_values"]), values)

@@ -33,7 +33,6 @@ class Task:
 
     name: str = "training"  # what progress lines call it
     metric_names: tuple[str, ...] = ()  # loss parts returned by `loss`, in this order
-    step: int = 0  # the optimizer step `loss` computes (set by the loop before each step)
     unreadable_before_training: frozenset[str] = frozenset()  # images replaced while caching (reported at the end)
 
     @property
@@ -56,16 +55,17 @@ class Task:
     def after_resume(self, accelerator: Accelerator) -> None:
         """Called after a checkpoint was (or was not) loaded."""
 
-    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fp32 scalar loss, (len(metric_names),) detached parts) through the prepared model."""
+    def loss(self, model: torch.nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp32 scalar loss, (len(metric_names),) detached parts) through the prepared model; `step` is the
+        number of optimizer steps taken before this one."""
         raise NotImplementedError
 
     def after_backward(self, accelerator: Accelerator) -> None:
         """Called after each micro-batch's backward, inside the loop's gradient-accumulation context (for a
         second model that trains on the same batch, such as a discriminator)."""
 
-    def after_optimizer_step(self, model: torch.nn.Module) -> None:
-        """Called after each finite optimizer step."""
+    def after_optimizer_step(self, model: torch.nn.Module, step: int) -> None:
+        """Called after each finite optimizer step; `step` counts the optimizer steps taken, this one included."""
 
     def end_of_epoch(self, accelerator: Accelerator, model: torch.nn.Module, step: int, previews: bool,
                      validate: bool) -> tuple[dict[str, float], dict[str, Image.Image]]:

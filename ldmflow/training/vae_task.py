@@ -123,7 +123,7 @@ class VaeTask(Task):
         self.discriminator, self.disc_optimizer = accelerator.prepare(discriminator, optimizer)
         self.disc_schedule = plan.schedule(accelerator, self.disc_optimizer, plan.max_steps - s.disc_start)
 
-    def loss(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.settings
         pixels = batch["pixel_values"]
         reconstruction, kl = model(pixels)
@@ -141,15 +141,16 @@ class VaeTask(Task):
             parts.append(logvar)
         loss = reconstruction_loss + s.kl_weight * kl
         if self.discriminator is not None:
-            loss, adversarial = self._adversarial(model, loss, reconstruction_loss, fake, real)
+            loss, adversarial = self._adversarial(model, loss, reconstruction_loss, fake, real, step)
             parts += adversarial
         return loss, torch.stack([part.detach().float() for part in parts])
 
-    def _adversarial(self, model, loss, reconstruction_loss, fake, real) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _adversarial(self, model, loss, reconstruction_loss, fake, real,
+                     step: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """From --disc_start: the generator's adaptively weighted adversarial term, and the discriminator's
         loss on this batch (real vs the detached reconstruction) for after_backward. Zeros before."""
         zero = fake.new_zeros(())
-        if self.step < self.settings.disc_start:
+        if step < self.settings.disc_start:
             self._disc_loss = None
             return loss, [zero] * 5
         kind, critic = self.settings.disc_loss, _unwrap(self.discriminator)

@@ -158,7 +158,7 @@ def run_training(settings: TrainSettings):
     """Train the model `settings` describes, tracked in MLflow unless --no_mlflow.
 
     Returns (TrainingOutcome, the registered model's URI or None)."""
-    from ldmflow.training.loop import build_accelerator
+    from ldmflow.training.prepare import build_accelerator
 
     kind = kind_trained_by(settings)
     accelerator = build_accelerator(settings)
@@ -172,7 +172,8 @@ def _train_in(settings: TrainSettings, kind: Kind, accelerator):
     from ldmflow.tracking.registry import log_and_register
     from ldmflow.tracking.run_tracker import close_abandoned_run, open_run
     from ldmflow.tracking.store import retry_seconds
-    from ldmflow.training.loop import prepare, train
+    from ldmflow.training.loop import train
+    from ldmflow.training.prepare import prepare
 
     is_main = accelerator.is_main_process
     patience = retry_seconds()  # how long the end of the run waits for a tracking server that went away
