@@ -220,6 +220,7 @@ def pipeline_command(**options):
     """vae -> latent_ddpm -> sample -> evaluate as child runs of one parent run; unchanged finished steps are
     reused."""
     from ldmflow.workflows.evaluate import format_metrics
+    from ldmflow.tracking.lineage import version_metrics
     from ldmflow.workflows.pipeline import evaluation_metrics, run_pipeline
 
     summary = run_pipeline(PipelineSettings(**options))
@@ -231,6 +232,11 @@ def pipeline_command(**options):
                f"{reused(LATENT_DDPM.name)}; "
                f"samples in run {summary['sample_run_id']}{reused('sample')}, evaluation in run "
                f"{summary['evaluate_run_id']}{reused('evaluate')}.")
+    vae_quality = {key: value for key, value in version_metrics(summary["vae_uri"]).items()
+                   if key in ("val/psnr", "val/ssim")}
+    if vae_quality:  # the first stage's ceiling, in the units a user compares VAEs by
+        click.echo(f"VAE {summary['vae_uri']} (registered weights): "
+                   + ", ".join(f"{key} {value:.4g}" for key, value in sorted(vae_quality.items())) + ".")
     if summary["evaluate_reused"] == "True":  # else its own run printed the table above
         click.echo(f"\nEvaluation of {summary['latent_ddpm_uri']} (run {summary['evaluate_run_id']}):")
         click.echo(format_metrics(evaluation_metrics(summary["evaluate_run_id"])))

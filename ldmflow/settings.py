@@ -323,8 +323,6 @@ class LatentDdpmSettings(DdpmSettings):
                                             "(classifier-free guidance).")
     cache_latents: bool = setting(False, "Encode the dataset once, then train from the cache.")
     guidance_scale: float = setting(3.0, "Classifier-free guidance of the preview grids.")
-    prediction_type: str = "v_prediction"  # chosen by benchmarks/recipe.py (docs/training.md, Recipe)
-    rescale_betas_zero_snr: bool = True
     time_embedding_dim: int | None = setting(None, "Width of the timestep embedding, which the conditions' "
                                                    "projection adds to (default: 4 x the first channel width).")
 

@@ -51,7 +51,7 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("vae: no manifest", [*VAE[:2], "{tmp}/missing.json", *VAE[3:]], "missing.json"),
     ("vae: eval epochs", [*VAE, "--eval_epochs", "-1"], "--eval_epochs must be at least 0"),
     ("vae: no validations", [*VAE, "--num_validations", "0"], "--num_validations must be at least 1"),
-    ("latent: zero SNR with epsilon", [*LATENT, "--prediction_type", "epsilon"],
+    ("latent: zero SNR with epsilon", [*LATENT, "--rescale_betas_zero_snr"],
      "--rescale_betas_zero_snr needs --prediction_type v_prediction"),
     ("latent: time embedding", [*LATENT, "--time_embedding_dim", "0"], "--time_embedding_dim must be at least 1"),
     ("vae: workers", [*VAE, "--dataloader_num_workers", "-1"], "--dataloader_num_workers must be at least 0"),

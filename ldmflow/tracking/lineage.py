@@ -173,6 +173,19 @@ def list_models() -> list[dict]:
     return rows
 
 
+def version_metrics(uri: str) -> dict[str, float]:
+    """The metrics of a registered version's weights (`models:/<name>/<version>`), e.g. the VAE's val/psnr
+    that the pipeline reports; the run's last values when the version has no linked metrics."""
+    from mlflow import MlflowClient
+
+    from ldmflow.tracking.model_uri import parse_models_uri, registered_version, version_model_id
+
+    client = MlflowClient()
+    name, version, alias = parse_models_uri(uri)
+    found = registered_version(client, name, version, alias)
+    return _registered_weights_metrics(client, version_model_id(found)) or dict(client.get_run(found.run_id).data.metrics)
+
+
 def _registered_weights_metrics(client, model_id: str | None) -> dict[str, float]:
     """The metrics linked to a version's logged model: the run's as they were at the registered weights' step
     (its last values may come from later, worse weights)."""
