@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cli_runner import invoke
+from fakes import RecordingTracker
 
 TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0",
         "--learning_rate", "1e-3", "--no_mlflow", "--logging_steps", "2"]
@@ -274,14 +275,6 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(dat
             Diverging.calls += 1
             return (loss * float("nan") if Diverging.calls > 2 else loss), parts
 
-    class Recorder:
-        run_id = ""
-        metrics: list = []
-
-        def log_metrics(self, metrics, step): self.metrics.append((step, metrics))
-        def log_image(self, image, key, step): pass
-        def set_tags(self, tags): pass
-
     settings = LegacyDdpmSettings(manifest_path=str(data), output_dir=str(tmp_path), resolution=32,
                                  train_batch_size=4, block_out_channels=(32, 32), layers_per_block=1,
                                  lr_warmup_steps=0, checkpointing_steps=2, logging_steps=1, max_nonfinite_steps=3,
@@ -289,9 +282,10 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(dat
     task = Diverging(settings, load_manifest(data, condition_spec="none"))
     with pytest.raises(LdmflowError, match=r"3 non-finite losses in a row by step 5; the last good checkpoint is "
                                            r".*checkpoint-4"):
-        train(settings, task, Recorder(), prepare(settings, task, build_accelerator(settings)))
+        recorder = RecordingTracker()
+        train(settings, task, recorder, prepare(settings, task, build_accelerator(settings)))
     assert (tmp_path / "checkpoint-2").is_dir()
-    logged = dict(Recorder.metrics)
+    logged = dict(recorder.metrics)
     assert logged[3]["nonfinite_steps"] == 1 and logged[2]["nonfinite_steps"] == 0
     # the skipped steps did not touch the weights saved at step 4 (taken after two skipped steps)
     from safetensors.torch import load_file

@@ -19,6 +19,7 @@ from ldmflow.settings import VaeSettings
 from ldmflow.training.loop import train
 from ldmflow.training.prepare import build_accelerator, prepare
 from ldmflow.training.vae_task import VaeTask
+from fakes import RecordingTracker
 
 TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--block_out_channels",
         "8,8,8,8", "--lr_warmup_steps", "0", "--learning_rate", "1e-3", "--save_images_epochs", "100",
@@ -31,22 +32,6 @@ def data(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("vae-losses"), num_images=12, resolution=32, style="textured")
 
 
-class Recorder:
-    run_id = ""
-
-    def __init__(self):
-        self.metrics = []
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_image(self, image, key, step):
-        pass
-
-    def set_tags(self, tags):
-        pass
-
-
 
 def train_vae(data: Path, output: Path, **overrides):
     values = dict(manifest_path=str(data), output_dir=str(output), resolution=32, train_batch_size=4,
@@ -55,7 +40,7 @@ def train_vae(data: Path, output: Path, **overrides):
                   max_train_steps=6, eval_epochs=0)
     settings = VaeSettings(**{**values, **overrides})
     task = VaeTask(settings, load_manifest(data, condition_spec="none"), None)
-    recorder = Recorder()
+    recorder = RecordingTracker()
     train(settings, task, recorder, prepare(settings, task, build_accelerator(settings)))
     return task, {step: metrics for step, metrics in recorder.metrics if "mse" in metrics}
 

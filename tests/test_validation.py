@@ -16,6 +16,7 @@ from ldmflow.settings import LegacyDdpmSettings
 from ldmflow.training.legacy_task import LegacyDdpmTask
 from ldmflow.training.loop import train
 from ldmflow.training.prepare import build_accelerator, prepare
+from fakes import RecordingTracker
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +27,6 @@ def data(tmp_path_factory) -> Path:
     assert result.exit_code == 0, result.output
     return folder / "manifest.json"
 
-
-class Recorder:
-    run_id = ""
-
-    def __init__(self):
-        self.metrics, self.tags = [], {}
-
-    def log_metrics(self, metrics, step):
-        self.metrics.append((step, dict(metrics)))
-
-    def log_image(self, image, key, step):
-        pass
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
 
 
 class Scripted(LegacyDdpmTask):
@@ -64,7 +50,7 @@ def settings_for(data: Path, output: Path, **overrides) -> LegacyDdpmSettings:
 
 
 def run(settings, task, recorder=None):
-    recorder = recorder or Recorder()
+    recorder = recorder or RecordingTracker()
     return train(settings, task, recorder, prepare(settings, task, build_accelerator(settings))), recorder
 
 
@@ -245,7 +231,7 @@ def test_the_saved_weights_are_the_ema_weights(data, tmp_path):
     settings = settings_for(data, tmp_path, use_ema=True, num_epochs=1, register="last")
     task = LegacyDdpmTask(settings, load_manifest(data, condition_spec="none"), None)
     prepared = prepare(settings, task, build_accelerator(settings))
-    train(settings, task, Recorder(), prepared)
+    train(settings, task, RecordingTracker(), prepared)
     saved = unet_weights(tmp_path)
     unet = prepared.accelerator.unwrap_model(prepared.model)
     names = [name for name, _ in unet.named_parameters()]
@@ -277,7 +263,7 @@ def test_a_resume_on_changed_data_is_refused_unless_allowed(data, tmp_path):
     settings = settings_for(copy / "manifest.json", tmp_path / "out", num_epochs=1, checkpointing_steps=3)
     first = LegacyDdpmTask(settings, load_manifest(settings.manifest_path, condition_spec="none"), None)
     manifest = load_manifest(settings.manifest_path, condition_spec="none")
-    train(settings, first, Recorder(), prepare(settings, first, build_accelerator(settings), manifest.digest))
+    train(settings, first, RecordingTracker(), prepare(settings, first, build_accelerator(settings), manifest.digest))
     entries = json_module.loads((copy / "manifest.json").read_text())
     entries["items"].pop()  # the data changed since
     (copy / "manifest.json").write_text(json_module.dumps(entries))
