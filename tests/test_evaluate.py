@@ -237,9 +237,10 @@ class DemoRenderer:
     model can do), or for fixed ones (a model that ignores its conditions)."""
 
     def __init__(self, spec: ConditionSpec, ignore_conditions: bool = False, vae=None):
-        self.spec, self.ignore_conditions, self.vae = spec, ignore_conditions, vae
+        self.condition_spec, self.ignore_conditions, self.vae = spec, ignore_conditions, vae
 
-    def generate(self, conditions, num_images, guidance_scale, num_inference_steps, scheduler, seeds):
+    def generate(self, conditions=None, *, num_images=None, guidance_scale=3.0, num_inference_steps=25,
+                 scheduler="ddim", seeds=None, batch_size=None, dtype=None, progress=None):
         from ldmflow.data.demo import render_demo_image
         from ldmflow.workflows.evaluate import _reconstruct
 

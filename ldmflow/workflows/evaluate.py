@@ -42,7 +42,7 @@ DIVERSITY_REQUESTS, DIVERSITY_SEEDS = 8, 4  # requests x seeds generated for the
 @dataclass
 class EvaluatedModel:
     stage: str  # the name of one of EVALUATED_KINDS
-    model: object  # AutoencoderKL, LatentSampler or LegacySampler
+    model: object  # AutoencoderKL, or a Sampler (LatentSampler, LegacySampler)
     resolution: int
     spec: ConditionSpec  # what the model is conditioned on (none for the VAE and the legacy DDPM)
     first_stage: object = None  # the AutoencoderKL whose reconstructions cap a latent model (the VAE itself)
@@ -65,7 +65,7 @@ def load_evaluated_model(folder: Path) -> EvaluatedModel:
     sampler = load_sampler(folder)
     if kind is LATENT_DDPM:
         size = sampler.unet.config.sample_size * 2 ** (len(sampler.vae.config.block_out_channels) - 1)
-        return EvaluatedModel(LATENT_DDPM.name, sampler, int(size), sampler.spec, sampler.vae)
+        return EvaluatedModel(LATENT_DDPM.name, sampler, int(size), sampler.condition_spec, sampler.vae)
     return EvaluatedModel(LEGACY_DDPM.name, sampler, int(sampler.unet.config.sample_size),
                           ConditionSpec.parse("none"))
 
@@ -188,22 +188,13 @@ def feature_extractor(settings: EvaluateSettings, probe) -> tuple[object | None,
 def _generate(settings: EvaluateSettings, evaluated: EvaluatedModel, conditions, seeds, guidance: float):
     from ldmflow.progress import Progress
 
-    images = []
     progress = Progress(f"evaluate: generating {len(seeds)} images (guidance {guidance:g})",
                         -(-len(seeds) // settings.batch_size), unit="batch")
-    for start in range(0, len(seeds), settings.batch_size):
-        part = seeds[start:start + settings.batch_size]
-        if evaluated.stage == LATENT_DDPM.name:
-            images.append(evaluated.model.generate(
-                conditions[start:start + len(part)] if conditions else None, num_images=len(part),
-                guidance_scale=guidance, num_inference_steps=settings.num_inference_steps,
-                scheduler=settings.scheduler, seeds=part))
-        else:
-            images.append(evaluated.model.generate(len(part), settings.num_inference_steps, settings.scheduler,
-                                                   seeds=part))
-        progress.update(1, len(part))
+    images = evaluated.model.generate(conditions, num_images=len(seeds), guidance_scale=guidance,
+                                      num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
+                                      seeds=seeds, batch_size=settings.batch_size, progress=progress)
     progress.close()
-    return np.concatenate(images)
+    return images
 
 
 def _reconstruct(vae, images: np.ndarray, batch_size: int) -> np.ndarray:
