@@ -107,18 +107,15 @@ class Probe:
 
 
 @contextlib.contextmanager
-def _own_run():
-    """Train the probe in a run of its own even under `mlflow run -e evaluate` (which sets MLFLOW_RUN_ID),
-    nested under that evaluate run."""
-    from ldmflow.tracking.run_tracker import PARENT_RUN_ENV
-
+def _outside_the_project_run():
+    """Yields the run `mlflow run -e evaluate` started for this process (None without one) with MLFLOW_RUN_ID
+    unset meanwhile, so that a probe trained now gets a run of its own (nested under that one by its
+    parent_run_id) instead of attaching to it. The variable stays: it is how `mlflow run` hands its run across
+    the process boundary, and MLflow's own start_run reads it."""
     saved = os.environ.pop("MLFLOW_RUN_ID", None)
-    if saved is not None:
-        os.environ[PARENT_RUN_ENV] = saved
     try:
-        yield
+        yield saved
     finally:
-        os.environ.pop(PARENT_RUN_ENV, None)
         if saved is not None:
             os.environ["MLFLOW_RUN_ID"] = saved
 
@@ -171,8 +168,8 @@ def _train_probe(settings: EvaluateSettings, spec: ConditionSpec) -> str:
                           val_split=settings.split, condition_spec=str(spec), data_root=settings.data_root,
                           allow_outside_root=settings.allow_outside_root, num_epochs=settings.probe_epochs,
                           seed=settings.seed, no_mlflow=settings.no_mlflow, experiment_name=settings.experiment_name)
-    with _own_run():
-        _, model_uri = run_training(probe)
+    with _outside_the_project_run() as parent_run_id:
+        _, model_uri = run_training(probe, parent_run_id=parent_run_id)
     return model_uri or str(output_dir)
 
 
