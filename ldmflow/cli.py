@@ -200,7 +200,8 @@ def probe_command(**options):
 @settings_options(EvaluateSettings)
 def evaluate_command(**options):
     """Score a model (FID/KID, condition adherence, diversity; PSNR/SSIM/rFID for a VAE) on a split."""
-    from ldmflow.workflows.evaluate import format_metrics, run_evaluation
+    from ldmflow.evaluation.report import format_metrics
+    from ldmflow.workflows.evaluate import run_evaluation
 
     click.echo(format_metrics(run_evaluation(EvaluateSettings(**options))))
 
@@ -219,7 +220,7 @@ def sample_command(**options):
 def pipeline_command(**options):
     """vae -> latent_ddpm -> sample -> evaluate as child runs of one parent run; unchanged finished steps are
     reused."""
-    from ldmflow.workflows.evaluate import format_metrics
+    from ldmflow.evaluation.report import format_metrics
     from ldmflow.tracking.lineage import version_metrics
     from ldmflow.workflows.pipeline import evaluation_metrics, run_pipeline
 

@@ -225,6 +225,23 @@ def test_condition_errors_in_units_percent_and_axes():
     assert baseline["temperature_mae"] > 0  # the requests themselves, shuffled, no longer match
 
 
+def test_adherence_scores_name_each_comparison_and_skip_the_missing_ones():
+    from ldmflow.evaluation.adherence import Requests
+    from ldmflow.evaluation.scoring import AdherenceReadings, Scorer, adherence_scores
+
+    spec = ConditionSpec.parse("temperature:1")
+    values, present = np.array([[0.0], [5.0], [10.0]]), np.ones((3, 1), bool)
+    requests, ranges = Requests([{}] * 3, values, present), {"temperature": (0.0, 10.0)}
+    scorer = Scorer(spec, ranges, seed=0)
+    plain = adherence_scores(scorer, AdherenceReadings(requests, values + 1.0))
+    assert plain["temperature_mae_pct"] == pytest.approx(10.0) and "temperature_mae_pct_ci95" in plain
+    assert "shuffled/temperature_mae" in plain and not any(k.startswith(("guidance1/", "recon/")) for k in plain)
+    full = adherence_scores(scorer, AdherenceReadings(requests, values, unguided=values + 2.0, truth=requests,
+                                                      reconstructions=values + 3.0))
+    assert (full["guidance1/temperature_mae"], full["recon/temperature_mae"]) == (pytest.approx(2.0),
+                                                                                 pytest.approx(3.0))
+
+
 def test_diversity_separates_collapse_from_variety():
     groups = np.repeat([0, 1], 3)
     collapsed = np.array([[0.0, 0], [0, 0], [0, 0], [5, 0], [5, 0], [5, 0]])
@@ -237,9 +254,10 @@ class DemoRenderer:
     model can do), or for fixed ones (a model that ignores its conditions)."""
 
     def __init__(self, spec: ConditionSpec, ignore_conditions: bool = False, vae=None):
-        self.spec, self.ignore_conditions, self.vae = spec, ignore_conditions, vae
+        self.condition_spec, self.ignore_conditions, self.vae = spec, ignore_conditions, vae
 
-    def generate(self, conditions, num_images, guidance_scale, num_inference_steps, scheduler, seeds):
+    def generate(self, conditions=None, *, num_images=None, guidance_scale=3.0, num_inference_steps=25,
+                 scheduler="ddim", seeds=None, batch_size=None, dtype=None, progress=None):
         from ldmflow.data.demo import render_demo_image
         from ldmflow.workflows.evaluate import _reconstruct
 
@@ -292,13 +310,13 @@ def demo_probe(tmp_path_factory):
 def _scores(manifest: str, reader, model, first_stage=None) -> dict[str, float]:
     from ldmflow.data.manifest import load_manifest
     from ldmflow.settings import EvaluateSettings
-    from ldmflow.workflows.evaluate import EvaluatedModel, evaluate
+    from ldmflow.workflows.evaluate import EvaluatedModel, Probe, evaluate
 
     settings = EvaluateSettings(model_uri="unused", manifest_path=manifest, num_samples=32, no_mlflow=True,
                                 guidance_scale=1.0, feature_extractor="probe")
     real, train = (load_manifest(manifest, split=split) for split in ("val", "train"))
     evaluated = EvaluatedModel("latent_ddpm", model, 32, real.spec, first_stage)
-    return evaluate(settings, evaluated, real, train, (reader, "probe")).metrics
+    return evaluate(settings, evaluated, real, train, Probe(reader, "probe")).metrics
 
 
 def test_the_probe_reads_demo_conditions_within_five_percent(demo_probe):
@@ -320,7 +338,7 @@ def test_adherence_scores_a_model_that_follows_its_conditions_far_above_chance(d
 
 
 def test_a_vae_that_flattens_contrast_is_named_as_the_ceiling_and_an_identity_vae_is_not(demo_probe):
-    from ldmflow.workflows.evaluate import ceiling_lines
+    from ldmflow.evaluation.report import ceiling_lines
 
     manifest, reader = demo_probe
     spec = reader.encoder.spec

@@ -124,6 +124,17 @@ def test_new_run_in_experiment_ends_failed_on_exception(sqlite_store):
     assert mlflow.active_run() is None
 
 
+def test_a_run_given_a_parent_is_nested_under_it(sqlite_store):
+    from ldmflow.tags import PARENT_RUN_TAG
+
+    with open_run(settings(sqlite_store, run_name="parent"), "evaluate", enabled=True) as parent:
+        pass
+    with open_run(settings(sqlite_store), "probe", enabled=True, parent_run_id=parent.run_id) as child:
+        pass
+    assert MlflowClient().get_run(child.run_id).data.tags[PARENT_RUN_TAG] == parent.run_id
+    assert PARENT_RUN_TAG not in MlflowClient().get_run(parent.run_id).data.tags
+
+
 def test_system_metrics_are_recorded(sqlite_store, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     with open_run(settings(sqlite_store), "vae", enabled=True) as tracker:

@@ -37,9 +37,19 @@ def adherence_metric_names(spec: ConditionSpec) -> tuple[str, ...]:
     return tuple(names)
 
 
-def manifest_requests(manifest: Manifest, count: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
-    """`count` requests cycling through the entries whose conditions are all known: (condition dicts,
-    (N, D) values, (N, K) presence), so samples are asked for conditions that real images have."""
+@dataclass
+class Requests:
+    """What images were asked for (or were recorded with): condition dicts for a sampler, (N, D) values and
+    (N, K) presence flags for scoring."""
+
+    conditions: list[dict]
+    values: np.ndarray
+    present: np.ndarray
+
+
+def manifest_requests(manifest: Manifest, count: int) -> Requests:
+    """`count` requests cycling through the entries whose conditions are all known, so samples are asked for
+    conditions that real images have."""
     complete = [r for r in manifest.records if np.asarray(r.present).all()]
     if not complete:
         raise LdmflowError(f"No entry of split {manifest.report.split!r} has every condition of {manifest.spec}: "
@@ -47,8 +57,15 @@ def manifest_requests(manifest: Manifest, count: int) -> tuple[list[dict], np.nd
     chosen = [complete[i % len(complete)] for i in range(count)]
     slices = manifest.spec.slices()
     conditions = [{name: np.asarray(r.conditions)[part].tolist() for name, part in slices.items()} for r in chosen]
-    return (conditions, np.stack([r.conditions for r in chosen]).astype(np.float32),
-            np.stack([r.present for r in chosen]).astype(bool))
+    return Requests(conditions, np.stack([r.conditions for r in chosen]).astype(np.float32),
+                    np.stack([r.present for r in chosen]).astype(bool))
+
+
+def recorded_conditions(manifest: Manifest, count: int) -> Requests:
+    """The conditions of the split's first `count` images (no dicts: nothing is generated from them), what a
+    probe should read back from those images."""
+    records = manifest.records[:count]
+    return Requests([], np.stack([r.conditions for r in records]), np.stack([r.present for r in records]).astype(bool))
 
 
 def condition_ranges(spec: ConditionSpec, values: np.ndarray, present: np.ndarray) -> dict[str, tuple[float, float]]:

@@ -14,8 +14,9 @@ from ldmflow.errors import LdmflowError
 from ldmflow.files import model_digest
 from ldmflow.models.conditioning import ConditionEncoder
 from ldmflow.models.kinds import CONDITIONING_FILE, UNET_FOLDER, VAE_SOURCE_FILE
-from ldmflow.sampling.denoise import (batches, cast_model, denoise, initial_noise, make_scheduler, model_dtype,
-                                     step_generators)
+from ldmflow.progress import Progress
+from ldmflow.sampling.denoise import cast_model, denoise, initial_noise, make_scheduler, model_dtype, step_generators
+from ldmflow.sampling.sampler import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SCHEDULER, image_seeds, in_batches
 
 
 def check_recorded_vae(vae_dir: str | Path, source_file: str | Path) -> None:
@@ -36,7 +37,7 @@ def check_recorded_vae(vae_dir: str | Path, source_file: str | Path) -> None:
 
 
 class LatentSampler:
-    """Generates images in physical condition units from a latent UNet, its VAE and its noise schedule."""
+    """A `Sampler`: images for conditions in physical units from a latent UNet, its VAE and its noise schedule."""
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler_config: dict,
                  encoder: ConditionEncoder | None):
@@ -76,12 +77,13 @@ class LatentSampler:
         cast_model(self.vae, vae_dtype)
 
     @property
-    def spec(self) -> ConditionSpec:
+    def condition_spec(self) -> ConditionSpec:
+        """What the UNet is conditioned on; an empty spec for an unconditional latent model."""
         return self.encoder.spec if self.encoder else ConditionSpec.parse("none")
 
     def check_conditions(self, conditions: list[dict]) -> torch.Tensor | None:
         """Validate requested conditions against the model's spec; (N, E) encoded, or None if unconditional."""
-        spec = self.spec
+        spec = self.condition_spec
         if spec.is_empty:
             if any(conditions):
                 raise LdmflowError(f"This model is unconditional (condition spec: none); got conditions "
@@ -101,25 +103,23 @@ class LatentSampler:
         return self.encoder.encode_physical(encoded_rows, device=self.unet.device)
 
     @torch.no_grad()
-    def generate(self, conditions: list[dict] | None = None, num_images: int | None = None,
-                 guidance_scale: float = 3.0, num_inference_steps: int = 25, scheduler: str = "ddim",
-                 seeds: list[int] | None = None, batch_size: int | None = None) -> np.ndarray:
-        """(N, H, W, 3) float32 images in [0, 1]; N = len(conditions), or num_images when unconditional.
-        Image i depends only on seeds[i] and its conditions, whatever `batch_size` (None: all at once)."""
-        count = len(conditions) if conditions else (num_images or (len(seeds) if seeds else 1))
-        seeds = list(seeds) if seeds is not None else list(range(count))
-        if len(seeds) != count:
-            raise LdmflowError(f"Got {len(seeds)} seeds for {count} images.")
+    def generate(self, conditions: list[dict] | None = None, *, num_images: int | None = None,
+                 guidance_scale: float = GUIDANCE_SCALE, num_inference_steps: int = NUM_INFERENCE_STEPS,
+                 scheduler: str = SCHEDULER, seeds: list[int] | None = None, batch_size: int | None = None,
+                 dtype: str | None = None, progress: Progress | None = None) -> np.ndarray:
+        """`Sampler.generate`: (N, H, W, 3) float32 images in [0, 1]; N = len(conditions), or num_images when
+        unconditional. Image i depends only on seeds[i] and its conditions, whatever `batch_size`."""
+        seeds = image_seeds(conditions, num_images, seeds)
+        if dtype is not None:
+            self.set_dtype(dtype)
         condition = self.check_conditions(conditions) if conditions else None
         null = None
-        if self.encoder and not self.spec.is_empty:
-            null = self.encoder.null(count, device=self.unet.device)
+        if self.encoder and not self.condition_spec.is_empty:
+            null = self.encoder.null(len(seeds), device=self.unet.device)
             condition = null if condition is None else condition
-        parts = [self._generate(seeds[rows.start:rows.stop],
-                                None if condition is None else condition[rows.start:rows.stop],
-                                None if null is None else null[rows.start:rows.stop],
-                                guidance_scale, num_inference_steps, scheduler) for rows in batches(count, batch_size)]
-        return np.concatenate(parts)
+        return in_batches(len(seeds), batch_size, progress, lambda rows: self._generate(
+            seeds[rows.start:rows.stop], None if condition is None else condition[rows.start:rows.stop],
+            None if null is None else null[rows.start:rows.stop], guidance_scale, num_inference_steps, scheduler))
 
     def _generate(self, seeds, condition, null, guidance_scale, num_inference_steps, scheduler) -> np.ndarray:
         size, dtype = self.unet.config.sample_size, self.unet.dtype

@@ -6,12 +6,16 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from ldmflow.sampling.denoise import (batches, cast_model, denoise, initial_noise, make_scheduler, model_dtype,
-                                     step_generators)
+from ldmflow.errors import LdmflowError
+from ldmflow.progress import Progress
+from ldmflow.sampling.denoise import cast_model, denoise, initial_noise, make_scheduler, model_dtype, step_generators
+from ldmflow.sampling.sampler import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SCHEDULER, image_seeds, in_batches
 
 
 class LegacySampler:
-    """Unconditional images from a UNet2DModel and its training noise schedule."""
+    """A `Sampler` of unconditional images from a UNet2DModel and its training noise schedule."""
+
+    condition_spec = None  # it takes no conditions at all
 
     def __init__(self, unet: UNet2DModel, scheduler_config: dict):
         self.unet, self.scheduler_config = unet, dict(scheduler_config)
@@ -28,13 +32,26 @@ class LegacySampler:
         dtype = model_dtype(name, self.unet.device)
         cast_model(self.unet, dtype)
 
+    def check_conditions(self, conditions: list[dict]) -> None:
+        """Blank conditions are unconditional requests; any value is one clear error."""
+        if any(conditions):
+            raise LdmflowError(f"This model is unconditional (a legacy pixel DDPM); got conditions "
+                               f"{sorted(set().union(*conditions))}.")
+
     @torch.no_grad()
-    def generate(self, num_images: int = 1, num_inference_steps: int = 25, scheduler: str = "ddim",
-                 seeds: list[int] | None = None, batch_size: int | None = None) -> np.ndarray:
-        """(N, H, W, 3) float32 images in [0, 1]; image i depends only on seeds[i], whatever `batch_size`."""
-        seeds = list(seeds) if seeds is not None else list(range(num_images))
-        return np.concatenate([self._generate(seeds[rows.start:rows.stop], num_inference_steps, scheduler)
-                               for rows in batches(len(seeds), batch_size)])
+    def generate(self, conditions: list[dict] | None = None, *, num_images: int | None = None,
+                 guidance_scale: float = GUIDANCE_SCALE, num_inference_steps: int = NUM_INFERENCE_STEPS,
+                 scheduler: str = SCHEDULER, seeds: list[int] | None = None, batch_size: int | None = None,
+                 dtype: str | None = None, progress: Progress | None = None) -> np.ndarray:
+        """`Sampler.generate`: (N, H, W, 3) float32 images in [0, 1]; image i depends only on seeds[i], whatever
+        `batch_size`. Without conditions there is nothing for `guidance_scale` to mix: it is ignored."""
+        if conditions:
+            self.check_conditions(conditions)
+        seeds = image_seeds(conditions, num_images, seeds)
+        if dtype is not None:
+            self.set_dtype(dtype)
+        return in_batches(len(seeds), batch_size, progress,
+                          lambda rows: self._generate(seeds[rows.start:rows.stop], num_inference_steps, scheduler))
 
     def _generate(self, seeds: list[int], num_inference_steps: int, scheduler: str) -> np.ndarray:
         size, dtype = self.unet.config.sample_size, self.unet.dtype

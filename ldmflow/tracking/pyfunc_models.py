@@ -44,7 +44,6 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from ldmflow.errors import LdmflowError
 from ldmflow.models.kinds import LEGACY_DDPM, PROBE, VAE
 from ldmflow.sampling.condition_input import SEED_COLUMN
-from ldmflow.sampling.denoise import batches
 
 IMAGE_COLUMN = "image"
 LATENT_COLUMN = "latent"
@@ -164,21 +163,21 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
             raise LdmflowError("No rows: give one row per image (condition columns and/or seed).")
         _check_rows(len(frame))
         seeds = _seeds(frame, len(frame))
-        spec = self._sampler.spec
+        spec = self._sampler.condition_spec
         conditions = conditions_from_frame(frame, spec) if not spec.is_empty else [{} for _ in range(len(frame))]
         images: list[np.ndarray | None] = [None] * len(frame)
         conditioned = [i for i, condition in enumerate(conditions) if condition]
         unconditional = [i for i, condition in enumerate(conditions) if not condition]
-        for group in (conditioned, unconditional):  # the sampler takes all-conditioned or all-blank batches
-            for chunk in batches(len(group), int(options["batch_size"])):
-                rows = [group[i] for i in chunk]
-                generated = self._sampler.generate(
-                    [conditions[i] for i in rows] if group is conditioned else None, num_images=len(rows),
-                    guidance_scale=float(options["guidance_scale"]),
-                    num_inference_steps=int(options["num_inference_steps"]), scheduler=str(options["scheduler"]),
-                    seeds=[seeds[i] for i in rows])
-                for row, image in zip(rows, generated):
-                    images[row] = image
+        for group in (conditioned, unconditional):  # the sampler takes all-conditioned or all-blank requests
+            if not group:
+                continue
+            generated = self._sampler.generate(
+                [conditions[i] for i in group] if group is conditioned else None, num_images=len(group),
+                guidance_scale=float(options["guidance_scale"]),
+                num_inference_steps=int(options["num_inference_steps"]), scheduler=str(options["scheduler"]),
+                seeds=[seeds[i] for i in group], batch_size=int(options["batch_size"]))
+            for row, image in zip(group, generated):
+                images[row] = image
         return pd.DataFrame({IMAGE_COLUMN: [image_to_base64_png(image) for image in images], SEED_COLUMN: seeds})
 
 
@@ -268,10 +267,9 @@ class LegacyDdpmPyfunc(mlflow.pyfunc.PythonModel):
             seeds = _seeds(frame, len(frame))
         else:
             raise LdmflowError("Give one row per image with a 'seed' column, or the param num_images.")
-        images = []
-        for rows in batches(len(seeds), int(options["batch_size"])):
-            images.extend(self._sampler.generate(len(rows), num_inference_steps=int(options["num_inference_steps"]),
-                                                 scheduler=str(options["scheduler"]), seeds=[seeds[i] for i in rows]))
+        images = self._sampler.generate(num_images=len(seeds), num_inference_steps=int(options["num_inference_steps"]),
+                                        scheduler=str(options["scheduler"]), seeds=seeds,
+                                        batch_size=int(options["batch_size"]))
         return pd.DataFrame({IMAGE_COLUMN: [image_to_base64_png(image) for image in images], SEED_COLUMN: seeds})
 
 

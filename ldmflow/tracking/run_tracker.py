@@ -26,7 +26,6 @@ from ldmflow.tags import (DATASET_DIGEST_TAG, DIGEST_INPUT_TAG, PARENT_RUN_TAG, 
 logger = logging.getLogger(__name__)
 
 UI_HINT_SHOWN_ENV = "LDMFLOW_UI_HINT_SHOWN"  # set once a local store's `mlflow ui` command was printed
-PARENT_RUN_ENV = "LDMFLOW_PARENT_RUN_ID"  # a new run started while it is set is nested under that run
 UI_MODE = "workflowType=machine_learning"  # MLflow 3's UI opens experiments in its GenAI mode otherwise
 PENDING_FILE = "mlflow_pending_metrics.jsonl"
 _KEY_RE = re.compile(r"^[/\w.\- :]{1,250}$")
@@ -301,14 +300,15 @@ def _run_params(client, run_id: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def open_run(settings, stage: str, enabled: bool = True):
+def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | None = None):
     """A RunTracker for the run of this process (`MLFLOW_RUN_ID` under `mlflow run`, else a new run in
-    `settings.experiment_name`), or a NullTracker when disabled. Logs `settings.to_params()` and the stage tag,
-    records system metrics, and ends the run FINISHED, FAILED (exception) or KILLED (Ctrl-C)."""
+    `settings.experiment_name`, nested under `parent_run_id` when given), or a NullTracker when disabled. Logs
+    `settings.to_params()` and the stage tag, records system metrics, and ends the run FINISHED, FAILED
+    (exception) or KILLED (Ctrl-C)."""
     if not enabled:
         yield NullTracker()
         return
-    run_id, owned = _start_run(settings, stage)
+    run_id, owned = _start_run(settings, stage, parent_run_id)
     status, tracker = "FINISHED", None
     try:
         tracker = RunTracker(run_id, output_dir=getattr(settings, "output_dir", None))
@@ -362,7 +362,7 @@ def default_run_name(stage: str, settings=None) -> str:
 MLFLOW_RANDOM_NAME = re.compile(r"^[a-z]+-[a-z]+-\d+$")  # what `mlflow run` names a run it starts
 
 
-def _start_run(settings, stage: str) -> tuple[str, bool]:
+def _start_run(settings, stage: str, parent_run_id: str | None = None) -> tuple[str, bool]:
     """(run id, whether this process started it and must end it)."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -384,7 +384,7 @@ def _start_run(settings, stage: str) -> tuple[str, bool]:
             run = mlflow.start_run(experiment_id=ensure_experiment(settings.experiment_name),
                                    run_name=getattr(settings, "run_name", None) or default_run_name(stage, settings),
                                    nested=active is not None, log_system_metrics=True,
-                                   tags={STAGE_TAG: stage, **_parent_tag()})
+                                   tags={STAGE_TAG: stage, **_parent_tag(parent_run_id)})
     except MlflowException as error:
         what = f"attach to run MLFLOW_RUN_ID={run_id}" if run_id else "start an MLflow run"
         reason = access_problem(error, f"log runs to experiment {settings.experiment_name!r}")
@@ -398,9 +398,8 @@ def _start_run(settings, stage: str) -> tuple[str, bool]:
     return run.info.run_id, True
 
 
-def _parent_tag() -> dict[str, str]:
-    parent = os.environ.get(PARENT_RUN_ENV)
-    return {PARENT_RUN_TAG: parent} if parent else {}
+def _parent_tag(parent_run_id: str | None) -> dict[str, str]:
+    return {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
 
 
 def run_location(uri: str, run) -> str:

@@ -182,11 +182,13 @@ class LatentDdpmTask(DdpmTask):
         """A cheap condition-adherence score (main process): ADHERENCE_REQUESTS fixed val requests, sampled
         like the previews and read back by the dataset's probe, in % of the training range."""
         s = self.settings
-        conditions, values, present = manifest_requests(self.val_manifest, ADHERENCE_REQUESTS)
+        requests = manifest_requests(self.val_manifest, ADHERENCE_REQUESTS)
         sampler = LatentSampler(unet, self.vae, self.noise_scheduler.config, self.encoder)
-        images = sampler.generate(conditions, guidance_scale=s.guidance_scale,
-                                  num_inference_steps=s.preview_inference_steps, seeds=list(range(len(conditions))))
-        errors = condition_errors(self.manifest.spec, values, present, self.probe.read(images), self.ranges)
+        images = sampler.generate(requests.conditions, guidance_scale=s.guidance_scale,
+                                  num_inference_steps=s.preview_inference_steps,
+                                  seeds=list(range(len(requests.conditions))))
+        errors = condition_errors(self.manifest.spec, requests.values, requests.present, self.probe.read(images),
+                                  self.ranges)
         return {f"val/{key}": value for key, value in errors.items()}
 
     def _preview(self, unet, step: int) -> Image.Image:

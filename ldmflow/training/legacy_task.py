@@ -49,7 +49,8 @@ class LegacyDdpmTask(DdpmTask):
 
     def _preview(self, unet, step: int) -> Image.Image:
         sampler = LegacySampler(unet, self.noise_scheduler.config)
-        images = sampler.generate(self.settings.num_preview_images, self.settings.preview_inference_steps, "ddim")
+        images = sampler.generate(num_images=self.settings.num_preview_images,
+                                  num_inference_steps=self.settings.preview_inference_steps, scheduler="ddim")
         return image_grid(to_pil(images))
 
     def save(self, accelerator: Accelerator, model, target_dir: Path) -> dict[str, float]:

@@ -9,7 +9,9 @@
   probe on the real images' reconstructions, `recon/...`): `ceiling_lines` names the conditions it caps.
 - Every adherence score and FID/KID has a bootstrap 95% interval (`..._ci95`).
 
-Everything that can fail on input (model, manifest, conditions, probe) is settled before the run opens.
+Everything that can fail on input (model, manifest, conditions, probe) is settled before the run opens. This
+module loads, generates, reads and logs; the scores are computed in evaluation/scoring.py and printed by
+evaluation/report.py.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from ldmflow.data.conditions import ConditionSpec
 from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.evaluation import distribution
-from ldmflow.evaluation.adherence import (condition_errors, diversity, headline_metrics, manifest_ranges,
-                                          manifest_requests, mean_pairwise_distance, shuffled_baseline)
-from ldmflow.evaluation.intervals import CI_SUFFIX, bootstrap_ci95
+from ldmflow.evaluation.adherence import (Requests, diversity, manifest_ranges, manifest_requests,
+                                          mean_pairwise_distance, recorded_conditions)
+from ldmflow.evaluation.scoring import AdherenceReadings, Scorer, adherence_scores, reconstruction_scores
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE, detect_kind, names
+from ldmflow.models.probe import ProbeReader
 from ldmflow.settings import EvaluateSettings, ProbeSettings
 from ldmflow.tags import DATASET_DIGEST_TAG, EVAL_RUN_TAG, EVAL_SKIPPED_TAG
 
@@ -42,7 +45,7 @@ DIVERSITY_REQUESTS, DIVERSITY_SEEDS = 8, 4  # requests x seeds generated for the
 @dataclass
 class EvaluatedModel:
     stage: str  # the name of one of EVALUATED_KINDS
-    model: object  # AutoencoderKL, LatentSampler or LegacySampler
+    model: object  # AutoencoderKL, or a Sampler (LatentSampler, LegacySampler)
     resolution: int
     spec: ConditionSpec  # what the model is conditioned on (none for the VAE and the legacy DDPM)
     first_stage: object = None  # the AutoencoderKL whose reconstructions cap a latent model (the VAE itself)
@@ -65,7 +68,7 @@ def load_evaluated_model(folder: Path) -> EvaluatedModel:
     sampler = load_sampler(folder)
     if kind is LATENT_DDPM:
         size = sampler.unet.config.sample_size * 2 ** (len(sampler.vae.config.block_out_channels) - 1)
-        return EvaluatedModel(LATENT_DDPM.name, sampler, int(size), sampler.spec, sampler.vae)
+        return EvaluatedModel(LATENT_DDPM.name, sampler, int(size), sampler.condition_spec, sampler.vae)
     return EvaluatedModel(LEGACY_DDPM.name, sampler, int(sampler.unet.config.sample_size),
                           ConditionSpec.parse("none"))
 
@@ -95,28 +98,31 @@ def _check_conditions_known(manifest: Manifest) -> None:
                            f"which the model is conditioned on ({manifest.spec}).")
 
 
-@contextlib.contextmanager
-def _own_run():
-    """Train the probe in a run of its own even under `mlflow run -e evaluate` (which sets MLFLOW_RUN_ID),
-    nested under that evaluate run."""
-    from ldmflow.tracking.run_tracker import PARENT_RUN_ENV
+@dataclass(frozen=True)
+class Probe:
+    """The condition probe an evaluation reads images with, and the URI it was loaded from (a logged param)."""
 
+    reader: ProbeReader
+    uri: str
+
+
+@contextlib.contextmanager
+def _outside_the_project_run():
+    """Yields the run `mlflow run -e evaluate` started for this process (None without one) with MLFLOW_RUN_ID
+    unset meanwhile, so that a probe trained now gets a run of its own (nested under that one by its
+    parent_run_id) instead of attaching to it. The variable stays: it is how `mlflow run` hands its run across
+    the process boundary, and MLflow's own start_run reads it."""
     saved = os.environ.pop("MLFLOW_RUN_ID", None)
-    if saved is not None:
-        os.environ[PARENT_RUN_ENV] = saved
     try:
-        yield
+        yield saved
     finally:
-        os.environ.pop(PARENT_RUN_ENV, None)
         if saved is not None:
             os.environ["MLFLOW_RUN_ID"] = saved
 
 
-def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str):
-    """(ProbeReader, its URI): --probe_uri, else this dataset's registered probe, else one trained now."""
-    from ldmflow.models.probe import ProbeReader
+def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str) -> Probe:
+    """--probe_uri, else this dataset's registered probe, else one trained now."""
     from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
-
     from ldmflow.tracking.registry import registered_probe_uri
 
     uri = settings.probe_uri or (None if settings.no_mlflow else registered_probe_uri(digest, str(spec)))
@@ -133,7 +139,7 @@ def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str):
         raise LdmflowError(f"--probe_uri {uri} was trained on another dataset (digest {trained_on[:12]}, this "
                            f"manifest's is {digest[:12]}): it would misread these images. Omit --probe_uri to use "
                            "(or train) this dataset's probe.")
-    return reader, uri
+    return Probe(reader, uri)
 
 
 def _probe_dataset(source) -> str | None:
@@ -162,12 +168,12 @@ def _train_probe(settings: EvaluateSettings, spec: ConditionSpec) -> str:
                           val_split=settings.split, condition_spec=str(spec), data_root=settings.data_root,
                           allow_outside_root=settings.allow_outside_root, num_epochs=settings.probe_epochs,
                           seed=settings.seed, no_mlflow=settings.no_mlflow, experiment_name=settings.experiment_name)
-    with _own_run():
-        _, model_uri = run_training(probe)
+    with _outside_the_project_run() as parent_run_id:
+        _, model_uri = run_training(probe, parent_run_id=parent_run_id)
     return model_uri or str(output_dir)
 
 
-def feature_extractor(settings: EvaluateSettings, probe) -> tuple[object | None, str, str | None]:
+def feature_extractor(settings: EvaluateSettings, probe: Probe | None) -> tuple[object | None, str, str | None]:
     """(features module or None, its name, a sentence on what was skipped and why, or None)."""
     from ldmflow.models.probe import ProbeFeatures
 
@@ -178,7 +184,7 @@ def feature_extractor(settings: EvaluateSettings, probe) -> tuple[object | None,
         except distribution.Unavailable as error:
             skipped = f"Inception features ({error})"
     if settings.feature_extractor in ("auto", "probe") and probe is not None:
-        return ProbeFeatures(probe[0].probe), f"probe:{probe[1]}", \
+        return ProbeFeatures(probe.reader.probe), f"probe:{probe.uri}", \
             skipped and f"{skipped}; FID/KID use the condition probe's features instead"
     if settings.feature_extractor == "probe":
         return None, "", "FID/KID on probe features (no probe: --condition_spec is none)"
@@ -188,22 +194,13 @@ def feature_extractor(settings: EvaluateSettings, probe) -> tuple[object | None,
 def _generate(settings: EvaluateSettings, evaluated: EvaluatedModel, conditions, seeds, guidance: float):
     from ldmflow.progress import Progress
 
-    images = []
     progress = Progress(f"evaluate: generating {len(seeds)} images (guidance {guidance:g})",
                         -(-len(seeds) // settings.batch_size), unit="batch")
-    for start in range(0, len(seeds), settings.batch_size):
-        part = seeds[start:start + settings.batch_size]
-        if evaluated.stage == LATENT_DDPM.name:
-            images.append(evaluated.model.generate(
-                conditions[start:start + len(part)] if conditions else None, num_images=len(part),
-                guidance_scale=guidance, num_inference_steps=settings.num_inference_steps,
-                scheduler=settings.scheduler, seeds=part))
-        else:
-            images.append(evaluated.model.generate(len(part), settings.num_inference_steps, settings.scheduler,
-                                                   seeds=part))
-        progress.update(1, len(part))
+    images = evaluated.model.generate(conditions, num_images=len(seeds), guidance_scale=guidance,
+                                      num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
+                                      seeds=seeds, batch_size=settings.batch_size, progress=progress)
     progress.close()
-    return np.concatenate(images)
+    return images
 
 
 def _reconstruct(vae, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -227,18 +224,9 @@ class Evaluation:
     skipped: str | None
 
 
-@dataclass
-class Requests:
-    """What the samples were asked for: condition dicts for the sampler, and (N, D) values / (N, K) presence."""
-
-    conditions: list[dict]
-    values: np.ndarray
-    present: np.ndarray
-
-
 def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manifest, train: Manifest,
-             probe) -> Evaluation:
-    """Every metric of `evaluated` against the split `real` (probe: (ProbeReader, uri) or None)."""
+             probe: Probe | None) -> Evaluation:
+    """Every metric of `evaluated` against the split `real` (probe: None when nothing is conditioned)."""
     from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 
     features, features_name, skipped = feature_extractor(settings, probe)
@@ -248,11 +236,15 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
               "eval_feature_extractor": features_name or "none", "eval_stage": evaluated.stage}
     if evaluated.stage == VAE.name:
         generated = _reconstruct(evaluated.model, real_images, settings.batch_size)
-        skipped = _reconstruction_scores(settings, real_images, generated, features, metrics, skipped)
+        scores, missing = reconstruction_scores(real_images, generated, features=features,
+                                                batch_size=settings.batch_size, seed=settings.seed,
+                                                perceptual_weights=settings.perceptual_weights)
+        metrics.update(scores)
+        skipped = "; ".join(filter(None, [skipped, missing])) if missing else skipped
     else:
         seeds = [settings.seed + i for i in range(settings.num_samples)]
         if evaluated.stage == LATENT_DDPM.name and not evaluated.spec.is_empty:
-            requests = Requests(*manifest_requests(real, settings.num_samples))
+            requests = manifest_requests(real, settings.num_samples)
         generated = _generate(settings, evaluated, requests.conditions if requests else None, seeds,
                               settings.guidance_scale)
         if features is not None:
@@ -260,20 +252,19 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
             metrics.update(_diversity(settings, evaluated, features, requests))
         table = {"seed": seeds}
     if probe is not None:
-        reader = probe[0]
-        read = reader.read(generated, settings.batch_size)
-        scorer = _Scorer(settings, real.spec, manifest_ranges(train))
-        truth = Requests([], np.stack([r.conditions for r in real.records[:len(real_images)]]),
-                         np.stack([r.present for r in real.records[:len(real_images)]]).astype(bool))
-        metrics.update(scorer.errors(truth, reader.read(real_images, settings.batch_size), "probe/"))
+        read = probe.reader.read(generated, settings.batch_size)
+        scorer = Scorer(real.spec, manifest_ranges(train), settings.seed)
+        truth = recorded_conditions(real, len(real_images))
+        metrics.update(scorer.errors(truth, probe.reader.read(real_images, settings.batch_size), "probe/"))
         if evaluated.stage == VAE.name:
             metrics.update(scorer.errors(truth, read, "recon/"))
         elif requests:
-            metrics.update(_adherence(settings, evaluated, scorer, reader, requests, read, seeds, real_images, truth))
+            metrics.update(adherence_scores(scorer, _adherence_readings(
+                settings, evaluated, probe, requests, read, seeds=seeds, real_images=real_images, truth=truth)))
             labels = [condition_label(c) for c in requests.conditions[:8]]
             table.update({f"requested_{column}": requests.values[:, i].tolist()
-                          for i, column in enumerate(_columns(reader))})
-        table.update({f"probed_{column}": read[:, i].tolist() for i, column in enumerate(_columns(reader))})
+                          for i, column in enumerate(_columns(probe))})
+        table.update({f"probed_{column}": read[:, i].tolist() for i, column in enumerate(_columns(probe))})
     table["image"] = to_pil(generated)
     count = min(8, len(generated), len(real_images))
     grid = image_grid(to_pil(np.concatenate([generated[:count], real_images[:count]])),
@@ -281,63 +272,25 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
     return Evaluation(metrics, params, grid, table, skipped)
 
 
-def _reconstruction_scores(settings, real_images, reconstructions, features, metrics, skipped) -> str | None:
-    """A VAE's PSNR, SSIM, LPIPS and rFID/rKID into `metrics`; returns `skipped` with what could not be had."""
-    import torch
-
-    from ldmflow.evaluation.image_metrics import psnr, ssim
-
-    reference, test = (torch.from_numpy(a).permute(0, 3, 1, 2) for a in (real_images, reconstructions))
-    metrics.update(psnr=float(psnr(reference, test).mean()), ssim=float(ssim(reference, test).mean()))
-    try:
-        metrics["lpips"] = distribution.lpips(real_images, reconstructions, settings.batch_size,
-                                              settings.perceptual_weights)
-    except distribution.Unavailable as error:
-        skipped = "; ".join(filter(None, [skipped, f"LPIPS ({error})"]))
-    if features is not None:
-        metrics.update({f"r{key}" if key.startswith(("fid", "kid")) else key: value for key, value in
-                        distribution.fid_kid(features, real_images, reconstructions, settings.batch_size,
-                                             settings.seed).items()})
-    return skipped
+def _adherence_readings(settings: EvaluateSettings, evaluated: EvaluatedModel, probe: Probe, requests: Requests,
+                        read: np.ndarray, *, seeds: list[int], real_images: np.ndarray,
+                        truth: Requests) -> AdherenceReadings:
+    """The probe's readings `adherence_scores` compares: the samples (`read`), the same requests and seeds at
+    guidance 1 (unless 1 is the evaluated guidance), and the real images through the model's VAE (if it has one)."""
+    unguided = reconstructions = None
+    if settings.guidance_scale != 1.0:
+        unguided = probe.reader.read(_generate(settings, evaluated, requests.conditions, seeds, 1.0),
+                                     settings.batch_size)
+    if evaluated.first_stage is not None:
+        reconstructions = probe.reader.read(_reconstruct(evaluated.first_stage, real_images, settings.batch_size),
+                                            settings.batch_size)
+    return AdherenceReadings(requests, read, unguided, truth, reconstructions)
 
 
-def _columns(reader) -> list[str]:
+def _columns(probe: Probe) -> list[str]:
     from ldmflow.sampling.condition_input import component_columns
 
-    return component_columns(reader.encoder.spec)
-
-
-@dataclass
-class _Scorer:
-    """Condition errors in % of the training range, with their bootstrap intervals over the samples."""
-
-    settings: EvaluateSettings
-    spec: ConditionSpec
-    ranges: dict[str, tuple[float, float]]
-
-    def errors(self, requests: Requests, read: np.ndarray, prefix: str = "") -> dict[str, float]:
-        def score(rows):
-            return condition_errors(self.spec, requests.values[rows], requests.present[rows], read[rows], self.ranges)
-
-        scores = score(np.arange(len(read)))
-        scores.update(bootstrap_ci95(score, (len(read),), seed=self.settings.seed))
-        return {f"{prefix}{key}": value for key, value in scores.items()}
-
-
-def _adherence(settings, evaluated, scorer: _Scorer, reader, requests: Requests, read, seeds, real_images,
-               truth: Requests) -> dict:
-    """Probe readings (`read`) of the samples against their requests, at the evaluated guidance and at 1, the
-    shuffled baseline, and the ceiling: the same probe on the real images passed through the model's VAE."""
-    metrics = scorer.errors(requests, read)
-    metrics.update({f"shuffled/{k}": v for k, v in shuffled_baseline(
-        scorer.spec, requests.values, requests.present, read, scorer.ranges, settings.seed).items()})
-    if settings.guidance_scale != 1.0:
-        unguided = _generate(settings, evaluated, requests.conditions, seeds, 1.0)
-        metrics.update(scorer.errors(requests, reader.read(unguided, settings.batch_size), "guidance1/"))
-    if evaluated.first_stage is not None:
-        reconstructions = _reconstruct(evaluated.first_stage, real_images, settings.batch_size)
-        metrics.update(scorer.errors(truth, reader.read(reconstructions, settings.batch_size), "recon/"))
-    return metrics
+    return component_columns(probe.reader.encoder.spec)
 
 
 def _diversity(settings, evaluated, features, requested) -> dict:
@@ -352,70 +305,6 @@ def _diversity(settings, evaluated, features, requested) -> dict:
     images = _generate(settings, evaluated, conditions, seeds[:len(conditions)], settings.guidance_scale)
     groups = np.repeat(np.arange(len(chosen)), DIVERSITY_SEEDS)
     return diversity(distribution.extract(features, images), groups)
-
-
-COLUMNS = {"": "model", "guidance1/": "guidance 1", "shuffled/": "shuffled", "recon/": "VAE reconstructions",
-           "probe/": "real images"}
-CEILING_MARGIN = 0.25  # a model within this fraction of its VAE's reconstructions is capped by the VAE
-_HEADLINE_SUFFIXES = ("_length_mae_pct", "_angle_error_deg", "_mae_pct")  # the errors ceiling lines compare
-_COUNTS = ("fid_num_real", "fid_min_real", "rfid_num_real", "rfid_min_real")  # said below the table, not rows
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    """The evaluation table: one row per measure (eval/...), and a column each for the model, the model without
-    guidance, shuffled requests (what ignoring the conditions scores), the probe on the VAE's reconstructions
-    of the real images (the first stage's ceiling) and on the real images; `± x` is the bootstrap 95% interval.
-    Below it, one line per condition the VAE caps and for a FID on too few images."""
-    if not metrics:
-        return "No metric could be computed (see the warning above)."
-    rows: dict[str, dict[str, str]] = {}
-    plain = {key.removeprefix("eval/"): value for key, value in metrics.items()}
-    for name, value in plain.items():
-        if name.endswith(CI_SUFFIX) or name in _COUNTS:
-            continue
-        prefix = next((p for p in COLUMNS if p and name.startswith(p)), "")
-        interval = plain.get(f"{name}{CI_SUFFIX}")
-        rows.setdefault(name[len(prefix):], {})[prefix] = f"{value:.4g}" + (f" ± {interval:.2g}" if interval else "")
-    shown = [prefix for prefix in COLUMNS if any(prefix in row for row in rows.values())]
-    table = [["eval/...", *(COLUMNS[prefix] for prefix in shown)]]
-    table += [[name, *(row.get(p, "") for p in shown)] for name, row in sorted(rows.items())]
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
-    return "\n".join(lines + ceiling_lines(plain) + fid_count_lines(plain))
-
-
-def ceiling_lines(metrics: dict[str, float]) -> list[str]:
-    """One line per condition error of the samples within CEILING_MARGIN of the same error on the VAE's
-    reconstructions, where those are clearly worse than the real images: the first stage caps it, and
-    training the UNet longer will not help."""
-    lines = []
-    for key, ceiling in sorted(metrics.items()):
-        name = key.removeprefix("recon/")
-        if name == key or not name.endswith(_HEADLINE_SUFFIXES) or name not in metrics:
-            continue
-        samples, real = metrics[name], metrics.get(f"probe/{name}")
-        if real is not None and ceiling <= (1 + CEILING_MARGIN) * real:
-            continue  # the reconstructions read like the real images: the VAE keeps this condition
-        if samples <= (1 + CEILING_MARGIN) * ceiling:
-            condition = next(name[:-len(s)] for s in _HEADLINE_SUFFIXES if name.endswith(s))
-            unit = "°" if name.endswith("_deg") else "%"
-            measure = "angle" if name.endswith("_deg") else "length" if "_length_" in name else ""
-            lines.append(f"{condition}{' ' + measure if measure else ''}: limited by the VAE (reconstructions "
-                         f"{ceiling:.3g}{unit} vs samples {samples:.3g}{unit}); see docs/training.md, 'When a "
-                         "condition is not learned'.")
-    return lines
-
-
-def fid_count_lines(metrics: dict[str, float]) -> list[str]:
-    """A line when FID (or rFID) came from fewer real images than it needs to be compared with another."""
-    lines = []
-    for name in ("fid", "rfid"):
-        count, needed = metrics.get(f"{name}_num_real"), metrics.get(f"{name}_min_real")
-        if name in metrics and count is not None and needed is not None and count < needed:
-            lines.append(f"{name}: not comparable: {count:.0f} real images for {needed - 1:.0f}-dimensional features "
-                         f"(at least {needed:.0f} are needed, more to compare small differences: evaluate on a "
-                         "larger --split and --num_samples).")
-    return lines
 
 
 def run_evaluation(settings: EvaluateSettings) -> dict[str, float]:
@@ -439,7 +328,7 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, float]:
         tracker.set_tags({DATASET_DIGEST_TAG: real.digest})
         result = evaluate(settings, evaluated, real, train, probe)
         metrics = {f"eval/{key}": value for key, value in result.metrics.items() if np.isfinite(value)}
-        tracker.log_params(result.params | ({"eval_probe_uri": probe[1]} if probe else {}))
+        tracker.log_params(result.params | ({"eval_probe_uri": probe.uri} if probe else {}))
         tracker.log_metrics(metrics, step=0)
         tracker.log_image(result.grid, key="evaluation", step=0)
         result.grid.save(output_dir / "evaluation_grid.png")

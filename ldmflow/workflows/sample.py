@@ -16,13 +16,14 @@ from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame
                                               read_conditions_file)
 from ldmflow.sampling.denoise import check_inference_steps
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
+from ldmflow.sampling.sampler import Sampler
 from ldmflow.settings import SampleSettings
 from ldmflow.tags import STAGE_TAG
 
 logger = logging.getLogger(__name__)
 
 
-def load_sampler(folder: Path, dtype: str = "fp32", compile_unet: bool = False):
+def load_sampler(folder: Path, dtype: str = "fp32", compile_unet: bool = False) -> Sampler:
     """A LatentSampler or LegacySampler for a training output folder or a downloaded ldmflow MLflow model, on the
     GPU when there is one (cuDNN then picks the fastest kernels for the fixed sampling shapes)."""
     sampler = _sampler(folder, dtype)
@@ -33,7 +34,7 @@ def load_sampler(folder: Path, dtype: str = "fp32", compile_unet: bool = False):
     return sampler
 
 
-def _sampler(folder: Path, dtype: str):
+def _sampler(folder: Path, dtype: str) -> Sampler:
     from ldmflow.sampling.denoise import default_device
     from ldmflow.sampling.latent import LatentSampler
     from ldmflow.sampling.legacy import LegacySampler
@@ -65,13 +66,13 @@ def record_sample_source(tracker, source, stage: str = "sample") -> None:
             logger.warning("Could not record model %s as the run's input: %s", source.model_id, error)
 
 
-def requested_conditions(settings: SampleSettings, sampler) -> tuple[list[dict] | None, list[int]]:
+def requested_conditions(settings: SampleSettings, sampler: Sampler) -> tuple[list[dict] | None, list[int]]:
     """Per-image conditions (None: unconditional) and seeds from --condition / --conditions_file / --seed."""
     if settings.conditions_file:
         frame = read_conditions_file(settings.conditions_file)
         if frame.empty:
             raise LdmflowError(f"--conditions_file {settings.conditions_file} has no rows.")
-        spec = getattr(sampler, "spec", None)
+        spec = sampler.condition_spec
         if spec is None:
             raise LdmflowError("This model is unconditional: --conditions_file does not apply.")
         conditions = conditions_from_frame(frame, spec)
@@ -83,7 +84,7 @@ def requested_conditions(settings: SampleSettings, sampler) -> tuple[list[dict] 
         return conditions, seeds
     seeds = [settings.seed + i for i in range(settings.num_images)]
     if settings.condition:
-        if not hasattr(sampler, "spec"):
+        if sampler.condition_spec is None:
             raise LdmflowError("This model is unconditional (a legacy pixel DDPM): --condition does not apply.")
         condition = parse_condition_option(settings.condition)
         sampler.check_conditions([condition])  # before any MLflow run opens
@@ -103,14 +104,11 @@ def _seeds_column(column, default_start: int) -> list[int]:
     return [int(n) if n == n else default_start + i for i, n in enumerate(numbers)]
 
 
-def generate(settings: SampleSettings, sampler, conditions, seeds) -> np.ndarray:
+def generate(settings: SampleSettings, sampler: Sampler, conditions, seeds) -> np.ndarray:
     """(N, H, W, 3) images in [0, 1]."""
-    if hasattr(sampler, "spec"):
-        return sampler.generate(conditions, num_images=len(seeds), guidance_scale=settings.guidance_scale,
-                                num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
-                                seeds=seeds, batch_size=settings.batch_size)
-    return sampler.generate(len(seeds), settings.num_inference_steps, settings.scheduler, seeds=seeds,
-                            batch_size=settings.batch_size)
+    return sampler.generate(conditions, num_images=len(seeds), guidance_scale=settings.guidance_scale,
+                            num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
+                            seeds=seeds, batch_size=settings.batch_size)
 
 
 def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None, image_format: str,

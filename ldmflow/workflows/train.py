@@ -154,8 +154,9 @@ def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) 
     return _on_main(accelerator, resolve)
 
 
-def run_training(settings: TrainSettings):
-    """Train the model `settings` describes, tracked in MLflow unless --no_mlflow.
+def run_training(settings: TrainSettings, parent_run_id: str | None = None):
+    """Train the model `settings` describes, tracked in MLflow unless --no_mlflow, in a run nested under
+    `parent_run_id` when given (a probe trained for an evaluation).
 
     Returns (TrainingOutcome, the registered model's URI or None)."""
     from ldmflow.training.prepare import build_accelerator
@@ -164,10 +165,10 @@ def run_training(settings: TrainSettings):
     accelerator = build_accelerator(settings)
     is_main = accelerator.is_main_process
     with folder_lock(settings.output_dir, f"ldmflow {kind.name}") if is_main else contextlib.nullcontext():
-        return _train_in(settings, kind, accelerator)
+        return _train_in(settings, kind, accelerator, parent_run_id)
 
 
-def _train_in(settings: TrainSettings, kind: Kind, accelerator):
+def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: str | None):
     """run_training with the output folder locked by the main process."""
     from ldmflow.tracking.registry import log_and_register
     from ldmflow.tracking.run_tracker import close_abandoned_run, open_run
@@ -183,7 +184,8 @@ def _train_in(settings: TrainSettings, kind: Kind, accelerator):
     task = _build_task(kind, settings, manifest, vae_source, accelerator)
     prepared = prepare(settings, task, accelerator, manifest.digest)  # bad input fails before a run opens
     model_uri = None
-    with open_run(settings, kind.name, enabled=is_main and not settings.no_mlflow) as tracker:
+    with open_run(settings, kind.name, enabled=is_main and not settings.no_mlflow,
+                  parent_run_id=parent_run_id) as tracker:
         tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
                             name=f"{Path(manifest.path).stem} ({settings.split}, {len(manifest.records)} images)")
         previous = (prepared.resumed_tags or {}).get(RESUMED_FROM_RUN_TAG)
