@@ -46,7 +46,11 @@ def setting(default=MISSING, help: str = "", *, choices: tuple[str, ...] | None 
 
 def setting_fields(settings_class) -> list[tuple[dataclasses.Field, type, dict]]:
     """(field, resolved type, metadata) per field; metadata is inherited from the base class that declared it,
-    so a subclass may override just the default (`resolution: int = 64`)."""
+    so a subclass may override just the default (`resolution: int = 64`).
+
+    In declaration order, except that the tracking settings (experiment, run name, --no_mlflow) come last:
+    their base class declares them first, but --help lists a command's own settings before them.
+    """
     hints = typing.get_type_hints(settings_class)
     result = []
     for item in dataclasses.fields(settings_class):
@@ -56,7 +60,8 @@ def setting_fields(settings_class) -> list[tuple[dataclasses.Field, type, dict]]
             if declared is not None:
                 metadata.update({k: v for k, v in declared.metadata.items() if v not in (None, "", ())})
         result.append((item, hints[item.name], metadata))
-    return result
+    tracking = {item.name for item in dataclasses.fields(TrackingSettings)}
+    return sorted(result, key=lambda entry: entry[0].name in tracking)
 
 
 # Settings that may differ when a run is resumed: how long, how often, where to track; not what is trained.
@@ -126,7 +131,31 @@ def _channels(settings_class) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainSettings:
+class Settings:
+    """Every command's settings: logged to MLflow as flat string params."""
+
+    def to_params(self) -> dict[str, str]:
+        return settings_params(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentSettings(Settings):
+    """A command that logs to an MLflow experiment: the pipeline, and every command that opens a run.
+    project=False: under `mlflow run`, MLflow chooses the experiment and the run."""
+
+    experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingSettings(ExperimentSettings):
+    """A command that opens one MLflow run, or none with --no_mlflow: the trainers, sample and evaluate."""
+
+    run_name: str | None = setting(None, "MLflow run name.", project=False)
+    no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings(TrackingSettings):
     """What every trainer shares: data, optimisation, checkpoints, previews and tracking."""
 
     manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).")
@@ -179,9 +208,6 @@ class TrainSettings:
                                          "cores).")
     allow_tf32: bool = setting(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer); "
                                      "--no_allow_tf32 for strict fp32.")
-    experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
-    run_name: str | None = setting(None, "MLflow run name.", project=False)
-    no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False)
     registered_model_name: str | None = setting(None, "Registry name (default ldmflow-<stage>).")
     register_alias: str | None = setting(None, "Set this alias (e.g. candidate) on the new version.")
     allow_changed_settings: bool = setting(False, "Resume even though the settings or the data differ from the "
@@ -205,9 +231,6 @@ class TrainSettings:
         if any(c < 1 for c in self.block_out_channels):
             raise LdmflowError(f"--block_out_channels must be positive integers, got {self.block_out_channels}.")
         _check_alias(self.register_alias)
-
-    def to_params(self) -> dict[str, str]:
-        return settings_params(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -379,7 +402,7 @@ class ProbeSettings(TrainSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SampleSettings:
+class SampleSettings(TrackingSettings):
     """`ldmflow sample`: images from a trained model, for given conditions or unconditional."""
 
     model_uri: str = setting(help="Output folder, runs:/..., models:/name/version, models:/name@alias or "
@@ -398,9 +421,6 @@ class SampleSettings:
                          choices=SAMPLE_DTYPES)
     torch_compile: bool = setting(False, "torch.compile the UNet (pays off for many images).")
     output_format: str = setting("png", "Image file format.", choices=IMAGE_FORMATS)
-    experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
-    run_name: str | None = setting(None, "MLflow run name.", project=False)
-    no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False)
 
     def __post_init__(self) -> None:
         _check_at_least(self, 1, "num_images", "num_inference_steps", "batch_size")
@@ -411,12 +431,9 @@ class SampleSettings:
         if self.condition and self.conditions_file:
             raise LdmflowError("Give conditions either with --condition or with --conditions_file, not both.")
 
-    def to_params(self) -> dict[str, str]:
-        return settings_params(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateSettings:
+class EvaluateSettings(TrackingSettings):
     """`ldmflow evaluate`: quality metrics of a trained model, logged to a run linked to the model."""
 
     model_uri: str = setting(help="The model: its folder, runs:/..., models:/name/version or models:/name@alias.")
@@ -444,9 +461,6 @@ class EvaluateSettings:
     condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "Conditions the probe reads ('none': no probe); a "
                                                           "conditioned model's own spec takes precedence.")
     probe_epochs: int = setting(_default(ProbeSettings, "num_epochs"), "Epochs of a probe trained here.")
-    experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
-    run_name: str | None = setting(None, "MLflow run name.", project=False)
-    no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False)
 
     def __post_init__(self) -> None:
         _check_at_least(self, 2, "num_samples")
@@ -456,12 +470,9 @@ class EvaluateSettings:
         _check_number(self, "guidance_scale", 1)
         _check_at_least(self, 1, "probe_epochs")
 
-    def to_params(self) -> dict[str, str]:
-        return settings_params(self)
-
 
 @dataclass(frozen=True, kw_only=True)
-class PipelineSettings:
+class PipelineSettings(ExperimentSettings):
     """`ldmflow pipeline`: vae -> latent_ddpm -> sample -> evaluate. Defaults are the steps' own, except where
     noted."""
 
@@ -497,7 +508,6 @@ class PipelineSettings:
     guidance_scale: float = setting(_default(SampleSettings, "guidance_scale"), "Guidance of previews and samples.")
     eval_num_samples: int = setting(_default(EvaluateSettings, "num_samples"), "Images the evaluate step scores.")
     seed: int = setting(_default(TrainSettings, "seed"), "Seed of every step.")
-    experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
 
     def __post_init__(self) -> None:
         """Check every step's settings now, so a bad value fails before the parent run opens."""
@@ -537,9 +547,6 @@ class PipelineSettings:
                     **{name: getattr(self, name) for name in ("num_inference_steps", "guidance_scale", "seed")}}
         return {"vae": vae, "latent_ddpm": latent, "sample": sample, "evaluate": evaluate}
 
-    def to_params(self) -> dict[str, str]:
-        return settings_params(self)
-
 
 def _int_list(text: str, name: str) -> tuple[int, ...]:
     try:
@@ -549,7 +556,7 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DemoDataSettings:
+class DemoDataSettings(Settings):
     """`ldmflow demo-data`: a synthetic, condition-dependent dataset."""
 
     output_dir: str = setting(help="Folder for images/ and manifest.json.")
@@ -564,7 +571,7 @@ class DemoDataSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServerSettings:
+class ServerSettings(Settings):
     """`ldmflow server`: a team's MLflow server on this machine (PostgreSQL, proxied artifacts, basic auth)."""
 
     root: str = setting("team-server", "Folder of its database, artifacts, logs and state.")
@@ -575,7 +582,7 @@ class ServerSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CheckManifestSettings:
+class CheckManifestSettings(Settings):
     """`ldmflow check-manifest`: the data report before a long training."""
 
     manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).")
