@@ -34,13 +34,15 @@ MAX_IMAGE_PIXELS = 16384 * 16384  # larger images are refused from their header,
 
 
 def setting(default=MISSING, help: str = "", *, choices: tuple[str, ...] | None = None,
-            aliases: tuple[str, ...] = (), project: bool = True):
+            aliases: tuple[str, ...] = (), project: bool = True, resumable: bool = False):
     """A settings field with what the CLI and MLproject need to expose it.
 
     choices: allowed values (a click.Choice); aliases: other accepted flags (the original scripts' names);
-    project=False: a CLI-only option (`mlflow run` has its own run and experiment).
+    project=False: a CLI-only option (`mlflow run` has its own run and experiment);
+    resumable=True: may differ when a run resumes from a checkpoint (how long, how often, where to track and
+    register, how fast), because it does not change what is trained.
     """
-    metadata = {"help": help, "choices": choices, "aliases": aliases, "project": project}
+    metadata = {"help": help, "choices": choices, "aliases": aliases, "project": project, "resumable": resumable}
     return field(default=default, metadata=metadata)
 
 
@@ -64,12 +66,9 @@ def setting_fields(settings_class) -> list[tuple[dataclasses.Field, type, dict]]
     return sorted(result, key=lambda entry: entry[0].name in tracking)
 
 
-# Settings that may differ when a run is resumed: how long, how often, where to track; not what is trained.
-RESUMABLE_CHANGES = ("num_epochs", "max_train_steps", "resume_from_checkpoint", "allow_changed_settings",
-                     "dataloader_num_workers", "checkpointing_steps", "checkpoints_total_limit", "save_images_epochs",
-                     "logging_steps", "eval_epochs", "num_validations", "max_nonfinite_steps", "experiment_name", "run_name",
-                     "no_mlflow", "registered_model_name", "register_alias", "register", "output_dir",
-                     "torch_compile", "compile_mode", "channels_last", "allow_tf32")  # speed only, same model
+def resumable_changes(settings_class) -> frozenset[str]:
+    """The settings declared `resumable`: a resumed run may change them, the checkpoint's fingerprint omits them."""
+    return frozenset(item.name for item, _, metadata in setting_fields(settings_class) if metadata.get("resumable"))
 
 
 def settings_params(settings) -> dict[str, str]:
@@ -143,15 +142,15 @@ class ExperimentSettings(Settings):
     """A command that logs to an MLflow experiment: the pipeline, and every command that opens a run.
     project=False: under `mlflow run`, MLflow chooses the experiment and the run."""
 
-    experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False)
+    experiment_name: str = setting(DEFAULT_EXPERIMENT, "MLflow experiment.", project=False, resumable=True)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrackingSettings(ExperimentSettings):
     """A command that opens one MLflow run, or none with --no_mlflow: the trainers, sample and evaluate."""
 
-    run_name: str | None = setting(None, "MLflow run name.", project=False)
-    no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False)
+    run_name: str | None = setting(None, "MLflow run name.", project=False, resumable=True)
+    no_mlflow: bool = setting(False, "Do not track this run in MLflow.", project=False, resumable=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,7 +158,7 @@ class TrainSettings(TrackingSettings):
     """What every trainer shares: data, optimisation, checkpoints, previews and tracking."""
 
     manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).")
-    output_dir: str = setting(help="Where weights, checkpoints and previews go.")
+    output_dir: str = setting(help="Where weights, checkpoints and previews go.", resumable=True)
     split: str = setting("train", "metadata.split value to train on.")
     val_split: str = setting("val", "Split used for validation, if present.")
     data_root: str | None = setting(None, "Folder output_rel is relative to (default: the manifest's).")
@@ -172,8 +171,9 @@ class TrainSettings(TrackingSettings):
                                                       "(from their header, before decoding).")
     train_batch_size: int = setting(8, "Images per process and step.")
     eval_batch_size: int = setting(4, "Images per batch for validation and previews.")
-    num_epochs: int = setting(50, "Passes over the training split.")
-    max_train_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides --num_epochs).")
+    num_epochs: int = setting(50, "Passes over the training split.", resumable=True)
+    max_train_steps: int | None = setting(None, "Stop after this many optimizer steps (overrides --num_epochs).",
+                                          resumable=True)
     learning_rate: float = setting(1e-4, "AdamW learning rate.")
     lr_scheduler: str = setting("cosine", "Learning-rate schedule (diffusers.optimization).", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = setting(500, "Linear warm-up steps of the LR schedule.")
@@ -182,36 +182,38 @@ class TrainSettings(TrackingSettings):
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
     mixed_precision: str = setting("no", "Autocast precision (fp16 needs CUDA).", choices=MIXED_PRECISIONS)
     seed: int = setting(0, "Seed of weights, shuffling, augmentation and noise.")
-    dataloader_num_workers: int = setting(0, "Data-loader worker processes.")
-    checkpointing_steps: int = setting(500, "Save a resumable checkpoint every N steps.")
-    checkpoints_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.")
-    resume_from_checkpoint: str | None = setting(None, "'latest' or a checkpoint folder.")
-    save_images_epochs: int = setting(5, "Preview every N epochs (and after the last).")
+    dataloader_num_workers: int = setting(0, "Data-loader worker processes.", resumable=True)
+    checkpointing_steps: int = setting(500, "Save a resumable checkpoint every N steps.", resumable=True)
+    checkpoints_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.", resumable=True)
+    resume_from_checkpoint: str | None = setting(None, "'latest' or a checkpoint folder.", resumable=True)
+    save_images_epochs: int = setting(5, "Preview every N epochs (and after the last).", resumable=True)
     eval_epochs: int | None = setting(None, "Validate on the val split every N epochs (and after the last); 0: "
-                                            "never; default: about --num_validations times per run.")
+                                            "never; default: about --num_validations times per run.",
+                                    resumable=True)
     num_validations: int = setting(20, "Validations per run when --eval_epochs is not given (evenly spaced "
-                                       "epochs, the last included): about 5% of a run's time on the demo.")
+                                       "epochs, the last included): about 5% of a run's time on the demo.",
+                                   resumable=True)
     checkpoint_metric: str | None = setting(None, "Validation metric that picks the best checkpoint (default: "
                                                   "the stage's, val/psnr or val/denoise_loss[_ema]).")
     register: str = setting("best", "Register the best checkpoint (by --checkpoint_metric) or the last weights; "
-                                    "without validation the last.", choices=REGISTER_CHOICES)
-    logging_steps: int = setting(10, "Log metrics every N steps.")
-    max_nonfinite_steps: int = setting(5, "Stop after this many non-finite losses in a row.")
+                                    "without validation the last.", choices=REGISTER_CHOICES, resumable=True)
+    logging_steps: int = setting(10, "Log metrics every N steps.", resumable=True)
+    max_nonfinite_steps: int = setting(5, "Stop after this many non-finite losses in a row.", resumable=True)
     block_out_channels: tuple[int, ...] = setting((), "Channels per resolution level, comma separated.")
     layers_per_block: int = setting(2, "ResNet layers per resolution level.")
     enable_xformers_memory_efficient_attention: bool = setting(
         False, "Use xformers when installed and usable; otherwise PyTorch SDPA.")
     torch_compile: bool = setting(False, "torch.compile the trained model (minutes of compiling, then faster "
-                                         "steps; worth it for long runs on a GPU).")
-    compile_mode: str = setting("default", "torch.compile mode.", choices=COMPILE_MODES)
+                                         "steps; worth it for long runs on a GPU).", resumable=True)
+    compile_mode: str = setting("default", "torch.compile mode.", choices=COMPILE_MODES, resumable=True)
     channels_last: bool = setting(False, "Channels-last memory layout for the convolutions (faster on tensor "
-                                         "cores).")
+                                         "cores).", resumable=True)
     allow_tf32: bool = setting(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer); "
-                                     "--no_allow_tf32 for strict fp32.")
-    registered_model_name: str | None = setting(None, "Registry name (default ldmflow-<stage>).")
-    register_alias: str | None = setting(None, "Set this alias (e.g. candidate) on the new version.")
+                                     "--no_allow_tf32 for strict fp32.", resumable=True)
+    registered_model_name: str | None = setting(None, "Registry name (default ldmflow-<stage>).", resumable=True)
+    register_alias: str | None = setting(None, "Set this alias (e.g. candidate) on the new version.", resumable=True)
     allow_changed_settings: bool = setting(False, "Resume even though the settings or the data differ from the "
-                                                  "checkpoint's.")
+                                                  "checkpoint's.", resumable=True)
 
     def __post_init__(self) -> None:
         if self.resolution <= 0 or self.resolution % 8:

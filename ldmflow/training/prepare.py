@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
 from ldmflow.errors import LdmflowError
-from ldmflow.settings import RESUMABLE_CHANGES, TrainSettings
+from ldmflow.settings import TrainSettings, resumable_changes
 from ldmflow.tags import RESUMED_FROM_CHECKPOINT_TAG, RESUMED_FROM_RUN_TAG, RESUMED_FROM_STEP_TAG
 from ldmflow.training.checkpoints import STATE_NAME, TrainingState, find_resume_checkpoint, load_checkpoint
 from ldmflow.training.skipped_steps import fused_adamw_available
@@ -170,7 +170,8 @@ def _checkpoint_metric(settings: TrainSettings, task: Task) -> str | None:
 
 def training_fingerprint(settings: TrainSettings, dataset_digest: str) -> dict:
     """What a checkpoint's state was trained with: the settings that shape it, and the data's digest."""
-    params = {k: v for k, v in settings.to_params().items() if k not in RESUMABLE_CHANGES}
+    resumable = resumable_changes(type(settings))
+    params = {k: v for k, v in settings.to_params().items() if k not in resumable}
     return {"settings": params, "dataset_digest": dataset_digest}
 
 
