@@ -447,9 +447,10 @@ class EvaluateSettings(TrackingSettings):
     allow_outside_root: bool = setting(False, "Accept output_rel paths outside the data root.")
     output_dir: str = setting("outputs/evaluate", "Where the sample grid, the table and a new probe go.")
     num_samples: int = setting(256, "Generated (or reconstructed) images compared with the real ones.")
-    guidance_scale: float = setting(3.0, "Classifier-free guidance of the evaluated samples.")
-    num_inference_steps: int = setting(25, "Denoising steps.")
-    scheduler: str = setting("ddim", "Sampling scheduler.", choices=SAMPLING_SCHEDULERS)
+    guidance_scale: float = setting(_default(SampleSettings, "guidance_scale"),
+                                    "Classifier-free guidance of the evaluated samples.")
+    num_inference_steps: int = setting(_default(SampleSettings, "num_inference_steps"), "Denoising steps.")
+    scheduler: str = setting(_default(SampleSettings, "scheduler"), "Sampling scheduler.", choices=SAMPLING_SCHEDULERS)
     seed: int = setting(0, "Sample i uses seed + i: two models are compared on identical noise.")
     batch_size: int = setting(16, "Images per generation or feature batch.")
     feature_extractor: str = setting("auto", "Features for FID/KID: inception (needs ldmflow[eval]), probe (the "

@@ -4,9 +4,9 @@ Serving formats (JSON friendly, one row per image):
 
 - `LatentDiffusionPyfunc`: input columns are the condition components in physical units (`component_columns`
   of the model's spec, e.g. temperature, wind_0, wind_1, wind_2, wind_mag; all optional, all blank = an
-  unconditional sample) plus an optional integer `seed`. Params: num_inference_steps (25), guidance_scale (3.0),
-  scheduler ("ddim"), batch_size (8), dtype ("fp32", "bf16" or "fp16"; fp32 on a CPU). Output: `image`
-  (base64-encoded 8-bit RGB PNG) and the `seed` used.
+  unconditional sample) plus an optional integer `seed`. Params: num_inference_steps, guidance_scale, scheduler
+  and dtype ("fp32", "bf16" or "fp16"; fp32 on a CPU), by default `ldmflow sample`'s, and batch_size (8).
+  Output: `image` (base64-encoded 8-bit RGB PNG) and the `seed` used.
 - `VaePyfunc`: input column `image` (base64 PNG/TIFF/JPEG; sides multiples of the VAE's downsample factor f).
   Param mode = "reconstruct" (output `image`, base64 PNG) or "encode" (output `latent`, nested lists
   (latent_channels, H/f, W/f) of the posterior mean times the VAE's scaling_factor, i.e. what the latent DDPM
@@ -44,6 +44,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from ldmflow.errors import LdmflowError
 from ldmflow.models.kinds import LEGACY_DDPM, PROBE, VAE
 from ldmflow.sampling.condition_input import SEED_COLUMN
+from ldmflow.settings import SampleSettings
 
 IMAGE_COLUMN = "image"
 LATENT_COLUMN = "latent"
@@ -133,10 +134,20 @@ def _params(params: dict | None, defaults: dict) -> dict:
     return merged
 
 
-LATENT_DEFAULTS = {"num_inference_steps": 25, "guidance_scale": 3.0, "scheduler": "ddim", "batch_size": 8,
-                   "dtype": "fp32"}
-LEGACY_DEFAULTS = {"num_inference_steps": 25, "scheduler": "ddim", "batch_size": 8, "num_images": 0, "dtype": "fp32"}
+SERVING_BATCH_SIZE = 8  # images one request denoises together: the serving default, not `ldmflow sample`'s
+# The params a served model accepts, with `ldmflow sample`'s defaults (SampleSettings) where it has the same knob.
+LATENT_DEFAULTS = {"num_inference_steps": SampleSettings.num_inference_steps,
+                   "guidance_scale": SampleSettings.guidance_scale, "scheduler": SampleSettings.scheduler,
+                   "batch_size": SERVING_BATCH_SIZE, "dtype": SampleSettings.dtype}
+LEGACY_DEFAULTS = {"num_inference_steps": SampleSettings.num_inference_steps, "scheduler": SampleSettings.scheduler,
+                   "batch_size": SERVING_BATCH_SIZE, "num_images": 0, "dtype": SampleSettings.dtype}
 VAE_DEFAULTS = {"mode": "reconstruct"}
+PARAM_TYPES = {int: "long", float: "double", str: "string"}  # Python type of a default -> MLflow param type
+
+
+def _param_schema(defaults: dict, names: tuple[str, ...]) -> ParamSchema:
+    """The signature's params, typed and defaulted as `predict` takes them (`defaults`)."""
+    return ParamSchema([ParamSpec(name, PARAM_TYPES[type(defaults[name])], defaults[name]) for name in names])
 
 
 class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
@@ -313,8 +324,7 @@ def latent_signature(condition_spec: str) -> ModelSignature:
     spec = ConditionSpec.parse(condition_spec)
     inputs = [ColSpec("double", column, required=False) for column in component_columns(spec)]
     inputs.append(ColSpec("long", SEED_COLUMN, required=spec.is_empty))
-    params = ParamSchema([ParamSpec("num_inference_steps", "long", 25), ParamSpec("guidance_scale", "double", 3.0),
-                          ParamSpec("scheduler", "string", "ddim"), ParamSpec("batch_size", "long", 8)])
+    params = _param_schema(LATENT_DEFAULTS, ("num_inference_steps", "guidance_scale", "scheduler", "batch_size"))
     return ModelSignature(inputs=Schema(inputs), outputs=_output_schema(), params=params)
 
 
@@ -326,8 +336,7 @@ def vae_signature() -> ModelSignature:
 
 
 def legacy_signature() -> ModelSignature:
-    params = ParamSchema([ParamSpec("num_inference_steps", "long", 25), ParamSpec("scheduler", "string", "ddim"),
-                          ParamSpec("batch_size", "long", 8), ParamSpec("num_images", "long", 0)])
+    params = _param_schema(LEGACY_DEFAULTS, ("num_inference_steps", "scheduler", "batch_size", "num_images"))
     return ModelSignature(inputs=Schema([ColSpec("long", SEED_COLUMN, required=False)]),
                           outputs=_output_schema(), params=params)
 
