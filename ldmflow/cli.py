@@ -224,23 +224,23 @@ def pipeline_command(**options):
     from ldmflow.tracking.lineage import version_metrics
     from ldmflow.workflows.pipeline import evaluation_metrics, run_pipeline
 
-    summary = run_pipeline(PipelineSettings(**options))
+    result = run_pipeline(PipelineSettings(**options))
 
-    def reused(step: str) -> str:
-        return " (reused)" if summary[f"{step}_reused"] == "True" else ""
+    def reused(flag: bool) -> str:
+        return " (reused)" if flag else ""
 
-    click.echo(f"Pipeline: {summary['vae_uri']}{reused(VAE.name)} -> {summary['latent_ddpm_uri']}"
-               f"{reused(LATENT_DDPM.name)}; "
-               f"samples in run {summary['sample_run_id']}{reused('sample')}, evaluation in run "
-               f"{summary['evaluate_run_id']}{reused('evaluate')}.")
-    vae_quality = {key: value for key, value in version_metrics(summary["vae_uri"]).items()
+    click.echo(f"Pipeline: {result.vae_uri}{reused(result.vae_reused)} -> {result.latent_ddpm_uri}"
+               f"{reused(result.latent_ddpm_reused)}; "
+               f"samples in run {result.sample_run_id}{reused(result.sample_reused)}, evaluation in run "
+               f"{result.evaluate_run_id}{reused(result.evaluate_reused)}.")
+    vae_quality = {key: value for key, value in version_metrics(result.vae_uri).items()
                    if key in ("val/psnr", "val/ssim")}
     if vae_quality:  # the first stage's ceiling, in the units a user compares VAEs by
-        click.echo(f"VAE {summary['vae_uri']} (registered weights): "
+        click.echo(f"VAE {result.vae_uri} (registered weights): "
                    + ", ".join(f"{key} {value:.4g}" for key, value in sorted(vae_quality.items())) + ".")
-    if summary["evaluate_reused"] == "True":  # else its own run printed the table above
-        click.echo(f"\nEvaluation of {summary['latent_ddpm_uri']} (run {summary['evaluate_run_id']}):")
-        click.echo(format_metrics(evaluation_metrics(summary["evaluate_run_id"])))
+    if result.evaluate_reused:  # else its own run printed the table above
+        click.echo(f"\nEvaluation of {result.latent_ddpm_uri} (run {result.evaluate_run_id}):")
+        click.echo(format_metrics(evaluation_metrics(result.evaluate_run_id)))
 
 
 @cli.command("lineage")

@@ -7,9 +7,11 @@ stored), the same code version, and a registered model; found with a `filter_str
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError
@@ -103,8 +105,28 @@ def evaluation_metrics(run_id: str) -> dict[str, float]:
     return {key: value for key, value in metrics.items() if key.startswith("eval/")}
 
 
-def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
-    """Run (or reuse) the four steps under one parent run; returns the step run ids and model URIs."""
+@dataclass(frozen=True)
+class PipelineResult:
+    """Each step's run, the registered models' URIs, and which steps were reused; the parent run's
+    `ldmflow.pipeline.<field>` tags."""
+
+    vae_run_id: str
+    vae_uri: str
+    vae_reused: bool
+    latent_ddpm_run_id: str
+    latent_ddpm_uri: str
+    latent_ddpm_reused: bool
+    sample_run_id: str
+    sample_reused: bool
+    evaluate_run_id: str
+    evaluate_reused: bool
+
+    def tags(self) -> dict[str, str]:
+        return {f"{PIPELINE_TAG_PREFIX}{key}": str(value) for key, value in dataclasses.asdict(self).items()}
+
+
+def run_pipeline(settings: PipelineSettings) -> PipelineResult:
+    """Run (or reuse) the four steps under one parent run."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -142,10 +164,10 @@ def run_pipeline(settings: PipelineSettings) -> dict[str, str]:
         sample_run, sample_reused = _run_step(client, experiment_id, "sample", sample_params, version)
         evaluate_run, evaluate_reused = _run_step(client, experiment_id, "evaluate",
                                                   {**params["evaluate"], "model_uri": unet_uri}, version, digest)
-        summary = {"vae_run_id": vae_run.info.run_id, "vae_uri": vae_uri, "vae_reused": str(vae_reused),
-                   "latent_ddpm_run_id": latent_run.info.run_id, "latent_ddpm_uri": unet_uri,
-                   "latent_ddpm_reused": str(latent_reused), "sample_run_id": sample_run.info.run_id,
-                   "sample_reused": str(sample_reused), "evaluate_run_id": evaluate_run.info.run_id,
-                   "evaluate_reused": str(evaluate_reused)}
-        mlflow.set_tags({f"{PIPELINE_TAG_PREFIX}{key}": value for key, value in summary.items()})
-    return summary
+        result = PipelineResult(vae_run_id=vae_run.info.run_id, vae_uri=vae_uri, vae_reused=vae_reused,
+                                latent_ddpm_run_id=latent_run.info.run_id, latent_ddpm_uri=unet_uri,
+                                latent_ddpm_reused=latent_reused, sample_run_id=sample_run.info.run_id,
+                                sample_reused=sample_reused, evaluate_run_id=evaluate_run.info.run_id,
+                                evaluate_reused=evaluate_reused)
+        mlflow.set_tags(result.tags())
+    return result
