@@ -1,4 +1,4 @@
-"""MLflow entry point `pipeline`: vae -> latent_ddpm -> sample as child runs (`ldmflow pipeline`)."""
+"""MLflow entry point `pipeline`: vae -> latent_ddpm -> sample -> evaluate as child runs (`ldmflow pipeline`)."""
 
 import sys
 
