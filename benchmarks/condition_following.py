@@ -1,7 +1,8 @@
-"""Does a latent DDPM trained on demo data follow its conditions? The demo probe reads them back from samples.
+"""Does a latent DDPM trained on demo data follow its conditions? `estimate_conditions` (the demo's own reader)
+reads them back from samples.
 
 Run: python benchmarks/condition_following.py MODEL [--num_images 32] [--guidance_scale 3] [--steps 25]
-MODEL is a `ldmflow latent-ddpm` output folder or an MLflow model URI. Prints, for requested vs probed
+MODEL is a `ldmflow latent-ddpm` output folder or an MLflow model URI. Prints, for requested vs estimated
 conditions: temperature mean absolute error and rank correlation, stripe-angle error (wind > 3 m/s) and
 wind-magnitude rank correlation, next to the same numbers for shuffled requests (what ignoring the
 conditions would score).
@@ -31,15 +32,15 @@ def _rank_correlation(a, b) -> float:
     return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
 
 
-def score(requests: list[dict], probes: list[dict]) -> dict[str, float]:
+def score(requests: list[dict], estimates: list[dict]) -> dict[str, float]:
     from ldmflow.data.demo import angle_error
 
     wanted_t = np.array([r["temperature"][0] for r in requests])
-    got_t = np.array([p["temperature"] for p in probes])
+    got_t = np.array([p["temperature"] for p in estimates])
     wanted_m = np.array([r["wind_mag"][0] for r in requests])
-    got_m = np.array([p["wind_mag"] for p in probes])
-    angles = [(math.atan2(r["wind"][1], r["wind"][0]) % math.pi, p["wind_angle"]) for r, p in zip(requests, probes)
-              if r["wind_mag"][0] > 3]
+    got_m = np.array([p["wind_mag"] for p in estimates])
+    angles = [(math.atan2(r["wind"][1], r["wind"][0]) % math.pi, p["wind_angle"])
+              for r, p in zip(requests, estimates) if r["wind_mag"][0] > 3]
     return {"temperature_mae": float(np.abs(wanted_t - got_t).mean()),
             "temperature_rank_corr": _rank_correlation(wanted_t, got_t),
             "angle_error_deg": float(np.degrees(np.mean([angle_error(a, b) for a, b in angles]))) if angles else math.nan,
@@ -56,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     from pathlib import Path
 
-    from ldmflow.data.demo import probe_conditions
+    from ldmflow.data.demo import estimate_conditions
     from ldmflow.workflows.sample import load_sampler
     from ldmflow.tracking.model_uri import resolve_model_source
 
@@ -64,9 +65,9 @@ def main() -> None:
     requests = _requests(args.num_images, args.seed)
     images = sampler.generate(requests, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
                               seeds=list(range(args.seed, args.seed + len(requests))))
-    probes = [probe_conditions(image) for image in images]
+    estimates = [estimate_conditions(image) for image in images]
     shuffled = [requests[i] for i in np.random.default_rng(args.seed + 1).permutation(len(requests))]
-    followed, ignored = score(requests, probes), score(shuffled, probes)
+    followed, ignored = score(requests, estimates), score(shuffled, estimates)
     print(f"{'metric':24s} {'requested':>10s} {'shuffled':>10s}")
     for key in followed:
         print(f"{key:24s} {followed[key]:10.3f} {ignored[key]:10.3f}")

@@ -120,11 +120,11 @@ def test_empty_records_rejected():
 
 
 @pytest.mark.parametrize("style", ["stripes", "textured"])
-def test_flipped_samples_keep_labels_the_demo_probe_agrees_with(tmp_path, style):
+def test_flipped_samples_keep_labels_the_demo_estimate_agrees_with(tmp_path, style):
     """A horizontal flip mirrors the wind's x component with the stripes: the label follows the image."""
     import math
 
-    from ldmflow.data.demo import angle_error, make_demo_dataset, probe_conditions
+    from ldmflow.data.demo import angle_error, estimate_conditions, make_demo_dataset
     from ldmflow.data.manifest import load_manifest
 
     manifest = load_manifest(make_demo_dataset(tmp_path / "demo", num_images=16, resolution=32, style=style),
@@ -140,9 +140,9 @@ def test_flipped_samples_keep_labels_the_demo_probe_agrees_with(tmp_path, style)
         wind = item["conditions"][1:4].numpy()
         expected_x = -reference["conditions"][1].item() if flipped else reference["conditions"][1].item()
         assert wind[0] == pytest.approx(expected_x) and wind[1] == reference["conditions"][2].item()
-        if np.hypot(wind[0], wind[1]) > 3:  # the probe reads stripe directions of clear stripes
-            probed = probe_conditions(((item["pixel_values"].permute(1, 2, 0).numpy() + 1) / 2))
-            assert math.degrees(angle_error(math.atan2(wind[1], wind[0]) % math.pi, probed["wind_angle"])) < 10
+        if np.hypot(wind[0], wind[1]) > 3:  # the estimate reads stripe directions of clear stripes
+            estimated = estimate_conditions(((item["pixel_values"].permute(1, 2, 0).numpy() + 1) / 2))
+            assert math.degrees(angle_error(math.atan2(wind[1], wind[0]) % math.pi, estimated["wind_angle"])) < 10
     assert 0 < flips < len(manifest.records)
 
 

@@ -10,7 +10,7 @@ from ldmflow.data.demo import (
     TEMPERATURE_RANGE,
     angle_error,
     make_demo_dataset,
-    probe_conditions,
+    estimate_conditions,
     render_demo_image,
 )
 from ldmflow.data.image_io import read_image
@@ -57,28 +57,28 @@ def test_generation_is_deterministic(tmp_path, style):
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("resolution", [32, 64])
 @pytest.mark.parametrize("image_format", IMAGE_FORMATS)
-def test_probe_recovers_conditions(tmp_path, image_format, resolution, style):
-    """The same probe and tolerances for both styles: the textured one must stay exactly as readable."""
+def test_estimate_recovers_conditions(tmp_path, image_format, resolution, style):
+    """The same estimate and tolerances for both styles: the textured one must stay exactly as readable."""
     path = make_demo_dataset(tmp_path, num_images=24, resolution=resolution, image_format=image_format, seed=5,
                              style=style)
-    temperature_errors, angle_errors, true_mags, probed_mags = [], [], [], []
+    temperature_errors, angle_errors, true_mags, estimated_mags = [], [], [], []
     for item in json.loads(path.read_text())["items"]:
         metadata = item["metadata"]
-        probe = probe_conditions(read_image(path.parent / item["output_rel"], preserve_precision=True))
+        estimate = estimate_conditions(read_image(path.parent / item["output_rel"], preserve_precision=True))
         wind_x, wind_y, _ = metadata["wind"]
         speed = math.hypot(wind_x, wind_y)
         if "temperature" in metadata:
-            temperature_errors.append(abs(probe["temperature"] - metadata["temperature"]))
+            temperature_errors.append(abs(estimate["temperature"] - metadata["temperature"]))
         if speed > 2:
-            angle_errors.append(math.degrees(angle_error(probe["wind_angle"], math.atan2(wind_y, wind_x))))
+            angle_errors.append(math.degrees(angle_error(estimate["wind_angle"], math.atan2(wind_y, wind_x))))
         true_mags.append(speed)
-        probed_mags.append(probe["wind_mag"])
-        assert 0 <= probe["wind_angle"] < math.pi
+        estimated_mags.append(estimate["wind_mag"])
+        assert 0 <= estimate["wind_angle"] < math.pi
     # the accuracy docs/manifest.md states (about 0.1 C, 2 degrees, 0.05 m/s); measured 2-3x better or more
     assert np.mean(temperature_errors) < 0.1
     assert max(angle_errors) < 2.0
-    assert _rank_correlation(true_mags, probed_mags) > 0.9
-    assert np.mean(np.abs(np.array(true_mags) - probed_mags)) < 0.05
+    assert _rank_correlation(true_mags, estimated_mags) > 0.9
+    assert np.mean(np.abs(np.array(true_mags) - estimated_mags)) < 0.05
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -102,7 +102,7 @@ def test_textured_clouds_are_colour_only():
     red, green, blue = image[..., 0], image[..., 1], image[..., 2]
     assert (red + blue - 2.0 * green).std() > 0.15
     assert image.mean(axis=-1).std() < 0.01 and (red - blue).std() < 0.02  # pixel noise only
-    assert probe_conditions(image)["wind_mag"] < 0.3
+    assert estimate_conditions(image)["wind_mag"] < 0.3
 
 
 def _gradient_energy(image: np.ndarray) -> float:
@@ -122,12 +122,12 @@ def test_textured_style_has_fine_detail():
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_probe_reads_a_mirrored_image_as_the_mirrored_wind(style):
+def test_estimate_reads_a_mirrored_image_as_the_mirrored_wind(style):
     """A horizontal flip maps the wind direction theta to pi - theta (the flipx=0 rule of the demo's wind)."""
     for index, theta in enumerate(np.linspace(0.1, 3.0, 7)):
         image = render_demo_image(10.0, (6 * math.cos(theta), 6 * math.sin(theta)), 32,
                                   np.random.default_rng(index), style)
-        mirrored = probe_conditions(image[:, ::-1])
+        mirrored = estimate_conditions(image[:, ::-1])
         assert math.degrees(angle_error(mirrored["wind_angle"], math.pi - theta)) < 2
         assert mirrored["wind_mag"] == pytest.approx(6.0, abs=0.3)
 
@@ -137,16 +137,16 @@ def test_styles_are_the_setting_choices():
     assert choices["style"] == STYLES and DemoDataSettings.style == "stripes"
 
 
-def test_probe_accepts_pil_and_uint8():
+def test_estimate_accepts_pil_and_uint8():
     image = render_demo_image(25.0, (3.0, 3.0), 64, np.random.default_rng(1))
     pil = Image.fromarray(np.round(image * 255).astype(np.uint8))
     for source in (pil, np.asarray(pil)):
-        probe = probe_conditions(source)
-        assert probe["temperature"] == pytest.approx(25.0, abs=1.0)
-        assert math.degrees(angle_error(probe["wind_angle"], math.pi / 4)) < 5
-        assert probe["wind_mag"] == pytest.approx(math.hypot(3, 3), abs=0.5)
+        estimate = estimate_conditions(source)
+        assert estimate["temperature"] == pytest.approx(25.0, abs=1.0)
+        assert math.degrees(angle_error(estimate["wind_angle"], math.pi / 4)) < 5
+        assert estimate["wind_mag"] == pytest.approx(math.hypot(3, 3), abs=0.5)
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
-        probe_conditions(np.zeros((8, 8)))
+        estimate_conditions(np.zeros((8, 8)))
 
 
 def test_angle_error_is_modulo_pi():

@@ -7,7 +7,7 @@ from ldmflow.data.image_io import (
     UnreadableImageError,
     encode_png16,
     extension_for,
-    probe_readable,
+    header_problem,
     read_image,
     write_image,
 )
@@ -35,7 +35,7 @@ def test_round_trip_every_format(tmp_path, image_format, tolerance):
     quantised = read_image(path, preserve_precision=False)
     assert _is_8bit(quantised)
     assert np.abs(quantised - image).max() <= 0.5 / 255 + 1e-6
-    assert probe_readable(path) is None
+    assert header_problem(path) is None
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
 
 
@@ -119,12 +119,12 @@ def test_write_image_rejects_wrong_shape(tmp_path):
 
 
 @pytest.mark.parametrize("image_format", ["png", "png16", "tiff16"])
-def test_truncated_files_are_unreadable_and_probed(tmp_path, image_format):
+def test_truncated_files_are_unreadable_and_fail_the_header_check(tmp_path, image_format):
     path = tmp_path / f"t{extension_for(image_format)}"
     write_image(path, _random_image(32, 32), image_format)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    assert probe_readable(path) is not None
+    assert header_problem(path) is not None
     with pytest.raises(UnreadableImageError) as info:
         read_image(path)
     assert str(path) in str(info.value) and info.value.reason
@@ -136,8 +136,8 @@ def test_garbage_and_empty_files(tmp_path):
     garbage.write_bytes(b"this is not an image" * 10)
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    assert "cannot identify" in probe_readable(garbage)
-    assert probe_readable(empty) == "empty file"
+    assert "cannot identify" in header_problem(garbage)
+    assert header_problem(empty) == "empty file"
     with pytest.raises(UnreadableImageError, match="garbage.png"):
         read_image(garbage)
     with pytest.raises(UnreadableImageError, match="empty.png: empty file"):
@@ -152,7 +152,7 @@ def test_png_with_damaged_pixel_data_is_unreadable(tmp_path):
     data = bytearray(path.read_bytes())
     data[60] ^= 0xFF  # inside IDAT; Pillow alone would not notice
     path.write_bytes(bytes(data))
-    assert probe_readable(path) is None  # the header and ending look fine
+    assert header_problem(path) is None  # the header and ending look fine
     with pytest.raises(UnreadableImageError, match="IDAT chunk at byte 33 fails its CRC check"):
         read_image(path)
 
@@ -193,7 +193,7 @@ def _with_orientation(array: np.ndarray, orientation: int) -> Image.Image:
 
 @pytest.mark.parametrize("suffix", [".png", ".tiff"])
 def test_images_over_the_pixel_limit_are_refused_from_their_header(tmp_path, suffix):
-    from ldmflow.data.image_io import probe_readable
+    from ldmflow.data.image_io import header_problem
 
     path = tmp_path / f"large{suffix}"
     if suffix == ".tiff":  # a 20000 x 20000 TIFF (a sparse file): its pixels are never read
@@ -203,6 +203,6 @@ def test_images_over_the_pixel_limit_are_refused_from_their_header(tmp_path, suf
     limit = 100 * 100 if suffix == ".png" else 16384 * 16384
     with pytest.raises(UnreadableImageError, match=r"over --max_image_pixels"):
         read_image(path, max_pixels=limit)
-    assert "over --max_image_pixels" in probe_readable(path, limit)
+    assert "over --max_image_pixels" in header_problem(path, limit)
     if suffix == ".png":
         assert read_image(path).shape == (200, 300, 3)  # under the default limit

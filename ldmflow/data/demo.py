@@ -1,4 +1,4 @@
-"""A synthetic, condition-controlled dataset and a probe that reads the conditions back from an image.
+"""A synthetic, condition-controlled dataset, and an estimate of the conditions read back from an image.
 
 Each image is a background whose colour encodes temperature (blue when cold, red when hot) overlaid with a grey
 pattern that runs along the wind direction, with a contrast proportional to the wind speed. Two styles:
@@ -6,9 +6,9 @@ pattern that runs along the wind direction, with a contrast proportional to the 
 - ``stripes``: two soft sinusoidal stripes per image, smooth enough for a tiny VAE at 32 px.
 - ``textured``: fine streaks (periods of 4 to 8 px) along the wind plus multi-octave value-noise clouds, detail
   that a blurry VAE visibly loses. The clouds live on the colour axis (1, -2, 1), which changes neither the
-  luminance nor red - blue, so the probe reads the same conditions as for stripes.
+  luminance nor red - blue, so ``estimate_conditions`` reads the same conditions as for stripes.
 
-``probe_conditions`` reads both styles back, which lets tests measure whether a trained model obeys its
+``estimate_conditions`` reads both styles back, which lets tests measure whether a trained model obeys its
 conditions. Numpy and Pillow only.
 """
 
@@ -40,7 +40,7 @@ STREAK_PERIODS = (4.0, 8.0)  # px; textured style: finer than a latent cell of a
 STREAK_TONES = 6  # sinusoids of random period and phase summed into one streak profile
 CLOUD_STD = 0.04  # textured style: standard deviation of the clouds on the red and blue channels (green: twice)
 CLOUD_AXIS = np.array([1.0, -2.0, 1.0])  # orthogonal to grey (luminance) and to red - blue (temperature)
-PROBE_SIGMA = 1.0  # px; Gaussian derivatives keep the orientation of fine streaks, central differences skew it
+DERIVATIVE_SIGMA = 1.0  # px; Gaussian derivatives keep the orientation of fine streaks, central differences skew it
 _DESCRIPTIONS = {  # the manifest's description, per style
     "stripes": "Synthetic images: background colour = temperature, stripe direction/contrast = wind.",
     "textured": "Synthetic images: background colour = temperature, fine streak direction/contrast = wind, "
@@ -75,7 +75,7 @@ def _stripes(across: np.ndarray, resolution: int, rng: np.random.Generator) -> n
 def _streaks(across: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Fine streaks: random-phase sinusoids with periods in STREAK_PERIODS, rescaled to mean 0, variance 1/2.
 
-    The variance of a unit sine, so the probe reads the wind speed from the contrast as for stripes; every
+    The variance of a unit sine, so ``estimate_conditions`` reads the wind speed from the contrast as for stripes; every
     period stays above 2 px, so no aliased component runs across the wind.
     """
     frequencies = rng.uniform(1.0 / STREAK_PERIODS[1], 1.0 / STREAK_PERIODS[0], size=(STREAK_TONES, 1, 1))
@@ -139,11 +139,11 @@ def _as_unit_array(image) -> np.ndarray:
         array = array / 65535.0
     array = np.asarray(array, dtype=np.float64)
     if array.ndim != 3 or array.shape[-1] < 3:
-        raise ValueError(f"probe_conditions expects an (H, W, 3) image, got shape {array.shape}")
+        raise ValueError(f"estimate_conditions expects an (H, W, 3) image, got shape {array.shape}")
     return array[..., :3]
 
 
-def probe_conditions(image) -> dict[str, float]:
+def estimate_conditions(image) -> dict[str, float]:
     """Estimate ``temperature``, ``wind_angle`` and ``wind_mag`` from a demo image.
 
     Works for both styles without being told which. temperature: from the mean red - blue difference.
@@ -165,14 +165,14 @@ def probe_conditions(image) -> dict[str, float]:
 
 
 def _gaussian_derivative(image: np.ndarray, axis: int) -> np.ndarray:
-    """d image / d axis smoothed by a Gaussian of PROBE_SIGMA, on the pixels the kernels fit in ('valid').
+    """d image / d axis smoothed by a Gaussian of DERIVATIVE_SIGMA, on the pixels the kernels fit in ('valid').
 
     Unlike central differences, its response is proportional to the frequency vector (times an isotropic
     gain) up to the finest streaks, so a structure tensor built on it keeps their orientation.
     """
     radius = max(1, min(4, (min(image.shape) - 1) // 2))
     offsets = np.arange(-radius, radius + 1, dtype=np.float64)
-    smooth = np.exp(-0.5 * (offsets / PROBE_SIGMA) ** 2)
+    smooth = np.exp(-0.5 * (offsets / DERIVATIVE_SIGMA) ** 2)
     smooth /= smooth.sum()
     derivative = offsets * smooth / (offsets**2 * smooth).sum()  # slope 1 on a ramp
     window = np.lib.stride_tricks.sliding_window_view

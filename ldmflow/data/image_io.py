@@ -238,7 +238,7 @@ def _scaled(array: np.ndarray, path: Path) -> np.ndarray:
     return np.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=0.0)
 
 
-def probe_readable(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
+def header_problem(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> str | None:
     """Cheap header-level check: the reason a file is clearly broken, or None if it looks decodable.
 
     Reads the header (and for PNG the trailing IEND chunk, for TIFF the strip table against the file size), so
@@ -259,7 +259,7 @@ def probe_readable(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> str 
         if too_large:
             return too_large
         if head[:4] in _TIFF_MAGIC:
-            return _probe_tiff(path, size)
+            return _tiff_problem(path, size)
         with Image.open(path) as img:
             if img.width < 1 or img.height < 1:
                 return f"empty image size {img.size}"
@@ -268,7 +268,7 @@ def probe_readable(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> str 
     return None
 
 
-def _probe_tiff(path: Path, size: int) -> str | None:
+def _tiff_problem(path: Path, size: int) -> str | None:
     with tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         ends = [off + count for off, count in zip(page.dataoffsets, page.databytecounts)]

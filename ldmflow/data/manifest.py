@@ -23,7 +23,7 @@ from ldmflow.data.conditions import (
     compute_condition_stats,
     extract_conditions,
 )
-from ldmflow.data.image_io import UnreadableImageError, probe_readable, read_image
+from ldmflow.data.image_io import UnreadableImageError, header_problem, read_image
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import DEFAULT_CONDITION_SPEC, MAX_IMAGE_PIXELS
 
@@ -109,7 +109,7 @@ def load_manifest(
 ) -> Manifest:
     """Load the entries of ``split`` (None or "all": every entry) whose images exist and can be read.
 
-    ``verify_images``: "none" checks existence only, "header" also probes file headers (fast, for training),
+    ``verify_images``: "none" checks existence only, "header" also checks file headers (fast, for training),
     "full" decodes every image (for check-manifest). Raises NothingUsableError when no entry is usable.
     """
     if verify_images not in VERIFY_MODES:
@@ -285,7 +285,7 @@ def _verify_files(
 
 def _unreadable_reason(image_path: Path, verify_images: str, max_pixels: int) -> str | None:
     if verify_images == "header":
-        return probe_readable(image_path, max_pixels)
+        return header_problem(image_path, max_pixels)
     if verify_images == "full":
         try:
             read_image(image_path, preserve_precision=True, max_pixels=max_pixels)
