@@ -272,7 +272,7 @@ def models_command(as_json):
 @settings_options(ServerSettings)
 def server_command(**options):
     """Start a team MLflow server: PostgreSQL, proxied artifacts, basic auth (prints what to export)."""
-    from ldmflow.tracking.team_server import start_server
+    from ldmflow.server.team_server import start_server
 
     settings = ServerSettings(**options)
     state = start_server(settings.root, settings.port)
@@ -285,7 +285,7 @@ def server_command(**options):
 @click.option("--root", default=ServerSettings.root, show_default=True, help="The folder `ldmflow server` used.")
 def server_stop_command(root):
     """Stop the team server started in --root (its MLflow server and PostgreSQL, nothing else)."""
-    from ldmflow.tracking.team_server import stop_server
+    from ldmflow.server.team_server import stop_server
 
     stop_server(root)
     click.echo(f"Stopped the server in {root}.")

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "ldmflow"
 
 # Bottom to top. A module may import its own component and any lower layer; components of one layer
-# (training and tracking) do not import each other.
+# (training and tracking, workflows and server) do not import each other.
 LAYERS = (
     ("ldmflow", "ldmflow.errors"),
     ("ldmflow.settings", "ldmflow.files", "ldmflow.progress", "ldmflow.tags"),
@@ -22,7 +22,7 @@ LAYERS = (
     ("ldmflow.models",),
     ("ldmflow.sampling", "ldmflow.evaluation"),
     ("ldmflow.training", "ldmflow.tracking"),
-    ("ldmflow.workflows",),
+    ("ldmflow.workflows", "ldmflow.server"),
     ("ldmflow.cli",),
     ("ldmflow.projects", "ldmflow.__main__"),
 )

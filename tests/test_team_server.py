@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ldmflow.data.demo import make_demo_dataset
-from ldmflow.tracking.team_server import STATE_FILE, ServerState, start_mlflow, start_server, stop_mlflow, stop_server
+from ldmflow.server.team_server import STATE_FILE, ServerState, start_mlflow, start_server, stop_mlflow, stop_server
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
