@@ -154,15 +154,21 @@ class TrackingSettings(ExperimentSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainSettings(TrackingSettings):
-    """What every trainer shares: data, optimisation, checkpoints, previews and tracking."""
+class ManifestSettings(Settings):
+    """A command that reads a manifest's images: the trainers, evaluate and check-manifest."""
 
     manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).")
+    data_root: str | None = setting(None, "Folder output_rel is relative to (default: the manifest's).")
+    allow_outside_root: bool = setting(False, "Accept output_rel paths outside the data root.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings(ManifestSettings, TrackingSettings):
+    """What every trainer shares: data, optimisation, checkpoints, previews and tracking."""
+
     output_dir: str = setting(help="Where weights, checkpoints and previews go.", resumable=True)
     split: str = setting("train", "metadata.split value to train on.")
     val_split: str = setting("val", "Split used for validation, if present.")
-    data_root: str | None = setting(None, "Folder output_rel is relative to (default: the manifest's).")
-    allow_outside_root: bool = setting(False, "Accept output_rel paths outside the data root.")
     resolution: int = setting(256, "Square training size in pixels (multiple of 8).")
     random_crop: bool = setting(False, "Random instead of center crop.")
     random_flip: bool = setting(False, "Random horizontal flips.")
@@ -435,7 +441,7 @@ class SampleSettings(TrackingSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateSettings(TrackingSettings):
+class EvaluateSettings(ManifestSettings, TrackingSettings):
     """`ldmflow evaluate`: quality metrics of a trained model, logged to a run linked to the model."""
 
     model_uri: str = setting(help="The model: its folder, runs:/..., models:/name/version or models:/name@alias.")
@@ -443,8 +449,6 @@ class EvaluateSettings(TrackingSettings):
     split: str = setting("val", "Real images to compare with (and the probe's validation split).")
     train_split: str = setting("train", "The model's training split: the probe's training images and the "
                                         "conditions' range.")
-    data_root: str | None = setting(None, "Folder output_rel is relative to (default: the manifest's).")
-    allow_outside_root: bool = setting(False, "Accept output_rel paths outside the data root.")
     output_dir: str = setting("outputs/evaluate", "Where the sample grid, the table and a new probe go.")
     num_samples: int = setting(256, "Generated (or reconstructed) images compared with the real ones.")
     guidance_scale: float = setting(_default(SampleSettings, "guidance_scale"),
@@ -585,12 +589,9 @@ class ServerSettings(Settings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CheckManifestSettings(Settings):
+class CheckManifestSettings(ManifestSettings):
     """`ldmflow check-manifest`: the data report before a long training."""
 
-    manifest_path: str = setting(help="JSON manifest of images (see docs/manifest.md).")
     split: str = setting(_default(TrainSettings, "split"), "Split to check ('all' for every entry).")
     condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "Comma list of name:dim, or 'none'.")
-    data_root: str | None = setting(None, "Folder output_rel is relative to (default: the manifest's).")
-    allow_outside_root: bool = setting(False, "Accept output_rel paths outside the data root.")
     max_image_pixels: int = setting(MAX_IMAGE_PIXELS, "Images with more pixels are reported as unreadable.")
