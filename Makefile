@@ -7,7 +7,10 @@ DEMO_DIR ?= demo
 BIN := $(abspath $(VENV))/bin
 # The demo's tracking store: MLFLOW_TRACKING_URI when set (e.g. the team server of `make server`), else ./mlflow.db.
 STORE := $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///$(abspath .)/mlflow.db)
-PYTEST_ARGS ?= -q
+PYTEST_ARGS ?= -q --durations=15
+# Test lanes: `make test-fast` (no training, about a minute: the inner loop), `make test` (the README's command and
+# CI's: everything but the end-to-end runs marked slow, within 8 minutes on 2 CPU cores) and `make test-all`
+# (also MLflow Projects, multi-process, PostgreSQL team server, inductor and benchmark smoke runs).
 # MLFLOW_LOGGING_LEVEL=WARNING: `mlflow run` prints its temporary folder and the whole command line otherwise;
 # ldmflow prints each step's run and the result.
 # Demo sizes: a few minutes on a 2-core CPU. Real runs use the entry points' defaults (256 px, 50 epochs).
@@ -17,7 +20,7 @@ DEMO_PARAMS ?= -P resolution=64 -P vae_train_batch_size=8 -P ddpm_train_batch_si
 
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test mlproject clean server server-stop
+.PHONY: install demo test test-fast test-all mlproject clean server server-stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +46,12 @@ demo: install
 	@echo "Lineage of the latent DDPM:  MLFLOW_TRACKING_URI=$(STORE) $(BIN)/ldmflow lineage models:/ldmflow-latent-ddpm/1"
 
 test: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not train and not server" $(PYTEST_ARGS)
+
+test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A team server on this machine: PostgreSQL + MLflow with proxied artifacts and basic auth (docs/mlflow.md).

@@ -26,6 +26,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 DISC_LOSSES = ("hinge", "vanilla")  # the VAE discriminator's loss
 SAMPLE_DTYPES = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # the last two: to tell a compiler bug from a model bug
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
 REGISTER_CHOICES = ("best", "last")
@@ -212,6 +213,9 @@ class TrainSettings(ManifestSettings, TrackingSettings):
     torch_compile: bool = setting(False, "torch.compile the trained model (minutes of compiling, then faster "
                                          "steps; worth it for long runs on a GPU).", resumable=True)
     compile_mode: str = setting("default", "torch.compile mode.", choices=COMPILE_MODES, resumable=True)
+    compile_backend: str = setting("inductor", "torch.compile backend: inductor generates fast kernels; aot_eager "
+                                               "or eager trace the same graphs without them, to tell a compiler "
+                                               "bug from a model bug.", choices=COMPILE_BACKENDS, resumable=True)
     channels_last: bool = setting(False, "Channels-last memory layout for the convolutions (faster on tensor "
                                          "cores).", resumable=True)
     allow_tf32: bool = setting(True, "TF32 matmuls and convolutions on CUDA (Ampere and newer); "
@@ -236,6 +240,10 @@ class TrainSettings(ManifestSettings, TrackingSettings):
         _check_choice(self, "register", REGISTER_CHOICES)
         _check_choice(self, "lr_scheduler", LR_SCHEDULERS)
         _check_choice(self, "compile_mode", COMPILE_MODES)
+        _check_choice(self, "compile_backend", COMPILE_BACKENDS)
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise LdmflowError(f"--compile_mode {self.compile_mode} needs --compile_backend inductor (the modes are "
+                               f"inductor's), got {self.compile_backend}.")
         if any(c < 1 for c in self.block_out_channels):
             raise LdmflowError(f"--block_out_channels must be positive integers, got {self.block_out_channels}.")
         _check_alias(self.register_alias)

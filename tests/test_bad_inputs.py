@@ -106,25 +106,40 @@ CASES = [  # (id, arguments, fragment of the one error line)
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A demo manifest, a broken one, a tiny VAE and latent DDPM, and a tracking store to watch for runs."""
+    """A demo manifest, a broken one, and a tracking store to watch for runs."""
     root = tmp_path_factory.mktemp("bad-inputs")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         patch.delenv("MLFLOW_RUN_ID", raising=False)
-        runner = CliRunner()
-        assert runner.invoke(cli, ["demo-data", "--output_dir", "data", "--num_images", "16", "--resolution", "32",
-                                   "--val_fraction", "0.25"]).exit_code == 0
+        assert CliRunner().invoke(cli, ["demo-data", "--output_dir", "data", "--num_images", "16", "--resolution",
+                                        "32", "--val_fraction", "0.25"]).exit_code == 0
         (root / "broken.json").write_text('{"items": [')
+        values = {"tmp": str(root), "data": str(root / "data" / "manifest.json"), "data_dir": str(root / "data"),
+                  "broken": str(root / "broken.json"), "vae": str(root / "vae"), "latent": str(root / "latent")}
+        yield root, values
+
+
+@pytest.fixture(scope="module")
+def trained_models(inputs):
+    """A tiny VAE and latent DDPM, for the cases that name them ({vae}, {latent})."""
+    root, _ = inputs
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        runner = CliRunner()
         common = [*TINY, "--no_mlflow", "--max_train_steps", "1", "--save_images_epochs", "100"]
         assert runner.invoke(cli, ["vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae", *common,
                                    "--block_out_channels", "8,8,8,8", "--scaling_factor_batches", "1"]).exit_code == 0
         assert runner.invoke(cli, ["latent-ddpm", "--manifest_path", "data/manifest.json", "--vae_uri", "vae",
                                    "--output_dir", "latent", *common, "--block_out_channels", "16,16",
                                    "--num_preview_images", "1", "--preview_inference_steps", "1"]).exit_code == 0
-        values = {"tmp": str(root), "data": str(root / "data" / "manifest.json"), "data_dir": str(root / "data"),
-                  "broken": str(root / "broken.json"), "vae": str(root / "vae"), "latent": str(root / "latent")}
-        yield root, values
+
+
+def _case(case_id: str, arguments: list[str], fragment: str):
+    """A CASES row as a test parameter; a row that needs the trained models trains (once) and is marked so."""
+    needs_models = any("{vae}" in argument or "{latent}" in argument for argument in arguments)
+    return pytest.param(case_id, arguments, fragment, id=case_id,
+                        marks=[pytest.mark.train] if needs_models else [])
 
 
 def _open_or_failed_runs() -> list:
@@ -136,9 +151,11 @@ def _open_or_failed_runs() -> list:
     return [(run.info.run_name, run.info.status) for run in runs]
 
 
-@pytest.mark.parametrize("case_id, arguments, fragment", CASES, ids=[case[0] for case in CASES])
-def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(inputs, case_id, arguments, fragment):
+@pytest.mark.parametrize("case_id, arguments, fragment", [_case(*case) for case in CASES])
+def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(inputs, request, case_id, arguments, fragment):
     root, values = inputs
+    if any("{vae}" in argument or "{latent}" in argument for argument in arguments):
+        request.getfixturevalue("trained_models")
     out = root / "out" / case_id.replace(":", "").replace(" ", "_")
     args = [argument.format(**values, out=out) for argument in arguments]
     result = CliRunner().invoke(cli, args)
@@ -161,6 +178,7 @@ def test_the_table_covers_every_command():
             "pipeline", "lineage"} <= commands
 
 
+@pytest.mark.train
 def test_an_error_inside_a_data_loader_worker_is_one_line(tmp_path):
     from ldmflow.data.demo import make_demo_dataset
 

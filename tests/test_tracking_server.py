@@ -26,6 +26,8 @@ from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_sour
 from ldmflow.tracking.registry import log_and_register
 from ldmflow.tracking.run_tracker import PENDING_FILE, open_run, replay_pending
 
+pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
+
 DIGEST = "feedface" * 8
 
 

@@ -13,6 +13,8 @@ import torch
 from cli_runner import invoke
 from fakes import RecordingTracker
 
+pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
+
 TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0",
         "--learning_rate", "1e-3", "--no_mlflow", "--logging_steps", "2"]
 TINY_UNET = ["--block_out_channels", "32,32", "--num_preview_images", "2", "--preview_inference_steps", "3"]

@@ -21,6 +21,8 @@ from ldmflow.training.prepare import build_accelerator, prepare
 from ldmflow.training.vae_task import VaeTask
 from fakes import RecordingTracker
 
+pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
+
 TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--block_out_channels",
         "8,8,8,8", "--lr_warmup_steps", "0", "--learning_rate", "1e-3", "--save_images_epochs", "100",
         "--scaling_factor_batches", "1", "--no_mlflow"]

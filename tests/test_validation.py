@@ -18,6 +18,8 @@ from ldmflow.training.loop import train
 from ldmflow.training.prepare import build_accelerator, prepare
 from fakes import RecordingTracker
 
+pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:

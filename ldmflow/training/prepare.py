@@ -141,7 +141,8 @@ def _fast_layout(settings: TrainSettings, model: torch.nn.Module) -> torch.nn.Mo
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if settings.torch_compile:
-        model.compile(mode=None if settings.compile_mode == "default" else settings.compile_mode)
+        model.compile(backend=settings.compile_backend,
+                      mode=None if settings.compile_mode == "default" else settings.compile_mode)
     return model
 
 
