@@ -16,7 +16,7 @@ import pytest
 
 from ldmflow.tracking.model_uri import version_model_id
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TINY = ["-P", "resolution=32", "-P", "layers_per_block=1", "-P", "train_batch_size=4", "-P", "lr_warmup_steps=0"]
 

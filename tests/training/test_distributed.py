@@ -27,7 +27,7 @@ def _launch(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
                "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
                "--dynamo_backend", "no", *arguments]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+                               start_new_session=True, cwd=Path(__file__).resolve().parents[2])
     try:
         stdout, stderr = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from ldmflow.data.demo import make_demo_dataset
 from ldmflow.server.team_server import STATE_FILE, ServerState, start_mlflow, start_server, stop_mlflow, stop_server
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 VAE = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--block_out_channels",
        "8,8,8,8", "--lr_warmup_steps", "0", "--scaling_factor_batches", "1"]
