@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from ldmflow.cli import cli
+from tiny import TINY_SIZES
 
-TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0"]
+TINY = [*TINY_SIZES]
 VAE = ["vae", "--manifest_path", "{data}", "--output_dir", "{out}", *TINY, "--block_out_channels", "8,8,8,8"]
 LATENT = ["latent-ddpm", "--manifest_path", "{data}", "--vae_uri", "{vae}", "--output_dir", "{out}", *TINY,
           "--block_out_channels", "16,16"]

@@ -20,11 +20,11 @@ from mlflow import MlflowClient
 
 from ldmflow.data.demo import make_demo_dataset
 from ldmflow.server.team_server import STATE_FILE, ServerState, start_mlflow, start_server, stop_mlflow, stop_server
+from tiny import TINY_SIZES, as_project_params
 
 PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-VAE = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--block_out_channels",
-       "8,8,8,8", "--lr_warmup_steps", "0", "--scaling_factor_batches", "1"]
+VAE = [*TINY_SIZES, "--block_out_channels", "8,8,8,8", "--scaling_factor_batches", "1"]
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("LDMFLOW_SKIP_SERVER_TESTS") == "1",
@@ -108,7 +108,7 @@ def test_the_chain_through_mlflow_run_with_postgres_and_lineage_over_http(server
     env = environment(server)
     data = server["data"]
     project = [BIN / "mlflow", "run", PROJECT, "--env-manager", "local", "--experiment-name", "team"]
-    tiny = ["-P", "resolution=32", "-P", "layers_per_block=1", "-P", "train_batch_size=4", "-P", "lr_warmup_steps=0"]
+    tiny = as_project_params(TINY_SIZES)
     run(env, *project, "-e", "vae", "-P", f"manifest_path={data}", "-P", f"output_dir={tmp_path / 'vae'}", *tiny,
         "-P", "block_out_channels=8,8,8,8", "-P", "max_train_steps=2", "-P", "scaling_factor_batches=1", cwd=tmp_path)
     run(env, *project, "-e", "latent_ddpm", "-P", f"manifest_path={data}", "-P", "vae_uri=models:/ldmflow-vae/1",

@@ -12,10 +12,11 @@ from mlflow import MlflowClient
 
 from cli_runner import invoke
 from ldmflow.data.demo import make_demo_dataset
+from tiny import TINY_SIZES
 
 pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
 
-TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0",
+TINY = [*TINY_SIZES,
         "--max_train_steps", "2", "--save_images_epochs", "1"]
 
 

@@ -17,11 +17,11 @@ from ldmflow.errors import LdmflowError
 from ldmflow.sampling.denoise import denoise, make_scheduler
 from ldmflow.settings import LegacyDdpmSettings
 from ldmflow.training.ddpm_task import StridedEMA
+from tiny import TINY_SIZES
 
 pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
 
-LEGACY = ["legacy-ddpm", "--resolution", "32", "--train_batch_size", "4", "--block_out_channels", "16,16",
-          "--layers_per_block", "1", "--lr_warmup_steps", "0", "--learning_rate", "1e-3", "--num_preview_images", "1",
+LEGACY = ["legacy-ddpm", *TINY_SIZES, "--block_out_channels", "16,16", "--learning_rate", "1e-3", "--num_preview_images", "1",
           "--preview_inference_steps", "2", "--save_images_epochs", "100", "--eval_epochs", "0", "--no_mlflow"]
 
 

@@ -12,10 +12,11 @@ import torch
 
 from cli_runner import invoke
 from fakes import RecordingTracker
+from tiny import TINY_SIZES
 
 pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
 
-TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0",
+TINY = [*TINY_SIZES,
         "--learning_rate", "1e-3", "--no_mlflow", "--logging_steps", "2"]
 TINY_UNET = ["--block_out_channels", "32,32", "--num_preview_images", "2", "--preview_inference_steps", "3"]
 
@@ -188,12 +189,24 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
+@pytest.fixture(scope="module")
+def checkpointed_run(data, tmp_path_factory) -> Path:
+    """A legacy DDPM's output folder with checkpoint-2 (with EMA); copy it before changing anything."""
+    output = tmp_path_factory.mktemp("checkpointed") / "out"
+    invoke("legacy-ddpm", "--manifest_path", str(data), "--output_dir", str(output), *TINY, *TINY_UNET,
+           "--checkpointing_steps", "2", "--save_images_epochs", "100", "--use_ema", "--max_train_steps", "2")
+    return output
+
+
 @pytest.mark.parametrize("target", ["optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"])
-def test_a_checkpoint_holding_a_crafted_pickle_is_refused_without_running_it(data, tmp_path, target):
+def test_a_checkpoint_holding_a_crafted_pickle_is_refused_without_running_it(data, checkpointed_run, tmp_path,
+                                                                               target):
+    import shutil
+
     output, marker = tmp_path / "out", tmp_path / "code-ran"
+    shutil.copytree(checkpointed_run, output)
     common = ["--manifest_path", str(data), "--output_dir", str(output), *TINY, *TINY_UNET, "--checkpointing_steps",
-              "2", "--save_images_epochs", "100", "--resolution", "32", "--use_ema"]
-    invoke("legacy-ddpm", *common, "--max_train_steps", "2")
+              "2", "--save_images_epochs", "100", "--use_ema"]
     checkpoint = output / "checkpoint-2"
     assert {"training_state.json", "ema.json", "ema.safetensors"} <= {p.name for p in checkpoint.iterdir()}
     assert not list(checkpoint.glob("custom_checkpoint_*"))  # the loop's own state is never pickled
@@ -254,6 +267,7 @@ def test_xformers_request_falls_back_to_sdpa_and_fp16_to_fp32_on_cpu(data, tmp_p
     caplog.set_level("WARNING")
     invoke("legacy-ddpm", "--manifest_path", str(data), "--output_dir", str(tmp_path), *TINY,
            "--block_out_channels", "32,32,32", "--max_train_steps", "1", "--save_images_epochs", "100",
+           "--num_preview_images", "1", "--preview_inference_steps", "1", "--eval_epochs", "0",
            "--enable_xformers_memory_efficient_attention", "--mixed_precision", "fp16")
     assert "xformers" in caplog.text and "PyTorch SDPA" in caplog.text
     assert "fp16 needs CUDA" in caplog.text

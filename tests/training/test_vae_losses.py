@@ -20,11 +20,11 @@ from ldmflow.training.loop import train
 from ldmflow.training.prepare import build_accelerator, prepare
 from ldmflow.training.vae_task import VaeTask
 from fakes import RecordingTracker
+from tiny import TINY_SIZES
 
 pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
 
-TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--block_out_channels",
-        "8,8,8,8", "--lr_warmup_steps", "0", "--learning_rate", "1e-3", "--save_images_epochs", "100",
+TINY = [*TINY_SIZES, "--block_out_channels", "8,8,8,8", "--learning_rate", "1e-3", "--save_images_epochs", "100",
         "--scaling_factor_batches", "1", "--no_mlflow"]
 ADVERSARIAL = ["--disc_weight", "0.5", "--disc_start", "3", "--disc_layers", "2"]
 

@@ -11,10 +11,11 @@ import pytest
 from cli_runner import invoke
 from ldmflow.data.conditions import ConditionSpec
 from ldmflow.evaluation.adherence import condition_errors, diversity, shuffled_baseline
+from tiny import TINY_SIZES
 
 pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
 
-TINY = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--lr_warmup_steps", "0",
+TINY = [*TINY_SIZES,
         "--learning_rate", "1e-3", "--logging_steps", "2"]
 QUICK = ["--num_samples", "6", "--num_inference_steps", "2", "--batch_size", "4", "--probe_epochs", "2"]
 

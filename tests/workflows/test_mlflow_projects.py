@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 
 from ldmflow.tracking.model_uri import version_model_id
+from tiny import TINY_SIZES, as_project_params
 
 PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-TINY = ["-P", "resolution=32", "-P", "layers_per_block=1", "-P", "train_batch_size=4", "-P", "lr_warmup_steps=0"]
+TINY = as_project_params(TINY_SIZES)
 
 pytestmark = pytest.mark.slow
 
