@@ -72,14 +72,19 @@ def upward_imports(path: Path, source: str | None = None) -> list[str]:
     return problems
 
 
+def assert_no_problems(check, heading: str) -> None:
+    """`check(path)` finds nothing in any module of the package."""
+    problems = [problem for path in sorted(PACKAGE.rglob("*.py")) for problem in check(path)]
+    assert not problems, heading + "\n" + "\n".join(problems)
+
+
 def test_every_module_belongs_to_a_layer():
     for path in PACKAGE.rglob("*.py"):
         assert component(module_name(path)) in RANK
 
 
 def test_imports_only_point_down():
-    problems = [problem for path in sorted(PACKAGE.rglob("*.py")) for problem in upward_imports(path)]
-    assert not problems, "Upward or sideways imports (see docs/architecture.md):\n" + "\n".join(problems)
+    assert_no_problems(upward_imports, "Upward or sideways imports (see docs/architecture.md):")
 
 
 def test_the_check_catches_upward_sideways_and_relative_imports():
@@ -189,8 +194,7 @@ def spelt_elsewhere(path: Path, source: str | None = None) -> list[str]:
 
 
 def test_kind_and_tag_names_are_spelt_only_in_their_home():
-    problems = [problem for path in sorted(PACKAGE.rglob("*.py")) for problem in spelt_elsewhere(path)]
-    assert not problems, "Spell these through their home module:\n" + "\n".join(problems)
+    assert_no_problems(spelt_elsewhere, "Spell these through their home module:")
 
 
 def test_the_spelling_check_catches_kind_and_tag_literals():

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from ldmflow.cli import cli
 from tiny import TINY_SIZES
+from fakes import tracked_folder
 
 TINY = [*TINY_SIZES]
 VAE = ["vae", "--manifest_path", "{data}", "--output_dir", "{out}", *TINY, "--block_out_channels", "8,8,8,8"]
@@ -109,10 +110,7 @@ CASES = [  # (id, arguments, fragment of the one error line)
 def inputs(tmp_path_factory):
     """A demo manifest, a broken one, and a tracking store to watch for runs."""
     root = tmp_path_factory.mktemp("bad-inputs")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
+    with tracked_folder(root):
         assert CliRunner().invoke(cli, ["demo-data", "--output_dir", "data", "--num_images", "16", "--resolution",
                                         "32", "--val_fraction", "0.25"]).exit_code == 0
         (root / "broken.json").write_text('{"items": [')

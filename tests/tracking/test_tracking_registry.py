@@ -30,6 +30,7 @@ from ldmflow.tracking.lineage import format_lineage, format_models, lineage, lis
 from ldmflow.tracking.model_uri import find_diffusers_folder, latent_ddpm_folders, resolve_model_source
 from ldmflow.tracking.registry import log_and_register
 from ldmflow.tracking.run_tracker import open_run
+from fakes import tracked_folder
 
 SPEC = "temperature:1,wind:3,wind_mag:1"
 DIGEST = "0123456789abcdef" * 4
@@ -90,10 +91,7 @@ def env(tmp_path_factory):
     """One SQLite store holding: VAE v1 (@champion), latent DDPM v1 on it, a latent DDPM on a plain VAE folder,
     a legacy pixel DDPM, and two sample runs of the latent DDPM."""
     root = tmp_path_factory.mktemp("registry")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
+    with tracked_folder(root):
         torch.manual_seed(0)
         tiny_vae().save_pretrained(root / "vae_out")
         (root / "vae_out" / "images").mkdir()

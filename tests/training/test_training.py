@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cli_runner import invoke
-from fakes import RecordingTracker
+from fakes import RecordingTracker, with_nan_losses
 from tiny import TINY_SIZES
 
 pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
@@ -282,14 +282,7 @@ def test_nonfinite_losses_skip_steps_then_stop_with_the_last_good_checkpoint(dat
     from ldmflow.training.loop import train
     from ldmflow.training.prepare import build_accelerator, prepare
 
-    class Diverging(LegacyDdpmTask):
-        """Finite for two optimizer steps, then NaN forever."""
-        calls = 0
-
-        def loss(self, model, batch, step):
-            loss, parts = super().loss(model, batch, step)
-            Diverging.calls += 1
-            return (loss * float("nan") if Diverging.calls > 2 else loss), parts
+    Diverging = with_nan_losses(LegacyDdpmTask, lambda call: call > 2)  # finite for two steps, then NaN forever
 
     settings = LegacyDdpmSettings(manifest_path=str(data), output_dir=str(tmp_path), resolution=32,
                                  train_batch_size=4, block_out_channels=(32, 32), layers_per_block=1,

@@ -16,7 +16,7 @@ from ldmflow.settings import LegacyDdpmSettings
 from ldmflow.training.legacy_task import LegacyDdpmTask
 from ldmflow.training.loop import train
 from ldmflow.training.prepare import build_accelerator, prepare
-from fakes import RecordingTracker
+from fakes import RecordingTracker, with_nan_losses
 
 pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
 
@@ -338,13 +338,7 @@ def test_sigterm_checkpoints_marks_the_run_killed_and_exits_non_zero(data, tmp_p
 
 
 def test_the_lr_schedule_keeps_step_with_global_step_across_skipped_steps(data, tmp_path):
-    class OneBadStep(LegacyDdpmTask):
-        calls = 0
-
-        def loss(self, model, batch, step):
-            loss, parts = super().loss(model, batch, step)
-            OneBadStep.calls += 1
-            return (loss * float("nan") if OneBadStep.calls == 3 else loss), parts
+    OneBadStep = with_nan_losses(LegacyDdpmTask, lambda call: call == 3)
 
         def after_optimizer_step(self, model, step):
             self.ema_updates = getattr(self, "ema_updates", 0) + 1
@@ -368,13 +362,8 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_read_with_the_metrics(dat
     reads, real_read = [], SkippedSteps.read
     monkeypatch.setattr(SkippedSteps, "read", lambda self: reads.append(1) or real_read(self))
 
-    class OneBadStep(LegacyDdpmTask):
-        calls, weights = 0, []
-
-        def loss(self, model, batch, step):
-            loss, parts = super().loss(model, batch, step)
-            OneBadStep.calls += 1
-            return (loss * float("nan") if OneBadStep.calls == 3 else loss), parts
+    class OneBadStep(with_nan_losses(LegacyDdpmTask, lambda call: call == 3)):
+        weights = []
 
         def after_optimizer_step(self, model, step):
             OneBadStep.weights.append([p.detach().clone() for p in model.parameters()])

@@ -12,6 +12,7 @@ from cli_runner import invoke
 from ldmflow.data.conditions import ConditionSpec
 from ldmflow.evaluation.adherence import condition_errors, diversity, shuffled_baseline
 from tiny import TINY_SIZES
+from fakes import tracked_folder
 
 pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
 
@@ -25,10 +26,7 @@ QUICK = ["--num_samples", "6", "--num_inference_steps", "2", "--batch_size", "4"
 def store(tmp_path_factory):
     """A tracked tiny VAE and latent DDPM (registered v1 each) in a temporary SQLite store."""
     root = tmp_path_factory.mktemp("evaluate")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
+    with tracked_folder(root):
         invoke("demo-data", "--output_dir", "data", "--num_images", "24", "--resolution", "32")
         invoke("vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae", *TINY, "--num_epochs", "2",
                "--block_out_channels", "16,16,16,16", "--scaling_factor_batches", "2")
