@@ -338,8 +338,7 @@ def test_sigterm_checkpoints_marks_the_run_killed_and_exits_non_zero(data, tmp_p
 
 
 def test_the_lr_schedule_keeps_step_with_global_step_across_skipped_steps(data, tmp_path):
-    OneBadStep = with_nan_losses(LegacyDdpmTask, lambda call: call == 3)
-
+    class OneBadStep(with_nan_losses(LegacyDdpmTask, lambda call: call == 3)):
         def after_optimizer_step(self, model, step):
             self.ema_updates = getattr(self, "ema_updates", 0) + 1
 
