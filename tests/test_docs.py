@@ -4,7 +4,8 @@ docs/*.md name must exist in the code. Nothing here trains; the whole file runs 
 - Commands: each `ldmflow <command> ...` and `mlflow run . -e <entry point> ...` in a code block or an inline
   code span. The command must exist, each `--flag` must be one of its options (aliases and `--no_...`
   included), each `-P name=` must reach one of its options, and a command written out with flags and no
-  `...` must give every required option.
+  `...` must give every required option; `ldmflow sample --condition` must give every condition of the
+  default spec.
 - Flags named alone in prose (`--disc_start`) must belong to some ldmflow command, a benchmark script, or a
   tool listed in OTHER_TOOLS_FLAGS.
 - Metrics: every `val/...` and `eval/...` name must be one the code can log, for the default condition spec
@@ -110,11 +111,22 @@ def ldmflow_problems(text: str) -> list[str]:
             options = _options(command) | {"--help", "-h"}
             given = {_flag(token) for token in tokens[1:]} - {None}
             problems += [f"`ldmflow {name} {flag}`: no such option ({line.strip()})" for flag in sorted(given - options)]
+            problems += _condition_problems(name, tokens, line)
             if given and "..." not in tokens and "--help" not in given:  # a command as one would type it
                 for param in command.params:
                     if isinstance(param, click.Option) and param.required and not set(param.opts) & given:
                         problems.append(f"`ldmflow {name}` lacks its required {param.opts[0]} ({line.strip()})")
     return problems
+
+
+def _condition_problems(name: str, tokens: list[str], line: str) -> list[str]:
+    """`ldmflow sample --condition ...` must give every condition of the default spec (or none): the docs'
+    models use it, and the sampler refuses a partial request."""
+    given = {tokens[i + 1].split("=")[0] for i, token in enumerate(tokens[:-1]) if token == "--condition"}
+    expected = set(_condition_names())
+    if name != "sample" or not given or given == expected or "..." in tokens:
+        return []
+    return [f"`ldmflow sample`: --condition gives {sorted(given)}, the model needs {sorted(expected)} ({line.strip()})"]
 
 
 def mlflow_run_problems(text: str) -> list[str]:
@@ -292,6 +304,7 @@ def test_the_checks_catch_wrong_names(known_flags, known_metrics):
     assert ldmflow_problems("```bash\nldmflow vae --manifest_path m.json --output_dir o --no_such_flag 1\n```\n")
     assert ldmflow_problems("`ldmflow probe --manifest_path data/manifest.json`")  # --output_dir is required
     assert ldmflow_problems("```bash\nldmflow no-such-command --help\n```\n")
+    assert ldmflow_problems("`ldmflow sample --model_uri m --condition temperature=1 --condition wind=1,0,0`")
     assert not ldmflow_problems("```bash\nldmflow vae ... --resolution 64 \\\n    --no_allow_tf32\n```\n")
     assert mlflow_run_problems("```bash\nmlflow run . -e vae --env-manager local -P no_such_param=1\n```\n")
     assert mlflow_run_problems("```bash\nmlflow run . -e no_such_entry --env-manager local\n```\n")
