@@ -12,6 +12,7 @@ docs/*.md name must exist in the code. Nothing here trains; the whole file runs 
   (`<name>` stands for any condition, `(_pct)` for an optional suffix, a trailing `...` for any name).
 - Tags: every `ldmflow.<name>` that is not a module of the package must be a tag of ldmflow/tags.py.
 - Python: every `from ldmflow... import name` in a code block must import.
+- docs/options.md is what `python -m ldmflow.projects --options` renders from the settings.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ldmflow.data.conditions import ConditionSpec
 from ldmflow.evaluation.adherence import adherence_metric_names
 from ldmflow.evaluation.intervals import CI_SUFFIX
 from ldmflow.evaluation.report import COLUMNS
-from ldmflow.projects import ENTRY_POINTS
+from ldmflow.projects import ENTRY_POINTS, render_options
 from ldmflow.settings import DEFAULT_CONDITION_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -315,3 +316,8 @@ def test_the_checks_catch_wrong_names(known_flags, known_metrics):
     assert tag_problems("`ldmflow.no_such_tag`")
     assert not tag_problems("`ldmflow.sampling.latent.LatentSampler` and `ldmflow.stage`")
     assert import_problems("```python\nfrom ldmflow.tracking.run_tracker import no_such_name\n```\n")
+
+
+def test_options_page_is_generated_from_the_settings():
+    assert (ROOT / "docs" / "options.md").read_text(encoding="utf-8") == render_options(), \
+        "docs/options.md is out of date: run `make options`"
