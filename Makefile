@@ -20,7 +20,7 @@ DEMO_PARAMS ?= -P resolution=64 -P vae_train_batch_size=8 -P ddpm_train_batch_si
 
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test test-fast test-all mlproject clean server server-stop
+.PHONY: install demo test test-fast test-all mlproject options clean server server-stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ server-stop:
 # MLproject is generated from ldmflow/settings.py (tests fail when it is out of date).
 mlproject: install
 	$(BIN)/python -m ldmflow.projects > MLproject.tmp && mv MLproject.tmp MLproject
+
+# docs/options.md, every option of every command, is generated the same way (tests fail when it is stale).
+options: install
+	$(BIN)/python -m ldmflow.projects --options > docs/options.md.tmp && mv docs/options.md.tmp docs/options.md
 
 clean:
 	rm -rf $(DEMO_DIR) outputs mlflow.db mlartifacts .pytest_cache

@@ -426,7 +426,8 @@ class SampleSettings(TrackingSettings):
     output_dir: str = setting("outputs/samples", "Each run writes its images and grid.png to a new folder here.")
     num_images: int = setting(8, "Images to generate (without --conditions_file).")
     condition: tuple[str, ...] = setting((), "name=value, repeatable: --condition temperature=12.5 "
-                                             "--condition wind=1,0,0 (every image gets them).", project=False)
+                                             "--condition wind=1,0,0 --condition wind_mag=1; every image gets "
+                                             "them (every condition of the model, or none).", project=False)
     conditions_file: str | None = setting(None, "CSV or JSON list: one row of conditions (and seed) per image.")
     guidance_scale: float = setting(3.0, "Classifier-free guidance scale (1 = no guidance).")
     num_inference_steps: int = setting(25, "Denoising steps.")

@@ -114,7 +114,7 @@ def generate(settings: SampleSettings, sampler: Sampler, conditions, seeds) -> n
 def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None, image_format: str,
                   tracker) -> Path:
     """sample_0000.<ext> ... and grid.png, logged, then published as a new folder inside output_dir
-    (samples-<date>-<time>-<random>): nothing that is already there is touched."""
+    (samples-<4 random hex digits>, e.g. samples-c4d2): nothing that is already there is touched."""
     from ldmflow.tracking.run_tracker import default_run_name
 
     temporary = temporary_folder(output_dir, "samples")
