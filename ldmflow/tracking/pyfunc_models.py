@@ -324,7 +324,7 @@ def latent_signature(condition_spec: str) -> ModelSignature:
     spec = ConditionSpec.parse(condition_spec)
     inputs = [ColSpec("double", column, required=False) for column in component_columns(spec)]
     inputs.append(ColSpec("long", SEED_COLUMN, required=spec.is_empty))
-    params = _param_schema(LATENT_DEFAULTS, ("num_inference_steps", "guidance_scale", "scheduler", "batch_size"))
+    params = _param_schema(LATENT_DEFAULTS, tuple(LATENT_DEFAULTS))  # every param predict reads (dtype too)
     return ModelSignature(inputs=Schema(inputs), outputs=_output_schema(), params=params)
 
 
@@ -336,7 +336,7 @@ def vae_signature() -> ModelSignature:
 
 
 def legacy_signature() -> ModelSignature:
-    params = _param_schema(LEGACY_DEFAULTS, ("num_inference_steps", "scheduler", "batch_size", "num_images"))
+    params = _param_schema(LEGACY_DEFAULTS, tuple(LEGACY_DEFAULTS))
     return ModelSignature(inputs=Schema([ColSpec("long", SEED_COLUMN, required=False)]),
                           outputs=_output_schema(), params=params)
 

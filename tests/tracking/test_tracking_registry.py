@@ -357,3 +357,11 @@ def test_model_loads_from_its_own_code_without_ldmflow_installed(env, tmp_path):
     installed, count, ldmflow_file = result.stdout.split()[-3:]
     assert count == "1"
     assert Path(ldmflow_file).is_relative_to(Path(local) / "code")  # even where ldmflow is installed
+
+
+def test_the_served_signatures_declare_every_param_predict_reads():
+    """MLflow drops (with a warning) any param the signature leaves out: dtype was silently ignored."""
+    from ldmflow.tracking.pyfunc_models import LATENT_DEFAULTS, LEGACY_DEFAULTS, latent_signature, legacy_signature
+
+    assert {p.name for p in latent_signature("temperature:1").params} == set(LATENT_DEFAULTS)
+    assert {p.name: p.default for p in legacy_signature().params} == LEGACY_DEFAULTS
