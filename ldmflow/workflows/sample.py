@@ -10,7 +10,7 @@ import torch
 
 from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
-from ldmflow.files import publish_folder, temporary_folder
+from ldmflow.files import temporary_folder
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, detect_kind, names
 from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame, parse_condition_option,
                                               read_conditions_file)
@@ -115,8 +115,6 @@ def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None
                   tracker) -> Path:
     """sample_0000.<ext> ... and grid.png, logged, then published as a new folder inside output_dir
     (samples-<4 random hex digits>, e.g. samples-c4d2): nothing that is already there is touched."""
-    from ldmflow.tracking.run_tracker import default_run_name
-
     temporary = temporary_folder(output_dir, "samples")
     extension = extension_for(image_format)
     for index, image in enumerate(images):
@@ -125,9 +123,23 @@ def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None
     grid.save(temporary / "grid.png")
     tracker.log_image(grid, key="samples", step=0)
     tracker.log_artifacts(str(temporary), "samples")  # exactly this run's files, nothing else in output_dir
-    folder = output_dir / default_run_name("samples")
-    publish_folder(temporary, folder)
-    return folder / "grid.png"
+    return _publish_under_a_new_name(temporary, output_dir) / "grid.png"
+
+
+def _publish_under_a_new_name(temporary: Path, output_dir: Path) -> Path:
+    """Rename the finished folder to a samples-<hex> name nobody has: renaming onto a folder with files fails,
+    so a name another run took meanwhile is skipped, never replaced."""
+    from ldmflow.tracking.run_tracker import default_run_name
+
+    for _ in range(100):
+        folder = output_dir / default_run_name("samples")
+        try:
+            temporary.rename(folder)
+            return folder
+        except OSError:
+            if not folder.exists():
+                raise
+    raise LdmflowError(f"No free samples-<hex> folder name in {output_dir}; move old sample folders away.")
 
 
 def run_sampling(settings: SampleSettings) -> Path:
