@@ -26,7 +26,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 DISC_LOSSES = ("hinge", "vanilla")  # the VAE discriminator's loss
 SAMPLE_DTYPES = ("fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")  # the last two: to tell a compiler bug from a model bug
+COMPILE_BACKENDS = ("inductor", "eager")  # eager: TorchDynamo's graphs without inductor's kernels
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
 REGISTER_CHOICES = ("best", "last")
@@ -213,8 +213,8 @@ class TrainSettings(ManifestSettings, TrackingSettings):
     torch_compile: bool = setting(False, "torch.compile the trained model (minutes of compiling, then faster "
                                          "steps; worth it for long runs on a GPU).", resumable=True)
     compile_mode: str = setting("default", "torch.compile mode.", choices=COMPILE_MODES, resumable=True)
-    compile_backend: str = setting("inductor", "torch.compile backend: inductor generates fast kernels; aot_eager "
-                                               "or eager trace the same graphs without them, to tell a compiler "
+    compile_backend: str = setting("inductor", "torch.compile backend: inductor generates fast kernels; eager "
+                                               "traces the same graphs and runs them without, to tell a compiler "
                                                "bug from a model bug.", choices=COMPILE_BACKENDS, resumable=True)
     channels_last: bool = setting(False, "Channels-last memory layout for the convolutions (faster on tensor "
                                          "cores).", resumable=True)

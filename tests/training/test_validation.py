@@ -292,7 +292,7 @@ def test_unreadable_images_met_in_training_are_counted_named_and_warned_once(dat
     broken.write_bytes(broken.read_bytes()[:60] + b"\0" * 40)  # damaged after the manifest was checked
     logged = {}
 
-    class Keeper(Recorder):
+    class Keeper(RecordingTracker):
         def log_dict(self, obj, artifact_file):
             logged[artifact_file] = obj
             return True

@@ -26,7 +26,7 @@ QUICK = ["--num_samples", "6", "--num_inference_steps", "2", "--batch_size", "4"
 def store(tmp_path_factory):
     """A tracked tiny VAE and latent DDPM (registered v1 each) in a temporary SQLite store."""
     root = tmp_path_factory.mktemp("evaluate")
-    with tracked_folder(root):
+    with tracked_folder(root) as patch:
         invoke("demo-data", "--output_dir", "data", "--num_images", "24", "--resolution", "32")
         invoke("vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae", *TINY, "--num_epochs", "2",
                "--block_out_channels", "16,16,16,16", "--scaling_factor_batches", "2")
