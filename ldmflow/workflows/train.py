@@ -154,21 +154,30 @@ def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) 
     return _on_main(accelerator, resolve)
 
 
-def run_training(settings: TrainSettings, parent_run_id: str | None = None):
-    """Train the model `settings` describes, tracked in MLflow unless --no_mlflow, in a run nested under
-    `parent_run_id` when given (a probe trained for an evaluation).
+@dataclasses.dataclass(frozen=True)
+class TrialRun:
+    """How a sweep's trial trains: in the run its study made (`run_id`), told of each validation (which may stop
+    it), its model logged but not registered (the sweep registers the best trial's at the end)."""
 
-    Returns (TrainingOutcome, the registered model's URI or None)."""
+    run_id: str
+    on_validation: object  # loop.ValidationCallback
+
+
+def run_training(settings: TrainSettings, parent_run_id: str | None = None, trial: TrialRun | None = None):
+    """Train the model `settings` describes, tracked in MLflow unless --no_mlflow, in a run nested under
+    `parent_run_id` when given (a probe trained for an evaluation), or in a sweep's trial run.
+
+    Returns (TrainingOutcome, the registered model's URI or None; a trial's: its logged model, models:/<id>)."""
     from ldmflow.training.prepare import build_accelerator
 
     kind = kind_trained_by(settings)
     accelerator = build_accelerator(settings)
     is_main = accelerator.is_main_process
     with folder_lock(settings.output_dir, f"ldmflow {kind.name}") if is_main else contextlib.nullcontext():
-        return _train_in(settings, kind, accelerator, parent_run_id)
+        return _train_in(settings, kind, accelerator, parent_run_id, trial)
 
 
-def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: str | None):
+def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: str | None, trial: TrialRun | None):
     """run_training with the output folder locked by the main process."""
     from ldmflow.tracking.registry import log_and_register
     from ldmflow.tracking.run_tracker import close_abandoned_run, open_run
@@ -184,8 +193,8 @@ def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: s
     task = _build_task(kind, settings, manifest, vae_source, accelerator)
     prepared = prepare(settings, task, accelerator, manifest.digest)  # bad input fails before a run opens
     model_uri = None
-    with open_run(settings, kind.name, enabled=is_main and not settings.no_mlflow,
-                  parent_run_id=parent_run_id) as tracker:
+    with open_run(settings, kind.name, enabled=is_main and not settings.no_mlflow, parent_run_id=parent_run_id,
+                  run_id=trial.run_id if trial else None) as tracker:
         tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
                             name=f"{Path(manifest.path).stem} ({settings.split}, {len(manifest.records)} images)")
         previous = (prepared.resumed_tags or {}).get(RESUMED_FROM_RUN_TAG)
@@ -194,15 +203,16 @@ def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: s
         if not manifest.spec.is_empty:
             tracker.log_dict({"condition_spec": str(manifest.spec), "stats": manifest.stats.to_dict(manifest.spec)},
                              "conditioning.json")
-        outcome = train(settings, task, tracker, prepared)
+        outcome = train(settings, task, tracker, prepared, trial.on_validation if trial else None)
         if is_main and not settings.no_mlflow:
             tracker.wait_for_store(patience)
             registered = log_and_register(
                 kind.name, outcome.model_dir, tracker, registered_model_name=settings.registered_model_name,
                 alias=settings.register_alias, vae_source=vae_source, dataset_digest=manifest.digest,
                 condition_spec=None if manifest.spec.is_empty else str(manifest.spec),
-                extra_tags=outcome.version_tags(), step=outcome.step)
-            tracker.set_tags({REGISTERED_URI_TAG: registered.model_uri})
+                extra_tags=outcome.version_tags(), step=outcome.step, register=trial is None)
+            if trial is None:
+                tracker.set_tags({REGISTERED_URI_TAG: registered.model_uri})
             model_uri = registered.model_uri
     accelerator.end_training()
     return outcome, model_uri
