@@ -570,6 +570,9 @@ class SweepSettings:
     timeout: float | None = setting(None, "Seconds after which this worker starts no new trial.")
     study_name: str | None = setting(None, "The study (its parent run's name); workers join it by using the same "
                                            "name. Default: <stage>-<space file name>.")
+    storage: str = setting("mlflow", "Where the study lives: mlflow (the tracking store, nothing to set up) or an "
+                                     "Optuna RDB URL such as postgresql://user:password@host:5432/optuna, which "
+                                     "numbers trials safely when many workers share a study (docs/sweeps.md).")
     pruner: str = setting("median", "Stop a trial whose validation is worse than the median of earlier trials' at "
                                     "the same step; none: never.", choices=SWEEP_PRUNERS)
     pruner_startup_trials: int = setting(3, "Trials that finish before any is pruned.")

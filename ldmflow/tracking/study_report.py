@@ -19,23 +19,24 @@ BEST_PARAMS = "best_params.json"
 BEST_COMMAND = "best_command.txt"
 
 
-def log_study_report(study, run_id: str, best_command: str | None) -> None:
-    """The table, the plots and the best trial on the parent run `run_id` (plots need two finished trials)."""
+def log_study_report(study, runs, best_command: str | None) -> None:
+    """The table, the plots and the best trial on the study's parent run (plots need two finished trials);
+    `runs` is the study's StudyRuns."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client, run_id = MlflowClient(), runs.parent_run_id
     table = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
     if not table.empty:
         table["duration"] = table["duration"].dt.total_seconds()
         table["state"] = table["state"].astype(str)
-        table["run_id"] = [trial._trial_id for trial in study.trials]
+        table["run_id"] = [runs.run_of(trial) for trial in study.trials]
         client.log_table(run_id, data=table, artifact_file=TRIALS_TABLE)
     _log_plots(client, study, run_id)
     best = _best(study)
     if best is None:
         return
     client.log_dict(run_id, best.params, BEST_PARAMS)
-    tags = {SWEEP_BEST_TRIAL_TAG: str(best.number), SWEEP_BEST_RUN_TAG: best._trial_id,
+    tags = {SWEEP_BEST_TRIAL_TAG: str(best.number), SWEEP_BEST_RUN_TAG: runs.run_of(best) or "",
             SWEEP_BEST_VALUE_TAG: f"{best.value:.6g}"}
     if best_command:
         client.log_text(run_id, best_command + "\n", BEST_COMMAND)

@@ -114,17 +114,19 @@ def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
     import optuna
 
     from ldmflow.tracking.store import ensure_experiment, use_tracking_store
-    from ldmflow.tracking.study import open_study, study_run_id, sweep_storage
+    from ldmflow.tracking.study import StudyRuns, open_study, optuna_storage
 
     plan = plan_sweep(settings, stage_options)
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run: trials have runs of their own
     use_tracking_store()
-    storage = sweep_storage(ensure_experiment(settings.experiment_name))
+    experiment_id = ensure_experiment(settings.experiment_name)
+    storage = optuna_storage(settings.storage, experiment_id)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials) \
         if settings.pruner == "median" else optuna.pruners.NopPruner()
     study = open_study(storage, plan.name, plan.definition(), optuna.samplers.TPESampler(seed=settings.sampler_seed),
                        pruner)
-    parent = study_run_id(study)
+    runs = StudyRuns(study, experiment_id)
+    parent = runs.parent_run_id
     _tag_run(parent, {STAGE_TAG: SWEEP_STAGE, SWEEP_STUDY_TAG: plan.name})
     if project_run:
         _tag_run(project_run, {SWEEP_STUDY_RUN_TAG: parent})
@@ -132,8 +134,8 @@ def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
                 plan.kind.command, ", ".join(dimension.name for dimension in plan.space.dimensions))
     from ldmflow.workflows.sweep_trial import optimize
 
-    interrupted = optimize(study, plan, storage, settings)
-    return finish(study, plan, settings, interrupted)
+    interrupted = optimize(study, plan, runs, settings)
+    return finish(study, plan, runs, settings, interrupted)
 
 
 def _tag_run(run_id: str, tags: dict[str, str]) -> None:
@@ -153,13 +155,14 @@ def trial_name(plan: SweepPlan, number: int) -> str:
     return f"{plan.name}-trial-{number:03d}"
 
 
-def trial_settings(plan: SweepPlan, number: int, values: dict) -> TrainSettings:
-    """The stage's settings of one trial: the fixed ones, the suggested ones, its own folder and run name; a
-    validation objective also picks the trial's best checkpoint."""
-    root = Path(plan.base.output_dir)
+def trial_settings(plan: SweepPlan, number: int, values: dict, run_id: str = "") -> TrainSettings:
+    """The stage's settings of one trial: the fixed ones, the suggested ones, its own folder (named after its run
+    too: concurrent workers may give two trials one number) and run name; a validation objective also picks the
+    trial's best checkpoint."""
+    folder = Path(plan.base.output_dir) / "-".join(filter(None, (trial_name(plan, number), run_id[:8])))
     metric = plan.objective if plan.objective.startswith("val/") else plan.base.checkpoint_metric
-    return dataclasses.replace(plan.base, **values, output_dir=str(root / trial_name(plan, number)),
-                               run_name=trial_name(plan, number), checkpoint_metric=metric)
+    return dataclasses.replace(plan.base, **values, output_dir=str(folder), run_name=trial_name(plan, number),
+                               checkpoint_metric=metric)
 
 
 def evaluation_settings(plan: SweepPlan, model_uri: str, output_dir: Path) -> EvaluateSettings:
@@ -192,20 +195,19 @@ def command_line(plan: SweepPlan, params: dict) -> str:
     return " ".join(parts)
 
 
-def finish(study, plan: SweepPlan, settings: SweepSettings, interrupted: bool) -> dict:
+def finish(study, plan: SweepPlan, runs, settings: SweepSettings, interrupted: bool) -> dict:
     """The parent run's report; when no other worker still runs a trial: register the best model and end the
     parent run. Returns {study, run_id, best_trial, best_value, best_params, registered}."""
     from mlflow import MlflowClient
     from optuna.trial import TrialState
 
-    from ldmflow.tracking.study import study_run_id
     from ldmflow.tracking.study_report import log_study_report
 
-    parent = study_run_id(study)
-    trials = study.get_trials(deepcopy=False)
-    complete = [trial for trial in trials if trial.state == TrialState.COMPLETE]
+    parent = runs.parent_run_id
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = study.best_trial if complete else None
-    log_study_report(study, parent, command_line(plan, best.params) if best else None)
+    log_study_report(study, runs, command_line(plan, best.params) if best else None)
+    trials = study.get_trials(deepcopy=False)  # again: another worker may have started one meanwhile
     others = any(trial.state in (TrialState.RUNNING, TrialState.WAITING) for trial in trials)
     registered = None
     if not others:

@@ -19,7 +19,7 @@ from ldmflow.workflows.sweep_space import settings_values
 logger = logging.getLogger(__name__)
 
 
-def optimize(study, plan: SweepPlan, storage, settings: SweepSettings) -> bool:
+def optimize(study, plan: SweepPlan, runs, settings: SweepSettings) -> bool:
     """Run trials until the study has --n_trials finished or pruned ones, or --timeout; True after Ctrl-C.
 
     A trial that fails (bad combination of values, divergence) is recorded FAILED and the sweep goes on."""
@@ -31,33 +31,51 @@ def optimize(study, plan: SweepPlan, storage, settings: SweepSettings) -> bool:
         logger.info("Study %s already has %d trials.", plan.name, settings.n_trials)
         return False
     try:
-        study.optimize(_Objective(plan, storage), n_trials=settings.n_trials, timeout=settings.timeout,
+        study.optimize(_Objective(plan, runs), n_trials=settings.n_trials, timeout=settings.timeout,
                        catch=(LdmflowError,), callbacks=[MaxTrialsCallback(settings.n_trials, states=done)])
     except KeyboardInterrupt:
         logger.warning("Interrupted: the running trial is marked FAILED; run the same command to continue.")
         return True
     finally:
-        storage.flush_all_batches()
+        if hasattr(study._storage, "flush_all_batches"):
+            study._storage.flush_all_batches()
     return False
 
 
 class _Objective:
-    """Train one trial and return its objective value."""
+    """Train one trial in its run and return its objective value; the run ends KILLED when pruned, FAILED on an
+    error or Ctrl-C."""
 
-    def __init__(self, plan: SweepPlan, storage):
-        self.plan, self.storage = plan, storage
+    def __init__(self, plan: SweepPlan, runs):
+        self.plan, self.runs = plan, runs
 
     def __call__(self, trial) -> float:
+        import optuna
+
+        run_id = self.runs.start(trial)
+        try:
+            value = self._train(trial, run_id)
+        except optuna.TrialPruned:
+            self.runs.end(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.runs.end(run_id, "FAILED")
+            raise
+        self.runs.end(run_id, "FINISHED")
+        return value
+
+    def _train(self, trial, run_id: str) -> float:
         from mlflow import MlflowClient
         from mlflow.entities import RunTag
 
         from ldmflow.workflows.train import TrialRun, run_training
 
-        plan, run_id = self.plan, trial._trial_id
+        plan = self.plan
         values = settings_values(plan.space.suggest(trial), plan.base)
         MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in trial_tags(plan, trial.number, values).items()])
-        self.storage.flush_all_batches()  # the suggested params reach the run before the trainer logs its own
-        settings = trial_settings(plan, trial.number, values)
+        if hasattr(trial.study._storage, "flush_all_batches"):  # the suggested params reach the run first
+            trial.study._storage.flush_all_batches()
+        settings = trial_settings(plan, trial.number, values, run_id)
         logger.info("Trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in values.items()))
         pruning = _Pruning(trial, plan.objective, run_id)
         outcome, model_uri = run_training(settings, trial=TrialRun(run_id, pruning))
