@@ -137,7 +137,7 @@ def open_study(storage, name: str, definition: dict, sampler, pruner):
         raise LdmflowError(f"Study {name!r} exists with another {', '.join(changed)} (recorded: "
                            f"{json.dumps({key: recorded.get(key) for key in changed})[:300]}); use another "
                            "--study_name, or the same space and objective to continue it.")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # ldmflow logs one line per trial itself
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # ldmflow logs one line per trial (and per failure) itself
     study = optuna.create_study(storage=storage, study_name=name, direction=definition["direction"], sampler=sampler,
                                 pruner=pruner, load_if_exists=True)
     if recorded is None:

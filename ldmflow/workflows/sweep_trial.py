@@ -58,6 +58,10 @@ class _Objective:
         except optuna.TrialPruned:
             self.runs.end(run_id, "KILLED")
             raise
+        except LdmflowError as error:  # recorded FAILED; the next trial starts
+            logger.warning("Trial %d failed: %s", trial.number, error)
+            self.runs.end(run_id, "FAILED")
+            raise
         except BaseException:
             self.runs.end(run_id, "FAILED")
             raise
