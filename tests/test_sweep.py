@@ -115,9 +115,11 @@ def assert_refused(result, expected: str, store: Path) -> None:
 @pytest.mark.parametrize("sweep_options,stage_options,expected", [
     (["--objective", "val/fid"], [], "--objective val/fid: vae never logs it"),
     (["--objective", "val/psnr"], ["--eval_epochs", "0"], "is a validation metric"),
+    (["--objective", "val/recon/condition_error_pct"], [], "needs this dataset's registered condition probe"),
     ([], ["--no_such_option", "1"], "No such option"),
     (["--stage_options", "--kl_weight -1"], [], "--kl_weight must be in [0, inf]"),
-], ids=["objective never logged", "objective without validation", "unknown stage option", "bad stage option"])
+], ids=["objective never logged", "objective without validation", "objective without a probe", "unknown stage option",
+        "bad stage option"])
 def test_bad_objectives_and_stage_options_are_refused_before_any_trial(store, sweep_options, stage_options, expected):
     result = invoke(*sweep_args("--n_trials", "1", *sweep_options), *stage_options, ok=False)
     assert_refused(result, expected, store)

@@ -63,7 +63,8 @@ def _log_plots(client, study, run_id: str) -> None:
     finished = [trial for trial in study.trials if trial.state == TrialState.COMPLETE]
     if len(finished) < 2:
         return
-    for name, draw in ((HISTORY_PLOT, plots.plot_optimization_history), (IMPORTANCE_PLOT, plots.plot_param_importances)):
+    drawings = ((HISTORY_PLOT, plots.plot_optimization_history), (IMPORTANCE_PLOT, plots.plot_param_importances))
+    for name, draw in drawings:
         try:
             with warnings.catch_warnings():  # "experimental" warnings of optuna's matplotlib plots
                 warnings.simplefilter("ignore")

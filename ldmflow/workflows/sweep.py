@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import shlex
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ class SweepPlan:
     objective: str
     direction: str  # minimize or maximize
     name: str
+    dataset_digest: str  # of the training split
 
     def definition(self) -> dict:
         """What a study records, so that the same name with another space is refused."""
@@ -59,14 +61,20 @@ def plan_sweep(settings: SweepSettings, stage_options: dict) -> SweepPlan:
     if base.no_mlflow:
         raise LdmflowError("A sweep tracks every trial in MLflow: leave out --no_mlflow.")
     spec = _condition_spec(base)
-    load_manifest(base.manifest_path, base.split, spec, base.data_root, base.allow_outside_root)
+    manifest = load_manifest(base.manifest_path, base.split, spec, base.data_root, base.allow_outside_root)
     space = load_space(settings.space, base)
     objective = settings.objective or base.checkpoint_metric or _default_objective(kind, base)
     _check_objective(kind, base, objective, spec)
     direction = settings.direction if settings.direction != "auto" else \
         "maximize" if higher_is_better(objective) else "minimize"
-    name = settings.study_name or f"{kind.command}-{''.join(c if c.isalnum() or c in '-_' else '-' for c in Path(settings.space).stem)}"
-    return SweepPlan(kind, base, space, objective, direction, name)
+    return SweepPlan(kind, base, space, objective, direction, settings.study_name or _default_name(kind, settings),
+                     manifest.digest)
+
+
+def _default_name(kind: Kind, settings: SweepSettings) -> str:
+    """<stage>-<space file name>, in the letters a study name (and the alias sweep-<study>) may use."""
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(settings.space).stem)
+    return f"{kind.command}-{stem}"
 
 
 def _condition_spec(base: TrainSettings) -> str:
@@ -109,6 +117,19 @@ def _check_objective(kind: Kind, base: TrainSettings, objective: str, spec: str)
                            f"'{base.val_split}' entries (--val_split).") from None
 
 
+def _check_probe(plan: SweepPlan) -> None:
+    """A condition objective is validated with the dataset's registered probe: without one, no trial could log it."""
+    from ldmflow.tracking.registry import registered_probe_uri
+    from ldmflow.training.prepare import CONDITION_METRIC_MARKS
+
+    if not plan.objective.startswith("val/") or not any(mark in plan.objective for mark in CONDITION_METRIC_MARKS):
+        return
+    spec = None if plan.kind is VAE else _condition_spec(plan.base)
+    if registered_probe_uri(plan.dataset_digest, spec) is None:
+        raise LdmflowError(f"--objective {plan.objective} needs this dataset's registered condition probe, and there "
+                           "is none: train one first with `ldmflow probe --manifest_path ...`.")
+
+
 def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
     """Plan, then run trials until the study has --n_trials (or --timeout); returns the summary of `finish`."""
     import optuna
@@ -119,6 +140,7 @@ def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
     plan = plan_sweep(settings, stage_options)
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run: trials have runs of their own
     use_tracking_store()
+    _check_probe(plan)
     experiment_id = ensure_experiment(settings.experiment_name)
     storage = optuna_storage(settings.storage, experiment_id)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials) \
@@ -199,6 +221,7 @@ def finish(study, plan: SweepPlan, runs, settings: SweepSettings, interrupted: b
     """The parent run's report; when no other worker still runs a trial: register the best model and end the
     parent run. Returns {study, run_id, best_trial, best_value, best_params, registered}."""
     from mlflow import MlflowClient
+    from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
     from ldmflow.tracking.study_report import log_study_report
@@ -207,8 +230,11 @@ def finish(study, plan: SweepPlan, runs, settings: SweepSettings, interrupted: b
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = study.best_trial if complete else None
     log_study_report(study, runs, command_line(plan, best.params) if best else None)
+    with warnings.catch_warnings():  # "experimental"
+        warnings.simplefilter("ignore")
+        fail_stale_trials(study)  # a killed worker's trial no longer counts as running
     trials = study.get_trials(deepcopy=False)  # again: another worker may have started one meanwhile
-    others = any(trial.state in (TrialState.RUNNING, TrialState.WAITING) for trial in trials)
+    others = any(trial.state == TrialState.RUNNING for trial in trials)
     registered = None
     if not others:
         registered = _register_best(best, plan, settings) if best else None

@@ -51,6 +51,8 @@ class Dimension:
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """The searched settings, in the order of the file (Optuna suggests them in this order)."""
+
     dimensions: tuple[Dimension, ...]
 
     def suggest(self, trial) -> dict[str, object]:
@@ -73,7 +75,8 @@ def load_space(path: str, base: TrainSettings) -> SearchSpace:
     for name, entry in entries.items():
         if name not in fields or name in NOT_SEARCHABLE:
             known = ", ".join(sorted(set(fields) - set(NOT_SEARCHABLE)))
-            why = "is fixed for a sweep" if name in fields else f"is not a setting of this stage (its settings: {known})"
+            why = "is fixed for a sweep" if name in fields else \
+                f"is not a setting of this stage (its settings: {known})"
             raise LdmflowError(f"Space {path}: {name!r} {why}.")
         dimension = _dimension(name, entry, fields[name], path)
         _check_values(dimension, base, path)
