@@ -14,7 +14,7 @@ import pytest
 from cli_runner import invoke
 from ldmflow.data.demo import make_demo_dataset
 from ldmflow.tags import (OPTUNA_STUDY_DIRECTION_TAG, PARENT_RUN_TAG, SWEEP_BEST_COMMAND_TAG, SWEEP_PRUNED_TAG,
-                          SWEEP_STUDY_TAG, SWEEP_TRIAL_TAG)
+                          SWEEP_STUDY_TAG, SWEEP_TRIAL_TAG, VAE_URI_TAG)
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny VAE: 2 steps (one epoch of 9 images), validated once on 3 images, no preview grids after step 0.
@@ -81,6 +81,26 @@ def test_a_sweep_prunes_poor_trials_and_registers_the_best(store):
     # Running the command again adds nothing: the study already has its trials, and the alias stays.
     invoke(*sweep_args("--n_trials", "4", "--pruner_startup_trials", "1"))
     assert len(study_runs("demo")[1]) == 4 and len(client.search_model_versions("name = 'ldmflow-vae'")) == 1
+
+
+@pytest.mark.train
+def test_a_latent_ddpm_sweep_encodes_the_dataset_once_per_worker(store, caplog):
+    from mlflow import MlflowClient
+
+    common = ["--manifest_path", "data/manifest.json", "--resolution", "32", "--train_batch_size", "4",
+              "--layers_per_block", "1", "--max_train_steps", "2", "--lr_warmup_steps", "0", "--save_images_epochs",
+              "100"]
+    invoke("vae", *common, "--output_dir", "vae", "--block_out_channels", "8,8,8,8", "--scaling_factor_batches", "1",
+           "--no_mlflow")
+    (store / "latent.yaml").write_text("learning_rate: {choices: [0.001, 0.002]}\n")
+    caplog.set_level("INFO")
+    invoke("sweep", "--stage", "latent-ddpm", "--space", "latent.yaml", "--n_trials", "2", "--pruner", "none",
+           *common, "--output_dir", "trials", "--vae_uri", "vae", "--cache_latents", "--block_out_channels", "16,16",
+           "--num_preview_images", "1", "--preview_inference_steps", "1")
+    assert caplog.text.count("Cached latents of 9 images") == 1
+    assert caplog.text.count("Reusing the cached latents of 9 images") == 1
+    version = MlflowClient().get_model_version_by_alias("ldmflow-latent-ddpm", "sweep-latent-ddpm-latent")
+    assert version.tags[VAE_URI_TAG] == "vae"
 
 
 BAD_SPACES = [

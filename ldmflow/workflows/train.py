@@ -21,6 +21,16 @@ from ldmflow.tags import REGISTERED_URI_TAG, RESUMED_FROM_RUN_TAG
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrialRun:
+    """How a sweep's trial trains: in the run its study made (`run_id`), told of each validation (which may stop
+    it), its model logged but not registered (the sweep registers the best trial's at the end)."""
+
+    run_id: str
+    on_validation: object  # loop.ValidationCallback
+    latent_cache: dict | None = None  # the worker's encoded latents, reused by its next latent DDPM trial
+
+
 def _load(settings: TrainSettings, split: str, condition_spec: str) -> Manifest:
     return load_manifest(settings.manifest_path, split=split, condition_spec=condition_spec,
                          data_root=settings.data_root, allow_outside_root=settings.allow_outside_root,
@@ -53,11 +63,12 @@ def _vae_task(settings: VaeSettings, manifest: Manifest, val: Manifest | None, v
     return VaeTask(settings, manifest, val, _val_conditions(settings, probe, val) if probe else None)
 
 
-def _latent_task(settings: LatentDdpmSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator):
+def _latent_task(settings: LatentDdpmSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator,
+                 latent_cache: dict | None = None):
     from ldmflow.training.latent_task import LatentDdpmTask
 
     probe = _registered_probe(settings, manifest, accelerator) if val is not None else None
-    return LatentDdpmTask(settings, manifest, vae_source, val, probe)
+    return LatentDdpmTask(settings, manifest, vae_source, val, probe, latent_cache)
 
 
 def _legacy_task(settings: LegacyDdpmSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator):
@@ -76,8 +87,11 @@ def _probe_task(settings: ProbeSettings, manifest: Manifest, val: Manifest | Non
 _TASKS = {VAE: _vae_task, LATENT_DDPM: _latent_task, LEGACY_DDPM: _legacy_task, PROBE: _probe_task}
 
 
-def _build_task(kind: Kind, settings: TrainSettings, manifest: Manifest, vae_source, accelerator):
-    return _TASKS[kind](settings, manifest, _validation_manifest(settings, manifest), vae_source, accelerator)
+def _build_task(kind: Kind, settings: TrainSettings, manifest: Manifest, vae_source, accelerator,
+                trial: TrialRun | None = None):
+    shared = {"latent_cache": trial.latent_cache} if trial is not None and kind is LATENT_DDPM else {}
+    return _TASKS[kind](settings, manifest, _validation_manifest(settings, manifest), vae_source, accelerator,
+                        **shared)
 
 
 def _on_main(accelerator, resolve):
@@ -154,15 +168,6 @@ def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) 
     return _on_main(accelerator, resolve)
 
 
-@dataclasses.dataclass(frozen=True)
-class TrialRun:
-    """How a sweep's trial trains: in the run its study made (`run_id`), told of each validation (which may stop
-    it), its model logged but not registered (the sweep registers the best trial's at the end)."""
-
-    run_id: str
-    on_validation: object  # loop.ValidationCallback
-
-
 def run_training(settings: TrainSettings, parent_run_id: str | None = None, trial: TrialRun | None = None):
     """Train the model `settings` describes, tracked in MLflow unless --no_mlflow, in a run nested under
     `parent_run_id` when given (a probe trained for an evaluation), or in a sweep's trial run.
@@ -190,7 +195,7 @@ def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: s
     manifest = _load(settings, settings.split, getattr(settings, "condition_spec", "none"))
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     vae_source = _resolve_vae(settings, accelerator) if kind is LATENT_DDPM else None
-    task = _build_task(kind, settings, manifest, vae_source, accelerator)
+    task = _build_task(kind, settings, manifest, vae_source, accelerator, trial)
     prepared = prepare(settings, task, accelerator, manifest.digest)  # bad input fails before a run opens
     model_uri = None
     with open_run(settings, kind.name, enabled=is_main and not settings.no_mlflow, parent_run_id=parent_run_id,
