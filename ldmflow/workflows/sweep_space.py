@@ -114,6 +114,7 @@ def _base_type(kind):
 
 
 def _dimension(name: str, entry: dict, kind, path) -> Dimension:
+    optional = type(None) in typing.get_args(kind)  # `snr_gamma: {choices: [null, 5.0]}`: null is its default
     kind = _base_type(kind)
     unknown = set(entry) - {"low", "high", "log", "int", "choices"}
     if unknown:
@@ -123,7 +124,8 @@ def _dimension(name: str, entry: dict, kind, path) -> Dimension:
         choices = entry["choices"]
         if not isinstance(choices, list) or not choices:
             raise LdmflowError(f"Space {path}: {name}: choices must be a non-empty list.")
-        return Dimension(name, choices=tuple(_choice(name, value, kind, path) for value in choices))
+        return Dimension(name, choices=tuple(None if value is None and optional else _choice(name, value, kind, path)
+                                             for value in choices))
     if "low" not in entry or "high" not in entry:
         raise LdmflowError(f"Space {path}: {name} needs low and high, or choices.")
     if kind not in (int, float):
@@ -190,6 +192,8 @@ def _type_name(kind) -> str:
 
 
 def _typed(value, kind):
+    if value is None:
+        return None
     kind = _base_type(kind)
     if typing.get_origin(kind) is tuple:
         return tuple(int(part) for part in str(value).split(",") if part.strip())
