@@ -25,15 +25,26 @@ TINY_VAE = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block
 PRUNABLE_SPACE = "learning_rate: {choices: [0.01, 1.0e-9]}\n"
 
 
+def _prepare(root: Path, patch: pytest.MonkeyPatch) -> Path:
+    """A demo dataset (9 train, 3 val images) and an empty SQLite tracking store, used from `root`."""
+    patch.chdir(root)
+    patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    patch.delenv("MLFLOW_RUN_ID", raising=False)
+    make_demo_dataset(root / "data", num_images=12, resolution=32, seed=0, val_fraction=0.25)
+    (root / "prunable.yaml").write_text(PRUNABLE_SPACE)
+    return root
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> Path:
-    """A demo dataset (9 train, 3 val images) and an empty SQLite tracking store, used from tmp_path."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    make_demo_dataset(tmp_path / "data", num_images=12, resolution=32, seed=0, val_fraction=0.25)
-    (tmp_path / "prunable.yaml").write_text(PRUNABLE_SPACE)
-    return tmp_path
+    return _prepare(tmp_path, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def refusing_store(tmp_path_factory):
+    """One store for the bad inputs (none of them may create a run, so they can share it: one migration)."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield _prepare(tmp_path_factory.mktemp("refused"), patch)
 
 
 def sweep_args(*extra, space="prunable.yaml", study="demo"):
@@ -115,10 +126,10 @@ BAD_SPACES = [
 
 
 @pytest.mark.parametrize("space,expected", [case[1:] for case in BAD_SPACES], ids=[case[0] for case in BAD_SPACES])
-def test_a_bad_space_is_refused_in_one_line_before_any_run(store, space, expected):
-    (store / "bad.yaml").write_text(space)
+def test_a_bad_space_is_refused_in_one_line_before_any_run(refusing_store, space, expected):
+    (refusing_store / "bad.yaml").write_text(space)
     result = invoke(*sweep_args("--n_trials", "1", space="bad.yaml"), ok=False)
-    assert_refused(result, expected, store)
+    assert_refused(result, expected, refusing_store)
 
 
 def assert_refused(result, expected: str, store: Path) -> None:
@@ -129,20 +140,22 @@ def assert_refused(result, expected: str, store: Path) -> None:
     if (store / "mlflow.db").exists():
         from mlflow import MlflowClient
 
-        assert not MlflowClient().search_runs(["0", "1"])
+        assert not MlflowClient().search_runs(["0", "1"])  # no run, in the default experiment or ldmflow's
 
 
 @pytest.mark.parametrize("sweep_options,stage_options,expected", [
     (["--objective", "val/fid"], [], "--objective val/fid: vae never logs it"),
     (["--objective", "val/psnr"], ["--eval_epochs", "0"], "is a validation metric"),
     (["--objective", "val/recon/condition_error_pct"], [], "needs this dataset's registered condition probe"),
+    (["--storage", "not-a-url"], [], "--storage not-a-url: Could not parse"),
     ([], ["--no_such_option", "1"], "No such option"),
     (["--stage_options", "--kl_weight -1"], [], "--kl_weight must be in [0, inf]"),
-], ids=["objective never logged", "objective without validation", "objective without a probe", "unknown stage option",
-        "bad stage option"])
-def test_bad_objectives_and_stage_options_are_refused_before_any_trial(store, sweep_options, stage_options, expected):
+], ids=["objective never logged", "objective without validation", "objective without a probe", "bad storage",
+        "unknown stage option", "bad stage option"])
+def test_bad_objectives_and_stage_options_are_refused_before_any_trial(refusing_store, sweep_options, stage_options,
+                                                                       expected):
     result = invoke(*sweep_args("--n_trials", "1", *sweep_options), *stage_options, ok=False)
-    assert_refused(result, expected, store)
+    assert_refused(result, expected, refusing_store)
 
 
 def test_a_study_name_reused_with_another_space_is_refused(store):

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+import warnings
 
 from ldmflow.errors import LdmflowError
 from ldmflow.tags import (OPTUNA_STUDY_DIRECTION_TAG, PARENT_RUN_TAG, RUN_NAME_TAG, SWEEP_HEARTBEAT_TAG,
@@ -100,9 +101,11 @@ def optuna_storage(storage: str, experiment_id: str):
     import optuna
 
     try:
-        return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_seconds(),
-                                          grace_period=3 * heartbeat_seconds(),
-                                          heartbeat_stale_trial_callback=_fail_run_and_retry)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+            warnings.simplefilter("ignore")
+            return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_seconds(),
+                                              grace_period=3 * heartbeat_seconds(),
+                                              heartbeat_stale_trial_callback=_fail_run_and_retry)
     except Exception as error:  # noqa: BLE001 - a bad URL, a missing driver, a refused login
         raise LdmflowError(f"--storage {storage.split('@')[-1]}: {str(error).splitlines()[0][:300]}") from None
 

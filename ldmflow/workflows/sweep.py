@@ -139,10 +139,11 @@ def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
 
     plan = plan_sweep(settings, stage_options)
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run: trials have runs of their own
+    rdb = None if settings.storage == "mlflow" else optuna_storage(settings.storage, "")  # a bad URL: no store yet
     use_tracking_store()
     _check_probe(plan)
     experiment_id = ensure_experiment(settings.experiment_name)
-    storage = optuna_storage(settings.storage, experiment_id)
+    storage = rdb or optuna_storage(settings.storage, experiment_id)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=settings.pruner_startup_trials) \
         if settings.pruner == "median" else optuna.pruners.NopPruner()
     study = open_study(storage, plan.name, plan.definition(), optuna.samplers.TPESampler(seed=settings.sampler_seed),
@@ -150,8 +151,8 @@ def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
     runs = StudyRuns(study, experiment_id)
     parent = runs.parent_run_id
     _tag_run(parent, {STAGE_TAG: SWEEP_STAGE, SWEEP_STUDY_TAG: plan.name})
-    if project_run:
-        _tag_run(project_run, {SWEEP_STUDY_RUN_TAG: parent})
+    if project_run:  # named after the study, and pointing to its run
+        _tag_run(project_run, {SWEEP_STUDY_RUN_TAG: parent, RUN_NAME_TAG: f"{SWEEP_STAGE}-{plan.name}"})
     logger.info("Study %s (run %s): %s %s of %s over %s.", plan.name, parent, plan.direction, plan.objective,
                 plan.kind.command, ", ".join(dimension.name for dimension in plan.space.dimensions))
     from ldmflow.workflows.sweep_trial import optimize
