@@ -13,8 +13,8 @@ import pytest
 
 from cli_runner import invoke
 from ldmflow.data.demo import make_demo_dataset
-from ldmflow.tags import (OPTUNA_STUDY_DIRECTION_TAG, PARENT_RUN_TAG, SWEEP_BEST_COMMAND_TAG, SWEEP_PRUNED_TAG,
-                          SWEEP_STUDY_TAG, SWEEP_TRIAL_TAG, VAE_URI_TAG)
+from ldmflow.tags import (PARENT_RUN_TAG, SWEEP_BEST_COMMAND_TAG, SWEEP_PRUNED_TAG, SWEEP_STUDY_TAG, SWEEP_TRIAL_TAG,
+                          VAE_URI_TAG)
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny VAE: 2 steps (one epoch of 9 images), validated once on 3 images, no preview grids after step 0.
