@@ -28,7 +28,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,server]"
+	$(BIN)/pip install --quiet -e ".[dev,server,sweep]"
 	touch $@
 
 install: $(VENV)/.installed

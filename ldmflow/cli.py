@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import types
 import typing
@@ -16,7 +17,7 @@ from ldmflow.errors import LdmflowError
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE
 from ldmflow.settings import (DEFAULT_EXPERIMENT, CheckManifestSettings, DemoDataSettings, EvaluateSettings,
                               LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings, ProbeSettings, SampleSettings,
-                              ServerSettings, VaeSettings, param_value, setting_fields)
+                              ServerSettings, SweepSettings, VaeSettings, param_value, setting_fields)
 
 
 class _Command(click.Command):
@@ -241,6 +242,33 @@ def pipeline_command(**options):
     if result.evaluate_reused:  # else its own run printed the table above
         click.echo(f"\nEvaluation of {result.latent_ddpm_uri} (run {result.evaluate_run_id}):")
         click.echo(format_metrics(evaluation_metrics(result.evaluate_run_id)))
+
+
+@cli.command("sweep", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@settings_options(SweepSettings)
+def sweep_command(**options):
+    """Search a stage's settings with Optuna: each trial an MLflow run under the study's run, the best registered
+    as sweep-<study>. The stage's other options follow (e.g. --manifest_path ... --output_dir ...)."""
+    from ldmflow.workflows.sweep import run_sweep
+
+    settings = SweepSettings(**options)
+    stage_args = [*shlex.split(settings.stage_options), *click.get_current_context().args]  # after our options
+    summary = run_sweep(settings, stage_options(settings.stage, stage_args))
+    click.echo(f"Study {summary['study']} (run {summary['run_id']}, {summary['trials']} trials): best trial "
+               f"{summary['best_trial']}, {summary['best_value']:.6g}, {json.dumps(summary['best_params'])}"
+               + (f"; registered {summary['registered']}." if summary["registered"] else "."))
+
+
+def stage_options(command_name: str, args: list[str]) -> dict:
+    """The options a stage's own command would parse from `args` (checked by it, said in one line)."""
+    command = cli.commands[command_name]
+    try:
+        with command.make_context(command_name, list(args), resilient_parsing=False) as ctx:
+            return dict(ctx.params)
+    except click.exceptions.Exit:
+        raise LdmflowError(f"--help: see `ldmflow {command_name} --help` for the stage's options.") from None
+    except click.ClickException as error:
+        raise LdmflowError(f"The {command_name} options of the sweep: {error.format_message()}") from None
 
 
 @cli.command("lineage")

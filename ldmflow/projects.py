@@ -21,7 +21,8 @@ import json
 import click
 
 from ldmflow.models.kinds import KINDS
-from ldmflow.settings import EvaluateSettings, PipelineSettings, SampleSettings, param_value, setting_fields
+from ldmflow.settings import (EvaluateSettings, PipelineSettings, SampleSettings, SweepSettings, param_value,
+                              setting_fields)
 
 # entry point -> (ldmflow command, settings), one per kind of model first. Each has entrypoints/<entry point>.py.
 ENTRY_POINTS = {
@@ -29,6 +30,7 @@ ENTRY_POINTS = {
     "sample": ("sample", SampleSettings),
     "evaluate": ("evaluate", EvaluateSettings),
     "pipeline": ("pipeline", PipelineSettings),
+    "sweep": ("sweep", SweepSettings),
 }
 
 TRUE_WORDS = {"true", "1", "yes", "on"}

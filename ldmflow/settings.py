@@ -31,6 +31,9 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
 REGISTER_CHOICES = ("best", "last")
 FEATURE_EXTRACTORS = ("auto", "inception", "probe")
+SWEEP_STAGES = ("vae", "latent-ddpm", "legacy-ddpm")  # the commands a sweep trains (their kinds: models/kinds.py)
+SWEEP_DIRECTIONS = ("auto", "minimize", "maximize")
+SWEEP_PRUNERS = ("median", "none")
 MAX_IMAGE_PIXELS = 16384 * 16384  # larger images are refused from their header, before any decoding
 
 
@@ -569,6 +572,49 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise LdmflowError(f"--{name} must be a comma list of integers such as 32,64, got {text!r}.") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepSettings(ExperimentSettings):
+    """`ldmflow sweep`: an Optuna study over one stage's settings; every trial is an MLflow run of that stage.
+
+    The stage's other options (--manifest_path, --output_dir: the trials' root folder, ...) follow on the command
+    line, or go in --stage_options under `mlflow run`; they are fixed for every trial."""
+
+    stage: str = setting(help="The stage to train in each trial.", choices=SWEEP_STAGES)
+    space: str = setting(help="YAML or JSON file: setting -> {low, high[, log][, int]} or {choices: [...]}.")
+    objective: str | None = setting(None, "Metric to optimise: a validation metric (default: the stage's "
+                                          "checkpoint metric), or an evaluate metric such as eval/fid (each finished "
+                                          "trial is then evaluated).")
+    direction: str = setting("auto", "auto: maximize psnr, ssim and diversity, minimize the rest.",
+                             choices=SWEEP_DIRECTIONS)
+    n_trials: int = setting(20, "Trials of the study in all: a worker stops once the study has them (several "
+                                "workers may each start one more).")
+    timeout: float | None = setting(None, "Seconds after which this worker starts no new trial.")
+    study_name: str | None = setting(None, "The study (its parent run's name); workers join it by using the same "
+                                           "name. Default: <stage>-<space file name>.")
+    storage: str = setting("mlflow", "Where the study lives: mlflow (the tracking store, nothing to set up) or an "
+                                     "Optuna RDB URL such as postgresql://user:password@host:5432/optuna, which "
+                                     "numbers trials safely when many workers share a study (docs/sweeps.md).")
+    pruner: str = setting("median", "Stop a trial whose validation is worse than the median of earlier trials' at "
+                                    "the same step; none: never.", choices=SWEEP_PRUNERS)
+    pruner_startup_trials: int = setting(3, "Trials that finish before any is pruned.")
+    sampler_seed: int | None = setting(None, "Seed of the TPE sampler (reproducible suggestions for one worker).")
+    registered_model_name: str | None = setting(None, "Registry name of the best trial's model (default "
+                                                      "ldmflow-<stage>); it gets the alias sweep-<study>.")
+    stage_options: str = setting("", "The stage's other options as on its command line, e.g. '--manifest_path "
+                                     "data/manifest.json --output_dir outputs/sweep --resolution 64'.")
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "stage", SWEEP_STAGES)
+        _check_choice(self, "direction", SWEEP_DIRECTIONS)
+        _check_choice(self, "pruner", SWEEP_PRUNERS)
+        _check_at_least(self, 1, "n_trials")
+        _check_at_least(self, 0, "pruner_startup_trials")
+        _check_number(self, "timeout", 0, low_open=True)
+        if self.study_name is not None and not re.fullmatch(r"[A-Za-z0-9_\-]{1,200}", self.study_name):
+            raise LdmflowError(f"--study_name must be letters, digits, _ and - (it names the alias sweep-<study>), "
+                               f"got {self.study_name!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)

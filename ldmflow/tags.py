@@ -28,6 +28,19 @@ ENTRY_POINT_TAG = "mlflow.project.entryPoint"  # MLflow's, on `mlflow run` runs:
 RUN_NAME_TAG = "mlflow.runName"  # MLflow's: a run's name (ldmflow's replaces the random one `mlflow run` gives)
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's: nests a run under another (a probe trained for an evaluation)
 
+# Sweeps (ldmflow sweep): the study is a parent run, each trial a child run of it (mlflow.optuna.MlflowStorage)
+OPTUNA_STUDY_DIRECTION_TAG = "optuna.study_direction"  # MlflowStorage's: marks a study's run, with its direction
+SWEEP_STUDY_TAG = "ldmflow.sweep.study"  # a study run and its trial runs: the study's name
+SWEEP_TRIAL_TAG = "ldmflow.sweep.trial"  # a trial run: its trial number
+SWEEP_PARAM_TAG_PREFIX = "sweep."  # a trial run: + a setting's name, the value the sampler suggested
+SWEEP_PRUNED_TAG = "ldmflow.sweep.pruned_at_step"  # a pruned trial's run (ends KILLED): the step it stopped at
+SWEEP_HEARTBEAT_TAG = "ldmflow.sweep.heartbeat"  # a running trial's run: its worker's last sign of life (epoch s)
+SWEEP_BEST_TRIAL_TAG = "ldmflow.sweep.best_trial"  # a study run: the best trial's number so far
+SWEEP_BEST_RUN_TAG = "ldmflow.sweep.best_run_id"  # a study run: that trial's run
+SWEEP_BEST_VALUE_TAG = "ldmflow.sweep.best_value"  # a study run: its objective value
+SWEEP_BEST_COMMAND_TAG = "ldmflow.sweep.best_command"  # a study run: the command that trains the best trial again
+SWEEP_STUDY_RUN_TAG = "ldmflow.sweep.study_run_id"  # an `mlflow run -e sweep` run: the study run it worked on
+
 # Registered model versions (and their logged models and training runs)
 STAGE_VERSION_TAG = "stage"  # the kind of model: vae, latent_ddpm, legacy_ddpm or probe (`ldmflow models`)
 CONDITION_SPEC_TAG = "condition_spec"  # a latent DDPM or probe: the conditions it takes or reads

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
+import shlex
 from pathlib import Path
 
 import click
@@ -74,7 +75,11 @@ def _options(command: click.Command) -> set[str]:
 
 def _commands(line: str, program: str) -> list[list[str]]:
     """The tokens after each `<program>` (or `.../<program>`) word, up to the end of that command."""
-    tokens = [token.strip("[]") for token in line.split()]
+    try:  # quotes keep `-P stage_options="--manifest_path ..."` one token
+        words = shlex.split(line, comments=False)
+    except ValueError:
+        words = line.split()
+    tokens = [token.strip("[]") for token in words]
     found = []
     for index, token in enumerate(tokens):
         if token == program or token.endswith(f"/{program}"):
@@ -109,7 +114,7 @@ def ldmflow_problems(text: str) -> list[str]:
                 problems.append(f"`ldmflow {name}`: no such command ({line.strip()})")
                 continue
             command = cli.commands[name]
-            options = _options(command) | {"--help", "-h"}
+            options = _options(command) | {"--help", "-h"} | _swept_stage_options(name, tokens)
             given = {_flag(token) for token in tokens[1:]} - {None}
             problems += [f"`ldmflow {name} {flag}`: no such option ({line.strip()})" for flag in sorted(given - options)]
             problems += _condition_problems(name, tokens, line)
@@ -118,6 +123,14 @@ def ldmflow_problems(text: str) -> list[str]:
                     if isinstance(param, click.Option) and param.required and not set(param.opts) & given:
                         problems.append(f"`ldmflow {name}` lacks its required {param.opts[0]} ({line.strip()})")
     return problems
+
+
+def _swept_stage_options(name: str, tokens: list[str]) -> set[str]:
+    """`ldmflow sweep --stage vae ... --resolution 64`: the stage's own options follow the sweep's."""
+    if name != "sweep" or "--stage" not in tokens[:-1]:
+        return set()
+    stage = cli.commands.get(tokens[tokens.index("--stage") + 1])
+    return _options(stage) if stage else set()
 
 
 def _condition_problems(name: str, tokens: list[str], line: str) -> list[str]:

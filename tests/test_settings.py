@@ -18,7 +18,7 @@ from ldmflow.settings import (LatentDdpmSettings, LegacyDdpmSettings, PipelineSe
 ROOT = Path(__file__).resolve().parents[1]
 SEED_README = sorted((ROOT.parent / "shared" / "seeds").glob("*.txt"))
 REQUIRED = {"manifest_path": "manifest.json", "output_dir": "out", "vae_uri": "models:/ldmflow-vae/1",
-            "model_uri": "models:/ldmflow-latent-ddpm/1"}
+            "model_uri": "models:/ldmflow-latent-ddpm/1", "stage": "vae", "space": "space.yaml"}
 # Where ldmflow deliberately differs from a value the original README shows in an example command.
 DELIBERATE = {
     "mixed_precision": "fp16 needs CUDA: the default runs anywhere; pass fp16 or bf16 on a GPU",

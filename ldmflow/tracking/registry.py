@@ -59,8 +59,11 @@ def pip_requirements() -> list[str]:
 def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model_name: str | None = None,
                      alias: str | None = None, vae_source: ModelSource | None = None, *, dataset_digest: str,
                      condition_spec: str | None = None, extra_tags: dict | None = None,
-                     step: int | None = None) -> RegisteredModel:
+                     step: int | None = None, register: bool = True) -> RegisteredModel:
     """Log `output_dir` of `stage` as a pyfunc model in the run, register it and tag run and version.
+
+    `register=False` (a sweep's trial): log and tag only; the result's version is "" and its `model_uri` the
+    logged model's (models:/<model id>), which `register_logged_model` registers later.
 
     `step`: the step of the weights in `output_dir` (the best checkpoint's; default the run's last): the logged
     model carries the run's metrics as they were then, so a version shows the scores of its own weights.
@@ -70,6 +73,7 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     """
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.entities import RunTag
 
     from ldmflow.tracking.store import use_tracking_store
 
@@ -98,15 +102,51 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
                 signature=signature, code_paths=[_package_copy(Path(staging))], pip_requirements=pip_requirements(),
                 tags=tags, step=last_step if step is None else step)
             _link_metrics_at(client, run_id, info.model_id, last_step if step is None else step)
-            version = _register(client, name, info.model_id, run_id, tags)
+            version = _register(client, name, info.model_id, run_id, tags) if register else ""
         except (mlflow.exceptions.MlflowException, OSError) as error:  # server down, disk full...
             raise LdmflowError(f"Could not log or register the {stage} model in MLflow: "
                                f"{str(error).splitlines()[0]}. The trained model is safe in {output_dir}.") from None
+    if not register:
+        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        logger.info("Logged the %s model %s (run %s).", stage, info.model_id, run_id)
+        return RegisteredModel(name, "", info.model_id, f"models:/{info.model_id}", run_id)
     registered = RegisteredModel(name, str(version), info.model_id, f"models:/{name}/{version}", run_id)
     _tag(client, registered, tags, alias, vae_source)
     logger.info("Registered %s (run %s, logged model %s)%s.", registered.model_uri, run_id, info.model_id,
                 f" with alias @{alias}" if alias else "")
     return registered
+
+
+def register_logged_model(model_id: str, registered_model_name: str | None = None,
+                          alias: str | None = None) -> RegisteredModel:
+    """Register a model that `log_and_register(register=False)` logged (a sweep's best trial), with the lineage
+    tags it was logged with, as `log_and_register` would have."""
+    from mlflow import MlflowClient
+
+    from ldmflow.tracking.store import use_tracking_store
+
+    client = MlflowClient(use_tracking_store())
+    logged = client.get_logged_model(model_id)
+    tags = {key: value for key, value in logged.tags.items() if not key.startswith("mlflow.")}
+    name = registered_model_name or kind_named(tags[STAGE_VERSION_TAG]).registered_name
+    version = _register(client, name, model_id, logged.source_run_id, tags)
+    registered = RegisteredModel(name, str(version), model_id, f"models:/{name}/{version}", logged.source_run_id)
+    _tag(client, registered, tags, alias, _recorded_vae_source(client, tags))
+    logger.info("Registered %s (run %s, logged model %s)%s.", registered.model_uri, registered.run_id, model_id,
+                f" with alias @{alias}" if alias else "")
+    return registered
+
+
+def _recorded_vae_source(client, tags: dict) -> ModelSource | None:
+    """The VAE of a logged latent DDPM as its lineage tags recorded it (enough to link the versions)."""
+    if VAE_URI_TAG not in tags:
+        return None
+    name, version = tags.get(VAE_MODEL_NAME_TAG), tags.get(VAE_MODEL_VERSION_TAG)
+    model_id = None
+    if name and version:
+        with contextlib.suppress(Exception):  # the VAE version may live in another store
+            model_id = client.get_model_version(name, version).model_id
+    return ModelSource(Path(), tags[VAE_URI_TAG], name, version, tags.get(VAE_RUN_TAG), model_id, bool(version))
 
 
 def _link_metrics_at(client, run_id: str, model_id: str, step: int) -> None:

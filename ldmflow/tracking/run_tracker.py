@@ -300,15 +300,17 @@ def _run_params(client, run_id: str) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | None = None):
-    """A RunTracker for the run of this process (`MLFLOW_RUN_ID` under `mlflow run`, else a new run in
-    `settings.experiment_name`, nested under `parent_run_id` when given), or a NullTracker when disabled. Logs
+def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | None = None,
+             run_id: str | None = None):
+    """A RunTracker for the run of this process (`run_id` when given: a sweep's trial run, which this process then
+    ends; `MLFLOW_RUN_ID` under `mlflow run`; else a new run in `settings.experiment_name`, nested under
+    `parent_run_id` when given), or a NullTracker when disabled. Logs
     `settings.to_params()` and the stage tag, records system metrics, and ends the run FINISHED, FAILED
     (exception) or KILLED (Ctrl-C)."""
     if not enabled:
         yield NullTracker()
         return
-    run_id, owned = _start_run(settings, stage, parent_run_id)
+    given, (run_id, owned) = run_id, _start_run(settings, stage, parent_run_id, run_id)
     status, tracker = "FINISHED", None
     try:
         tracker = RunTracker(run_id, output_dir=getattr(settings, "output_dir", None))
@@ -324,6 +326,8 @@ def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | No
     finally:  # the run never stays RUNNING, and an error in RunTracker() itself is not masked
         if tracker is not None:
             tracker.close()
+        if given:  # a sweep's trial: its study sets the final status (FINISHED, KILLED when pruned, FAILED)
+            status = "RUNNING"
         if owned and not _end_run(run_id, status) and tracker is not None:
             tracker.write_pending_status(status)
 
@@ -362,7 +366,8 @@ def default_run_name(stage: str, settings=None) -> str:
 MLFLOW_RANDOM_NAME = re.compile(r"^[a-z]+-[a-z]+-\d+$")  # what `mlflow run` names a run it starts
 
 
-def _start_run(settings, stage: str, parent_run_id: str | None = None) -> tuple[str, bool]:
+def _start_run(settings, stage: str, parent_run_id: str | None = None, given_run_id: str | None = None
+               ) -> tuple[str, bool]:
     """(run id, whether this process started it and must end it)."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -371,7 +376,7 @@ def _start_run(settings, stage: str, parent_run_id: str | None = None) -> tuple[
 
     uri = use_tracking_store()
     check_server_reachable(uri)
-    run_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
+    run_id = given_run_id or os.environ.get("MLFLOW_RUN_ID", "").strip()
     active = mlflow.active_run()
     if active is not None and run_id == active.info.run_id:
         return run_id, False  # already attached (e.g. by a driver process); its owner ends it

@@ -82,8 +82,12 @@ class LatentDdpmTask(DdpmTask):
     name = LATENT_DDPM.name
 
     def __init__(self, settings: LatentDdpmSettings, manifest: Manifest, vae_source,
-                 val_manifest: Manifest | None = None, probe_dir: Path | None = None):
+                 val_manifest: Manifest | None = None, probe_dir: Path | None = None,
+                 latent_cache: dict | None = None):
+        """`latent_cache`: a dict kept across trainings in one process (a sweep's trials), so the same VAE and
+        images are encoded once."""
         super().__init__(settings, val_manifest, clip_sample=False)  # latents are not bounded to [-1, 1]
+        self.latent_cache = latent_cache
         self.probe = ProbeReader.from_folder(probe_dir) if probe_dir else None
         self.ranges = manifest_ranges(manifest) if self.probe else None  # what adherence % refer to
         self.manifest, self.vae_source = manifest, vae_source
@@ -111,6 +115,24 @@ class LatentDdpmTask(DdpmTask):
             return self.vae.encode(pixels.to(self.vae.device, torch.float32)).latent_dist.parameters
 
     def _cache_latents(self, accelerator: Accelerator) -> LatentDataset:
+        """The encoded dataset: from `latent_cache` when this process encoded the same images with the same VAE
+        before (one process only), else encoded now."""
+        s = self.settings
+        source = self.vae_source  # a registered VAE by its identity: each trial downloads it to its own folder
+        vae = (source.uri, source.model_id or source.model_version or str(source.local_dir))
+        key = (vae, self.manifest.digest, s.resolution, s.random_flip, s.preserve_input_precision, s.max_image_pixels)
+        shared = self.latent_cache if self.latent_cache is not None and accelerator.num_processes == 1 else None
+        if shared is not None and key in shared:
+            dataset, self.unreadable_before_training = shared[key]
+            logger.info("Reusing the cached latents of %d images.", len(dataset))
+            return dataset
+        dataset = self._encode_dataset(accelerator)
+        if shared is not None:
+            shared.clear()  # one dataset's latents at a time
+            shared[key] = (dataset, self.unreadable_before_training)
+        return dataset
+
+    def _encode_dataset(self, accelerator: Accelerator) -> LatentDataset:
         """Encode the dataset once (sharded over processes, then gathered); flips are encoded both ways."""
         s = self.settings
         if s.random_crop:

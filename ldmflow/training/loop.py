@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -71,7 +71,12 @@ class TrainingOutcome:
         return tags
 
 
-def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRun) -> TrainingOutcome:
+# Called after each validation with (step, metrics); it may raise to stop the training (a sweep's pruner).
+ValidationCallback = Callable[[int, dict], None]
+
+
+def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRun,
+          on_validation: ValidationCallback | None = None) -> TrainingOutcome:
     """Run the whole training from what `prepare` made; save the last weights (and the best ones). What changes
     as it runs is `run.state` (the step and the counters saved with checkpoints) and the locals below."""
     accelerator, model, state, rank = run.accelerator, run.model, run.state, run.accelerator.process_index
@@ -141,7 +146,9 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
                     if state.global_step >= run.max_steps:
                         break
                 last_epoch = epoch == num_epochs - 1 or state.global_step >= run.max_steps
-                _end_of_epoch(settings, task, run, tracker, epoch, last_epoch)
+                metrics = _end_of_epoch(settings, task, run, tracker, epoch, last_epoch)
+                if metrics and on_validation is not None:
+                    on_validation(state.global_step, metrics)
                 if checkpoint_after_validation:
                     _checkpoint(settings, run, tracker, skipped, progress)
         finally:
@@ -298,9 +305,9 @@ def _check_weights_finite(settings: TrainSettings, run: PreparedRun, what: str) 
                        f"and {last}. Lower --learning_rate or --max_grad_norm, or try --mixed_precision no.")
 
 
-def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_epoch: bool) -> None:
+def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_epoch: bool) -> dict[str, float]:
     """Validation every `run.eval_every` epochs and previews every --save_images_epochs (both after the last epoch);
-    a better validation score than any before saves checkpoint-best."""
+    a better validation score than any before saves checkpoint-best. Returns the validation metrics ({}: none)."""
     accelerator, model, step = run.accelerator, run.model, run.state.global_step
     previews = (epoch + 1) % settings.save_images_epochs == 0 or last_epoch
     validate = run.eval_every > 0 and ((epoch + 1) % run.eval_every == 0 or last_epoch)
@@ -323,15 +330,21 @@ def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_ep
             tracker.set_tags({BEST_CHECKPOINT_STEP_TAG: str(step),
                               BEST_CHECKPOINT_METRIC_TAG: f"{metric}={metrics[metric]:.6g}"})
     accelerator.wait_for_everyone()
+    return metrics if validate else {}
 
 
-_HIGHER_IS_BETTER = ("psnr", "ssim")  # every other validation metric is a loss or a distance
+_HIGHER_IS_BETTER = ("psnr", "ssim", "diversity")  # every other metric is a loss, an error or a distance
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of `metric` (a validation or evaluate metric) is better."""
+    return any(word in metric for word in _HIGHER_IS_BETTER)
 
 
 def _is_better(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return math.isfinite(value)
-    return value > best if any(word in metric for word in _HIGHER_IS_BETTER) else value < best
+    return value > best if higher_is_better(metric) else value < best
 
 
 def _finish(settings, task, tracker, run: PreparedRun, unreadable: set[str]) -> TrainingOutcome:

@@ -21,6 +21,16 @@ from ldmflow.tags import REGISTERED_URI_TAG, RESUMED_FROM_RUN_TAG
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class TrialRun:
+    """How a sweep's trial trains: in the run its study made (`run_id`), told of each validation (which may stop
+    it), its model logged but not registered (the sweep registers the best trial's at the end)."""
+
+    run_id: str
+    on_validation: object  # loop.ValidationCallback
+    latent_cache: dict | None = None  # the worker's encoded latents, reused by its next latent DDPM trial
+
+
 def _load(settings: TrainSettings, split: str, condition_spec: str) -> Manifest:
     return load_manifest(settings.manifest_path, split=split, condition_spec=condition_spec,
                          data_root=settings.data_root, allow_outside_root=settings.allow_outside_root,
@@ -53,11 +63,12 @@ def _vae_task(settings: VaeSettings, manifest: Manifest, val: Manifest | None, v
     return VaeTask(settings, manifest, val, _val_conditions(settings, probe, val) if probe else None)
 
 
-def _latent_task(settings: LatentDdpmSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator):
+def _latent_task(settings: LatentDdpmSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator,
+                 latent_cache: dict | None = None):
     from ldmflow.training.latent_task import LatentDdpmTask
 
     probe = _registered_probe(settings, manifest, accelerator) if val is not None else None
-    return LatentDdpmTask(settings, manifest, vae_source, val, probe)
+    return LatentDdpmTask(settings, manifest, vae_source, val, probe, latent_cache)
 
 
 def _legacy_task(settings: LegacyDdpmSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator):
@@ -76,8 +87,11 @@ def _probe_task(settings: ProbeSettings, manifest: Manifest, val: Manifest | Non
 _TASKS = {VAE: _vae_task, LATENT_DDPM: _latent_task, LEGACY_DDPM: _legacy_task, PROBE: _probe_task}
 
 
-def _build_task(kind: Kind, settings: TrainSettings, manifest: Manifest, vae_source, accelerator):
-    return _TASKS[kind](settings, manifest, _validation_manifest(settings, manifest), vae_source, accelerator)
+def _build_task(kind: Kind, settings: TrainSettings, manifest: Manifest, vae_source, accelerator,
+                trial: TrialRun | None = None):
+    shared = {"latent_cache": trial.latent_cache} if trial is not None and kind is LATENT_DDPM else {}
+    return _TASKS[kind](settings, manifest, _validation_manifest(settings, manifest), vae_source, accelerator,
+                        **shared)
 
 
 def _on_main(accelerator, resolve):
@@ -154,21 +168,21 @@ def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) 
     return _on_main(accelerator, resolve)
 
 
-def run_training(settings: TrainSettings, parent_run_id: str | None = None):
+def run_training(settings: TrainSettings, parent_run_id: str | None = None, trial: TrialRun | None = None):
     """Train the model `settings` describes, tracked in MLflow unless --no_mlflow, in a run nested under
-    `parent_run_id` when given (a probe trained for an evaluation).
+    `parent_run_id` when given (a probe trained for an evaluation), or in a sweep's trial run.
 
-    Returns (TrainingOutcome, the registered model's URI or None)."""
+    Returns (TrainingOutcome, the registered model's URI or None; a trial's: its logged model, models:/<id>)."""
     from ldmflow.training.prepare import build_accelerator
 
     kind = kind_trained_by(settings)
     accelerator = build_accelerator(settings)
     is_main = accelerator.is_main_process
     with folder_lock(settings.output_dir, f"ldmflow {kind.name}") if is_main else contextlib.nullcontext():
-        return _train_in(settings, kind, accelerator, parent_run_id)
+        return _train_in(settings, kind, accelerator, parent_run_id, trial)
 
 
-def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: str | None):
+def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: str | None, trial: TrialRun | None):
     """run_training with the output folder locked by the main process."""
     from ldmflow.tracking.registry import log_and_register
     from ldmflow.tracking.run_tracker import close_abandoned_run, open_run
@@ -181,11 +195,11 @@ def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: s
     manifest = _load(settings, settings.split, getattr(settings, "condition_spec", "none"))
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     vae_source = _resolve_vae(settings, accelerator) if kind is LATENT_DDPM else None
-    task = _build_task(kind, settings, manifest, vae_source, accelerator)
+    task = _build_task(kind, settings, manifest, vae_source, accelerator, trial)
     prepared = prepare(settings, task, accelerator, manifest.digest)  # bad input fails before a run opens
     model_uri = None
-    with open_run(settings, kind.name, enabled=is_main and not settings.no_mlflow,
-                  parent_run_id=parent_run_id) as tracker:
+    with open_run(settings, kind.name, enabled=is_main and not settings.no_mlflow, parent_run_id=parent_run_id,
+                  run_id=trial.run_id if trial else None) as tracker:
         tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
                             name=f"{Path(manifest.path).stem} ({settings.split}, {len(manifest.records)} images)")
         previous = (prepared.resumed_tags or {}).get(RESUMED_FROM_RUN_TAG)
@@ -194,15 +208,16 @@ def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: s
         if not manifest.spec.is_empty:
             tracker.log_dict({"condition_spec": str(manifest.spec), "stats": manifest.stats.to_dict(manifest.spec)},
                              "conditioning.json")
-        outcome = train(settings, task, tracker, prepared)
+        outcome = train(settings, task, tracker, prepared, trial.on_validation if trial else None)
         if is_main and not settings.no_mlflow:
             tracker.wait_for_store(patience)
             registered = log_and_register(
                 kind.name, outcome.model_dir, tracker, registered_model_name=settings.registered_model_name,
                 alias=settings.register_alias, vae_source=vae_source, dataset_digest=manifest.digest,
                 condition_spec=None if manifest.spec.is_empty else str(manifest.spec),
-                extra_tags=outcome.version_tags(), step=outcome.step)
-            tracker.set_tags({REGISTERED_URI_TAG: registered.model_uri})
+                extra_tags=outcome.version_tags(), step=outcome.step, register=trial is None)
+            if trial is None:
+                tracker.set_tags({REGISTERED_URI_TAG: registered.model_uri})
             model_uri = registered.model_uri
     accelerator.end_training()
     return outcome, model_uri
