@@ -28,6 +28,7 @@ num_inference_steps, batch_size and input image pixels. Each gives one clear err
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import math
@@ -38,7 +39,9 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from ldmflow.errors import LdmflowError
@@ -49,6 +52,30 @@ from ldmflow.settings import SampleSettings
 IMAGE_COLUMN = "image"
 LATENT_COLUMN = "latent"
 SERVING_LIMITS = {"rows": 256, "num_inference_steps": 1000, "batch_size": 64, "image_pixels": 4096 * 4096}
+
+
+class InputError(MlflowException, LdmflowError):
+    """A bad request, as MLflow's INVALID_PARAMETER_VALUE: the scoring server answers 400 with ldmflow's message
+    in `message` (any other exception becomes "Encountered an unexpected error", the message buried in the
+    stack trace). Still an LdmflowError, so in-process callers catch it as before."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _input_errors(predict):
+    """Raise the LdmflowErrors of `predict` (bad rows, columns, params) as InputError."""
+
+    @functools.wraps(predict)
+    def wrapper(*args, **kwargs):
+        try:
+            return predict(*args, **kwargs)
+        except InputError:
+            raise
+        except LdmflowError as error:
+            raise InputError(str(error)) from None
+
+    return wrapper
 
 
 def _limit(name: str) -> int:
@@ -164,6 +191,7 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
                                                    str(Path(artifacts["scheduler"]).parent),
                                                    conditioning, device=_device())
 
+    @_input_errors
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from ldmflow.sampling.condition_input import conditions_from_frame
 
@@ -200,6 +228,7 @@ class VaePyfunc(mlflow.pyfunc.PythonModel):
 
         self._vae = AutoencoderKL.from_pretrained(context.artifacts[VAE.artifact]).to(_device()).eval()
 
+    @_input_errors
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         mode = _params(params, VAE_DEFAULTS)["mode"]
         frame = pd.DataFrame(model_input)
@@ -266,6 +295,7 @@ class LegacyDdpmPyfunc(mlflow.pyfunc.PythonModel):
 
         self._sampler = LegacySampler.from_folder(context.artifacts[LEGACY_DDPM.artifact], device=_device())
 
+    @_input_errors
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         options = _params(params, LEGACY_DEFAULTS)
         self._sampler.set_dtype(str(options["dtype"]))
@@ -292,6 +322,7 @@ class ProbePyfunc(mlflow.pyfunc.PythonModel):
 
         self._reader = ProbeReader.from_folder(context.artifacts[PROBE.artifact], device=_device())
 
+    @_input_errors
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from ldmflow.sampling.condition_input import component_columns
 
