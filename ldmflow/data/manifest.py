@@ -157,15 +157,42 @@ def _read_manifest_bytes(path: Path) -> bytes:
         raise LdmflowError(f"Cannot read manifest {path}: {exc.strerror or exc}") from None
 
 
+MAX_JSON_DEPTH = 32  # a manifest needs 4 levels; deeper is not a manifest (and Python's json recurses)
+MAX_INT_DIGITS = 400  # beyond any float (1.8e308); Python's int() refuses 4,300 digits with a ValueError
+
+
 def _parse_json(raw: bytes, path: Path) -> object:
+    """The document, read with bounds: nesting depth and the digits of an integer, each a manifest error."""
     try:
-        return json.loads(raw.decode("utf-8-sig"))
+        data = json.loads(raw.decode("utf-8-sig"), parse_int=lambda text: _bounded_int(text, path))
     except UnicodeDecodeError as exc:
         raise LdmflowError(f"Manifest {path} is not UTF-8 text (byte {exc.start}).") from None
     except json.JSONDecodeError as exc:
         raise LdmflowError(
             f"Manifest {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
         ) from None
+    except RecursionError:
+        raise LdmflowError(f"Manifest {path} nests lists or objects deeper than {MAX_JSON_DEPTH} levels.") from None
+    _check_depth(data, path)
+    return data
+
+
+def _bounded_int(text: str, path: Path) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise LdmflowError(f"Manifest {path} has an integer of {len(text.lstrip('-'))} digits; at most "
+                           f"{MAX_INT_DIGITS} are read (no condition value needs more).")
+    return int(text)
+
+
+def _check_depth(data: object, path: Path) -> None:
+    """Without recursion, so a deep document cannot exhaust the stack here either."""
+    level = [data]
+    for _ in range(MAX_JSON_DEPTH + 1):
+        level = [child for value in level if isinstance(value, (list, dict))
+                 for child in (value.values() if isinstance(value, dict) else value)]
+        if not level:
+            return
+    raise LdmflowError(f"Manifest {path} nests lists or objects deeper than {MAX_JSON_DEPTH} levels.")
 
 
 def _describe(value: object) -> str:
@@ -218,6 +245,10 @@ def _parse_entry(index: int, entry: object, path: Path) -> tuple[str, dict]:
         raise LdmflowError(
             f"Manifest {path}: entry {index} has 'output_rel' {output_rel!r}; expected a non-empty path string."
         )
+    if any(ord(char) < 32 or ord(char) == 127 for char in output_rel):
+        raise LdmflowError(
+            f"Manifest {path}: entry {index} has 'output_rel' {output_rel[:200]!r} with a control character "
+            "(a NUL, a line break, ...); no image path has one.")
     metadata = entry.get("metadata")
     if metadata is None:
         return output_rel, {}
@@ -243,8 +274,13 @@ def _resolve_image_path(root: Path, output_rel: str, label: str, allow_outside_r
     """``root / output_rel``; refuses paths that resolve (symlinks included) outside root unless allowed."""
     relative = Path(output_rel)
     candidate = relative if relative.is_absolute() else root / relative
-    if not allow_outside_root:
+    try:
+        candidate.is_file()  # a name the OS refuses (too long) fails here, not later in the loader
         resolved = candidate.resolve()
+    except (OSError, ValueError) as exc:
+        raise LdmflowError(f"{label[:250]}: the image path is not usable here: "
+                           f"{getattr(exc, 'strerror', None) or exc}.") from None
+    if not allow_outside_root:
         if not resolved.is_relative_to(root):
             raise LdmflowError(
                 f"{label}: the image path resolves to {resolved}, outside the data root {root}. "
