@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ldmflow.data import bounded_json
 from ldmflow.data.conditions import (
     ConditionSpec,
     ConditionStats,
@@ -157,42 +158,15 @@ def _read_manifest_bytes(path: Path) -> bytes:
         raise LdmflowError(f"Cannot read manifest {path}: {exc.strerror or exc}") from None
 
 
-MAX_JSON_DEPTH = 32  # a manifest needs 4 levels; deeper is not a manifest (and Python's json recurses)
-MAX_INT_DIGITS = 400  # beyond any float (1.8e308); Python's int() refuses 4,300 digits with a ValueError
-
-
 def _parse_json(raw: bytes, path: Path) -> object:
-    """The document, read with bounds: nesting depth and the digits of an integer, each a manifest error."""
     try:
-        data = json.loads(raw.decode("utf-8-sig"), parse_int=lambda text: _bounded_int(text, path))
+        return bounded_json.loads(raw.decode("utf-8-sig"), f"Manifest {path}")
     except UnicodeDecodeError as exc:
         raise LdmflowError(f"Manifest {path} is not UTF-8 text (byte {exc.start}).") from None
     except json.JSONDecodeError as exc:
         raise LdmflowError(
             f"Manifest {path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}."
         ) from None
-    except RecursionError:
-        raise LdmflowError(f"Manifest {path} nests lists or objects deeper than {MAX_JSON_DEPTH} levels.") from None
-    _check_depth(data, path)
-    return data
-
-
-def _bounded_int(text: str, path: Path) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise LdmflowError(f"Manifest {path} has an integer of {len(text.lstrip('-'))} digits; at most "
-                           f"{MAX_INT_DIGITS} are read (no condition value needs more).")
-    return int(text)
-
-
-def _check_depth(data: object, path: Path) -> None:
-    """Without recursion, so a deep document cannot exhaust the stack here either."""
-    level = [data]
-    for _ in range(MAX_JSON_DEPTH + 1):
-        level = [child for value in level if isinstance(value, (list, dict))
-                 for child in (value.values() if isinstance(value, dict) else value)]
-        if not level:
-            return
-    raise LdmflowError(f"Manifest {path} nests lists or objects deeper than {MAX_JSON_DEPTH} levels.")
 
 
 def _describe(value: object) -> str:
