@@ -22,6 +22,16 @@ class LdmflowError(Exception):
     """A problem with the user's input or environment, explained in the message (no traceback needed)."""
 
 
+def require_modules(modules: tuple[str, ...], needed_for: str, install: str) -> None:
+    """Refuse, before anything starts, when an optional package `needed_for` something is not installed: one line
+    naming what to install (else it ends later in a ModuleNotFoundError, or a server that exits at start)."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise LdmflowError(f"{needed_for} needs {', '.join(missing)}, which is not installed: {install}.")
+
+
 def traceback_file(error: BaseException, folder: str | os.PathLike | None = None) -> Path | None:
     """The file holding `error`'s full traceback, written on the first call (in `folder` when it is an existing,
     writable folder, else the temporary folder); later calls (the run that logged it, then the CLI) reuse it.
