@@ -47,7 +47,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from ldmflow.errors import LdmflowError
 from ldmflow.models.kinds import LEGACY_DDPM, PROBE, VAE
 from ldmflow.sampling.condition_input import SEED_COLUMN
-from ldmflow.settings import SampleSettings
+from ldmflow.settings import MAX_SEED, SampleSettings
 
 IMAGE_COLUMN = "image"
 LATENT_COLUMN = "latent"
@@ -135,7 +135,18 @@ def _seeds(frame: pd.DataFrame, count: int) -> list[int]:
     if column.isna().any():
         rows = [int(i) for i in np.flatnonzero(column.isna().to_numpy())]
         raise LdmflowError(f"Column 'seed' is blank in row(s) {rows[:10]}; give every row a seed or none at all.")
-    return [int(seed) for seed in column]
+    return [_seed(value, row) for row, value in enumerate(column)]
+
+
+def _seed(value, row: int) -> int:
+    """One row's seed: an integer in numpy's and torch's range."""
+    try:
+        seed = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise LdmflowError(f"Row {row}: seed {str(value)[:50]!r} is not an integer.") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise LdmflowError(f"Row {row}: seed {seed} is outside [0, {MAX_SEED}], the seeds numpy and torch accept.")
+    return seed
 
 
 def _device() -> str:
@@ -144,11 +155,23 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _number(value, name: str, kind: type):
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise LdmflowError(f"Param {name} must be {'an integer' if kind is int else 'a number'}, "
+                           f"got {str(value)[:50]!r}.") from None
+
+
 def _params(params: dict | None, defaults: dict) -> dict:
     merged = {**defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
     unknown = sorted(set(merged) - set(defaults))
     if unknown:
         raise LdmflowError(f"Unknown param(s) {unknown}; this model accepts {sorted(defaults)}.")
+    for name, kind in (("num_inference_steps", int), ("batch_size", int), ("guidance_scale", float),
+                       ("num_images", int)):
+        if name in merged:
+            merged[name] = _number(merged[name], name, kind)
     for name in ("num_inference_steps", "batch_size"):
         if name in merged and not 1 <= int(merged[name]) <= _limit(name):
             raise LdmflowError(f"Param {name} must be between 1 and {_limit(name)} on this server "
