@@ -88,7 +88,12 @@ def read_conditions_file(path: str | Path) -> pd.DataFrame:
     try:
         if path.suffix.lower() == ".json":
             data = bounded_json.loads(path.read_text(encoding="utf-8-sig"), f"--conditions_file {path}")
-            return pd.DataFrame(data if isinstance(data, list) else [data])
+            rows = data if isinstance(data, list) else [data]
+            not_objects = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
+            if not_objects:
+                raise LdmflowError(f"--conditions_file {path}: expected a JSON list of objects (one per image, "
+                                   f"condition name -> value); rows {not_objects[:5]} are not objects.")
+            return pd.DataFrame(rows)
         return pd.read_csv(path)
     except (ValueError, pd.errors.ParserError) as error:
         raise LdmflowError(f"--conditions_file {path}: cannot read it ({error}).") from None

@@ -41,6 +41,8 @@ def test_any_condition_option(texts):
 @example([{"wind": [[1, [2]], 3]}])
 @example([{"wind": {"x": 1}}])
 @example([1, [2]])
+@example([{}, None])  # found (fuzz profile): TypeError inside pandas for a row that is not an object
+@example([[], None])
 def test_any_json_conditions_file(folder, document):
     path = folder / "conditions.json"
     path.write_text(json.dumps(document))
