@@ -66,5 +66,6 @@ def error_summary(error: BaseException, limit: int = 500) -> str:
 
 def unexpected_error_line(error: BaseException, path: Path | None) -> str:
     """What the CLI prints (after `Error: `) for an error that is not an LdmflowError."""
-    where = f"full traceback in {path}" if path is not None else "no traceback file could be written; rerun with --verbose"
+    where = (f"full traceback in {path}" if path is not None
+             else "no traceback file could be written; rerun with --verbose")
     return f"unexpected {error_summary(error)} ({where}; please report it)"

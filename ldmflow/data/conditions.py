@@ -134,9 +134,9 @@ def _parse_item(part: str, text: str | None) -> tuple[str, int, tuple[int, ...] 
     if dim < 1:
         raise LdmflowError(f"Invalid condition spec {text!r}: dimension of {name!r} must be at least 1, got {dim}.")
     if dim > MAX_CONDITION_DIM:
-        raise LdmflowError(f"Invalid condition spec {text!r}: dimension of {name!r} is {dim_text[:20]}, over the bound of "
-                           f"{MAX_CONDITION_DIM} (every image stores its vector, and the model's condition input "
-                           "grows with it; a longer vector is data, not a condition).")
+        raise LdmflowError(f"Invalid condition spec {text!r}: dimension of {name!r} is {dim_text[:20]}, over the "
+                           f"bound of {MAX_CONDITION_DIM} (every image stores its vector, and the model's condition "
+                           "input grows with it; a longer vector is data, not a condition).")
     return name, dim, _parse_flip_rule(option, name, dim, text) if option else None
 
 

@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError, error_summary, traceback_file
-from ldmflow.tags import (DATASET_DIGEST_TAG, DIGEST_INPUT_TAG, ERROR_TAG, PARENT_RUN_TAG, RESUMED_BY_RUN_TAG, RUN_NAME_TAG,
-                          SPLIT_INPUT_TAG, STAGE_TAG)
+from ldmflow.tags import (DATASET_DIGEST_TAG, DIGEST_INPUT_TAG, ERROR_TAG, PARENT_RUN_TAG, RESUMED_BY_RUN_TAG,
+                          RUN_NAME_TAG, SPLIT_INPUT_TAG, STAGE_TAG)
 
 logger = logging.getLogger(__name__)
 
