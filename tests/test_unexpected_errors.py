@@ -105,3 +105,21 @@ def test_the_pyfunc_answers_bad_input_as_invalid_parameter_value():
     answer = json.loads(caught.value.serialize_as_json())
     assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and answer["message"].startswith("Unknown param(s)")
     assert caught.value.get_http_status_code() == 400
+
+
+def test_the_pipelines_parent_run_records_the_error_too(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    from ldmflow.tags import ERROR_TAG
+    from ldmflow.tracking.run_tracker import ERROR_ARTIFACT_PATH, recording_failure
+
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(RuntimeError):
+        with mlflow.start_run() as run, recording_failure(run.info.run_id, tmp_path):
+            raise RuntimeError("disk on fire")
+    client = MlflowClient()
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FAILED" and finished.data.tags[ERROR_TAG] == "RuntimeError: disk on fire"
+    assert len(client.list_artifacts(run.info.run_id, ERROR_ARTIFACT_PATH)) == 1

@@ -327,7 +327,7 @@ def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | No
     except BaseException as error:
         status = "FAILED"
         if tracker is not None:
-            _record_failure(tracker, error, getattr(settings, "output_dir", None))
+            _record_failure(tracker.set_tags, tracker.log_artifact, error, getattr(settings, "output_dir", None))
         raise
     finally:  # the run never stays RUNNING, and an error in RunTracker() itself is not masked
         if tracker is not None:
@@ -336,17 +336,32 @@ def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | No
             tracker.write_pending_status(status)
 
 
-def _record_failure(tracker: RunTracker, error: BaseException, output_dir) -> None:
+def _record_failure(set_tags, log_artifact, error: BaseException, output_dir) -> None:
     """The error that failed the run as its `ldmflow.error` tag; an unexpected one's traceback file (the one the
     CLI names) as an artifact too. Never raises: the original error is what the user must see."""
     try:
-        tracker.set_tags({ERROR_TAG: error_summary(error)})
+        set_tags({ERROR_TAG: error_summary(error)})
         if not isinstance(error, LdmflowError):
             path = traceback_file(error, output_dir)
             if path is not None:
-                tracker.log_artifact(path, ERROR_ARTIFACT_PATH)
+                log_artifact(path, ERROR_ARTIFACT_PATH)
     except Exception as problem:  # noqa: BLE001
         logger.warning("Could not record the error on the MLflow run: %s", str(problem).splitlines()[0][:300])
+
+
+@contextlib.contextmanager
+def recording_failure(run_id: str, output_dir=None):
+    """For a run that is not opened with open_run (the pipeline's parent run): an error inside it is recorded
+    the same way, before the run's own context ends it FAILED."""
+    try:
+        yield
+    except Exception as error:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        _record_failure(lambda tags: [client.set_tag(run_id, key, value) for key, value in tags.items()],
+                        lambda path, folder: client.log_artifact(run_id, str(path), folder), error, output_dir)
+        raise
 
 
 def close_abandoned_run(run_id: str, successor: str) -> bool:
