@@ -169,6 +169,19 @@ def _check_alias(alias: str | None) -> None:
                            "choose another name such as candidate or champion.")
 
 
+def _check_model_name(name: str | None) -> None:
+    """Checked before training, not at registration hours later: MLflow refuses '/' and ':' and names that are not
+    a plain path segment; '@' would make models:/<name>@<alias> ambiguous. Quotes, spaces and unicode work."""
+    if name is None:
+        return
+    bad = sorted({char for char in name if char in "/:@" or ord(char) < 32 or ord(char) == 127})
+    if not name.strip() or bad or name.strip() in (".", "..") or name != name.strip():
+        why = (f"it contains {', '.join(repr(char) for char in bad)}" if bad
+               else "it is empty, '.' or '..', or starts or ends with a space")
+        raise LdmflowError(f"--registered_model_name {name[:100]!r} cannot be a registered model's name: {why} "
+                           "(MLflow refuses '/' and ':', and ldmflow reads '@' as models:/<name>@<alias>).")
+
+
 def _default(settings_class, name: str):
     """A field's default, for settings that pass it on to another command (the pipeline's steps)."""
     return next(item for item in dataclasses.fields(settings_class) if item.name == name).default
@@ -301,6 +314,7 @@ class TrainSettings(ManifestSettings, TrackingSettings):
         if any(c < 1 for c in self.block_out_channels):
             raise LdmflowError(f"--block_out_channels must be positive integers, got {self.block_out_channels}.")
         _check_alias(self.register_alias)
+        _check_model_name(self.registered_model_name)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -60,6 +60,17 @@ def test_each_bound_at_and_one_past(settings_class, at, past, fragment):
     assert any(str(value) in message for value in past.values())  # it names the value
 
 
+@pytest.mark.parametrize("name", ["a/b", "a:b", "a@b", "a\nb", "", " ", "..", " padded"])
+def test_a_registered_name_mlflow_or_a_models_uri_cannot_hold_is_refused_before_training(name):
+    with pytest.raises(LdmflowError, match="--registered_model_name"):
+        VaeSettings(**REQUIRED[VaeSettings], registered_model_name=name)
+
+
+@pytest.mark.parametrize("name", ["it's", 'say "hi"', "with spaces", "température", "ldmflow-vae.v2"])
+def test_quotes_spaces_and_unicode_are_fine(name):
+    VaeSettings(**REQUIRED[VaeSettings], registered_model_name=name)
+
+
 def _numeric_fields(settings_class):
     """(name, int or float) of every numeric setting (optional ones included)."""
     for item, kind, _ in setting_fields(settings_class):
