@@ -644,6 +644,9 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
         raise LdmflowError(f"--{name} must be a comma list of integers such as 32,64, got {text!r}.") from None
 
 
+DEMO_STYLES = ("stripes", "textured")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DemoDataSettings(Settings):
     """`ldmflow demo-data`: a synthetic, condition-dependent dataset."""
@@ -653,10 +656,22 @@ class DemoDataSettings(Settings):
     resolution: int = setting(64, "Image size in pixels.")
     image_format: str = setting("png", "Image file format.", choices=IMAGE_FORMATS)
     style: str = setting("stripes", "Smooth stripes, or textured: fine streaks and colour clouds a blurry VAE loses.",
-                         choices=("stripes", "textured"))
+                         choices=DEMO_STYLES)
     seed: int = setting(0, "Seed of the scenes and the split.")
     val_fraction: float = setting(0.1, "Fraction of entries in the val split.")
     overwrite: bool = setting(False, "Replace manifest.json and images/ in a folder that is not empty.")
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, 1, "num_images")
+        if self.resolution < 8:
+            raise LdmflowError(f"--resolution must be at least 8 for demo data, got {self.resolution}.")
+        _check_at_most(self, MAX_RESOLUTION, "each image is drawn in memory at that size", "resolution")
+        _check_at_most(self, MAX_GENERATED_IMAGES, "a synthetic set for demos and tests; larger ones take hours "
+                       "to write", "num_images")
+        _check_choice(self, "image_format", IMAGE_FORMATS)
+        _check_choice(self, "style", DEMO_STYLES)
+        _check_number(self, "val_fraction", 0, 1, high_open=True)
+        _check_seeds(self)
 
 
 @dataclass(frozen=True, kw_only=True)

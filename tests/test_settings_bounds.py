@@ -3,6 +3,7 @@ say what is wrong in one line (fuzzed with Hypothesis, in-process: no command ru
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 
@@ -10,7 +11,7 @@ import pytest
 
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import (MAX_DIFFUSION_STEPS, MAX_FID_SAMPLES, MAX_GENERATED_IMAGES, MAX_RESOLUTION,
-                              MAX_SAMPLING_BATCH, MAX_SEED, MAX_WORKERS, EvaluateSettings, LatentDdpmSettings,
+                              MAX_SAMPLING_BATCH, MAX_SEED, MAX_WORKERS, DemoDataSettings, EvaluateSettings, LatentDdpmSettings,
                               LegacyDdpmSettings, PipelineSettings, ProbeSettings, SampleSettings, ServerSettings,
                               VaeSettings, setting_fields)
 
@@ -21,7 +22,8 @@ REQUIRED = {VaeSettings: {"manifest_path": "m.json", "output_dir": "out"},
             SampleSettings: {"model_uri": "models:/latent/1"},
             EvaluateSettings: {"model_uri": "models:/latent/1", "manifest_path": "m.json"},
             PipelineSettings: {"manifest_path": "m.json"},
-            ServerSettings: {}}
+            ServerSettings: {},
+            DemoDataSettings: {"output_dir": "out"}}
 
 LARGEST_BATCH_AT_4096 = (2**31 - 1) // (3 * 4096**2)  # 42: torch's 32-bit index math
 BOUNDS = [  # (settings, the value at its bound, one past it, fragment of the error)
@@ -95,3 +97,15 @@ FLOATS = st.floats() | st.sampled_from([0.0, -0.0, 1e-300, 1e300])
 def test_settings_from_arbitrary_numbers(case):
     (settings_class, name, _), value = case
     succeeds_or_one_line(settings_class, **REQUIRED[settings_class], **{name: value})
+
+
+@pytest.mark.parametrize("at, past, fragment", [
+    ({"resolution": MAX_RESOLUTION}, {"resolution": MAX_RESOLUTION + 1}, "drawn in memory"),
+    ({"num_images": MAX_GENERATED_IMAGES}, {"num_images": MAX_GENERATED_IMAGES + 1}, "take hours"),
+    ({"seed": MAX_SEED}, {"seed": MAX_SEED + 1}, "[0, 2**32 - 1]"),
+    ({"seed": 0}, {"seed": -1}, "--seed must be at least 0"),  # numpy's default_rng raised ValueError
+], ids=["resolution", "num_images", "seed", "negative seed"])
+def test_demo_data_bounds(at, past, fragment):
+    DemoDataSettings(output_dir="out", **at)
+    with pytest.raises(LdmflowError, match=re.escape(fragment)):
+        DemoDataSettings(output_dir="out", **past)
