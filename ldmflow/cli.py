@@ -29,7 +29,7 @@ class _Command(click.Command):
             return super().invoke(ctx)
         except LdmflowError as error:
             raise click.ClickException(_one_line(error)) from None
-        except click.ClickException:
+        except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own: exit codes already chosen
             raise
         except Exception as error:
             if type(error).__module__.startswith("mlflow."):  # server errors, failed project steps

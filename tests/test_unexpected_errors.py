@@ -123,3 +123,15 @@ def test_the_pipelines_parent_run_records_the_error_too(tmp_path, monkeypatch):
     finished = client.get_run(run.info.run_id)
     assert finished.info.status == "FAILED" and finished.data.tags[ERROR_TAG] == "RuntimeError: disk on fire"
     assert len(client.list_artifacts(run.info.run_id, ERROR_ARTIFACT_PATH)) == 1
+
+
+def test_clicks_own_exits_pass_through(tmp_path, monkeypatch):
+    """click.exceptions.Exit and Abort are RuntimeErrors: they must not read as unexpected."""
+    import click
+
+    def leave(**options):
+        raise click.exceptions.Exit(0)
+
+    monkeypatch.setattr("ldmflow.data.demo.make_demo_dataset", leave)
+    result = CliRunner().invoke(cli, ["demo-data", "--output_dir", str(tmp_path)])
+    assert result.exit_code == 0 and "unexpected" not in result.output
