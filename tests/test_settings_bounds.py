@@ -109,3 +109,25 @@ def test_demo_data_bounds(at, past, fragment):
     DemoDataSettings(output_dir="out", **at)
     with pytest.raises(LdmflowError, match=re.escape(fragment)):
         DemoDataSettings(output_dir="out", **past)
+
+
+def test_sampled_images_must_fit_in_the_memory_available():
+    """At the bound and one past it, with the memory available given (the default asks psutil)."""
+    from ldmflow.workflows.sample import BYTES_PER_IMAGE_PIXEL, check_images_fit
+
+    available = 10 * 64 * 64 * BYTES_PER_IMAGE_PIXEL
+    check_images_fit(10, 64, available)
+    with pytest.raises(LdmflowError, match=r"11 images of 64x64 px need about .* ask for at most 10 "):
+        check_images_fit(11, 64, available)
+    check_images_fit(8, 64)  # the machine's own memory holds a few small images
+
+
+def test_the_image_size_of_a_sampler():
+    from types import SimpleNamespace
+
+    from ldmflow.workflows.sample import image_size
+
+    unet = SimpleNamespace(config=SimpleNamespace(sample_size=16))
+    assert image_size(SimpleNamespace(unet=unet)) == 16  # a pixel-space (legacy) model
+    vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=(8, 8, 8, 8)))
+    assert image_size(SimpleNamespace(unet=unet, vae=vae)) == 128  # latents x8

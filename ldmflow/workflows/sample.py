@@ -121,6 +121,30 @@ def _as_float(raw) -> float:
         return math.inf
 
 
+BYTES_PER_IMAGE_PIXEL = 3 * 4 * 2  # RGB float32, held twice (the generated array and its 8-bit/PIL copies)
+
+
+def image_size(sampler) -> int:
+    """The side of the images a sampler makes: the UNet's sample size, times the VAE's downsampling if any."""
+    size = int(sampler.unet.config.sample_size)
+    vae = getattr(sampler, "vae", None)
+    return size * 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else size
+
+
+def check_images_fit(count: int, size: int, available: int | None = None) -> None:
+    """All images are kept in memory until written: refuse, before any run opens, a request that cannot fit in
+    the memory available now (an estimate: the images alone, not the model)."""
+    import psutil
+
+    available = psutil.virtual_memory().available if available is None else available
+    needed = count * size * size * BYTES_PER_IMAGE_PIXEL
+    if needed > available:
+        raise LdmflowError(f"{count} images of {size}x{size} px need about {needed / 2**30:.1f} GiB in memory, "
+                           f"over the {available / 2**30:.1f} GiB available now: ask for at most "
+                           f"{available // (size * size * BYTES_PER_IMAGE_PIXEL)} (--num_images or the rows of "
+                           "--conditions_file) and run several samples.")
+
+
 def generate(settings: SampleSettings, sampler: Sampler, conditions, seeds) -> np.ndarray:
     """(N, H, W, 3) images in [0, 1]."""
     return sampler.generate(conditions, num_images=len(seeds), guidance_scale=settings.guidance_scale,
@@ -156,6 +180,7 @@ def run_sampling(settings: SampleSettings) -> Path:
     sampler = load_sampler(Path(source.local_dir), settings.dtype, settings.torch_compile)
     conditions, seeds = requested_conditions(settings, sampler)
     check_inference_steps(settings.num_inference_steps, sampler.scheduler_config)  # before any run opens
+    check_images_fit(len(seeds), image_size(sampler))
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with open_run(settings, "sample", enabled=not settings.no_mlflow) as tracker:
