@@ -20,7 +20,7 @@ DEMO_PARAMS ?= -P resolution=64 -P vae_train_batch_size=8 -P ddpm_train_batch_si
 
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test test-fast test-all mlproject options clean server server-stop
+.PHONY: install demo test test-fast test-all fuzz mlproject options clean server server-stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ test-fast: install
 
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The Hypothesis suites with many more examples than CI's profile (tests/conftest.py); minutes, not seconds.
+FUZZ_TESTS ?= tests/data/test_fuzz_manifest.py tests/data/test_fuzz_conditions.py \
+	tests/sampling/test_fuzz_condition_input.py tests/tracking/test_fuzz_model_uri.py \
+	tests/tracking/test_fuzz_pyfunc_input.py tests/workflows/test_fuzz_seeds.py tests/test_settings_bounds.py \
+	tests/test_fuzz_cli.py
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest $(FUZZ_TESTS) $(PYTEST_ARGS)
 
 # A team server on this machine: PostgreSQL + MLflow with proxied artifacts and basic auth (docs/mlflow.md).
 server: install

@@ -8,12 +8,13 @@ import logging
 import os
 import shlex
 import sys
+import traceback
 import types
 import typing
 
 import click
 
-from ldmflow.errors import LdmflowError
+from ldmflow.errors import UNEXPECTED_EXIT_CODE, LdmflowError, traceback_file, unexpected_error_line
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE
 from ldmflow.settings import (DEFAULT_EXPERIMENT, CheckManifestSettings, DemoDataSettings, EvaluateSettings,
                               LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings, ProbeSettings, SampleSettings,
@@ -21,17 +22,35 @@ from ldmflow.settings import (DEFAULT_EXPERIMENT, CheckManifestSettings, DemoDat
 
 
 class _Command(click.Command):
-    """Turns LdmflowError (bad input, explained in its message) into one clear line and exit code 1."""
+    """Turns LdmflowError (bad input, explained in its message) into one clear line and exit code 1, and any
+    other exception into one line naming its traceback file and exit code 2 (--verbose also prints it)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except LdmflowError as error:
             raise click.ClickException(_one_line(error)) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own: exit codes already chosen
+            raise
         except Exception as error:
             if type(error).__module__.startswith("mlflow."):  # server errors, failed project steps
                 raise click.ClickException(f"MLflow: {str(error).splitlines()[0] if str(error) else error!r}") from None
-            raise
+            raise _unexpected(ctx, error) from None
+
+
+class UnexpectedError(click.ClickException):
+    """An error ldmflow did not foresee: one line, exit code 2 (1 is for the user's own mistakes)."""
+
+    exit_code = UNEXPECTED_EXIT_CODE
+
+
+def _unexpected(ctx: click.Context, error: Exception) -> UnexpectedError:
+    """Write the traceback (in the command's output folder when it exists), print it too under --verbose."""
+    folder = next((ctx.params[key] for key in ("output_dir", "output_root") if ctx.params.get(key)), None)
+    path = traceback_file(error, folder)
+    if ctx.find_root().params.get("verbose"):
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    return UnexpectedError(unexpected_error_line(error, path))
 
 
 def _one_line(error: LdmflowError) -> str:

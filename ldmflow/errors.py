@@ -1,5 +1,71 @@
-"""The one exception type for bad user input; the CLI turns it into a clear message and exit code 1."""
+"""The one exception type for bad user input, and the report of an error that is not one.
+
+A user error (LdmflowError) is one `Error:` line and exit code 1. Anything else is a bug or an environment
+problem nobody foresaw: it is still one line, but exit code 2 and with its full traceback kept in a file, so
+the user sees one clear line and the report keeps everything needed to fix it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+USER_ERROR_EXIT_CODE = 1
+UNEXPECTED_EXIT_CODE = 2
+_TRACEBACK_ATTRIBUTE = "ldmflow_traceback_file"  # set on the exception once its traceback is written
 
 
 class LdmflowError(Exception):
     """A problem with the user's input or environment, explained in the message (no traceback needed)."""
+
+
+def require_modules(modules: tuple[str, ...], needed_for: str, install: str) -> None:
+    """Refuse, before anything starts, when an optional package `needed_for` something is not installed: one line
+    naming what to install (else it ends later in a ModuleNotFoundError, or a server that exits at start)."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise LdmflowError(f"{needed_for} needs {', '.join(missing)}, which is not installed: {install}.")
+
+
+def traceback_file(error: BaseException, folder: str | os.PathLike | None = None) -> Path | None:
+    """The file holding `error`'s full traceback, written on the first call (in `folder` when it is an existing,
+    writable folder, else the temporary folder); later calls (the run that logged it, then the CLI) reuse it.
+    None only when nothing could be written."""
+    written = getattr(error, _TRACEBACK_ATTRIBUTE, None)
+    if written is not None:
+        return written
+    name = f"ldmflow-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    for place in (folder, tempfile.gettempdir()):
+        if place is None or not Path(place).is_dir():
+            continue
+        try:
+            path = Path(place, name).absolute()
+            path.write_text(text, encoding="utf-8")
+        except OSError:
+            continue
+        try:
+            setattr(error, _TRACEBACK_ATTRIBUTE, path)
+        except AttributeError:  # an exception type without a __dict__
+            pass
+        return path
+    return None
+
+
+def error_summary(error: BaseException, limit: int = 500) -> str:
+    """`<Type>: <first line of the message>`, short enough for a tag or one line of output."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else repr(error)}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def unexpected_error_line(error: BaseException, path: Path | None) -> str:
+    """What the CLI prints (after `Error: `) for an error that is not an LdmflowError."""
+    where = (f"full traceback in {path}" if path is not None
+             else "no traceback file could be written; rerun with --verbose")
+    return f"unexpected {error_summary(error)} ({where}; please report it)"

@@ -34,6 +34,15 @@ FEATURE_EXTRACTORS = ("auto", "inception", "probe")
 SWEEP_STAGES = ("vae", "latent-ddpm", "legacy-ddpm")  # the commands a sweep trains (their kinds: models/kinds.py)
 SWEEP_DIRECTIONS = ("auto", "minimize", "maximize")
 SWEEP_PRUNERS = ("median", "none")
+# Upper bounds, checked in __post_init__ before anything is allocated (each error says the value, bound and why)
+MAX_SEED = 2**32 - 1  # numpy's generators refuse larger seeds
+MAX_RESOLUTION = 4096
+MAX_TENSOR_ELEMENTS = 2**31 - 1  # torch's 32-bit index math in convolution and resize kernels
+MAX_WORKERS = 64
+MAX_DIFFUSION_STEPS = 10_000
+MAX_GENERATED_IMAGES = 100_000
+MAX_FID_SAMPLES = 50_000
+MAX_SAMPLING_BATCH = 1024
 MAX_IMAGE_PIXELS = 16384 * 16384  # larger images are refused from their header, before any decoding
 
 
@@ -96,6 +105,45 @@ def _check_at_least(settings, minimum: int, *names: str) -> None:
             raise LdmflowError(f"--{name} must be at least {minimum}, got {value}.")
 
 
+def _check_at_most(settings, maximum: int, why: str, *names: str) -> None:
+    """An upper bound, checked before anything is allocated; the message gives the value, the bound and why."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and value > maximum:
+            raise LdmflowError(f"--{name} is {value}, over the bound of {maximum}: {why}.")
+
+
+def _check_seeds(settings, count_name: str | None = None) -> None:
+    """--seed, and with `count_name` the last seed used (image i uses seed + i), within numpy's seed range."""
+    _check_at_least(settings, 0, "seed")
+    count = getattr(settings, count_name) if count_name else 1
+    last = settings.seed + max(count, 1) - 1
+    if last > MAX_SEED:
+        what = (f"--seed {settings.seed} + --{count_name} {count} - 1 (the last image's seed) is {last}" if count_name
+                else f"--seed is {last}")
+        raise LdmflowError(f"{what}, over the bound of {MAX_SEED}: numpy and torch generators take seeds in "
+                           "[0, 2**32 - 1].")
+
+
+def _check_batch_elements(settings, *names: str) -> None:
+    """A batch of input images at --resolution must fit torch's 32-bit index math."""
+    for name in names:
+        elements = getattr(settings, name) * 3 * settings.resolution ** 2
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise LdmflowError(f"--{name} {getattr(settings, name)} at --resolution {settings.resolution} is a batch "
+                               f"of {elements:,} values, over the bound of {MAX_TENSOR_ELEMENTS:,}: torch's "
+                               "convolution and resize kernels index a tensor with 32-bit integers.")
+
+
+def _check_sampling_bounds(settings, count_name: str, maximum: int, why: str) -> None:
+    """sample and evaluate: how many images, their steps and batch, and the seed of the last image."""
+    _check_at_most(settings, maximum, why, count_name)
+    _check_at_most(settings, MAX_DIFFUSION_STEPS, "no noise schedule has more steps", "num_inference_steps")
+    _check_at_most(settings, MAX_SAMPLING_BATCH, "images denoised together; more do not fit an accelerator at "
+                   "any useful size", "batch_size")
+    _check_seeds(settings, count_name)
+
+
 def _check_number(settings, name: str, low: float | None = None, high: float | None = None,
                   low_open: bool = False, high_open: bool = False) -> None:
     """A finite number within [low, high] (open ends where asked); None (an unset optional) passes."""
@@ -122,6 +170,19 @@ def _check_alias(alias: str | None) -> None:
     if alias is not None and (alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias) or not alias.strip()):
         raise LdmflowError(f"--register_alias {alias!r} is reserved by MLflow (latest, v<number>); "
                            "choose another name such as candidate or champion.")
+
+
+def _check_model_name(name: str | None) -> None:
+    """Checked before training, not at registration hours later: MLflow refuses '/' and ':' and names that are not
+    a plain path segment; '@' would make models:/<name>@<alias> ambiguous. Quotes, spaces and unicode work."""
+    if name is None:
+        return
+    bad = sorted({char for char in name if char in "/:@" or ord(char) < 32 or ord(char) == 127})
+    if not name.strip() or bad or name.strip() in (".", "..") or name != name.strip():
+        why = (f"it contains {', '.join(repr(char) for char in bad)}" if bad
+               else "it is empty, '.' or '..', or starts or ends with a space")
+        raise LdmflowError(f"--registered_model_name {name[:100]!r} cannot be a registered model's name: {why} "
+                           "(MLflow refuses '/' and ':', and ldmflow reads '@' as models:/<name>@<alias>).")
 
 
 def _default(settings_class, name: str):
@@ -236,6 +297,12 @@ class TrainSettings(ManifestSettings, TrackingSettings):
                         "layers_per_block", "num_validations",
                         "max_train_steps", "max_nonfinite_steps", "checkpoints_total_limit")
         _check_at_least(self, 0, "dataloader_num_workers", "lr_warmup_steps", "eval_epochs")
+        _check_at_most(self, MAX_RESOLUTION, "one image of that size is already 200 MB of float32 input before any "
+                       "activation; latent diffusion trains at 256 to 1024", "resolution")
+        _check_batch_elements(self, "train_batch_size", "eval_batch_size")
+        _check_at_most(self, MAX_WORKERS, "each worker is a process with its own copy of the dataset, and more "
+                       "never load faster", "dataloader_num_workers")
+        _check_seeds(self)
         _check_number(self, "learning_rate", 0, 1, low_open=True)
         _check_number(self, "adam_weight_decay", 0)
         _check_number(self, "max_grad_norm", 0, low_open=True)
@@ -250,6 +317,7 @@ class TrainSettings(ManifestSettings, TrackingSettings):
         if any(c < 1 for c in self.block_out_channels):
             raise LdmflowError(f"--block_out_channels must be positive integers, got {self.block_out_channels}.")
         _check_alias(self.register_alias)
+        _check_model_name(self.registered_model_name)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,6 +390,8 @@ class DdpmSettings(TrainSettings):
         super().__post_init__()
         _check_at_least(self, 1, "num_preview_images", "preview_inference_steps", "ddpm_num_steps", "val_timesteps",
                         "attention_head_dim")
+        _check_at_most(self, MAX_DIFFUSION_STEPS, "the noise schedule is tabulated per step, and diffusers' "
+                       "schedules are tuned for 1000", "ddpm_num_steps")
         attended = self.block_out_channels[-2:] if len(self.block_out_channels) >= 3 else self.block_out_channels[-1:]
         if any(width % self.attention_head_dim for width in attended):  # the widths that have self-attention
             raise LdmflowError(f"--attention_head_dim {self.attention_head_dim} must divide the attention levels' "
@@ -444,6 +514,8 @@ class SampleSettings(TrackingSettings):
 
     def __post_init__(self) -> None:
         _check_at_least(self, 1, "num_images", "num_inference_steps", "batch_size")
+        _check_sampling_bounds(self, "num_images", MAX_GENERATED_IMAGES, "each image is written and logged to the "
+                               "run; split larger jobs into several runs")
         _check_number(self, "guidance_scale", 1)
         _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
         _check_choice(self, "dtype", SAMPLE_DTYPES)
@@ -484,6 +556,8 @@ class EvaluateSettings(ManifestSettings, TrackingSettings):
     def __post_init__(self) -> None:
         _check_at_least(self, 2, "num_samples")
         _check_at_least(self, 1, "num_inference_steps", "batch_size")
+        _check_sampling_bounds(self, "num_samples", MAX_FID_SAMPLES, "the standard FID count; every sample's "
+                               "features are held in memory")
         _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
         _check_choice(self, "feature_extractor", FEATURE_EXTRACTORS)
         _check_number(self, "guidance_scale", 1)
@@ -574,6 +648,9 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
         raise LdmflowError(f"--{name} must be a comma list of integers such as 32,64, got {text!r}.") from None
 
 
+DEMO_STYLES = ("stripes", "textured")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SweepSettings(ExperimentSettings):
     """`ldmflow sweep`: an Optuna study over one stage's settings; every trial is an MLflow run of that stage.
@@ -626,10 +703,22 @@ class DemoDataSettings(Settings):
     resolution: int = setting(64, "Image size in pixels.")
     image_format: str = setting("png", "Image file format.", choices=IMAGE_FORMATS)
     style: str = setting("stripes", "Smooth stripes, or textured: fine streaks and colour clouds a blurry VAE loses.",
-                         choices=("stripes", "textured"))
+                         choices=DEMO_STYLES)
     seed: int = setting(0, "Seed of the scenes and the split.")
     val_fraction: float = setting(0.1, "Fraction of entries in the val split.")
     overwrite: bool = setting(False, "Replace manifest.json and images/ in a folder that is not empty.")
+
+    def __post_init__(self) -> None:
+        _check_at_least(self, 1, "num_images")
+        if self.resolution < 8:
+            raise LdmflowError(f"--resolution must be at least 8 for demo data, got {self.resolution}.")
+        _check_at_most(self, MAX_RESOLUTION, "each image is drawn in memory at that size", "resolution")
+        _check_at_most(self, MAX_GENERATED_IMAGES, "a synthetic set for demos and tests; larger ones take hours "
+                       "to write", "num_images")
+        _check_choice(self, "image_format", IMAGE_FORMATS)
+        _check_choice(self, "style", DEMO_STYLES)
+        _check_number(self, "val_fraction", 0, 1, high_open=True)
+        _check_seeds(self)
 
 
 @dataclass(frozen=True, kw_only=True)

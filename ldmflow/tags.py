@@ -23,6 +23,7 @@ RESUMED_FROM_CHECKPOINT_TAG = "ldmflow.resumed_from_checkpoint"  # a resumed tra
 RESUMED_FROM_STEP_TAG = "ldmflow.resumed_from_step"  # a resumed training run: that checkpoint's step
 RESUMED_FROM_RUN_TAG = "ldmflow.resumed_from_run_id"  # a resumed training run: the run that wrote the checkpoint
 RESUMED_BY_RUN_TAG = "ldmflow.resumed_by_run_id"  # a run that another one resumed: that run
+ERROR_TAG = "ldmflow.error"  # a FAILED run: the error that ended it, `<Type>: <message>` (traceback artifact)
 EVAL_SKIPPED_TAG = "ldmflow.eval_skipped"  # an evaluate run: the scores it could not compute, and why
 ENTRY_POINT_TAG = "mlflow.project.entryPoint"  # MLflow's, on `mlflow run` runs: the entry point (pipeline reuse)
 RUN_NAME_TAG = "mlflow.runName"  # MLflow's: a run's name (ldmflow's replaces the random one `mlflow run` gives)

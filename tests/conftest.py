@@ -107,3 +107,21 @@ def _reset_mlflow_tracking_uri():
     yield
     if "mlflow" in sys.modules:
         sys.modules["mlflow"].set_tracking_uri(None)
+
+
+def _register_hypothesis_profiles() -> None:
+    """The fuzz suites (test_fuzz_*.py) run few examples in CI ("ci", the default) and many under `make fuzz`
+    (HYPOTHESIS_PROFILE=fuzz). No deadline: a loaded 2-core CI machine would make per-example deadlines flaky;
+    the suites assert their own time bound per input instead (fuzzing.py)."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # the dev extra is not installed: the fuzz suites skip themselves
+        return
+    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("fuzz", max_examples=3000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_register_hypothesis_profiles()

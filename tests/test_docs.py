@@ -274,8 +274,8 @@ def import_problems(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def known_flags() -> set[str]:
-    return {flag for command in cli.commands.values() for flag in _options(command)} | _benchmark_flags() | \
-        OTHER_TOOLS_FLAGS | {"--help"}
+    return {flag for command in (cli, *cli.commands.values()) for flag in _options(command)} | _benchmark_flags() | \
+        OTHER_TOOLS_FLAGS | {"--help"}  # cli: the group's own options (--verbose)
 
 
 @pytest.fixture(scope="module")

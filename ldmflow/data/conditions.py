@@ -18,6 +18,7 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VECTOR_SPLIT_RE = re.compile(r"[,\s;]+")
 # A std below this is treated as zero (a constant condition), so normalisation never divides by ~0.
 _MIN_STD = 1e-8
+MAX_CONDITION_DIM = 4096  # per condition, and for the whole vector
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class ConditionSpec:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise LdmflowError(f"Invalid condition spec {text!r}: duplicate name(s) {', '.join(duplicates)}.")
+        if sum(dim for _, dim in items) > MAX_CONDITION_DIM:
+            raise LdmflowError(f"Invalid condition spec {text!r}: {sum(dim for _, dim in items)} values in all, "
+                               f"over the bound of {MAX_CONDITION_DIM}.")
         return cls(tuple(items), tuple(rules))
 
     def flip_signs(self) -> np.ndarray:
@@ -125,9 +129,14 @@ def _parse_item(part: str, text: str | None) -> tuple[str, int, tuple[int, ...] 
         raise LdmflowError(
             f"Invalid condition spec {text!r}: dimension of {name!r} must be an integer, got {dim_text!r}."
         )
-    dim = int(dim_text)
+    digits = dim_text.lstrip("+-").lstrip("0") or "0"
+    dim = (int(digits) if len(digits) <= 9 else MAX_CONDITION_DIM + 1) * (-1 if dim_text.startswith("-") else 1)
     if dim < 1:
         raise LdmflowError(f"Invalid condition spec {text!r}: dimension of {name!r} must be at least 1, got {dim}.")
+    if dim > MAX_CONDITION_DIM:
+        raise LdmflowError(f"Invalid condition spec {text!r}: dimension of {name!r} is {dim_text[:20]}, over the "
+                           f"bound of {MAX_CONDITION_DIM} (every image stores its vector, and the model's condition "
+                           "input grows with it; a longer vector is data, not a condition).")
     return name, dim, _parse_flip_rule(option, name, dim, text) if option else None
 
 
@@ -190,6 +199,9 @@ def _read_condition(metadata: dict, name: str, dim: int, entry_label: str) -> np
     raw = metadata.get(name)
     try:
         components = _parse_components(raw)
+    except OverflowError:
+        raise LdmflowError(f"{entry_label}: condition {name!r} has a value beyond the float32 range "
+                           f"(+-{FLOAT32_MAX:.3g}) that training uses.") from None
     except (TypeError, ValueError):
         raise LdmflowError(
             f"{entry_label}: condition {name!r} has a non-numeric value {raw!r} "
@@ -216,7 +228,7 @@ def _wind_magnitude(metadata: dict) -> float | None:
     """Norm of ``metadata['wind']`` (any length), or None when it is absent, non-numeric or non-finite."""
     try:
         components = _parse_components(metadata.get("wind"))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if not components:
         return None

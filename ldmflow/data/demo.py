@@ -26,11 +26,11 @@ from PIL import Image
 from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
 from ldmflow.files import publish_files, temporary_folder
-from ldmflow.settings import IMAGE_FORMATS, DemoDataSettings
+from ldmflow.settings import DEMO_STYLES, DemoDataSettings
 
 logger = logging.getLogger(__name__)
 
-STYLES = ("stripes", "textured")  # the choices of DemoDataSettings.style
+STYLES = DEMO_STYLES
 TEMPERATURE_RANGE = (-20.0, 40.0)  # degrees C, sampled uniformly
 WIND_MAG_RANGE = (0.0, 10.0)  # m/s, sampled uniformly; the direction is uniform over the circle
 STRIPES_PER_IMAGE = 2  # stripe period = resolution / 2: 4 latent cells of an x8 VAE, and resolution-free
@@ -229,16 +229,8 @@ def make_demo_dataset(
     one) and entries with index % 4 == 2 omit wind_mag. A folder that is not empty is refused unless
     ``overwrite``; the files are built aside and moved in at the end.
     """
-    if num_images < 1:
-        raise LdmflowError(f"--num_images must be at least 1, got {num_images}.")
-    if resolution < 8:
-        raise LdmflowError(f"--resolution must be at least 8 for demo data, got {resolution}.")
-    if image_format not in IMAGE_FORMATS:
-        raise LdmflowError(f"--image_format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}.")
-    if style not in STYLES:
-        raise LdmflowError(f"--style must be one of {', '.join(STYLES)}, got {style!r}.")
-    if not 0.0 <= val_fraction < 1.0:
-        raise LdmflowError(f"--val_fraction must be in [0, 1), got {val_fraction}.")
+    DemoDataSettings(output_dir=str(output_dir), num_images=num_images, resolution=resolution,  # the checks
+                     image_format=image_format, style=style, seed=seed, val_fraction=val_fraction, overwrite=overwrite)
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, overwrite)
     final_dir, output_dir = output_dir, temporary_folder(output_dir, "demo-data")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ldmflow.data import bounded_json
 from ldmflow.data.conditions import (
     ConditionSpec,
     ConditionStats,
@@ -159,7 +160,7 @@ def _read_manifest_bytes(path: Path) -> bytes:
 
 def _parse_json(raw: bytes, path: Path) -> object:
     try:
-        return json.loads(raw.decode("utf-8-sig"))
+        return bounded_json.loads(raw.decode("utf-8-sig"), f"Manifest {path}")
     except UnicodeDecodeError as exc:
         raise LdmflowError(f"Manifest {path} is not UTF-8 text (byte {exc.start}).") from None
     except json.JSONDecodeError as exc:
@@ -218,6 +219,10 @@ def _parse_entry(index: int, entry: object, path: Path) -> tuple[str, dict]:
         raise LdmflowError(
             f"Manifest {path}: entry {index} has 'output_rel' {output_rel!r}; expected a non-empty path string."
         )
+    if any(ord(char) < 32 or ord(char) == 127 for char in output_rel):
+        raise LdmflowError(
+            f"Manifest {path}: entry {index} has 'output_rel' {output_rel[:200]!r} with a control character "
+            "(a NUL, a line break, ...); no image path has one.")
     metadata = entry.get("metadata")
     if metadata is None:
         return output_rel, {}
@@ -243,8 +248,13 @@ def _resolve_image_path(root: Path, output_rel: str, label: str, allow_outside_r
     """``root / output_rel``; refuses paths that resolve (symlinks included) outside root unless allowed."""
     relative = Path(output_rel)
     candidate = relative if relative.is_absolute() else root / relative
-    if not allow_outside_root:
+    try:
+        candidate.is_file()  # a name the OS refuses (too long) fails here, not later in the loader
         resolved = candidate.resolve()
+    except (OSError, ValueError) as exc:
+        raise LdmflowError(f"{label[:250]}: the image path is not usable here: "
+                           f"{getattr(exc, 'strerror', None) or exc}.") from None
+    if not allow_outside_root:
         if not resolved.is_relative_to(root):
             raise LdmflowError(
                 f"{label}: the image path resolves to {resolved}, outside the data root {root}. "

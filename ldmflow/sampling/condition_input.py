@@ -7,13 +7,13 @@ optional `seed` column.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ldmflow.data import bounded_json
 from ldmflow.data.conditions import ConditionSpec
 from ldmflow.errors import LdmflowError
 
@@ -72,7 +72,7 @@ def _row_conditions(frame: pd.DataFrame, row, spec: ConditionSpec, number: int) 
                 value = None if any(c is None for c in cells) else [v for c in cells for v in c]
             else:
                 value = None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise LdmflowError(f"Row {number}: condition {name!r} is not a number "
                                f"({', '.join(repr(row[p]) for p in parts if p in frame.columns)}).") from None
         if value is not None:
@@ -87,8 +87,13 @@ def read_conditions_file(path: str | Path) -> pd.DataFrame:
         raise LdmflowError(f"--conditions_file {path}: no such file.")
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
-            return pd.DataFrame(data if isinstance(data, list) else [data])
+            data = bounded_json.loads(path.read_text(encoding="utf-8-sig"), f"--conditions_file {path}")
+            rows = data if isinstance(data, list) else [data]
+            not_objects = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
+            if not_objects:
+                raise LdmflowError(f"--conditions_file {path}: expected a JSON list of objects (one per image, "
+                                   f"condition name -> value); rows {not_objects[:5]} are not objects.")
+            return pd.DataFrame(rows)
         return pd.read_csv(path)
     except (ValueError, pd.errors.ParserError) as error:
         raise LdmflowError(f"--conditions_file {path}: cannot read it ({error}).") from None

@@ -43,6 +43,11 @@ class LatentSampler:
                  encoder: ConditionEncoder | None):
         self.unet, self.vae, self.scheduler_config, self.encoder = unet, vae, dict(scheduler_config), encoder
 
+    @property
+    def image_size(self) -> int:
+        """The latent size times the VAE's downsampling (2 per level after the first)."""
+        return int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     @classmethod
     def from_folders(cls, unet_dir, vae_dir, scheduler_dir, conditioning_path=None, device="cpu",
                      dtype: str = "fp32") -> "LatentSampler":

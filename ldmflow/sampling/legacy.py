@@ -20,6 +20,10 @@ class LegacySampler:
     def __init__(self, unet: UNet2DModel, scheduler_config: dict):
         self.unet, self.scheduler_config = unet, dict(scheduler_config)
 
+    @property
+    def image_size(self) -> int:
+        return int(self.unet.config.sample_size)
+
     @classmethod
     def from_folder(cls, folder, device="cpu", dtype: str = "fp32") -> "LegacySampler":
         unet = UNet2DModel.from_pretrained(folder, subfolder="unet").to(device).eval()

@@ -36,6 +36,10 @@ class Sampler(Protocol):
         """The conditions `generate` takes (an empty spec: an unconditional model that could take them);
         None: none at all."""
 
+    @property
+    def image_size(self) -> int:
+        """The side, in pixels, of the images `generate` returns."""
+
     def check_conditions(self, conditions: list[dict]) -> torch.Tensor | None:
         """The requested conditions encoded, or None if unconditional; one LdmflowError line if they do not fit."""
 

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ldmflow.errors import LdmflowError
+from ldmflow.errors import LdmflowError, require_modules
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "server.json"
@@ -53,6 +53,8 @@ class ServerState:
 
 def start_server(root: str | Path, port: int = 5000) -> ServerState:
     """Start PostgreSQL and the MLflow server under `root`; returns their state (also in root/server.json)."""
+    require_modules(("flask_wtf", "psycopg2"), "`ldmflow server` (MLflow's basic-auth app and PostgreSQL)",
+                    "pip install 'ldmflow[server]'")
     root = Path(root).resolve()
     if (root / STATE_FILE).exists():
         raise LdmflowError(f"A server was already started in {root} ({STATE_FILE} exists); stop it first with "

@@ -52,6 +52,7 @@ def resolve_model_source(uri_or_path, dst_dir: str | Path | None = None) -> Mode
     text = str(uri_or_path).strip()
     if not text:
         raise LdmflowError(f"Empty model path; expected {ACCEPTED_FORMS}.")
+    _refuse_control_characters(text)
     if text.startswith("models:"):
         return _resolve_models_uri(text, dst_dir)
     if text.startswith("runs:"):
@@ -62,15 +63,26 @@ def resolve_model_source(uri_or_path, dst_dir: str | Path | None = None) -> Mode
     elif len(scheme) > 1:
         raise LdmflowError(f"Unsupported model URI {text!r}; expected {ACCEPTED_FORMS}.")
     path = Path(text).expanduser()
-    if not path.exists():
-        raise LdmflowError(f"Model folder {text} does not exist (expected {ACCEPTED_FORMS}).")
-    if not path.is_dir():
-        raise LdmflowError(f"Model path {text} is a file; expected a model folder.")
-    return ModelSource(local_dir=path.resolve(), uri=str(uri_or_path))
+    try:
+        if not path.exists():
+            raise LdmflowError(f"Model folder {text} does not exist (expected {ACCEPTED_FORMS}).")
+        if not path.is_dir():
+            raise LdmflowError(f"Model path {text} is a file; expected a model folder.")
+        return ModelSource(local_dir=path.resolve(), uri=str(uri_or_path))
+    except OSError as error:  # a name the OS refuses (too long, ...)
+        raise LdmflowError(f"Model path {text[:200]!r} is not usable here: {error.strerror or error}.") from None
+
+
+def _refuse_control_characters(text: str) -> None:
+    """A NUL or a line break is in no path or registered name; refused before the OS or MLflow sees it."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        raise LdmflowError(f"Model URI {text[:200]!r} has a control character (a NUL, a line break, ...); "
+                           f"expected {ACCEPTED_FORMS}.")
 
 
 def parse_models_uri(uri: str) -> tuple[str, str | None, str | None]:
     """`models:/...` -> (name or model id, version or None, alias or None); a model id has neither."""
+    _refuse_control_characters(uri)
     if not uri.startswith("models:/") or uri.startswith("models://"):
         raise LdmflowError(f"Malformed model URI {uri!r}: expected models:/<name>/<version>, "
                            "models:/<name>@<alias> or models:/<model_id>.")

@@ -28,6 +28,7 @@ num_inference_steps, batch_size and input image pixels. Each gives one clear err
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import math
@@ -38,17 +39,43 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from ldmflow.errors import LdmflowError
 from ldmflow.models.kinds import LEGACY_DDPM, PROBE, VAE
 from ldmflow.sampling.condition_input import SEED_COLUMN
-from ldmflow.settings import SampleSettings
+from ldmflow.settings import MAX_SEED, SampleSettings
 
 IMAGE_COLUMN = "image"
 LATENT_COLUMN = "latent"
 SERVING_LIMITS = {"rows": 256, "num_inference_steps": 1000, "batch_size": 64, "image_pixels": 4096 * 4096}
+
+
+class InputError(MlflowException, LdmflowError):
+    """A bad request, as MLflow's INVALID_PARAMETER_VALUE: the scoring server answers 400 with ldmflow's message
+    in `message` (any other exception becomes "Encountered an unexpected error", the message buried in the
+    stack trace). Still an LdmflowError, so in-process callers catch it as before."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _input_errors(predict):
+    """Raise the LdmflowErrors of `predict` (bad rows, columns, params) as InputError."""
+
+    @functools.wraps(predict)
+    def wrapper(*args, **kwargs):
+        try:
+            return predict(*args, **kwargs)
+        except InputError:
+            raise
+        except LdmflowError as error:
+            raise InputError(str(error)) from None
+
+    return wrapper
 
 
 def _limit(name: str) -> int:
@@ -108,7 +135,18 @@ def _seeds(frame: pd.DataFrame, count: int) -> list[int]:
     if column.isna().any():
         rows = [int(i) for i in np.flatnonzero(column.isna().to_numpy())]
         raise LdmflowError(f"Column 'seed' is blank in row(s) {rows[:10]}; give every row a seed or none at all.")
-    return [int(seed) for seed in column]
+    return [_seed(value, row) for row, value in enumerate(column)]
+
+
+def _seed(value, row: int) -> int:
+    """One row's seed: an integer in numpy's and torch's range."""
+    try:
+        seed = int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise LdmflowError(f"Row {row}: seed {str(value)[:50]!r} is not an integer.") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise LdmflowError(f"Row {row}: seed {seed} is outside [0, {MAX_SEED}], the seeds numpy and torch accept.")
+    return seed
 
 
 def _device() -> str:
@@ -117,11 +155,23 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _number(value, name: str, kind: type):
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise LdmflowError(f"Param {name} must be {'an integer' if kind is int else 'a number'}, "
+                           f"got {str(value)[:50]!r}.") from None
+
+
 def _params(params: dict | None, defaults: dict) -> dict:
     merged = {**defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
     unknown = sorted(set(merged) - set(defaults))
     if unknown:
         raise LdmflowError(f"Unknown param(s) {unknown}; this model accepts {sorted(defaults)}.")
+    for name, kind in (("num_inference_steps", int), ("batch_size", int), ("guidance_scale", float),
+                       ("num_images", int)):
+        if name in merged:
+            merged[name] = _number(merged[name], name, kind)
     for name in ("num_inference_steps", "batch_size"):
         if name in merged and not 1 <= int(merged[name]) <= _limit(name):
             raise LdmflowError(f"Param {name} must be between 1 and {_limit(name)} on this server "
@@ -164,6 +214,7 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
                                                    str(Path(artifacts["scheduler"]).parent),
                                                    conditioning, device=_device())
 
+    @_input_errors
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from ldmflow.sampling.condition_input import conditions_from_frame
 
@@ -200,6 +251,7 @@ class VaePyfunc(mlflow.pyfunc.PythonModel):
 
         self._vae = AutoencoderKL.from_pretrained(context.artifacts[VAE.artifact]).to(_device()).eval()
 
+    @_input_errors
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         mode = _params(params, VAE_DEFAULTS)["mode"]
         frame = pd.DataFrame(model_input)
@@ -266,6 +318,7 @@ class LegacyDdpmPyfunc(mlflow.pyfunc.PythonModel):
 
         self._sampler = LegacySampler.from_folder(context.artifacts[LEGACY_DDPM.artifact], device=_device())
 
+    @_input_errors
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         options = _params(params, LEGACY_DEFAULTS)
         self._sampler.set_dtype(str(options["dtype"]))
@@ -292,6 +345,7 @@ class ProbePyfunc(mlflow.pyfunc.PythonModel):
 
         self._reader = ProbeReader.from_folder(context.artifacts[PROBE.artifact], device=_device())
 
+    @_input_errors
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from ldmflow.sampling.condition_input import component_columns
 

@@ -19,15 +19,16 @@ import time
 import warnings
 from pathlib import Path
 
-from ldmflow.errors import LdmflowError
-from ldmflow.tags import (DATASET_DIGEST_TAG, DIGEST_INPUT_TAG, PARENT_RUN_TAG, RESUMED_BY_RUN_TAG, RUN_NAME_TAG,
-                          SPLIT_INPUT_TAG, STAGE_TAG)
+from ldmflow.errors import LdmflowError, error_summary, traceback_file
+from ldmflow.tags import (DATASET_DIGEST_TAG, DIGEST_INPUT_TAG, ERROR_TAG, PARENT_RUN_TAG, RESUMED_BY_RUN_TAG,
+                          RUN_NAME_TAG, SPLIT_INPUT_TAG, STAGE_TAG)
 
 logger = logging.getLogger(__name__)
 
 UI_HINT_SHOWN_ENV = "LDMFLOW_UI_HINT_SHOWN"  # set once a local store's `mlflow ui` command was printed
 UI_MODE = "workflowType=machine_learning"  # MLflow 3's UI opens experiments in its GenAI mode otherwise
 PENDING_FILE = "mlflow_pending_metrics.jsonl"
+ERROR_ARTIFACT_PATH = "error"  # a run failed by an unexpected error: its traceback file, under this folder
 _KEY_RE = re.compile(r"^[/\w.\- :]{1,250}$")
 _MAX_PARAM_LENGTH = 6000
 _MAX_TAG_LENGTH = 8000
@@ -51,6 +52,7 @@ class NullTracker:
     def log_dict(self, obj, artifact_file: str) -> bool: return False
     def log_artifacts(self, local_dir, artifact_path: str | None = None) -> bool: return False
     def set_tags(self, tags: dict) -> None: ...
+    def log_artifact(self, local_path, artifact_path: str | None = None) -> bool: return False
     def log_dataset(self, manifest_path, digest: str, split: str, num_records: int, name: str) -> bool: return False
     def flush(self, timeout: float | None = None) -> bool: return True
     def close(self) -> None: ...
@@ -134,6 +136,10 @@ class RunTracker:
     def log_artifacts(self, local_dir, artifact_path: str | None = None) -> bool:
         return self._upload(lambda: self._client.log_artifacts(self._run_id, str(local_dir), artifact_path),
                             f"folder {local_dir}")
+
+    def log_artifact(self, local_path, artifact_path: str | None = None) -> bool:
+        return self._upload(lambda: self._client.log_artifact(self._run_id, str(local_path), artifact_path),
+                            f"file {local_path}")
 
     def log_dataset(self, manifest_path, digest: str, split: str, num_records: int, name: str) -> bool:
         """The manifest as an MLflow dataset input (context "training"), findable by its digest."""
@@ -320,8 +326,10 @@ def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | No
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    except BaseException:
+    except BaseException as error:
         status = "FAILED"
+        if tracker is not None:
+            _record_failure(tracker.set_tags, tracker.log_artifact, error, getattr(settings, "output_dir", None))
         raise
     finally:  # the run never stays RUNNING, and an error in RunTracker() itself is not masked
         if tracker is not None:
@@ -330,6 +338,34 @@ def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | No
             status = "RUNNING"
         if owned and not _end_run(run_id, status) and tracker is not None:
             tracker.write_pending_status(status)
+
+
+def _record_failure(set_tags, log_artifact, error: BaseException, output_dir) -> None:
+    """The error that failed the run as its `ldmflow.error` tag; an unexpected one's traceback file (the one the
+    CLI names) as an artifact too. Never raises: the original error is what the user must see."""
+    try:
+        set_tags({ERROR_TAG: error_summary(error)})
+        if not isinstance(error, LdmflowError):
+            path = traceback_file(error, output_dir)
+            if path is not None:
+                log_artifact(path, ERROR_ARTIFACT_PATH)
+    except Exception as problem:  # noqa: BLE001
+        logger.warning("Could not record the error on the MLflow run: %s", str(problem).splitlines()[0][:300])
+
+
+@contextlib.contextmanager
+def recording_failure(run_id: str, output_dir=None):
+    """For a run that is not opened with open_run (the pipeline's parent run): an error inside it is recorded
+    the same way, before the run's own context ends it FAILED."""
+    try:
+        yield
+    except Exception as error:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        _record_failure(lambda tags: [client.set_tag(run_id, key, value) for key, value in tags.items()],
+                        lambda path, folder: client.log_artifact(run_id, str(path), folder), error, output_dir)
+        raise
 
 
 def close_abandoned_run(run_id: str, successor: str) -> bool:

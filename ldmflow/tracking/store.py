@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ldmflow.errors import LdmflowError
+from ldmflow.errors import LdmflowError, require_modules
 from ldmflow.models.kinds import LATENT_DDPM
 from ldmflow.tags import EXPERIMENT_KIND_TAG, EXPERIMENT_NOTE_TAG, STAGE_TAG
 
@@ -66,9 +66,28 @@ def use_tracking_store() -> str:
     import mlflow
 
     uri = resolve_tracking_uri()
+    check_database_driver(uri)
     mlflow.set_tracking_uri(uri)
     bound_http_retries()
     return uri
+
+
+DATABASE_DRIVERS = {  # URI scheme -> (the module SQLAlchemy loads for it, how to install it)
+    "postgresql": ("psycopg2", "pip install 'ldmflow[server]'"),
+    "postgresql+psycopg2": ("psycopg2", "pip install 'ldmflow[server]'"),
+    "mysql": ("MySQLdb", "pip install mysqlclient"),
+    "mysql+pymysql": ("pymysql", "pip install pymysql"),
+    "mssql": ("pyodbc", "pip install pyodbc"),
+    "mssql+pyodbc": ("pyodbc", "pip install pyodbc"),
+}
+
+
+def check_database_driver(uri: str) -> None:
+    """A database tracking URI whose driver is not installed: one line naming it, before MLflow is called."""
+    scheme = uri.partition("://")[0].lower()
+    if scheme in DATABASE_DRIVERS:
+        module, install = DATABASE_DRIVERS[scheme]
+        require_modules((module,), f"The tracking URI {scheme}://...", install)
 
 
 def retry_seconds() -> float:

@@ -141,11 +141,13 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
     experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or ensure_experiment(settings.experiment_name)
     client = MlflowClient()
     params = _step_parameters(settings)
-    from ldmflow.tracking.run_tracker import MLFLOW_RANDOM_NAME, UI_HINT_SHOWN_ENV, default_run_name, run_location
+    from ldmflow.tracking.run_tracker import (MLFLOW_RANDOM_NAME, UI_HINT_SHOWN_ENV, default_run_name, recording_failure,
+                                              run_location)
 
     attach = os.environ.get("MLFLOW_RUN_ID")
     name = default_run_name("pipeline", settings)
-    with mlflow.start_run(run_id=attach, experiment_id=experiment_id, run_name=None if attach else name) as parent:
+    with (mlflow.start_run(run_id=attach, experiment_id=experiment_id, run_name=None if attach else name) as parent,
+          recording_failure(parent.info.run_id, settings.output_root)):
         if attach and MLFLOW_RANDOM_NAME.match(parent.info.run_name or ""):
             mlflow.set_tag(RUN_NAME_TAG, name)
         logger.info("MLflow run %s (%s, the steps are its child runs); watch it live: %s", parent.info.run_id, name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame
 from ldmflow.sampling.denoise import check_inference_steps
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 from ldmflow.sampling.sampler import Sampler
-from ldmflow.settings import SampleSettings
+from ldmflow.settings import MAX_SEED, SampleSettings
 from ldmflow.tags import STAGE_TAG
 
 logger = logging.getLogger(__name__)
@@ -93,15 +94,48 @@ def requested_conditions(settings: SampleSettings, sampler: Sampler) -> tuple[li
 
 
 def _seeds_column(column, default_start: int) -> list[int]:
-    """Integer seeds per row; blank cells get default_start + row."""
-    import pandas as pd
-
-    numbers = pd.to_numeric(column, errors="coerce")
-    bad = [i for i, (raw, number) in enumerate(zip(column, numbers))
-           if (number != number and raw == raw and str(raw).strip()) or (number == number and number != int(number))]
+    """Integer seeds per row, in numpy's and torch's range; blank cells get default_start + row."""
+    seeds, bad = [], []
+    for i, raw in enumerate(column):
+        number = _as_float(raw)
+        if number != number:  # blank, or not a number
+            if raw == raw and str(raw).strip():
+                bad.append(i)
+            seeds.append(default_start + i)
+        elif 0 <= number <= MAX_SEED and number == int(number):  # the range first: int(inf) raises
+            seeds.append(int(number))
+        else:
+            bad.append(i)
     if bad:
-        raise LdmflowError(f"--conditions_file: seed must be an integer (rows {bad[:5]}).")
-    return [int(n) if n == n else default_start + i for i, n in enumerate(numbers)]
+        raise LdmflowError(f"--conditions_file: seed must be an integer in [0, {MAX_SEED}] (rows {bad[:5]}).")
+    return seeds
+
+
+def _as_float(raw) -> float:
+    """A cell as a float: NaN when it is not a number, inf when it is too large for one."""
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        return math.nan
+    except OverflowError:
+        return math.inf
+
+
+BYTES_PER_IMAGE_PIXEL = 3 * 4 * 2  # RGB float32, held twice (the generated array and its 8-bit/PIL copies)
+
+
+def check_images_fit(count: int, size: int, available: int | None = None) -> None:
+    """All images are kept in memory until written: refuse, before any run opens, a request that cannot fit in
+    the memory available now (an estimate: the images alone, not the model)."""
+    import psutil
+
+    available = psutil.virtual_memory().available if available is None else available
+    needed = count * size * size * BYTES_PER_IMAGE_PIXEL
+    if needed > available:
+        raise LdmflowError(f"{count} images of {size}x{size} px need about {needed / 2**30:.1f} GiB in memory, "
+                           f"over the {available / 2**30:.1f} GiB available now: ask for at most "
+                           f"{available // (size * size * BYTES_PER_IMAGE_PIXEL)} (--num_images or the rows of "
+                           "--conditions_file) and run several samples.")
 
 
 def generate(settings: SampleSettings, sampler: Sampler, conditions, seeds) -> np.ndarray:
@@ -151,6 +185,7 @@ def run_sampling(settings: SampleSettings) -> Path:
     sampler = load_sampler(Path(source.local_dir), settings.dtype, settings.torch_compile)
     conditions, seeds = requested_conditions(settings, sampler)
     check_inference_steps(settings.num_inference_steps, sampler.scheduler_config)  # before any run opens
+    check_images_fit(len(seeds), sampler.image_size)
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with open_run(settings, "sample", enabled=not settings.no_mlflow) as tracker:
