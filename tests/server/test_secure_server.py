@@ -1,0 +1,147 @@
+"""The team server beyond one machine, for real: PostgreSQL with passwords only, HTTPS with a self-signed
+certificate on the machine's non-loopback address, users and grants, no secret in runs or logs, and a backup
+restored into a fresh root.
+
+Needs PostgreSQL (`initdb`, `pg_ctl`, `psql`, `pg_dump`); see test_team_server.py for skipping on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from ldmflow.server.postgres import pg_tool
+from ldmflow.server.team_server import start_server, stop_server
+
+pytestmark = [pytest.mark.server, pytest.mark.slow,
+              pytest.mark.skipif(os.environ.get("LDMFLOW_SKIP_SERVER_TESTS") == "1",
+                                 reason="LDMFLOW_SKIP_SERVER_TESTS=1: team server tests skipped on request")]
+CLIENT_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+               "MLFLOW_TRACKING_SERVER_CERT_PATH", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+
+
+def network_address() -> str:
+    """This machine's address on its network (not loopback), as other machines reach it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+        address = probe.getsockname()[0]
+    assert not address.startswith("127."), "the machine needs a non-loopback address for these tests"
+    return address
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("secure-server") / "root"
+    host = network_address()
+    state = start_server(root, free_port(host), host=host, self_signed=True)
+    yield {"state": state, "root": root}
+    stop_server(root)
+
+
+def ldmflow(*arguments: str, stdin: str = ""):
+    """`ldmflow ...` in this process (this checkout's code, no interpreter start): .exit_code, .stdout, .stderr."""
+    from click.testing import CliRunner
+
+    from ldmflow.cli import cli
+
+    return CliRunner().invoke(cli, list(arguments), input=stdin, catch_exceptions=False)
+
+
+@pytest.fixture
+def as_user(server, monkeypatch):
+    def login(name: str, password: str, trust: bool = True) -> MlflowClient:
+        state = server["state"]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", state.tracking_uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", name)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        if trust:
+            monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", state.trust_cert)
+        else:
+            monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH", raising=False)
+        return MlflowClient(state.tracking_uri)
+
+    return login
+
+
+def test_postgres_needs_a_password_and_keeps_it_private(server):
+    root, state = server["root"], server["state"]
+    result = subprocess.run([pg_tool("psql"), "-w", "-h", "127.0.0.1", "-p", str(state.pg_port), "-U", "ldmflow",
+                             "-c", "SELECT 1", "mlflow"], capture_output=True, text=True, timeout=30,
+                            env={key: value for key, value in os.environ.items() if not key.startswith("PG")})
+    assert result.returncode != 0 and "password" in result.stderr, result.stderr
+    rules = [line.split() for line in (root / "postgres" / "pg_hba.conf").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert rules and {rule[-1] for rule in rules} == {"scram-sha-256"}
+    for secret in ("pgpass", "admin_password", "server.json", "basic_auth.ini", "tls/server.key"):
+        assert (root / secret).stat().st_mode & 0o077 == 0, secret
+    with pytest.raises(OSError):  # nothing but loopback
+        socket.create_connection((state.host, state.pg_port), timeout=2).close()
+
+
+def test_a_trusting_client_logs_over_https_and_an_untrusting_one_is_refused_in_one_line(server, as_user, tmp_path):
+    client = as_user("admin", server["state"].password)
+    assert server["state"].tracking_uri.startswith(f"https://{server['state'].host}:")
+    run = client.create_run(client.create_experiment("over-https"))
+    client.log_metric(run.info.run_id, "loss", 0.5, step=1)
+    (tmp_path / "note.txt").write_text("through the proxy")
+    client.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+    client.set_terminated(run.info.run_id)
+    assert client.get_metric_history(run.info.run_id, "loss")[0].value == 0.5
+    assert list((server["root"] / "artifacts").rglob("note.txt"))
+
+    as_user("admin", server["state"].password, trust=False)
+    result = ldmflow("models")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.stderr
+    assert "does not trust" in errors[0] and "MLFLOW_TRACKING_SERVER_CERT_PATH" in errors[0]
+
+
+def test_users_and_grants_hold_and_no_password_is_logged(server, as_user):
+    root = str(server["root"])
+    added = ldmflow("server", "add-user", "rita", "--root", root)
+    assert added.exit_code == 0, added.stderr
+    reader_password = added.stdout.rsplit(": ", 1)[1].strip()
+    editor_password = "editor-password-from-stdin"
+    added = ldmflow("server", "add-user", "ed", "--role", "editor", "--password_stdin", "--root", root,
+                    stdin=editor_password + "\n")
+    assert added.exit_code == 0 and editor_password not in added.stdout + added.stderr
+    assert ldmflow("server", "grant", "ed", "--experiment", "ed-work", "--permission", "EDIT", "--root",
+                   root).exit_code == 0
+    admin = as_user("admin", server["state"].password)
+    other = admin.create_experiment("not-eds")
+    users = ldmflow("server", "list-users", "--root", root).stdout.split()
+    assert {"admin", "rita", "ed"} <= set(users)
+
+    editor = as_user("ed", editor_password)
+    mine = editor.get_experiment_by_name("ed-work").experiment_id
+    run = editor.create_run(mine)
+    editor.log_metric(run.info.run_id, "loss", 1.0)
+    with pytest.raises(Exception, match="PERMISSION_DENIED|403"):
+        editor.create_run(other)
+    reader = as_user("rita", reader_password)
+    assert reader.get_run(run.info.run_id).data.metrics == {"loss": 1.0}  # readers read everything
+    with pytest.raises(Exception, match="PERMISSION_DENIED|403"):
+        reader.create_run(mine)
+
+    removed = ldmflow("server", "remove-user", "rita", "--root", root)
+    assert removed.exit_code == 0, removed.stderr
+    admin = as_user("admin", server["state"].password)
+    for seen in admin.search_runs([mine, other]):
+        logged = " ".join([*seen.data.params.values(), *seen.data.tags.values()])
+        assert reader_password not in logged and editor_password not in logged
+    logs = " ".join(path.read_text(errors="replace") for path in Path(root).rglob("*.log"))
+    for secret in (reader_password, editor_password, server["state"].password,
+                   (Path(root) / "pgpass").read_text().strip().rsplit(":", 1)[1]):
+        assert secret not in logs
