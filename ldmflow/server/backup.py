@@ -11,12 +11,14 @@ import json
 import os
 import shutil
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError
 from ldmflow.server.postgres import (DATABASES, DB_USER, client_environment, pg_tool, run_client, start_postgres,
                                      stop_postgres)
-from ldmflow.server.team_server import ADMIN_PASSWORD_FILE, free_port, read_state
+from ldmflow.server.team_server import ADMIN_PASSWORD_FILE, free_port, read_state, unverified
 
 
 def backup(root: str | Path, target: str | Path) -> Path:
@@ -87,12 +89,12 @@ def status(root: str | Path) -> dict:
 
 
 def _health(state) -> str:
-    import requests
-
     try:
-        answer = requests.get(f"{state.address.local_url}/health", timeout=5, verify=False)
-        return "ok" if answer.ok else f"HTTP {answer.status_code}"
-    except requests.RequestException as error:
+        with urllib.request.urlopen(f"{state.address.local_url}/health", timeout=5, context=unverified()):
+            return "ok"
+    except urllib.error.HTTPError as error:
+        return f"HTTP {error.code}"
+    except OSError as error:
         return f"unreachable ({type(error).__name__})"
 
 

@@ -145,3 +145,47 @@ def test_users_and_grants_hold_and_no_password_is_logged(server, as_user):
     for secret in (reader_password, editor_password, server["state"].password,
                    (Path(root) / "pgpass").read_text().strip().rsplit(":", 1)[1]):
         assert secret not in logs
+
+
+def test_plain_http_beyond_loopback_is_refused_in_one_line(tmp_path):
+    host = network_address()
+    result = ldmflow("server", "--root", str(tmp_path / "root"), "--host", host, "--port", str(free_port(host)))
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "Refusing to serve passwords in clear text" in result.stderr and "--self_signed" in result.stderr
+    assert not (tmp_path / "root" / "postgres").exists()
+
+
+def test_a_backup_restored_into_a_fresh_root_holds_the_same_runs_models_and_artifacts(server, as_user, tmp_path,
+                                                                                       monkeypatch):
+    admin = as_user("admin", server["state"].password)
+    run = admin.create_run(admin.create_experiment("kept"))
+    for step in range(3):
+        admin.log_metric(run.info.run_id, "loss", 1.0 / (step + 1), step=step)
+    (tmp_path / "weights.bin").write_bytes(bytes(range(256)))
+    admin.log_artifact(run.info.run_id, str(tmp_path / "weights.bin"), "model")
+    admin.create_registered_model("kept-model")
+    version = admin.create_model_version("kept-model", f"{run.info.artifact_uri}/model", run.info.run_id,
+                                         tags={"stage": "candidate"})
+    admin.set_registered_model_alias("kept-model", "champion", version.version)
+    history = [(m.step, m.value) for m in admin.get_metric_history(run.info.run_id, "loss")]
+    status = ldmflow("server", "status", "--root", str(server["root"]))
+    assert status.exit_code == 0 and '"mlflow_server": "ok"' in status.stdout and '"schema"' in status.stdout
+
+    assert ldmflow("server", "backup", "--root", str(server["root"]), "--to", str(tmp_path / "backup")).exit_code == 0
+    restored = ldmflow("server", "restore", "--from", str(tmp_path / "backup"), "--root", str(tmp_path / "new"))
+    assert restored.exit_code == 0, restored.stderr
+    state = start_server(tmp_path / "new", free_port("127.0.0.1"))
+    try:
+        assert state.password == server["state"].password  # the admin's account came with the backup
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", state.tracking_uri)
+        monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+        copy = MlflowClient(state.tracking_uri)
+        again = copy.get_run(run.info.run_id)
+        assert [(m.step, m.value) for m in copy.get_metric_history(run.info.run_id, "loss")] == history
+        assert again.info.experiment_id == run.info.experiment_id
+        found = copy.get_model_version_by_alias("kept-model", "champion")
+        assert found.version == version.version and found.tags == {"stage": "candidate"}
+        downloaded = copy.download_artifacts(run.info.run_id, "model/weights.bin", str(tmp_path / "back"))
+        assert Path(downloaded).read_bytes() == bytes(range(256))
+    finally:
+        stop_server(tmp_path / "new")
