@@ -385,6 +385,16 @@ def server_restore_command(source, root):
     click.echo(f"Restored {source} into {restore(source, root)}; start it with: ldmflow server --root {root}")
 
 
+@server_command.command("upgrade")
+@ROOT_OPTION
+@click.option("--backup_to", required=True, help="A new folder for the backup made before upgrading.")
+def server_upgrade_command(root, backup_to):
+    """Back up the stopped server, then upgrade its tracking schema to the installed MLflow (`mlflow db upgrade`)."""
+    from ldmflow.server.backup import upgrade
+
+    click.echo(f"Backed up to {upgrade(root, backup_to)} and upgraded; start it with: ldmflow server --root {root}")
+
+
 @server_command.command("status")
 @ROOT_OPTION
 def server_status_command(root):

@@ -1,4 +1,4 @@
-"""Backups of a team server and its status: `ldmflow server backup | restore | status`.
+"""Backups of a team server, schema upgrades and its status: `ldmflow server backup | restore | upgrade | status`.
 
 A backup is a folder (mode 0700: it holds the admin password) with `mlflow.dump` and `mlflow_auth.dump`
 (pg_dump's custom format), `artifacts/`, `admin_password` and `backup.json` (versions and time). `restore`
@@ -10,27 +10,48 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError
-from ldmflow.server.postgres import (DATABASES, DB_USER, client_environment, pg_tool, run_client, start_postgres,
-                                     stop_postgres)
-from ldmflow.server.team_server import ADMIN_PASSWORD_FILE, free_port, read_state, unverified
+from ldmflow.server.postgres import (DATABASES, DB_USER, client_environment, database_uri, pg_tool, run_client,
+                                     start_postgres, stop_postgres)
+from ldmflow.server.team_server import ADMIN_PASSWORD_FILE, STATE_FILE, free_port, read_state, unverified
 
 
 def backup(root: str | Path, target: str | Path) -> Path:
     """Dump both databases of the running server in `root` and copy its artifacts into `target` (new)."""
-    root, target = Path(root).resolve(), Path(target).resolve()
-    state = read_state(root)
+    root = Path(root).resolve()
+    return _dump(root, read_state(root).pg_port, Path(target).resolve())
+
+
+def upgrade(root: str | Path, target: str | Path) -> Path:
+    """Back up the stopped server in `root` into `target`, then `mlflow db upgrade` its tracking database to the
+    installed MLflow's schema."""
+    root = Path(root).resolve()
+    if (root / STATE_FILE).exists():
+        raise LdmflowError(f"Stop the server first: ldmflow server-stop --root {root}")
+    port = free_port()
+    data = start_postgres(root, port)
+    try:
+        _dump(root, port, Path(target).resolve())
+        run_client(root, [sys.executable, "-m", "mlflow", "db", "upgrade", database_uri(port, "mlflow")],
+                   root / "upgrade.log")
+    finally:
+        stop_postgres(data)
+    return Path(target).resolve()
+
+
+def _dump(root: Path, pg_port: int, target: Path) -> Path:
     if target.exists() and any(target.iterdir()):
         raise LdmflowError(f"{target} is not empty; back up into a new folder.")
     target.mkdir(parents=True, exist_ok=True)
     os.chmod(target, 0o700)
     for database in DATABASES:
-        run_client(root, [pg_tool("pg_dump"), "-h", "127.0.0.1", "-p", str(state.pg_port), "-U", DB_USER, "-Fc",
+        run_client(root, [pg_tool("pg_dump"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", DB_USER, "-Fc",
                           "-f", str(target / f"{database}.dump"), database], target / "backup.log")
     if (root / "artifacts").exists():
         shutil.copytree(root / "artifacts", target / "artifacts")
@@ -43,7 +64,8 @@ def backup(root: str | Path, target: str | Path) -> Path:
 def restore(source: str | Path, root: str | Path) -> Path:
     """A new root holding the backup in `source` (its own database password; start it with `ldmflow server`)."""
     source, root = Path(source).resolve(), Path(root).resolve()
-    missing = [name for name in (*(f"{d}.dump" for d in DATABASES), ADMIN_PASSWORD_FILE) if not (source / name).exists()]
+    needed = [*(f"{database}.dump" for database in DATABASES), ADMIN_PASSWORD_FILE]
+    missing = [name for name in needed if not (source / name).exists()]
     if missing:
         raise LdmflowError(f"{source} is not an ldmflow server backup ({', '.join(missing)} missing).")
     if root.exists() and any(root.iterdir()):

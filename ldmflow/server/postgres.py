@@ -36,7 +36,7 @@ def start_postgres(root: Path, port: int) -> Path:
         _create_cluster(root, data)
     elif "trust" in _hba_methods(data):
         raise LdmflowError(f"The PostgreSQL cluster in {data} trusts local connections (made before passwords "
-                           "were required); migrate it as docs/mlflow.md says ('Upgrading an old team server').")
+                           "were required); migrate it as docs/mlflow.md says (Upgrading).")
     options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c password_encryption=scram-sha-256"
     as_db_owner([pg_tool("pg_ctl"), "-D", str(data), "-o", options, "-l", str(data / "server.log"), "-w", "start"],
                 root / "pg_ctl.log")
@@ -46,6 +46,29 @@ def start_postgres(root: Path, port: int) -> Path:
         stop_postgres(data)
         raise
     return data
+
+
+def schema_problem(root: Path, port: int) -> str | None:
+    """One line when the tracking database's schema is older than the installed MLflow's (None: same, or new)."""
+    import psycopg2
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    connection = psycopg2.connect(host="127.0.0.1", port=port, user=DB_USER, dbname="mlflow",
+                                  passfile=client_environment(root)["PGPASSFILE"])
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
+            if not cursor.fetchone()[0]:
+                return None  # a new database: MLflow creates the schema
+            cursor.execute("SELECT version_num FROM alembic_version")
+            found = cursor.fetchone()[0]
+    finally:
+        connection.close()
+    latest = _get_latest_schema_revision()
+    if found == latest:
+        return None
+    return (f"The tracking database's schema ({found}) is not the installed MLflow's ({latest}): back it up and "
+            f"upgrade it with `ldmflow server upgrade --root {root} --backup_to NEW_FOLDER`.")
 
 
 def stop_postgres(data: Path) -> None:

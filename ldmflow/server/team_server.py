@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError
-from ldmflow.server.postgres import client_environment, database_uri, pg_tool, start_postgres, stop_postgres
+from ldmflow.server.postgres import (client_environment, database_uri, pg_tool, schema_problem, start_postgres,
+                                     stop_postgres)
 from ldmflow.server.tls import Address, choose_address, host_names, is_loopback
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ def start_server(root: str | Path, port: int = 5000, host: str = "127.0.0.1", tl
     pg_port = free_port()
     pg_data = start_postgres(root, pg_port)
     try:
+        problem = schema_problem(root, pg_port)
+        if problem:
+            raise LdmflowError(problem)
         state = start_mlflow(root, address, pg_data, pg_port, _admin_password(root))
     except BaseException:
         stop_postgres(pg_data)

@@ -58,6 +58,23 @@ def ldmflow(*arguments: str, stdin: str = ""):
     return CliRunner().invoke(cli, list(arguments), input=stdin, catch_exceptions=False)
 
 
+def downgrade_schema(root: Path) -> None:
+    """Take the stopped server's tracking schema one MLflow migration back (alembic downgrade -1)."""
+    from alembic import command
+    from mlflow.store.db.utils import _get_alembic_config
+
+    from ldmflow.server.postgres import PASSWORD_FILE, database_uri, start_postgres, stop_postgres
+
+    port = free_port("127.0.0.1")
+    data = start_postgres(root, port)
+    try:
+        os.environ["PGPASSFILE"] = str(root / PASSWORD_FILE)
+        command.downgrade(_get_alembic_config(database_uri(port, "mlflow")), "-1")
+    finally:
+        os.environ.pop("PGPASSFILE")
+        stop_postgres(data)
+
+
 @pytest.fixture
 def as_user(server, monkeypatch):
     def login(name: str, password: str, trust: bool = True) -> MlflowClient:
@@ -174,7 +191,13 @@ def test_a_backup_restored_into_a_fresh_root_holds_the_same_runs_models_and_arti
     assert ldmflow("server", "backup", "--root", str(server["root"]), "--to", str(tmp_path / "backup")).exit_code == 0
     restored = ldmflow("server", "restore", "--from", str(tmp_path / "backup"), "--root", str(tmp_path / "new"))
     assert restored.exit_code == 0, restored.stderr
-    state = start_server(tmp_path / "new", free_port("127.0.0.1"))
+    downgrade_schema(tmp_path / "new")  # as if MLflow had been upgraded since the backup
+    port = str(free_port("127.0.0.1"))
+    refused = ldmflow("server", "--root", str(tmp_path / "new"), "--port", port)
+    assert refused.exit_code == 1 and "ldmflow server upgrade" in refused.stderr, refused.stderr
+    upgraded = ldmflow("server", "upgrade", "--root", str(tmp_path / "new"), "--backup_to", str(tmp_path / "before"))
+    assert upgraded.exit_code == 0 and (tmp_path / "before" / "mlflow.dump").exists(), upgraded.stderr
+    state = start_server(tmp_path / "new", int(port))
     try:
         assert state.password == server["state"].password  # the admin's account came with the backup
         monkeypatch.setenv("MLFLOW_TRACKING_URI", state.tracking_uri)
