@@ -130,6 +130,7 @@ def stop_server(root: str | Path) -> None:
 
 
 AUTH_CACHE_SECONDS = 30  # MLflow caches a verified login per worker this long
+GRACEFUL_SECONDS = 5  # how long a stopping server waits for open requests
 
 
 def start_mlflow(root: Path, address: Address, pg_data: Path, pg_port: int, password: str) -> ServerState:
@@ -167,8 +168,11 @@ def _launch_mlflow(root: Path, address: Address, pg_port: int, environment: dict
     if not is_loopback(address.host):  # MLflow's DNS-rebinding guard accepts only private addresses by default
         names = host_names(address.host)
         command += ["--allowed-hosts", ",".join(names + [f"{name}:*" for name in names])]
+    # a client's idle keep-alive connection would hold a stopping worker until server-stop kills it
+    uvicorn = f"--timeout-graceful-shutdown {GRACEFUL_SECONDS}"
     if address.cert:
-        command += ["--uvicorn-opts", f"--ssl-certfile {address.cert} --ssl-keyfile {address.key}"]
+        uvicorn += f" --ssl-certfile {address.cert} --ssl-keyfile {address.key}"
+    command += ["--uvicorn-opts", uvicorn]
     with open(root / "mlflow.log", "ab") as log:
         return subprocess.Popen(command, cwd=root, env=environment, start_new_session=True, stdout=log,
                                 stderr=subprocess.STDOUT)

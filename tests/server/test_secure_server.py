@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from ldmflow.server.postgres import pg_tool
-from ldmflow.server.team_server import start_server, stop_server
+from ldmflow.server.team_server import read_state, start_server, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(os.environ.get("LDMFLOW_SKIP_SERVER_TESTS") == "1",
@@ -44,7 +44,10 @@ def free_port(host: str) -> int:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("secure-server") / "root"
     host = network_address()
-    state = start_server(root, free_port(host), host=host, self_signed=True)
+    started = ldmflow("server", "--root", str(root), "--host", host, "--port", str(free_port(host)), "--self_signed")
+    assert started.exit_code == 0, started.stderr
+    state = read_state(root)
+    assert f"export MLFLOW_TRACKING_SERVER_CERT_PATH={state.trust_cert}" in started.stdout
     yield {"state": state, "root": root}
     stop_server(root)
 
