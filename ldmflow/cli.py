@@ -26,16 +26,21 @@ class _Command(click.Command):
     other exception into one line naming its traceback file and exit code 2 (--verbose also prints it)."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except LdmflowError as error:
-            raise click.ClickException(_one_line(error)) from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own: exit codes already chosen
-            raise
-        except Exception as error:
-            if type(error).__module__.startswith("mlflow."):  # server errors, failed project steps
-                raise click.ClickException(f"MLflow: {str(error).splitlines()[0] if str(error) else error!r}") from None
-            raise _unexpected(ctx, error) from None
+        return _in_one_line(ctx, lambda: super(_Command, self).invoke(ctx))
+
+
+def _in_one_line(ctx: click.Context, invoke):
+    """LdmflowError -> its one line (exit 1); click's own exits pass; anything else -> the unexpected line."""
+    try:
+        return invoke()
+    except LdmflowError as error:
+        raise click.ClickException(_one_line(error)) from None
+    except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own: exit codes already chosen
+        raise
+    except Exception as error:
+        if type(error).__module__.startswith("mlflow."):  # server errors, failed project steps
+            raise click.ClickException(f"MLflow: {str(error).splitlines()[0] if str(error) else error!r}") from None
+        raise _unexpected(ctx, error) from None
 
 
 class UnexpectedError(click.ClickException):
@@ -65,6 +70,13 @@ def _one_line(error: LdmflowError) -> str:
 
 class _Group(click.Group):
     command_class = _Command
+
+
+class _CommandGroup(_Group):
+    """A group that is also a command (`ldmflow server` starts, `ldmflow server add-user` manages)."""
+
+    def invoke(self, ctx: click.Context):
+        return _in_one_line(ctx, lambda: super(_CommandGroup, self).invoke(ctx))
 
 
 QUIET_LOGGERS = ("urllib3", "alembic", "git", "PIL", "matplotlib", "accelerate", "httpx", "mlflow.store",
@@ -315,27 +327,129 @@ def models_command(as_json):
     click.echo(json.dumps(rows, indent=2) if as_json else format_models(rows, store))
 
 
-@cli.command("server")
+@cli.group("server", cls=_CommandGroup, invoke_without_command=True)
 @settings_options(ServerSettings)
-def server_command(**options):
-    """Start a team MLflow server: PostgreSQL, proxied artifacts, basic auth (prints what to export)."""
+@click.pass_context
+def server_command(ctx, **options):
+    """Start a team MLflow server: PostgreSQL, proxied artifacts, basic auth, TLS beyond loopback (prints what to
+    export). Its subcommands manage users, backups and status."""
     from ldmflow.server.team_server import start_server
 
+    if ctx.invoked_subcommand:
+        return
     settings = ServerSettings(**options)
-    state = start_server(settings.root, settings.port)
+    state = start_server(settings.root, settings.port, settings.host, settings.tls_cert, settings.tls_key,
+                         settings.self_signed, settings.insecure)
     click.echo(f"MLflow server on {state.tracking_uri} (PostgreSQL on 127.0.0.1:{state.pg_port}); to use it:")
     click.echo(state.exports())
+    if state.trust_cert:
+        click.echo(f"Clients trust its self-signed certificate by copying {state.trust_cert} and setting "
+                   "MLFLOW_TRACKING_SERVER_CERT_PATH to the copy.")
     click.echo(f"Stop it with: ldmflow server-stop --root {settings.root}")
 
 
+ROOT_OPTION = click.option("--root", default=ServerSettings.root, show_default=True,
+                           help="The folder `ldmflow server` used.")
+
+
 @cli.command("server-stop")
-@click.option("--root", default=ServerSettings.root, show_default=True, help="The folder `ldmflow server` used.")
+@ROOT_OPTION
 def server_stop_command(root):
     """Stop the team server started in --root (its MLflow server and PostgreSQL, nothing else)."""
     from ldmflow.server.team_server import stop_server
 
     stop_server(root)
     click.echo(f"Stopped the server in {root}.")
+
+
+@server_command.command("add-user")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["reader", "editor", "admin"]), default="reader", show_default=True,
+              help="reader: reads everything; editor: also writes where `grant` allows; admin: everything.")
+@click.option("--password_stdin", is_flag=True, help="Read the password from stdin (else one is generated).")
+@ROOT_OPTION
+def server_add_user_command(name, role, password_stdin, root):
+    """Create an account; a generated password is printed once, and never logged."""
+    import secrets
+
+    from ldmflow.server.users import add_user
+
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else secrets.token_urlsafe(15)
+    add_user(root, name, password, role)
+    click.echo(f"Added {role} {name!r}." + ("" if password_stdin else f" Password (shown once): {password}"))
+
+
+@server_command.command("remove-user")
+@click.argument("name")
+@ROOT_OPTION
+def server_remove_user_command(name, root):
+    """Delete an account (a login it made may be honoured for 30 s more: MLflow's login cache)."""
+    from ldmflow.server.users import remove_user
+
+    remove_user(root, name)
+    click.echo(f"Removed {name!r}.")
+
+
+@server_command.command("grant")
+@click.argument("name")
+@click.option("--experiment", required=True, help="Experiment name (created if missing).")
+@click.option("--permission", type=click.Choice(["READ", "EDIT", "MANAGE"], case_sensitive=False), required=True)
+@ROOT_OPTION
+def server_grant_command(name, experiment, permission, root):
+    """Give a user READ, EDIT or MANAGE on one experiment."""
+    from ldmflow.server.users import grant
+
+    grant(root, name, experiment, permission)
+    click.echo(f"{name!r} has {permission.upper()} on experiment {experiment!r}.")
+
+
+@server_command.command("list-users")
+@ROOT_OPTION
+def server_list_users_command(root):
+    """The server's accounts, admins marked."""
+    from ldmflow.server.users import list_users
+
+    for user in list_users(root):
+        click.echo(user["username"] + (" (admin)" if user["is_admin"] else ""))
+
+
+@server_command.command("backup")
+@ROOT_OPTION
+@click.option("--to", "target", required=True, help="A new folder for the backup.")
+def server_backup_command(root, target):
+    """pg_dump of the tracking and auth databases, the artifacts and the admin password, into --to."""
+    from ldmflow.server.backup import backup
+
+    click.echo(f"Backed up {root} to {backup(root, target)}.")
+
+
+@server_command.command("restore")
+@click.option("--from", "source", required=True, help="A folder made by `ldmflow server backup`.")
+@ROOT_OPTION
+def server_restore_command(source, root):
+    """Build a new --root from a backup; then start it with `ldmflow server --root ...`."""
+    from ldmflow.server.backup import restore
+
+    click.echo(f"Restored {source} into {restore(source, root)}; start it with: ldmflow server --root {root}")
+
+
+@server_command.command("upgrade")
+@ROOT_OPTION
+@click.option("--backup_to", required=True, help="A new folder for the backup made before upgrading.")
+def server_upgrade_command(root, backup_to):
+    """Back up the stopped server, then upgrade its tracking schema to the installed MLflow (`mlflow db upgrade`)."""
+    from ldmflow.server.backup import upgrade
+
+    click.echo(f"Backed up to {upgrade(root, backup_to)} and upgraded; start it with: ldmflow server --root {root}")
+
+
+@server_command.command("status")
+@ROOT_OPTION
+def server_status_command(root):
+    """Health, versions and disk use of the server in --root."""
+    from ldmflow.server.backup import status
+
+    click.echo(json.dumps(status(root), indent=2))
 
 
 @cli.command("init-store")

@@ -726,7 +726,12 @@ class ServerSettings(Settings):
     """`ldmflow server`: a team's MLflow server on this machine (PostgreSQL, proxied artifacts, basic auth)."""
 
     root: str = setting("team-server", "Folder of its database, artifacts, logs and state.")
-    port: int = setting(5000, "Port of the MLflow server on 127.0.0.1.")
+    port: int = setting(5000, "Port of the MLflow server.")
+    host: str = setting("127.0.0.1", "Address to listen on; anything but loopback needs TLS (or --insecure).")
+    tls_cert: str | None = setting(None, "PEM certificate (chain) to serve HTTPS with; needs --tls_key.")
+    tls_key: str | None = setting(None, "Private key of --tls_cert.")
+    self_signed: bool = setting(False, "Serve HTTPS with a certificate made for this host's names (in <root>/tls).")
+    insecure: bool = setting(False, "Allow plain HTTP on a non-loopback --host (passwords cross in clear text).")
 
     def __post_init__(self) -> None:
         _check_number(self, "port", 1, 65535)

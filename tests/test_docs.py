@@ -114,6 +114,8 @@ def ldmflow_problems(text: str) -> list[str]:
                 problems.append(f"`ldmflow {name}`: no such command ({line.strip()})")
                 continue
             command = cli.commands[name]
+            if isinstance(command, click.Group) and len(tokens) > 1 and tokens[1] in command.commands:
+                command, name, tokens = command.commands[tokens[1]], f"{name} {tokens[1]}", tokens[1:]  # a subcommand
             options = _options(command) | {"--help", "-h"} | _swept_stage_options(name, tokens)
             given = {_flag(token) for token in tokens[1:]} - {None}
             problems += [f"`ldmflow {name} {flag}`: no such option ({line.strip()})" for flag in sorted(given - options)]
@@ -274,8 +276,10 @@ def import_problems(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def known_flags() -> set[str]:
-    return {flag for command in (cli, *cli.commands.values()) for flag in _options(command)} | _benchmark_flags() | \
-        OTHER_TOOLS_FLAGS | {"--help"}  # cli: the group's own options (--verbose)
+    commands = [cli, *cli.commands.values()]  # cli: the group's own options (--verbose)
+    commands += [sub for command in commands[1:] if isinstance(command, click.Group) for sub in command.commands.values()]
+    return {flag for command in commands for flag in _options(command)} | _benchmark_flags() | OTHER_TOOLS_FLAGS | \
+        {"--help"}
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,13 @@
-"""A team's MLflow server on this machine in one command: PostgreSQL, proxied artifacts and basic auth.
+"""A team's MLflow server in one command: PostgreSQL, proxied artifacts, basic auth, TLS beyond loopback.
 
 `ldmflow server` starts, under `--root`:
-- a PostgreSQL cluster (`initdb`, `pg_ctl`) listening on 127.0.0.1 only, run by an unprivileged user
-  (PostgreSQL refuses root: as root it runs as the `postgres` user), holding the tracking and auth databases;
-- `mlflow server --app-name basic-auth` on 127.0.0.1 with `--serve-artifacts` into `<root>/artifacts`;
-- an admin account with a random password, written with everything needed to stop it to `<root>/server.json`.
-`ldmflow server-stop --root ...` stops exactly those processes. The database trusts local connections (the
-machine's users are the team); give PostgreSQL passwords before exposing it beyond 127.0.0.1.
+- a PostgreSQL cluster (postgres.py) with scram-sha-256 passwords on every connection, listening on 127.0.0.1
+  and a private socket only, holding the tracking and auth databases;
+- `mlflow server --app-name basic-auth` on `--host` (127.0.0.1 by default; any other address needs TLS, see
+  tls.py) with `--serve-artifacts` into `<root>/artifacts`;
+- an admin account with a random password, written with everything needed to stop it to `<root>/server.json`
+  (mode 0600, like every secret under the root).
+`ldmflow server-stop --root ...` stops exactly those processes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pwd
 import secrets
-import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -27,11 +27,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError, require_modules
+from ldmflow.server.postgres import (client_environment, database_uri, pg_tool, schema_problem, start_postgres,
+                                     stop_postgres)
+from ldmflow.server.tls import Address, choose_address, host_names, is_loopback
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "server.json"
-DB_USER = "ldmflow"
-UNPRIVILEGED_USER = "postgres"  # who runs PostgreSQL when ldmflow runs as root
+ADMIN_PASSWORD_FILE = "admin_password"  # kept across restarts: the auth database keeps the first one
 
 
 @dataclass
@@ -44,14 +46,34 @@ class ServerState:
     pg_data: str
     pg_port: int
     mlflow_pid: int
+    host: str = "127.0.0.1"
+    port: int = 5000
+    cert: str | None = None
+    key: str | None = None
+    trust_cert: str | None = None  # what clients set MLFLOW_TRACKING_SERVER_CERT_PATH to (self-signed only)
+
+    @property
+    def address(self) -> Address:
+        return Address(self.host, self.port, self.cert, self.key)
 
     def exports(self) -> str:
-        return (f"export MLFLOW_TRACKING_URI={self.tracking_uri}\n"
-                f"export MLFLOW_TRACKING_USERNAME={self.username}\n"
-                f"export MLFLOW_TRACKING_PASSWORD={self.password}")
+        lines = [f"export MLFLOW_TRACKING_URI={self.tracking_uri}", f"export MLFLOW_TRACKING_USERNAME={self.username}",
+                 f"export MLFLOW_TRACKING_PASSWORD={self.password}"]
+        if self.trust_cert:
+            lines.append(f"export MLFLOW_TRACKING_SERVER_CERT_PATH={self.trust_cert}")
+        return "\n".join(lines)
 
 
-def start_server(root: str | Path, port: int = 5000) -> ServerState:
+def read_state(root: str | Path) -> ServerState:
+    root = Path(root).resolve()
+    try:
+        return ServerState(**json.loads((root / STATE_FILE).read_text()))
+    except FileNotFoundError:
+        raise LdmflowError(f"No server was started in {root} ({STATE_FILE} is missing).") from None
+
+
+def start_server(root: str | Path, port: int = 5000, host: str = "127.0.0.1", tls_cert: str | None = None,
+                 tls_key: str | None = None, self_signed: bool = False, insecure: bool = False) -> ServerState:
     """Start PostgreSQL and the MLflow server under `root`; returns their state (also in root/server.json)."""
     require_modules(("flask_wtf", "psycopg2"), "`ldmflow server` (MLflow's basic-auth app and PostgreSQL)",
                     "pip install 'ldmflow[server]'")
@@ -60,84 +82,110 @@ def start_server(root: str | Path, port: int = 5000) -> ServerState:
         raise LdmflowError(f"A server was already started in {root} ({STATE_FILE} exists); stop it first with "
                            f"`ldmflow server-stop --root {root}`.")
     for tool in ("initdb", "pg_ctl"):
-        if _pg_tool(tool) is None:
+        if pg_tool(tool) is None:
             raise LdmflowError(f"`{tool}` was not found: install PostgreSQL (15 or newer) to run a team server.")
-    _check_port_free(port)
+    _check_port_free(host, port)
     root.mkdir(parents=True, exist_ok=True)
-    pg_port = _free_port()
-    pg_data = _start_postgres(root, pg_port)
+    os.chmod(root, 0o711)  # others may pass through (PostgreSQL's folder), not list or read
+    address = choose_address(root, host, port, tls_cert, tls_key, self_signed, insecure)
+    pg_port = free_port()
+    pg_data = start_postgres(root, pg_port)
     try:
-        state = start_mlflow(root, port, pg_data, pg_port, secrets.token_urlsafe(12))
+        problem = schema_problem(root, pg_port)
+        if problem:
+            raise LdmflowError(problem)
+        state = start_mlflow(root, address, pg_data, pg_port, _admin_password(root))
     except BaseException:
-        _stop_postgres(pg_data)
+        stop_postgres(pg_data)
         raise
-    (root / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    if self_signed:
+        state.trust_cert = state.cert
+    write_state(root, state)
     return state
+
+
+def write_state(root: Path, state: ServerState) -> None:
+    _write_private(root / STATE_FILE, json.dumps(asdict(state), indent=2))
+
+
+def _admin_password(root: Path) -> str:
+    """The admin's password: made at the first start, then reused (MLflow creates the admin only once)."""
+    path = root / ADMIN_PASSWORD_FILE
+    if not path.exists():
+        _write_private(path, secrets.token_urlsafe(18))
+    return path.read_text().strip()
+
+
+def _write_private(path: Path, text: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
 
 
 def stop_server(root: str | Path) -> None:
     """Stop the MLflow server and PostgreSQL started in `root` (and nothing else)."""
     root = Path(root).resolve()
-    try:
-        state = ServerState(**json.loads((root / STATE_FILE).read_text()))
-    except FileNotFoundError:
-        raise LdmflowError(f"No server was started in {root} ({STATE_FILE} is missing).") from None
+    state = read_state(root)
     stop_mlflow(state)
-    _stop_postgres(Path(state.pg_data))
+    stop_postgres(Path(state.pg_data))
     (root / STATE_FILE).unlink()
 
 
-def _start_postgres(root: Path, port: int) -> Path:
-    data, sockets = root / "postgres", root / "sockets"
-    for folder in (data, sockets):
-        folder.mkdir(exist_ok=True)
-        _hand_over(folder)
-    if not (data / "PG_VERSION").exists():
-        _as_db_owner([_pg_tool("initdb"), "-D", str(data), "-U", DB_USER, "--auth=trust", "-E", "UTF8"],
-                     root / "initdb.log")
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1"
-    _as_db_owner([_pg_tool("pg_ctl"), "-D", str(data), "-o", options, "-l", str(data / "server.log"), "-w",
-                  "start"], root / "pg_ctl.log")
-    for database in ("mlflow", "mlflow_auth"):
-        _as_db_owner([_pg_tool("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", DB_USER, database],
-                     root / "createdb.log", check=False)  # already there after a restart
-    return data
-
-
 AUTH_CACHE_SECONDS = 30  # MLflow caches a verified login per worker this long
+GRACEFUL_SECONDS = 5  # how long a stopping server waits for open requests
 
 
-def start_mlflow(root: Path, port: int, pg_data: Path, pg_port: int, password: str) -> ServerState:
+def start_mlflow(root: Path, address: Address, pg_data: Path, pg_port: int, password: str) -> ServerState:
     """The MLflow server alone, on a running PostgreSQL (also how a stopped one is restarted)."""
-    database = f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{pg_port}"
     config = root / "basic_auth.ini"
-    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {database}/mlflow_auth\n"
-                      f"admin_username = admin\nadmin_password = {password}\nauthorization_function = "
-                      "mlflow.server.auth:authenticate_request_basic_auth\n"
-                      # every request carries the password: without the cache each one pays a PBKDF2 check, which
-                      # made the server, not the trainers, the bottleneck; a removed user may last AUTH_CACHE_SECONDS
-                      f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n")
-    environment = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(config),
+    auth_database = database_uri(pg_port, "mlflow_auth")
+    _write_private(config, f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_database}\n"
+                   f"admin_username = admin\nadmin_password = {password}\nauthorization_function = "
+                   "mlflow.server.auth:authenticate_request_basic_auth\n"
+                   # every request carries the password: without the cache each one pays a PBKDF2 check, which
+                   # made the server, not the trainers, the bottleneck; a removed user may last AUTH_CACHE_SECONDS
+                   f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n")
+    environment = {**client_environment(root), "MLFLOW_AUTH_CONFIG_PATH": str(config),
                    "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
     environment.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"{database}/mlflow", "--serve-artifacts", "--artifacts-destination",
-               str(root / "artifacts"), "--app-name", "basic-auth", "--workers", "2"]
-    with open(root / "mlflow.log", "ab") as log:
-        process = subprocess.Popen(command, cwd=root, env=environment, start_new_session=True, stdout=log,
-                                   stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    process = _launch_mlflow(root, address, pg_port, environment)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise LdmflowError(f"The MLflow server exited at start; see {root / 'mlflow.log'}.")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return ServerState(url, "admin", password, str(pg_data), pg_port, process.pid)
+            with urllib.request.urlopen(f"{address.local_url}/health", timeout=2, context=unverified()):
+                return ServerState(address.url, "admin", password, str(pg_data), pg_port, process.pid, address.host,
+                                   address.port, address.cert, address.key)
         except OSError:
             time.sleep(0.5)
     os.killpg(process.pid, signal.SIGKILL)
     raise LdmflowError(f"The MLflow server did not answer within 2 minutes; see {root / 'mlflow.log'}.")
+
+
+def _launch_mlflow(root: Path, address: Address, pg_port: int, environment: dict) -> subprocess.Popen:
+    command = [sys.executable, "-m", "mlflow", "server", "--host", address.host, "--port", str(address.port),
+               "--backend-store-uri", database_uri(pg_port, "mlflow"), "--serve-artifacts",
+               "--artifacts-destination", str(root / "artifacts"), "--app-name", "basic-auth", "--workers", "2"]
+    if not is_loopback(address.host):  # MLflow's DNS-rebinding guard accepts only private addresses by default
+        names = host_names(address.host)
+        command += ["--allowed-hosts", ",".join(names + [f"{name}:*" for name in names])]
+    # a client's idle keep-alive connection would hold a stopping worker until server-stop kills it
+    uvicorn = f"--timeout-graceful-shutdown {GRACEFUL_SECONDS}"
+    if address.cert:
+        uvicorn += f" --ssl-certfile {address.cert} --ssl-keyfile {address.key}"
+    command += ["--uvicorn-opts", uvicorn]
+    with open(root / "mlflow.log", "ab") as log:
+        return subprocess.Popen(command, cwd=root, env=environment, start_new_session=True, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def unverified() -> ssl.SSLContext:
+    """For polling our own child's /health only: the certificate is checked by every real client."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def stop_mlflow(state: ServerState) -> None:
@@ -149,54 +197,18 @@ def stop_mlflow(state: ServerState) -> None:
         pass
 
 
-def _stop_postgres(data: Path) -> None:
-    if (data / "postmaster.pid").exists():
-        _as_db_owner([_pg_tool("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], data.parent / "pg_ctl.log")
-
-
-def _pg_tool(name: str) -> str | None:
-    """A PostgreSQL program from PATH, else from Debian's /usr/lib/postgresql/<version>/bin."""
-    found = shutil.which(name)
-    if found:
-        return found
-    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
-    return str(versions[-1]) if versions else None
-
-
-def _as_db_owner(command: list, log: Path, check: bool = True) -> None:
-    """Run a PostgreSQL command as this user, or as UNPRIVILEGED_USER when this is root."""
-    if os.geteuid() == 0:
-        command = ["runuser", "-u", UNPRIVILEGED_USER, "--", *command]
-    with open(log, "ab") as output:
-        result = subprocess.run(command, stdout=output, stderr=subprocess.STDOUT, timeout=120)
-    if check and result.returncode != 0:
-        raise LdmflowError(f"`{' '.join(map(str, command[-4:]))}` failed; see {log}.")
-
-
-def _hand_over(folder: Path) -> None:
-    """As root, give the folder (and the way to it) to the user PostgreSQL runs as."""
-    if os.geteuid() != 0:
-        return
-    user = pwd.getpwnam(UNPRIVILEGED_USER)
-    os.chown(folder, user.pw_uid, user.pw_gid)
-    os.chmod(folder, 0o700)
-    for parent in folder.parents:  # PostgreSQL must be able to reach its folder
-        if parent.stat().st_mode & 0o001 == 0:
-            os.chmod(parent, parent.stat().st_mode | 0o001)
-
-
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def _check_port_free(port: int) -> None:
-    with socket.socket() as probe:
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            raise LdmflowError(f"Port {port} is in use on 127.0.0.1; pass --port.") from None
+            probe.bind((host, port))
+        except OSError as error:
+            raise LdmflowError(f"Cannot listen on {host}:{port} ({error.strerror}); pass --host or --port.") from None
 
 
 def _wait_gone(pid: int, seconds: float) -> None:

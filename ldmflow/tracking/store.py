@@ -179,6 +179,28 @@ def check_server_reachable(uri: str, timeout: float = 5.0) -> None:
             f"Cannot reach the MLflow tracking server at {uri} ({error}). Start it, fix MLFLOW_TRACKING_URI, "
             "or (training, sampling) pass --no_mlflow to work without tracking."
         ) from None
+    if parsed.scheme == "https":
+        check_certificate_trusted(uri, parsed.hostname, port, timeout)
+
+
+def check_certificate_trusted(uri: str, host: str, port: int, timeout: float = 5.0) -> None:
+    """Fail in one line on a certificate this client does not trust (MLflow would retry for minutes), trusting
+    what MLflow's client trusts: MLFLOW_TRACKING_SERVER_CERT_PATH, else the system's authorities."""
+    import ssl
+
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return
+    context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or None)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as connection:
+            with context.wrap_socket(connection, server_hostname=host):
+                pass
+    except ssl.SSLCertVerificationError as error:
+        raise LdmflowError(
+            f"The tracking server at {uri} presents a certificate this machine does not trust "
+            f"({error.verify_message}): set MLFLOW_TRACKING_SERVER_CERT_PATH to its certificate "
+            "(`ldmflow server` prints where it is)."
+        ) from None
 
 
 EXPERIMENT_DESCRIPTION = f"""Runs of ldmflow: one run per stage (`vae`, `latent_ddpm`, `legacy_ddpm`, `probe`, `sample`,

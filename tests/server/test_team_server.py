@@ -158,14 +158,14 @@ def test_a_server_restart_mid_run_keeps_every_metric_with_postgres(server, tmp_p
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     settings = VaeSettings(manifest_path=str(server["data"]), output_dir=str(tmp_path / "vae"),
                            experiment_name="restart", run_name="restart")
-    port = int(state.tracking_uri.rsplit(":", 1)[1])
     with open_run(settings, "vae", enabled=True) as tracker:
         tracker.log_metrics({"loss": 1.0}, 0)
         assert tracker.flush(30)
         stop_mlflow(state)
         for step in range(1, 11):
             tracker.log_metrics({"loss": 1.0 / step}, step)
-        restarted = start_mlflow(server["root"] / "server", port, Path(state.pg_data), state.pg_port, state.password)
+        restarted = start_mlflow(server["root"] / "server", state.address, Path(state.pg_data), state.pg_port,
+                                 state.password)
         server["state"] = restarted
         (server["root"] / "server" / STATE_FILE).write_text(json.dumps(restarted.__dict__))
         deadline = time.monotonic() + 120
