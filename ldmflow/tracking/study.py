@@ -100,14 +100,22 @@ def optuna_storage(storage: str, experiment_id: str):
         return sweep_storage(experiment_id)
     import optuna
 
-    try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_seconds(),
-                                              grace_period=3 * heartbeat_seconds(),
-                                              heartbeat_stale_trial_callback=_fail_run_and_retry)
-    except Exception as error:  # noqa: BLE001 - a bad URL, a missing driver, a refused login
-        raise LdmflowError(f"--storage {storage.split('@')[-1]}: {str(error).splitlines()[0][:300]}") from None
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_seconds(),
+                                                  grace_period=3 * heartbeat_seconds(),
+                                                  heartbeat_stale_trial_callback=_fail_run_and_retry)
+        except IntegrityError:  # workers starting together on a new database: another one made its tables first
+            if attempt == 2:
+                raise LdmflowError(f"--storage {storage.split('@')[-1]}: other workers kept creating its tables; "
+                                   "start this worker again.") from None
+            time.sleep(1 + attempt)
+        except Exception as error:  # noqa: BLE001 - a bad URL, a missing driver, a refused login
+            raise LdmflowError(f"--storage {storage.split('@')[-1]}: {str(error).splitlines()[0][:300]}") from None
 
 
 def _fail_run_and_retry(study, trial) -> None:

@@ -15,12 +15,12 @@ from cli_runner import invoke
 from ldmflow.data.demo import make_demo_dataset
 from ldmflow.tags import (PARENT_RUN_TAG, SWEEP_BEST_COMMAND_TAG, SWEEP_PRUNED_TAG, SWEEP_STUDY_TAG, SWEEP_TRIAL_TAG,
                           VAE_URI_TAG)
+from tiny import TINY_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny VAE: 2 steps (one epoch of 9 images), validated once on 3 images, no preview grids after step 0.
-TINY_VAE = ["--resolution", "32", "--train_batch_size", "4", "--layers_per_block", "1", "--block_out_channels",
-            "8,8,8,8", "--max_train_steps", "2", "--lr_warmup_steps", "0", "--scaling_factor_batches", "1",
-            "--save_images_epochs", "100"]
+TINY_VAE = [*TINY_SIZES, "--block_out_channels", "8,8,8,8", "--max_train_steps", "2", "--scaling_factor_batches",
+            "1", "--save_images_epochs", "100"]
 # 1e-9 leaves the VAE as initialised: once a 0.01 trial has finished, every 1e-9 trial falls below the median.
 PRUNABLE_SPACE = "learning_rate: {choices: [0.01, 1.0e-9]}\n"
 
@@ -190,11 +190,12 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_failed_and_retr
            "LDMFLOW_SWEEP_HEARTBEAT_SECONDS": "1"}
     storage = f"sqlite:///{store}/optuna.db"
     command = [sys.executable, "-m", "ldmflow", *sweep_args("--n_trials", "2", "--pruner", "none", "--storage",
-                                                            storage, space="space.yaml", study="shared")]
+                                                            storage, space="space.yaml", study="shared"),
+               "--max_train_steps", "300"]  # seconds per trial: the kill lands mid-trial however fast the machine
     workers = [subprocess.Popen(command, cwd=store, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for _ in range(2)]
     for line in workers[0].stdout:  # kill the first worker while it trains a trial
-        if "Training 2 steps" in line:
+        if "Training 300 steps" in line:
             workers[0].kill()
             break
     output = workers[1].communicate(timeout=240)[0]
