@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.train  # keeps the script a lent GPU runs working
 def test_the_gpu_benchmark_smoke_run_prints_every_comparison():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke"], cwd=ROOT,
                             capture_output=True, text=True, timeout=600)

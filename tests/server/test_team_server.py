@@ -26,7 +26,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 VAE = [*TINY_SIZES, "--block_out_channels", "8,8,8,8", "--scaling_factor_batches", "1"]
 
-pytestmark = [pytest.mark.server, pytest.mark.slow,
+pytestmark = [pytest.mark.server,  # login checks run in `make test`; the trainings through the server are slow
               pytest.mark.skipif(os.environ.get("LDMFLOW_SKIP_SERVER_TESTS") == "1",
                                  reason="LDMFLOW_SKIP_SERVER_TESTS=1: team server tests skipped on request")]
 
@@ -104,6 +104,7 @@ def test_a_read_only_user_cannot_log_and_is_told_so(server, tmp_path):
     assert not MlflowClient(server["state"].tracking_uri).search_runs([experiment_id])
 
 
+@pytest.mark.slow
 def test_the_chain_through_mlflow_run_with_postgres_and_lineage_over_http(server, tmp_path):
     env = environment(server)
     data = server["data"]
@@ -124,6 +125,7 @@ def test_the_chain_through_mlflow_run_with_postgres_and_lineage_over_http(server
     assert stored, "weights went through the server's artifact proxy"
 
 
+@pytest.mark.slow
 def test_three_trainings_at_once_lose_no_metric_and_no_image(server, tmp_path):
     env = environment(server)
     processes = []
@@ -148,6 +150,7 @@ def test_three_trainings_at_once_lose_no_metric_and_no_image(server, tmp_path):
         assert len(logged) >= len(written) > 0  # every preview the trainer wrote reached the server
 
 
+@pytest.mark.slow
 def test_a_server_restart_mid_run_keeps_every_metric_with_postgres(server, tmp_path, monkeypatch):
     from ldmflow.settings import VaeSettings
     from ldmflow.tracking.run_tracker import open_run

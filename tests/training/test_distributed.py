@@ -63,7 +63,7 @@ def test_two_processes_see_every_image_once_per_epoch(tmp_path):
     assert ranks[0]["seen"][0] != ranks[0]["seen"][1]  # reshuffled each epoch
 
 
-@pytest.mark.slow
+@pytest.mark.train  # the one two-process run in `make test`; the others are slow
 def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
     manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32, val_fraction=0.2)
     output = tmp_path / "vae"

@@ -21,7 +21,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TINY = as_project_params(TINY_SIZES)
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.train  # the chain through `mlflow run` (subprocesses); the longest two are slow
 
 
 def mlflow_run(env: dict, entry_point: str, *params: str) -> subprocess.CompletedProcess:
@@ -147,6 +147,7 @@ def test_pyfunc_predicts_images_for_a_frame_of_conditions(store):
     assert not np.array_equal(images[0], images[1])  # other conditions and seed, another image
 
 
+@pytest.mark.slow
 def test_sample_errors_are_clear(store):
     env, _ = store
     result = ldmflow(env, "sample", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--condition", "humidity=3",
@@ -176,6 +177,7 @@ def test_sample_errors_are_clear(store):
     assert result.returncode == 1 and "Row 0: condition 'temperature' is not a number" in result.stderr
 
 
+@pytest.mark.slow
 def test_pipeline_runs_children_under_one_parent_and_reuses_them(store):
     env, manifest = store
     params = ["-P", f"manifest_path={manifest}", "-P", f"output_root={env['WORKDIR']}/pipeline", "-P",
