@@ -70,6 +70,7 @@ def lpips_weights(tmp_path) -> Path:
 
 
 LANE_MARKERS = ("train", "slow", "server")  # `make test-fast` runs the tests with none of these
+_ORIGINAL: dict = {}  # the loop's own _MetricWindow, kept here while an unmarked test runs with the refusing one
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -79,7 +80,7 @@ def pytest_runtest_setup(item):
     however the test imported `train`."""
     from ldmflow.training import loop
 
-    original = loop.__dict__.setdefault("_unguarded_metric_window", loop._MetricWindow)
+    original = _ORIGINAL.setdefault("metric_window", loop._MetricWindow)
     if any(item.get_closest_marker(marker) for marker in LANE_MARKERS):
         loop._MetricWindow = original
         return
