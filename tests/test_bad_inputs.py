@@ -22,6 +22,7 @@ PROBE = ["probe", "--manifest_path", "{data}", "--output_dir", "{out}", "--resol
 SAMPLE = ["sample", "--model_uri", "{latent}", "--output_dir", "{out}", "--num_inference_steps", "2"]
 EVALUATE = ["evaluate", "--model_uri", "{latent}", "--manifest_path", "{data}", "--output_dir", "{out}"]
 PIPELINE = ["pipeline", "--manifest_path", "{data}", "--output_root", "{out}"]
+SWEEP = ["sweep", "--stage", "vae", "--manifest_path", "{data}", "--output_dir", "{out}", "--space"]
 
 CASES = [  # (id, arguments, fragment of the one error line)
     ("check-manifest: no such file", ["check-manifest", "--manifest_path", "{tmp}/missing.json"], "missing.json"),
@@ -105,6 +106,11 @@ CASES = [  # (id, arguments, fragment of the one error line)
      "does not exist"),
     ("pipeline: no epochs", [*PIPELINE, "--vae_epochs", "0"], "Pipeline step vae: --num_epochs must be at least 1"),
     ("pipeline: channels", [*PIPELINE, "--ddpm_block_out_channels", "3,x"], "comma list of integers"),
+    ("sweep: no trials", [*SWEEP, "{space}", "--n_trials", "0"], "--n_trials must be at least 1"),
+    ("sweep: low above high", [*SWEEP, "{inverted_space}"], "learning_rate has low 0.01 > high 0.0001"),
+    ("sweep: stage options", ["sweep", "--stage", "vae", "--space", "{space}"], "Missing option '--manifest_path'"),
+    ("server: clear text beyond loopback", ["server", "--root", "{out}", "--host", "0.0.0.0"],
+     "Refusing to serve passwords in clear text on 0.0.0.0"),
     ("lineage: unknown model", ["lineage", "models:/no-such-model/1"], "no-such-model"),
 ]
 
@@ -117,8 +123,11 @@ def inputs(tmp_path_factory):
         assert CliRunner().invoke(cli, ["demo-data", "--output_dir", "data", "--num_images", "16", "--resolution",
                                         "32", "--val_fraction", "0.25"]).exit_code == 0
         (root / "broken.json").write_text('{"items": [')
+        (root / "space.yaml").write_text("learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+        (root / "inverted.yaml").write_text("learning_rate: {low: 1.0e-2, high: 1.0e-4}\n")
         values = {"tmp": str(root), "data": str(root / "data" / "manifest.json"), "data_dir": str(root / "data"),
-                  "broken": str(root / "broken.json"), "vae": str(root / "vae"), "latent": str(root / "latent")}
+                  "broken": str(root / "broken.json"),
+                  "space": str(root / "space.yaml"), "inverted_space": str(root / "inverted.yaml"), "vae": str(root / "vae"), "latent": str(root / "latent")}
         yield root, values
 
 
@@ -177,7 +186,7 @@ def test_the_table_covers_every_command():
     commands = {arguments[0] for _, arguments, _ in CASES}
     assert len(CASES) >= 40
     assert {"check-manifest", "demo-data", "vae", "latent-ddpm", "legacy-ddpm", "probe", "sample", "evaluate",
-            "pipeline", "lineage"} <= commands
+            "pipeline", "lineage", "sweep", "server"} <= commands
 
 
 @pytest.mark.train
