@@ -8,13 +8,13 @@ that can only fail is refused in one line instead of as a study of failed trials
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldmflow.data.bounded_json import loads
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import TrainSettings, param_value, setting_fields
 
@@ -97,7 +97,9 @@ def _read(path: Path) -> dict:
         raise LdmflowError(f"--space {path} does not exist.")
     try:
         text = path.read_text()
-        entries = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        entries = loads(text, f"--space {path}") if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except RecursionError:  # YAML's parser recurses per nesting level
+        raise LdmflowError(f"--space {path} is nested too deeply to be a search space.") from None
     except (ValueError, yaml.YAMLError) as error:
         raise LdmflowError(f"--space {path} is not valid YAML or JSON: {str(error).splitlines()[0]}") from None
     if entries is None:
@@ -118,8 +120,8 @@ def _dimension(name: str, entry: dict, kind, path) -> Dimension:
     kind = _base_type(kind)
     unknown = set(entry) - {"low", "high", "log", "int", "choices"}
     if unknown:
-        raise LdmflowError(f"Space {path}: {name} has unknown key(s) {', '.join(sorted(unknown))}; use low, high, "
-                           "log, int or choices.")
+        raise LdmflowError(f"Space {path}: {name} has unknown key(s) {', '.join(sorted(map(repr, unknown)))}; "
+                           "use low, high, log, int or choices.")
     if "choices" in entry:
         choices = entry["choices"]
         if not isinstance(choices, list) or not choices:
@@ -169,8 +171,8 @@ def _choice(name: str, value, kind, path):
     elif kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) or _is_number_text(value)
-        value = float(value) if ok else value
+        number = _finite_float(value)
+        ok, value = number is not None, value if number is None else number
     else:
         ok = isinstance(value, str)
     if not ok:
@@ -178,11 +180,15 @@ def _choice(name: str, value, kind, path):
     return value
 
 
-def _is_number_text(value) -> bool:
+def _finite_float(value) -> float | None:
+    """A number (or number text) as a finite float; None for anything else, huge integers included."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
     try:
-        return isinstance(value, str) and math.isfinite(float(value))
-    except ValueError:
-        return False
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _type_name(kind) -> str:
