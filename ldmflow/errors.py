@@ -22,6 +22,10 @@ class LdmflowError(Exception):
     """A problem with the user's input or environment, explained in the message (no traceback needed)."""
 
 
+class Stopped(Exception):
+    """A run stopped on purpose (a sweep's pruned trial): not a failure, so no error tag or traceback file."""
+
+
 def require_modules(modules: tuple[str, ...], needed_for: str, install: str) -> None:
     """Refuse, before anything starts, when an optional package `needed_for` something is not installed: one line
     naming what to install (else it ends later in a ModuleNotFoundError, or a server that exits at start)."""

@@ -19,7 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ldmflow.errors import LdmflowError, error_summary, traceback_file
+from ldmflow.errors import LdmflowError, Stopped, error_summary, traceback_file
 from ldmflow.tags import (DATASET_DIGEST_TAG, DIGEST_INPUT_TAG, ERROR_TAG, PARENT_RUN_TAG, RESUMED_BY_RUN_TAG,
                           RUN_NAME_TAG, SPLIT_INPUT_TAG, STAGE_TAG)
 
@@ -328,7 +328,7 @@ def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | No
         raise
     except BaseException as error:
         status = "FAILED"
-        if tracker is not None:
+        if tracker is not None and not isinstance(error, Stopped):
             _record_failure(tracker.set_tags, tracker.log_artifact, error, getattr(settings, "output_dir", None))
         raise
     finally:  # the run never stays RUNNING, and an error in RunTracker() itself is not masked

@@ -10,13 +10,19 @@ import logging
 import math
 from pathlib import Path
 
-from ldmflow.errors import LdmflowError
+import optuna  # this module runs only inside `ldmflow sweep`, which checks Optuna is installed
+
+from ldmflow.errors import LdmflowError, Stopped
 from ldmflow.settings import SweepSettings
-from ldmflow.workflows.sweep import (MODEL_ID_ATTR, SweepPlan, evaluation_settings, pruned_tags, trial_settings,
-                                     trial_tags)
+from ldmflow.workflows.sweep import (MODEL_ID_ATTR, SweepPlan, _tag_run, evaluation_settings, pruned_tags,
+                                     trial_settings, trial_tags)
 from ldmflow.workflows.sweep_space import settings_values
 
 logger = logging.getLogger(__name__)
+
+
+class _Pruned(Stopped, optuna.TrialPruned):
+    """A pruned trial: Optuna marks it pruned, and the run tracker knows it is not a failure."""
 
 
 def optimize(study, plan: SweepPlan, runs, settings: SweepSettings) -> bool:
@@ -51,8 +57,6 @@ class _Objective:
         self.latent_cache: dict = {}  # a latent DDPM's encoded dataset, shared by this worker's trials
 
     def __call__(self, trial) -> float:
-        import optuna
-
         run_id = self.runs.start(trial)
         try:
             value = self._train(trial, run_id)
@@ -70,14 +74,11 @@ class _Objective:
         return value
 
     def _train(self, trial, run_id: str) -> float:
-        from mlflow import MlflowClient
-        from mlflow.entities import RunTag
-
         from ldmflow.workflows.train import TrialRun, run_training
 
         plan = self.plan
         values = settings_values(plan.space.suggest(trial), plan.base)
-        MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in trial_tags(plan, trial.number, values).items()])
+        _tag_run(run_id, trial_tags(plan, trial.number, values))
         if hasattr(trial.study._storage, "flush_all_batches"):  # the suggested params reach the run first
             trial.study._storage.flush_all_batches()
         settings = trial_settings(plan, trial.number, values, run_id)
@@ -102,18 +103,15 @@ class _Pruning:
         self.last: float | None = None
 
     def __call__(self, step: int, metrics: dict) -> None:
-        import optuna
-        from mlflow import MlflowClient
-
         if self.objective not in metrics:
             return
         self.last = float(metrics[self.objective])
         self.trial.report(self.last, step)
         if self.trial.should_prune():
-            for key, value in pruned_tags(step).items():
-                MlflowClient().set_tag(self.run_id, key, value)
+            _tag_run(self.run_id, pruned_tags(step))
             logger.info("Trial %d pruned at step %d (%s %.6g).", self.trial.number, step, self.objective, self.last)
-            raise optuna.TrialPruned(f"at step {step}: {self.objective} {self.last:.6g}")
+            raise _Pruned(f"at step {step}: {self.objective} {self.last:.6g}")
+
 
 
 def _evaluate(plan: SweepPlan, model_uri: str, output_dir: Path, run_id: str) -> float:

@@ -13,7 +13,7 @@ import pytest
 
 from cli_runner import invoke
 from ldmflow.data.demo import make_demo_dataset
-from ldmflow.tags import (PARENT_RUN_TAG, SWEEP_BEST_COMMAND_TAG, SWEEP_PRUNED_TAG, SWEEP_STUDY_TAG, SWEEP_TRIAL_TAG,
+from ldmflow.tags import (ERROR_TAG, PARENT_RUN_TAG, SWEEP_BEST_COMMAND_TAG, SWEEP_PRUNED_TAG, SWEEP_STUDY_TAG, SWEEP_TRIAL_TAG,
                           VAE_URI_TAG)
 from tiny import TINY_SIZES
 
@@ -74,6 +74,7 @@ def test_a_sweep_prunes_poor_trials_and_registers_the_best(store):
     assert set(statuses.values()) <= {"FINISHED", "KILLED"}, statuses
     pruned = [run for run in trials.values() if run.info.status == "KILLED"]
     assert pruned and all(run.data.tags[SWEEP_PRUNED_TAG] == "2" for run in pruned)
+    assert not [run for run in pruned if ERROR_TAG in run.data.tags]  # pruned on purpose, not a crash
     assert all(run.data.params["learning_rate"] == "1e-09" for run in pruned)
     for run in trials.values():  # params, metrics and the suggested value as a sweep.* tag
         assert run.data.tags[SWEEP_STUDY_TAG] == "demo" and "val/psnr" in run.data.metrics
