@@ -104,3 +104,10 @@ def folder_lock(folder: str | Path, holder: str):
         path.unlink(missing_ok=True)  # while still held: the folder is left as it would be without ldmflow
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def write_private(path: Path, text: str) -> None:
+    """A file only its owner may read (passwords, server state), created so: never readable for a moment."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError
+from ldmflow.files import write_private
 
 DB_USER = "ldmflow"
 DATABASES = ("mlflow", "mlflow_auth")  # tracking, and basic auth's users and permissions
@@ -116,9 +117,9 @@ def run_client(root: Path, command: list, log: Path) -> None:
 
 def _create_cluster(root: Path, data: Path) -> None:
     password = secrets.token_urlsafe(24)
-    _write_private(root / PASSWORD_FILE, f"127.0.0.1:*:*:{DB_USER}:{password}\n")
+    write_private(root / PASSWORD_FILE, f"127.0.0.1:*:*:{DB_USER}:{password}\n")
     initial = root / "sockets" / "initdb-password"  # readable by the cluster's owner, removed right after
-    _write_private(initial, password + "\n")
+    write_private(initial, password + "\n")
     _hand_over(initial)
     try:
         as_db_owner([pg_tool("initdb"), "-D", str(data), "-U", DB_USER, "--auth=scram-sha-256",
@@ -149,12 +150,6 @@ def _hba_methods(data: Path) -> set[str]:
     lines = (line.split("#", 1)[0].split() for line in (data / "pg_hba.conf").read_text().splitlines())
     return {words[-1] for words in lines if words}
 
-
-def _write_private(path: Path, text: str) -> None:
-    """A file only its owner may read, created so (never readable for a moment)."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
 
 
 def _hand_over(path: Path) -> None:

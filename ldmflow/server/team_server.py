@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ldmflow.errors import LdmflowError, require_modules
+from ldmflow.files import write_private
 from ldmflow.server.postgres import (client_environment, database_uri, pg_tool, schema_problem, start_postgres,
                                      stop_postgres)
 from ldmflow.server.tls import Address, choose_address, host_names, is_loopback
@@ -105,21 +106,16 @@ def start_server(root: str | Path, port: int = 5000, host: str = "127.0.0.1", tl
 
 
 def write_state(root: Path, state: ServerState) -> None:
-    _write_private(root / STATE_FILE, json.dumps(asdict(state), indent=2))
+    write_private(root / STATE_FILE, json.dumps(asdict(state), indent=2))
 
 
 def _admin_password(root: Path) -> str:
     """The admin's password: made at the first start, then reused (MLflow creates the admin only once)."""
     path = root / ADMIN_PASSWORD_FILE
     if not path.exists():
-        _write_private(path, secrets.token_urlsafe(18))
+        write_private(path, secrets.token_urlsafe(18))
     return path.read_text().strip()
 
-
-def _write_private(path: Path, text: str) -> None:
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
 
 
 def stop_server(root: str | Path) -> None:
@@ -139,7 +135,7 @@ def start_mlflow(root: Path, address: Address, pg_data: Path, pg_port: int, pass
     """The MLflow server alone, on a running PostgreSQL (also how a stopped one is restarted)."""
     config = root / "basic_auth.ini"
     auth_database = database_uri(pg_port, "mlflow_auth")
-    _write_private(config, f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_database}\n"
+    write_private(config, f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_database}\n"
                    f"admin_username = admin\nadmin_password = {password}\nauthorization_function = "
                    "mlflow.server.auth:authenticate_request_basic_auth\n"
                    # every request carries the password: without the cache each one pays a PBKDF2 check, which

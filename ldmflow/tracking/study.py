@@ -39,12 +39,10 @@ def heartbeat_seconds() -> int:
 
 
 def sweep_storage(experiment_id: str):
-    """The storage of every study in this experiment (import here: optuna is the `sweep` extra)."""
-    try:
-        from mlflow.optuna import MlflowStorage
-        from optuna.storages._heartbeat import BaseHeartbeat
-    except ImportError:
-        raise LdmflowError("ldmflow sweep needs Optuna: pip install 'ldmflow[sweep]' (or optuna>=4.5).") from None
+    """The storage of every study in this experiment (import here: optuna is the `sweep` extra, which
+    `run_sweep` checks first)."""
+    from mlflow.optuna import MlflowStorage
+    from optuna.storages._heartbeat import BaseHeartbeat
 
     class SweepStorage(MlflowStorage, BaseHeartbeat):
         """MlflowStorage with one study per name and heartbeats on the trials' runs."""

@@ -29,7 +29,9 @@ def log_study_report(study, runs, best_command: str | None) -> None:
     if not table.empty:
         table["duration"] = table["duration"].dt.total_seconds()
         table["state"] = table["state"].astype(str)
-        table["run_id"] = [runs.run_of(trial) for trial in study.trials]
+        # by number, not position: another worker may add a trial between the table's read and this one
+        run_ids = {trial.number: runs.run_of(trial) for trial in study.get_trials(deepcopy=False)}
+        table["run_id"] = table["number"].map(run_ids)
         client.log_table(run_id, data=table, artifact_file=TRIALS_TABLE)
     _log_plots(client, study, run_id)
     best = _best(study)

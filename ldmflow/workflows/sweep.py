@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ldmflow.data.conditions import ConditionSpec
 from ldmflow.data.manifest import NothingUsableError, load_manifest
-from ldmflow.errors import LdmflowError
+from ldmflow.errors import LdmflowError, require_modules
 from ldmflow.evaluation.adherence import adherence_metric_names
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, VAE, Kind
 from ldmflow.settings import EvaluateSettings, SweepSettings, TrainSettings, param_value
@@ -132,6 +132,7 @@ def _check_probe(plan: SweepPlan) -> None:
 
 def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
     """Plan, then run trials until the study has --n_trials (or --timeout); returns the summary of `finish`."""
+    require_modules(("optuna",), "ldmflow sweep", "pip install 'ldmflow[sweep]' (or optuna>=4.5)")
     import optuna
 
     from ldmflow.tracking.store import ensure_experiment, use_tracking_store
