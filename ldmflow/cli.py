@@ -16,7 +16,7 @@ import click
 
 from ldmflow.errors import UNEXPECTED_EXIT_CODE, LdmflowError, traceback_file, unexpected_error_line
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE
-from ldmflow.settings import (DEFAULT_EXPERIMENT, CheckManifestSettings, DemoDataSettings, EvaluateSettings,
+from ldmflow.settings import (DEFAULT_EXPERIMENT, CacheLatentsSettings, CheckManifestSettings, DemoDataSettings, EvaluateSettings,
                               LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings, ProbeSettings, SampleSettings,
                               ServerSettings, SweepSettings, VaeSettings, param_value, setting_fields)
 
@@ -181,6 +181,18 @@ def check_manifest_command(as_json, **options):
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
     if not usable:
         sys.exit(1)
+
+
+@cli.command("cache-latents")
+@settings_options(CacheLatentsSettings)
+def cache_latents_command(**options):
+    """Encode a dataset into the on-disk latent cache that `latent-ddpm --cache_latents` reads, on every process
+    of `accelerate launch`; prints the cache's folder."""
+    from ldmflow.workflows.cache_latents import run_cache_latents
+
+    folder = run_cache_latents(CacheLatentsSettings(**options))
+    if folder is not None:
+        click.echo(str(folder))
 
 
 @cli.command("demo-data")

@@ -111,3 +111,29 @@ def write_private(path: Path, text: str) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as file:
         file.write(text)
+
+
+CACHE_ENV = "LDMFLOW_CACHE"
+
+
+def cache_root() -> Path:
+    """Where ldmflow keeps what it can recompute (image-check indexes, latent caches): $LDMFLOW_CACHE, else
+    $XDG_CACHE_HOME/ldmflow, else ~/.cache/ldmflow. On several nodes, point LDMFLOW_CACHE at a shared folder."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ldmflow"
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `path` through a temporary sibling and a rename: readers see the old file or the new one, and a
+    killed writer leaves no half-written file behind."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -43,6 +43,7 @@ MAX_DIFFUSION_STEPS = 10_000
 MAX_GENERATED_IMAGES = 100_000
 MAX_FID_SAMPLES = 50_000
 MAX_SAMPLING_BATCH = 1024
+LATENT_CACHE_DTYPES = ("float32", "float16")
 MAX_IMAGE_PIXELS = 16384 * 16384  # larger images are refused from their header, before any decoding
 
 
@@ -433,7 +434,12 @@ class LatentDdpmSettings(DdpmSettings):
     condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "Comma list of name:dim, or 'none' for unconditional.")
     cond_dropout_prob: float = setting(0.1, "Probability of training a sample with the null condition "
                                             "(classifier-free guidance).")
-    cache_latents: bool = setting(False, "Encode the dataset once, then train from the cache.")
+    cache_latents: bool = setting(False, "Encode the dataset once into an on-disk cache (reused by later runs "
+                                         "with the same VAE and data), then train from it.")
+    latent_cache_dir: str = setting("", "Folder of the on-disk latent caches (default: $LDMFLOW_CACHE/latents, else "
+                                        "latent-cache beside --output_dir).", resumable=True)
+    latent_cache_dtype: str = setting("float32", "How the cache stores the posteriors (float16 halves its size).",
+                                      choices=LATENT_CACHE_DTYPES)
     guidance_scale: float = setting(3.0, "Classifier-free guidance of the preview grids.")
     time_embedding_dim: int | None = setting(None, "Width of the timestep embedding, which the conditions' "
                                                    "projection adds to (default: 4 x the first channel width).")
@@ -447,6 +453,7 @@ class LatentDdpmSettings(DdpmSettings):
         _check_number(self, "cond_dropout_prob", 0, 1, high_open=True)
         _check_number(self, "guidance_scale", 1)
         _check_at_least(self, 1, "time_embedding_dim")
+        _check_choice(self, "latent_cache_dtype", LATENT_CACHE_DTYPES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -735,6 +742,36 @@ class ServerSettings(Settings):
 
     def __post_init__(self) -> None:
         _check_number(self, "port", 1, 65535)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheLatentsSettings(ManifestSettings):
+    """`ldmflow cache-latents`: fill the on-disk latent cache that `latent-ddpm --cache_latents` reads."""
+
+    vae_uri: str = setting(help="The VAE: its folder or an MLflow URI (runs:/, models:/name/version, ...).")
+    split: str = setting(_default(TrainSettings, "split"), "metadata.split value to encode (the one trained on).")
+    resolution: int = setting(_default(TrainSettings, "resolution"), "Square size in pixels, as trained.")
+    random_flip: bool = setting(False, "Also encode the mirrored images (for --random_flip trainings).")
+    preserve_input_precision: bool = setting(False, "Keep 16-bit/float precision instead of 8-bit.")
+    max_image_pixels: int = setting(MAX_IMAGE_PIXELS, "Images with more pixels are skipped as unreadable.")
+    eval_batch_size: int = setting(_default(TrainSettings, "eval_batch_size"), "Images encoded per batch.")
+    dataloader_num_workers: int = setting(0, "Processes decoding images while the VAE encodes.")
+    latent_cache_dir: str = setting("", "Folder of the latent caches (default: $LDMFLOW_CACHE/latents); give a "
+                                        "training the same folder.")
+    latent_cache_dtype: str = setting("float32", "How the cache stores the posteriors (float16 halves its size).",
+                                      choices=LATENT_CACHE_DTYPES)
+
+    def __post_init__(self) -> None:
+        if not self.vae_uri:
+            raise LdmflowError("--vae_uri is required: a VAE folder or an MLflow model URI.")
+        _check_at_least(self, 1, "resolution", "eval_batch_size", "max_image_pixels")
+        _check_at_least(self, 0, "dataloader_num_workers")
+        _check_at_most(self, MAX_RESOLUTION, "one image of that size is already 200 MB of float32 input",
+                       "resolution")
+        _check_at_most(self, MAX_WORKERS, "each worker is a process with its own copy of the dataset",
+                       "dataloader_num_workers")
+        _check_batch_elements(self, "eval_batch_size")
+        _check_choice(self, "latent_cache_dtype", LATENT_CACHE_DTYPES)
 
 
 @dataclass(frozen=True, kw_only=True)

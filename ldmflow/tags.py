@@ -19,6 +19,8 @@ LAST_CHECKPOINT_TAG = "ldmflow.last_checkpoint"  # a training run: its newest ch
 LAST_CHECKPOINT_STEP_TAG = "ldmflow.last_checkpoint_step"  # a training run: that checkpoint's step
 BEST_CHECKPOINT_STEP_TAG = "ldmflow.best_checkpoint_step"  # a training run: the step of checkpoint-best
 BEST_CHECKPOINT_METRIC_TAG = "ldmflow.best_checkpoint_metric"  # a training run: its score there, `metric=value`
+LATENT_CACHE_TAG = "ldmflow.latent_cache"  # a latent DDPM run with --cache_latents: the cache key's digest
+LATENT_CACHE_DIR_TAG = "ldmflow.latent_cache_dir"  # that run: the cache's folder
 RESUMED_FROM_CHECKPOINT_TAG = "ldmflow.resumed_from_checkpoint"  # a resumed training run: the checkpoint
 RESUMED_FROM_STEP_TAG = "ldmflow.resumed_from_step"  # a resumed training run: that checkpoint's step
 RESUMED_FROM_RUN_TAG = "ldmflow.resumed_from_run_id"  # a resumed training run: the run that wrote the checkpoint

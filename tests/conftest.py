@@ -102,6 +102,21 @@ def _fresh_ui_hint():
     os.environ.pop(UI_HINT_SHOWN_ENV, None)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_root(tmp_path_factory):
+    """Image-check indexes and latent caches go to this session's temporary folder, not ~/.cache (subprocesses
+    inherit it)."""
+    from ldmflow.files import CACHE_ENV
+
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("ldmflow-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _reset_mlflow_tracking_uri():
     """In-process commands set MLflow's global tracking URI; no test module inherits another's store."""

@@ -22,6 +22,8 @@ PROBE = ["probe", "--manifest_path", "{data}", "--output_dir", "{out}", "--resol
 SAMPLE = ["sample", "--model_uri", "{latent}", "--output_dir", "{out}", "--num_inference_steps", "2"]
 EVALUATE = ["evaluate", "--model_uri", "{latent}", "--manifest_path", "{data}", "--output_dir", "{out}"]
 PIPELINE = ["pipeline", "--manifest_path", "{data}", "--output_root", "{out}"]
+CACHE = ["cache-latents", "--manifest_path", "{data}", "--resolution", "32", "--latent_cache_dir", "{out}",
+         "--vae_uri"]
 SWEEP = ["sweep", "--stage", "vae", "--manifest_path", "{data}", "--output_dir", "{out}", "--space"]
 
 CASES = [  # (id, arguments, fragment of the one error line)
@@ -112,6 +114,11 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("server: clear text beyond loopback", ["server", "--root", "{out}", "--host", "0.0.0.0"],
      "Refusing to serve passwords in clear text on 0.0.0.0"),
     ("lineage: unknown model", ["lineage", "models:/no-such-model/1"], "no-such-model"),
+    ("cache-latents: no VAE there", [*CACHE, "{tmp}/no_vae"], "does not exist"),
+    ("cache-latents: not a VAE", [*CACHE, "{data_dir}"], "is not a vae model"),
+    ("cache-latents: dtype", [*CACHE, "{tmp}/no_vae", "--latent_cache_dtype", "int8"], "'int8' is not one of"),
+    ("cache-latents: broken manifest", [*CACHE, "{tmp}/no_vae", "--manifest_path", "{broken}"], "line 1"),
+    ("latent: cache dtype", [*LATENT, "--cache_latents", "--latent_cache_dtype", "bfloat16"], "'bfloat16' is not one"),
 ]
 
 
@@ -186,7 +193,7 @@ def test_the_table_covers_every_command():
     commands = {arguments[0] for _, arguments, _ in CASES}
     assert len(CASES) >= 40
     assert {"check-manifest", "demo-data", "vae", "latent-ddpm", "legacy-ddpm", "probe", "sample", "evaluate",
-            "pipeline", "lineage", "sweep", "server"} <= commands
+            "pipeline", "lineage", "sweep", "server", "cache-latents"} <= commands
 
 
 @pytest.mark.train

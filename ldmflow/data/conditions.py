@@ -194,8 +194,9 @@ def _parse_components(value: object) -> list[float] | None:
     return [_parse_scalar(value)]
 
 
-def _read_condition(metadata: dict, name: str, dim: int, entry_label: str) -> np.ndarray | None:
-    """The condition's values as float64 (dim,), or None when absent or non-finite."""
+def _read_condition(metadata: dict, name: str, dim: int, entry_label: str) -> list[float] | None:
+    """The condition's values (dim floats), or None when absent or non-finite. Plain Python floats: numpy's
+    per-call overhead on 1-3 values was most of a 100k-entry manifest's load time."""
     raw = metadata.get(name)
     try:
         components = _parse_components(raw)
@@ -212,13 +213,12 @@ def _read_condition(metadata: dict, name: str, dim: int, entry_label: str) -> np
     if len(components) != dim:
         plural = "value" if len(components) == 1 else "values"
         raise LdmflowError(f"{entry_label}: condition {name!r} has {len(components)} {plural}, the spec says {dim}.")
-    array = np.asarray(components, dtype=np.float64)
-    if not np.all(np.isfinite(array)):
+    if not all(math.isfinite(c) for c in components):
         return None
-    if np.any(np.abs(array) > FLOAT32_MAX):  # finite in JSON, but inf once stored as float32
+    if any(abs(c) > FLOAT32_MAX for c in components):  # finite in JSON, but inf once stored as float32
         raise LdmflowError(f"{entry_label}: condition {name!r} has the value {raw!r}, beyond the float32 range "
                            f"(+-{FLOAT32_MAX:.3g}) that training uses.")
-    return array
+    return components
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -243,23 +243,23 @@ def extract_conditions(metadata: dict, spec: ConditionSpec | str, entry_label: s
     usable value of its own; it then counts as present and is listed in ``computed``.
     """
     spec = ConditionSpec.parse(spec)
-    values = np.zeros(spec.value_dim, dtype=np.float32)  # (value_dim,)
-    present = np.zeros(spec.num_conditions, dtype=bool)  # (K,)
+    values: list[float] = []
+    present: list[bool] = []
     zero_filled: list[str] = []
     computed: list[str] = []
-    for k, ((name, dim), where) in enumerate(zip(spec.items, spec.slices().values())):
-        array = _read_condition(metadata, name, dim, entry_label)
-        if array is None and name == "wind_mag" and dim == 1:
+    for name, dim in spec.items:
+        components = _read_condition(metadata, name, dim, entry_label)
+        if components is None and name == "wind_mag" and dim == 1:
             magnitude = _wind_magnitude(metadata)
             if magnitude is not None:
-                array = np.asarray([magnitude])
+                components = [magnitude]
                 computed.append(name)
-        if array is None:
+        if components is None:
             zero_filled.append(name)
-            continue
-        values[where] = array
-        present[k] = True
-    return ConditionValues(values, present, tuple(zero_filled), tuple(computed))
+        values.extend(components or [0.0] * dim)
+        present.append(components is not None)
+    return ConditionValues(np.array(values, dtype=np.float32), np.array(present, dtype=bool),  # (value_dim,), (K,)
+                           tuple(zero_filled), tuple(computed))
 
 
 @dataclass(frozen=True)

@@ -127,9 +127,9 @@ class ManifestImageDataset(torch.utils.data.Dataset):
 def image_dataset(manifest, settings, training: bool) -> ManifestImageDataset:
     """A manifest's images with a trainer's transform flags; random augmentation only when training. Flips
     need a flip rule for every vector condition (ConditionSpec.flip_signs says which way they turn)."""
-    flip = settings.random_flip and training
+    flip = training and settings.random_flip
     return ManifestImageDataset(
-        manifest.records, settings.resolution, random_crop=settings.random_crop and training, random_flip=flip,
+        manifest.records, settings.resolution, random_crop=training and settings.random_crop, random_flip=flip,
         preserve_input_precision=settings.preserve_input_precision,
         flip_signs=manifest.spec.flip_signs() if flip else None,
         max_image_pixels=getattr(settings, "max_image_pixels", MAX_IMAGE_PIXELS))

@@ -10,13 +10,19 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import re
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from stat import S_ISLNK, S_ISREG
 
 import numpy as np
 
 from ldmflow.data import bounded_json
+from ldmflow.data.check_index import CheckIndex
 from ldmflow.data.conditions import (
     ConditionSpec,
     ConditionStats,
@@ -33,6 +39,8 @@ logger = logging.getLogger(__name__)
 LIST_KEYS = ("items", "entries", "samples", "records", "frames", "data")
 VERIFY_MODES = ("none", "header", "full")
 _EXAMPLES = 5  # how many offending files a warning or report names
+_CONTROL_CHARACTER = re.compile("[\x00-\x1f\x7f]")
+_PARALLEL_CHECKS = 2000  # fewer unchecked files than this are checked in this process (a pool costs ~0.2 s)
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,6 +87,7 @@ class Manifest:
     stats: ConditionStats
     report: ManifestReport
     digest: str  # sha256 hex of the manifest file's bytes
+    files_digest: str = ""  # also of the split's usable image files (path, size, mtime): what a latent cache keys on
 
 
 class NothingUsableError(LdmflowError):
@@ -123,6 +132,7 @@ def load_manifest(
     split_name = None if split is None or str(split) == "all" else str(split)
 
     candidates: list[_Candidate] = []
+    real_folders: dict[str, str] = {}
     split_values: Counter[str] = Counter()
     for index, entry in enumerate(entries):
         output_rel, metadata = _parse_entry(index, entry, path)
@@ -131,10 +141,12 @@ def load_manifest(
         if split_name is not None and (entry_split is None or str(entry_split) != split_name):
             continue
         label = f"entry {index} ({output_rel})"
-        image_path = _resolve_image_path(root, output_rel, label, allow_outside_root)
+        image_path = _resolve_image_path(root, output_rel, label, allow_outside_root, real_folders)
         candidates.append(_Candidate(index, output_rel, image_path, extract_conditions(metadata, spec, label)))
 
-    usable, missing, unreadable = _verify_files(candidates, verify_images, split_name, max_image_pixels)
+    index = CheckIndex.for_manifest(path)
+    usable, missing, unreadable, files_digest = _verify_files(candidates, verify_images, split_name,
+                                                               max_image_pixels, index)
     report = _build_report(spec, split_name, len(entries), candidates, usable, missing, unreadable, split_values)
     if not usable:
         raise NothingUsableError(_nothing_usable_message(report, path, root), report)
@@ -144,7 +156,8 @@ def load_manifest(
     stats = ConditionStats.from_dict(report.condition_stats, spec)
     logger.debug("Loaded %d of %d entries (split %s) from %s", len(records), len(entries), report.split, path)
     digest = hashlib.sha256(raw).hexdigest()
-    return Manifest(path, root, spec, records, stats, report, digest)
+    files_digest = hashlib.sha256(f"{digest}\0{files_digest}".encode()).hexdigest()
+    return Manifest(path, root, spec, records, stats, report, digest, files_digest)
 
 
 def _read_manifest_bytes(path: Path) -> bytes:
@@ -219,7 +232,7 @@ def _parse_entry(index: int, entry: object, path: Path) -> tuple[str, dict]:
         raise LdmflowError(
             f"Manifest {path}: entry {index} has 'output_rel' {output_rel!r}; expected a non-empty path string."
         )
-    if any(ord(char) < 32 or ord(char) == 127 for char in output_rel):
+    if _CONTROL_CHARACTER.search(output_rel):
         raise LdmflowError(
             f"Manifest {path}: entry {index} has 'output_rel' {output_rel[:200]!r} with a control character "
             "(a NUL, a line break, ...); no image path has one.")
@@ -244,41 +257,75 @@ def _resolve_root(manifest_path: Path, data_root: str | Path | None) -> Path:
     return root.resolve()
 
 
-def _resolve_image_path(root: Path, output_rel: str, label: str, allow_outside_root: bool) -> Path:
-    """``root / output_rel``; refuses paths that resolve (symlinks included) outside root unless allowed."""
-    relative = Path(output_rel)
-    candidate = relative if relative.is_absolute() else root / relative
+def _resolve_image_path(root: Path, output_rel: str, label: str, allow_outside_root: bool,
+                        real_folders: dict[str, str]) -> Path:
+    """``root / output_rel``; refuses paths that resolve (symlinks included) outside root unless allowed.
+
+    Folders are resolved once each (``real_folders`` remembers them): resolving every path in full cost
+    seconds per 100k entries; a file that is itself a symlink is still resolved in full.
+    """
+    candidate = os.path.join(root, output_rel)  # an absolute output_rel stays as it is
     try:
-        candidate.is_file()  # a name the OS refuses (too long) fails here, not later in the loader
-        resolved = candidate.resolve()
-    except (OSError, ValueError) as exc:
+        folder, name = os.path.split(candidate)
+        if name in ("", ".", "..") or _is_symlink(candidate):
+            resolved = os.path.realpath(candidate)
+        else:
+            if folder not in real_folders:
+                real_folders[folder] = os.path.realpath(folder)
+            resolved = os.path.join(real_folders[folder], name)
+    except (OSError, ValueError) as exc:  # a name the OS refuses (too long) fails here, not later in the loader
         raise LdmflowError(f"{label[:250]}: the image path is not usable here: "
                            f"{getattr(exc, 'strerror', None) or exc}.") from None
+    inside = str(root).rstrip(os.sep) + os.sep
     if not allow_outside_root:
-        if not resolved.is_relative_to(root):
+        if not (resolved + os.sep).startswith(inside):
             raise LdmflowError(
                 f"{label}: the image path resolves to {resolved}, outside the data root {root}. "
                 "Fix output_rel, set --data_root, or pass --allow_outside_root to permit it."
             )
-    return candidate
+    return Path(candidate)
+
+
+def _is_symlink(path: Path) -> bool:
+    try:
+        return S_ISLNK(os.lstat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False  # missing: counted as such later
 
 
 def _verify_files(
-    candidates: list[_Candidate], verify_images: str, split_name: str | None, max_pixels: int
-) -> tuple[list[_Candidate], list[_Candidate], list[tuple[_Candidate, str]]]:
-    """Split candidates into usable, missing and unreadable (with reason); one warning per kind of problem."""
-    usable: list[_Candidate] = []
-    missing: list[_Candidate] = []
-    unreadable: list[tuple[_Candidate, str]] = []
-    for candidate in candidates:
-        if not candidate.image_path.is_file():
-            missing.append(candidate)
-            continue
-        reason = _unreadable_reason(candidate.image_path, verify_images, max_pixels)
-        if reason is None:
-            usable.append(candidate)
+    candidates: list[_Candidate], verify_images: str, split_name: str | None, max_pixels: int, index: CheckIndex
+) -> tuple[list[_Candidate], list[_Candidate], list[tuple[_Candidate, str]], str]:
+    """Split candidates into usable, missing and unreadable (with reason), and digest the usable files; one
+    warning per kind of problem.
+
+    Files unchanged since an earlier check take its verdict from `index` (a stat each); the others are read.
+    """
+    stats = [_stat(candidate.image_path) for candidate in candidates]
+    missing = [c for c, stat in zip(candidates, stats) if stat is None]
+    present = [(c, stat) for c, stat in zip(candidates, stats) if stat is not None]
+    reasons: dict[int, str | None] = {}
+    unknown = []
+    for position, (candidate, stat) in enumerate(present):
+        known, reason = index.verdict(str(candidate.image_path), stat, verify_images, max_pixels)
+        if known:
+            reasons[position] = reason
         else:
-            unreadable.append((candidate, reason))
+            unknown.append(position)
+    if unknown and verify_images != "none":
+        paths = [present[position][0].image_path for position in unknown]
+        for position, reason in zip(unknown, _check_images(paths, verify_images, max_pixels)):
+            reasons[position] = reason
+            index.remember(str(present[position][0].image_path), present[position][1], verify_images, max_pixels,
+                           reason)
+        index.save()
+    usable = [c for position, (c, _) in enumerate(present) if reasons.get(position) is None]
+    files = hashlib.sha256()  # what the usable images are: path, size and mtime (their contents, cheaply)
+    for position, (candidate, stat) in enumerate(present):
+        if reasons.get(position) is None:
+            files.update(f"{candidate.image_path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    unreadable = [(c, reasons[position]) for position, (c, _) in enumerate(present)
+                  if reasons.get(position) is not None]
     where = "all entries" if split_name is None else f"split {split_name!r}"
     if missing:
         names = ", ".join(c.output_rel for c in missing[:_EXAMPLES])
@@ -290,7 +337,27 @@ def _verify_files(
         more = f" and {len(unreadable) - _EXAMPLES} more" if len(unreadable) > _EXAMPLES else ""
         logger.warning("Skipping %d of %d entries in %s whose image cannot be read: %s%s",
                        len(unreadable), len(candidates), where, names, more)
-    return usable, missing, unreadable
+    return usable, missing, unreadable, files.hexdigest()
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """The file's stat, or None when it is missing or not a regular file."""
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return stat if S_ISREG(stat.st_mode) else None
+
+
+def _check_images(paths: list[Path], verify_images: str, max_pixels: int) -> list[str | None]:
+    """Each file's problem or None, on every core when there are many: decoding and header parsing are
+    CPU-bound Python (threads did not help), and a check of 100k files took a minute on one core."""
+    check = partial(_unreadable_reason, verify_images=verify_images, max_pixels=max_pixels)
+    workers = min(os.cpu_count() or 1, 8)
+    if len(paths) < _PARALLEL_CHECKS or workers == 1:
+        return [check(path) for path in paths]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(check, paths, chunksize=256))
 
 
 def _unreadable_reason(image_path: Path, verify_images: str, max_pixels: int) -> str | None:

@@ -53,7 +53,8 @@ class NullTracker:
     def log_artifacts(self, local_dir, artifact_path: str | None = None) -> bool: return False
     def set_tags(self, tags: dict) -> None: ...
     def log_artifact(self, local_path, artifact_path: str | None = None) -> bool: return False
-    def log_dataset(self, manifest_path, digest: str, split: str, num_records: int, name: str) -> bool: return False
+    def log_dataset(self, manifest_path, digest: str, split: str, num_records: int, name: str,
+                    tag_digest: bool = True) -> bool: return False
     def flush(self, timeout: float | None = None) -> bool: return True
     def close(self) -> None: ...
 
@@ -141,10 +142,13 @@ class RunTracker:
         return self._upload(lambda: self._client.log_artifact(self._run_id, str(local_path), artifact_path),
                             f"file {local_path}")
 
-    def log_dataset(self, manifest_path, digest: str, split: str, num_records: int, name: str) -> bool:
-        """The manifest as an MLflow dataset input (context "training"), findable by its digest."""
+    def log_dataset(self, manifest_path, digest: str, split: str, num_records: int, name: str,
+                    tag_digest: bool = True) -> bool:
+        """The manifest (or a latent cache of it) as an MLflow dataset input (context "training"), findable by
+        its digest; `tag_digest`: also the run's dataset_digest tag (the manifest's, not a cache's)."""
         dataset = manifest_dataset(manifest_path, digest, split, num_records, name)
-        self.set_tags({DATASET_DIGEST_TAG: digest})
+        if tag_digest:
+            self.set_tags({DATASET_DIGEST_TAG: digest})
 
         def upload():
             from mlflow.entities import DatasetInput, InputTag

@@ -6,20 +6,18 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
 from ldmflow.data.dataset import image_dataset
+from ldmflow.data.latent_cache import CachedLatents
 from ldmflow.data.manifest import Manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.evaluation.adherence import adherence_metric_names, condition_errors, manifest_ranges, manifest_requests
 from ldmflow.models.architectures import build_latent_unet, vae_downsample_factor
-from ldmflow.progress import Progress
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.models.conditioning import ConditionEncoder
 from ldmflow.models.kinds import LATENT_DDPM, UNET_FOLDER, VAE_SOURCE_FILE
@@ -30,6 +28,7 @@ from ldmflow.sampling.latent import LatentSampler
 from ldmflow.files import model_digest, publish_folder, temporary_folder
 from ldmflow.settings import LatentDdpmSettings
 from ldmflow.training.ddpm_task import DdpmTask
+from ldmflow.training.latent_encoding import encode_posteriors, open_latent_cache
 
 logger = logging.getLogger(__name__)
 ADHERENCE_REQUESTS = 8
@@ -56,38 +55,14 @@ def latent_size(settings: LatentDdpmSettings, vae: AutoencoderKL) -> int:
     return size
 
 
-class LatentDataset(torch.utils.data.Dataset):
-    """Cached posterior parameters (mean and log-variance) per image, plus both flips when --random_flip."""
-
-    def __init__(self, parameters: torch.Tensor, flipped: torch.Tensor | None, conditions, present,
-                 flip_signs: torch.Tensor | None = None):
-        self.parameters, self.flipped = parameters, flipped  # (N, 2c, h, w) each: mean and log-variance
-        self.conditions, self.present = conditions, present  # (N, D), (N, K)
-        self.flip_signs = flip_signs  # (D,): what a flip does to the conditions
-
-    def __len__(self) -> int:
-        return len(self.parameters)
-
-    def __getitem__(self, index: int) -> dict:
-        use_flip = self.flipped is not None and torch.rand(()) < 0.5
-        params = self.flipped[index] if use_flip else self.parameters[index]
-        conditions = self.conditions[index] * self.flip_signs if use_flip else self.conditions[index]
-        return {"latent_parameters": params, "conditions": conditions,
-                "present": self.present[index], "index": index}
-
-
 class LatentDdpmTask(DdpmTask):
     """Latent diffusion: VAE encoding (or its cache), condition encoding with dropout, UNet, previews, saving."""
 
     name = LATENT_DDPM.name
 
     def __init__(self, settings: LatentDdpmSettings, manifest: Manifest, vae_source,
-                 val_manifest: Manifest | None = None, probe_dir: Path | None = None,
-                 latent_cache: dict | None = None):
-        """`latent_cache`: a dict kept across trainings in one process (a sweep's trials), so the same VAE and
-        images are encoded once."""
+                 val_manifest: Manifest | None = None, probe_dir: Path | None = None):
         super().__init__(settings, val_manifest, clip_sample=False)  # latents are not bounded to [-1, 1]
-        self.latent_cache = latent_cache
         self.probe = ProbeReader.from_folder(probe_dir) if probe_dir else None
         self.ranges = manifest_ranges(manifest) if self.probe else None  # what adherence % refer to
         self.manifest, self.vae_source = manifest, vae_source
@@ -103,66 +78,20 @@ class LatentDdpmTask(DdpmTask):
                                  self.vae.config.latent_channels, self.encoder.encoded_dim if self.encoder else None,
                                  s.attention_head_dim, s.time_embedding_dim)
         enable_memory_efficient_attention(unet, s.enable_xformers_memory_efficient_attention)
-        images = image_dataset(self.manifest, s, training=True)
-        dataset = self._cache_latents(accelerator) if s.cache_latents else images
+        dataset = self._cache_latents(accelerator) if s.cache_latents else image_dataset(self.manifest, s, training=True)
         self.preview_conditions = spanning_conditions(self.manifest, s.num_preview_images)
         return unet, dataset
 
-    @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 2c, h, w) posterior parameters, always in fp32 (fp16 VAEs overflow)."""
-        with torch.autocast(self.vae.device.type, enabled=False):
-            return self.vae.encode(pixels.to(self.vae.device, torch.float32)).latent_dist.parameters
+        return encode_posteriors(self.vae, pixels)
 
-    def _cache_latents(self, accelerator: Accelerator) -> LatentDataset:
-        """The encoded dataset: from `latent_cache` when this process encoded the same images with the same VAE
-        before (one process only), else encoded now."""
-        s = self.settings
-        source = self.vae_source  # a registered VAE by its identity: each trial downloads it to its own folder
-        vae = (source.uri, source.model_id or source.model_version or str(source.local_dir))
-        key = (vae, self.manifest.digest, s.resolution, s.random_flip, s.preserve_input_precision, s.max_image_pixels)
-        shared = self.latent_cache if self.latent_cache is not None and accelerator.num_processes == 1 else None
-        if shared is not None and key in shared:
-            dataset, self.unreadable_before_training = shared[key]
-            logger.info("Reusing the cached latents of %d images.", len(dataset))
-            return dataset
-        dataset = self._encode_dataset(accelerator)
-        if shared is not None:
-            shared.clear()  # one dataset's latents at a time
-            shared[key] = (dataset, self.unreadable_before_training)
+    def _cache_latents(self, accelerator: Accelerator) -> CachedLatents:
+        """The on-disk cache of this VAE and data (built now if no earlier run or `cache-latents` did)."""
+        cache, dataset = open_latent_cache(self.settings, self.manifest, self.vae, self.vae_source.local_dir,
+                                           accelerator, self.settings.output_dir)
+        self.unreadable_before_training = frozenset(dataset.index.unreadable)
+        self.latent_cache = cache
         return dataset
-
-    def _encode_dataset(self, accelerator: Accelerator) -> LatentDataset:
-        """Encode the dataset once (sharded over processes, then gathered); flips are encoded both ways."""
-        s = self.settings
-        if s.random_crop:
-            logger.warning("--cache_latents encodes one center crop per image; --random_crop is ignored.")
-        signs = torch.from_numpy(self.manifest.spec.flip_signs()) if s.random_flip else None
-        plain = image_dataset(self.manifest, s, training=False)
-        shard = list(range(len(plain)))[accelerator.process_index::accelerator.num_processes]
-        encoded = []
-        progress = Progress("caching latents", -(-len(shard) // s.eval_batch_size), unit="batch",
-                            enabled=accelerator.is_main_process)
-        for start in range(0, len(shard), s.eval_batch_size):
-            progress.update(1, min(s.eval_batch_size, len(shard) - start))
-            items = [plain[i] for i in shard[start:start + s.eval_batch_size]]
-            pixels = torch.stack([item["pixel_values"] for item in items])
-            params = self._encode(pixels).cpu()
-            flipped = self._encode(pixels.flip(-1)).cpu() if s.random_flip else params
-            # item["index"] is the record actually read (an unreadable image is replaced by the next one)
-            encoded += [(i, item["index"], p, f, item["unreadable"])
-                        for i, item, p, f in zip(shard[start:], items, params, flipped)]
-        progress.close()
-        self.unreadable_before_training = frozenset(item_path for _, _, _, _, item_path in encoded if item_path)
-        encoded = [entry[:4] for entry in encoded]
-        encoded = sorted(gather_object(encoded) if accelerator.num_processes > 1 else encoded, key=lambda e: e[0])
-        records = [self.manifest.records[e[1]] for e in encoded]
-        parameters = torch.stack([e[2] for e in encoded])
-        flipped = torch.stack([e[3] for e in encoded]) if s.random_flip else None
-        conditions = torch.from_numpy(np.stack([r.conditions for r in records]))
-        present = torch.from_numpy(np.stack([r.present for r in records]).astype(np.float32))
-        logger.info("Cached latents of %d images%s.", len(parameters), " (and their flips)" if s.random_flip else "")
-        return LatentDataset(parameters, flipped, conditions, present, signs)
 
     def clean_sample(self, batch: dict) -> torch.Tensor:
         if "latent_parameters" in batch:

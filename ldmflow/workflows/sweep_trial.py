@@ -54,7 +54,6 @@ class _Objective:
 
     def __init__(self, plan: SweepPlan, runs):
         self.plan, self.runs = plan, runs
-        self.latent_cache: dict = {}  # a latent DDPM's encoded dataset, shared by this worker's trials
 
     def __call__(self, trial) -> float:
         run_id = self.runs.start(trial)
@@ -84,7 +83,7 @@ class _Objective:
         settings = trial_settings(plan, trial.number, values, run_id)
         logger.info("Trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in values.items()))
         pruning = _Pruning(trial, plan.objective, run_id)
-        outcome, model_uri = run_training(settings, trial=TrialRun(run_id, pruning, self.latent_cache))
+        outcome, model_uri = run_training(settings, trial=TrialRun(run_id, pruning))
         trial.set_user_attr(MODEL_ID_ATTR, model_uri.removeprefix("models:/"))
         value = outcome.metric_value if outcome.metric == plan.objective else pruning.last
         if plan.objective.startswith("eval/"):

@@ -16,7 +16,7 @@ from ldmflow.errors import LdmflowError
 from ldmflow.files import folder_lock
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE, Kind, kind_trained_by
 from ldmflow.settings import LatentDdpmSettings, LegacyDdpmSettings, ProbeSettings, TrainSettings, VaeSettings
-from ldmflow.tags import REGISTERED_URI_TAG, RESUMED_FROM_RUN_TAG
+from ldmflow.tags import LATENT_CACHE_DIR_TAG, LATENT_CACHE_TAG, REGISTERED_URI_TAG, RESUMED_FROM_RUN_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,15 @@ class TrialRun:
 
     run_id: str
     on_validation: object  # loop.ValidationCallback
-    latent_cache: dict | None = None  # the worker's encoded latents, reused by its next latent DDPM trial
+
+
+def _log_latent_cache(tracker, cache, split: str, num_records: int) -> None:
+    """Which cache the model was trained from: its key digest and folder as tags, and the cache as a dataset
+    input beside the manifest (its digest is the key's)."""
+    tracker.set_tags({LATENT_CACHE_TAG: cache.key.digest, LATENT_CACHE_DIR_TAG: str(cache.folder)})
+    tracker.log_dataset(cache.folder, cache.key.digest, split, num_records, tag_digest=False,
+                        name=f"latent cache {cache.key.digest[:12]} ({cache.key.resolution} px, {cache.key.dtype}"
+                             f"{', flips' if cache.key.flip else ''})")
 
 
 def _load(settings: TrainSettings, split: str, condition_spec: str) -> Manifest:
@@ -63,12 +71,11 @@ def _vae_task(settings: VaeSettings, manifest: Manifest, val: Manifest | None, v
     return VaeTask(settings, manifest, val, _val_conditions(settings, probe, val) if probe else None)
 
 
-def _latent_task(settings: LatentDdpmSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator,
-                 latent_cache: dict | None = None):
+def _latent_task(settings: LatentDdpmSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator):
     from ldmflow.training.latent_task import LatentDdpmTask
 
     probe = _registered_probe(settings, manifest, accelerator) if val is not None else None
-    return LatentDdpmTask(settings, manifest, vae_source, val, probe, latent_cache)
+    return LatentDdpmTask(settings, manifest, vae_source, val, probe)
 
 
 def _legacy_task(settings: LegacyDdpmSettings, manifest: Manifest, val: Manifest | None, vae_source, accelerator):
@@ -87,11 +94,8 @@ def _probe_task(settings: ProbeSettings, manifest: Manifest, val: Manifest | Non
 _TASKS = {VAE: _vae_task, LATENT_DDPM: _latent_task, LEGACY_DDPM: _legacy_task, PROBE: _probe_task}
 
 
-def _build_task(kind: Kind, settings: TrainSettings, manifest: Manifest, vae_source, accelerator,
-                trial: TrialRun | None = None):
-    shared = {"latent_cache": trial.latent_cache} if trial is not None and kind is LATENT_DDPM else {}
-    return _TASKS[kind](settings, manifest, _validation_manifest(settings, manifest), vae_source, accelerator,
-                        **shared)
+def _build_task(kind: Kind, settings: TrainSettings, manifest: Manifest, vae_source, accelerator):
+    return _TASKS[kind](settings, manifest, _validation_manifest(settings, manifest), vae_source, accelerator)
 
 
 def _on_main(accelerator, resolve):
@@ -115,12 +119,12 @@ def _on_main(accelerator, resolve):
     return value
 
 
-def _resolve_vae(settings: LatentDdpmSettings, accelerator):
-    """The VAE's ModelSource, its local_dir the diffusers folder."""
+def resolve_vae(vae_uri: str, download_dir: Path, accelerator):
+    """The VAE's ModelSource, its local_dir the diffusers folder (downloaded once, by the main process)."""
     from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
 
     def resolve():
-        source = resolve_model_source(settings.vae_uri, dst_dir=Path(settings.output_dir) / ".vae_download")
+        source = resolve_model_source(vae_uri, dst_dir=download_dir)
         return dataclasses.replace(source, local_dir=find_diffusers_folder(source.local_dir, VAE.name))
 
     return _on_main(accelerator, resolve)
@@ -194,14 +198,17 @@ def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: s
     patience = retry_seconds()  # how long the end of the run waits for a tracking server that went away
     manifest = _load(settings, settings.split, getattr(settings, "condition_spec", "none"))
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
-    vae_source = _resolve_vae(settings, accelerator) if kind is LATENT_DDPM else None
-    task = _build_task(kind, settings, manifest, vae_source, accelerator, trial)
+    vae_source = resolve_vae(settings.vae_uri, Path(settings.output_dir) / ".vae_download", accelerator) \
+        if kind is LATENT_DDPM else None
+    task = _build_task(kind, settings, manifest, vae_source, accelerator)
     prepared = prepare(settings, task, accelerator, manifest.digest)  # bad input fails before a run opens
     model_uri = None
     with open_run(settings, kind.name, enabled=is_main and not settings.no_mlflow, parent_run_id=parent_run_id,
                   run_id=trial.run_id if trial else None) as tracker:
         tracker.log_dataset(manifest.path, manifest.digest, settings.split, len(manifest.records),
                             name=f"{Path(manifest.path).stem} ({settings.split}, {len(manifest.records)} images)")
+        if task.latent_cache is not None:
+            _log_latent_cache(tracker, task.latent_cache, settings.split, len(manifest.records))
         previous = (prepared.resumed_tags or {}).get(RESUMED_FROM_RUN_TAG)
         if previous and tracker.run_id and previous != tracker.run_id:
             close_abandoned_run(previous, tracker.run_id)

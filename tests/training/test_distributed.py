@@ -14,28 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch import launch_two_processes
 from ldmflow.data.demo import make_demo_dataset
-
-
-def _launch(tmp_path, *arguments: str) -> subprocess.CompletedProcess:
-    """`accelerate launch` two CPU processes on a free port; kill every rank if it hangs."""
-    with socket.socket() as probe:  # a free rendezvous port: never collide with another run's 29500
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
-               "--dynamo_backend", "no", *arguments]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, cwd=Path(__file__).resolve().parents[2])
-    try:
-        stdout, stderr = process.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # never leave rank processes behind
-        stdout, stderr = process.communicate()
-        pytest.fail("two-process run did not finish in 180 s:\n" + stderr[-3000:])
-    assert process.returncode == 0, stderr[-3000:]
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def _tiny_vae(manifest: Path, output: Path) -> Path:
@@ -54,7 +34,7 @@ def _tiny_vae(manifest: Path, output: Path) -> Path:
 
 @pytest.mark.slow
 def test_two_processes_see_every_image_once_per_epoch(tmp_path):
-    _launch(tmp_path, str(Path(__file__).with_name("distributed_coverage.py")), str(tmp_path))
+    launch_two_processes(tmp_path, str(Path(__file__).with_name("distributed_coverage.py")), str(tmp_path))
     ranks = [json.loads((tmp_path / f"seen_{rank}.json").read_text()) for rank in (0, 1)]
     for epoch in range(2):
         together = sorted(ranks[0]["seen"][epoch] + ranks[1]["seen"][epoch])
@@ -67,7 +47,7 @@ def test_two_processes_see_every_image_once_per_epoch(tmp_path):
 def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
     manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32, val_fraction=0.2)
     output = tmp_path / "vae"
-    result = _launch(tmp_path, "-m", "ldmflow", "vae", "--manifest_path", str(manifest), "--output_dir", str(output),
+    result = launch_two_processes(tmp_path, "-m", "ldmflow", "vae", "--manifest_path", str(manifest), "--output_dir", str(output),
                      "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "4",
                      "--block_out_channels", "16,16,16,16", "--layers_per_block", "1", "--lr_warmup_steps", "0",
                      "--checkpointing_steps", "2", "--scaling_factor_batches", "2", "--no_mlflow")
@@ -84,7 +64,7 @@ def test_two_processes_train_a_vae_with_its_discriminator(tmp_path):
     """The VAE and the PatchGAN discriminator both DDP-wrapped by accelerate, across --disc_start."""
     manifest = make_demo_dataset(tmp_path / "data", num_images=16, resolution=32, style="textured")
     output = tmp_path / "vae"
-    result = _launch(tmp_path, "-m", "ldmflow", "vae", "--manifest_path", str(manifest), "--output_dir", str(output),
+    result = launch_two_processes(tmp_path, "-m", "ldmflow", "vae", "--manifest_path", str(manifest), "--output_dir", str(output),
                      "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "4",
                      "--block_out_channels", "8,8,8,8", "--layers_per_block", "1", "--lr_warmup_steps", "0",
                      "--checkpointing_steps", "4", "--scaling_factor_batches", "1", "--disc_weight", "0.5",
@@ -99,14 +79,15 @@ def test_two_processes_train_a_latent_ddpm_from_a_shared_latent_cache(tmp_path):
     manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32, val_fraction=0.2)
     vae = _tiny_vae(manifest, tmp_path / "vae")
     output = tmp_path / "latent"
-    result = _launch(tmp_path, "-m", "ldmflow", "latent-ddpm", "--manifest_path", str(manifest), "--vae_uri",
+    result = launch_two_processes(tmp_path, "-m", "ldmflow", "latent-ddpm", "--manifest_path", str(manifest), "--vae_uri",
                      str(vae), "--output_dir", str(output), "--resolution", "32", "--train_batch_size", "2",
                      "--max_train_steps", "4", "--block_out_channels", "16,16", "--layers_per_block", "1",
                      "--lr_warmup_steps", "0", "--cache_latents", "--random_flip", "--use_ema",
                      "--condition_spec", "temperature:1,wind:3:flipx=0,wind_mag:1", "--num_preview_images", "1",
                      "--preview_inference_steps", "1", "--no_mlflow")
-    # every process holds the whole cache (gathered from both shards), flips included
-    assert result.stderr.count("Cached latents of 16 images (and their flips)") == 2
+    # both processes encode their shard of one on-disk cache, flips included; the main process publishes it
+    assert result.stderr.count("Encoding 16 images and their flips into the latent cache") == 1
+    assert result.stderr.count("Wrote the latent cache") == 1
     assert "on 2 process(es)" in result.stderr
     assert (output / "unet" / "config.json").is_file() and (output / "vae_source.json").is_file()
     assert result.stderr.count("Saved the latent DDPM to") == 1  # only the main process writes
@@ -116,7 +97,7 @@ def test_two_processes_train_a_latent_ddpm_from_a_shared_latent_cache(tmp_path):
 def test_two_processes_train_the_pixel_ddpm(tmp_path):
     manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32, val_fraction=0.2)
     output = tmp_path / "legacy"
-    result = _launch(tmp_path, "-m", "ldmflow", "legacy-ddpm", "--manifest_path", str(manifest), "--output_dir",
+    result = launch_two_processes(tmp_path, "-m", "ldmflow", "legacy-ddpm", "--manifest_path", str(manifest), "--output_dir",
                      str(output), "--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "4",
                      "--block_out_channels", "16,16", "--layers_per_block", "1", "--lr_warmup_steps", "0",
                      "--use_ema", "--checkpointing_steps", "2", "--num_preview_images", "1",
@@ -131,12 +112,12 @@ def test_two_processes_train_a_latent_ddpm_encoding_each_batch(tmp_path):
     manifest = make_demo_dataset(tmp_path / "data", num_images=12, resolution=32)
     vae = _tiny_vae(manifest, tmp_path / "vae")
     output = tmp_path / "latent"
-    result = _launch(tmp_path, "-m", "ldmflow", "latent-ddpm", "--manifest_path", str(manifest), "--vae_uri",
+    result = launch_two_processes(tmp_path, "-m", "ldmflow", "latent-ddpm", "--manifest_path", str(manifest), "--vae_uri",
                      str(vae), "--output_dir", str(output), "--resolution", "32", "--train_batch_size", "2",
                      "--max_train_steps", "3", "--block_out_channels", "16,16", "--layers_per_block", "1",
                      "--lr_warmup_steps", "0", "--num_preview_images", "1", "--preview_inference_steps", "1",
                      "--no_mlflow")
-    assert "Cached latents" not in result.stderr and "on 2 process(es)" in result.stderr
+    assert "latent cache" not in result.stderr and "on 2 process(es)" in result.stderr
     assert result.stderr.count("Saved the latent DDPM to") == 1
 
 
@@ -195,7 +176,7 @@ def test_two_processes_with_accumulation_make_the_update_of_one_process_with_twi
     one, two = tmp_path / "one", tmp_path / "two"
     result = CliRunner().invoke(cli, [*common, "--output_dir", str(one), "--train_batch_size", "4"])
     assert result.exit_code == 0, result.output
-    _launch(tmp_path, "-m", "ldmflow", *common, "--output_dir", str(two), "--train_batch_size", "2")
+    launch_two_processes(tmp_path, "-m", "ldmflow", *common, "--output_dir", str(two), "--train_batch_size", "2")
     expected = load_file(next(one.glob("*.safetensors")))
     actual = load_file(next(two.glob("*.safetensors")))
     assert expected.keys() == actual.keys()

@@ -13,8 +13,8 @@ import pytest
 
 from cli_runner import invoke
 from ldmflow.data.demo import make_demo_dataset
-from ldmflow.tags import (ERROR_TAG, PARENT_RUN_TAG, SWEEP_BEST_COMMAND_TAG, SWEEP_PRUNED_TAG, SWEEP_STUDY_TAG, SWEEP_TRIAL_TAG,
-                          VAE_URI_TAG)
+from ldmflow.tags import (ERROR_TAG, LATENT_CACHE_DIR_TAG, LATENT_CACHE_TAG, PARENT_RUN_TAG, SWEEP_BEST_COMMAND_TAG,
+                          SWEEP_PRUNED_TAG, SWEEP_STUDY_TAG, SWEEP_TRIAL_TAG, VAE_URI_TAG)
 from tiny import TINY_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_a_sweep_prunes_poor_trials_and_registers_the_best(store):
 
 
 @pytest.mark.train
-def test_a_latent_ddpm_sweep_encodes_the_dataset_once_per_worker(store, caplog):
+def test_a_latent_ddpm_sweep_encodes_the_dataset_once(store, caplog):
     from mlflow import MlflowClient
 
     common = ["--manifest_path", "data/manifest.json", "--resolution", "32", "--train_batch_size", "4",
@@ -109,10 +109,15 @@ def test_a_latent_ddpm_sweep_encodes_the_dataset_once_per_worker(store, caplog):
     invoke("sweep", "--stage", "latent-ddpm", "--space", "latent.yaml", "--n_trials", "2", "--pruner", "none",
            *common, "--output_dir", "trials", "--vae_uri", "vae", "--cache_latents", "--block_out_channels", "16,16",
            "--num_preview_images", "1", "--preview_inference_steps", "1")
-    assert caplog.text.count("Cached latents of 9 images") == 1
-    assert caplog.text.count("Reusing the cached latents of 9 images") == 1
-    version = MlflowClient().get_model_version_by_alias("ldmflow-latent-ddpm", "sweep-latent-ddpm-latent")
+    assert caplog.text.count("Encoding 9 images into the latent cache") == 1  # the second trial reads the cache
+    assert caplog.text.count("(9 images): nothing to encode") == 1
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("ldmflow-latent-ddpm", "sweep-latent-ddpm-latent")
     assert version.tags[VAE_URI_TAG] == "vae"
+    trial = client.get_run(version.run_id)
+    cache = Path(trial.data.tags[LATENT_CACHE_DIR_TAG])
+    assert cache.name == trial.data.tags[LATENT_CACHE_TAG] and (cache / "index.json").is_file()
+    assert [d.dataset.digest for d in trial.inputs.dataset_inputs if "latent cache" in d.dataset.name] == [cache.name]
 
 
 BAD_SPACES = [
