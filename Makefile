@@ -57,7 +57,7 @@ test-all: install
 # The Hypothesis suites with many more examples than CI's profile (tests/conftest.py); minutes, not seconds.
 FUZZ_TESTS ?= tests/data/test_fuzz_manifest.py tests/data/test_fuzz_conditions.py \
 	tests/sampling/test_fuzz_condition_input.py tests/tracking/test_fuzz_model_uri.py \
-	tests/tracking/test_fuzz_pyfunc_input.py tests/workflows/test_fuzz_seeds.py tests/workflows/test_fuzz_sweep_space.py \
+	tests/tracking/test_fuzz_pyfunc_input.py tests/workflows/test_fuzz_seeds.py tests/workflows/test_fuzz_sweep_space.py tests/data/test_fuzz_caches.py \
 	tests/test_settings_bounds.py \
 	tests/test_fuzz_cli.py
 fuzz: install

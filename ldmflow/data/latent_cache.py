@@ -37,7 +37,7 @@ from ldmflow.files import write_atomically
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
-CACHE_DTYPES = ("float32", "float16")
+MAX_SHARDS = 4096  # processes that built one cache: more than any cluster's, far below a hang
 _FORMAT = 1
 
 
@@ -80,7 +80,7 @@ class CacheIndex:
     @classmethod
     def read(cls, folder: Path) -> CacheIndex:
         data = json.loads((folder / INDEX_FILE).read_bytes())
-        if data.get("format") != _FORMAT:
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
             raise ValueError(f"format {data.get('format')!r}")
         return cls(CacheKey(**data["key"]), int(data["num_records"]), int(data["num_shards"]),
                    tuple(int(v) for v in data["row_shape"]), {str(k): int(v) for k, v in data["files"].items()},
@@ -110,10 +110,12 @@ class LatentCache:
             return "absent"
         try:
             index = CacheIndex.read(self.folder)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            return f"its index is unreadable ({type(error).__name__}: {error})"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            return f"its index is unreadable ({type(error).__name__})"
         if index.key != self.key:
             return "its index belongs to another key"
+        if not (1 <= index.num_shards <= MAX_SHARDS and 0 <= index.num_records and len(index.row_shape) == 3):
+            return "its index describes an impossible layout"
         expected = {name for shard in range(index.num_shards) for name in shard_files(shard, self.key.flip)}
         if set(index.files) != expected:
             return "its index lists other files than the layout needs"
@@ -122,6 +124,15 @@ class LatentCache:
             actual = path.stat().st_size if path.is_file() else None
             if actual != size:
                 return f"{name} is {'missing' if actual is None else f'{actual} bytes, expected {size}'}"
+            rows = shard_rows(index.num_records, int(name[-9:-4]), index.num_shards)
+            shape, dtype = ((rows,), np.int64) if name.startswith("sources") else \
+                ((rows, *index.row_shape), np.dtype(self.key.dtype))
+            try:
+                array = np.load(path, mmap_mode="r")  # reads the header only
+            except Exception as error:  # noqa: BLE001 - numpy's header parser raises anything (SyntaxError, ...)
+                return f"{name} is not a readable array ({type(error).__name__})"
+            if array.shape != shape or array.dtype != dtype:
+                return f"{name} holds {array.dtype} {array.shape}, expected {np.dtype(dtype)} {shape}"
         return None
 
     @contextlib.contextmanager
