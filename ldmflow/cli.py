@@ -360,6 +360,8 @@ def server_command(ctx, **options):
     click.echo(f"Stop it with: ldmflow server-stop --root {settings.root}")
 
 
+ROLE_HELP = ("reader: reads everything, creates and logs nothing; editor: also creates experiments and models and "
+             "logs to its own and where `grant` allows; admin: everything.")
 ROOT_OPTION = click.option("--root", default=ServerSettings.root, show_default=True,
                            help="The folder `ldmflow server` used.")
 
@@ -377,7 +379,7 @@ def server_stop_command(root):
 @server_command.command("add-user")
 @click.argument("name")
 @click.option("--role", type=click.Choice(["reader", "editor", "admin"]), default="reader", show_default=True,
-              help="reader: reads everything; editor: also writes where `grant` allows; admin: everything.")
+              help=ROLE_HELP)
 @click.option("--password_stdin", is_flag=True, help="Read the password from stdin (else one is generated).")
 @ROOT_OPTION
 def server_add_user_command(name, role, password_stdin, root):
@@ -389,6 +391,18 @@ def server_add_user_command(name, role, password_stdin, root):
     password = sys.stdin.readline().rstrip("\n") if password_stdin else secrets.token_urlsafe(15)
     add_user(root, name, password, role)
     click.echo(f"Added {role} {name!r}." + ("" if password_stdin else f" Password (shown once): {password}"))
+
+
+@server_command.command("set-role")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["reader", "editor", "admin"]), required=True, help=ROLE_HELP)
+@ROOT_OPTION
+def server_set_role_command(name, role, root):
+    """Change an account's role (a new reader keeps READ only, also on what it made)."""
+    from ldmflow.server.users import set_role
+
+    set_role(root, name, role)
+    click.echo(f"{name!r} is now {'an' if role == 'admin' else 'a'} {role}.")
 
 
 @server_command.command("remove-user")
@@ -418,11 +432,11 @@ def server_grant_command(name, experiment, permission, root):
 @server_command.command("list-users")
 @ROOT_OPTION
 def server_list_users_command(root):
-    """The server's accounts, admins marked."""
+    """The server's accounts and their roles."""
     from ldmflow.server.users import list_users
 
     for user in list_users(root):
-        click.echo(user["username"] + (" (admin)" if user["is_admin"] else ""))
+        click.echo(f"{user['username']} ({user['role']})")
 
 
 @server_command.command("backup")

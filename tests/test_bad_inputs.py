@@ -113,6 +113,8 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("sweep: stage options", ["sweep", "--stage", "vae", "--space", "{space}"], "Missing option '--manifest_path'"),
     ("server: clear text beyond loopback", ["server", "--root", "{out}", "--host", "0.0.0.0"],
      "Refusing to serve passwords in clear text on 0.0.0.0"),
+    ("server: a role with no server", ["server", "set-role", "rita", "--role", "editor", "--root", "{out}"],
+     "No server was started in"),  # a reader training against a server: tests/server/test_secure_server.py
     ("lineage: unknown model", ["lineage", "models:/no-such-model/1"], "no-such-model"),
     ("cache-latents: no VAE there", [*CACHE, "{tmp}/no_vae"], "does not exist"),
     ("cache-latents: not a VAE", [*CACHE, "{data_dir}"], "is not a vae model"),

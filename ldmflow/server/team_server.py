@@ -3,8 +3,9 @@
 `ldmflow server` starts, under `--root`:
 - a PostgreSQL cluster (postgres.py) with scram-sha-256 passwords on every connection, listening on 127.0.0.1
   and a private socket only, holding the tracking and auth databases;
-- `mlflow server --app-name basic-auth` on `--host` (127.0.0.1 by default; any other address needs TLS, see
-  tls.py) with `--serve-artifacts` into `<root>/artifacts`;
+- `mlflow server --app-name basic-auth --enable-workspaces` on `--host` (127.0.0.1 by default; any other address
+  needs TLS, see tls.py) with `--serve-artifacts` into `<root>/artifacts`; workspace mode (everything stays in
+  its default workspace) is what lets a reader read without creating anything (users.py);
 - an admin account with a random password, written with everything needed to stop it to `<root>/server.json`
   (mode 0600, like every secret under the root).
 `ldmflow server-stop --root ...` stops exactly those processes.
@@ -138,6 +139,7 @@ def start_mlflow(root: Path, address: Address, pg_data: Path, pg_port: int, pass
     write_private(config, f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_database}\n"
                    f"admin_username = admin\nadmin_password = {password}\nauthorization_function = "
                    "mlflow.server.auth:authenticate_request_basic_auth\n"
+                   "grant_default_workspace_access = true\n"  # every account reads the default workspace
                    # every request carries the password: without the cache each one pays a PBKDF2 check, which
                    # made the server, not the trainers, the bottleneck; a removed user may last AUTH_CACHE_SECONDS
                    f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n")
@@ -162,7 +164,8 @@ def start_mlflow(root: Path, address: Address, pg_data: Path, pg_port: int, pass
 def _launch_mlflow(root: Path, address: Address, pg_port: int, environment: dict) -> subprocess.Popen:
     command = [sys.executable, "-m", "mlflow", "server", "--host", address.host, "--port", str(address.port),
                "--backend-store-uri", database_uri(pg_port, "mlflow"), "--serve-artifacts",
-               "--artifacts-destination", str(root / "artifacts"), "--app-name", "basic-auth", "--workers", "2"]
+               "--artifacts-destination", str(root / "artifacts"), "--app-name", "basic-auth", "--workers", "2",
+               "--enable-workspaces"]  # MLflow's "may read but not create" needs its workspace mode (users.py)
     if not is_loopback(address.host):  # MLflow's DNS-rebinding guard accepts only private addresses by default
         names = host_names(address.host)
         command += ["--allowed-hosts", ",".join(names + [f"{name}:*" for name in names])]

@@ -75,7 +75,7 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     from mlflow import MlflowClient
     from mlflow.entities import RunTag
 
-    from ldmflow.tracking.store import use_tracking_store
+    from ldmflow.tracking.store import access_problem, use_tracking_store
 
     kind = kind_named(stage)
     output_dir = Path(output_dir)
@@ -103,9 +103,12 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
                 tags=tags, step=last_step if step is None else step)
             _link_metrics_at(client, run_id, info.model_id, last_step if step is None else step)
             version = _register(client, name, info.model_id, run_id, tags) if register else ""
-        except (mlflow.exceptions.MlflowException, OSError) as error:  # server down, disk full...
+        except (mlflow.exceptions.MlflowException, OSError) as error:  # server down, disk full, someone's model...
+            reason = access_problem(error, f"add versions to registered model {name!r}", "ask its owner (or the "
+                                    "server's admin) for EDIT on it, or pass another --registered_model_name")
             raise LdmflowError(f"Could not log or register the {stage} model in MLflow: "
-                               f"{str(error).splitlines()[0]}. The trained model is safe in {output_dir}.") from None
+                               f"{reason or str(error).splitlines()[0]}. The trained model is safe in {output_dir}."
+                               ) from None
     if not register:
         client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
         logger.info("Logged the %s model %s (run %s).", stage, info.model_id, run_id)

@@ -141,7 +141,11 @@ def reachable_store() -> str:
     return uri
 
 
-def access_problem(error: Exception, what: str) -> str | None:
+ASK_FOR_EDIT = ("ask the experiment's owner (or the server's admin) for EDIT permission, or use another "
+                "--experiment_name")
+
+
+def access_problem(error: Exception, what: str, remedy: str = ASK_FOR_EDIT) -> str | None:
     """One line for a server that refused these credentials (401) or this user (403); None for other errors."""
     code, text = getattr(error, "error_code", ""), str(error)
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
@@ -151,8 +155,7 @@ def access_problem(error: Exception, what: str) -> str | None:
                     "(`ldmflow server` prints them)")
         return f"the server refused the login of {user!r}: check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
     if code == "PERMISSION_DENIED" or "error code 403" in text:
-        return (f"user {user!r} may not {what}: ask the experiment's owner (or the server's admin) for EDIT "
-                "permission, or use another --experiment_name")
+        return f"user {user!r} may not {what}: {remedy}"
     return None
 
 
@@ -230,9 +233,10 @@ def ensure_experiment(name: str) -> str:
             return client.create_experiment(name, artifact_location=_artifact_location(uri, name),
                                             tags={EXPERIMENT_NOTE_TAG: EXPERIMENT_DESCRIPTION,
                                                   EXPERIMENT_KIND_TAG: "custom_model_development"})
-        except MlflowException:  # created by a concurrent process in the meantime
+        except MlflowException as error:  # created by a concurrent process in the meantime, or refused
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
+                _raise_if_refused(error, uri, name)
                 raise
     if experiment.lifecycle_stage == "deleted":
         raise LdmflowError(
@@ -240,6 +244,14 @@ def ensure_experiment(name: str) -> str:
             f"{experiment.experiment_id}) or choose another --experiment_name."
         )
     return experiment.experiment_id
+
+
+def _raise_if_refused(error: Exception, uri: str, name: str) -> None:
+    """A server's readers may not create experiments (docs/mlflow.md, the team server's roles): say so."""
+    reason = access_problem(error, "create experiments on this server (readers only read)",
+                            "ask its admin to make you an editor, or for EDIT on an existing --experiment_name")
+    if reason:
+        raise LdmflowError(f"Cannot create experiment {name!r} in {uri}: {reason}.") from None
 
 
 def _artifact_location(uri: str, name: str) -> str | None:

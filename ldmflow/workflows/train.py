@@ -190,12 +190,14 @@ def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: s
     """run_training with the output folder locked by the main process."""
     from ldmflow.tracking.registry import log_and_register
     from ldmflow.tracking.run_tracker import close_abandoned_run, open_run
-    from ldmflow.tracking.store import retry_seconds
+    from ldmflow.tracking.store import check_server_reachable, retry_seconds, use_tracking_store
     from ldmflow.training.loop import train
     from ldmflow.training.prepare import prepare
 
     is_main = accelerator.is_main_process
     patience = retry_seconds()  # how long the end of the run waits for a tracking server that went away
+    if is_main and not settings.no_mlflow:  # down or untrusted: one line before the lookups below (probe, VAE)
+        check_server_reachable(use_tracking_store())
     manifest = _load(settings, settings.split, getattr(settings, "condition_spec", "none"))
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     vae_source = resolve_vae(settings.vae_uri, Path(settings.output_dir) / ".vae_download", accelerator) \

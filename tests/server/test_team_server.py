@@ -1,6 +1,6 @@
 """`ldmflow server` for real: PostgreSQL + MLflow with proxied artifacts and basic auth, started and stopped by
-this module. The chain through `mlflow run`, lineage over HTTP, logins and permissions, concurrent trainings
-and a server restart mid-run.
+this module. The chain through `mlflow run`, lineage over HTTP, concurrent trainings and a server restart
+mid-run (logins, roles and TLS: test_secure_server.py).
 
 These tests need PostgreSQL (`initdb`, `pg_ctl`). Without it they fail; skip them only on purpose with
 LDMFLOW_SKIP_SERVER_TESTS=1 (or `-m "not server"`).
@@ -26,7 +26,7 @@ PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 VAE = [*TINY_SIZES, "--block_out_channels", "8,8,8,8", "--scaling_factor_batches", "1"]
 
-pytestmark = [pytest.mark.server,  # login checks run in `make test`; the trainings through the server are slow
+pytestmark = [pytest.mark.server, pytest.mark.slow,  # `make test` checks logins and roles in test_secure_server.py
               pytest.mark.skipif(os.environ.get("LDMFLOW_SKIP_SERVER_TESTS") == "1",
                                  reason="LDMFLOW_SKIP_SERVER_TESTS=1: team server tests skipped on request")]
 
@@ -70,41 +70,6 @@ def admin_client(server) -> MlflowClient:
     return MlflowClient(server["state"].tracking_uri)
 
 
-def error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() + result.stdout.splitlines() if line.startswith("Error")]
-
-
-@pytest.mark.parametrize("user, password, message", [
-    (None, None, "the server requires a login: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
-    ("admin", "wrong-password", "the server refused the login of 'admin'"),
-])
-def test_no_or_wrong_credentials_are_one_line_before_training(server, tmp_path, user, password, message):
-    env = environment(server, user, password)
-    result = run(env, BIN / "ldmflow", "vae", "--manifest_path", server["data"], "--output_dir", tmp_path / "vae",
-                 *VAE, "--max_train_steps", "2", "--experiment_name", "locked", cwd=tmp_path, ok=False)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert len(error_lines(result)) == 1 and message in error_lines(result)[0]
-    assert "Training" not in result.stderr and not (tmp_path / "vae" / "config.json").exists()
-
-
-def test_a_read_only_user_cannot_log_and_is_told_so(server, tmp_path):
-    from mlflow.server import get_app_client
-    from mlflow.server.auth.permissions import RESOURCE_TYPE_EXPERIMENT
-
-    admin_client(server)
-    experiment_id = MlflowClient(server["state"].tracking_uri).create_experiment("shared-read-only")
-    auth = get_app_client("basic-auth", tracking_uri=server["state"].tracking_uri)
-    auth.create_user(username="reader", password="reader-password-1")
-    auth.grant_user_permission("reader", RESOURCE_TYPE_EXPERIMENT, experiment_id, "READ")
-    env = environment(server, "reader", "reader-password-1")
-    result = run(env, BIN / "ldmflow", "vae", "--manifest_path", server["data"], "--output_dir", tmp_path / "vae",
-                 *VAE, "--max_train_steps", "2", "--experiment_name", "shared-read-only", cwd=tmp_path, ok=False)
-    assert result.returncode != 0 and len(error_lines(result)) == 1
-    assert "user 'reader' may not log runs to experiment 'shared-read-only'" in error_lines(result)[0]
-    assert not MlflowClient(server["state"].tracking_uri).search_runs([experiment_id])
-
-
-@pytest.mark.slow
 def test_the_chain_through_mlflow_run_with_postgres_and_lineage_over_http(server, tmp_path):
     env = environment(server)
     data = server["data"]
@@ -125,7 +90,6 @@ def test_the_chain_through_mlflow_run_with_postgres_and_lineage_over_http(server
     assert stored, "weights went through the server's artifact proxy"
 
 
-@pytest.mark.slow
 def test_three_trainings_at_once_lose_no_metric_and_no_image(server, tmp_path):
     env = environment(server)
     processes = []
@@ -150,7 +114,6 @@ def test_three_trainings_at_once_lose_no_metric_and_no_image(server, tmp_path):
         assert len(logged) >= len(written) > 0  # every preview the trainer wrote reached the server
 
 
-@pytest.mark.slow
 def test_a_server_restart_mid_run_keeps_every_metric_with_postgres(server, tmp_path, monkeypatch):
     from ldmflow.settings import VaeSettings
     from ldmflow.tracking.run_tracker import open_run

@@ -139,6 +139,24 @@ def test_each_stage_is_registered_with_tags_on_version_and_run(env):
     assert str(client.get_model_version_by_alias("ldmflow-legacy-ddpm", "prod").version) == "1"
 
 
+def test_a_refused_registration_is_one_line_naming_the_model(tmp_path, monkeypatch):
+    """A team server's editor adding a version to someone else's model gets 403 (docs/mlflow.md, the roles)."""
+    from mlflow.exceptions import MlflowException
+
+    def refused(*args, **kwargs):
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/model-versions/create failed with error "
+                              "code 403 != 200. Response body: 'Permission denied'")
+
+    with tracked_folder(tmp_path):
+        tiny_vae().save_pretrained(tmp_path / "vae_out")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ed")
+        monkeypatch.setattr(MlflowClient, "create_model_version", refused)
+        with pytest.raises(LdmflowError, match=r"user 'ed' may not add versions to registered model 'theirs': ask "
+                                               r"its owner .* for EDIT on it.*The trained model is safe in"):
+            train_and_register(tmp_path, "vae", "vae_out", registered_model_name="theirs")
+    mlflow.set_tracking_uri(None)
+
+
 def test_plain_folder_vae_is_recorded_by_its_path(env):
     tags = MlflowClient().get_model_version("custom-ldm", "1").tags
     assert tags["vae_uri"] == str(env["root"] / "vae_out")
