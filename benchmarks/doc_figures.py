@@ -121,7 +121,10 @@ def parse_figures(body: list[str], where: str = "the section") -> Figures | None
     if not measured:
         raise FiguresError(f"{where}: the first line must read 'Measured <YYYY-MM-DD> on <machine> (`<command>`):', "
                            f"not {lines[0]!r}")
-    datetime.date.fromisoformat(measured["date"])
+    try:
+        datetime.date.fromisoformat(measured["date"])
+    except ValueError:
+        raise FiguresError(f"{where}: {measured['date']} is not a date") from None
     table = [line for line in lines[1:] if line.startswith("|")]
     notes = [line for line in lines[1:] if not line.startswith("|")]
     if len(table) < 3 or not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", table[1]):

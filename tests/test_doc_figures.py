@@ -46,7 +46,7 @@ def test_the_docs_have_figures_sections():
             "benchmarks/vae_quality.py x4", "benchmarks/condition_following.py"} <= names
 
 
-@pytest.mark.parametrize("page, section", SECTIONS, ids=lambda x: getattr(x, "name", getattr(x, "stem", "")))
+@pytest.mark.parametrize("page, section", SECTIONS, ids=[f"{page.name}:{section.name}" for page, section in SECTIONS])
 def test_each_section_parses_as_its_script_would_write_it(page, section):
     script = ROOT / section.name.split(" ")[0]
     assert script.is_file(), f"{page.name}: {section.name}: no such script"
@@ -71,8 +71,8 @@ def test_a_write_replaces_only_its_section(tmp_path):
     assert (figures.header, figures.rows, figures.notes) == (["figure", "value"], [["new", "2.5 ms"]], ["target met"])
     before, after = PAGE.split("<!-- figures: benchmarks/gpu.py -->\n", 1)[0], PAGE.split("<!-- /figures -->", 1)[1]
     assert text.startswith(before + "<!-- figures: benchmarks/gpu.py -->\n") and text.endswith(after)
-    write_section(page, "benchmarks/gpu.py", "python benchmarks/gpu.py --smoke", (["figure", "value"], [["old", "1.0"]]),
-                  machine="a 2-core CPU", date="2026-01-02")
+    write_section(page, "benchmarks/gpu.py", "python benchmarks/gpu.py --smoke",
+                  (["figure", "value"], [["old", "1.0"]]), machine="a 2-core CPU", date="2026-01-02")
     assert page.read_text(encoding="utf-8") == PAGE  # the round trip restores the page byte for byte
     assert [p.name for p in tmp_path.iterdir()] == ["page.md"]  # no temporary file left behind
 
@@ -97,6 +97,7 @@ def test_a_write_refuses_missing_or_unbalanced_markers_and_leaves_the_page(tmp_p
 
 @pytest.mark.parametrize("body, message", [
     (["Measured yesterday on a CPU (`x`):", "", "| a |", "|---|", "| 1 |"], "the first line must read"),
+    (["Measured 2026-13-04 on a CPU (`x`):", "", "| a |", "|---|", "| 1 |"], "2026-13-04 is not a date"),
     (["Measured 2026-12-04 on a CPU (`x`):", "", "| a |", "|---|"], "needs a markdown table"),
     (["Measured 2026-12-04 on a CPU (`x`):", "", "| a | b |", "|---|---|", "| 1 |"], "different number of cells"),
     (["Measured 2026-12-04 on a CPU (`x`):", "", "| a |", "|---|", "| 1 |", "", "free text"], "bullet lines"),
