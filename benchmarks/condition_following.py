@@ -2,10 +2,11 @@
 reads them back from samples.
 
 Run: python benchmarks/condition_following.py MODEL [--num_images 32] [--guidance_scale 3] [--steps 25]
+     [--write_docs]
 MODEL is a `ldmflow latent-ddpm` output folder or an MLflow model URI. Prints, for requested vs estimated
 conditions: temperature mean absolute error and rank correlation, stripe-angle error (wind > 3 m/s) and
 wind-magnitude rank correlation, next to the same numbers for shuffled requests (what ignoring the
-conditions would score).
+conditions would score); --write_docs puts them in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ import argparse
 import math
 
 import numpy as np
+from doc_figures import add_write_docs_option, write_figures
+
+LABELS = {"temperature_mae": ("temperature MAE (degrees C)", ".1f"),  # score -> (row in the docs, format)
+          "temperature_rank_corr": ("temperature rank correlation", ".2f"),
+          "angle_error_deg": ("stripe angle error (degrees, wind > 3 m/s)", ".1f"),
+          "wind_mag_rank_corr": ("wind magnitude rank correlation", ".2f")}
 
 
 def _requests(count: int, seed: int) -> list[dict]:
@@ -54,6 +61,7 @@ def main() -> None:
     parser.add_argument("--guidance_scale", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    add_write_docs_option(parser, __file__, "docs/benchmarks.md")
     args = parser.parse_args()
     from pathlib import Path
 
@@ -71,6 +79,9 @@ def main() -> None:
     print(f"{'metric':24s} {'requested':>10s} {'shuffled':>10s}")
     for key in followed:
         print(f"{key:24s} {followed[key]:10.3f} {ignored[key]:10.3f}")
+    write_figures(args.write_docs, __file__, [
+        {"metric": label, "requested": format(followed[key], spec), "shuffled": format(ignored[key], spec)}
+        for key, (label, spec) in LABELS.items()])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ sampling time per dtype and scheduler. Prints ratios against issue 11's targets.
 Run: python benchmarks/gpu.py            one GPU, under 5 minutes (issue 11's sizes: latent UNet 256,256,256
                                          with 2 layers per block on 4x32x32 latents, batch 64, bf16)
      python benchmarks/gpu.py --smoke    CPU, tiny sizes, fp32, no compilation: checks the script (CI runs it)
+     --write_docs                        also write the figures into docs/benchmarks.md
 
 Latent DDPM: the trainer (cached latents) and a bare forward/backward/clip/fused-AdamW loop of the same UNet
 (built from the trainer's saved config) on device-resident latents, eager, with EMA, and compiled with EMA.
@@ -15,6 +16,7 @@ FLOPs of one training step come from torch.utils.flop_counter.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import tempfile
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from doc_figures import add_write_docs_option, describe_machine, write_figures
 from step_clock import StepClock
 
 LOG_EVERY = 10
@@ -205,8 +208,10 @@ def _rate(flops: float, milliseconds: float) -> str:
     return f"{per_second / 1e12:7.1f} TFLOP/s" if per_second >= 1e12 else f"{per_second / 1e9:7.1f} GFLOP/s"
 
 
-def _line(name: str, value: float, unit: str, note: str = "") -> None:
+def _line(rows: list[dict], group: str, name: str, value: float, unit: str, note: str = "") -> None:
+    """Print one figure under its group's heading, and keep it as a row of the docs' table."""
     print(f"  {name:44} {value:9.2f} {unit:6} {note}")
+    rows.append({"figure": f"{group}: {name.strip()}", "value": f"{value:.2f} {unit}".strip(), "note": note.strip()})
 
 
 def _verdict(value: float, target: float, higher_is_better: bool) -> str:
@@ -220,6 +225,7 @@ def main() -> None:
     parser.add_argument("--no_compile", action="store_true", help="skip the compiled variants")
     parser.add_argument("--extra", action="store_true", help="also time the trainer with " +
                         ", ".join(EXTRA_VARIANTS) + " (about a minute more on a GPU)")
+    add_write_docs_option(parser, __file__, "docs/benchmarks.md")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -253,33 +259,41 @@ def main() -> None:
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"\nldmflow on {name}, {sizes.mixed_precision}{' (--smoke: sizes too small to judge)' if args.smoke else ''}")
-    print(f"Latent DDPM: UNet {','.join(map(str, sizes.unet_channels))} x{sizes.unet_layers}, "
-          f"{sizes.resolution} px images, batch {sizes.batch}, {flops / 1e9:.3g} GFLOP per step")
+    latent = f"UNet {','.join(map(str, sizes.unet_channels))} x{sizes.unet_layers}, {sizes.resolution} px images, " \
+             f"batch {sizes.batch}"
+    print(f"Latent DDPM: {latent}, {flops / 1e9:.3g} GFLOP per step")
+    rows: list[dict] = []
+    line = functools.partial(_line, rows, "latent DDPM")
     for variant in variants:
         ratio = bare[variant] / trainer[variant]
-        _line(f"trainer, {variant}", trainer[variant], "ms", _rate(flops, trainer[variant]))
-        _line(f"bare loop, {variant}", bare[variant], "ms", _rate(flops, bare[variant]))
-        _line(f"  bare / trainer, {variant}", ratio, "", _verdict(ratio, 0.95, True))
+        line(f"trainer, {variant}", trainer[variant], "ms", _rate(flops, trainer[variant]))
+        line(f"bare loop, {variant}", bare[variant], "ms", _rate(flops, bare[variant]))
+        line(f"  bare / trainer, {variant}", ratio, "", _verdict(ratio, 0.95, True))
     ema_overhead = trainer["EMA"] / trainer["eager"] - 1
-    _line("EMA overhead (trainer)", 100 * ema_overhead, "%", _verdict(100 * ema_overhead, 5, False))
+    line("EMA overhead (trainer)", 100 * ema_overhead, "%", _verdict(100 * ema_overhead, 5, False))
     if "compiled + EMA" in variants:
         ratio = trainer["compiled + EMA"] / trainer["EMA"]
-        _line("compiled / eager step (trainer, EMA)", ratio, "", _verdict(ratio, 0.6, False))
+        line("compiled / eager step (trainer, EMA)", ratio, "", _verdict(ratio, 0.6, False))
     for variant, milliseconds in extra.items():
-        _line(f"trainer, {variant}", milliseconds, "ms", f"{trainer['eager'] / milliseconds:5.2f}x eager")
-    print(f"VAE: {','.join(map(str, sizes.vae_channels))}, {sizes.resolution} px, batch {sizes.vae_batch}, "
-          f"{vae_flops / 1e9:.3g} GFLOP per step")
-    _line("trainer", vae_ms, "ms", _rate(vae_flops, vae_ms))
-    _line("bare loop", vae_bare_ms, "ms", _rate(vae_flops, vae_bare_ms))
-    _line("  bare / trainer", vae_bare_ms / vae_ms, "", _verdict(vae_bare_ms / vae_ms, 0.95, True))
+        line(f"trainer, {variant}", milliseconds, "ms", f"{trainer['eager'] / milliseconds:5.2f}x eager")
+    vae = f"{','.join(map(str, sizes.vae_channels))}, {sizes.resolution} px, batch {sizes.vae_batch}"
+    print(f"VAE: {vae}, {vae_flops / 1e9:.3g} GFLOP per step")
+    line = functools.partial(_line, rows, "VAE")
+    line("trainer", vae_ms, "ms", _rate(vae_flops, vae_ms))
+    line("bare loop", vae_bare_ms, "ms", _rate(vae_flops, vae_bare_ms))
+    line("  bare / trainer", vae_bare_ms / vae_ms, "", _verdict(vae_bare_ms / vae_ms, 0.95, True))
     print(f"Sampling {sizes.sample_images} conditioned images, guidance 3, {sizes.sample_steps} steps:")
+    line = functools.partial(_line, rows, f"sampling {sizes.sample_images} images, {sizes.sample_steps} steps")
     for (dtype, scheduler), seconds in sampling.items():
         speedup = sampling["fp32", scheduler] / seconds
         note = _verdict(speedup, 1.5, True) if dtype == "bf16" else ""
-        _line(f"{scheduler} {dtype}", seconds, "s", f"{speedup:5.2f}x fp32 {note}".rstrip())
+        line(f"{scheduler} {dtype}", seconds, "s", f"{speedup:5.2f}x fp32 {note}".rstrip())
     print(json.dumps({"device": name, "gflop_per_step": {"latent_ddpm": flops / 1e9, "vae": vae_flops / 1e9},
                       "trainer_ms": trainer, "bare_ms": bare, "vae_ms": [vae_ms, vae_bare_ms],
                       "sampling_s": {f"{d} {s}": v for (d, s), v in sampling.items()}}))
+    sizes_rows = [{"figure": f"latent DDPM: {latent}", "value": f"{flops / 1e9:.3g} GFLOP per step", "note": ""},
+                  {"figure": f"VAE: {vae}", "value": f"{vae_flops / 1e9:.3g} GFLOP per step", "note": ""}]
+    write_figures(args.write_docs, __file__, sizes_rows + rows, machine=describe_machine(device.type))
 
 
 if __name__ == "__main__":

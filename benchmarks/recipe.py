@@ -1,7 +1,7 @@
 """Which training recipe should the latent DDPM use? Each variant is trained and scored on the demo data.
 
 Run: python benchmarks/recipe.py [--budgets 300,600,1200] [--seeds 0,1] [--variants baseline,cosine,...]
-     [--num_samples 64] [--work_dir benchmarks-out/recipe] [--smoke]
+     [--num_samples 64] [--work_dir benchmarks-out/recipe] [--smoke] [--write_docs]
 
 One demo VAE (the Makefile's DEMO_PARAMS sizes) is trained once; then, for every variant x seed x budget, a
 latent DDPM of the demo's sizes trains for exactly that many steps (no validation, the last weights) and
@@ -14,7 +14,8 @@ largest budget, and a last line of JSON; logs recipe.png, recipe.md and recipe.j
 rerun reuses whatever is finished there. The full run (6 variants x 2 seeds x 3 budgets) takes about an
 hour on a 2-core CPU (measured: the VAE 5 minutes, a 300-step model 32 s, an evaluation 30-40 s). --smoke:
 tiny sizes that exercise every step (about a minute on an idle 2-core CPU, nearly all of it the start-up of its
-seven ldmflow processes).
+seven ldmflow processes). --write_docs puts the table and verdicts in docs/benchmarks.md and the largest
+budget's condition errors in docs/training.md.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ import sys
 import time
 from pathlib import Path
 
+from doc_figures import add_write_docs_option, markdown_table, script_name, this_command, write_section
 from ldmflow.evaluation.intervals import CI_SUFFIX  # the evaluation's own 95% half-width of a score
 
 EXPERIMENT = "ldmflow-recipe"
 SCORES = ("eval/temperature_mae_pct", "eval/wind_angle_error_deg", "eval/wind_mag_mae_pct", "eval/fid")  # lower wins
+CONDITION_COLUMNS = {"eval/temperature_mae_pct": "temperature %", "eval/wind_angle_error_deg": "wind angle, deg",
+                     "eval/wind_mag_mae_pct": "wind_mag %"}  # docs/training.md's summary at the largest budget
 FID_COUNTS = ("eval/fid_num_real", "eval/fid_min_real")  # real images FID used, and needs to be comparable
 VARIANTS = {
     "baseline": [],
@@ -222,10 +226,14 @@ def short(score: str) -> str:
 
 
 def table(summary: dict, variants: list[str], budgets: list[int]) -> str:
-    """Markdown: one row per variant x budget; each score as mean +- half its range over seeds, with the
-    evaluations' own mean 95% half-width in brackets when evaluate reports one."""
-    lines = ["| variant | steps | train s | " + " | ".join(short(s) for s in SCORES) + " |",
-             "|---|---:|---:|" + "---:|" * len(SCORES)]
+    return "\n".join(markdown_table(*table_cells(summary, variants, budgets)))
+
+
+def table_cells(summary: dict, variants: list[str], budgets: list[int]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the markdown table: one row per variant x budget; each score as mean +- half its range
+    over seeds, with the evaluations' own mean 95% half-width in brackets when evaluate reports one."""
+    header = ["variant", "steps", "train s", *(short(s) for s in SCORES)]
+    rows = []
     for variant in variants:
         for budget in budgets:
             stats = summary.get((variant, budget))
@@ -236,8 +244,18 @@ def table(summary: dict, variants: list[str], budgets: list[int]) -> str:
                 s = stats.get(score)
                 cells.append("n/a" if s is None else f"{s['mean']:.4g} ± {(s['max'] - s['min']) / 2:.2g}"
                              + (f" [ci {s['ci95']:.2g}]" if "ci95" in s else ""))
-            lines.append(f"| {variant} | {budget} | {stats['train_seconds']:.0f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append([variant, str(budget), f"{stats['train_seconds']:.0f}", *cells])
+    return header, rows
+
+
+def condition_table(summary: dict, variants: list[str], budget: int) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the condition errors at one budget, mean +- half the seeds' range (docs/training.md)."""
+    rows = []
+    for variant in variants:
+        stats = summary.get((variant, budget), {})
+        rows.append([variant, *(f"{stats[s]['mean']:.4g} ± {(stats[s]['max'] - stats[s]['min']) / 2:.2g}"
+                                if s in stats else "n/a" for s in CONDITION_COLUMNS)])
+    return [f"at {budget} steps", *CONDITION_COLUMNS.values()], rows
 
 
 def verdicts(summary: dict, variants: list[str], budget: int) -> list[str]:
@@ -311,6 +329,18 @@ def log_benchmark(work: Path, args: dict, markdown: str, results: list[dict], su
     return run.info.run_id
 
 
+def write_docs(targets, summary: dict, variants: list[str], budgets: list[int]) -> None:
+    """The table and verdicts into docs/benchmarks.md's section, the condition errors at the largest budget
+    into the section labelled largest-budget (docs/training.md)."""
+    for doc, label in targets or ():
+        if label == "largest-budget":
+            figures, notes = condition_table(summary, variants, max(budgets)), []
+        else:
+            figures = table_cells(summary, variants, budgets)
+            notes = [line.removeprefix("- ") for line in verdicts(summary, variants, max(budgets))]
+        write_section(doc, script_name(__file__), this_command(), figures, label=label, notes=notes)
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default=None, help="training steps, comma list (default 300,600,1200)")
@@ -320,6 +350,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work_dir", default=None, help="default benchmarks-out/recipe (--smoke: .../recipe-smoke)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes that exercise every step (2 variants, 1 seed, 1 budget)")
+    add_write_docs_option(parser, __file__, "docs/benchmarks.md", "docs/training.md#largest-budget")
     args = parser.parse_args()
     unknown = set((args.variants or "").split(",")) - set(VARIANTS) - {""}
     if unknown:
@@ -358,6 +389,7 @@ def main() -> None:
     settings = {"budgets": budgets, "seeds": seeds, "variants": variants, "num_samples": num_samples,
                 "smoke": args.smoke, "work_dir": str(work)}
     run_id = log_benchmark(work, settings, markdown, results, summary)
+    write_docs(args.write_docs, summary, variants, budgets)
     print(f"Plot: {work / 'recipe.png'}; MLflow run {run_id} ('recipe benchmark') in "
           f"{os.environ['MLFLOW_TRACKING_URI']}")
     print(json.dumps({**settings, "notes": notes, "mlflow_run_id": run_id, "results": results}))

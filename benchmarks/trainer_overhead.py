@@ -1,8 +1,9 @@
 """Trainer overhead: ldmflow's loop against a bare forward/backward/step loop of the same model and data.
 
-Run: python benchmarks/trainer_overhead.py [--steps 40] [--resolution 32] [--device cpu|cuda]
-Prints seconds per step for both and the ratio (target: <= 1.05). Setup, previews and saving are cancelled
-out by timing the trainer at N and 2N steps and taking the difference.
+Run: python benchmarks/trainer_overhead.py [--steps 40] [--resolution 32] [--device cpu|cuda] [--write_docs]
+Prints seconds per step for both and the ratio (target: <= 1.05); --write_docs puts them in
+docs/benchmarks.md. Setup, previews and saving are cancelled out by timing the trainer at N and 2N steps and
+taking the difference.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from doc_figures import add_write_docs_option, describe_machine, write_figures
 
 
 class _Quiet:
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--channels", default="32,64")
     parser.add_argument("--mixed_precision", default="no")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_write_docs_option(parser, __file__, "docs/benchmarks.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from ldmflow.data.demo import make_demo_dataset
@@ -105,6 +108,11 @@ def main() -> None:
     print(f"bare loop : {bare * 1000:8.2f} ms/step")
     print(f"ldmflow   : {trainer * 1000:8.2f} ms/step")
     print(f"ratio     : {trainer / bare:8.3f}  (target <= 1.05)")
+    sizes = f"UNet {args.channels} at {args.resolution} px, batch {args.batch_size}" + \
+        (f", {args.mixed_precision}" if args.mixed_precision != "no" else "")
+    row = {"sizes": sizes, "bare loop": f"{bare * 1000:.1f} ms/step", "ldmflow": f"{trainer * 1000:.1f} ms/step",
+           "ratio": f"{trainer / bare:.3f}"}
+    write_figures(args.write_docs, __file__, [row], machine=describe_machine(args.device))
 
 
 if __name__ == "__main__":

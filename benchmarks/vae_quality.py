@@ -1,8 +1,9 @@
 """Does the adversarial (and perceptual) VAE loss keep fine detail the MSE + L1 + KL default loses?
 
-Run: python benchmarks/vae_quality.py [--resolution 64] [--seconds 300] [--perceptual_weights DIR]
+Run: python benchmarks/vae_quality.py [--resolution 64] [--seconds 300] [--perceptual_weights DIR] [--write_docs]
 (defaults: the setting that showed the gain on a 2-core CPU, docs/benchmarks.md: an x4 VAE, adversarial
-weight 0.1 from three quarters of the run, 34-px discriminator patches)
+weight 0.1 from three quarters of the run, 34-px discriminator patches; --write_docs puts the table there,
+--write_docs docs/benchmarks.md#x8-3min into another of its sections)
 
 Trains two VAEs on textured demo data with the same wall-clock budget each (their step counts come from a
 short timed calibration, so the slower adversarial step gets fewer steps), then scores posterior-mode
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from doc_figures import add_write_docs_option, write_figures
 from step_clock import StepClock
 
 CALIBRATION_STEPS = (8, 40)  # one run's steps between these two give the time per step (after warm-up)
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--perceptual_weights", default=None, help="LPIPS weights folder: adds a third VAE with "
                         "--perceptual_weight 1 and LPIPS scores")
     parser.add_argument("--output_root", default=None, help="keep the VAEs here (default: a temporary folder)")
+    add_write_docs_option(parser, __file__, "docs/benchmarks.md#x4")
     args = parser.parse_args()
     from ldmflow.data.demo import make_demo_dataset
 
@@ -165,6 +168,15 @@ def main() -> None:
         row = "".join(f"{results[name].get(metric, float('nan')):>24.4g}" for name in names)
         print(f"{metric:30}{row}")
     print(f"\nOutputs in {root}")
+    write_figures(args.write_docs, __file__, [_doc_row(name, result) for name, result in results.items()])
+
+
+def _doc_row(name: str, result: dict) -> dict:
+    """One VAE as a row of the docs' table."""
+    row = {"VAE": name, "steps (seconds)": f"{result['steps']} ({result['training seconds']:.0f})",
+           "val PSNR (dB)": f"{result['val PSNR (dB)']:.2f}"}
+    return row | {key: f"{result[key]:.3f}" for key in ("val SSIM", "gradient energy ratio",
+                                                        "high-frequency energy ratio", "LPIPS") if key in result}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The benchmarks' --smoke modes run on the CPU, so the script CI keeps is the one a GPU user (or the full
-CPU run) runs."""
+CPU run) runs; each also writes its figures (--write_docs) into copies of the pages that quote them."""
 
 from __future__ import annotations
 
@@ -11,12 +11,32 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import doc_figures and step_clock from there
+
+from doc_figures import find_sections, parse_figures  # noqa: E402
+
+
+def _copy_page(name: str, folder: Path) -> tuple[Path, str]:
+    text = (ROOT / "docs" / name).read_text(encoding="utf-8")
+    (folder / name).write_text(text, encoding="utf-8")
+    return folder / name, text
+
+
+def _written(page: Path, original: str, name: str):
+    """The figures written into section `name` of `page`, after checking that nothing else changed."""
+    text = page.read_text(encoding="utf-8")
+    [section] = [s for s in find_sections(text) if s.name == name]
+    before = original.split("\n")
+    [old] = [s for s in find_sections(original) if s.name == name]
+    assert text.split("\n") == before[:old.start + 1] + section.body + before[old.end:]
+    return parse_figures(section.body)
 
 
 @pytest.mark.train  # keeps the script a lent GPU runs working
-def test_the_gpu_benchmark_smoke_run_prints_every_comparison():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+def test_the_gpu_benchmark_smoke_run_prints_every_comparison_and_writes_them(tmp_path):
+    page, original = _copy_page("benchmarks.md", tmp_path)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--write_docs",
+                             str(page)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     for row in ("bare / trainer, eager", "bare / trainer, EMA", "EMA overhead (trainer)", "GFLOP per step",
@@ -26,6 +46,10 @@ def test_the_gpu_benchmark_smoke_run_prints_every_comparison():
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["gflop_per_step"]["latent_ddpm"] > 0 and figures["gflop_per_step"]["vae"] > 0
     assert all(value > 0 for value in [*figures["trainer_ms"].values(), *figures["bare_ms"].values()])
+    written = _written(page, original, "benchmarks/gpu.py")
+    assert written.command == "`python benchmarks/gpu.py --smoke`" and written.machine.endswith("-core CPU")
+    assert {"latent DDPM: bare / trainer, eager", "VAE: bare / trainer", "sampling 2 images, 2 steps: ddim fp32"} <= \
+        {row[0] for row in written.rows}, written.rows
 
 
 def _recipe_module():
@@ -40,8 +64,12 @@ def _recipe_module():
 
 @pytest.mark.slow
 def test_the_recipe_benchmark_smoke_run_prints_its_table_verdicts_plot_and_results(tmp_path):
+    (tmp_path / "docs").mkdir()
+    benchmarks, benchmarks_before = _copy_page("benchmarks.md", tmp_path / "docs")
+    training, training_before = _copy_page("training.md", tmp_path / "docs")
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "recipe.py"), "--smoke", "--work_dir",
-                             str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                             str(tmp_path / "work"), "--write_docs", str(benchmarks), f"{training}#largest-budget"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     figures = json.loads(out.strip().splitlines()[-1])
@@ -50,7 +78,12 @@ def test_the_recipe_benchmark_smoke_run_prints_its_table_verdicts_plot_and_resul
     for score in ("temperature_mae_pct", "wind_angle_error_deg", "wind_mag_mae_pct", "fid"):
         assert f"- {score} at 2 steps: " in out, out
         assert all(f"eval/{score}" in r["scores"] and f"eval/{score}_ci95" in r["scores"] for r in figures["results"])
-    assert (tmp_path / "recipe.png").stat().st_size > 0
+    assert (tmp_path / "work" / "recipe.png").stat().st_size > 0
+    table = _written(benchmarks, benchmarks_before, "benchmarks/recipe.py")
+    assert [row[:2] for row in table.rows] == [["baseline", "2"], ["v_prediction", "2"]]
+    assert any(note.startswith("temperature_mae_pct at 2 steps: ") for note in table.notes), table.notes
+    summary = _written(training, training_before, "benchmarks/recipe.py largest-budget")
+    assert summary.header[0] == "at 2 steps" and [row[0] for row in summary.rows] == ["baseline", "v_prediction"]
 
 
 def test_the_recipe_verdict_weighs_the_margin_against_the_seed_spread():
