@@ -119,6 +119,8 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("cache-latents: no VAE there", [*CACHE, "{tmp}/no_vae"], "does not exist"),
     ("cache-latents: not a VAE", [*CACHE, "{data_dir}"], "is not a vae model"),
     ("cache-latents: dtype", [*CACHE, "{tmp}/no_vae", "--latent_cache_dtype", "int8"], "'int8' is not one of"),
+    ("cache-latents: folder is a file", [*CACHE[:6], "{broken}", "--vae_uri", "{vae}"],
+     "Cannot write the latent cache"),
     ("cache-latents: broken manifest", [*CACHE, "{tmp}/no_vae", "--manifest_path", "{broken}"], "line 1"),
     ("latent: cache dtype", [*LATENT, "--cache_latents", "--latent_cache_dtype", "bfloat16"], "'bfloat16' is not one"),
 ]

@@ -106,3 +106,16 @@ def test_the_recipe_verdict_weighs_the_margin_against_the_seed_spread():
     assert "cosine wins" in at_200 and "within the seed spread" in at_200
     table = recipe.table(summary, ["baseline", "cosine"], [100, 200])
     assert "| baseline | 100 | 10 | 10 ± 1 [ci 1] |" in table
+
+
+@pytest.mark.slow
+def test_the_data_scale_benchmark_smoke_run_measures_every_column_and_writes_them(tmp_path):
+    page, original = _copy_page("benchmarks.md", tmp_path)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "data_scale.py"), "--smoke", "--work_dir",
+                             str(tmp_path / "work"), "--write_docs", str(page)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["images"] == "40" and "encoded!" not in json.dumps(row)  # the trainings read the built cache
+    written = _written(page, original, "benchmarks/data_scale.py")
+    assert written.rows[0][0] == "40" and len(written.rows[0]) == len(row)

@@ -72,8 +72,7 @@ def read_image(path: str | Path, preserve_precision: bool = False, max_pixels: i
             problem = _png_chunk_problem(data) if is_png else None
             if problem:  # Pillow does not check IDAT checksums, so damaged pixels would pass silently
                 raise UnreadableImageError(path, problem)
-            array = _read_pillow(io.BytesIO(data), is_png=is_png)
-            orientation = _exif_orientation(io.BytesIO(data))
+            array, orientation = _read_pillow(io.BytesIO(data), is_png=is_png)
         image = _to_unit_rgb(_orient(array, orientation), path)
     except UnreadableImageError:
         raise
@@ -120,10 +119,11 @@ def _oversize(path: Path, is_tiff: bool, max_pixels: int) -> str | None:
     return None
 
 
-def _exif_orientation(source) -> int:
+def _exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an opened image, read after its pixels (a PNG's eXIf chunk may follow them:
+    asking before the load made Pillow decode the whole image a second time)."""
     try:
-        with Image.open(source) as img:
-            return int(img.getexif().get(0x0112, 1) or 1)
+        return int(img.getexif().get(0x0112, 1) or 1)
     except Exception:  # noqa: BLE001 - no readable EXIF: as stored
         return 1
 
@@ -156,7 +156,7 @@ def _read_tiff(path: Path) -> np.ndarray:
         if "imagecodecs" not in str(tiff_exc):  # only a missing codec is worth a second decoder
             raise
         try:
-            return _read_pillow(path, is_png=False)
+            return _read_pillow(path, is_png=False)[0]
         except Exception:
             raise tiff_exc from None
     if "S" in axes and array.ndim == len(axes):
@@ -164,22 +164,28 @@ def _read_tiff(path: Path) -> np.ndarray:
     return np.squeeze(array) if array.ndim > 3 else array
 
 
-def _read_pillow(source: Path | io.BytesIO, is_png: bool) -> np.ndarray:
-    """Pillow decode to a numpy array in the file's own depth (uint8, uint16 or float32)."""
+def _read_pillow(source: Path | io.BytesIO, is_png: bool) -> tuple[np.ndarray, int]:
+    """Pillow decode to a numpy array in the file's own depth (uint8, uint16 or float32), and its EXIF
+    orientation."""
     with Image.open(source) as img:
         rawmode = img.tile[0].args if is_png and img.tile else None
         img.load()
-        if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-            return np.asarray(img).astype(np.uint16)
-        if img.mode == "I":  # 32-bit int container; Pillow uses it for 16-bit data, so scale as 16-bit
-            return np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
-        if img.mode == "F":
-            return np.asarray(img)
-        if isinstance(rawmode, str) and rawmode in ("RGB;16B", "RGBA;16B"):
-            return _png_16bit_rgb(source, np.asarray(img))
-        if img.mode in ("L", "RGB", "RGBA", "LA"):
-            return np.asarray(img)
-        return np.asarray(img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB"))
+        return _samples(img, source, rawmode), _exif_orientation(img)
+
+
+def _samples(img: Image.Image, source: Path | io.BytesIO, rawmode) -> np.ndarray:
+    """A loaded image's samples in the file's own depth."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return np.asarray(img).astype(np.uint16)
+    if img.mode == "I":  # 32-bit int container; Pillow uses it for 16-bit data, so scale as 16-bit
+        return np.clip(np.asarray(img), 0, 65535).astype(np.uint16)
+    if img.mode == "F":
+        return np.asarray(img)
+    if isinstance(rawmode, str) and rawmode in ("RGB;16B", "RGBA;16B"):
+        return _png_16bit_rgb(source, np.asarray(img))
+    if img.mode in ("L", "RGB", "RGBA", "LA"):
+        return np.asarray(img)
+    return np.asarray(img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB"))
 
 
 def _png_16bit_rgb(source: Path | io.BytesIO, high: np.ndarray) -> np.ndarray:

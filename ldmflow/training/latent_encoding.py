@@ -19,7 +19,7 @@ from ldmflow.data.dataset import image_dataset
 from ldmflow.data.latent_cache import CachedLatents, CacheKey, LatentCache, ShardWriter
 from ldmflow.data.manifest import Manifest
 from ldmflow.errors import LdmflowError
-from ldmflow.files import CACHE_ENV, cache_root, model_digest
+from ldmflow.files import CACHE_ENV, cache_root, disk_problem, model_digest
 from ldmflow.models.architectures import vae_downsample_factor
 from ldmflow.progress import Progress
 
@@ -59,14 +59,18 @@ def open_latent_cache(settings, manifest: Manifest, vae: AutoencoderKL, vae_dir:
         logger.warning("--cache_latents encodes one center crop per image; --random_crop is ignored.")
     cache = LatentCache(cache_dir(settings, output_dir), cache_key(settings, manifest, vae_dir))
     builder = _Builder(cache, accelerator)
-    with builder:
-        if builder.staging is not None:
-            _encode_shard(settings, manifest, vae, builder.staging, cache, accelerator)
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                cache.publish(builder.staging, len(manifest.records), accelerator.num_processes,
-                              _row_shape(settings, vae))
-                logger.info("Wrote the latent cache %s.", cache.folder)
+    try:
+        with builder:
+            if builder.staging is not None:
+                _encode_shard(settings, manifest, vae, builder.staging, cache, accelerator)
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    cache.publish(builder.staging, len(manifest.records), accelerator.num_processes,
+                                  _row_shape(settings, vae))
+                    logger.info("Wrote the latent cache %s.", cache.folder)
+    except OSError as error:  # a read-only folder, a full disk: said in one line, the partial folder removed
+        raise LdmflowError(f"Cannot write the latent cache in {cache.root}: {disk_problem(error, cache.root)}. "
+                           "Set --latent_cache_dir to a writable folder with room for it.") from None
     accelerator.wait_for_everyone()
     if cache.problem() is not None:
         raise LdmflowError(f"The latent cache {cache.folder} is not visible from this process ({cache.problem()}): "
