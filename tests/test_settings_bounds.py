@@ -11,9 +11,9 @@ import pytest
 
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import (MAX_DIFFUSION_STEPS, MAX_FID_SAMPLES, MAX_GENERATED_IMAGES, MAX_RESOLUTION,
-                              MAX_SAMPLING_BATCH, MAX_SEED, MAX_WORKERS, DemoDataSettings, EvaluateSettings, LatentDdpmSettings,
-                              LegacyDdpmSettings, PipelineSettings, ProbeSettings, SampleSettings, ServerSettings,
-                              VaeSettings, setting_fields)
+                              MAX_SAMPLING_BATCH, MAX_SEED, MAX_WORKERS, CacheLatentsSettings, DemoDataSettings,
+                              EvaluateSettings, LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings,
+                              ProbeSettings, SampleSettings, ServerSettings, VaeSettings, setting_fields)
 
 REQUIRED = {VaeSettings: {"manifest_path": "m.json", "output_dir": "out"},
             LatentDdpmSettings: {"manifest_path": "m.json", "output_dir": "out", "vae_uri": "models:/vae/1"},
@@ -23,10 +23,15 @@ REQUIRED = {VaeSettings: {"manifest_path": "m.json", "output_dir": "out"},
             EvaluateSettings: {"model_uri": "models:/latent/1", "manifest_path": "m.json"},
             PipelineSettings: {"manifest_path": "m.json"},
             ServerSettings: {},
-            DemoDataSettings: {"output_dir": "out"}}
+            DemoDataSettings: {"output_dir": "out"},
+            CacheLatentsSettings: {"manifest_path": "m.json", "vae_uri": "models:/vae/1"}}
 
 LARGEST_BATCH_AT_4096 = (2**31 - 1) // (3 * 4096**2)  # 42: torch's 32-bit index math
 BOUNDS = [  # (settings, the value at its bound, one past it, fragment of the error)
+    (CacheLatentsSettings, {"resolution": 4096, "eval_batch_size": LARGEST_BATCH_AT_4096},
+     {"resolution": 4096, "eval_batch_size": LARGEST_BATCH_AT_4096 + 1}, "32-bit integers"),
+    (CacheLatentsSettings, {"dataloader_num_workers": MAX_WORKERS}, {"dataloader_num_workers": MAX_WORKERS + 1},
+     "each worker is a process"),
     (VaeSettings, {"resolution": MAX_RESOLUTION}, {"resolution": MAX_RESOLUTION + 8}, "200 MB of float32"),
     (VaeSettings, {"resolution": 4096, "train_batch_size": LARGEST_BATCH_AT_4096},
      {"resolution": 4096, "train_batch_size": LARGEST_BATCH_AT_4096 + 1}, "32-bit integers"),
