@@ -6,6 +6,7 @@ the command built). The storage itself is ldmflow.data.latent_cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -58,14 +59,13 @@ def open_latent_cache(settings, manifest: Manifest, vae: AutoencoderKL, vae_dir:
     if getattr(settings, "random_crop", False):
         logger.warning("--cache_latents encodes one center crop per image; --random_crop is ignored.")
     cache = LatentCache(cache_dir(settings, output_dir), cache_key(settings, manifest, vae_dir))
-    builder = _Builder(cache, accelerator)
     try:
-        with builder:
-            if builder.staging is not None:
-                _encode_shard(settings, manifest, vae, builder.staging, cache, accelerator)
+        with _staging(cache, accelerator) as staging:
+            if staging is not None:
+                _encode_shard(settings, manifest, vae, staging, cache, accelerator)
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    cache.publish(builder.staging, len(manifest.records), accelerator.num_processes,
+                    cache.publish(staging, len(manifest.records), accelerator.num_processes,
                                   _row_shape(settings, vae))
                     logger.info("Wrote the latent cache %s.", cache.folder)
     except OSError as error:  # a read-only folder, a full disk: said in one line, the partial folder removed
@@ -77,51 +77,37 @@ def open_latent_cache(settings, manifest: Manifest, vae: AutoencoderKL, vae_dir:
                            f"on several nodes, set --latent_cache_dir (or {CACHE_ENV}) to a shared filesystem.")
     signs = torch.from_numpy(manifest.spec.flip_signs()) if settings.random_flip else None
     dataset = cache.open(signs, manifest.records)
-    if builder.staging is None:
+    if staging is None:
         logger.info("Using the latent cache %s (%d images%s): nothing to encode.", cache.folder, len(dataset),
                     ", and their flips" if settings.random_flip else "")
     return cache, dataset
 
 
-class _Builder:
-    """The main process decides whether to build (holding the key's lock until the cache is published); every
-    process learns where to write its shard."""
-
-    def __init__(self, cache: LatentCache, accelerator: Accelerator):
-        self.cache, self.accelerator, self.lock, self.staging = cache, accelerator, None, None
-
-    def __enter__(self):
+@contextlib.contextmanager
+def _staging(cache: LatentCache, accelerator: Accelerator):
+    """The folder every process writes its shard into, or None when the cache is complete. The main process
+    decides, holding the key's lock until the cache is published; a failed build leaves no staging folder."""
+    with contextlib.ExitStack() as held:
         staging = None
-        if self.accelerator.is_main_process:
-            problem = self.cache.problem()
-            if problem is not None:
-                self.lock = self.cache.build_lock()
-                self.lock.__enter__()
-                problem = self.cache.problem()  # another run may have built it while this one waited
-                if problem is None:
-                    self._release()
-                else:
-                    if problem != "absent":
-                        logger.warning("The latent cache %s is unusable (%s): rebuilding it.", self.cache.folder,
-                                       problem)
-                    staging = str(self.cache.staging_folder())
-        if self.accelerator.num_processes > 1:
+        if accelerator.is_main_process and cache.problem() is not None:
+            held.enter_context(cache.build_lock())
+            problem = cache.problem()  # another run may have built it while this one waited
+            if problem is None:
+                held.close()
+            else:
+                if problem != "absent":
+                    logger.warning("The latent cache %s is unusable (%s): rebuilding it.", cache.folder, problem)
+                staging = str(cache.staging_folder())
+        if accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
             staging = broadcast_object_list([staging])[0]
-        self.staging = Path(staging) if staging else None
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if self.accelerator.is_main_process and error is not None and self.staging is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-        self._release()
-        return False
-
-    def _release(self):
-        if self.lock is not None:
-            self.lock.__exit__(None, None, None)
-            self.lock = None
+        try:
+            yield Path(staging) if staging else None
+        except BaseException:
+            if accelerator.is_main_process and staging:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
 
 
 def _row_shape(settings, vae: AutoencoderKL) -> tuple[int, int, int]:
