@@ -353,11 +353,19 @@ def _check_images(paths: list[Path], verify_images: str, max_pixels: int) -> lis
     """Each file's problem or None, on every core when there are many: decoding and header parsing are
     CPU-bound Python (threads did not help), and a check of 100k files took a minute on one core."""
     check = partial(_unreadable_reason, verify_images=verify_images, max_pixels=max_pixels)
-    workers = min(os.cpu_count() or 1, 8)
+    workers = _check_workers()
     if len(paths) < _PARALLEL_CHECKS or workers == 1:
         return [check(path) for path in paths]
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(check, paths, chunksize=256))
+
+
+def _check_workers() -> int:
+    """The cores this process may check on: a training's processes on one machine share them (accelerate and
+    torchrun set LOCAL_WORLD_SIZE); at most 8."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    sharing = int(local) if local.isdigit() and int(local) > 0 else 1
+    return min(max(1, (os.cpu_count() or 1) // sharing), 8)
 
 
 def _unreadable_reason(image_path: Path, verify_images: str, max_pixels: int) -> str | None:
