@@ -49,7 +49,7 @@ test: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not train and not server" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not train and not server and not processes" $(PYTEST_ARGS)
 
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

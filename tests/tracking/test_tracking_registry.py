@@ -353,6 +353,7 @@ def test_serving_limits_give_clear_errors(env, monkeypatch):
         vae.predict(pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode()]}))
 
 
+@pytest.mark.processes
 def test_model_loads_from_its_own_code_without_ldmflow_installed(env, tmp_path):
     """A fresh interpreter outside the repo (no ldmflow on its path) loads and runs the latent model, from code
     (MLflow's models-from-code): nothing in the model is a pickle."""

@@ -157,6 +157,7 @@ def _cache_latents_command(data: Path, vae: Path, cache: Path) -> subprocess.Pop
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.processes
 def test_two_runs_building_one_key_at_once_leave_one_valid_cache(data, vae, tmp_path):
     runs = [_cache_latents_command(data, vae, tmp_path / "cache") for _ in range(2)]
     outputs = [run.communicate(timeout=300) for run in runs]
@@ -171,6 +172,7 @@ def test_two_runs_building_one_key_at_once_leave_one_valid_cache(data, vae, tmp_
         dataset.folder.name]  # no staging folder left
 
 
+@pytest.mark.processes
 def test_two_processes_build_one_cache_equal_to_one_process(data, vae, tmp_path):
     result = launch_two_processes(tmp_path, "-m", "ldmflow", "cache-latents", "--manifest_path", str(data),
                                   "--vae_uri", str(vae), "--resolution", "32", "--random_flip", "--eval_batch_size",
