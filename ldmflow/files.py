@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,14 +127,13 @@ def cache_root() -> Path:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write `path` through a temporary sibling and a rename: readers see the old file or the new one, and a
-    killed writer leaves no half-written file behind."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write `path` through a temporary sibling (a unique name) and a rename: readers see the old file or the new
+    one, and a killed writer leaves no half-written file behind."""
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with open(temporary, "wb") as handle:
+        with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

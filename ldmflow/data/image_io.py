@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import tifffile
 from PIL import Image
 
 from ldmflow.errors import LdmflowError
+from ldmflow.files import write_atomically
 from ldmflow.settings import IMAGE_FORMATS, MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
@@ -297,14 +296,7 @@ def write_image(path: str | Path, image: np.ndarray, image_format: str) -> None:
         raise ValueError(f"write_image expects (H, W, 3), got {image.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(_encode(image, image_format))
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomically(path, _encode(image, image_format))
 
 
 def _encode(image: np.ndarray, image_format: str) -> bytes:

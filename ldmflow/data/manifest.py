@@ -319,13 +319,15 @@ def _verify_files(
             index.remember(str(present[position][0].image_path), present[position][1], verify_images, max_pixels,
                            reason)
         index.save()
-    usable = [c for position, (c, _) in enumerate(present) if reasons.get(position) is None]
+    usable, unreadable = [], []
     files = hashlib.sha256()  # what the usable images are: path, size and mtime (their contents, cheaply)
     for position, (candidate, stat) in enumerate(present):
-        if reasons.get(position) is None:
+        reason = reasons.get(position)  # none when nothing was checked (verify_images "none")
+        if reason is None:
+            usable.append(candidate)
             files.update(f"{candidate.image_path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    unreadable = [(c, reasons[position]) for position, (c, _) in enumerate(present)
-                  if reasons.get(position) is not None]
+        else:
+            unreadable.append((candidate, reason))
     where = "all entries" if split_name is None else f"split {split_name!r}"
     if missing:
         names = ", ".join(c.output_rel for c in missing[:_EXAMPLES])
