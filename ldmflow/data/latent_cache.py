@@ -197,8 +197,8 @@ class ShardWriter:
     def __init__(self, staging: Path, shard: int, num_shards: int, num_records: int, row_shape: tuple[int, ...],
                  key: CacheKey):
         self.staging, self.shard, self.row = Path(staging), shard, 0
-        rows = shard_rows(num_records, shard, num_shards)
         self.positions = list(range(shard, num_records, num_shards))
+        rows = len(self.positions)
         dtype = np.dtype(key.dtype)
         open_array = np.lib.format.open_memmap
         self.params = open_array(self.staging / f"params-{shard:05d}.npy", "w+", dtype, (rows, *row_shape))
@@ -225,7 +225,6 @@ class ShardWriter:
         for array in (self.params, self.flipped):
             if array is not None:
                 array.flush()
-                del array
         np.save(self.staging / f"sources-{self.shard:05d}.npy", self.sources)
         (self.staging / f"unreadable-{self.shard:05d}.json").write_text(json.dumps(sorted(self.unreadable)))
         self.params = self.flipped = None

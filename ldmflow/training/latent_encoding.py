@@ -72,8 +72,9 @@ def open_latent_cache(settings, manifest: Manifest, vae: AutoencoderKL, vae_dir:
         raise LdmflowError(f"Cannot write the latent cache in {cache.root}: {disk_problem(error, cache.root)}. "
                            "Set --latent_cache_dir to a writable folder with room for it.") from None
     accelerator.wait_for_everyone()
-    if cache.problem() is not None:
-        raise LdmflowError(f"The latent cache {cache.folder} is not visible from this process ({cache.problem()}): "
+    problem = cache.problem()
+    if problem is not None:
+        raise LdmflowError(f"The latent cache {cache.folder} is not visible from this process ({problem}): "
                            f"on several nodes, set --latent_cache_dir (or {CACHE_ENV}) to a shared filesystem.")
     signs = torch.from_numpy(manifest.spec.flip_signs()) if settings.random_flip else None
     dataset = cache.open(signs, manifest.records)
