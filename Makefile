@@ -20,18 +20,35 @@ DEMO_PARAMS ?= -P resolution=64 -P vae_train_batch_size=8 -P ddpm_train_batch_si
 
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install demo test test-fast test-all fuzz mlproject options clean server server-stop
+.PHONY: install lock demo test test-fast test-all fuzz mlproject options clean server server-stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade --quiet pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# The environment is requirements.lock, exactly: torch first (TORCH_SPEC; a CUDA build satisfies the lock's
+# torch==X too), then every locked package without resolving anything, then ldmflow itself. `make lock` writes
+# the lock (and conda.yaml) again from pyproject.toml in a fresh environment.
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,server,sweep]"
+	$(BIN)/pip install --quiet --no-deps -r requirements.lock
+	$(BIN)/python -m ldmflow.lock check
+	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip check
 	touch $@
 
 install: $(VENV)/.installed
+
+LOCK_VENV := $(abspath .lock-venv)
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip
+	$(LOCK_VENV)/bin/pip install --quiet $(TORCH_SPEC)
+	$(LOCK_VENV)/bin/pip install --quiet ".[$(shell $(PYTHON) -c 'import sys; sys.path.insert(0, "."); from ldmflow.lock import LOCKED_EXTRAS; print(",".join(LOCKED_EXTRAS))')]"
+	$(LOCK_VENV)/bin/pip freeze --exclude ldmflow | $(LOCK_VENV)/bin/python -m ldmflow.lock write \
+		"$$($(LOCK_VENV)/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+	rm -rf $(LOCK_VENV)
+	@echo "Wrote requirements.lock and conda.yaml; review with git diff, then make install."
 
 demo: install
 	$(BIN)/ldmflow demo-data --output_dir $(DEMO_DIR)/data --num_images 128 --resolution 64 --seed 0

@@ -30,6 +30,9 @@ EVAL_SKIPPED_TAG = "ldmflow.eval_skipped"  # an evaluate run: the scores it coul
 ENTRY_POINT_TAG = "mlflow.project.entryPoint"  # MLflow's, on `mlflow run` runs: the entry point (pipeline reuse)
 RUN_NAME_TAG = "mlflow.runName"  # MLflow's: a run's name (ldmflow's replaces the random one `mlflow run` gives)
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's: nests a run under another (a probe trained for an evaluation)
+ENV_TAG_PREFIX = "ldmflow.env."  # every run: + python, torch, ..., lock, lock_match, cpu, cpu_capability, threads,
+#                                  cuda_device, ...: the environment it ran in (ldmflow/environment.py)
+ENV_LOCK_TAG = ENV_TAG_PREFIX + "lock"  # every run, and registered versions: requirements.lock's digest (12 hex)
 
 # Sweeps (ldmflow sweep): the study is a parent run, each trial a child run of it (mlflow.optuna.MlflowStorage)
 OPTUNA_STUDY_DIRECTION_TAG = "optuna.study_direction"  # MlflowStorage's: marks a study's run, with its direction

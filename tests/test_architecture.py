@@ -17,7 +17,8 @@ PACKAGE = ROOT / "ldmflow"
 # (training and tracking, workflows and server) do not import each other.
 LAYERS = (
     ("ldmflow", "ldmflow.errors"),
-    ("ldmflow.settings", "ldmflow.files", "ldmflow.progress", "ldmflow.tags"),
+    ("ldmflow.settings", "ldmflow.files", "ldmflow.progress", "ldmflow.tags", "ldmflow.lock"),
+    ("ldmflow.environment",),
     ("ldmflow.data",),
     ("ldmflow.models",),
     ("ldmflow.sampling", "ldmflow.evaluation"),

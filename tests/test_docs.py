@@ -252,7 +252,8 @@ def tag_problems(text: str) -> list[str]:
         top = name.split(".")[1]
         if importlib.util.find_spec(f"ldmflow.{top}") is not None:
             continue  # a module path (ldmflow.sampling.latent...), checked by the import test
-        if name.startswith(tags.PIPELINE_TAG_PREFIX) or name in tag_names:
+        prefixes = (tags.PIPELINE_TAG_PREFIX, tags.ENV_TAG_PREFIX)
+        if name.startswith(prefixes) or name + "." in prefixes or name in tag_names:
             continue
         problems.append(f"`{name}`: not a tag in ldmflow/tags.py")
     return problems

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from ldmflow.environment import environment_tags
 from ldmflow.errors import LdmflowError
 from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, LEGACY_DDPM, PIPELINE_PARTS, PROBE, SCHEDULER_FILE,
                                   UNET_FOLDER, VAE, VAE_SOURCE_FILE, Kind, kind_named)
-from ldmflow.tags import (CONDITION_SPEC_TAG, DATASET_DIGEST_TAG, DOWNSAMPLE_FACTOR_TAG, DOWNSTREAM_TAG,
+from ldmflow.tags import (CONDITION_SPEC_TAG, DATASET_DIGEST_TAG, DOWNSAMPLE_FACTOR_TAG, DOWNSTREAM_TAG, ENV_LOCK_TAG,
                           LATENT_CHANNELS_TAG, STAGE_VERSION_TAG, VAE_MODEL_NAME_TAG, VAE_MODEL_VERSION_TAG,
                           VAE_RUN_TAG, VAE_SHAPE_TAG_PREFIX, VAE_URI_TAG)
 from ldmflow.tracking.model_uri import ModelSource, find_diffusers_folder, vae_source_from_file
@@ -82,7 +83,8 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     name = registered_model_name or kind.registered_name
     run_id, last_step = _run_of(tracker_or_run_id)
     client = MlflowClient(use_tracking_store())
-    tags = {STAGE_VERSION_TAG: stage, DATASET_DIGEST_TAG: dataset_digest}
+    tags = {STAGE_VERSION_TAG: stage, DATASET_DIGEST_TAG: dataset_digest,
+            ENV_LOCK_TAG: environment_tags()[ENV_LOCK_TAG]}  # the lock beside the model's requirements.txt
     if kind is LATENT_DDPM:
         vae_source = vae_source or vae_source_from_file(output_dir)
         tags[CONDITION_SPEC_TAG] = condition_spec or _recorded_condition_spec(output_dir)

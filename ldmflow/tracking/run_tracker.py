@@ -19,6 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
+from ldmflow.environment import environment_tags
 from ldmflow.errors import LdmflowError, Stopped, error_summary, traceback_file
 from ldmflow.tags import (DATASET_DIGEST_TAG, DIGEST_INPUT_TAG, ERROR_TAG, PARENT_RUN_TAG, RESUMED_BY_RUN_TAG,
                           RUN_NAME_TAG, SPLIT_INPUT_TAG, STAGE_TAG)
@@ -315,7 +316,7 @@ def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | No
     """A RunTracker for the run of this process (`run_id` when given: a sweep's trial run, which this process then
     ends; `MLFLOW_RUN_ID` under `mlflow run`; else a new run in `settings.experiment_name`, nested under
     `parent_run_id` when given), or a NullTracker when disabled. Logs
-    `settings.to_params()` and the stage tag, records system metrics, and ends the run FINISHED, FAILED
+    `settings.to_params()`, the stage tag and the environment's tags (ldmflow/environment.py), records system metrics, and ends the run FINISHED, FAILED
     (exception) or KILLED (Ctrl-C)."""
     if not enabled:
         yield NullTracker()
@@ -325,7 +326,7 @@ def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | No
     try:
         tracker = RunTracker(run_id, output_dir=getattr(settings, "output_dir", None))
         tracker.log_params(settings.to_params())
-        tracker.set_tags({STAGE_TAG: stage})
+        tracker.set_tags({STAGE_TAG: stage, **environment_tags()})
         yield tracker
     except KeyboardInterrupt:
         status = "KILLED"

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ldmflow.environment import environment_tags
 from ldmflow.errors import LdmflowError
 from ldmflow.models.kinds import LATENT_DDPM, VAE
 from ldmflow.settings import PipelineSettings, param_value
@@ -155,7 +156,7 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
         os.environ[UI_HINT_SHOWN_ENV] = "1"  # the steps (child processes) need not repeat it
         existing = client.get_run(parent.info.run_id).data.params
         mlflow.log_params({k: v for k, v in settings.to_params().items() if k not in existing})
-        mlflow.set_tags({STAGE_TAG: "pipeline", CODE_VERSION_TAG: version})
+        mlflow.set_tags({STAGE_TAG: "pipeline", CODE_VERSION_TAG: version, **environment_tags()})
         digest = manifest.digest
         vae_run, vae_reused = _run_step(client, experiment_id, VAE.name, params[VAE.name], version, digest)
         vae_uri = _registered_uri(vae_run, VAE.name)

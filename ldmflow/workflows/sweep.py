@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ldmflow.data.conditions import ConditionSpec
 from ldmflow.data.manifest import NothingUsableError, load_manifest
+from ldmflow.environment import environment_tags
 from ldmflow.errors import LdmflowError, require_modules
 from ldmflow.evaluation.adherence import adherence_metric_names
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, VAE, Kind
@@ -151,7 +152,7 @@ def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
                        pruner)
     runs = StudyRuns(study, experiment_id)
     parent = runs.parent_run_id
-    _tag_run(parent, {STAGE_TAG: SWEEP_STAGE, SWEEP_STUDY_TAG: plan.name})
+    _tag_run(parent, {STAGE_TAG: SWEEP_STAGE, SWEEP_STUDY_TAG: plan.name, **environment_tags()})
     if project_run:  # named after the study, and pointing to its run
         _tag_run(project_run, {SWEEP_STUDY_RUN_TAG: parent, RUN_NAME_TAG: f"{SWEEP_STAGE}-{plan.name}"})
     logger.info("Study %s (run %s): %s %s of %s over %s.", plan.name, parent, plan.direction, plan.objective,
