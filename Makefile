@@ -20,7 +20,7 @@ DEMO_PARAMS ?= -P resolution=64 -P vae_train_batch_size=8 -P ddpm_train_batch_si
 
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install lock demo test test-fast test-all fuzz mlproject options clean server server-stop
+.PHONY: install lock demo test test-fast test-all test-portable fuzz mlproject options clean server server-stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,14 @@ test-fast: install
 
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The tests that compare computed tensors (marked `portable`), under the numerics of other x86-64 CPUs: no vector
+# unit beyond the baseline, and AVX2 without AVX-512 (torch's kernels and oneDNN's). CI runs PORTABLE_MARK's
+# default lane; `make test-portable PORTABLE_MARK=portable` adds the slow ones.
+PORTABLE_MARK ?= portable and not slow
+test-portable: install
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -m "$(PORTABLE_MARK)" $(PYTEST_ARGS)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -m "$(PORTABLE_MARK)" $(PYTEST_ARGS)
 
 # The Hypothesis suites with many more examples than CI's profile (tests/conftest.py); minutes, not seconds.
 FUZZ_TESTS ?= tests/data/test_fuzz_manifest.py tests/data/test_fuzz_conditions.py \

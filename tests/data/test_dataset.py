@@ -10,6 +10,8 @@ from ldmflow.data.image_io import encode_png16, write_image
 from ldmflow.data.manifest import ManifestRecord, load_manifest
 from ldmflow.errors import LdmflowError
 
+pytestmark = pytest.mark.portable  # compares computed tensors (make test-portable)
+
 
 def _record(index: int, path: Path, conditions=(1.0, 2.0), present=(True, False)) -> ManifestRecord:
     return ManifestRecord(index, path.name, path, np.array(conditions, np.float32), np.array(present))

@@ -14,6 +14,8 @@ from ldmflow.data.image_io import (
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import IMAGE_FORMATS
 
+pytestmark = pytest.mark.portable  # compares computed tensors (make test-portable)
+
 
 def _random_image(height=12, width=20, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).random((height, width, 3)).astype(np.float32)

@@ -16,6 +16,8 @@ from ldmflow.models import perceptual
 from ldmflow.models.perceptual import (ALEXNET_FILE, LINEAR_FILE, WEIGHTS_ENV, PerceptualWeightsUnavailable,
                                        check_lpips_weights, load_lpips)
 
+pytestmark = pytest.mark.portable  # compares computed tensors (make test-portable)
+
 # torchvision's alexnet().features: (index, out, in, kernel) of each conv.
 CONVS = ((0, 64, 3, 11), (3, 192, 64, 5), (6, 384, 192, 3), (8, 256, 384, 3), (10, 256, 256, 3))
 CHANNELS = (64, 192, 384, 256, 256)

@@ -14,6 +14,8 @@ from ldmflow.sampling.latent import LatentSampler
 from ldmflow.sampling.legacy import LegacySampler
 from ldmflow.sampling.sampler import Sampler
 
+pytestmark = pytest.mark.portable  # compares computed tensors (make test-portable)
+
 
 def tiny_legacy() -> LegacySampler:
     unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, down_block_types=("DownBlock2D", "DownBlock2D"),

@@ -159,6 +159,7 @@ def test_a_killed_rank_ends_the_other_within_a_bounded_time(tmp_path):
             os.killpg(launcher.pid, signal.SIGKILL)
 
 
+@pytest.mark.portable
 @pytest.mark.slow
 def test_two_processes_with_accumulation_make_the_update_of_one_process_with_twice_the_batch(tmp_path):
     """The condition probe (no randomness in its loss; `wind` is present in every demo entry, so every

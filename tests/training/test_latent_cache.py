@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from launch import launch_two_processes
+from numerics import assert_computed_alike
 from ldmflow.data.dataset import ManifestImageDataset
 from ldmflow.data.demo import make_demo_dataset
 from ldmflow.data.latent_cache import CacheKey, LatentCache
@@ -24,7 +25,11 @@ from ldmflow.training import latent_encoding
 from ldmflow.workflows.cache_latents import run_cache_latents
 
 ROOT = Path(__file__).resolve().parents[2]
-BATCH = 2  # one batch size everywhere: a convolution's last bits depend on it
+pytestmark = pytest.mark.portable
+BATCH = 2  # one batch size everywhere
+# The cache is encoded along another path than the reference (a DataLoader, other processes, OMP_NUM_THREADS=1):
+# equal within the rounding of the VAE's largest reduction (3x3 convolutions over 8 channels), not bit for bit.
+ALIKE = dict(reduction=9 * 8, layers=4)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +79,7 @@ def _count_encodes(monkeypatch) -> list:
     return calls
 
 
-def test_the_cache_holds_the_posteriors_bit_for_bit_and_a_second_run_encodes_nothing(data, vae, tmp_path,
+def test_the_cache_holds_the_posteriors_and_a_second_run_encodes_nothing(data, vae, tmp_path,
                                                                                      monkeypatch, caplog):
     settings = _settings(data, vae, tmp_path / "cache")
     calls = _count_encodes(monkeypatch)
@@ -85,8 +90,8 @@ def test_the_cache_holds_the_posteriors_bit_for_bit_and_a_second_run_encodes_not
     assert folder == cache.folder and folder.parent == tmp_path / "cache"
     params, flipped = _posteriors(data, vae)
     rows = [dataset.rows(i) for i in range(len(dataset))]
-    assert torch.equal(torch.stack([r[0] for r in rows]), params)  # bit for bit
-    assert torch.equal(torch.stack([r[1] for r in rows]), flipped)
+    assert_computed_alike(torch.stack([r[0] for r in rows]), params, **ALIKE)
+    assert_computed_alike(torch.stack([r[1] for r in rows]), flipped, **ALIKE)
     assert dataset.conditions.shape == (12, 5) and torch.equal(
         dataset.conditions[3], torch.from_numpy(manifest.records[3].conditions))
     assert len(pickle.dumps(dataset)) < 20_000  # DataLoader workers map the files themselves: no copy travels
@@ -101,7 +106,9 @@ def test_float16_storage_is_the_rounded_posteriors(data, vae, tmp_path):
     run_cache_latents(settings)
     _, dataset, _ = _open(settings)
     stored = torch.stack([dataset.rows(i)[0] for i in range(len(dataset))])
-    assert torch.equal(stored, _posteriors(data, vae)[0].half().float()) and dataset.rows(0)[1] is None
+    assert stored.dtype == torch.float32 and dataset.rows(0)[1] is None
+    assert torch.equal(stored, stored.half().float())  # float16 values
+    assert_computed_alike(stored, _posteriors(data, vae)[0].half().float(), **ALIKE, rounded_to=torch.float16)
 
 
 def test_a_truncated_shard_or_a_killed_builder_is_detected_and_rebuilt(data, vae, tmp_path, monkeypatch, caplog):
@@ -167,7 +174,7 @@ def test_two_runs_building_one_key_at_once_leave_one_valid_cache(data, vae, tmp_
     assert outputs[0][0] == outputs[1][0]  # the same folder
     _, dataset, _ = _open(_settings(data, vae, tmp_path / "cache"))
     params, _ = _posteriors(data, vae)
-    assert torch.equal(torch.stack([dataset.rows(i)[0] for i in range(12)]), params)
+    assert_computed_alike(torch.stack([dataset.rows(i)[0] for i in range(12)]), params, **ALIKE)
     assert sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")) == [
         dataset.folder.name]  # no staging folder left
 
@@ -181,6 +188,15 @@ def test_two_processes_build_one_cache_equal_to_one_process(data, vae, tmp_path)
     cache, dataset, _ = _open(_settings(data, vae, tmp_path / "cache"))
     assert dataset.index.num_shards == 2 and result.stdout.strip() == str(cache.folder)
     params, flipped = _posteriors(data, vae)
-    assert torch.equal(torch.stack([dataset.rows(i)[0] for i in range(12)]), params)
-    assert torch.equal(torch.stack([dataset.rows(i)[1] for i in range(12)]), flipped)
+    assert_computed_alike(torch.stack([dataset.rows(i)[0] for i in range(12)]), params, **ALIKE)
+    assert_computed_alike(torch.stack([dataset.rows(i)[1] for i in range(12)]), flipped, **ALIKE)
     np.testing.assert_array_equal(dataset.sources, np.arange(12))
+
+
+def test_the_tolerance_still_tells_another_encoding_apart(data, vae):
+    params, flipped = _posteriors(data, vae)
+    assert_computed_alike(params, params.clone(), **ALIKE)
+    with pytest.raises(AssertionError):
+        assert_computed_alike(flipped, params, **ALIKE)  # the mirrored images' posteriors
+    with pytest.raises(AssertionError):
+        assert_computed_alike(params * (1 + 1e-4), params, **ALIKE)  # a thousand times the rounding bound

@@ -31,6 +31,7 @@ def data(tmp_path_factory) -> Path:
 
 
 
+@pytest.mark.portable
 def test_a_strided_ema_keeps_the_horizon_and_counts_optimizer_steps():
     weights = [torch.nn.Parameter(torch.zeros(3))]
     every_step = EMAModel(weights, decay=0.99, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
@@ -87,6 +88,7 @@ def test_a_compiled_run_checkpoints_previews_and_resumes_uncompiled(data, tmp_pa
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-4)  # fused kernels round otherwise
 
 
+@pytest.mark.portable
 def test_all_unconditional_rows_are_denoised_once_per_step_not_twice():
     calls = []
 
@@ -105,6 +107,7 @@ def test_all_unconditional_rows_are_denoised_once_per_step_not_twice():
     assert calls == [6, 6]
 
 
+@pytest.mark.portable
 def test_sampling_batches_do_not_change_the_images_and_dtype_is_fp32_on_cpu(data, tmp_path):
     from ldmflow.sampling.legacy import LegacySampler
 
@@ -128,6 +131,7 @@ def test_the_attention_head_size_is_configurable_and_checked(data, tmp_path):
         LegacyDdpmSettings(manifest_path="m", output_dir="o", block_out_channels=(16, 32, 32), attention_head_dim=24)
 
 
+@pytest.mark.portable
 def test_bf16_samples_look_like_fp32_ones(monkeypatch):
     """What `--dtype bf16` computes on a GPU (UNet and VAE in bf16, the scheduler in fp32), forced on the CPU,
     where ldmflow itself keeps fp32 because bf16 is slow there."""

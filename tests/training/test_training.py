@@ -158,6 +158,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
 
 
+@pytest.mark.portable
 def test_resume_after_a_kill_continues_exactly(data, vae_dir, tmp_path):
     common = ["--manifest_path", str(data), "--vae_uri", str(vae_dir), *TINY, *TINY_UNET, "--max_train_steps",
               "6", "--checkpointing_steps", "2", "--save_images_epochs", "100", "--random_flip", "--use_ema",

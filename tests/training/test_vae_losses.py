@@ -22,7 +22,7 @@ from ldmflow.training.vae_task import VaeTask
 from fakes import RecordingTracker
 from tiny import TINY_SIZES
 
-pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
+pytestmark = [pytest.mark.train, pytest.mark.portable]  # most tests here train a tiny model; `make test-fast` skips them
 
 TINY = [*TINY_SIZES, "--block_out_channels", "8,8,8,8", "--learning_rate", "1e-3", "--save_images_epochs", "100",
         "--scaling_factor_batches", "1", "--no_mlflow"]

@@ -320,12 +320,14 @@ def _scores(manifest: str, reader, model, first_stage=None) -> dict[str, float]:
     return evaluate(settings, evaluated, real, train, Probe(reader, "probe")).metrics
 
 
+@pytest.mark.portable
 def test_the_probe_reads_demo_conditions_within_five_percent(demo_probe):
     manifest, reader = demo_probe
     scores = _scores(manifest, reader, DemoRenderer(reader.encoder.spec))
     assert scores["probe/temperature_mae_pct"] <= 5.0 and scores["probe/wind_mag_mae_pct"] <= 5.0
 
 
+@pytest.mark.portable
 def test_adherence_scores_a_model_that_follows_its_conditions_far_above_chance(demo_probe):
     manifest, reader = demo_probe
     follows = _scores(manifest, reader, DemoRenderer(reader.encoder.spec))
