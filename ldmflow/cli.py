@@ -16,9 +16,10 @@ import click
 
 from ldmflow.errors import UNEXPECTED_EXIT_CODE, LdmflowError, traceback_file, unexpected_error_line
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE
-from ldmflow.settings import (DEFAULT_EXPERIMENT, CacheLatentsSettings, CheckManifestSettings, DemoDataSettings, EvaluateSettings,
-                              LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings, ProbeSettings, SampleSettings,
-                              ServerSettings, SweepSettings, VaeSettings, param_value, setting_fields)
+from ldmflow.settings import (DEFAULT_EXPERIMENT, CacheLatentsSettings, CheckManifestSettings, CompareSettings,
+                              DemoDataSettings, EvaluateSettings, LatentDdpmSettings, LegacyDdpmSettings,
+                              PipelineSettings, ProbeSettings, SampleSettings, ServerSettings, SweepSettings,
+                              VaeSettings, param_value, setting_fields)
 
 
 class _Command(click.Command):
@@ -248,6 +249,23 @@ def evaluate_command(**options):
     from ldmflow.workflows.evaluate import run_evaluation
 
     click.echo(format_metrics(run_evaluation(EvaluateSettings(**options))))
+
+
+@cli.command("compare")
+@click.argument("model_a")
+@click.argument("model_b")
+@settings_options(CompareSettings)
+def compare_command(model_a, model_b, **options):
+    """Is model A better than model B beyond noise? Both scored on the same requests and seeds; a model is a
+    folder, runs:/..., models:/name/version or @alias, or a replicate group's parent run (runs:/<run_id>)."""
+    from ldmflow.workflows.compare import run_compare
+
+    settings = CompareSettings(**options)
+    result = run_compare(model_a, model_b, settings)
+    click.echo(result.text)
+    if settings.fail_if_worse and result.worse_on(settings.fail_if_worse):
+        click.echo(f"A is worse than B on {settings.fail_if_worse} beyond noise (--fail_if_worse).", err=True)
+        raise SystemExit(1)
 
 
 @cli.command("sample")

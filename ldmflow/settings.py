@@ -532,15 +532,13 @@ class SampleSettings(TrackingSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvaluateSettings(ManifestSettings, TrackingSettings):
-    """`ldmflow evaluate`: quality metrics of a trained model, logged to a run linked to the model."""
+class EvaluationOptions(ManifestSettings, TrackingSettings):
+    """How a model is scored: what `ldmflow evaluate` and `ldmflow compare` share."""
 
-    model_uri: str = setting(help="The model: its folder, runs:/..., models:/name/version or models:/name@alias.")
     manifest_path: str = setting(help="JSON manifest with the real images (see docs/manifest.md).")
     split: str = setting("val", "Real images to compare with (and the probe's validation split).")
     train_split: str = setting("train", "The model's training split: the probe's training images and the "
                                         "conditions' range.")
-    output_dir: str = setting("outputs/evaluate", "Where the sample grid, the table and a new probe go.")
     num_samples: int = setting(256, "Generated (or reconstructed) images compared with the real ones.")
     guidance_scale: float = setting(_default(SampleSettings, "guidance_scale"),
                                     "Classifier-free guidance of the evaluated samples.")
@@ -561,14 +559,35 @@ class EvaluateSettings(ManifestSettings, TrackingSettings):
     probe_epochs: int = setting(_default(ProbeSettings, "num_epochs"), "Epochs of a probe trained here.")
 
     def __post_init__(self) -> None:
-        _check_at_least(self, 2, "num_samples")
-        _check_at_least(self, 1, "num_inference_steps", "batch_size")
-        _check_sampling_bounds(self, "num_samples", MAX_FID_SAMPLES, "the standard FID count; every sample's "
-                               "features are held in memory")
-        _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
-        _check_choice(self, "feature_extractor", FEATURE_EXTRACTORS)
-        _check_number(self, "guidance_scale", 1)
-        _check_at_least(self, 1, "probe_epochs")
+        _check_evaluation_options(self)
+
+
+def _check_evaluation_options(self) -> None:
+    _check_at_least(self, 2, "num_samples")
+    _check_at_least(self, 1, "num_inference_steps", "batch_size")
+    _check_sampling_bounds(self, "num_samples", MAX_FID_SAMPLES, "the standard FID count; every sample's "
+                           "features are held in memory")
+    _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
+    _check_choice(self, "feature_extractor", FEATURE_EXTRACTORS)
+    _check_number(self, "guidance_scale", 1)
+    _check_at_least(self, 1, "probe_epochs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateSettings(EvaluationOptions):
+    """`ldmflow evaluate`: quality metrics of a trained model, logged to a run linked to the model."""
+
+    model_uri: str = setting(help="The model: its folder, runs:/..., models:/name/version or models:/name@alias.")
+    output_dir: str = setting("outputs/evaluate", "Where the sample grid, the table and a new probe go.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareSettings(EvaluationOptions):
+    """`ldmflow compare A B`: two models (or two replicate groups) scored on the same requests and seeds."""
+
+    output_dir: str = setting("outputs/compare", "Where a probe trained for the comparison goes.")
+    fail_if_worse: str | None = setting(None, "Exit with code 1 when A is worse than B on this metric beyond "
+                                              "noise (a CI gate), e.g. temperature_mae_pct or psnr.")
 
 
 @dataclass(frozen=True, kw_only=True)

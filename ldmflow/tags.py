@@ -33,6 +33,14 @@ PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's: nests a run under another (a 
 ENV_TAG_PREFIX = "ldmflow.env."  # every run: + python, torch, ..., lock, lock_match, cpu, cpu_capability, threads,
 #                                  cuda_device, ...: the environment it ran in (ldmflow/environment.py)
 ENV_LOCK_TAG = ENV_TAG_PREFIX + "lock"  # every run, and registered versions: requirements.lock's digest (12 hex)
+COMPARE_A_TAG = "ldmflow.compare.a"  # a compare run: model (or replicate group) A as it was given
+COMPARE_B_TAG = "ldmflow.compare.b"  # a compare run: B as it was given
+COMPARE_A_RUNS_TAG = "ldmflow.compare.a_runs"  # a compare run: the training runs of A's models, comma-separated
+COMPARE_B_RUNS_TAG = "ldmflow.compare.b_runs"  # a compare run: those of B's
+REPLICATES_TAG = "ldmflow.replicates"  # a replicate group's parent run: how many replicates (seeds) it holds
+REPLICATE_OF_TAG = "ldmflow.replicate_of"  # a replicate's run: its group's parent run
+REPLICATE_MODEL_TAG = "ldmflow.replicate.model_uri"  # a replicate's run: the model it logged (models:/<id>)
+REPLICATE_REGISTERED_TAG = "ldmflow.replicate.registered"  # a group's parent: the replicate registered, and why
 
 # Sweeps (ldmflow sweep): the study is a parent run, each trial a child run of it (mlflow.optuna.MlflowStorage)
 OPTUNA_STUDY_DIRECTION_TAG = "optuna.study_direction"  # MlflowStorage's: marks a study's run, with its direction

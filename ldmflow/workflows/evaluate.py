@@ -222,6 +222,10 @@ class Evaluation:
     grid: object  # PIL image: samples (top) over real images (bottom) for the same requests
     table: dict[str, list]  # one row per evaluated sample, for mlflow.log_table
     skipped: str | None
+    samples: np.ndarray | None = None  # (N, H, W, 3) in [0, 1]: the generated images, or a VAE's reconstructions
+    real_images: np.ndarray | None = None  # (N, H, W, 3): the split's images they are compared with
+    requests: Requests | None = None  # what a conditioned model's samples were asked for
+    readings: np.ndarray | None = None  # (N, D): what the probe read from the samples (None: no probe)
 
 
 def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manifest, train: Manifest,
@@ -231,7 +235,7 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
 
     features, features_name, skipped = feature_extractor(settings, probe)
     real_images = _images(real, evaluated.resolution, settings.num_samples)
-    metrics, labels, table, requests = {}, None, {}, None
+    metrics, labels, table, requests, read = {}, None, {}, None, None
     params = {"eval_num_samples": str(settings.num_samples), "eval_num_real": str(len(real_images)),
               "eval_feature_extractor": features_name or "none", "eval_stage": evaluated.stage}
     if evaluated.stage == VAE.name:
@@ -269,7 +273,7 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
     count = min(8, len(generated), len(real_images))
     grid = image_grid(to_pil(np.concatenate([generated[:count], real_images[:count]])),
                       labels=(labels + [""] * count) if labels else None, columns=count)
-    return Evaluation(metrics, params, grid, table, skipped)
+    return Evaluation(metrics, params, grid, table, skipped, generated, real_images, requests, read)
 
 
 def _adherence_readings(settings: EvaluateSettings, evaluated: EvaluatedModel, probe: Probe, requests: Requests,
