@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import secrets
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -59,6 +60,17 @@ class NullTracker:
     def close(self) -> None: ...
 
 
+def _same_param(logged: str, value: str) -> bool:
+    """Whether a param already in the run says `value`: MLflow Projects logs each `-P` value shell-quoted (`''`
+    for an empty one, `'a b'`), and a number may be spelled another way (`1e-4` for `0.0001`)."""
+    if logged in (value, shlex.quote(value)):
+        return True
+    try:
+        return float(logged) == float(value)
+    except ValueError:
+        return False
+
+
 class RunTracker:
     """Logs to one MLflow run; every method returns quickly and never raises on a tracking outage."""
 
@@ -94,7 +106,7 @@ class RunTracker:
         for key, value in params.items():
             value = "" if value is None else str(value)
             if key in self._known_params:
-                if self._known_params[key] != value:
+                if not _same_param(self._known_params[key], value):
                     logger.warning("MLflow param %r is already %r in this run (e.g. from `mlflow run -P`); "
                                    "keeping it, although this run uses %r.", key, self._known_params[key], value)
                 continue
