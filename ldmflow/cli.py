@@ -296,18 +296,21 @@ def sweep_command(**options):
 
     settings = SweepSettings(**options)
     stage_args = [*shlex.split(settings.stage_options), *click.get_current_context().args]  # after our options
-    summary = run_sweep(settings, stage_options(settings.stage, stage_args))
+    summary = run_sweep(settings, *stage_options(settings.stage, stage_args))
     click.echo(f"Study {summary['study']} (run {summary['run_id']}, {summary['trials']} trials): best trial "
                f"{summary['best_trial']}, {summary['best_value']:.6g}, {json.dumps(summary['best_params'])}"
                + (f"; registered {summary['registered']}." if summary["registered"] else "."))
 
 
-def stage_options(command_name: str, args: list[str]) -> dict:
-    """The options a stage's own command would parse from `args` (checked by it, said in one line)."""
+def stage_options(command_name: str, args: list[str]) -> tuple[dict, frozenset[str]]:
+    """The options a stage's own command would parse from `args` (checked by it, said in one line), and the names of
+    those that `args` gives."""
     command = cli.commands[command_name]
     try:
         with command.make_context(command_name, list(args), resilient_parsing=False) as ctx:
-            return dict(ctx.params)
+            given = frozenset(name for name in ctx.params
+                              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE)
+            return dict(ctx.params), given
     except click.exceptions.Exit:
         raise LdmflowError(f"--help: see `ldmflow {command_name} --help` for the stage's options.") from None
     except click.ClickException as error:
