@@ -159,7 +159,7 @@ def settings_options(settings_class):
 
 
 @click.group(cls=_Group, context_settings={"auto_envvar_prefix": "LDMFLOW", "help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, and the traceback of an unexpected error.")
 def cli(verbose: bool) -> None:
     """Train a VAE, a conditioned latent DDPM and a pixel DDPM from an image manifest, tracked in MLflow."""
     setup_logging(verbose)
@@ -360,6 +360,8 @@ def server_command(ctx, **options):
     if state.trust_cert:
         click.echo(f"Clients trust its self-signed certificate by copying {state.trust_cert} and setting "
                    "MLFLOW_TRACKING_SERVER_CERT_PATH to the copy.")
+    click.echo(f"Sweeps on this machine, as this user (docs/sweeps.md): export PGPASSFILE={state.password_file()}, "
+               f"then ldmflow sweep ... --storage {state.sweep_storage()}")
     click.echo(f"Stop it with: ldmflow server-stop --root {settings.root}")
 
 
