@@ -85,7 +85,7 @@ def database_uri(port: int, database: str) -> str:
 
 def sweep_storage_uri(port: int) -> str:
     """`ldmflow sweep --storage` on this machine: no password, libpq reads it from PGPASSFILE (see sweep_exports)."""
-    return f"postgresql://{DB_USER}@127.0.0.1:{port}/{SWEEP_DATABASE}"
+    return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{port}/{SWEEP_DATABASE}"
 
 
 def client_environment(root: Path) -> dict:

@@ -156,7 +156,7 @@ def test_the_printed_sweep_storage_holds_a_study_with_the_password_from_pgpass(s
     from ldmflow.tracking.study import optuna_storage
 
     root, state = server["root"], server["state"]
-    storage = f"postgresql://ldmflow@127.0.0.1:{state.pg_port}/optuna"
+    storage = f"postgresql+psycopg2://ldmflow@127.0.0.1:{state.pg_port}/optuna"
     assert f"export PGPASSFILE={root / 'pgpass'}, then ldmflow sweep ... --storage {storage}" in server["stdout"]
     for key in [key for key in os.environ if key.startswith("PG")]:
         monkeypatch.delenv(key)
