@@ -325,8 +325,8 @@ def _run_params(client, run_id: str) -> dict[str, str]:
 def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | None = None,
              run_id: str | None = None):
     """A RunTracker for the run of this process (`run_id` when given: a sweep's trial run, which this process then
-    ends; `MLFLOW_RUN_ID` under `mlflow run`; else a new run in `settings.experiment_name`, nested under
-    `parent_run_id` when given), or a NullTracker when disabled. Logs
+    ends; `MLFLOW_RUN_ID` under `mlflow run`; else a new run in `settings.experiment_name`, or nested under
+    `parent_run_id` in that run's experiment), or a NullTracker when disabled. Logs
     `settings.to_params()` and the stage tag, records system metrics, and ends the run FINISHED, FAILED
     (exception) or KILLED (Ctrl-C)."""
     if not enabled:
@@ -437,8 +437,10 @@ def _start_run(settings, stage: str, parent_run_id: str | None = None, given_run
             run = mlflow.start_run(run_id=run_id, nested=active is not None, log_system_metrics=True)
             if not getattr(settings, "run_name", None) and MLFLOW_RANDOM_NAME.match(run.info.run_name or ""):
                 mlflow.set_tag(RUN_NAME_TAG, default_run_name(stage, settings))  # `mlflow run` named it
-        else:
-            run = mlflow.start_run(experiment_id=ensure_experiment(settings.experiment_name),
+        else:  # a child run goes where its parent is: the UI nests runs within one experiment only
+            experiment_id = mlflow.get_run(parent_run_id).info.experiment_id if parent_run_id else \
+                ensure_experiment(settings.experiment_name)
+            run = mlflow.start_run(experiment_id=experiment_id,
                                    run_name=getattr(settings, "run_name", None) or default_run_name(stage, settings),
                                    nested=active is not None, log_system_metrics=True,
                                    tags={STAGE_TAG: stage, **_parent_tag(parent_run_id)})

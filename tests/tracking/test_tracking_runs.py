@@ -130,6 +130,17 @@ def test_equal_params_from_mlflow_run_do_not_warn(sqlite_store, monkeypatch, cap
     assert "latent_cache_dir" not in caplog.text and "stage_options" not in caplog.text
 
 
+def test_a_child_run_goes_to_its_parents_experiment(sqlite_store):
+    """A probe trained under `mlflow run -e evaluate --experiment-name x` nests under the evaluate run, in x."""
+    client = MlflowClient(store.use_tracking_store())
+    parent = client.create_run(store.ensure_experiment("entry-point-experiment"))
+    with open_run(settings(sqlite_store), "probe", enabled=True, parent_run_id=parent.info.run_id) as tracker:
+        pass
+    child = client.get_run(tracker.run_id)
+    assert child.info.experiment_id == parent.info.experiment_id
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
 def test_new_run_in_experiment_ends_failed_on_exception(sqlite_store):
     with pytest.raises(RuntimeError, match="boom"):
         with open_run(settings(sqlite_store, experiment_name="exp-a"), "vae", enabled=True) as tracker:
