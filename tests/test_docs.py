@@ -338,3 +338,25 @@ def test_the_checks_catch_wrong_names(known_flags, known_metrics):
 def test_options_page_is_generated_from_the_settings():
     assert (ROOT / "docs" / "options.md").read_text(encoding="utf-8") == render_options(), \
         "docs/options.md is out of date: run `make options`"
+
+
+def test_the_sweeps_postgresql_block_is_what_the_team_server_prints():
+    """docs/sweeps.md's storage on the team server: the URL `ldmflow server` prints, the password file it writes."""
+    from ldmflow.server.postgres import PASSWORD_FILE, sweep_storage_uri
+    from ldmflow.settings import ServerSettings
+
+    block = next(body for _, body in _blocks(_read(ROOT / "docs" / "sweeps.md")) if "PGPASSFILE" in body)
+    assert f"export PGPASSFILE=$PWD/{ServerSettings.root}/{PASSWORD_FILE}" in block
+    assert f"--storage {sweep_storage_uri('<pg port>')} " in block
+    assert ":" not in sweep_storage_uri("<pg port>").split("@")[0].split("//")[1]  # no password in the URL
+
+
+def test_the_readme_chain_takes_each_model_by_its_alias():
+    """README's own-data chain: the probe first, then each step takes the model just trained by its alias, never
+    a version number (after `make demo`, version 1 is the demo's model)."""
+    readme = _read(ROOT / "README.md")
+    chain = next(body for _, body in _blocks(readme.split("## Using it on your data")[1]))
+    assert chain.index("ldmflow probe") < chain.index("ldmflow vae") < chain.index("ldmflow latent-ddpm")
+    assert chain.count("--register_alias candidate") == 2
+    assert not re.search(r"models:/[\w-]+/\d", chain), "a version number in the chain"
+    assert "models:/ldmflow-vae@candidate" in chain and "models:/ldmflow-latent-ddpm@candidate" in chain
