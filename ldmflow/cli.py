@@ -273,15 +273,13 @@ def pipeline_command(**options):
     def reused(flag: bool) -> str:
         return " (reused)" if flag else ""
 
-    click.echo(f"Pipeline: {result.vae_uri}{reused(result.vae_reused)} -> {result.latent_ddpm_uri}"
-               f"{reused(result.latent_ddpm_reused)}; "
+    vae_quality = ", ".join(f"{key} {value:.4g}" for key, value in sorted(version_metrics(result.vae_uri).items())
+                            if key in ("val/psnr", "val/ssim"))  # the first stage's ceiling, as VAEs compare
+    click.echo(f"Pipeline: {result.vae_uri}{reused(result.vae_reused)}"
+               + (f" ({vae_quality} at its registered weights)" if vae_quality else "")
+               + f" -> {result.latent_ddpm_uri}{reused(result.latent_ddpm_reused)}; "
                f"samples in run {result.sample_run_id}{reused(result.sample_reused)}, evaluation in run "
                f"{result.evaluate_run_id}{reused(result.evaluate_reused)}.")
-    vae_quality = {key: value for key, value in version_metrics(result.vae_uri).items()
-                   if key in ("val/psnr", "val/ssim")}
-    if vae_quality:  # the first stage's ceiling, in the units a user compares VAEs by
-        click.echo(f"VAE {result.vae_uri} (registered weights): "
-                   + ", ".join(f"{key} {value:.4g}" for key, value in sorted(vae_quality.items())) + ".")
     if result.evaluate_reused:  # else its own run printed the table above
         click.echo(f"\nEvaluation of {result.latent_ddpm_uri} (run {result.evaluate_run_id}):")
         click.echo(format_metrics(evaluation_metrics(result.evaluate_run_id)))
