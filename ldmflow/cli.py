@@ -160,7 +160,7 @@ def settings_options(settings_class):
 
 
 @click.group(cls=_Group, context_settings={"auto_envvar_prefix": "LDMFLOW", "help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, and the traceback of an unexpected error.")
 def cli(verbose: bool) -> None:
     """Train a VAE, a conditioned latent DDPM and a pixel DDPM from an image manifest, tracked in MLflow."""
     setup_logging(verbose)
@@ -291,15 +291,13 @@ def pipeline_command(**options):
     def reused(flag: bool) -> str:
         return " (reused)" if flag else ""
 
-    click.echo(f"Pipeline: {result.vae_uri}{reused(result.vae_reused)} -> {result.latent_ddpm_uri}"
-               f"{reused(result.latent_ddpm_reused)}; "
+    vae_quality = ", ".join(f"{key} {value:.4g}" for key, value in sorted(version_metrics(result.vae_uri).items())
+                            if key in ("val/psnr", "val/ssim"))  # the first stage's ceiling, as VAEs compare
+    click.echo(f"Pipeline: {result.vae_uri}{reused(result.vae_reused)}"
+               + (f" ({vae_quality} at its registered weights)" if vae_quality else "")
+               + f" -> {result.latent_ddpm_uri}{reused(result.latent_ddpm_reused)}; "
                f"samples in run {result.sample_run_id}{reused(result.sample_reused)}, evaluation in run "
                f"{result.evaluate_run_id}{reused(result.evaluate_reused)}.")
-    vae_quality = {key: value for key, value in version_metrics(result.vae_uri).items()
-                   if key in ("val/psnr", "val/ssim")}
-    if vae_quality:  # the first stage's ceiling, in the units a user compares VAEs by
-        click.echo(f"VAE {result.vae_uri} (registered weights): "
-                   + ", ".join(f"{key} {value:.4g}" for key, value in sorted(vae_quality.items())) + ".")
     if result.evaluate_reused:  # else its own run printed the table above
         click.echo(f"\nEvaluation of {result.latent_ddpm_uri} (run {result.evaluate_run_id}):")
         click.echo(format_metrics(evaluation_metrics(result.evaluate_run_id)))
@@ -314,18 +312,21 @@ def sweep_command(**options):
 
     settings = SweepSettings(**options)
     stage_args = [*shlex.split(settings.stage_options), *click.get_current_context().args]  # after our options
-    summary = run_sweep(settings, stage_options(settings.stage, stage_args))
+    summary = run_sweep(settings, *stage_options(settings.stage, stage_args))
     click.echo(f"Study {summary['study']} (run {summary['run_id']}, {summary['trials']} trials): best trial "
                f"{summary['best_trial']}, {summary['best_value']:.6g}, {json.dumps(summary['best_params'])}"
                + (f"; registered {summary['registered']}." if summary["registered"] else "."))
 
 
-def stage_options(command_name: str, args: list[str]) -> dict:
-    """The options a stage's own command would parse from `args` (checked by it, said in one line)."""
+def stage_options(command_name: str, args: list[str]) -> tuple[dict, frozenset[str]]:
+    """The options a stage's own command would parse from `args` (checked by it, said in one line), and the names of
+    those that `args` gives."""
     command = cli.commands[command_name]
     try:
         with command.make_context(command_name, list(args), resilient_parsing=False) as ctx:
-            return dict(ctx.params)
+            given = frozenset(name for name in ctx.params
+                              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE)
+            return dict(ctx.params), given
     except click.exceptions.Exit:
         raise LdmflowError(f"--help: see `ldmflow {command_name} --help` for the stage's options.") from None
     except click.ClickException as error:
@@ -375,6 +376,8 @@ def server_command(ctx, **options):
     if state.trust_cert:
         click.echo(f"Clients trust its self-signed certificate by copying {state.trust_cert} and setting "
                    "MLFLOW_TRACKING_SERVER_CERT_PATH to the copy.")
+    click.echo(f"Sweeps on this machine, as this user (docs/sweeps.md): export PGPASSFILE={state.password_file()}, "
+               f"then ldmflow sweep ... --storage {state.sweep_storage()}")
     click.echo(f"Stop it with: ldmflow server-stop --root {settings.root}")
 
 

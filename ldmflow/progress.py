@@ -1,7 +1,7 @@
 """Progress a user can watch: a tqdm bar on a terminal, a compact line every so often in a log file.
 
 Only the main process reports. Non-terminal output (CI, `mlflow run` logs, SLURM) gets one plain line every
-LDMFLOW_PROGRESS_SECONDS (default 30) instead of carriage-return bar updates, and a last one at the end of
+LDMFLOW_PROGRESS_SECONDS (default 60) instead of carriage-return bar updates, and a last one at the end of
 work that printed any: work shorter than that prints no progress line at all.
 """
 
@@ -18,9 +18,9 @@ PROGRESS_SECONDS_ENV = "LDMFLOW_PROGRESS_SECONDS"
 
 def _interval() -> float:
     try:
-        return float(os.environ.get(PROGRESS_SECONDS_ENV, "30"))
+        return float(os.environ.get(PROGRESS_SECONDS_ENV, "60"))
     except ValueError:
-        return 30.0
+        return 60.0
 
 
 class Progress:

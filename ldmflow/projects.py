@@ -139,8 +139,8 @@ def render_mlproject() -> str:
 
 
 def render_options() -> str:
-    """docs/options.md: every option of every `ldmflow` command, read from the click commands that cli.py builds
-    from the settings, so the page says what `--help` says."""
+    """docs/options.md: every option of every `ldmflow` command and subcommand, read from the click commands that
+    cli.py builds from the settings, so the page says what `--help` says."""
     from ldmflow.cli import cli
 
     lines = ["# Every option of every command", "",
@@ -148,19 +148,36 @@ def render_options() -> str:
              "do not edit. -->", "",
              "The same as `ldmflow <command> --help`. Every option can also come from an environment variable",
              "`LDMFLOW_<COMMAND>_<OPTION>` (e.g. `LDMFLOW_VAE_RESOLUTION=128`); MLflow Projects entry points take",
-             "the settings with a default as `-P name=value` (docs/mlflow.md).", ""]
-    for name in sorted(cli.commands):
-        command = cli.commands[name]
-        lines += [f"## `ldmflow {name}`", "", (command.help or "").strip().split("\n\n")[0].replace("\n", " "), "",
-                  "| option | default | meaning |", "|---|---|---|"]
-        for param in command.params:
-            if isinstance(param, click.Option) and "--help" not in param.opts:
-                names = ", ".join(f"`{opt}`" for opt in (*param.opts, *param.secondary_opts))
-                lines.append(f"| {names} | {_shown_default(param)} | {_cell(_meaning(param))} |")
-            elif isinstance(param, click.Argument):
-                lines.append(f"| `{param.name.upper()}` (argument) | {'required' if param.required else ''} | |")
-        lines.append("")
+             "the settings with a default as `-P name=value` ([mlflow.md](mlflow.md#entry-points-mlproject)).", "",
+             "## `ldmflow`", "", "Options before the command, e.g. `ldmflow -v vae ...`.", "",
+             *_option_table(cli)]
+    for name, command in _commands(cli):
+        lines += [f"## `ldmflow {name}`", "", _first_paragraph(command.help), "", *_option_table(command)]
     return "\n".join(lines[:-1]) + "\n"
+
+
+def _commands(group: click.Group, prefix: str = ""):
+    """(name, command) of every command and, after a group, of its subcommands, in alphabetical order."""
+    for name in sorted(group.commands):
+        command = group.commands[name]
+        yield prefix + name, command
+        if isinstance(command, click.Group):
+            yield from _commands(command, f"{prefix}{name} ")
+
+
+def _first_paragraph(text: str | None) -> str:
+    return " ".join((text or "").strip().split("\n\n")[0].split())
+
+
+def _option_table(command: click.Command) -> list[str]:
+    lines = ["| option | default | meaning |", "|---|---|---|"]
+    for param in command.params:
+        if isinstance(param, click.Option) and "--help" not in param.opts:
+            names = ", ".join(f"`{opt}`" for opt in (*param.opts, *param.secondary_opts))
+            lines.append(f"| {names} | {_shown_default(param)} | {_cell(_meaning(param))} |")
+        elif isinstance(param, click.Argument):
+            lines.append(f"| `{param.name.upper()}` (argument) | {'required' if param.required else ''} | |")
+    return lines + [""]
 
 
 def _shown_default(param: click.Option) -> str:
@@ -169,8 +186,8 @@ def _shown_default(param: click.Option) -> str:
     default = param.default  # click's own "no default" marker for a flag or option declared without one
     if param.is_flag or isinstance(default, bool):
         return "on" if default is True else "off"
-    if not isinstance(default, (str, int, float, list, tuple)):
-        return ""
+    if default in ("", None) or not isinstance(default, (str, int, float, list, tuple)):
+        return "none"
     return f"`{param_value(tuple(default)) if isinstance(default, (list, tuple)) else default}`"
 
 
@@ -178,7 +195,7 @@ def _meaning(param: click.Option) -> str:
     text = " ".join((param.help or "").split())
     if isinstance(param.type, click.Choice):
         text += " One of: " + ", ".join(f"`{choice}`" for choice in param.type.choices) + "."
-    return text
+    return text.strip()
 
 
 def _cell(text: str) -> str:

@@ -339,3 +339,75 @@ def test_the_checks_catch_wrong_names(known_flags, known_metrics):
 def test_options_page_is_generated_from_the_settings():
     assert (ROOT / "docs" / "options.md").read_text(encoding="utf-8") == render_options(), \
         "docs/options.md is out of date: run `make options`"
+
+
+def test_the_sweeps_postgresql_block_is_what_the_team_server_prints():
+    """docs/sweeps.md's storage on the team server: the URL `ldmflow server` prints, the password file it writes."""
+    from ldmflow.server.postgres import PASSWORD_FILE, sweep_storage_uri
+    from ldmflow.settings import ServerSettings
+
+    block = next(body for _, body in _blocks(_read(ROOT / "docs" / "sweeps.md")) if "PGPASSFILE" in body)
+    assert f"export PGPASSFILE=$PWD/{ServerSettings.root}/{PASSWORD_FILE}" in block
+    assert f"--storage {sweep_storage_uri('<pg port>')} " in block
+    assert ":" not in sweep_storage_uri("<pg port>").split("@")[0].split("//")[1]  # no password in the URL
+
+
+def test_the_readme_chain_takes_each_model_by_its_alias():
+    """README's own-data chain: the probe first, then each step takes the model just trained by its alias, never
+    a version number (after `make demo`, version 1 is the demo's model)."""
+    readme = _read(ROOT / "README.md")
+    chain = next(body for _, body in _blocks(readme.split("## Using it on your data")[1]))
+    assert chain.index("ldmflow probe") < chain.index("ldmflow vae") < chain.index("ldmflow latent-ddpm")
+    assert chain.count("--register_alias candidate") == 2
+    assert not re.search(r"models:/[\w-]+/\d", chain), "a version number in the chain"
+    assert "models:/ldmflow-vae@candidate" in chain and "models:/ldmflow-latent-ddpm@candidate" in chain
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^#{1,6} (.+)$", re.M)
+PLAIN_PAGE = re.compile(r"(?<![\w/\[`.-])(?:docs/)?[a-z][a-z-]*\.md\b")
+GENERATED = {"options.md"}  # from the settings' help texts, which --help shows in a terminal
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _prose(text: str) -> str:
+    """The page without its code blocks, inline code and links' targets."""
+    text = FENCE.sub("", text)
+    return LINK.sub("]", re.sub(r"`[^`\n]*`", "", text))
+
+
+def link_problems(doc: Path) -> list[str]:
+    """Links to a page or heading that does not exist; pages named in plain text instead of linked."""
+    text, problems = _read(doc), []
+    for target in LINK.findall(FENCE.sub("", text)):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path, _, anchor = target.partition("#")
+        page = (doc.parent / path).resolve() if path else doc
+        if not page.exists():
+            problems.append(f"{target}: no such file")
+        elif anchor and page.suffix == ".md" and anchor not in {_slug(h) for h in HEADING.findall(
+                FENCE.sub("", _read(page)))}:
+            problems.append(f"{target}: no such heading")
+    if doc.name not in GENERATED:
+        problems += [f"{name}: named in plain text, not linked" for name in PLAIN_PAGE.findall(_prose(text))]
+    return problems
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_links_point_to_pages_and_headings_that_exist(doc):
+    assert link_problems(doc) == []
+
+
+def test_the_link_check_catches_broken_and_plain_references(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Top\n\n## A heading: `--flag` too\n\n[ok](#a-heading---flag-too) [self](page.md#top)\n")
+    assert link_problems(page) == []
+    page.write_text("# Top\n\n[gone](other.md) [nowhere](#nowhere) and see docs/training.md or mlflow.md.\n")
+    assert link_problems(page) == ["other.md: no such file", "#nowhere: no such heading",
+                                   "docs/training.md: named in plain text, not linked",
+                                   "mlflow.md: named in plain text, not linked"]

@@ -265,7 +265,7 @@ def _write_dataset(output_dir: Path, num_images: int, resolution: int, image_for
         "items": items,
     }
     (output_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    logger.info("Wrote %d demo images (%d val).", num_images, num_val)
+    logger.debug("Wrote %d demo images (%d val).", num_images, num_val)  # demo-data prints the manifest's path
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:

@@ -14,6 +14,7 @@ COLUMNS = {"": "model", "guidance1/": "guidance 1", "shuffled/": "shuffled", "re
 CEILING_MARGIN = 0.25  # a model within this fraction of its VAE's reconstructions is capped by the VAE
 _HEADLINE_SUFFIXES = ("_length_mae_pct", "_angle_error_deg", "_mae_pct")  # the errors ceiling lines compare
 _COUNTS = ("fid_num_real", "fid_min_real", "rfid_num_real", "rfid_min_real")  # said below the table, not rows
+_LOGGED_ONLY = ("kid_std", "rkid_std")  # KID's spread over its subsets: logged; the table shows the ± interval
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -26,7 +27,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
     rows: dict[str, dict[str, str]] = {}
     plain = {key.removeprefix("eval/"): value for key, value in metrics.items()}
     for name, value in plain.items():
-        if name.endswith(CI_SUFFIX) or name in _COUNTS:
+        if name.endswith(CI_SUFFIX) or name in _COUNTS or name in _LOGGED_ONLY:
             continue
         prefix = next((p for p in COLUMNS if p and name.startswith(p)), "")
         interval = plain.get(f"{name}{CI_SUFFIX}")

@@ -21,7 +21,8 @@ from ldmflow.errors import LdmflowError
 from ldmflow.files import write_private
 
 DB_USER = "ldmflow"
-DATABASES = ("mlflow", "mlflow_auth")  # tracking, and basic auth's users and permissions
+DATABASES = ("mlflow", "mlflow_auth")  # tracking, and basic auth's users and permissions (both backed up)
+SWEEP_DATABASE = "optuna"  # the Optuna studies of `ldmflow sweep --storage` (not backed up: the trials' runs are)
 UNPRIVILEGED_USER = "postgres"  # who runs PostgreSQL when ldmflow runs as root
 PASSWORD_FILE = "pgpass"
 
@@ -82,6 +83,11 @@ def database_uri(port: int, database: str) -> str:
     return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{port}/{database}"
 
 
+def sweep_storage_uri(port: int) -> str:
+    """`ldmflow sweep --storage` on this machine: no password, libpq reads it from PGPASSFILE (see sweep_exports)."""
+    return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{port}/{SWEEP_DATABASE}"
+
+
 def client_environment(root: Path) -> dict:
     """os.environ plus what a PostgreSQL client needs to log in: the password file, and nothing in argv."""
     return {**os.environ, "PGPASSFILE": str(root / PASSWORD_FILE), "PGUSER": DB_USER, "PGHOST": "127.0.0.1"}
@@ -138,7 +144,7 @@ def _create_databases(root: Path, port: int) -> None:
         with connection.cursor() as cursor:
             cursor.execute("SELECT datname FROM pg_database")
             existing = {row[0] for row in cursor.fetchall()}
-            for database in DATABASES:
+            for database in (*DATABASES, SWEEP_DATABASE):
                 if database not in existing:
                     cursor.execute(f'CREATE DATABASE "{database}"')
     finally:

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from ldmflow.errors import LdmflowError, require_modules
 from ldmflow.files import write_private
-from ldmflow.server.postgres import (client_environment, database_uri, pg_tool, schema_problem, start_postgres,
-                                     stop_postgres)
+from ldmflow.server.postgres import (PASSWORD_FILE, client_environment, database_uri, pg_tool, schema_problem,
+                                     start_postgres, stop_postgres, sweep_storage_uri)
 from ldmflow.server.tls import Address, choose_address, host_names, is_loopback
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,13 @@ class ServerState:
         if self.trust_cert:
             lines.append(f"export MLFLOW_TRACKING_SERVER_CERT_PATH={self.trust_cert}")
         return "\n".join(lines)
+
+    def sweep_storage(self) -> str:
+        """What a sweep on this machine, as this OS user, passes to --storage, after `export PGPASSFILE=...`."""
+        return sweep_storage_uri(self.pg_port)
+
+    def password_file(self) -> str:
+        return str(Path(self.pg_data).parent / PASSWORD_FILE)
 
 
 def read_state(root: str | Path) -> ServerState:

@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import secrets
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -60,6 +61,17 @@ class NullTracker:
     def close(self) -> None: ...
 
 
+def _same_param(logged: str, value: str) -> bool:
+    """Whether a param already in the run says `value`: MLflow Projects logs each `-P` value shell-quoted (`''`
+    for an empty one, `'a b'`), and a number may be spelled another way (`1e-4` for `0.0001`)."""
+    if logged in (value, shlex.quote(value)):
+        return True
+    try:
+        return float(logged) == float(value)
+    except ValueError:
+        return False
+
+
 class RunTracker:
     """Logs to one MLflow run; every method returns quickly and never raises on a tracking outage."""
 
@@ -95,7 +107,7 @@ class RunTracker:
         for key, value in params.items():
             value = "" if value is None else str(value)
             if key in self._known_params:
-                if self._known_params[key] != value:
+                if not _same_param(self._known_params[key], value):
                     logger.warning("MLflow param %r is already %r in this run (e.g. from `mlflow run -P`); "
                                    "keeping it, although this run uses %r.", key, self._known_params[key], value)
                 continue
@@ -314,9 +326,10 @@ def _run_params(client, run_id: str) -> dict[str, str]:
 def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | None = None,
              run_id: str | None = None):
     """A RunTracker for the run of this process (`run_id` when given: a sweep's trial run, which this process then
-    ends; `MLFLOW_RUN_ID` under `mlflow run`; else a new run in `settings.experiment_name`, nested under
-    `parent_run_id` when given), or a NullTracker when disabled. Logs
-    `settings.to_params()`, the stage tag and the environment's tags (ldmflow/environment.py), records system metrics, and ends the run FINISHED, FAILED
+    ends; `MLFLOW_RUN_ID` under `mlflow run`; else a new run in `settings.experiment_name`, or nested under
+    `parent_run_id` in that run's experiment), or a NullTracker when disabled. Logs `settings.to_params()`, the
+    stage tag and the environment's tags (ldmflow/environment.py), records system metrics, and ends the run
+    FINISHED, FAILED
     (exception) or KILLED (Ctrl-C)."""
     if not enabled:
         yield NullTracker()
@@ -426,8 +439,10 @@ def _start_run(settings, stage: str, parent_run_id: str | None = None, given_run
             run = mlflow.start_run(run_id=run_id, nested=active is not None, log_system_metrics=True)
             if not getattr(settings, "run_name", None) and MLFLOW_RANDOM_NAME.match(run.info.run_name or ""):
                 mlflow.set_tag(RUN_NAME_TAG, default_run_name(stage, settings))  # `mlflow run` named it
-        else:
-            run = mlflow.start_run(experiment_id=ensure_experiment(settings.experiment_name),
+        else:  # a child run goes where its parent is: the UI nests runs within one experiment only
+            experiment_id = mlflow.get_run(parent_run_id).info.experiment_id if parent_run_id else \
+                ensure_experiment(settings.experiment_name)
+            run = mlflow.start_run(experiment_id=experiment_id,
                                    run_name=getattr(settings, "run_name", None) or default_run_name(stage, settings),
                                    nested=active is not None, log_system_metrics=True,
                                    tags={STAGE_TAG: stage, **_parent_tag(parent_run_id)})

@@ -67,7 +67,7 @@ def open_latent_cache(settings, manifest: Manifest, vae: AutoencoderKL, vae_dir:
                 if accelerator.is_main_process:
                     cache.publish(staging, len(manifest.records), accelerator.num_processes,
                                   _row_shape(settings, vae))
-                    logger.info("Wrote the latent cache %s.", cache.folder)
+                    logger.debug("Wrote the latent cache %s.", cache.folder)  # "Encoding ..." named it
     except OSError as error:  # a read-only folder, a full disk: said in one line, the partial folder removed
         raise LdmflowError(f"Cannot write the latent cache in {cache.root}: {disk_problem(error, cache.root)}. "
                            "Set --latent_cache_dir to a writable folder with room for it.") from None

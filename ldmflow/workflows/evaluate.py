@@ -164,13 +164,23 @@ def _train_probe(settings: EvaluateSettings, spec: ConditionSpec) -> str:
     output_dir = Path(settings.output_dir) / PROBE.name
     logger.info("No condition probe for this dataset yet: training one (%d epochs) in %s.", settings.probe_epochs,
                 output_dir)
-    probe = ProbeSettings(manifest_path=settings.manifest_path, output_dir=str(output_dir), split=settings.train_split,
-                          val_split=settings.split, condition_spec=str(spec), data_root=settings.data_root,
-                          allow_outside_root=settings.allow_outside_root, num_epochs=settings.probe_epochs,
-                          seed=settings.seed, no_mlflow=settings.no_mlflow, experiment_name=settings.experiment_name)
     with _outside_the_project_run() as parent_run_id:
+        probe = ProbeSettings(manifest_path=settings.manifest_path, output_dir=str(output_dir),
+                              split=settings.train_split, val_split=settings.split, condition_spec=str(spec),
+                              data_root=settings.data_root, allow_outside_root=settings.allow_outside_root,
+                              num_epochs=settings.probe_epochs, seed=settings.seed, no_mlflow=settings.no_mlflow,
+                              experiment_name=_experiment_of(parent_run_id) or settings.experiment_name)
         _, model_uri = run_training(probe, parent_run_id=parent_run_id)
     return model_uri or str(output_dir)
+
+
+def _experiment_of(run_id: str | None) -> str | None:
+    """The experiment `mlflow run --experiment-name` put the evaluate run in: the probe's run nests there."""
+    if not run_id:
+        return None
+    import mlflow
+
+    return mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
 
 
 def feature_extractor(settings: EvaluateSettings, probe: Probe | None) -> tuple[object | None, str, str | None]:

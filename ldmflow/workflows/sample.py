@@ -193,5 +193,5 @@ def run_sampling(settings: SampleSettings) -> Path:
         images = generate(settings, sampler, conditions, seeds)
         labels = [condition_label(c) for c in conditions] if conditions else None
         grid = write_samples(output_dir, images, labels, settings.output_format, tracker)
-    logger.info("Wrote %d images and %s", len(images), grid)
+    logger.debug("Wrote %d images and %s", len(images), grid)  # the command prints the grid's path
     return grid

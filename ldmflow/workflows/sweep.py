@@ -55,8 +55,9 @@ class SweepPlan:
                 "direction": self.direction}
 
 
-def plan_sweep(settings: SweepSettings, stage_options: dict) -> SweepPlan:
-    """Check everything a sweep needs before any run: bad input fails in one line, with nothing tracked."""
+def plan_sweep(settings: SweepSettings, stage_options: dict, given: frozenset[str] = frozenset()) -> SweepPlan:
+    """Check everything a sweep needs before any run: bad input fails in one line, with nothing tracked. `given`: the
+    stage options the command line gives, which the space may not search as well."""
     kind = STAGE_KINDS[settings.stage]
     base = kind.settings(**{**stage_options, "experiment_name": settings.experiment_name})
     if base.no_mlflow:
@@ -64,6 +65,10 @@ def plan_sweep(settings: SweepSettings, stage_options: dict) -> SweepPlan:
     spec = _condition_spec(base)
     manifest = load_manifest(base.manifest_path, base.split, spec, base.data_root, base.allow_outside_root)
     space = load_space(settings.space, base)
+    both = [dimension.name for dimension in space.dimensions if dimension.name in given]
+    if both:
+        raise LdmflowError(f"--{both[0]} is given on the command line and searched by the space {settings.space}: "
+                           "leave it out of one of them (every trial would use the space's value).")
     objective = settings.objective or base.checkpoint_metric or _default_objective(kind, base)
     _check_objective(kind, base, objective, spec)
     direction = settings.direction if settings.direction != "auto" else \
@@ -131,15 +136,16 @@ def _check_probe(plan: SweepPlan) -> None:
                            "is none: train one first with `ldmflow probe --manifest_path ...`.")
 
 
-def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
-    """Plan, then run trials until the study has --n_trials (or --timeout); returns the summary of `finish`."""
+def run_sweep(settings: SweepSettings, stage_options: dict, given: frozenset[str] = frozenset()) -> dict:
+    """Plan, then run trials until the study has --n_trials (or --timeout); returns the summary of `finish`. `given`:
+    the stage options the command line gives (see `plan_sweep`)."""
     require_modules(("optuna",), "ldmflow sweep", "pip install 'ldmflow[sweep]' (or optuna>=4.5)")
     import optuna
 
     from ldmflow.tracking.store import ensure_experiment, use_tracking_store
     from ldmflow.tracking.study import StudyRuns, open_study, optuna_storage
 
-    plan = plan_sweep(settings, stage_options)
+    plan = plan_sweep(settings, stage_options, given)
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run: trials have runs of their own
     rdb = None if settings.storage == "mlflow" else optuna_storage(settings.storage, "")  # a bad URL: no store yet
     use_tracking_store()

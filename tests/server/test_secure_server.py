@@ -55,7 +55,7 @@ def server(tmp_path_factory):
     state = read_state(root)
     assert f"export MLFLOW_TRACKING_SERVER_CERT_PATH={state.trust_cert}" in started.stdout
     data = make_demo_dataset(root.parent / "data", num_images=8, resolution=32)
-    yield {"state": state, "root": root, "data": data}
+    yield {"state": state, "root": root, "data": data, "stdout": started.stdout}
     stop_server(root)
 
 
@@ -149,6 +149,23 @@ def test_postgres_needs_a_password_and_keeps_it_private(server):
         assert (root / secret).stat().st_mode & 0o077 == 0, secret
     with pytest.raises(OSError):  # nothing but loopback
         socket.create_connection((state.host, state.pg_port), timeout=2).close()
+
+
+def test_the_printed_sweep_storage_holds_a_study_with_the_password_from_pgpass(server, monkeypatch):
+    """`ldmflow server` makes the `optuna` database and prints its storage URL, which holds no password."""
+    from ldmflow.tracking.study import optuna_storage
+
+    root, state = server["root"], server["state"]
+    storage = f"postgresql+psycopg2://ldmflow@127.0.0.1:{state.pg_port}/optuna"
+    assert f"export PGPASSFILE={root / 'pgpass'}, then ldmflow sweep ... --storage {storage}" in server["stdout"]
+    for key in [key for key in os.environ if key.startswith("PG")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PGPASSFILE", str(root / "pgpass"))
+    import optuna
+
+    study = optuna.create_study(storage=optuna_storage(storage, ""), study_name="printed-storage")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    assert len(optuna.load_study(study_name="printed-storage", storage=storage).trials) == 1
 
 
 def test_a_trusting_client_logs_over_https_and_an_untrusting_one_is_refused_in_one_line(server, as_user, tmp_path):

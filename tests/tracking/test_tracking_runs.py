@@ -103,6 +103,7 @@ def test_params_logged_once_and_mlflow_run_params_kept(sqlite_store, monkeypatch
         assert tracker.run_id == run.info.run_id
         tracker.log_params({"learning_rate": "0.0001", "extra": "1"})  # again: still no error
         tracker.log_params({"extra": "1"})
+        tracker.log_params({"num_epochs": "60"})  # a different value: kept, with a warning
     finished = client.get_run(run.info.run_id)
     assert finished.info.status == "FINISHED"
     assert finished.data.params["learning_rate"] == "1e-4"
@@ -110,7 +111,34 @@ def test_params_logged_once_and_mlflow_run_params_kept(sqlite_store, monkeypatch
     assert finished.data.params["kl_weight"] == "0.0001"
     assert finished.data.params["extra"] == "1"
     assert finished.data.tags["ldmflow.stage"] == "vae"
-    assert "'learning_rate' is already '1e-4'" in caplog.text
+    assert "'num_epochs' is already '50'" in caplog.text
+    assert "learning_rate" not in caplog.text  # 1e-4 and 0.0001 are one value: no warning
+
+
+def test_equal_params_from_mlflow_run_do_not_warn(sqlite_store, monkeypatch, caplog):
+    """MLflow Projects logs `-P` values shell-quoted (`''` for an empty one): the same value is no conflict."""
+    client = MlflowClient(store.use_tracking_store())
+    run = client.create_run(store.ensure_experiment("ldmflow"))
+    for key, logged in {"latent_cache_dir": "''", "stage_options": "'--resolution 64'", "seed": "0"}.items():
+        client.log_param(run.info.run_id, key, logged)  # as `mlflow run` logs MLproject's values
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    caplog.set_level(logging.WARNING)
+    with open_run(settings(sqlite_store), "vae", enabled=True) as tracker:
+        tracker.log_params({"latent_cache_dir": "", "stage_options": "--resolution 64", "seed": "0"})
+        tracker.log_params({"seed": "1"})
+    assert "is already" in caplog.text and "'seed'" in caplog.text
+    assert "latent_cache_dir" not in caplog.text and "stage_options" not in caplog.text
+
+
+def test_a_child_run_goes_to_its_parents_experiment(sqlite_store):
+    """A probe trained under `mlflow run -e evaluate --experiment-name x` nests under the evaluate run, in x."""
+    client = MlflowClient(store.use_tracking_store())
+    parent = client.create_run(store.ensure_experiment("entry-point-experiment"))
+    with open_run(settings(sqlite_store), "probe", enabled=True, parent_run_id=parent.info.run_id) as tracker:
+        pass
+    child = client.get_run(tracker.run_id)
+    assert child.info.experiment_id == parent.info.experiment_id
+    assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
 def test_new_run_in_experiment_ends_failed_on_exception(sqlite_store):

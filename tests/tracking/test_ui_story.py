@@ -121,6 +121,22 @@ def test_work_shorter_than_the_progress_interval_prints_no_progress_line(monkeyp
     assert [r.getMessage().split(",")[0] for r in caplog.records] == ["slow: step 2/3 (66%)", "slow: step 3/3 (100%)"]
 
 
+def test_a_log_gets_a_progress_line_a_minute(monkeypatch, caplog):
+    """By default (no LDMFLOW_PROGRESS_SECONDS): make demo's 3-minute training prints three lines, not six."""
+    from ldmflow.progress import Progress
+
+    caplog.set_level("INFO", logger="ldmflow.progress")
+    monkeypatch.delenv("LDMFLOW_PROGRESS_SECONDS", raising=False)
+    clock = [0.0]
+    monkeypatch.setattr("ldmflow.progress.time.monotonic", lambda: clock[0])
+    work = Progress("work", total=180)
+    for _ in range(180):
+        clock[0] += 1.0
+        work.update(1)
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["work: step 60/180", "work: step 120/180",
+                                                                       "work: step 180/180"]
+
+
 def test_logged_models_are_named_by_stage(story):
     experiment = story.get_experiment_by_name("ldmflow")
     names = sorted(model.name for model in story.search_logged_models(experiment_ids=[experiment.experiment_id]))

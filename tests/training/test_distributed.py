@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -87,7 +88,8 @@ def test_two_processes_train_a_latent_ddpm_from_a_shared_latent_cache(tmp_path):
                      "--preview_inference_steps", "1", "--no_mlflow")
     # both processes encode their shard of one on-disk cache, flips included; the main process publishes it
     assert result.stderr.count("Encoding 16 images and their flips into the latent cache") == 1
-    assert result.stderr.count("Wrote the latent cache") == 1
+    folder = re.search(r"into the latent cache (\S+) on 2 process", result.stderr).group(1)
+    assert (Path(folder) / "index.json").is_file()  # published, complete
     assert "on 2 process(es)" in result.stderr
     assert (output / "unet" / "config.json").is_file() and (output / "vae_source.json").is_file()
     assert result.stderr.count("Saved the latent DDPM to") == 1  # only the main process writes

@@ -390,3 +390,26 @@ def test_a_probe_of_another_dataset_is_refused_in_one_line(store):
     assert result.exit_code == 1 and result.output.count("Error:") == 1
     assert f"--probe_uri {uri} was trained on another dataset" in result.output
     assert len(_runs("evaluate")) == before
+
+
+def test_the_table_shows_each_score_with_its_interval_and_logs_the_rest():
+    """KID's spread over subsets and the FID image counts are logged, not rows (make demo prints the table)."""
+    from ldmflow.evaluation.report import format_metrics
+
+    table = format_metrics({"eval/kid": 0.002, "eval/kid_ci95": 0.001, "eval/kid_std": 0.01, "eval/rkid_std": 0.01,
+                            "eval/fid": 11.3, "eval/fid_num_real": 200, "eval/fid_min_real": 129}).splitlines()
+    assert [line.split()[0] for line in table] == ["eval/...", "fid", "kid"]
+    assert table[2].split()[1:] == ["0.002", "±", "0.001"]
+
+
+def test_a_probe_trained_under_mlflow_run_is_named_after_the_evaluate_runs_experiment(tmp_path):
+    """`mlflow run -e evaluate --experiment-name x`: the probe's run nests under the evaluate run, in x, and its
+    experiment_name param says x."""
+    from ldmflow.tracking.store import ensure_experiment, use_tracking_store
+    from ldmflow.workflows.evaluate import _experiment_of
+
+    with tracked_folder(tmp_path):
+        use_tracking_store()
+        run = _client().create_run(ensure_experiment("entry-point"))
+        assert _experiment_of(run.info.run_id) == "entry-point"
+        assert _experiment_of(None) is None

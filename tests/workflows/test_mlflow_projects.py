@@ -194,7 +194,7 @@ def test_pipeline_runs_children_under_one_parent_and_reuses_them(store):
     assert second.stderr.count("reusing finished run") == 4
     [summary] = [line for line in first.stdout.splitlines() if line.startswith("Pipeline: ")]
     assert "models:/ldmflow-vae/" in summary and "-> models:/ldmflow-latent-ddpm/" in summary
-    assert "(registered weights): val/psnr " in first.stdout  # the first stage's quality, in the pipeline's output
+    assert "(val/psnr " in summary and " at its registered weights) -> " in summary  # the first stage's quality
     assert "(reused)" not in summary and [line for line in second.stdout.splitlines()
                                           if line.startswith("Pipeline: ")][0].count("(reused)") == 4
     assert "Evaluation of models:/ldmflow-latent-ddpm/" in second.stdout and "temperature_mae" in second.stdout

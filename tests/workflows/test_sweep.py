@@ -156,8 +156,10 @@ def assert_refused(result, expected: str, store: Path) -> None:
     (["--storage", "not-a-url"], [], "--storage not-a-url: Could not parse"),
     ([], ["--no_such_option", "1"], "No such option"),
     (["--stage_options", "--kl_weight -1"], [], "--kl_weight must be in [0, inf]"),
+    ([], ["--learning_rate", "0.001"], "--learning_rate is given on the command line and searched by the space"),
+    (["--stage_options", "--learning_rate 0.001"], [], "--learning_rate is given on the command line and searched"),
 ], ids=["objective never logged", "objective without validation", "objective without a probe", "bad storage",
-        "unknown stage option", "bad stage option"])
+        "unknown stage option", "bad stage option", "option also searched", "stage_options also searched"])
 def test_bad_objectives_and_stage_options_are_refused_before_any_trial(refusing_store, sweep_options, stage_options,
                                                                        expected):
     result = invoke(*sweep_args("--n_trials", "1", *sweep_options), *stage_options, ok=False)
