@@ -209,36 +209,36 @@ def demo_data_command(**options):
 @settings_options(VaeSettings)
 def vae_command(**options):
     """Train an AutoencoderKL (by default 4 latent channels, x8) and save it in diffusers format at --output_dir."""
-    from ldmflow.workflows.train import run_training
+    from ldmflow.workflows.replicates import train
 
-    run_training(VaeSettings(**options))
+    train(VaeSettings(**options))
 
 
 @cli.command(LATENT_DDPM.command)
 @settings_options(LatentDdpmSettings)
 def latent_ddpm_command(**options):
     """Train a conditioned UNet2DConditionModel on a VAE's latents; writes unet/, scheduler, vae_source.json."""
-    from ldmflow.workflows.train import run_training
+    from ldmflow.workflows.replicates import train
 
-    run_training(LatentDdpmSettings(**options))
+    train(LatentDdpmSettings(**options))
 
 
 @cli.command(LEGACY_DDPM.command)
 @settings_options(LegacyDdpmSettings)
 def legacy_ddpm_command(**options):
     """Train the original unconditional pixel-space UNet2DModel; saved as a DDPMPipeline folder."""
-    from ldmflow.workflows.train import run_training
+    from ldmflow.workflows.replicates import train
 
-    run_training(LegacyDdpmSettings(**options))
+    train(LegacyDdpmSettings(**options))
 
 
 @cli.command(PROBE.command)
 @settings_options(ProbeSettings)
 def probe_command(**options):
     """Train the condition probe that evaluation reads conditions back with; registered as ldmflow-probe."""
-    from ldmflow.workflows.train import run_training
+    from ldmflow.workflows.replicates import train
 
-    run_training(ProbeSettings(**options))
+    train(ProbeSettings(**options))
 
 
 @cli.command("evaluate")

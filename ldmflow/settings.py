@@ -43,6 +43,7 @@ MAX_DIFFUSION_STEPS = 10_000
 MAX_GENERATED_IMAGES = 100_000
 MAX_FID_SAMPLES = 50_000
 MAX_SAMPLING_BATCH = 1024
+MAX_REPLICATES = 100
 LATENT_CACHE_DTYPES = ("float32", "float16")
 MAX_IMAGE_PIXELS = 16384 * 16384  # larger images are refused from their header, before any decoding
 
@@ -254,6 +255,9 @@ class TrainSettings(ManifestSettings, TrackingSettings):
     max_grad_norm: float = setting(1.0, "Gradient clipping norm.")
     mixed_precision: str = setting("no", "Autocast precision (fp16 needs CUDA).", choices=MIXED_PRECISIONS)
     seed: int = setting(0, "Seed of weights, shuffling, augmentation and noise.")
+    replicates: int = setting(1, "Train this many seeds (--seed, --seed + 1, ...) as child runs of one parent run "
+                                 "holding each metric's mean, sd, min and max; the replicate nearest the mean is "
+                                 "registered.")
     dataloader_num_workers: int = setting(0, "Data-loader worker processes.", resumable=True)
     checkpointing_steps: int = setting(500, "Save a resumable checkpoint every N steps.", resumable=True)
     checkpoints_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.", resumable=True)
@@ -293,7 +297,7 @@ class TrainSettings(ManifestSettings, TrackingSettings):
     def __post_init__(self) -> None:
         if self.resolution <= 0 or self.resolution % 8:
             raise LdmflowError(f"--resolution must be a positive multiple of 8, got {self.resolution}.")
-        _check_at_least(self, 1, "max_image_pixels", "train_batch_size", "eval_batch_size", "num_epochs",
+        _check_at_least(self, 1, "max_image_pixels", "train_batch_size", "eval_batch_size", "num_epochs", "replicates",
                         "gradient_accumulation_steps", "checkpointing_steps", "save_images_epochs", "logging_steps",
                         "layers_per_block", "num_validations",
                         "max_train_steps", "max_nonfinite_steps", "checkpoints_total_limit")
@@ -303,7 +307,9 @@ class TrainSettings(ManifestSettings, TrackingSettings):
         _check_batch_elements(self, "train_batch_size", "eval_batch_size")
         _check_at_most(self, MAX_WORKERS, "each worker is a process with its own copy of the dataset, and more "
                        "never load faster", "dataloader_num_workers")
-        _check_seeds(self)
+        _check_seeds(self, "replicates")
+        _check_at_most(self, MAX_REPLICATES, "each replicate is a whole training, run one after another",
+                       "replicates")
         _check_number(self, "learning_rate", 0, 1, low_open=True)
         _check_number(self, "adam_weight_decay", 0)
         _check_number(self, "max_grad_norm", 0, low_open=True)

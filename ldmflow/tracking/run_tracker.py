@@ -329,8 +329,7 @@ def open_run(settings, stage: str, enabled: bool = True, parent_run_id: str | No
     ends; `MLFLOW_RUN_ID` under `mlflow run`; else a new run in `settings.experiment_name`, or nested under
     `parent_run_id` in that run's experiment), or a NullTracker when disabled. Logs `settings.to_params()`, the
     stage tag and the environment's tags (ldmflow/environment.py), records system metrics, and ends the run
-    FINISHED, FAILED
-    (exception) or KILLED (Ctrl-C)."""
+    FINISHED, FAILED (exception) or KILLED (Ctrl-C)."""
     if not enabled:
         yield NullTracker()
         return

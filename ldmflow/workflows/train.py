@@ -172,21 +172,24 @@ def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) 
     return _on_main(accelerator, resolve)
 
 
-def run_training(settings: TrainSettings, parent_run_id: str | None = None, trial: TrialRun | None = None):
+def run_training(settings: TrainSettings, parent_run_id: str | None = None, trial: TrialRun | None = None,
+                 register: bool = True):
     """Train the model `settings` describes, tracked in MLflow unless --no_mlflow, in a run nested under
-    `parent_run_id` when given (a probe trained for an evaluation), or in a sweep's trial run.
+    `parent_run_id` when given (a probe trained for an evaluation, a replicate), or in a sweep's trial run.
 
-    Returns (TrainingOutcome, the registered model's URI or None; a trial's: its logged model, models:/<id>)."""
+    Returns (TrainingOutcome, the registered model's URI or None; a trial's, or with register False: its logged
+    model, models:/<id>)."""
     from ldmflow.training.prepare import build_accelerator
 
     kind = kind_trained_by(settings)
     accelerator = build_accelerator(settings)
     is_main = accelerator.is_main_process
     with folder_lock(settings.output_dir, f"ldmflow {kind.name}") if is_main else contextlib.nullcontext():
-        return _train_in(settings, kind, accelerator, parent_run_id, trial)
+        return _train_in(settings, kind, accelerator, parent_run_id, trial, register)
 
 
-def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: str | None, trial: TrialRun | None):
+def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: str | None, trial: TrialRun | None,
+              register: bool):
     """run_training with the output folder locked by the main process."""
     from ldmflow.tracking.registry import log_and_register
     from ldmflow.tracking.run_tracker import close_abandoned_run, open_run
@@ -224,8 +227,8 @@ def _train_in(settings: TrainSettings, kind: Kind, accelerator, parent_run_id: s
                 kind.name, outcome.model_dir, tracker, registered_model_name=settings.registered_model_name,
                 alias=settings.register_alias, vae_source=vae_source, dataset_digest=manifest.digest,
                 condition_spec=None if manifest.spec.is_empty else str(manifest.spec),
-                extra_tags=outcome.version_tags(), step=outcome.step, register=trial is None)
-            if trial is None:
+                extra_tags=outcome.version_tags(), step=outcome.step, register=register and trial is None)
+            if register and trial is None:
                 tracker.set_tags({REGISTERED_URI_TAG: registered.model_uri})
             model_uri = registered.model_uri
     accelerator.end_training()

@@ -1,0 +1,129 @@
+"""`--replicates N`: one recipe trained with the seeds seed, seed + 1, ..., seed + N - 1, as N child runs of one
+parent run.
+
+A training's score is one draw of its training noise. The parent run carries each final metric's mean over the
+replicates with `_sd`, `_min` and `_max` beside it, so the MLflow compare view sets recipes side by side beyond
+one lucky seed, and `ldmflow compare runs:/<parent> ...` includes that noise in its intervals. Every replicate
+logs its model; the one nearest the group's mean on the metric that picked its weights is registered (the
+recipe's typical model, not its luckiest seed), and the parent run says which and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ldmflow.errors import LdmflowError
+from ldmflow.settings import TrainSettings
+from ldmflow.tags import (REGISTERED_URI_TAG, REPLICATE_MODEL_TAG, REPLICATE_OF_TAG, REPLICATE_REGISTERED_TAG,
+                          REPLICATES_TAG)
+from ldmflow.workflows.train import kind_trained_by, run_training
+
+logger = logging.getLogger(__name__)
+SPREAD_SUFFIXES = ("_sd", "_min", "_max")
+
+
+@dataclass(frozen=True)
+class Replicate:
+    seed: int
+    run_id: str
+    model_uri: str  # models:/<logged model id>
+    metrics: dict[str, float]
+    selection: tuple[str, float] | None  # the metric that picked its weights, and its value there
+
+
+def group_metrics(replicates: list[Replicate]) -> dict[str, float]:
+    """Each metric every replicate has: its mean, and `_sd` (sample sd), `_min` and `_max` over replicates."""
+    common = set.intersection(*(set(r.metrics) for r in replicates))
+    summary = {}
+    for key in sorted(common):
+        values = np.array([r.metrics[key] for r in replicates], dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            continue
+        summary.update({key: float(values.mean()), f"{key}_sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                        f"{key}_min": float(values.min()), f"{key}_max": float(values.max())})
+    return summary
+
+
+def nearest_the_mean(replicates: list[Replicate]) -> tuple[Replicate, str]:
+    """The replicate to register, and why: nearest the group's mean of the metric that picked each one's
+    weights (its best validation score), else the first."""
+    picked = [r.selection for r in replicates]
+    if all(p is not None and p[0] == picked[0][0] and np.isfinite(p[1]) for p in picked):
+        metric, mean = picked[0][0], float(np.mean([p[1] for p in picked]))
+        chosen = min(replicates, key=lambda r: abs(r.selection[1] - mean))
+        return chosen, (f"seed {chosen.seed} (run {chosen.run_id}): its {metric} {chosen.selection[1]:.4g} is the "
+                        f"nearest to the group's mean {mean:.4g}, the recipe's typical model")
+    return replicates[0], f"seed {replicates[0].seed} (run {replicates[0].run_id}): no shared selection metric"
+
+
+@contextlib.contextmanager
+def _outside_the_parent_run():
+    """MLFLOW_RUN_ID (set by `mlflow run` for the parent) unset while the replicates open runs of their own."""
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
+
+
+def _replicate(settings: TrainSettings, index: int, parent_run_id: str) -> Replicate:
+    from mlflow import MlflowClient
+
+    seed = settings.seed + index
+    child = dataclasses.replace(settings, seed=seed, replicates=1,
+                                output_dir=str(Path(settings.output_dir) / f"replicate-{index}"),
+                                run_name=f"{settings.run_name or kind_trained_by(settings).name}-seed{seed}")
+    logger.info("Replicate %d of %d: seed %d.", index + 1, settings.replicates, seed)
+    try:
+        with _outside_the_parent_run():
+            outcome, model_uri = run_training(child, parent_run_id=parent_run_id, register=False)
+    except LdmflowError as error:
+        raise LdmflowError(f"Replicate {index + 1} of {settings.replicates} (seed {seed}) failed: {error}") from None
+    client = MlflowClient()
+    run_id = client.get_logged_model(model_uri.removeprefix("models:/")).source_run_id
+    client.set_tag(run_id, REPLICATE_OF_TAG, parent_run_id)
+    client.set_tag(run_id, REPLICATE_MODEL_TAG, model_uri)
+    selection = (outcome.metric, outcome.metric_value) if outcome.metric is not None else None
+    metrics = {key: value for key, value in client.get_run(run_id).data.metrics.items()
+               if not key.startswith("system/")}  # each metric's last value; not the machine's load
+    return Replicate(seed, run_id, model_uri, metrics, selection)
+
+
+def run_replicates(settings: TrainSettings) -> list[Replicate]:
+    """Train `settings.replicates` seeds of one recipe under one parent run, and register the typical one."""
+    from ldmflow.tracking.registry import register_logged_model
+    from ldmflow.tracking.run_tracker import open_run
+
+    kind = kind_trained_by(settings)
+    if settings.no_mlflow:
+        raise LdmflowError("--replicates needs MLflow (the group is a parent run of the replicates' runs): drop "
+                           "--no_mlflow, or train the seeds one by one with --seed.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LdmflowError("--replicates runs its seeds one after another in one process: start it without "
+                           "accelerate launch, or launch each seed as its own command with --seed.")
+    with open_run(settings, kind.name) as parent:
+        parent.set_tags({REPLICATES_TAG: str(settings.replicates)})
+        replicates = [_replicate(settings, i, parent.run_id) for i in range(settings.replicates)]
+        parent.log_metrics(group_metrics(replicates), step=0)
+        chosen, why = nearest_the_mean(replicates)
+        registered = register_logged_model(chosen.model_uri.removeprefix("models:/"),
+                                           settings.registered_model_name, settings.register_alias)
+        parent.set_tags({REPLICATE_REGISTERED_TAG: f"{registered.model_uri}: {why}",
+                         REGISTERED_URI_TAG: registered.model_uri})
+        logger.info("Replicate group %s: registered %s, %s.", parent.run_id, registered.model_uri, why)
+    return replicates
+
+
+def train(settings: TrainSettings):
+    """A trainer command: one training, or a replicate group when --replicates is above 1."""
+    if settings.replicates > 1:
+        return run_replicates(settings)
+    return run_training(settings)
