@@ -285,8 +285,13 @@ def pipeline_command(**options):
     from ldmflow.evaluation.report import format_metrics
     from ldmflow.tracking.lineage import version_metrics
     from ldmflow.workflows.pipeline import evaluation_metrics, run_pipeline
+    from ldmflow.workflows.replicates import format_group, run_pipeline_replicates
 
-    result = run_pipeline(PipelineSettings(**options))
+    settings = PipelineSettings(**options)
+    if settings.replicates > 1:
+        click.echo(format_group(run_pipeline_replicates(settings)))
+        return
+    result = run_pipeline(settings)
 
     def reused(flag: bool) -> str:
         return " (reused)" if flag else ""

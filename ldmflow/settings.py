@@ -633,9 +633,15 @@ class PipelineSettings(ExperimentSettings):
     guidance_scale: float = setting(_default(SampleSettings, "guidance_scale"), "Guidance of previews and samples.")
     eval_num_samples: int = setting(_default(EvaluateSettings, "num_samples"), "Images the evaluate step scores.")
     seed: int = setting(_default(TrainSettings, "seed"), "Seed of every step.")
+    replicates: int = setting(1, "Run the pipeline with this many seeds (--seed, --seed + 1, ...) as child runs of "
+                                 "one parent run holding each evaluation score's mean, sd, min and max.")
 
     def __post_init__(self) -> None:
         """Check every step's settings now, so a bad value fails before the parent run opens."""
+        _check_at_least(self, 1, "replicates")
+        _check_at_most(self, MAX_REPLICATES, "each replicate is a whole pipeline, run one after another",
+                       "replicates")
+        _check_seeds(self, "replicates")
         upstream_model = {"model_uri": "models:/latent-ddpm-step"}
         placeholders = ({}, {"vae_uri": "models:/vae-step"}, upstream_model, upstream_model)
         step_classes = (VaeSettings, LatentDdpmSettings, SampleSettings, EvaluateSettings)

@@ -56,6 +56,15 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("vae: no manifest", [*VAE[:2], "{tmp}/missing.json", *VAE[3:]], "missing.json"),
     ("vae: eval epochs", [*VAE, "--eval_epochs", "-1"], "--eval_epochs must be at least 0"),
     ("vae: no validations", [*VAE, "--num_validations", "0"], "--num_validations must be at least 1"),
+    ("vae: no replicates", [*VAE, "--replicates", "0"], "--replicates must be at least 1, got 0"),
+    ("vae: replicates untracked", [*VAE, "--replicates", "2", "--no_mlflow"], "--replicates needs MLflow"),
+    ("pipeline: no replicates", [*PIPELINE, "--replicates", "0"], "--replicates must be at least 1, got 0"),
+    ("compare: a VAE with a latent DDPM", ["compare", "{vae}", "{latent}", "--manifest_path", "{data}",
+                                           "--output_dir", "{out}"], "compare models of one kind"),
+    ("compare: a model with itself", ["compare", "{vae}", "{vae}", "--manifest_path", "{data}", "--output_dir",
+                                      "{out}"], "compare two different models"),
+    ("compare: no such model", ["compare", "{tmp}/nothing", "{vae}", "--manifest_path", "{data}", "--output_dir",
+                                "{out}"], "nothing"),
     ("latent: zero SNR with epsilon", [*LATENT, "--rescale_betas_zero_snr"],
      "--rescale_betas_zero_snr needs --prediction_type v_prediction"),
     ("latent: time embedding", [*LATENT, "--time_embedding_dim", "0"], "--time_embedding_dim must be at least 1"),
@@ -197,7 +206,7 @@ def test_the_table_covers_every_command():
     commands = {arguments[0] for _, arguments, _ in CASES}
     assert len(CASES) >= 40
     assert {"check-manifest", "demo-data", "vae", "latent-ddpm", "legacy-ddpm", "probe", "sample", "evaluate",
-            "pipeline", "lineage", "sweep", "server", "cache-latents"} <= commands
+            "pipeline", "lineage", "sweep", "server", "cache-latents", "compare"} <= commands
 
 
 @pytest.mark.train

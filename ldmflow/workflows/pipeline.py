@@ -18,11 +18,12 @@ from ldmflow.environment import environment_tags
 from ldmflow.errors import LdmflowError
 from ldmflow.models.kinds import LATENT_DDPM, VAE
 from ldmflow.settings import PipelineSettings, param_value
-from ldmflow.tags import (CODE_VERSION_TAG, DATASET_DIGEST_TAG, ENTRY_POINT_TAG, PIPELINE_TAG_PREFIX,
-                          REGISTERED_URI_TAG, RUN_NAME_TAG, STAGE_TAG)
+from ldmflow.tags import (CODE_VERSION_TAG, DATASET_DIGEST_TAG, ENTRY_POINT_TAG, PARENT_RUN_TAG,
+                          PIPELINE_TAG_PREFIX, REGISTERED_URI_TAG, RUN_NAME_TAG, STAGE_TAG)
 from ldmflow.tracking.store import filter_value
 
 logger = logging.getLogger(__name__)
+PIPELINE_STAGE = "pipeline"  # the stage tag of a pipeline's parent run
 
 
 def project_dir() -> Path:
@@ -126,8 +127,8 @@ class PipelineResult:
         return {f"{PIPELINE_TAG_PREFIX}{key}": str(value) for key, value in dataclasses.asdict(self).items()}
 
 
-def run_pipeline(settings: PipelineSettings) -> PipelineResult:
-    """Run (or reuse) the four steps under one parent run."""
+def run_pipeline(settings: PipelineSettings, parent_run_id: str | None = None) -> PipelineResult:
+    """Run (or reuse) the four steps under one parent run (itself nested under `parent_run_id`: a replicate)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -146,8 +147,10 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
                                               run_location)
 
     attach = os.environ.get("MLFLOW_RUN_ID")
-    name = default_run_name("pipeline", settings)
-    with (mlflow.start_run(run_id=attach, experiment_id=experiment_id, run_name=None if attach else name) as parent,
+    name = default_run_name(PIPELINE_STAGE, settings)
+    nesting = {PARENT_RUN_TAG: parent_run_id} if parent_run_id and not attach else None
+    with (mlflow.start_run(run_id=attach, experiment_id=experiment_id, run_name=None if attach else name,
+                           tags=nesting, nested=mlflow.active_run() is not None) as parent,
           recording_failure(parent.info.run_id, settings.output_root)):
         if attach and MLFLOW_RANDOM_NAME.match(parent.info.run_name or ""):
             mlflow.set_tag(RUN_NAME_TAG, name)
@@ -156,7 +159,7 @@ def run_pipeline(settings: PipelineSettings) -> PipelineResult:
         os.environ[UI_HINT_SHOWN_ENV] = "1"  # the steps (child processes) need not repeat it
         existing = client.get_run(parent.info.run_id).data.params
         mlflow.log_params({k: v for k, v in settings.to_params().items() if k not in existing})
-        mlflow.set_tags({STAGE_TAG: "pipeline", CODE_VERSION_TAG: version, **environment_tags()})
+        mlflow.set_tags({STAGE_TAG: PIPELINE_STAGE, CODE_VERSION_TAG: version, **environment_tags()})
         digest = manifest.digest
         vae_run, vae_reused = _run_step(client, experiment_id, VAE.name, params[VAE.name], version, digest)
         vae_uri = _registered_uri(vae_run, VAE.name)

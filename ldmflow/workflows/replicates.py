@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from ldmflow.errors import LdmflowError
+from ldmflow.evaluation.adherence import MEAN_ERROR
 from ldmflow.settings import TrainSettings
-from ldmflow.tags import (REGISTERED_URI_TAG, REPLICATE_MODEL_TAG, REPLICATE_OF_TAG, REPLICATE_REGISTERED_TAG,
+from ldmflow.tags import (PARENT_RUN_TAG, REGISTERED_URI_TAG, REPLICATE_MODEL_TAG, REPLICATE_OF_TAG, REPLICATE_REGISTERED_TAG,
                           REPLICATES_TAG)
 from ldmflow.workflows.train import kind_trained_by, run_training
 
@@ -127,3 +128,55 @@ def train(settings: TrainSettings):
     if settings.replicates > 1:
         return run_replicates(settings)
     return run_training(settings)
+
+
+def run_pipeline_replicates(settings) -> tuple[str, list[Replicate], str]:
+    """`ldmflow pipeline --replicates N`: N pipelines (seeds seed, seed + 1, ...) as child runs of one parent run
+    whose metrics are each evaluation score's (and the VAE's val PSNR/SSIM's) mean, sd, min and max. Each
+    pipeline registers its own models, as a single one does; the group run names the one nearest the mean."""
+    from mlflow import MlflowClient
+
+    from ldmflow.tracking.lineage import version_metrics
+    from ldmflow.tracking.run_tracker import open_run
+    from ldmflow.workflows.pipeline import PIPELINE_STAGE, evaluation_metrics, run_pipeline
+
+    replicates = []
+    with open_run(settings, PIPELINE_STAGE) as parent:
+        parent.set_tags({REPLICATES_TAG: str(settings.replicates)})
+        for index in range(settings.replicates):
+            seed = settings.seed + index
+            child = dataclasses.replace(settings, seed=seed, replicates=1,
+                                        output_root=str(Path(settings.output_root) / f"replicate-{index}"))
+            logger.info("Replicate %d of %d: the pipeline with seed %d.", index + 1, settings.replicates, seed)
+            with _outside_the_parent_run():
+                result = run_pipeline(child, parent_run_id=parent.run_id)
+            run_id = MlflowClient().get_run(result.evaluate_run_id).data.tags.get(PARENT_RUN_TAG, "")
+            for key, value in ((REPLICATE_OF_TAG, parent.run_id), (REPLICATE_MODEL_TAG, result.latent_ddpm_uri)):
+                MlflowClient().set_tag(run_id, key, value)
+            metrics = {**evaluation_metrics(result.evaluate_run_id),
+                       **{f"vae_{key}": value for key, value in version_metrics(result.vae_uri).items()
+                          if key in ("val/psnr", "val/ssim")}}
+            mean_error = f"eval/{MEAN_ERROR}"
+            selection = (mean_error, metrics[mean_error]) if mean_error in metrics else None
+            replicates.append(Replicate(seed, run_id, result.latent_ddpm_uri, metrics, selection))
+        parent.log_metrics(group_metrics(replicates), step=0)
+        chosen, why = nearest_the_mean(replicates)
+        parent.set_tags({REPLICATE_REGISTERED_TAG: f"{chosen.model_uri}: {why}"})
+    return parent.run_id, replicates, f"{chosen.model_uri}, {why}"
+
+
+HEADLINES = ("eval/temperature_mae_pct", "eval/wind_angle_error_deg", "eval/wind_mag_mae_pct",
+             f"eval/{MEAN_ERROR}", "eval/fid", "vae_val/psnr")
+
+
+def format_group(group: tuple[str, list[Replicate], str]) -> str:
+    """What `ldmflow pipeline --replicates N` prints: each replicate's model, the headline scores' mean ± sd
+    (min to max), and the typical model."""
+    run_id, replicates, typical = group
+    summary = group_metrics(replicates)
+    lines = [f"Replicate group {run_id}: {len(replicates)} pipelines (seeds {replicates[0].seed} to "
+             f"{replicates[-1].seed}): " + ", ".join(r.model_uri for r in replicates) + "."]
+    lines += [f"  {key}: {summary[key]:.4g} ± {summary[key + '_sd']:.2g} ({summary[key + '_min']:.4g} to "
+              f"{summary[key + '_max']:.4g})" for key in HEADLINES if key in summary]
+    return "\n".join(lines + [f"Nearest the mean: {typical}."])
+

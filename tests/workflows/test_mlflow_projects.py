@@ -32,8 +32,8 @@ def mlflow_run(env: dict, entry_point: str, *params: str) -> subprocess.Complete
     return result
 
 
-def ldmflow(env: dict, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(BIN / "ldmflow"), *args], env=env, capture_output=True, text=True, timeout=300,
+def ldmflow(env: dict, *args: str, ok: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(BIN / "ldmflow"), *args], env=env, capture_output=True, text=True, timeout=timeout,
                             cwd=env["WORKDIR"])
     if ok:
         assert result.returncode == 0, result.stderr[-4000:]
@@ -208,3 +208,28 @@ def test_pipeline_runs_children_under_one_parent_and_reuses_them(store):
     evaluate = client.get_run(probe.data.tags["mlflow.parentRunId"])  # the evaluation that trained it
     assert evaluate.data.tags["ldmflow.stage"] == "evaluate"
     assert client.get_run(evaluate.data.tags["mlflow.parentRunId"]).data.tags["ldmflow.stage"] == "pipeline"
+
+
+@pytest.mark.slow
+def test_pipeline_replicates_are_one_parent_with_a_pipeline_per_seed_and_spread_metrics(store):
+    env, manifest = store
+    result = ldmflow(env, "pipeline", "--manifest_path", str(manifest), "--output_root",
+                     f"{env['WORKDIR']}/replicates", "--resolution", "32", "--vae_block_out_channels", "16,16,16,16",
+                     "--ddpm_block_out_channels", "32,32", "--layers_per_block", "1", "--vae_epochs", "1",
+                     "--ddpm_epochs", "1", "--num_images", "2", "--vae_train_batch_size", "4",
+                     "--ddpm_train_batch_size", "4", "--eval_num_samples", "8", "--lr_warmup_steps", "0",
+                     "--num_inference_steps", "2", "--replicates", "3", "--seed", "5", timeout=1200)
+    [header] = [line for line in result.stdout.splitlines() if line.startswith("Replicate group ")]
+    group = header.split()[2].rstrip(":")
+    assert "3 pipelines (seeds 5 to 7)" in header and "Nearest the mean: models:/ldmflow-latent-ddpm/" in result.stdout
+    client = _client()
+    parent = client.get_run(group)
+    assert parent.data.tags["ldmflow.stage"] == "pipeline" and parent.data.tags["ldmflow.replicates"] == "3"
+    children = client.search_runs([parent.info.experiment_id], f"tags.`ldmflow.replicate_of` = '{group}'")
+    assert sorted(run.data.params["seed"] for run in children) == ["5", "6", "7"]
+    assert all(run.data.tags["mlflow.parentRunId"] == group and run.data.tags["ldmflow.stage"] == "pipeline"
+               for run in children)
+    metrics = parent.data.metrics
+    for key in ("eval/temperature_mae_pct", "vae_val/psnr"):
+        assert {key, f"{key}_sd", f"{key}_min", f"{key}_max"} <= set(metrics)
+        assert metrics[f"{key}_min"] <= metrics[key] <= metrics[f"{key}_max"] and metrics[f"{key}_sd"] > 0
