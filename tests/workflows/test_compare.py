@@ -129,3 +129,34 @@ def test_a_verdict_needs_the_whole_interval_on_one_side_of_zero():
     assert MetricComparison("psnr", 30.0, 29.5, 1.0, True).verdict == WITHIN_NOISE
     assert training_half_width([1.0], [2.0]) == 0.0  # one model a side: its training noise is unknown
     assert training_half_width([1.0, 3.0], [2.0, 4.0]) == pytest.approx(4.3027 * 2 ** 0.5, rel=1e-3)  # df = 2
+
+
+def test_condition_errors_are_paired_per_request_and_a_model_that_follows_them_is_better():
+    """The latent DDPM path on stand-in readings: the same requests, one model reading back what it was asked."""
+    from ldmflow.evaluation.adherence import Requests
+    from ldmflow.evaluation.comparison import compare_metrics, paired_half_widths
+    from ldmflow.training.loop import higher_is_better
+    from ldmflow.workflows.compare import _per_sample_score
+    from ldmflow.workflows.evaluate import Evaluation
+
+    spec = ConditionSpec.parse("temperature:1,wind:3")
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.uniform(0, 10, (64, 1)), rng.normal(size=(64, 3))], axis=1)
+    requests = Requests([{}] * 64, values, np.ones((64, 2)))
+    ranges = {"temperature": (0.0, 10.0), "wind": (0.0, 3.0)}
+
+    def evaluation(readings):
+        return Evaluation({}, {"eval_stage": "latent_ddpm"}, None, {}, None, np.zeros((64, 4, 4, 3)), None,
+                          requests, readings)
+
+    follows = evaluation(values + rng.normal(scale=0.1, size=values.shape))
+    ignores = evaluation(values[rng.permutation(64)])
+    scores = [_per_sample_score(e, spec, ranges) for e in (follows, ignores)]
+    halves = paired_half_widths([scores[0]], [scores[1]], 64)
+    full = np.arange(64)
+    rows = {row.metric: row for row in compare_metrics({k: [v] for k, v in scores[0](full).items()},
+                                                        {k: [v] for k, v in scores[1](full).items()}, halves,
+                                                        higher_is_better)}
+    assert rows["temperature_mae_pct"].verdict == rows["wind_angle_error_deg"].verdict == BETTER
+    same = paired_half_widths([scores[0]], [scores[0]], 64)
+    assert same["temperature_mae_pct"] == 0.0  # a model against itself: no noise at all when paired
