@@ -28,6 +28,9 @@ SWEEP = ["sweep", "--stage", "vae", "--manifest_path", "{data}", "--output_dir",
 
 CASES = [  # (id, arguments, fragment of the one error line)
     ("check-manifest: no such file", ["check-manifest", "--manifest_path", "{tmp}/missing.json"], "missing.json"),
+    ("check-manifest: a folder", ["check-manifest", "--manifest_path", "{tmp}"], "is a folder; expected a file"),
+    ("sweep: space is a device", [*SWEEP, "/dev/zero"], "--space /dev/zero is a device of more than 1 MiB"),
+    ("sample: conditions file is a folder", [*SAMPLE, "--conditions_file", "{tmp}"], "is a folder"),
     ("check-manifest: broken JSON", ["check-manifest", "--manifest_path", "{broken}"], "line 1"),
     ("check-manifest: bad spec", ["check-manifest", "--manifest_path", "{data}", "--condition_spec", "wind:x"],
      "dimension of 'wind' must be an integer"),

@@ -32,6 +32,7 @@ from ldmflow.data.conditions import (
 )
 from ldmflow.data.image_io import UnreadableImageError, header_problem, read_image
 from ldmflow.errors import LdmflowError
+from ldmflow.files import MAX_MANIFEST_BYTES, read_user_file
 from ldmflow.settings import DEFAULT_CONDITION_SPEC, MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
@@ -161,14 +162,7 @@ def load_manifest(
 
 
 def _read_manifest_bytes(path: Path) -> bytes:
-    if path.is_dir():
-        raise LdmflowError(f"Manifest path {path} is a directory; expected a JSON file.")
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise LdmflowError(f"Manifest not found: {path}") from None
-    except OSError as exc:
-        raise LdmflowError(f"Cannot read manifest {path}: {exc.strerror or exc}") from None
+    return read_user_file(path, "Manifest", MAX_MANIFEST_BYTES)
 
 
 def _parse_json(raw: bytes, path: Path) -> object:
