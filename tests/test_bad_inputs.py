@@ -31,6 +31,8 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("check-manifest: a folder", ["check-manifest", "--manifest_path", "{tmp}"], "is a folder; expected a file"),
     ("sweep: space is a device", [*SWEEP, "/dev/zero"], "--space /dev/zero is a device of more than 1 MiB"),
     ("sample: conditions file is a folder", [*SAMPLE, "--conditions_file", "{tmp}"], "is a folder"),
+    ("check-manifest: every pixel NaN", ["check-manifest", "--manifest_path", "{all_nan}", "--condition_spec", "none"],
+     "all 64 pixels are NaN or infinite"),
     ("check-manifest: broken JSON", ["check-manifest", "--manifest_path", "{broken}"], "line 1"),
     ("check-manifest: bad spec", ["check-manifest", "--manifest_path", "{data}", "--condition_spec", "wind:x"],
      "dimension of 'wind' must be an integer"),
@@ -137,10 +139,17 @@ def inputs(tmp_path_factory):
         assert CliRunner().invoke(cli, ["demo-data", "--output_dir", "data", "--num_images", "16", "--resolution",
                                         "32", "--val_fraction", "0.25"]).exit_code == 0
         (root / "broken.json").write_text('{"items": [')
+        import numpy as np
+        import tifffile
+
+        (root / "nan").mkdir()
+        tifffile.imwrite(root / "nan" / "a.tiff", np.full((8, 8, 3), np.nan, np.float32))
+        (root / "nan" / "manifest.json").write_text(json.dumps({"items": [{"output_rel": "a.tiff", "metadata": {"split": "train"}}]}))
         (root / "space.yaml").write_text("learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
         (root / "inverted.yaml").write_text("learning_rate: {low: 1.0e-2, high: 1.0e-4}\n")
         values = {"tmp": str(root), "data": str(root / "data" / "manifest.json"), "data_dir": str(root / "data"),
                   "broken": str(root / "broken.json"),
+                  "all_nan": str(root / "nan" / "manifest.json"),
                   "space": str(root / "space.yaml"), "inverted_space": str(root / "inverted.yaml"), "vae": str(root / "vae"), "latent": str(root / "latent")}
         yield root, values
 
