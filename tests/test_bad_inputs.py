@@ -121,6 +121,7 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("server: a role with no server", ["server", "set-role", "rita", "--role", "editor", "--root", "{out}"],
      "No server was started in"),  # a reader training against a server: tests/server/test_secure_server.py
     ("lineage: unknown model", ["lineage", "models:/no-such-model/1"], "no-such-model"),
+    ("lineage: a name with both quotes", ["lineage", "models:/it's \"x\"/1"], "does not exist"),
     ("cache-latents: no VAE there", [*CACHE, "{tmp}/no_vae"], "does not exist"),
     ("cache-latents: not a VAE", [*CACHE, "{data_dir}"], "is not a vae model"),
     ("cache-latents: dtype", [*CACHE, "{tmp}/no_vae", "--latent_cache_dtype", "int8"], "'int8' is not one of"),

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from ldmflow.errors import LdmflowError
 from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, UNET_FOLDER, VAE, VAE_SOURCE_FILE, kind_named,
                                   logged_kind, model_root)
-from ldmflow.tracking.store import filter_value
+from ldmflow.tracking.store import equals, filter_value
 
 ACCEPTED_FORMS = ("a local folder, runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> "
                   "or models:/<model_id>")
@@ -136,9 +136,9 @@ def registered_version(client, name: str, version: str | None, alias: str | None
 def _version_numbers(client, name: str) -> list[int]:
     versions, token = [], None
     while True:
-        page = client.search_model_versions(filter_string=f"name = {filter_value(name)}", max_results=1000,
+        page = client.search_model_versions(filter_string=equals("name", name), max_results=1000,
                                             page_token=token)
-        versions += [int(v.version) for v in page]
+        versions += [int(v.version) for v in page if v.name == name]
         token = page.token
         if not token:
             return sorted(versions)

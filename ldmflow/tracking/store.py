@@ -263,6 +263,17 @@ def _artifact_location(uri: str, name: str) -> str | None:
     return (db_path.parent / ARTIFACTS_DIR_NAME / folder).as_uri()
 
 
+def equals(field: str, value) -> str:
+    """A `filter_string` clause matching `field` equal to `value`. MLflow's filter parser has no escapes, so a value
+    holding both quote kinds (or a backslash) is matched with LIKE, each of those characters a one-character
+    wildcard: a superset of the matches, which the caller narrows to equal values."""
+    text = str(value)
+    if not ("'" in text and '"' in text) and "\\" not in text:
+        return f"{field} = {filter_value(text)}"
+    pattern = re.sub(r"['\\\\]", "_", text)
+    return f"{field} LIKE '{pattern}'"
+
+
 def filter_value(value) -> str:
     """A string literal for an MLflow `filter_string` (double quotes when the value holds a single quote)."""
     text = str(value)
