@@ -55,6 +55,8 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("vae: channels not numbers", [*VAE, "--block_out_channels", "a,b"], "comma list of integers"),
     ("vae: reserved alias", [*VAE, "--register_alias", "latest"], "reserved by MLflow"),
     ("vae: no checkpoint", [*VAE, "--resume_from_checkpoint", "{tmp}/nothing"], "not a complete ldmflow checkpoint"),
+    ("vae: damaged checkpoint", [*VAE, "--resume_from_checkpoint", "{damaged}"],
+     "is damaged (model.safetensors is missing)"),
     ("vae: val leaks into train", [*VAE, "--split", "all"], "share"),
     ("vae: unknown checkpoint metric", [*VAE, "--checkpoint_metric", "val/fid"], "--checkpoint_metric val/fid"),
     ("vae: precision", [*VAE, "--mixed_precision", "fp8"], "'fp8' is not one of"),
@@ -146,11 +148,13 @@ def inputs(tmp_path_factory):
         (root / "nan").mkdir()
         tifffile.imwrite(root / "nan" / "a.tiff", np.full((8, 8, 3), np.nan, np.float32))
         (root / "nan" / "manifest.json").write_text(json.dumps({"items": [{"output_rel": "a.tiff", "metadata": {"split": "train"}}]}))
+        (root / "damaged").mkdir()
+        (root / "damaged" / "checkpoint_files.json").write_text('{"model.safetensors": 10}')
         (root / "space.yaml").write_text("learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
         (root / "inverted.yaml").write_text("learning_rate: {low: 1.0e-2, high: 1.0e-4}\n")
         values = {"tmp": str(root), "data": str(root / "data" / "manifest.json"), "data_dir": str(root / "data"),
                   "broken": str(root / "broken.json"),
-                  "all_nan": str(root / "nan" / "manifest.json"),
+                  "all_nan": str(root / "nan" / "manifest.json"), "damaged": str(root / "damaged"),
                   "space": str(root / "space.yaml"), "inverted_space": str(root / "inverted.yaml"), "vae": str(root / "vae"), "latent": str(root / "latent")}
         yield root, values
 
