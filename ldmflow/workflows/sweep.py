@@ -10,6 +10,7 @@ model is registered with the alias `sweep-<study>`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shlex
@@ -137,6 +138,7 @@ def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
 
     from ldmflow.tracking.store import ensure_experiment, use_tracking_store
     from ldmflow.tracking.study import StudyRuns, open_study, optuna_storage
+    from ldmflow.tracking.study_report import log_study_params
 
     plan = plan_sweep(settings, stage_options)
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run: trials have runs of their own
@@ -152,6 +154,7 @@ def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
     runs = StudyRuns(study, experiment_id)
     parent = runs.parent_run_id
     _tag_run(parent, {STAGE_TAG: SWEEP_STAGE, SWEEP_STUDY_TAG: plan.name})
+    log_study_params(parent, study_params(plan))
     if project_run:  # named after the study, and pointing to its run
         _tag_run(project_run, {SWEEP_STUDY_RUN_TAG: parent, RUN_NAME_TAG: f"{SWEEP_STAGE}-{plan.name}"})
     logger.info("Study %s (run %s): %s %s of %s over %s.", plan.name, parent, plan.direction, plan.objective,
@@ -160,6 +163,14 @@ def run_sweep(settings: SweepSettings, stage_options: dict) -> dict:
 
     interrupted = optimize(study, plan, runs, settings)
     return finish(study, plan, runs, settings, interrupted)
+
+
+def study_params(plan: SweepPlan) -> dict[str, str]:
+    """The study run's params: what it optimises, its space, and the stage's fixed settings (not those it varies)."""
+    varied = {dimension.name for dimension in plan.space.dimensions}
+    fixed = {key: value for key, value in plan.base.to_params().items() if key not in varied}
+    return {**fixed, "sweep_stage": plan.kind.name, "sweep_objective": plan.objective,
+            "sweep_direction": plan.direction, "sweep_space": json.dumps(plan.space.to_dict(), sort_keys=True)}
 
 
 def _tag_run(run_id: str, tags: dict[str, str]) -> None:
