@@ -237,7 +237,7 @@ def _download(uri: str, dst_dir) -> Path:
 
     if dst_dir is None:
         dst_dir = Path(tempfile.mkdtemp(prefix="ldmflow-download-"))
-    dst_dir = Path(dst_dir)
+    dst_dir = Path(dst_dir).absolute()  # MLflow returns absolute paths
     try:
         dst_dir.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.", suffix=".tmp", dir=dst_dir.parent))

@@ -49,8 +49,10 @@ def test_a_download_onto_a_full_disk_says_so_and_leaves_no_partial_folder(regist
     assert os.listdir(full_disk) == []
 
 
-def test_a_download_that_works_lands_in_its_folder_alone(registered, tmp_path):
-    source = resolve_model_source(registered, dst_dir=tmp_path / "out" / ".probe_download")
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_download_that_works_lands_in_its_folder_alone(registered, tmp_path, relative):
+    folder = "out/.probe_download" if relative else tmp_path / "out" / ".probe_download"  # from tmp_path
+    source = resolve_model_source(registered, dst_dir=folder)
     assert (source.local_dir / "weights.bin").stat().st_size == 300_000
     assert sorted(os.listdir(tmp_path / "out")) == [".probe_download"]
 
