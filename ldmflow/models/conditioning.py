@@ -24,6 +24,14 @@ from ldmflow.data.conditions import ConditionSpec, ConditionStats
 from ldmflow.models.kinds import CONDITIONING_FILE
 
 
+FAR_FROM_TRAINING_STDS = 6.0  # a requested value this far from the training values is an extrapolation
+
+
+def _numbers(values) -> str:
+    text = ", ".join(f"{float(v):.4g}" for v in values)
+    return text if len(values) == 1 else f"[{text}]"
+
+
 @dataclass(frozen=True)
 class ConditionEncoder:
     """Normalises conditions with the training split's statistics and appends presence flags."""
@@ -52,6 +60,19 @@ class ConditionEncoder:
         present = present.to(values.dtype)
         normalised = (values - mean) / std * present[:, owner]  # each value dimension's condition flag
         return torch.cat([normalised, present], dim=1)
+
+    def far_from_training(self, values: np.ndarray, limit: float = FAR_FROM_TRAINING_STDS) -> str | None:
+        """The first condition of a (value_dim,) request more than `limit` standard deviations from the training
+        values, said with what the model was trained on; None when every value is within."""
+        mean, std = np.asarray(self.stats.mean), np.asarray(self.stats.std)
+        distance = np.abs(np.asarray(values, np.float64) - mean) / np.where(std > 0, std, 1.0)  # (value_dim,)
+        for name, where in self.spec.slices().items():
+            if (distance[where] > limit).any():
+                low, high = mean[where] - 3 * std[where], mean[where] + 3 * std[where]
+                return (f"{name} = {_numbers(np.asarray(values)[where])} is {distance[where].max():.3g} standard "
+                        f"deviations from the training data (mean {_numbers(mean[where])}, std "
+                        f"{_numbers(std[where])}: trained on about {_numbers(low)} to {_numbers(high)})")
+        return None
 
     def null(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """(B, D + K) encoding of 'no condition' (all zeros)."""

@@ -17,7 +17,7 @@ from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame
                                               read_conditions_file)
 from ldmflow.sampling.denoise import check_inference_steps
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
-from ldmflow.sampling.sampler import Sampler
+from ldmflow.sampling.sampler import Sampler, check_generated
 from ldmflow.settings import MAX_SEED, SampleSettings
 from ldmflow.tags import STAGE_TAG
 
@@ -139,10 +139,11 @@ def check_images_fit(count: int, size: int, available: int | None = None) -> Non
 
 
 def generate(settings: SampleSettings, sampler: Sampler, conditions, seeds) -> np.ndarray:
-    """(N, H, W, 3) images in [0, 1]."""
-    return sampler.generate(conditions, num_images=len(seeds), guidance_scale=settings.guidance_scale,
-                            num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
-                            seeds=seeds, batch_size=settings.batch_size)
+    """(N, H, W, 3) images in [0, 1]; refused when none carries information (check_generated)."""
+    images = sampler.generate(conditions, num_images=len(seeds), guidance_scale=settings.guidance_scale,
+                              num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
+                              seeds=seeds, batch_size=settings.batch_size)
+    return check_generated(images, settings.guidance_scale)
 
 
 def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None, image_format: str,
