@@ -14,7 +14,8 @@ import typing
 
 import click
 
-from ldmflow.errors import UNEXPECTED_EXIT_CODE, LdmflowError, traceback_file, unexpected_error_line
+from ldmflow.errors import (UNEXPECTED_EXIT_CODE, LdmflowError, missing_package_line, traceback_file,
+                            unexpected_error_line)
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE
 from ldmflow.settings import (DEFAULT_EXPERIMENT, CacheLatentsSettings, CheckManifestSettings, DemoDataSettings, EvaluateSettings,
                               LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings, ProbeSettings, SampleSettings,
@@ -37,6 +38,10 @@ def _in_one_line(ctx: click.Context, invoke):
         raise click.ClickException(_one_line(error)) from None
     except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own: exit codes already chosen
         raise
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] == "ldmflow":
+            raise _unexpected(ctx, error) from None  # ldmflow's own module: a bug
+        raise click.ClickException(missing_package_line(error)) from None
     except Exception as error:
         if type(error).__module__.startswith("mlflow."):  # server errors, failed project steps
             raise click.ClickException(f"MLflow: {str(error).splitlines()[0] if str(error) else error!r}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 import time
 import traceback
@@ -67,6 +68,13 @@ def error_summary(error: BaseException, limit: int = 500) -> str:
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else repr(error)}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def missing_package_line(error: ModuleNotFoundError) -> str:
+    """A package ldmflow needs that this Python cannot import: ldmflow started by another Python than the one it
+    is installed in (a system `python` found on PATH)."""
+    return (f"{sys.executable} cannot import {error.name or error}, which ldmflow needs: run ldmflow with the "
+            "Python it is installed in (e.g. .venv/bin/ldmflow), or install ldmflow into this one.")
 
 
 def cause_line(error: BaseException, limit: int = 300) -> str:
