@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
 import types
 import typing
@@ -30,10 +33,47 @@ class _Command(click.Command):
         return _in_one_line(ctx, lambda: super(_Command, self).invoke(ctx))
 
 
-def _in_one_line(ctx: click.Context, invoke):
-    """LdmflowError -> its one line (exit 1); click's own exits pass; anything else -> the unexpected line."""
+class Interrupted(click.ClickException):
+    """Ctrl-C or SIGTERM: the open run ended KILLED, partial outputs were removed; exit 128 + the signal's
+    number, as a shell reports a process the signal ended."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(f"stopped by {signal.Signals(signal_number).name}; the run (if any) ended KILLED.")
+        self.exit_code = 128 + signal_number
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM raised where the command is, as Ctrl-C is: the same cleanup runs on the way out."""
+
+    signal_number = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """For the command's duration, SIGTERM raises _Terminated (the training loop sets its own handler, which
+    checkpoints first); outside the main thread signals cannot be handled, so nothing changes there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        return invoke()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _in_one_line(ctx: click.Context, invoke):
+    """LdmflowError -> its one line (exit 1); Ctrl-C or SIGTERM -> exit 130 or 143; click's own exits pass;
+    anything else -> the unexpected line."""
+    try:
+        with _sigterm_interrupts():
+            return invoke()
+    except KeyboardInterrupt as error:
+        raise Interrupted(getattr(error, "signal_number", signal.SIGINT)) from None
     except LdmflowError as error:
         raise click.ClickException(_one_line(error)) from None
     except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own: exit codes already chosen

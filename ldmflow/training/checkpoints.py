@@ -144,6 +144,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         raise LdmflowError(f"Could not write {final.name} in {output_dir}: {disk_problem(error, output_dir)}. "
                            "Free some space (or --checkpoints_total_limit), then resume from the last "
                            "checkpoint.") from None
+    except BaseException:  # Ctrl-C or SIGTERM mid-save: no half-written checkpoint left either
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
         publish_folder(temporary, final)  # a save killed while replacing `final` leaves the old or the new one
         _prune(output_dir, total_limit)

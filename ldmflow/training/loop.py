@@ -282,6 +282,8 @@ def _stop_now(accelerator: Accelerator, stop: threading.Event, at_log_point: boo
 class Preempted(KeyboardInterrupt):
     """SIGTERM (how clusters preempt): the state was checkpointed, and the run ends KILLED."""
 
+    signal_number = signal.SIGTERM
+
 
 def _checkpoint(settings: TrainSettings, run: PreparedRun, tracker: Tracker, skipped: SkippedSteps,
                 progress: Progress) -> None:
@@ -402,6 +404,10 @@ def _save_model(settings, task: Task, run: PreparedRun, target: Path) -> dict[st
                 else "no checkpoint was written")
         raise LdmflowError(f"Could not write the model in {target}: {disk_problem(error, Path(target))}. Free some "
                            f"space, then {last}.") from None
+    except BaseException:  # Ctrl-C or SIGTERM mid-save: no half-written model folder left
+        for temporary in Path(target).glob(".*.tmp"):
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def _registered_weights(settings, task, run: PreparedRun, last: TrainingOutcome) -> TrainingOutcome:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -152,13 +153,17 @@ def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None
     (samples-<4 random hex digits>, e.g. samples-c4d2): nothing that is already there is touched."""
     temporary = temporary_folder(output_dir, "samples")
     extension = extension_for(image_format)
-    for index, image in enumerate(images):
-        write_image(temporary / f"sample_{index:04d}{extension}", image, image_format)
-    grid = image_grid(to_pil(images), labels=labels)
-    grid.save(temporary / "grid.png")
-    tracker.log_image(grid, key="samples", step=0)
-    tracker.log_artifacts(str(temporary), "samples")  # exactly this run's files, nothing else in output_dir
-    return _publish_under_a_new_name(temporary, output_dir) / "grid.png"
+    try:
+        for index, image in enumerate(images):
+            write_image(temporary / f"sample_{index:04d}{extension}", image, image_format)
+        grid = image_grid(to_pil(images), labels=labels)
+        grid.save(temporary / "grid.png")
+        tracker.log_image(grid, key="samples", step=0)
+        tracker.log_artifacts(str(temporary), "samples")  # exactly this run's files, nothing else in output_dir
+        return _publish_under_a_new_name(temporary, output_dir) / "grid.png"
+    except BaseException:  # a full disk, Ctrl-C, SIGTERM: no half-written samples folder left
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def _publish_under_a_new_name(temporary: Path, output_dir: Path) -> Path:

@@ -4,6 +4,7 @@ and `--resume_from_checkpoint latest` falls back to the newest intact checkpoint
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +59,15 @@ def test_a_checkpoint_saved_again_replaces_the_old_one_whole(accelerator, tmp_pa
     save_checkpoint(accelerator, tmp_path, 4, None, {"training_state": TrainingState(global_step=5)})
     assert find_resume_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-4"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_save_interrupted_by_ctrl_c_or_sigterm_leaves_no_partial_checkpoint(accelerator, tmp_path, monkeypatch):
+    def interrupted(folder):
+        (Path(folder) / "model.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(accelerator, "save_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, tmp_path, 2, None, {"training_state": TrainingState(global_step=2)})
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,83 @@
+"""Ctrl-C and SIGTERM during a long command: its run ends KILLED, no partial output folder is left, and the command
+exits at once with 128 + the signal's number (130, 143), in one line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from ldmflow.cli import cli
+from sampling.test_sampler import tiny_legacy
+
+
+class Unhandled(Exception):
+    """What a SIGTERM the command did not handle raises here (instead of killing the test process)."""
+
+
+def _unhandled(signum, frame):
+    raise Unhandled(signum)
+
+
+@pytest.fixture(autouse=True)
+def sigterm_fallback():
+    previous = signal.signal(signal.SIGTERM, _unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _signal_itself(signal_number: int) -> None:
+    os.kill(os.getpid(), signal_number)
+    time.sleep(30)  # a long step: the signal must cut it short
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("when", ["generating", "writing"])
+def test_an_interrupted_sample_ends_killed_and_leaves_nothing(tmp_path, monkeypatch, signal_number, when):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    (tmp_path / "model").mkdir()
+    sampler = tiny_legacy()
+    monkeypatch.setattr("ldmflow.workflows.sample.load_sampler", lambda *args, **kwargs: sampler)
+    if when == "generating":
+        monkeypatch.setattr(sampler, "generate", lambda *args, **kwargs: _signal_itself(signal_number))
+    else:
+        from ldmflow.workflows import sample
+
+        written = []
+
+        def write_then_stop(path, image, image_format):
+            sample_write(path, image, image_format)
+            written.append(path)
+            if len(written) == 2:
+                _signal_itself(signal_number)
+
+        sample_write = sample.write_image
+        monkeypatch.setattr(sample, "write_image", write_then_stop)
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, ["sample", "--model_uri", str(tmp_path / "model"), "--output_dir",
+                                      str(tmp_path / "out"), "--num_images", "3", "--num_inference_steps", "2"])
+    assert time.monotonic() - started < 20
+    assert result.exit_code == 128 + signal_number, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert errors == [f"Error: stopped by {signal.Signals(signal_number).name}; the run (if any) ended KILLED."]
+    assert list((tmp_path / "out").iterdir()) == []  # neither a samples folder nor its temporary one
+    [run] = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert run.info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is _unhandled  # the command's own handler is gone with it
+
+
+def test_an_interrupted_pipeline_parent_run_ends_killed(tmp_path, monkeypatch):
+    import mlflow
+
+    from ldmflow.tracking.run_tracker import recording_failure
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(KeyboardInterrupt):
+        with mlflow.start_run() as parent, recording_failure(parent.info.run_id, tmp_path):
+            raise KeyboardInterrupt
+    assert MlflowClient().get_run(parent.info.run_id).info.status == "KILLED"
