@@ -25,14 +25,8 @@ def log_study_report(study, runs, best_command: str | None) -> None:
     from mlflow import MlflowClient
 
     client, run_id = MlflowClient(), runs.parent_run_id
-    table = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
+    table = trials_table(study, runs)
     if not table.empty:
-        table["duration"] = table["duration"].dt.total_seconds()
-        table["state"] = table["state"].astype(str)
-        table = table.drop_duplicates("number", keep="last").sort_values("number")
-        # by number, not position: another worker may add a trial between the table's read and this one
-        run_ids = {trial.number: runs.run_of(trial) for trial in study.get_trials(deepcopy=False)}
-        table["run_id"] = table["number"].map(run_ids)
         _replace_table(client, run_id, table, TRIALS_TABLE)
     _log_plots(client, study, run_id)
     best = _best(study)
@@ -46,6 +40,20 @@ def log_study_report(study, runs, best_command: str | None) -> None:
         tags[SWEEP_BEST_COMMAND_TAG] = best_command[:5000]
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+def trials_table(study, runs):
+    """One row per trial (number, value, state, params_<name>, duration in seconds, run id), in trial-number
+    order: a trial the storage lists twice is one row, two trials that share a number (MlflowStorage numbers by
+    a metric history) stay two, told apart by their runs."""
+    import pandas as pd
+
+    trials = {runs.run_of(trial) or f"#{trial.number}": trial for trial in study.get_trials(deepcopy=False)}
+    rows = [{"number": trial.number, "value": trial.value, "state": trial.state.name,
+             **{f"params_{name}": value for name, value in trial.params.items()},
+             "duration": trial.duration.total_seconds() if trial.duration else None,
+             "run_id": None if key.startswith("#") else key} for key, trial in trials.items()]
+    return pd.DataFrame(rows).sort_values("number", kind="stable") if rows else pd.DataFrame()
 
 
 def _replace_table(client, run_id: str, table, artifact_file: str) -> None:

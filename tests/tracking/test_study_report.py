@@ -18,7 +18,8 @@ from mlflow import MlflowClient
 from ldmflow.tags import SWEEP_BEST_TRIAL_TAG
 from ldmflow.tracking import study as study_module
 from ldmflow.tracking.study import DEFINITION_ATTR, open_study
-from ldmflow.tracking.study_report import TRIALS_TABLE, best_so_far, log_study_params, log_study_report
+from ldmflow.tracking.study_report import (TRIALS_TABLE, best_so_far, log_study_params, log_study_report,
+                                           trials_table)
 
 
 class Shuffled:
@@ -66,7 +67,17 @@ class Runs:
         self.parent_run_id = parent_run_id
 
     def run_of(self, trial):
-        return f"run-{trial.number}"
+        return f"run-{trial._trial_id}"
+
+
+@settings(max_examples=20, deadline=None)
+@given(values=st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=6), seed=st.integers())
+def test_the_trials_table_has_one_row_per_trial_whatever_the_storage_lists(values, seed):
+    study = _study(values, "maximize")
+    table = trials_table(Shuffled(study, seed), Runs("parent"))
+    assert list(table["number"]) == list(range(len(values))) and list(table["value"]) == values
+    assert list(table["run_id"]) == [f"run-{t._trial_id}" for t in study.trials]
+    assert set(table["state"]) == {"COMPLETE"} and list(table["params_x"]) == values
 
 
 def test_every_worker_replaces_the_trials_table_and_it_matches_the_study(store, tmp_path):
