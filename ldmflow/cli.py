@@ -17,7 +17,7 @@ import typing
 
 import click
 
-from ldmflow.errors import (UNEXPECTED_EXIT_CODE, LdmflowError, missing_package_line, traceback_file,
+from ldmflow.errors import (UNEXPECTED_EXIT_CODE, LdmflowError, cause_line, missing_package_line, traceback_file,
                             unexpected_error_line)
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE
 from ldmflow.settings import (DEFAULT_EXPERIMENT, CacheLatentsSettings, CheckManifestSettings, DemoDataSettings, EvaluateSettings,
@@ -84,7 +84,7 @@ def _in_one_line(ctx: click.Context, invoke):
         raise click.ClickException(missing_package_line(error)) from None
     except Exception as error:
         if type(error).__module__.startswith("mlflow."):  # server errors, failed project steps
-            raise click.ClickException(f"MLflow: {str(error).splitlines()[0] if str(error) else error!r}") from None
+            raise click.ClickException(f"MLflow: {cause_line(error, 500)}") from None  # the cause after its ':'s
         raise _unexpected(ctx, error) from None
 
 
