@@ -102,3 +102,24 @@ def test_a_condition_far_outside_the_training_data_is_said_with_the_trained_rang
         assert text.startswith(f"temperature = {value:.4g} is ") and "trained on about" in text
     elif abs(value - mean) / std < FAR_FROM_TRAINING_STDS * 0.9999:
         assert text is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(values=st.lists(st.floats(-100, 100), min_size=2, max_size=8), far=st.floats(1e4, 1e9))
+def test_the_range_a_model_was_trained_on_is_recorded_and_said(tmp_path_factory, values, far):
+    from ldmflow.data.conditions import ConditionSpec, compute_condition_stats
+    from ldmflow.data.manifest import ManifestRecord
+    from ldmflow.models.conditioning import ConditionEncoder
+
+    spec = ConditionSpec.parse("temperature:1")
+    records = [ManifestRecord(i, "x.png", tmp_path_factory.getbasetemp(), np.array([v], np.float32),
+                              np.array([True])) for i, v in enumerate(values)]
+    stats = compute_condition_stats(np.array([[v] for v in values]), np.ones((len(values), 1), bool), spec)
+    folder = tmp_path_factory.mktemp("encoder")
+    ConditionEncoder.for_records(spec, stats, records).save(folder)
+    encoder = ConditionEncoder.load(folder / "conditioning.json")
+    low, high = float(np.float32(min(values))), float(np.float32(max(values)))
+    assert encoder.trained_range == {"temperature": ([low], [high])}
+    assert encoder.far_from_training(np.array([max(values)])) is None
+    assert encoder.far_from_training(np.array([far]))[-len(f"trained on {low:.4g} to {high:.4g})"):] == \
+        f"trained on {low:.4g} to {high:.4g})"
