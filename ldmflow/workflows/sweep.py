@@ -230,7 +230,7 @@ def command_line(plan: SweepPlan, params: dict) -> str:
     return " ".join(parts)
 
 
-def finish(study, plan: SweepPlan, runs, settings: SweepSettings, interrupted: bool) -> dict:
+def finish(study, plan: SweepPlan, runs, settings: SweepSettings, interrupted: KeyboardInterrupt | None) -> dict:
     """The parent run's report; when no other worker still runs a trial: register the best model and end the
     parent run. Returns {study, run_id, best_trial, best_value, best_params, registered}."""
     from mlflow import MlflowClient
@@ -251,9 +251,9 @@ def finish(study, plan: SweepPlan, runs, settings: SweepSettings, interrupted: b
     registered = None
     if not others:
         registered = _register_best(best, plan, settings) if best else None
-        MlflowClient().set_terminated(parent, "KILLED" if interrupted else "FINISHED")
-    if interrupted:
-        raise KeyboardInterrupt
+        MlflowClient().set_terminated(parent, "KILLED" if interrupted is not None else "FINISHED")
+    if interrupted is not None:
+        raise interrupted
     if best is None:
         raise LdmflowError(f"No trial of study {plan.name!r} finished ({len(trials)} ran: "
                            f"{', '.join(sorted({trial.state.name for trial in trials}))}); see its runs in MLflow.")

@@ -81,3 +81,19 @@ def test_an_interrupted_pipeline_parent_run_ends_killed(tmp_path, monkeypatch):
         with mlflow.start_run() as parent, recording_failure(parent.info.run_id, tmp_path):
             raise KeyboardInterrupt
     assert MlflowClient().get_run(parent.info.run_id).info.status == "KILLED"
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_sweep_ends_killed_and_says_which_signal(tmp_path, monkeypatch, signal_number):
+    from workflows.test_sweep import _prepare, study_runs, sweep_args
+
+    _prepare(tmp_path, monkeypatch)
+    monkeypatch.setattr("ldmflow.workflows.sweep_trial._Objective.__call__",
+                        lambda self, trial: _signal_itself(signal_number))
+    started = time.monotonic()
+    result = CliRunner().invoke(cli, sweep_args("--n_trials", "2"))
+    assert time.monotonic() - started < 30
+    assert result.exit_code == 128 + signal_number, result.output
+    assert f"Error: stopped by {signal.Signals(signal_number).name}" in result.output
+    parent, _ = study_runs("demo", numbered_by_run=True)  # the interrupted trial has no number tag yet
+    assert parent.info.status == "KILLED"
