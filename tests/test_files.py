@@ -70,3 +70,11 @@ def test_check_manifest_reads_a_process_substitution_and_refuses_an_endless_stre
     result = CliRunner().invoke(cli, ["check-manifest", "--manifest_path", "/dev/zero"])
     assert result.exit_code == 1
     assert "Error: Manifest /dev/zero is a device of more than 1 MiB" in result.output
+
+
+def test_a_manifest_from_a_pipe_needs_its_data_root(demo_manifest, tmp_path):
+    pipe = _pipe_path(tmp_path, demo_manifest.read_bytes())
+    result = CliRunner().invoke(cli, ["check-manifest", "--manifest_path", str(pipe)])
+    assert result.exit_code == 1
+    assert f"Error: Manifest {pipe} is not a regular file (a pipe or a device), so its images' folder is unknown: " \
+           "give it as --data_root." in result.output

@@ -244,6 +244,9 @@ def _parse_entry(index: int, entry: object, path: Path) -> tuple[str, dict]:
 def _resolve_root(manifest_path: Path, data_root: str | Path | None) -> Path:
     """The folder output_rel paths are relative to: data_root, else the manifest's folder (resolved)."""
     if data_root is None:
+        if not _is_regular_file(manifest_path):  # a pipe (`<(jq ...)`) or a device has no folder of its images
+            raise LdmflowError(f"Manifest {manifest_path} is not a regular file (a pipe or a device), so its images' "
+                               "folder is unknown: give it as --data_root.")
         return manifest_path.parent.resolve()
     root = Path(data_root)
     if not root.is_dir():
@@ -278,6 +281,13 @@ def _resolve_image_path(root: Path, output_rel: str, label: str, allow_outside_r
                 "Fix output_rel, set --data_root, or pass --allow_outside_root to permit it."
             )
     return Path(candidate)
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _is_symlink(path: Path) -> bool:
