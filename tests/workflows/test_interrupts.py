@@ -97,3 +97,22 @@ def test_an_interrupted_sweep_ends_killed_and_says_which_signal(tmp_path, monkey
     assert f"Error: stopped by {signal.Signals(signal_number).name}" in result.output
     parent, _ = study_runs("demo", numbered_by_run=True)  # the interrupted trial has no number tag yet
     assert parent.info.status == "KILLED"
+
+
+@pytest.mark.train
+def test_a_training_interrupted_by_ctrl_c_ends_killed_with_no_half_written_folder(tmp_path, monkeypatch):
+    from ldmflow.data.demo import make_demo_dataset
+    from tiny import TINY_SIZES
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    manifest = make_demo_dataset(tmp_path / "data", num_images=8, resolution=32)
+    monkeypatch.setattr("ldmflow.training.loop._optimizer_step", lambda *args: _signal_itself(signal.SIGINT))
+    result = CliRunner().invoke(cli, ["legacy-ddpm", "--manifest_path", str(manifest), "--output_dir",
+                                      str(tmp_path / "out"), *TINY_SIZES, "--block_out_channels", "16,16",
+                                      "--max_train_steps", "4", "--split", "all", "--val_split", ""])
+    assert result.exit_code == 130, result.output
+    assert "Error: stopped by SIGINT; the run (if any) ended KILLED." in result.output
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    [run] = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert run.info.status == "KILLED"
