@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
 import types
 import typing
 
 import click
 
-from ldmflow.errors import UNEXPECTED_EXIT_CODE, LdmflowError, traceback_file, unexpected_error_line
+from ldmflow.errors import (UNEXPECTED_EXIT_CODE, LdmflowError, cause_line, missing_package_line, traceback_file,
+                            unexpected_error_line)
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE
 from ldmflow.settings import (DEFAULT_EXPERIMENT, CacheLatentsSettings, CheckManifestSettings, CompareSettings,
                               DemoDataSettings, EvaluateSettings, LatentDdpmSettings, LegacyDdpmSettings,
@@ -30,17 +34,58 @@ class _Command(click.Command):
         return _in_one_line(ctx, lambda: super(_Command, self).invoke(ctx))
 
 
-def _in_one_line(ctx: click.Context, invoke):
-    """LdmflowError -> its one line (exit 1); click's own exits pass; anything else -> the unexpected line."""
+class Interrupted(click.ClickException):
+    """Ctrl-C or SIGTERM: the open run ended KILLED, partial outputs were removed; exit 128 + the signal's
+    number, as a shell reports a process the signal ended."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(f"stopped by {signal.Signals(signal_number).name}; the run (if any) ended KILLED.")
+        self.exit_code = 128 + signal_number
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM raised where the command is, as Ctrl-C is: the same cleanup runs on the way out."""
+
+    signal_number = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """For the command's duration, SIGTERM raises _Terminated (the training loop sets its own handler, which
+    checkpoints first); outside the main thread signals cannot be handled, so nothing changes there."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        return invoke()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _in_one_line(ctx: click.Context, invoke):
+    """LdmflowError -> its one line (exit 1); Ctrl-C or SIGTERM -> exit 130 or 143; click's own exits pass;
+    anything else -> the unexpected line."""
+    try:
+        with _sigterm_interrupts():
+            return invoke()
+    except KeyboardInterrupt as error:
+        raise Interrupted(getattr(error, "signal_number", signal.SIGINT)) from None
     except LdmflowError as error:
         raise click.ClickException(_one_line(error)) from None
     except (click.ClickException, click.exceptions.Exit, click.Abort):  # click's own: exit codes already chosen
         raise
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] == "ldmflow":
+            raise _unexpected(ctx, error) from None  # ldmflow's own module: a bug
+        raise click.ClickException(missing_package_line(error)) from None
     except Exception as error:
         if type(error).__module__.startswith("mlflow."):  # server errors, failed project steps
-            raise click.ClickException(f"MLflow: {str(error).splitlines()[0] if str(error) else error!r}") from None
+            raise click.ClickException(f"MLflow: {cause_line(error, 500)}") from None  # the cause after its ':'s
         raise _unexpected(ctx, error) from None
 
 

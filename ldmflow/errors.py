@@ -8,6 +8,8 @@ the user sees one clear line and the report keeps everything needed to fix it.
 from __future__ import annotations
 
 import os
+import re
+import sys
 import tempfile
 import time
 import traceback
@@ -66,6 +68,26 @@ def error_summary(error: BaseException, limit: int = 500) -> str:
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else repr(error)}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def missing_package_line(error: ModuleNotFoundError) -> str:
+    """A package ldmflow needs that this Python cannot import: ldmflow started by another Python than the one it
+    is installed in (a system `python` found on PATH)."""
+    return (f"{sys.executable} cannot import {error.name or error}, which ldmflow needs: run ldmflow with the "
+            "Python it is installed in (e.g. .venv/bin/ldmflow), or install ldmflow into this one.")
+
+
+def cause_line(error: BaseException, limit: int = 300) -> str:
+    """Why `error` happened, in one line: the OS's words (errno text and file) of the first OSError in its chain or
+    quoted in its text (MLflow lists a download's failures after "...:"), else its whole message on one line."""
+    link: BaseException | None = error
+    while link is not None:
+        if isinstance(link, OSError) and link.strerror:
+            return link.strerror + (f": {link.filename}" if link.filename else "")
+        link = link.__cause__ or link.__context__
+    text = " ".join(str(error).split())
+    found = re.search(r"\[Errno \d+\] [^'\"}]+(?:'[^']*')?", text)
+    return found.group(0) if found else (text[:limit] or type(error).__name__)
 
 
 def unexpected_error_line(error: BaseException, path: Path | None) -> str:

@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +16,13 @@ from pathlib import Path
 from ldmflow.errors import LdmflowError
 
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin")
+
+# The most ldmflow reads of a file a user hands in, by kind: far above any real one (a manifest of a million
+# images is about 200 MB), far below what a stream (a device, a pipe) could feed into memory.
+MAX_MANIFEST_BYTES = 1 << 30
+MAX_CONDITIONS_BYTES = 256 << 20
+MAX_SPACE_BYTES = 1 << 20
+_READ_BLOCK = 1 << 20
 
 
 def temporary_folder(output_dir: str | Path, name: str) -> Path:
@@ -137,3 +145,42 @@ def write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def read_user_file(path: str | Path, what: str, limit: int) -> bytes:
+    """The bytes of a file a user hands in (`what` names it in errors: "--space", "Manifest"), read with a bound:
+    a regular file by its size, a pipe or process substitution (`<(jq ...)`) as a stream up to `limit` bytes, a
+    device refused beyond it. Errors say what the path is in true words, and the limit."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if stat.S_ISREG(mode) and os.fstat(handle.fileno()).st_size > limit:
+                raise _too_large(path, what, limit, mode)
+            blocks, size = [], 0
+            while size <= limit and (block := handle.read(min(_READ_BLOCK, limit + 1 - size))):
+                blocks.append(block)
+                size += len(block)
+    except FileNotFoundError:
+        raise LdmflowError(f"{what} {path} does not exist.") from None
+    except IsADirectoryError:
+        raise LdmflowError(f"{what} {path} is a folder; expected a file.") from None
+    except OSError as error:
+        raise LdmflowError(f"Cannot read {what} {path}: {error.strerror or error}.") from None
+    if size > limit:
+        raise _too_large(path, what, limit, mode)
+    return b"".join(blocks)
+
+
+def _too_large(path: Path, what: str, limit: int, mode: int) -> LdmflowError:
+    kind = ("a file" if stat.S_ISREG(mode) else "a pipe" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a stream")
+    return LdmflowError(f"{what} {path} is {kind} of more than {_size_text(limit)}, the most ldmflow reads for "
+                        f"it; check that it is the file you meant.")
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:g} {unit}"
+    return f"{size} bytes"

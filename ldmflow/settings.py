@@ -44,6 +44,7 @@ MAX_GENERATED_IMAGES = 100_000
 MAX_FID_SAMPLES = 50_000
 MAX_SAMPLING_BATCH = 1024
 MAX_REPLICATES = 100
+MAX_GUIDANCE_SCALE = 100.0  # models are guided at 1 to 20; far beyond, every image saturates to one flat colour
 LATENT_CACHE_DTYPES = ("float32", "float16")
 MAX_IMAGE_PIXELS = 16384 * 16384  # larger images are refused from their header, before any decoding
 
@@ -457,7 +458,7 @@ class LatentDdpmSettings(DdpmSettings):
         if not self.vae_uri:
             raise LdmflowError("--vae_uri is required: a VAE folder or an MLflow model URI.")
         _check_number(self, "cond_dropout_prob", 0, 1, high_open=True)
-        _check_number(self, "guidance_scale", 1)
+        _check_number(self, "guidance_scale", 1, MAX_GUIDANCE_SCALE)
         _check_at_least(self, 1, "time_embedding_dim")
         _check_choice(self, "latent_cache_dtype", LATENT_CACHE_DTYPES)
 
@@ -529,7 +530,7 @@ class SampleSettings(TrackingSettings):
         _check_at_least(self, 1, "num_images", "num_inference_steps", "batch_size")
         _check_sampling_bounds(self, "num_images", MAX_GENERATED_IMAGES, "each image is written and logged to the "
                                "run; split larger jobs into several runs")
-        _check_number(self, "guidance_scale", 1)
+        _check_number(self, "guidance_scale", 1, MAX_GUIDANCE_SCALE)
         _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
         _check_choice(self, "dtype", SAMPLE_DTYPES)
         _check_choice(self, "output_format", IMAGE_FORMATS)
@@ -575,7 +576,7 @@ def _check_evaluation_options(self) -> None:
                            "features are held in memory")
     _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
     _check_choice(self, "feature_extractor", FEATURE_EXTRACTORS)
-    _check_number(self, "guidance_scale", 1)
+    _check_number(self, "guidance_scale", 1, MAX_GUIDANCE_SCALE)
     _check_at_least(self, 1, "probe_epochs")
 
 

@@ -28,6 +28,11 @@ SWEEP = ["sweep", "--stage", "vae", "--manifest_path", "{data}", "--output_dir",
 
 CASES = [  # (id, arguments, fragment of the one error line)
     ("check-manifest: no such file", ["check-manifest", "--manifest_path", "{tmp}/missing.json"], "missing.json"),
+    ("check-manifest: a folder", ["check-manifest", "--manifest_path", "{tmp}"], "is a folder; expected a file"),
+    ("sweep: space is a device", [*SWEEP, "/dev/zero"], "--space /dev/zero is a device of more than 1 MiB"),
+    ("sample: conditions file is a folder", [*SAMPLE, "--conditions_file", "{tmp}"], "is a folder"),
+    ("check-manifest: every pixel NaN", ["check-manifest", "--manifest_path", "{all_nan}", "--condition_spec", "none"],
+     "all 64 pixels are NaN or infinite"),
     ("check-manifest: broken JSON", ["check-manifest", "--manifest_path", "{broken}"], "line 1"),
     ("check-manifest: bad spec", ["check-manifest", "--manifest_path", "{data}", "--condition_spec", "wind:x"],
      "dimension of 'wind' must be an integer"),
@@ -50,6 +55,8 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("vae: channels not numbers", [*VAE, "--block_out_channels", "a,b"], "comma list of integers"),
     ("vae: reserved alias", [*VAE, "--register_alias", "latest"], "reserved by MLflow"),
     ("vae: no checkpoint", [*VAE, "--resume_from_checkpoint", "{tmp}/nothing"], "not a complete ldmflow checkpoint"),
+    ("vae: damaged checkpoint", [*VAE, "--resume_from_checkpoint", "{damaged}"],
+     "is damaged (model.safetensors is missing)"),
     ("vae: val leaks into train", [*VAE, "--split", "all"], "share"),
     ("vae: unknown checkpoint metric", [*VAE, "--checkpoint_metric", "val/fid"], "--checkpoint_metric val/fid"),
     ("vae: precision", [*VAE, "--mixed_precision", "fp8"], "'fp8' is not one of"),
@@ -79,7 +86,7 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("latent: dropout", [*LATENT, "--cond_dropout_prob", "1"], "--cond_dropout_prob must be in [0, 1)"),
     ("latent: EMA gamma", [*LATENT, "--ema_inv_gamma", "0"], "--ema_inv_gamma must be in (0, inf]"),
     ("latent: min-SNR", [*LATENT, "--snr_gamma", "-5"], "--snr_gamma must be in (0, inf]"),
-    ("latent: guidance", [*LATENT, "--guidance_scale", "0.5"], "--guidance_scale must be in [1, inf]"),
+    ("latent: guidance", [*LATENT, "--guidance_scale", "0.5"], "--guidance_scale must be in [1, 100.0]"),
     ("latent: too deep", [*LATENT, "--resolution", "40"], "--resolution 40 must be a multiple of"),
     ("latent: spec vs data", [*LATENT, "--condition_spec", "temperature:1,wind:2"], "wind"),
     ("legacy: preview steps", [*LEGACY, "--ddpm_num_steps", "10"], "cannot exceed --ddpm_num_steps"),
@@ -105,6 +112,7 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("sample: condition not a number", [*SAMPLE, "--condition", "temperature=warm"], "temperature"),
     ("sample: unknown condition", [*SAMPLE, "--condition", "pressure=1"], "pressure"),
     ("sample: scheduler", [*SAMPLE, "--scheduler", "euler"], "'euler' is not one of"),
+    ("sample: guidance of no use", [*SAMPLE, "--guidance_scale", "1e30"], "--guidance_scale must be in [1, 100.0]"),
     ("sample: nan guidance", [*SAMPLE, "--guidance_scale", "nan"], "--guidance_scale must be a finite number"),
     ("sample: too many steps", [*SAMPLE, "--num_inference_steps", "5000"], "5000"),
     ("evaluate: one sample", [*EVALUATE, "--num_samples", "1"], "--num_samples must be at least 2"),
@@ -125,6 +133,7 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("server: a role with no server", ["server", "set-role", "rita", "--role", "editor", "--root", "{out}"],
      "No server was started in"),  # a reader training against a server: tests/server/test_secure_server.py
     ("lineage: unknown model", ["lineage", "models:/no-such-model/1"], "no-such-model"),
+    ("lineage: a name with both quotes", ["lineage", "models:/it's \"x\"/1"], "does not exist"),
     ("cache-latents: no VAE there", [*CACHE, "{tmp}/no_vae"], "does not exist"),
     ("cache-latents: not a VAE", [*CACHE, "{data_dir}"], "is not a vae model"),
     ("cache-latents: dtype", [*CACHE, "{tmp}/no_vae", "--latent_cache_dtype", "int8"], "'int8' is not one of"),
@@ -143,10 +152,19 @@ def inputs(tmp_path_factory):
         assert CliRunner().invoke(cli, ["demo-data", "--output_dir", "data", "--num_images", "16", "--resolution",
                                         "32", "--val_fraction", "0.25"]).exit_code == 0
         (root / "broken.json").write_text('{"items": [')
+        import numpy as np
+        import tifffile
+
+        (root / "nan").mkdir()
+        tifffile.imwrite(root / "nan" / "a.tiff", np.full((8, 8, 3), np.nan, np.float32))
+        (root / "nan" / "manifest.json").write_text(json.dumps({"items": [{"output_rel": "a.tiff", "metadata": {"split": "train"}}]}))
+        (root / "damaged").mkdir()
+        (root / "damaged" / "checkpoint_files.json").write_text('{"model.safetensors": 10}')
         (root / "space.yaml").write_text("learning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
         (root / "inverted.yaml").write_text("learning_rate: {low: 1.0e-2, high: 1.0e-4}\n")
         values = {"tmp": str(root), "data": str(root / "data" / "manifest.json"), "data_dir": str(root / "data"),
                   "broken": str(root / "broken.json"),
+                  "all_nan": str(root / "nan" / "manifest.json"), "damaged": str(root / "damaged"),
                   "space": str(root / "space.yaml"), "inverted_space": str(root / "inverted.yaml"), "vae": str(root / "vae"), "latent": str(root / "latent")}
         yield root, values
 

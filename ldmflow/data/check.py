@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ldmflow.data.conditions import ConditionSpec
+from ldmflow.data.image_io import UnreadableImageError, decode_image, image_header
 from ldmflow.data.manifest import ManifestReport, load_manifest
 from ldmflow.settings import CheckManifestSettings
 
@@ -31,7 +32,33 @@ def check_manifest(
         verify_images="full",
         max_image_pixels=max_image_pixels,
     )
-    return manifest.report.to_dict()
+    report = manifest.report.to_dict()
+    flagged = [problem for record in manifest.records
+               if (problem := _usable_but_flawed(record.image_path, record.output_rel, max_image_pixels))]
+    report["flagged_images"] = len(flagged)
+    report["flagged_examples"] = flagged[:_EXAMPLES]
+    return report
+
+
+_EXAMPLES = 10
+MAX_ASPECT_RATIO = 4.0  # beyond it, training's square crop keeps under a quarter of the image
+
+
+def _usable_but_flawed(path: Path, name: str, max_pixels: int) -> str | None:
+    """What is wrong with an image training can read but learns little from: an extreme aspect ratio (the
+    square crop keeps a sliver of it) or pixels that are NaN or infinite (read as 0, or 1 for +inf)."""
+    try:
+        width, height, floats = image_header(path)
+        ratio = max(width, height) / max(min(width, height), 1)
+        if ratio > MAX_ASPECT_RATIO:
+            return (f"{name}: {width}x{height} pixels, aspect ratio {ratio:.3g}:1 (over {MAX_ASPECT_RATIO:g}:1); "
+                    f"training crops it to a square, {100 / ratio:.2g}% of it")
+        non_finite = decode_image(path, True, max_pixels)[1] if floats else 0
+    except (OSError, ValueError, UnreadableImageError):
+        return None  # read once already; a file changed since is training's to find
+    if non_finite:
+        return f"{name}: {non_finite} of {width * height} pixels are NaN or infinite (read as 0, or 1 for +inf)"
+    return None
 
 
 def _format_numbers(values: list[float]) -> str:
@@ -61,4 +88,7 @@ def format_report(report: dict | ManifestReport) -> str:
         lines.append(f"Missing (first {len(report['missing_examples'])}): {', '.join(report['missing_examples'])}")
     for example in report["unreadable_examples"]:
         lines.append(f"Unreadable: {example}")
+    if report.get("flagged_images"):
+        lines.append(f"{report['flagged_images']} usable image(s) flagged:")
+        lines += [f"  {example}" for example in report["flagged_examples"]]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldmflow.data.image_io import UnreadableImageError, read_image
+from ldmflow.data.image_io import UnreadableImageError, decode_image
 from ldmflow.data.manifest import ManifestRecord
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import MAX_IMAGE_PIXELS
@@ -73,6 +73,7 @@ class ManifestImageDataset(torch.utils.data.Dataset):
         self.max_image_pixels = max_image_pixels
         self.preserve_input_precision = preserve_input_precision
         self.unreadable_paths: set[str] = set()
+        self.non_finite_paths: set[str] = set()  # read with NaN or infinite pixels replaced (warned once each)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -92,6 +93,7 @@ class ManifestImageDataset(torch.utils.data.Dataset):
                     "pixel_values": pixels,  # (3, R, R) in [-1, 1]
                     "substituted": int(candidate != index),  # the training loop counts and reports these
                     "unreadable": "" if candidate == index else str(self.records[index].image_path),
+                    "non_finite": str(record.image_path) if str(record.image_path) in self.non_finite_paths else "",
                     "conditions": torch.from_numpy(conditions),
                     "present": torch.from_numpy(np.array(record.present, dtype=np.float32)),  # (K,)
                     "index": candidate,
@@ -106,12 +108,17 @@ class ManifestImageDataset(torch.utils.data.Dataset):
         if path in self.unreadable_paths:
             return None
         try:
-            return read_image(path, preserve_precision=self.preserve_input_precision,
-                              max_pixels=self.max_image_pixels)
+            image, non_finite = decode_image(path, preserve_precision=self.preserve_input_precision,
+                                             max_pixels=self.max_image_pixels)
         except UnreadableImageError as exc:
             self.unreadable_paths.add(path)  # the training loop warns once, with the count, and names the files
             logger.debug("Skipping unreadable image %s (%s); using the next readable one instead.", path, exc.reason)
             return None
+        if non_finite and path not in self.non_finite_paths:
+            self.non_finite_paths.add(path)
+            logger.debug("Image %s has %d NaN or infinite pixel(s) of %d, read as 0 (1 for +inf).", path,
+                         non_finite, image.shape[0] * image.shape[1])  # the training loop reports them
+        return image
 
     def _transform(self, image: np.ndarray) -> tuple[torch.Tensor, bool]:
         """(3, R, R) pixels in [-1, 1], and whether they were mirrored."""

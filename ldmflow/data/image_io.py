@@ -48,7 +48,14 @@ def extension_for(image_format: str) -> str:
 
 
 def read_image(path: str | Path, preserve_precision: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode an image to (H, W, 3) float32 in [0, 1].
+    """`decode_image`'s pixels (its count of non-finite pixels dropped)."""
+    return decode_image(path, preserve_precision, max_pixels)[0]
+
+
+def decode_image(path: str | Path, preserve_precision: bool = False,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[np.ndarray, int]:
+    """Decode an image to (H, W, 3) float32 in [0, 1], and how many of its pixels were NaN or infinite (float
+    TIFFs: read as 0, or 1 for +inf). An image whose every pixel is non-finite is refused (UnreadableImageError).
 
     EXIF orientation is applied, so the pixels stand as the image is shown. Grayscale is replicated to three
     channels; alpha is composited on black (colour x alpha, as premultiplied renders store it). Without
@@ -72,6 +79,7 @@ def read_image(path: str | Path, preserve_precision: bool = False, max_pixels: i
             if problem:  # Pillow does not check IDAT checksums, so damaged pixels would pass silently
                 raise UnreadableImageError(path, problem)
             array, orientation = _read_pillow(io.BytesIO(data), is_png=is_png)
+        non_finite = _non_finite_pixels(array, path)
         image = _to_unit_rgb(_orient(array, orientation), path)
     except UnreadableImageError:
         raise
@@ -79,7 +87,18 @@ def read_image(path: str | Path, preserve_precision: bool = False, max_pixels: i
         raise UnreadableImageError(path, f"{type(exc).__name__}: {exc}") from exc
     if not preserve_precision:
         image = np.round(image * 255.0) / 255.0
-    return image.astype(np.float32, copy=False)
+    return image.astype(np.float32, copy=False), non_finite
+
+
+def _non_finite_pixels(array: np.ndarray, path: Path) -> int:
+    """How many pixels have a NaN or infinite sample; none may be all of them (nothing would be left to learn)."""
+    if array.ndim not in (2, 3) or not np.issubdtype(array.dtype, np.floating):
+        return 0
+    bad = ~np.isfinite(array)
+    count = int((bad.reshape(*array.shape[:2], -1).any(axis=-1) if array.ndim == 3 else bad).sum())
+    if count and count == array.shape[0] * array.shape[1]:
+        raise UnreadableImageError(path, f"all {count} pixels are NaN or infinite")
+    return count
 
 
 def _png_chunk_problem(data: bytes) -> str | None:
@@ -103,19 +122,29 @@ def _png_chunk_problem(data: bytes) -> str | None:
 def _oversize(path: Path, is_tiff: bool, max_pixels: int) -> str | None:
     """Why an image is too large to decode (from its header alone), or None: a 20k x 20k TIFF must not
     exhaust memory."""
-    if is_tiff:
-        with tifffile.TiffFile(path) as tif:
-            shape = tif.pages[0].shape
-            height, width = (shape[1], shape[2]) if tif.pages[0].axes.startswith("S") else (shape[0], shape[1])
-    else:
-        try:
-            with Image.open(path) as img:
-                width, height = img.size
-        except Image.DecompressionBombError as error:  # Pillow's own, larger limit
-            return f"over --max_image_pixels {max_pixels} ({error})"
+    try:
+        width, height, _ = image_header(path, is_tiff)
+    except Image.DecompressionBombError as error:  # Pillow's own, larger limit
+        return f"over --max_image_pixels {max_pixels} ({error})"
     if width * height > max_pixels:
         return f"{width}x{height} pixels, over --max_image_pixels {max_pixels}"
     return None
+
+
+def image_header(path: str | Path, is_tiff: bool | None = None) -> tuple[int, int, bool]:
+    """(width, height, whether its samples are floats) from the file's header, without decoding the pixels."""
+    path = Path(path)
+    if is_tiff is None:
+        with open(path, "rb") as handle:
+            is_tiff = handle.read(4) in _TIFF_MAGIC
+    if is_tiff:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            shape = page.shape
+            height, width = (shape[1], shape[2]) if page.axes.startswith("S") else (shape[0], shape[1])
+            return width, height, np.issubdtype(page.dtype, np.floating)
+    with Image.open(path) as img:
+        return img.size[0], img.size[1], img.mode == "F"
 
 
 def _exif_orientation(img: Image.Image) -> int:

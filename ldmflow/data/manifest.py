@@ -32,6 +32,7 @@ from ldmflow.data.conditions import (
 )
 from ldmflow.data.image_io import UnreadableImageError, header_problem, read_image
 from ldmflow.errors import LdmflowError
+from ldmflow.files import MAX_MANIFEST_BYTES, read_user_file
 from ldmflow.settings import DEFAULT_CONDITION_SPEC, MAX_IMAGE_PIXELS
 
 logger = logging.getLogger(__name__)
@@ -161,14 +162,7 @@ def load_manifest(
 
 
 def _read_manifest_bytes(path: Path) -> bytes:
-    if path.is_dir():
-        raise LdmflowError(f"Manifest path {path} is a directory; expected a JSON file.")
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise LdmflowError(f"Manifest not found: {path}") from None
-    except OSError as exc:
-        raise LdmflowError(f"Cannot read manifest {path}: {exc.strerror or exc}") from None
+    return read_user_file(path, "Manifest", MAX_MANIFEST_BYTES)
 
 
 def _parse_json(raw: bytes, path: Path) -> object:
@@ -250,6 +244,9 @@ def _parse_entry(index: int, entry: object, path: Path) -> tuple[str, dict]:
 def _resolve_root(manifest_path: Path, data_root: str | Path | None) -> Path:
     """The folder output_rel paths are relative to: data_root, else the manifest's folder (resolved)."""
     if data_root is None:
+        if not _is_regular_file(manifest_path):  # a pipe (`<(jq ...)`) or a device has no folder of its images
+            raise LdmflowError(f"Manifest {manifest_path} is not a regular file (a pipe or a device), so its images' "
+                               "folder is unknown: give it as --data_root.")
         return manifest_path.parent.resolve()
     root = Path(data_root)
     if not root.is_dir():
@@ -284,6 +281,13 @@ def _resolve_image_path(root: Path, output_rel: str, label: str, allow_outside_r
                 "Fix output_rel, set --data_root, or pass --allow_outside_root to permit it."
             )
     return Path(candidate)
+
+
+def _is_regular_file(path: Path) -> bool:
+    try:
+        return S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _is_symlink(path: Path) -> bool:

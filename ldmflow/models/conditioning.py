@@ -14,7 +14,7 @@ trained exactly like a dropped condition. This is also why the original README's
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,23 @@ from ldmflow.data.conditions import ConditionSpec, ConditionStats
 from ldmflow.models.kinds import CONDITIONING_FILE
 
 
+FAR_FROM_TRAINING_STDS = 6.0  # a requested value this far from the training values is an extrapolation
+
+
+def _numbers(values) -> str:
+    text = ", ".join(f"{float(v):.4g}" for v in values)
+    return text if len(values) == 1 else f"[{text}]"
+
+
 @dataclass(frozen=True)
 class ConditionEncoder:
     """Normalises conditions with the training split's statistics and appends presence flags."""
 
     spec: ConditionSpec
     stats: ConditionStats
+    # name -> (min, max) of each value dimension over the training values, what requests are checked against
+    # (None for a model saved before it was recorded)
+    trained_range: dict[str, tuple[list[float], list[float]]] | None = field(default=None, compare=False)
 
     @property
     def encoded_dim(self) -> int:
@@ -52,6 +63,21 @@ class ConditionEncoder:
         present = present.to(values.dtype)
         normalised = (values - mean) / std * present[:, owner]  # each value dimension's condition flag
         return torch.cat([normalised, present], dim=1)
+
+    def far_from_training(self, values: np.ndarray, limit: float = FAR_FROM_TRAINING_STDS) -> str | None:
+        """The first condition of a (value_dim,) request more than `limit` standard deviations from the training
+        values, said with what the model was trained on; None when every value is within."""
+        mean, std = np.asarray(self.stats.mean), np.asarray(self.stats.std)
+        distance = np.abs(np.asarray(values, np.float64) - mean) / np.where(std > 0, std, 1.0)  # (value_dim,)
+        for name, where in self.spec.slices().items():
+            if (distance[where] > limit).any():
+                low, high = (self.trained_range or {}).get(name) or (mean[where] - 3 * std[where],
+                                                                        mean[where] + 3 * std[where])
+                about = "" if self.trained_range and name in self.trained_range else "about "
+                return (f"{name} = {_numbers(np.asarray(values)[where])} is {distance[where].max():.3g} standard "
+                        f"deviations from the training data (mean {_numbers(mean[where])}, std "
+                        f"{_numbers(std[where])}: trained on {about}{_numbers(low)} to {_numbers(high)})")
+        return None
 
     def null(self, batch_size: int, device=None, dtype=torch.float32) -> torch.Tensor:
         """(B, D + K) encoding of 'no condition' (all zeros)."""
@@ -82,6 +108,8 @@ class ConditionEncoder:
             "condition_spec": str(self.spec),
             "stats": self.stats.to_dict(self.spec),
             "encoded_dim": self.encoded_dim,
+            **({"trained_range": {name: {"min": low, "max": high} for name, (low, high) in self.trained_range.items()}}
+               if self.trained_range else {}),
             "layout": "normalised values (value-mean)/std, then one presence flag per condition; null = zeros",
         }
 
@@ -94,4 +122,19 @@ class ConditionEncoder:
     def load(cls, path: str | Path) -> "ConditionEncoder":
         data = json.loads(Path(path).read_text())
         spec = ConditionSpec.parse(data["condition_spec"])
-        return cls(spec, ConditionStats.from_dict(data["stats"], spec))
+        ranges = data.get("trained_range") or {}
+        trained = {name: (list(ranges[name]["min"]), list(ranges[name]["max"])) for name in spec.names
+                   if isinstance(ranges.get(name), dict) and {"min", "max"} <= set(ranges[name])}
+        return cls(spec, ConditionStats.from_dict(data["stats"], spec), trained or None)
+
+    @classmethod
+    def for_records(cls, spec: ConditionSpec, stats: ConditionStats, records) -> "ConditionEncoder":
+        """The encoder of a training split (manifest records), with the range of values it holds recorded."""
+        values = np.stack([record.conditions for record in records]).astype(np.float64)  # (N, value_dim)
+        present = np.stack([record.present for record in records]).astype(bool)  # (N, K)
+        trained = {}
+        for index, (name, where) in enumerate(spec.slices().items()):
+            rows = values[present[:, index], where]  # (n_present, dim)
+            if len(rows):
+                trained[name] = ([float(v) for v in rows.min(axis=0)], [float(v) for v in rows.max(axis=0)])
+        return cls(spec, stats, trained or None)

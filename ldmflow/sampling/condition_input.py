@@ -7,6 +7,7 @@ optional `seed` column.
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pandas as pd
 from ldmflow.data import bounded_json
 from ldmflow.data.conditions import ConditionSpec
 from ldmflow.errors import LdmflowError
+from ldmflow.files import MAX_CONDITIONS_BYTES, read_user_file
 
 SEED_COLUMN = "seed"
 
@@ -83,18 +85,17 @@ def _row_conditions(frame: pd.DataFrame, row, spec: ConditionSpec, number: int) 
 def read_conditions_file(path: str | Path) -> pd.DataFrame:
     """A CSV, or a JSON list of objects, of conditions (one row per image)."""
     path = Path(path)
-    if not path.is_file():
-        raise LdmflowError(f"--conditions_file {path}: no such file.")
+    raw = read_user_file(path, "--conditions_file", MAX_CONDITIONS_BYTES)
     try:
         if path.suffix.lower() == ".json":
-            data = bounded_json.loads(path.read_text(encoding="utf-8-sig"), f"--conditions_file {path}")
+            data = bounded_json.loads(raw.decode("utf-8-sig"), f"--conditions_file {path}")
             rows = data if isinstance(data, list) else [data]
             not_objects = [i for i, row in enumerate(rows) if not isinstance(row, dict)]
             if not_objects:
                 raise LdmflowError(f"--conditions_file {path}: expected a JSON list of objects (one per image, "
                                    f"condition name -> value); rows {not_objects[:5]} are not objects.")
             return pd.DataFrame(rows)
-        return pd.read_csv(path)
+        return pd.read_csv(io.BytesIO(raw))
     except (ValueError, pd.errors.ParserError) as error:
         raise LdmflowError(f"--conditions_file {path}: cannot read it ({error}).") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from ldmflow.models.kinds import CONDITIONING_FILE, UNET_FOLDER, VAE_SOURCE_FILE
 from ldmflow.progress import Progress
 from ldmflow.sampling.denoise import cast_model, denoise, initial_noise, make_scheduler, model_dtype, step_generators
 from ldmflow.sampling.sampler import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SCHEDULER, image_seeds, in_batches
+
+logger = logging.getLogger(__name__)
 
 
 def check_recorded_vae(vae_dir: str | Path, source_file: str | Path) -> None:
@@ -94,7 +97,7 @@ class LatentSampler:
                 raise LdmflowError(f"This model is unconditional (condition spec: none); got conditions "
                                    f"{sorted(set().union(*conditions))}.")
             return None
-        encoded_rows = []
+        encoded_rows, far = [], []
         for row, condition in enumerate(conditions):
             unknown = sorted(set(condition) - set(spec.names))
             if unknown:
@@ -105,6 +108,10 @@ class LatentSampler:
                 raise LdmflowError(f"Image {row}: missing condition(s) {missing}; this model's condition spec is "
                                    f"{spec} (give every condition, or none at all for unconditional samples).")
             encoded_rows.append({name: values.values[sl] for name, sl in spec.slices().items()})
+            far.append(self.encoder.far_from_training(values.values))
+        if found := [(row, text) for row, text in enumerate(far) if text]:
+            logger.warning("Image %d: condition %s; the model extrapolates there%s.", found[0][0], found[0][1],
+                           f" (and {len(found) - 1} more requests far outside)" if len(found) > 1 else "")
         return self.encoder.encode_physical(encoded_rows, device=self.unet.device)
 
     @torch.no_grad()

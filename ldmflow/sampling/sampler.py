@@ -8,6 +8,7 @@ conditioned on: None when it takes no conditions at all (the legacy pixel DDPM).
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Protocol
 
 import numpy as np
@@ -18,6 +19,9 @@ from ldmflow.errors import LdmflowError
 from ldmflow.progress import Progress
 from ldmflow.sampling.denoise import batches
 from ldmflow.settings import SampleSettings
+
+logger = logging.getLogger(__name__)
+FLAT_STD = 1 / 1024  # an image whose pixels vary less than this is one flat colour: it carries no information
 
 # The defaults of `ldmflow sample`, so a library call and the command sample alike.
 GUIDANCE_SCALE = SampleSettings.guidance_scale
@@ -72,3 +76,22 @@ def in_batches(count: int, batch_size: int | None, progress: Progress | None,
         if progress is not None:
             progress.update(1, len(rows))
     return np.concatenate(parts)
+
+
+def check_generated(images: np.ndarray, guidance_scale: float) -> np.ndarray:
+    """(N, H, W, 3) generated images, once they carry information: when every one is NaN or infinite or a single
+    flat colour, refused in one line; when some are, a warning with their count (their NaN pixels read as 0)."""
+    rows = images.reshape(len(images), -1)
+    non_finite = ~np.isfinite(rows).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        collapsed = ~non_finite & (rows.std(axis=1) < FLAT_STD)
+    if not (non_finite.any() or collapsed.any()):
+        return images
+    what = (f"{int(non_finite.sum())} of {len(images)} generated images are NaN or infinite and "
+            f"{int(collapsed.sum())} a single flat colour")
+    hint = f" at guidance scale {guidance_scale:g} (models are guided at 1 to 20)" if guidance_scale > 20 else ""
+    if (non_finite | collapsed).all():
+        raise LdmflowError(f"{what}{hint}: they carry no information. Check the model (its validation metrics) "
+                           "and the sampling settings.")
+    logger.warning("%s%s; they are kept (NaN read as 0).", what, hint)
+    return np.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0)

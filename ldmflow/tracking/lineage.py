@@ -12,7 +12,7 @@ from ldmflow.tags import (CHECKPOINT_METRIC_TAG, CHECKPOINT_METRIC_VALUE_TAG, CH
                           CONDITION_SPEC_TAG, DATASET_DIGEST_TAG, SAMPLE_MODEL_ID_TAG, SAMPLE_MODEL_NAME_TAG,
                           SAMPLE_MODEL_RUN_TAG, SAMPLE_MODEL_URI_TAG, SAMPLE_MODEL_VERSION_TAG, STAGE_TAG,
                           STAGE_VERSION_TAG, VAE_MODEL_NAME_TAG, VAE_MODEL_VERSION_TAG, VAE_RUN_TAG, VAE_URI_TAG)
-from ldmflow.tracking.store import filter_value
+from ldmflow.tracking.store import equals, filter_value
 
 SAMPLE_STAGE = "sample"
 EVALUATE_STAGE = "evaluate"
@@ -70,24 +70,25 @@ def _latent_ddpms_from_vae(client, vae_version) -> list[dict]:
     if vae_version.run_id:
         query = f"tags.{VAE_RUN_TAG} = {filter_value(vae_version.run_id)}"
     else:
-        query = (f"tags.{VAE_MODEL_NAME_TAG} = {filter_value(vae_version.name)} "
+        query = (f"{equals(f'tags.{VAE_MODEL_NAME_TAG}', vae_version.name)} "
                  f"AND tags.{VAE_MODEL_VERSION_TAG} = {filter_value(vae_version.version)}")
     versions = _all_pages(lambda token: client.search_model_versions(filter_string=query, max_results=_PAGE,
                                                                      page_token=token))
+    versions = [v for v in versions if vae_version.run_id or v.tags.get(VAE_MODEL_NAME_TAG) == vae_version.name]
     return [{"name": v.name, "version": str(v.version), "run_id": v.run_id or "",
              "model_id": version_model_id(v)} for v in sorted(versions, key=lambda v: (v.name, int(v.version)))]
 
 
 def _sample_runs(client, name: str, version: str, model_id: str | None, stage: str = SAMPLE_STAGE) -> list[str]:
     """Ids of the sample (or evaluate) runs tagged with this version (by name+version, or its logged model id)."""
-    queries = [f"tags.`{SAMPLE_MODEL_NAME_TAG}` = {filter_value(name)} "
+    queries = [f"{equals(f'tags.`{SAMPLE_MODEL_NAME_TAG}`', name)} "
                f"AND tags.`{SAMPLE_MODEL_VERSION_TAG}` = {filter_value(version)}"]
     if model_id:
         queries.append(f"tags.`{SAMPLE_MODEL_ID_TAG}` = {filter_value(model_id)}")
     run_ids: list[str] = []
     for query in queries:
         for run in _search_runs(client, f"{query} AND tags.`{STAGE_TAG}` = {filter_value(stage)}"):
-            if run.info.run_id not in run_ids:
+            if run.info.run_id not in run_ids and run.data.tags.get(SAMPLE_MODEL_NAME_TAG, name) == name:
                 run_ids.append(run.info.run_id)
     return run_ids
 

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ldmflow.errors import LdmflowError
+from ldmflow.errors import LdmflowError, cause_line
+from ldmflow.files import disk_problem, publish_folder
 from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, UNET_FOLDER, VAE, VAE_SOURCE_FILE, kind_named,
                                   logged_kind, model_root)
-from ldmflow.tracking.store import filter_value
+from ldmflow.tracking.store import equals, filter_value
 
 ACCEPTED_FORMS = ("a local folder, runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> "
                   "or models:/<model_id>")
@@ -136,9 +139,9 @@ def registered_version(client, name: str, version: str | None, alias: str | None
 def _version_numbers(client, name: str) -> list[int]:
     versions, token = [], None
     while True:
-        page = client.search_model_versions(filter_string=f"name = {filter_value(name)}", max_results=1000,
+        page = client.search_model_versions(filter_string=equals("name", name), max_results=1000,
                                             page_token=token)
-        versions += [int(v.version) for v in page]
+        versions += [int(v.version) for v in page if v.name == name]
         token = page.token
         if not token:
             return sorted(versions)
@@ -227,15 +230,34 @@ def _resolve_runs_uri(uri: str, dst_dir) -> ModelSource:
 
 
 def _download(uri: str, dst_dir) -> Path:
+    """Download into a temporary sibling of `dst_dir`, renamed to it once complete: a failed download (a full
+    disk, a server gone) leaves nothing behind, and its cause is kept in the one line."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    if dst_dir is not None:
-        Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    if dst_dir is None:
+        dst_dir = Path(tempfile.mkdtemp(prefix="ldmflow-download-"))
+    dst_dir = Path(dst_dir).absolute()  # MLflow returns absolute paths
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst_dir) if dst_dir else None))
+        dst_dir.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.", suffix=".tmp", dir=dst_dir.parent))
+    except OSError as error:
+        raise LdmflowError(f"Could not download {uri} into {dst_dir}: {disk_problem(error, dst_dir.parent)}.") from None
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(temporary)))
+        publish_folder(temporary, dst_dir)
     except (MlflowException, OSError) as error:
-        raise LdmflowError(f"Could not download {uri}: {str(error).splitlines()[0]}") from None
+        cause = download_cause(error, temporary)  # before the cleanup frees the space a full disk lacked
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise LdmflowError(f"Could not download {uri} into {dst_dir}: {cause.rstrip('.')}.") from None
+    return dst_dir / local.relative_to(temporary)
+
+
+def download_cause(error: BaseException, folder: Path) -> str:
+    """Why a download failed, in one line: a full disk named as such (MLflow's message may not say it), else
+    `errors.cause_line`."""
+    problem = disk_problem(error, folder)
+    return problem if problem.startswith("the disk is full") else cause_line(error)
 
 
 def find_diffusers_folder(local_dir, kind: str) -> Path:

@@ -47,7 +47,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from ldmflow.errors import LdmflowError
 from ldmflow.models.kinds import LEGACY_DDPM, PROBE, VAE
 from ldmflow.sampling.condition_input import SEED_COLUMN
-from ldmflow.settings import MAX_SEED, SampleSettings
+from ldmflow.settings import MAX_GUIDANCE_SCALE, MAX_SEED, SampleSettings
 
 IMAGE_COLUMN = "image"
 LATENT_COLUMN = "latent"
@@ -177,8 +177,9 @@ def _params(params: dict | None, defaults: dict) -> dict:
             raise LdmflowError(f"Param {name} must be between 1 and {_limit(name)} on this server "
                                f"(LDMFLOW_SERVING_MAX_{name.upper()}), got {merged[name]}.")
     if "guidance_scale" in merged and not (math.isfinite(float(merged["guidance_scale"]))
-                                           and float(merged["guidance_scale"]) >= 1):
-        raise LdmflowError(f"Param guidance_scale must be a finite number >= 1, got {merged['guidance_scale']}.")
+                                           and 1 <= float(merged["guidance_scale"]) <= MAX_GUIDANCE_SCALE):
+        raise LdmflowError(f"Param guidance_scale must be a number in [1, {MAX_GUIDANCE_SCALE:g}], got "
+                           f"{merged['guidance_scale']}.")
     if "num_images" in merged:
         _check_rows(int(merged["num_images"]))
     return merged

@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ldmflow.environment import environment_tags
-from ldmflow.errors import LdmflowError
+from ldmflow.errors import LdmflowError, cause_line
 from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, LEGACY_DDPM, PIPELINE_PARTS, PROBE, SCHEDULER_FILE,
                                   UNET_FOLDER, VAE, VAE_SOURCE_FILE, Kind, kind_named)
 from ldmflow.tags import (CONDITION_SPEC_TAG, DATASET_DIGEST_TAG, DOWNSAMPLE_FACTOR_TAG, DOWNSTREAM_TAG, ENV_LOCK_TAG,
@@ -109,7 +109,7 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
             reason = access_problem(error, f"add versions to registered model {name!r}", "ask its owner (or the "
                                     "server's admin) for EDIT on it, or pass another --registered_model_name")
             raise LdmflowError(f"Could not log or register the {stage} model in MLflow: "
-                               f"{reason or str(error).splitlines()[0]}. The trained model is safe in {output_dir}."
+                               f"{reason or cause_line(error)}. The trained model is safe in {output_dir}."
                                ) from None
     if not register:
         client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])

@@ -373,9 +373,16 @@ def _record_failure(set_tags, log_artifact, error: BaseException, output_dir) ->
 @contextlib.contextmanager
 def recording_failure(run_id: str, output_dir=None):
     """For a run that is not opened with open_run (the pipeline's parent run): an error inside it is recorded
-    the same way, before the run's own context ends it FAILED."""
+    the same way, before the run's own context ends it FAILED; Ctrl-C or SIGTERM ends it KILLED."""
     try:
         yield
+    except KeyboardInterrupt:
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run("KILLED")  # before the run's context would end it FAILED
+        raise
     except Exception as error:
         from mlflow import MlflowClient
 

@@ -30,7 +30,7 @@ def resolve_tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI`, or `sqlite:///<cwd>/mlflow.db`; SQLite paths are made absolute."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if not uri:
-        return _SQLITE_PREFIX + str(Path.cwd() / DEFAULT_DB_NAME)
+        return _checked_sqlite_file(_SQLITE_PREFIX + str(Path.cwd() / DEFAULT_DB_NAME))
     scheme = urlparse(uri).scheme.lower()
     if scheme in ("", "file") or len(scheme) == 1:  # a bare path, file:..., or a Windows drive letter
         raise LdmflowError(
@@ -39,7 +39,31 @@ def resolve_tracking_uri() -> str:
             "or a tracking server (http://host:5000)."
         )
     if scheme == "sqlite":
-        return _absolute_sqlite_uri(uri)
+        return _checked_sqlite_file(_absolute_sqlite_uri(uri))
+    return uri
+
+
+_SQLITE_HEADER = b"SQLite format 3\0"
+
+
+def _checked_sqlite_file(uri: str) -> str:
+    """The URI, once its database file is absent (MLflow creates it), empty or an SQLite database: anything else
+    is named for what it is, not left to end as an unexpected error of SQLAlchemy's."""
+    path = sqlite_db_path(uri)
+    if path.is_dir():
+        raise LdmflowError(f"The tracking store {path} is a folder, not an SQLite database file: set "
+                           "MLFLOW_TRACKING_URI to the database (sqlite:///path/to/mlflow.db).")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_SQLITE_HEADER))
+    except FileNotFoundError:
+        return uri
+    except OSError as error:
+        raise LdmflowError(f"Cannot read the tracking store {path}: {error.strerror or error}.") from None
+    if head and head != _SQLITE_HEADER:
+        what = "text" if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in head) else "binary data"
+        raise LdmflowError(f"The tracking store {path} is not an SQLite database: it holds {what} starting "
+                           f"{head[:12]!r}. Move it aside, or set MLFLOW_TRACKING_URI to your runs' database.")
     return uri
 
 
@@ -261,6 +285,17 @@ def _artifact_location(uri: str, name: str) -> str | None:
         return None
     folder = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
     return (db_path.parent / ARTIFACTS_DIR_NAME / folder).as_uri()
+
+
+def equals(field: str, value) -> str:
+    """A `filter_string` clause matching `field` equal to `value`. MLflow's filter parser has no escapes, so a value
+    holding both quote kinds (or a backslash) is matched with LIKE, each of those characters a one-character
+    wildcard: a superset of the matches, which the caller narrows to equal values."""
+    text = str(value)
+    if not ("'" in text and '"' in text) and "\\" not in text:
+        return f"{field} = {filter_value(text)}"
+    pattern = re.sub(r"['\\\\]", "_", text)
+    return f"{field} LIKE '{pattern}'"
 
 
 def filter_value(value) -> str:

@@ -29,6 +29,7 @@ HEARTBEAT_ENV = "LDMFLOW_SWEEP_HEARTBEAT_SECONDS"  # seconds between a trial's h
 DEFAULT_HEARTBEAT_SECONDS = 60
 DEFINITION_ATTR = "ldmflow_definition"  # the study's user attribute: stage, space, objective and direction
 RUN_ID_ATTR = "mlflow_run_id"  # a trial's user attribute in an RDB study: its MLflow run
+DEFINITION_WAIT_SECONDS = 30.0  # how long a worker waits for the worker that created the study to record it
 
 
 def heartbeat_seconds() -> int:
@@ -141,6 +142,12 @@ def open_study(storage, name: str, definition: dict, sampler, pruner):
     import optuna
 
     recorded = recorded_definition(storage, name)
+    deadline = time.monotonic() + DEFINITION_WAIT_SECONDS
+    while recorded == {} and time.monotonic() < deadline:  # created a moment ago, its definition not yet recorded
+        time.sleep(0.2)
+        recorded = recorded_definition(storage, name)
+    if recorded == {}:  # its creator never recorded one (it died first): this worker does
+        recorded = None
     if recorded is not None and recorded != definition:
         changed = [key for key in sorted(set(recorded) | set(definition)) if recorded.get(key) != definition.get(key)]
         raise LdmflowError(f"Study {name!r} exists with another {', '.join(changed)} (recorded: "

@@ -20,7 +20,7 @@ from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file, save_file
 
 from ldmflow.errors import LdmflowError
-from ldmflow.files import disk_problem
+from ldmflow.files import disk_problem, publish_folder
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -69,16 +69,53 @@ def find_resume_checkpoint(output_dir: str | Path, resume_from: str | None) -> P
         if not checkpoints:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a new run.", output_dir)
             return None
-        return checkpoints[-1]
+        for checkpoint in reversed(checkpoints):
+            problem = damage(checkpoint)
+            if problem is None:
+                return checkpoint
+            logger.warning("--resume_from_checkpoint latest: %s is damaged (%s); trying the one before it.",
+                           checkpoint, problem)
+        raise LdmflowError(f"--resume_from_checkpoint latest: every checkpoint in {output_dir} is damaged (the "
+                           f"newest: {damage(checkpoints[-1])}). Remove them to start a new run.")
     path = Path(resume_from)
     if not path.is_dir() and (Path(output_dir) / resume_from).is_dir():
         path = Path(output_dir) / resume_from
     if path.is_dir() and not (path / f"{STATE_NAME}.json").exists() and (path / "custom_checkpoint_0.pkl").exists():
         raise LdmflowError(f"--resume_from_checkpoint {resume_from}: written by an older ldmflow, which stored its "
                            "state as a pickle; ldmflow no longer unpickles checkpoints. Start a new run.")
+    if (path / SEAL_NAME).is_file() and (problem := damage(path)):
+        raise LdmflowError(f"--resume_from_checkpoint {resume_from}: checkpoint {path} is damaged ({problem}); "
+                           "resume from an earlier one, or `latest`, which skips damaged ones.")
     if not path.is_dir() or not (path / f"{STATE_NAME}.json").exists():
         raise LdmflowError(f"--resume_from_checkpoint {resume_from}: not a complete ldmflow checkpoint folder.")
     return path
+
+
+SEAL_NAME = "checkpoint_files.json"  # written last: each file's size, so a save cut short never looks complete
+
+
+def _seal(folder: Path) -> None:
+    sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / SEAL_NAME).write_text(json.dumps(sizes))
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder (a file missing or of another size than written), or None. A folder
+    without the seal is taken as written by an earlier ldmflow when it has its training state."""
+    try:
+        sizes = json.loads((folder / SEAL_NAME).read_text())
+    except FileNotFoundError:
+        return None if (folder / f"{STATE_NAME}.json").is_file() else f"no {STATE_NAME}.json"
+    except (OSError, ValueError) as error:
+        return f"its {SEAL_NAME} is unreadable: {error}"
+    if not isinstance(sizes, dict):
+        return f"its {SEAL_NAME} is not a file list"
+    for name, size in sizes.items():
+        path = folder / name
+        actual = path.stat().st_size if path.is_file() else None
+        if actual != size:
+            return f"{name} is {'missing' if actual is None else f'{actual} bytes, written as {size}'}"
+    return None
 
 
 STATE_NAME = "training_state"  # the loop's own state, <name>.json (+ <name>.safetensors when it holds tensors)
@@ -99,16 +136,19 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         if accelerator.is_main_process:
             for state_name, obj in states.items():
                 _save_plain_state(obj.state_dict(), temporary / state_name)
+        accelerator.wait_for_everyone()  # every process's files written: the seal lists them all
+        if accelerator.is_main_process:
+            _seal(temporary)
     except (OSError, RuntimeError) as error:  # torch reports a full disk as RuntimeError("... iostream error")
         shutil.rmtree(temporary, ignore_errors=True)  # never leave a half-written checkpoint behind
         raise LdmflowError(f"Could not write {final.name} in {output_dir}: {disk_problem(error, output_dir)}. "
                            "Free some space (or --checkpoints_total_limit), then resume from the last "
                            "checkpoint.") from None
-    accelerator.wait_for_everyone()
+    except BaseException:  # Ctrl-C or SIGTERM mid-save: no half-written checkpoint left either
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        temporary.rename(final)
+        publish_folder(temporary, final)  # a save killed while replacing `final` leaves the old or the new one
         _prune(output_dir, total_limit)
         logger.debug("Saved checkpoint %s", final)  # the progress line names the newest; the best one changes often
     accelerator.wait_for_everyone()

@@ -66,7 +66,8 @@ class LatentDdpmTask(DdpmTask):
         self.probe = ProbeReader.from_folder(probe_dir) if probe_dir else None
         self.ranges = manifest_ranges(manifest) if self.probe else None  # what adherence % refer to
         self.manifest, self.vae_source = manifest, vae_source
-        self.encoder = None if manifest.spec.is_empty else ConditionEncoder(manifest.spec, manifest.stats)
+        self.encoder = None if manifest.spec.is_empty else ConditionEncoder.for_records(manifest.spec, manifest.stats,
+                                                                                         manifest.records)
         self.vae = load_vae(vae_source.local_dir, settings.vae_uri)  # checked before any MLflow run opens
         self.latent_size = latent_size(settings, self.vae)
 

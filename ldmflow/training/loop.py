@@ -87,6 +87,7 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
     first_epoch, skip_batches = divmod(state.global_step, run.steps_per_epoch)
     window = _MetricWindow(task.metric_names, accelerator.device)
     unreadable: set[str] = set()  # images this process replaced by a neighbour
+    non_finite: set[str] = set()  # images this process read with NaN or infinite pixels replaced
     images_per_step = settings.train_batch_size * settings.gradient_accumulation_steps * accelerator.num_processes
     with _sigterm_requests_stop() as stop:
         logger.info("Training %d steps (%d epochs of %d steps) on %d process(es), %d images; checkpoints every %d "
@@ -115,6 +116,7 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
                         run.optimizer.zero_grad(set_to_none=True)
                     window.add(loss, parts, len(batch["index"]), batch.get("substituted"))
                     unreadable.update(path for path in batch.get("unreadable", ()) if path)
+                    non_finite.update(path for path in batch.get("non_finite", ()) if path)
                     if not accelerator.sync_gradients:
                         continue  # the next micro-batch of this step
                     micro_step = 0
@@ -153,7 +155,7 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
                     _checkpoint(settings, run, tracker, skipped, progress)
         finally:
             progress.close()
-    outcome = _finish(settings, task, tracker, run, unreadable)
+    outcome = _finish(settings, task, tracker, run, unreadable, non_finite)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # drop the DDP wrapper before any process-group teardown (gloo deadlocks otherwise)
     return outcome
@@ -280,6 +282,8 @@ def _stop_now(accelerator: Accelerator, stop: threading.Event, at_log_point: boo
 class Preempted(KeyboardInterrupt):
     """SIGTERM (how clusters preempt): the state was checkpointed, and the run ends KILLED."""
 
+    signal_number = signal.SIGTERM
+
 
 def _checkpoint(settings: TrainSettings, run: PreparedRun, tracker: Tracker, skipped: SkippedSteps,
                 progress: Progress) -> None:
@@ -347,11 +351,12 @@ def _is_better(metric: str, value: float, best: float | None) -> bool:
     return value > best if higher_is_better(metric) else value < best
 
 
-def _finish(settings, task, tracker, run: PreparedRun, unreadable: set[str]) -> TrainingOutcome:
-    """After the last step: report unreadable images, save the last (and best) weights."""
+def _finish(settings, task, tracker, run: PreparedRun, unreadable: set[str], non_finite: set[str]) -> TrainingOutcome:
+    """After the last step: report unreadable and non-finite images, save the last (and best) weights."""
     accelerator, state = run.accelerator, run.state
     accelerator.wait_for_everyone()
     _report_unreadable(run, task, tracker, unreadable)
+    _report_non_finite(run, tracker, non_finite)
     output_dir = Path(settings.output_dir)
     _check_weights_finite(settings, run, "the model")
     final_metrics = _save_model(settings, task, run, output_dir)
@@ -373,6 +378,18 @@ def _report_unreadable(run: PreparedRun, task: Task, tracker: Tracker, unreadabl
         tracker.log_dict({"unreadable_images": sorted(paths)}, "unreadable_images.json")
 
 
+def _report_non_finite(run: PreparedRun, tracker: Tracker, non_finite: set[str]) -> None:
+    """One warning with the count, the metric non_finite_images and the files in non_finite_images.json."""
+    paths = non_finite
+    if run.accelerator.num_processes > 1:
+        paths = {path for part in gather_object([sorted(paths)]) for path in part}
+    if paths and run.accelerator.is_main_process:
+        logger.warning("%d image(s) had NaN or infinite pixels, read as 0 (1 for +inf) (metric non_finite_images; "
+                       "the files are listed in non_finite_images.json), e.g. %s.", len(paths), sorted(paths)[0])
+        tracker.log_metrics({"non_finite_images": len(paths)}, run.state.global_step)
+        tracker.log_dict({"non_finite_images": sorted(paths)}, "non_finite_images.json")
+
+
 def _save_model(settings, task: Task, run: PreparedRun, target: Path) -> dict[str, float]:
     """task.save, with a full disk (or another write error) said in one line and no temporary folder left."""
     try:
@@ -387,6 +404,10 @@ def _save_model(settings, task: Task, run: PreparedRun, target: Path) -> dict[st
                 else "no checkpoint was written")
         raise LdmflowError(f"Could not write the model in {target}: {disk_problem(error, Path(target))}. Free some "
                            f"space, then {last}.") from None
+    except BaseException:  # Ctrl-C or SIGTERM mid-save: no half-written model folder left
+        for temporary in Path(target).glob(".*.tmp"):
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def _registered_weights(settings, task, run: PreparedRun, last: TrainingOutcome) -> TrainingOutcome:

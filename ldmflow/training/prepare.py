@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors import SafetensorError
 
-from ldmflow.errors import LdmflowError
+from ldmflow.errors import LdmflowError, error_summary
 from ldmflow.settings import TrainSettings, resumable_changes
 from ldmflow.tags import RESUMED_FROM_CHECKPOINT_TAG, RESUMED_FROM_RUN_TAG, RESUMED_FROM_STEP_TAG
 from ldmflow.training.checkpoints import STATE_NAME, TrainingState, find_resume_checkpoint, load_checkpoint
@@ -190,6 +191,9 @@ def _resume(settings: TrainSettings, accelerator: Accelerator, run: PreparedRun)
         raise LdmflowError(f"Cannot resume from {checkpoint}: it does not match this model and settings "
                            f"({detail[:300]}). Use the same model size and --use_ema as the run that wrote "
                            "it.") from None
+    except (OSError, EOFError, SafetensorError) as error:  # a file damaged in place (same size, other bytes)
+        raise LdmflowError(f"Cannot resume from {checkpoint}: the checkpoint is damaged ({error_summary(error)}). "
+                           "Resume from an earlier one.") from None
     state = run.state
     logger.info("Resumed from %s at step %d.", checkpoint, state.global_step)
     return {RESUMED_FROM_CHECKPOINT_TAG: str(checkpoint), RESUMED_FROM_STEP_TAG: str(state.global_step),

@@ -33,6 +33,7 @@ from ldmflow.evaluation.adherence import (Requests, diversity, manifest_ranges, 
 from ldmflow.evaluation.scoring import AdherenceReadings, Scorer, adherence_scores, reconstruction_scores
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE, detect_kind, names
 from ldmflow.models.probe import ProbeReader
+from ldmflow.sampling.sampler import check_generated
 from ldmflow.settings import EvaluateSettings, ProbeSettings
 from ldmflow.tags import DATASET_DIGEST_TAG, EVAL_RUN_TAG, EVAL_SKIPPED_TAG
 
@@ -210,7 +211,7 @@ def _generate(settings: EvaluateSettings, evaluated: EvaluatedModel, conditions,
                                       num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
                                       seeds=seeds, batch_size=settings.batch_size, progress=progress)
     progress.close()
-    return images
+    return check_generated(images, guidance)
 
 
 def _reconstruct(vae, images: np.ndarray, batch_size: int) -> np.ndarray:

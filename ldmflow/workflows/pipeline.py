@@ -7,10 +7,14 @@ stored), the same code version, and a registered model; found with a `filter_str
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
+import shlex
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +72,28 @@ def _run_step(client, experiment_id: str, entry_point: str, parameters: dict[str
         logger.info("Step %s: reusing finished run %s.", entry_point, previous.info.run_id)
         return previous, True
     logger.debug("Step %s: starting with %s", entry_point, parameters)  # its run's first line says it started
-    submitted = mlflow.projects.run(str(project_dir()), entry_point=entry_point, parameters=parameters,
-                                    env_manager="local", experiment_id=experiment_id, synchronous=True)
+    with this_python_first_on_path():
+        submitted = mlflow.projects.run(str(project_dir()), entry_point=entry_point, parameters=parameters,
+                                        env_manager="local", experiment_id=experiment_id, synchronous=True)
     client.set_tag(submitted.run_id, CODE_VERSION_TAG, version)
     return client.get_run(submitted.run_id), False
+
+
+@contextlib.contextmanager
+def this_python_first_on_path():
+    """MLflow Projects starts a step with the `python` first on PATH (`python -m entrypoints.<step>`), which need
+    not be the Python running ldmflow (a system Python without its packages): put a `python` that runs this one
+    first, for as long as the step runs. A script, not a link, so a virtual environment's Python stays itself."""
+    with tempfile.TemporaryDirectory(prefix="ldmflow-python-") as folder:
+        launcher = Path(folder) / "python"
+        launcher.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        launcher.chmod(0o755)
+        previous = os.environ.get("PATH", "")
+        os.environ["PATH"] = folder + os.pathsep + previous
+        try:
+            yield
+        finally:
+            os.environ["PATH"] = previous
 
 
 def _step_parameters(settings: PipelineSettings) -> dict[str, dict[str, str]]:

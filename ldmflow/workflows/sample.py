@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame
                                               read_conditions_file)
 from ldmflow.sampling.denoise import check_inference_steps
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
-from ldmflow.sampling.sampler import Sampler
+from ldmflow.sampling.sampler import Sampler, check_generated
 from ldmflow.settings import MAX_SEED, SampleSettings
 from ldmflow.tags import STAGE_TAG
 
@@ -139,10 +140,11 @@ def check_images_fit(count: int, size: int, available: int | None = None) -> Non
 
 
 def generate(settings: SampleSettings, sampler: Sampler, conditions, seeds) -> np.ndarray:
-    """(N, H, W, 3) images in [0, 1]."""
-    return sampler.generate(conditions, num_images=len(seeds), guidance_scale=settings.guidance_scale,
-                            num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
-                            seeds=seeds, batch_size=settings.batch_size)
+    """(N, H, W, 3) images in [0, 1]; refused when none carries information (check_generated)."""
+    images = sampler.generate(conditions, num_images=len(seeds), guidance_scale=settings.guidance_scale,
+                              num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
+                              seeds=seeds, batch_size=settings.batch_size)
+    return check_generated(images, settings.guidance_scale)
 
 
 def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None, image_format: str,
@@ -151,13 +153,17 @@ def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None
     (samples-<4 random hex digits>, e.g. samples-c4d2): nothing that is already there is touched."""
     temporary = temporary_folder(output_dir, "samples")
     extension = extension_for(image_format)
-    for index, image in enumerate(images):
-        write_image(temporary / f"sample_{index:04d}{extension}", image, image_format)
-    grid = image_grid(to_pil(images), labels=labels)
-    grid.save(temporary / "grid.png")
-    tracker.log_image(grid, key="samples", step=0)
-    tracker.log_artifacts(str(temporary), "samples")  # exactly this run's files, nothing else in output_dir
-    return _publish_under_a_new_name(temporary, output_dir) / "grid.png"
+    try:
+        for index, image in enumerate(images):
+            write_image(temporary / f"sample_{index:04d}{extension}", image, image_format)
+        grid = image_grid(to_pil(images), labels=labels)
+        grid.save(temporary / "grid.png")
+        tracker.log_image(grid, key="samples", step=0)
+        tracker.log_artifacts(str(temporary), "samples")  # exactly this run's files, nothing else in output_dir
+        return _publish_under_a_new_name(temporary, output_dir) / "grid.png"
+    except BaseException:  # a full disk, Ctrl-C, SIGTERM: no half-written samples folder left
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def _publish_under_a_new_name(temporary: Path, output_dir: Path) -> Path:

@@ -10,6 +10,7 @@ model is registered with the alias `sweep-<study>`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shlex
@@ -144,6 +145,7 @@ def run_sweep(settings: SweepSettings, stage_options: dict, given: frozenset[str
 
     from ldmflow.tracking.store import ensure_experiment, use_tracking_store
     from ldmflow.tracking.study import StudyRuns, open_study, optuna_storage
+    from ldmflow.tracking.study_report import log_study_params
 
     plan = plan_sweep(settings, stage_options, given)
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run: trials have runs of their own
@@ -159,6 +161,7 @@ def run_sweep(settings: SweepSettings, stage_options: dict, given: frozenset[str
     runs = StudyRuns(study, experiment_id)
     parent = runs.parent_run_id
     _tag_run(parent, {STAGE_TAG: SWEEP_STAGE, SWEEP_STUDY_TAG: plan.name, **environment_tags()})
+    log_study_params(parent, study_params(plan))
     if project_run:  # named after the study, and pointing to its run
         _tag_run(project_run, {SWEEP_STUDY_RUN_TAG: parent, RUN_NAME_TAG: f"{SWEEP_STAGE}-{plan.name}"})
     logger.info("Study %s (run %s): %s %s of %s over %s.", plan.name, parent, plan.direction, plan.objective,
@@ -167,6 +170,14 @@ def run_sweep(settings: SweepSettings, stage_options: dict, given: frozenset[str
 
     interrupted = optimize(study, plan, runs, settings)
     return finish(study, plan, runs, settings, interrupted)
+
+
+def study_params(plan: SweepPlan) -> dict[str, str]:
+    """The study run's params: what it optimises, its space, and the stage's fixed settings (not those it varies)."""
+    varied = {dimension.name for dimension in plan.space.dimensions}
+    fixed = {key: value for key, value in plan.base.to_params().items() if key not in varied}
+    return {**fixed, "sweep_stage": plan.kind.name, "sweep_objective": plan.objective,
+            "sweep_direction": plan.direction, "sweep_space": json.dumps(plan.space.to_dict(), sort_keys=True)}
 
 
 def _tag_run(run_id: str, tags: dict[str, str]) -> None:
@@ -226,7 +237,7 @@ def command_line(plan: SweepPlan, params: dict) -> str:
     return " ".join(parts)
 
 
-def finish(study, plan: SweepPlan, runs, settings: SweepSettings, interrupted: bool) -> dict:
+def finish(study, plan: SweepPlan, runs, settings: SweepSettings, interrupted: KeyboardInterrupt | None) -> dict:
     """The parent run's report; when no other worker still runs a trial: register the best model and end the
     parent run. Returns {study, run_id, best_trial, best_value, best_params, registered}."""
     from mlflow import MlflowClient
@@ -247,9 +258,9 @@ def finish(study, plan: SweepPlan, runs, settings: SweepSettings, interrupted: b
     registered = None
     if not others:
         registered = _register_best(best, plan, settings) if best else None
-        MlflowClient().set_terminated(parent, "KILLED" if interrupted else "FINISHED")
-    if interrupted:
-        raise KeyboardInterrupt
+        MlflowClient().set_terminated(parent, "KILLED" if interrupted is not None else "FINISHED")
+    if interrupted is not None:
+        raise interrupted
     if best is None:
         raise LdmflowError(f"No trial of study {plan.name!r} finished ({len(trials)} ran: "
                            f"{', '.join(sorted({trial.state.name for trial in trials}))}); see its runs in MLflow.")

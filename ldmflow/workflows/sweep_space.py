@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ldmflow.data.bounded_json import loads
 from ldmflow.errors import LdmflowError
+from ldmflow.files import MAX_SPACE_BYTES, read_user_file
 from ldmflow.settings import TrainSettings, param_value, setting_fields
 
 # Settings that say where a trial's data, outputs and runs go rather than what is trained: fixed for a sweep.
@@ -93,10 +94,8 @@ def settings_values(space_values: dict, base: TrainSettings) -> dict:
 def _read(path: Path) -> dict:
     import yaml  # MLflow's dependency; JSON is read by json for its clearer messages
 
-    if not path.is_file():
-        raise LdmflowError(f"--space {path} does not exist.")
     try:
-        text = path.read_text()
+        text = read_user_file(path, "--space", MAX_SPACE_BYTES).decode("utf-8-sig")
         entries = loads(text, f"--space {path}") if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except RecursionError:  # YAML's parser recurses per nesting level
         raise LdmflowError(f"--space {path} is nested too deeply to be a search space.") from None

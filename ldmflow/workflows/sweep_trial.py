@@ -25,8 +25,9 @@ class _Pruned(Stopped, optuna.TrialPruned):
     """A pruned trial: Optuna marks it pruned, and the run tracker knows it is not a failure."""
 
 
-def optimize(study, plan: SweepPlan, runs, settings: SweepSettings) -> bool:
-    """Run trials until the study has --n_trials finished or pruned ones, or --timeout; True after Ctrl-C.
+def optimize(study, plan: SweepPlan, runs, settings: SweepSettings) -> KeyboardInterrupt | None:
+    """Run trials until the study has --n_trials finished or pruned ones, or --timeout; the interruption after
+    Ctrl-C or SIGTERM (None otherwise).
 
     A trial that fails (bad combination of values, divergence) is recorded FAILED and the sweep goes on."""
     from optuna.study import MaxTrialsCallback
@@ -35,17 +36,17 @@ def optimize(study, plan: SweepPlan, runs, settings: SweepSettings) -> bool:
     done = (TrialState.COMPLETE, TrialState.PRUNED)
     if len(study.get_trials(deepcopy=False, states=done)) >= settings.n_trials:
         logger.info("Study %s already has %d trials.", plan.name, settings.n_trials)
-        return False
+        return None
     try:
         study.optimize(_Objective(plan, runs), n_trials=settings.n_trials, timeout=settings.timeout,
                        catch=(LdmflowError,), callbacks=[MaxTrialsCallback(settings.n_trials, states=done)])
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:  # Ctrl-C or SIGTERM: kept, so the command says which
         logger.warning("Interrupted: the running trial is marked FAILED; run the same command to continue.")
-        return True
+        return interruption
     finally:
         if hasattr(study._storage, "flush_all_batches"):
             study._storage.flush_all_batches()
-    return False
+    return None
 
 
 class _Objective:

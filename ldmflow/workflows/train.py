@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
-from ldmflow.errors import LdmflowError
+from ldmflow.errors import LdmflowError, cause_line
 from ldmflow.files import folder_lock
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE, Kind, kind_trained_by
 from ldmflow.settings import LatentDdpmSettings, LegacyDdpmSettings, ProbeSettings, TrainSettings, VaeSettings
@@ -162,7 +162,7 @@ def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) 
         except MlflowException as error:  # before any run: a refused login is said as such
             reason = access_problem(error, "read the model registry")
             raise LdmflowError(f"Cannot look up the dataset's condition probe: "
-                               f"{reason or str(error).splitlines()[0]}.") from None
+                               f"{reason or cause_line(error)}.") from None
         if uri is None:
             return None
         logger.info("Validation reads conditions back with the dataset's probe %s.", uri)

@@ -147,3 +147,26 @@ def test_extract_matches_loader_on_demo(demo_manifest):
     for record in manifest.records:
         expected = extract_conditions(items[record.entry_index]["metadata"], manifest.spec, "x")
         np.testing.assert_array_equal(record.conditions, expected.values)
+
+
+def test_check_manifest_flags_non_finite_and_sliver_images_and_refuses_all_nan_ones(tmp_path, write_manifest):
+    import tifffile
+
+    from ldmflow.data.image_io import write_image
+
+    partial = np.full((8, 8, 3), 0.5, np.float32)
+    partial[0, :3] = np.nan
+    partial[1, 0] = np.inf
+    tifffile.imwrite(tmp_path / "partial.tiff", partial)
+    tifffile.imwrite(tmp_path / "all_nan.tiff", np.full((8, 8, 3), np.nan, np.float32))
+    write_image(tmp_path / "sliver.png", np.full((1, 2000, 3), 0.5, np.float32), "png")
+    write_image(tmp_path / "fine.png", np.full((8, 12, 3), 0.5, np.float32), "png")
+    entries = [{"output_rel": name, "metadata": {"split": "train"}}
+               for name in ("partial.tiff", "all_nan.tiff", "sliver.png", "fine.png")]
+    report = check_manifest(write_manifest(tmp_path, entries), condition_spec="none")
+    assert report["usable"] == 3 and report["unreadable_files"] == 1
+    assert "all_nan.tiff: all 64 pixels are NaN or infinite" in report["unreadable_examples"][0]
+    assert report["flagged_images"] == 2
+    assert report["flagged_examples"][0].startswith("partial.tiff: 4 of 64 pixels are NaN or infinite")
+    assert report["flagged_examples"][1].startswith("sliver.png: 2000x1 pixels, aspect ratio 2e+03:1")
+    assert "2 usable image(s) flagged:" in format_report(report)

@@ -161,3 +161,17 @@ def test_random_flip_needs_a_rule_for_every_vector_condition(tmp_path):
     with pytest.raises(LdmflowError, match=r"vector condition 'wind' has no flip rule.*'wind:3:flipx=0'"):
         image_dataset(manifest, settings, training=True)
     assert image_dataset(manifest, settings, training=False).random_flip is False  # evaluation never flips
+
+
+def test_non_finite_pixels_are_named_on_the_item_and_an_all_nan_image_is_substituted(tmp_path):
+    import tifffile
+
+    partial = np.full((8, 8, 3), 0.5, np.float32)
+    partial[0, 0] = np.nan
+    paths = [tmp_path / "partial.tiff", tmp_path / "all_nan.tiff"]
+    tifffile.imwrite(paths[0], partial)
+    tifffile.imwrite(paths[1], np.full((8, 8, 3), np.nan, np.float32))
+    dataset = ManifestImageDataset([_record(i, p) for i, p in enumerate(paths)], resolution=8)
+    first, second = dataset[0], dataset[1]
+    assert first["non_finite"] == str(paths[0]) and torch.isfinite(first["pixel_values"]).all()
+    assert second["index"] == 0 and second["unreadable"] == str(paths[1])

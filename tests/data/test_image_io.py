@@ -1,10 +1,13 @@
 import numpy as np
 import pytest
 import tifffile
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
 from PIL import Image
 
 from ldmflow.data.image_io import (
     UnreadableImageError,
+    decode_image,
     encode_png16,
     extension_for,
     header_problem,
@@ -208,3 +211,21 @@ def test_images_over_the_pixel_limit_are_refused_from_their_header(tmp_path, suf
     assert "over --max_image_pixels" in header_problem(path, limit)
     if suffix == ".png":
         assert read_image(path).shape == (200, 300, 3)  # under the default limit
+
+
+@settings(max_examples=40, deadline=None)
+@given(mask=hnp.arrays(np.int8, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=6),
+                       elements=st.integers(0, 3)), channels=st.sampled_from([1, 3]))
+def test_non_finite_pixels_are_counted_and_an_image_of_nothing_else_is_refused(tmp_path_factory, mask, channels):
+    """0: a value, 1: NaN, 2: +inf, 3: -inf, in the first channel of a float TIFF."""
+    image = np.full((*mask.shape, channels), 0.25, np.float32)
+    image[..., 0] = np.choose(mask, [0.25, np.nan, np.inf, -np.inf]).astype(np.float32)
+    path = tmp_path_factory.mktemp("nan") / "a.tiff"
+    tifffile.imwrite(path, image if channels == 3 else image[..., 0])
+    bad = int((mask > 0).sum())
+    if bad == mask.size:
+        with pytest.raises(UnreadableImageError, match=f"all {bad} pixels are NaN or infinite"):
+            decode_image(path, preserve_precision=True)
+        return
+    pixels, count = decode_image(path, preserve_precision=True)
+    assert count == bad and np.isfinite(pixels).all()

@@ -114,9 +114,9 @@ def test_broken_json_names_line_and_column(tmp_path):
 
 
 def test_missing_manifest_and_bad_options(tmp_path, dataset):
-    with pytest.raises(LdmflowError, match="Manifest not found: .*nope.json"):
+    with pytest.raises(LdmflowError, match="Manifest .*nope.json does not exist"):
         load_manifest(tmp_path / "nope.json")
-    with pytest.raises(LdmflowError, match="is a directory"):
+    with pytest.raises(LdmflowError, match="is a folder"):
         load_manifest(tmp_path)
     with pytest.raises(LdmflowError, match="Data root .*elsewhere is not a directory"):
         load_manifest(dataset, data_root=tmp_path / "elsewhere")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from hypothesis import HealthCheck, given, settings as settings_profile, strategies as st
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
@@ -366,3 +367,31 @@ def test_a_version_shows_the_metrics_of_its_own_weights_not_of_the_last_step(sql
     _link_metrics_at(client, run.info.run_id, model.model_id, step=12)
     assert _registered_weights_metrics(client, model.model_id) == {"loss": 2.0, "val/denoise_loss": 0.5}
     assert client.get_run(run.info.run_id).data.metrics["loss"] == 1.0  # the run keeps its last values
+
+
+@settings_profile(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(content=st.binary(min_size=1, max_size=64).filter(lambda data: not data.startswith(b"SQLite format 3\0")),
+       default=st.booleans())
+def test_a_store_file_that_is_not_a_database_is_named_for_what_it_is(tmp_path_factory, monkeypatch, content, default):
+    from click.testing import CliRunner
+
+    from ldmflow.cli import cli
+
+    folder = tmp_path_factory.mktemp("store")
+    (folder / "mlflow.db").write_bytes(content)
+    monkeypatch.chdir(folder)
+    if default:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+    result = CliRunner().invoke(cli, ["models"])
+    assert result.exit_code == 1, result.output
+    assert f"Error: The tracking store {folder / 'mlflow.db'} is not an SQLite database: it holds" in result.output
+
+
+def test_a_store_that_is_a_folder_is_named_so(tmp_path, monkeypatch):
+    (tmp_path / "mlflow.db").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(LdmflowError, match="mlflow.db is a folder, not an SQLite database file"):
+        store.resolve_tracking_uri()

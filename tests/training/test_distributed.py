@@ -57,6 +57,10 @@ def test_two_processes_train_and_only_the_main_one_writes(tmp_path):
     # each process saved its own RNG state into the same checkpoint
     assert {p.name for p in (output / "checkpoint-4").glob("random_states_*.pkl")} == {
         "random_states_0.pkl", "random_states_1.pkl"}
+    from ldmflow.training.checkpoints import damage
+
+    assert damage(output / "checkpoint-4") is None  # sealed once every process had written its files
+    assert "random_states_1.pkl" in (output / "checkpoint-4" / "checkpoint_files.json").read_text()
     assert result.stderr.count("Saved the VAE to") == 1
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -290,6 +292,9 @@ def test_unreadable_images_met_in_training_are_counted_named_and_warned_once(dat
     manifest = load_manifest(settings.manifest_path, condition_spec="none")
     broken = manifest.records[0].image_path
     broken.write_bytes(broken.read_bytes()[:60] + b"\0" * 40)  # damaged after the manifest was checked
+    partly_nan = np.full((32, 32, 3), 0.5, np.float32)
+    partly_nan[:4] = np.nan
+    tifffile.imwrite(manifest.records[1].image_path, partly_nan)  # a float TIFF under the PNG's name
     logged = {}
 
     class Keeper(RecordingTracker):
@@ -304,6 +309,9 @@ def test_unreadable_images_met_in_training_are_counted_named_and_warned_once(dat
     assert logged["unreadable_images.json"] == {"unreadable_images": [str(broken)]}
     [warning] = [r.message for r in caplog.records if "could not be read" in r.message]
     assert warning.startswith("1 image(s) could not be read during training")
+    assert logged["non_finite_images.json"] == {"non_finite_images": [str(manifest.records[1].image_path)]}
+    assert [m["non_finite_images"] for _, m in recorder.metrics if "non_finite_images" in m] == [1]
+    assert any(r.message.startswith("1 image(s) had NaN or infinite pixels") for r in caplog.records)
 
 
 def test_sigterm_checkpoints_marks_the_run_killed_and_exits_non_zero(data, tmp_path):

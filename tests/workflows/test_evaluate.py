@@ -181,7 +181,7 @@ def test_inception_without_weights_is_one_line_and_the_rest_is_computed(store, c
     (["--model_uri", "models:/ldmflow-probe/1"], "evaluate takes a vae, latent_ddpm or legacy_ddpm model"),
     (["--num_samples", "0"], "--num_samples must be at least 2, got 0"),
     (["--split", "test"], "--split test:"),
-    (["--guidance_scale", "0.5"], "--guidance_scale must be in [1, inf], got 0.5"),
+    (["--guidance_scale", "0.5"], "--guidance_scale must be in [1, 100.0], got 0.5"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_run(store, args, message):
     before = len(_runs("evaluate"))

@@ -93,6 +93,15 @@ def test_a_sweep_prunes_poor_trials_and_registers_the_best(store):
     # Running the command again adds nothing: the study already has its trials, and the alias stays.
     invoke(*sweep_args("--n_trials", "4", "--pruner_startup_trials", "1"))
     assert len(study_runs("demo")[1]) == 4 and len(client.search_model_versions("name = 'ldmflow-vae'")) == 1
+    # ... and its report replaces the first one: each trial once, in the state its run ended in
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json", str(store / "again")))
+                       .read_text())
+    rows = {row[table["columns"].index("number")]: row[table["columns"].index("state")] for row in table["data"]}
+    assert len(table["data"]) == 4 and rows == {number: "COMPLETE" if run.info.status == "FINISHED" else "PRUNED"
+                                                 for number, run in trials.items()}
+    params = client.get_run(parent.info.run_id).data.params
+    assert params["sweep_objective"] == "val/psnr" and params["sweep_direction"] == "maximize"
+    assert "learning_rate" not in params  # what the study varies is each trial's param, not the study's
 
 
 @pytest.mark.train
