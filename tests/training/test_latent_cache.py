@@ -200,3 +200,21 @@ def test_the_tolerance_still_tells_another_encoding_apart(data, vae):
         assert_computed_alike(flipped, params, **ALIKE)  # the mirrored images' posteriors
     with pytest.raises(AssertionError):
         assert_computed_alike(params * (1 + 1e-4), params, **ALIKE)  # a thousand times the rounding bound
+
+
+def test_images_with_non_finite_pixels_encoded_into_the_cache_are_counted_in_one_warning(data, vae, tmp_path, caplog):
+    import shutil
+
+    import tifffile
+
+    copy = tmp_path / "data"
+    shutil.copytree(data.parent, copy)
+    manifest = load_manifest(copy / "manifest.json", condition_spec="none")
+    partly_nan = np.full((32, 32, 3), 0.5, np.float32)
+    partly_nan[:4] = np.nan
+    tifffile.imwrite(manifest.records[2].image_path, partly_nan)  # a float TIFF under the PNG's name
+    caplog.set_level("WARNING")
+    run_cache_latents(_settings(copy / "manifest.json", vae, tmp_path / "cache"))
+    [warning] = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
+    assert warning.startswith("1 image(s) encoded into the latent cache had NaN or infinite pixels")
+    assert str(manifest.records[2].image_path) in warning
