@@ -68,6 +68,8 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("pipeline: no replicates", [*PIPELINE, "--replicates", "0"], "--replicates must be at least 1, got 0"),
     ("compare: a VAE with a latent DDPM", ["compare", "{vae}", "{latent}", "--manifest_path", "{data}",
                                            "--output_dir", "{out}"], "compare models of one kind"),
+    ("compare: no such gate metric", ["compare", "{vae}", "{vae}/.", "--manifest_path", "{data}", "--output_dir",
+                                      "{out}", "--fail_if_worse", "fid_score"], "--fail_if_worse fid_score: not a metric"),
     ("compare: a model with itself", ["compare", "{vae}", "{vae}", "--manifest_path", "{data}", "--output_dir",
                                       "{out}"], "compare two different models"),
     ("compare: no such model", ["compare", "{tmp}/nothing", "{vae}", "--manifest_path", "{data}", "--output_dir",

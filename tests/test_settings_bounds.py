@@ -10,10 +10,11 @@ import typing
 import pytest
 
 from ldmflow.errors import LdmflowError
-from ldmflow.settings import (MAX_DIFFUSION_STEPS, MAX_FID_SAMPLES, MAX_GENERATED_IMAGES, MAX_RESOLUTION,
-                              MAX_SAMPLING_BATCH, MAX_SEED, MAX_WORKERS, CacheLatentsSettings, DemoDataSettings,
-                              EvaluateSettings, LatentDdpmSettings, LegacyDdpmSettings, PipelineSettings,
-                              ProbeSettings, SampleSettings, ServerSettings, VaeSettings, setting_fields)
+from ldmflow.settings import (MAX_DIFFUSION_STEPS, MAX_FID_SAMPLES, MAX_GENERATED_IMAGES, MAX_REPLICATES,
+                              MAX_RESOLUTION, MAX_SAMPLING_BATCH, MAX_SEED, MAX_WORKERS, CacheLatentsSettings,
+                              CompareSettings, DemoDataSettings, EvaluateSettings, LatentDdpmSettings,
+                              LegacyDdpmSettings, PipelineSettings, ProbeSettings, SampleSettings, ServerSettings,
+                              VaeSettings, setting_fields)
 
 REQUIRED = {VaeSettings: {"manifest_path": "m.json", "output_dir": "out"},
             LatentDdpmSettings: {"manifest_path": "m.json", "output_dir": "out", "vae_uri": "models:/vae/1"},
@@ -21,6 +22,7 @@ REQUIRED = {VaeSettings: {"manifest_path": "m.json", "output_dir": "out"},
             ProbeSettings: {"manifest_path": "m.json", "output_dir": "out"},
             SampleSettings: {"model_uri": "models:/latent/1"},
             EvaluateSettings: {"model_uri": "models:/latent/1", "manifest_path": "m.json"},
+            CompareSettings: {"manifest_path": "m.json"},
             PipelineSettings: {"manifest_path": "m.json"},
             ServerSettings: {},
             DemoDataSettings: {"output_dir": "out"},
@@ -53,6 +55,9 @@ BOUNDS = [  # (settings, the value at its bound, one past it, fragment of the er
     (EvaluateSettings, {"num_samples": MAX_FID_SAMPLES}, {"num_samples": MAX_FID_SAMPLES + 1}, "standard FID"),
     (EvaluateSettings, {"seed": MAX_SEED - 255}, {"seed": MAX_SEED - 254}, "[0, 2**32 - 1]"),
     (PipelineSettings, {"seed": MAX_SEED - 255}, {"seed": MAX_SEED - 254}, "Pipeline step"),
+    (VaeSettings, {"replicates": MAX_REPLICATES}, {"replicates": MAX_REPLICATES + 1}, "a whole training"),
+    (VaeSettings, {"seed": MAX_SEED - 2, "replicates": 3}, {"seed": MAX_SEED - 1, "replicates": 3}, "[0, 2**32 - 1]"),
+    (PipelineSettings, {"replicates": MAX_REPLICATES}, {"replicates": MAX_REPLICATES + 1}, "a whole pipeline"),
 ]
 
 

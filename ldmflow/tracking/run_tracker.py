@@ -371,6 +371,20 @@ def _record_failure(set_tags, log_artifact, error: BaseException, output_dir) ->
 
 
 @contextlib.contextmanager
+def outside_the_project_run():
+    """Yields the run `mlflow run` started for this process (None without one) with MLFLOW_RUN_ID unset
+    meanwhile, so that a run opened now (a probe trained for an evaluation, a replicate) gets a run of its own,
+    nested under that one by its parent_run_id, instead of attaching to it. The variable stays: it is how
+    `mlflow run` hands its run across the process boundary, and MLflow's own start_run reads it."""
+    saved = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        yield saved
+    finally:
+        if saved is not None:
+            os.environ["MLFLOW_RUN_ID"] = saved
+
+
+@contextlib.contextmanager
 def recording_failure(run_id: str, output_dir=None):
     """For a run that is not opened with open_run (the pipeline's parent run): an error inside it is recorded
     the same way, before the run's own context ends it FAILED; Ctrl-C or SIGTERM ends it KILLED."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from ldmflow.data.conditions import ConditionSpec
 from ldmflow.errors import LdmflowError
-from ldmflow.evaluation.adherence import condition_errors, manifest_ranges
+from ldmflow.evaluation.adherence import adherence_metric_names, condition_errors, manifest_ranges
 from ldmflow.evaluation.comparison import (WORSE, MetricComparison, compare_metrics, format_comparison,
                                            paired_half_widths)
 from ldmflow.evaluation.intervals import CI_SUFFIX
@@ -26,8 +26,8 @@ from ldmflow.settings import CompareSettings, EvaluateSettings, EvaluationOption
 from ldmflow.tags import (COMPARE_A_RUNS_TAG, COMPARE_A_TAG, COMPARE_B_RUNS_TAG, COMPARE_B_TAG, REPLICATE_MODEL_TAG,
                           REPLICATE_OF_TAG, REPLICATES_TAG)
 from ldmflow.training.loop import higher_is_better
-from ldmflow.workflows.evaluate import (Evaluation, EvaluatedModel, _check_conditions_known, _load, evaluate,
-                                        load_evaluated_model, resolve_probe)
+from ldmflow.workflows.evaluate import (Evaluation, EvaluatedModel, check_conditions_known, evaluate,
+                                        load_evaluated_model, load_split, resolve_probe)
 
 logger = logging.getLogger(__name__)
 COMPARE_STAGE = "compare"
@@ -61,6 +61,8 @@ def replicate_models(run_id: str) -> list[str] | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from ldmflow.tracking.store import filter_value
+
     client = MlflowClient()
     try:
         parent = client.get_run(run_id)
@@ -68,7 +70,7 @@ def replicate_models(run_id: str) -> list[str] | None:
         return None
     if REPLICATES_TAG not in parent.data.tags:
         return None
-    children = client.search_runs([parent.info.experiment_id], f"tags.`{REPLICATE_OF_TAG}` = '{run_id}'",
+    children = client.search_runs([parent.info.experiment_id], f"tags.`{REPLICATE_OF_TAG}` = {filter_value(run_id)}",
                                   max_results=1000, order_by=["attributes.start_time ASC"])
     failed = [run.info.run_id for run in children if run.info.status != "FINISHED"]
     if failed or len(children) < int(parent.data.tags[REPLICATES_TAG]):
@@ -135,6 +137,14 @@ def _per_sample_score(evaluation: Evaluation, spec: ConditionSpec, ranges):
     return None
 
 
+def comparable_metrics(model: EvaluatedModel) -> set[str]:
+    """The metrics a comparison of such models can report (what --fail_if_worse may name)."""
+    if model.stage == VAE.name:
+        return {"psnr", "ssim", *UNPAIRED}
+    conditions = {name for name in adherence_metric_names(model.spec) if _shown(name, {name})}
+    return {*UNPAIRED, *conditions}
+
+
 def _shown(metric: str, paired: set[str]) -> bool:
     if metric in UNPAIRED:
         return True
@@ -146,10 +156,10 @@ def compare(settings: CompareSettings, a: Side, b: Side) -> tuple[list[MetricCom
     first = a.models[0]
     spec = first.spec if not first.spec.is_empty else ConditionSpec.parse(settings.condition_spec)
     some = _evaluation_settings(settings, a.uris[0])
-    real = _load(some, settings.split, str(spec))
-    train = _load(some, settings.train_split, str(spec))
+    real = load_split(some, settings.split, str(spec))
+    train = load_split(some, settings.train_split, str(spec))
     if first.stage == LATENT_DDPM.name and not first.spec.is_empty:
-        _check_conditions_known(real)
+        check_conditions_known(real)
     probe = None if spec.is_empty else resolve_probe(some, spec, real.digest)
     ranges = manifest_ranges(train) if not spec.is_empty else {}
     evaluations = {}
@@ -189,15 +199,16 @@ def run_compare(model_a: str, model_b: str, settings: CompareSettings) -> Compar
     if a.label == b.label:
         raise LdmflowError(f"A and B are both {a.label}: compare two different models.")
     check_comparable(a, b)
+    possible = comparable_metrics(a.models[0])
+    if settings.fail_if_worse and settings.fail_if_worse not in possible:
+        raise LdmflowError(f"--fail_if_worse {settings.fail_if_worse}: not a metric these models are compared on "
+                           f"(they are: {', '.join(sorted(possible))}).")
     Path(settings.output_dir).mkdir(parents=True, exist_ok=True)
     with open_run(settings, COMPARE_STAGE, enabled=not settings.no_mlflow) as tracker:
         tracker.set_tags({COMPARE_A_TAG: a.label, COMPARE_B_TAG: b.label,
                           COMPARE_A_RUNS_TAG: ",".join(filter(None, a.run_ids)),
                           COMPARE_B_RUNS_TAG: ",".join(filter(None, b.run_ids))})
         rows, noise = compare(settings, a, b)
-        if settings.fail_if_worse and settings.fail_if_worse not in {row.metric for row in rows}:
-            raise LdmflowError(f"--fail_if_worse {settings.fail_if_worse}: not a compared metric (compared: "
-                               f"{', '.join(row.metric for row in rows)}).")
         tracker.log_metrics({f"compare/{row.metric}/{part}": value for row in rows for part, value in
                              (("a", row.a), ("b", row.b), ("difference", row.difference),
                               ("ci95", row.half_width))}, step=0)

@@ -16,9 +16,7 @@ evaluation/report.py.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +72,7 @@ def load_evaluated_model(folder: Path) -> EvaluatedModel:
                           ConditionSpec.parse("none"))
 
 
-def _load(settings: EvaluateSettings, split: str, spec: str) -> Manifest:
+def load_split(settings: EvaluateSettings, split: str, spec: str) -> Manifest:
     try:
         return load_manifest(settings.manifest_path, split=split, condition_spec=spec, data_root=settings.data_root,
                              allow_outside_root=settings.allow_outside_root)
@@ -90,7 +88,7 @@ def _images(manifest: Manifest, resolution: int, count: int) -> np.ndarray:
     return np.stack([(dataset[i]["pixel_values"].permute(1, 2, 0).numpy() + 1) / 2 for i in range(len(dataset))])
 
 
-def _check_conditions_known(manifest: Manifest) -> None:
+def check_conditions_known(manifest: Manifest) -> None:
     """A model's conditions must appear in the manifest (missing ones are zero-filled for training)."""
     present = np.stack([r.present for r in manifest.records]).astype(bool)
     absent = [name for name, known in zip(manifest.spec.names, present.any(axis=0)) if not known]
@@ -105,20 +103,6 @@ class Probe:
 
     reader: ProbeReader
     uri: str
-
-
-@contextlib.contextmanager
-def _outside_the_project_run():
-    """Yields the run `mlflow run -e evaluate` started for this process (None without one) with MLFLOW_RUN_ID
-    unset meanwhile, so that a probe trained now gets a run of its own (nested under that one by its
-    parent_run_id) instead of attaching to it. The variable stays: it is how `mlflow run` hands its run across
-    the process boundary, and MLflow's own start_run reads it."""
-    saved = os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
-        yield saved
-    finally:
-        if saved is not None:
-            os.environ["MLFLOW_RUN_ID"] = saved
 
 
 def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str) -> Probe:
@@ -160,12 +144,13 @@ def _probe_dataset(source) -> str | None:
 
 
 def _train_probe(settings: EvaluateSettings, spec: ConditionSpec) -> str:
+    from ldmflow.tracking.run_tracker import outside_the_project_run
     from ldmflow.workflows.train import run_training
 
     output_dir = Path(settings.output_dir) / PROBE.name
     logger.info("No condition probe for this dataset yet: training one (%d epochs) in %s.", settings.probe_epochs,
                 output_dir)
-    with _outside_the_project_run() as parent_run_id:
+    with outside_the_project_run() as parent_run_id:
         probe = ProbeSettings(manifest_path=settings.manifest_path, output_dir=str(output_dir),
                               split=settings.train_split, val_split=settings.split, condition_spec=str(spec),
                               data_root=settings.data_root, allow_outside_root=settings.allow_outside_root,
@@ -331,10 +316,10 @@ def run_evaluation(settings: EvaluateSettings) -> dict[str, float]:
     source = resolve_model_source(settings.model_uri)
     evaluated = load_evaluated_model(Path(source.local_dir))
     spec = evaluated.spec if not evaluated.spec.is_empty else ConditionSpec.parse(settings.condition_spec)
-    real = _load(settings, settings.split, str(spec))
-    train = _load(settings, settings.train_split, str(spec))
+    real = load_split(settings, settings.split, str(spec))
+    train = load_split(settings, settings.train_split, str(spec))
     if evaluated.stage == LATENT_DDPM.name and not evaluated.spec.is_empty:
-        _check_conditions_known(real)
+        check_conditions_known(real)
     probe = None if spec.is_empty else resolve_probe(settings, spec, real.digest)
     output_dir = Path(settings.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ recipe's typical model, not its luckiest seed), and the parent run says which an
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -22,12 +21,12 @@ import numpy as np
 from ldmflow.errors import LdmflowError
 from ldmflow.evaluation.adherence import MEAN_ERROR
 from ldmflow.settings import TrainSettings
+from ldmflow.tracking.run_tracker import outside_the_project_run
 from ldmflow.tags import (PARENT_RUN_TAG, REGISTERED_URI_TAG, REPLICATE_MODEL_TAG, REPLICATE_OF_TAG, REPLICATE_REGISTERED_TAG,
                           REPLICATES_TAG)
 from ldmflow.workflows.train import kind_trained_by, run_training
 
 logger = logging.getLogger(__name__)
-SPREAD_SUFFIXES = ("_sd", "_min", "_max")
 
 
 @dataclass(frozen=True)
@@ -64,17 +63,6 @@ def nearest_the_mean(replicates: list[Replicate]) -> tuple[Replicate, str]:
     return replicates[0], f"seed {replicates[0].seed} (run {replicates[0].run_id}): no shared selection metric"
 
 
-@contextlib.contextmanager
-def _outside_the_parent_run():
-    """MLFLOW_RUN_ID (set by `mlflow run` for the parent) unset while the replicates open runs of their own."""
-    saved = os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ["MLFLOW_RUN_ID"] = saved
-
-
 def _replicate(settings: TrainSettings, index: int, parent_run_id: str) -> Replicate:
     from mlflow import MlflowClient
 
@@ -84,7 +72,7 @@ def _replicate(settings: TrainSettings, index: int, parent_run_id: str) -> Repli
                                 run_name=f"{settings.run_name or kind_trained_by(settings).name}-seed{seed}")
     logger.info("Replicate %d of %d: seed %d.", index + 1, settings.replicates, seed)
     try:
-        with _outside_the_parent_run():
+        with outside_the_project_run():
             outcome, model_uri = run_training(child, parent_run_id=parent_run_id, register=False)
     except LdmflowError as error:
         raise LdmflowError(f"Replicate {index + 1} of {settings.replicates} (seed {seed}) failed: {error}") from None
@@ -148,7 +136,7 @@ def run_pipeline_replicates(settings) -> tuple[str, list[Replicate], str]:
             child = dataclasses.replace(settings, seed=seed, replicates=1,
                                         output_root=str(Path(settings.output_root) / f"replicate-{index}"))
             logger.info("Replicate %d of %d: the pipeline with seed %d.", index + 1, settings.replicates, seed)
-            with _outside_the_parent_run():
+            with outside_the_project_run():
                 result = run_pipeline(child, parent_run_id=parent.run_id)
             run_id = MlflowClient().get_run(result.evaluate_run_id).data.tags.get(PARENT_RUN_TAG, "")
             for key, value in ((REPLICATE_OF_TAG, parent.run_id), (REPLICATE_MODEL_TAG, result.latent_ddpm_uri)):
