@@ -21,7 +21,7 @@ from ldmflow.workflows.compare import Side, check_comparable, replicate_models
 from ldmflow.workflows.evaluate import EvaluatedModel
 from tiny import TINY_SIZES
 
-pytestmark = pytest.mark.train
+pytestmark = [pytest.mark.train, pytest.mark.portable]  # verdicts on computed scores: make test-portable too
 VAE = [*TINY_SIZES, "--learning_rate", "2e-3", "--num_epochs", "4", "--block_out_channels", "8,8,8,8",
        "--scaling_factor_batches", "1", "--num_validations", "2"]
 COMPARE = ["--manifest_path", "data/manifest.json", "--condition_spec", "none", "--num_samples", "8",
