@@ -259,6 +259,10 @@ class TrainSettings(ManifestSettings, TrackingSettings):
     replicates: int = setting(1, "Train this many seeds (--seed, --seed + 1, ...) as child runs of one parent run "
                                  "holding each metric's mean, sd, min and max; the replicate nearest the mean is "
                                  "registered.")
+    replicate_group: str | None = setting(None, "Run the replicates in several processes: every process started "
+                                                "with the same command and group name trains the next seed nobody "
+                                                "has taken (one per GPU with CUDA_VISIBLE_DEVICES, or per node), "
+                                                "and the last to finish summarises the group.", resumable=True)
     dataloader_num_workers: int = setting(0, "Data-loader worker processes.", resumable=True)
     checkpointing_steps: int = setting(500, "Save a resumable checkpoint every N steps.", resumable=True)
     checkpoints_total_limit: int | None = setting(None, "Keep only the newest N checkpoints.", resumable=True)
@@ -311,6 +315,9 @@ class TrainSettings(ManifestSettings, TrackingSettings):
         _check_seeds(self, "replicates")
         _check_at_most(self, MAX_REPLICATES, "each replicate is a whole training, run one after another",
                        "replicates")
+        if self.replicate_group is not None and (self.replicates < 2 or not self.replicate_group.strip()):
+            raise LdmflowError(f"--replicate_group {self.replicate_group!r} names a group of --replicates 2 or more "
+                               f"(got --replicates {self.replicates}); give both, or neither.")
         _check_number(self, "learning_rate", 0, 1, low_open=True)
         _check_number(self, "adam_weight_decay", 0)
         _check_number(self, "max_grad_norm", 0, low_open=True)

@@ -41,6 +41,8 @@ REPLICATES_TAG = "ldmflow.replicates"  # a replicate group's parent run: how man
 REPLICATE_OF_TAG = "ldmflow.replicate_of"  # a replicate's run: its group's parent run
 REPLICATE_MODEL_TAG = "ldmflow.replicate.model_uri"  # a replicate's run: the model it logged (models:/<id>)
 REPLICATE_REGISTERED_TAG = "ldmflow.replicate.registered"  # a group's parent: the replicate registered, and why
+REPLICATE_GROUP_TAG = "ldmflow.replicate.group"  # --replicate_group: the group's name, on its parent run
+REPLICATE_INDEX_TAG = "ldmflow.replicate.index"  # a replicate's run: which seed of its group it trains (0, 1, ...)
 
 # Sweeps (ldmflow sweep): the study is a parent run, each trial a child run of it (mlflow.optuna.MlflowStorage)
 OPTUNA_STUDY_DIRECTION_TAG = "optuna.study_direction"  # MlflowStorage's: marks a study's run, with its direction

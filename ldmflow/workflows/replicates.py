@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,10 @@ import numpy as np
 
 from ldmflow.errors import LdmflowError
 from ldmflow.evaluation.adherence import MEAN_ERROR
-from ldmflow.settings import TrainSettings
+from ldmflow.settings import TrainSettings, resumable_changes
 from ldmflow.tracking.run_tracker import outside_the_project_run
-from ldmflow.tags import (PARENT_RUN_TAG, REGISTERED_URI_TAG, REPLICATE_MODEL_TAG, REPLICATE_OF_TAG, REPLICATE_REGISTERED_TAG,
-                          REPLICATES_TAG)
+from ldmflow.tags import (PARENT_RUN_TAG, REGISTERED_URI_TAG, REPLICATE_GROUP_TAG, REPLICATE_INDEX_TAG,
+                          REPLICATE_MODEL_TAG, REPLICATE_OF_TAG, REPLICATE_REGISTERED_TAG, REPLICATES_TAG, STAGE_TAG)
 from ldmflow.workflows.train import kind_trained_by, run_training
 
 logger = logging.getLogger(__name__)
@@ -63,17 +64,21 @@ def nearest_the_mean(replicates: list[Replicate]) -> tuple[Replicate, str]:
     return replicates[0], f"seed {replicates[0].seed} (run {replicates[0].run_id}): no shared selection metric"
 
 
-def _replicate(settings: TrainSettings, index: int, parent_run_id: str) -> Replicate:
+def _replicate(settings: TrainSettings, index: int, parent_run_id: str, run_id: str | None = None) -> Replicate:
+    """Train seed settings.seed + index as a child of the group (in `run_id` when a worker claimed it)."""
     from mlflow import MlflowClient
 
+    from ldmflow.workflows.train import TrialRun
+
     seed = settings.seed + index
-    child = dataclasses.replace(settings, seed=seed, replicates=1,
+    child = dataclasses.replace(settings, seed=seed, replicates=1, replicate_group=None,
                                 output_dir=str(Path(settings.output_dir) / f"replicate-{index}"),
                                 run_name=f"{settings.run_name or kind_trained_by(settings).name}-seed{seed}")
     logger.info("Replicate %d of %d: seed %d.", index + 1, settings.replicates, seed)
     try:
         with outside_the_project_run():
-            outcome, model_uri = run_training(child, parent_run_id=parent_run_id, register=False)
+            outcome, model_uri = run_training(child, parent_run_id=parent_run_id, register=False,
+                                              trial=TrialRun(run_id, None) if run_id else None)
     except LdmflowError as error:
         raise LdmflowError(f"Replicate {index + 1} of {settings.replicates} (seed {seed}) failed: {error}") from None
     client = MlflowClient()
@@ -98,6 +103,8 @@ def run_replicates(settings: TrainSettings) -> list[Replicate]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LdmflowError("--replicates runs its seeds one after another in one process: start it without "
                            "accelerate launch, or launch each seed as its own command with --seed.")
+    if settings.replicate_group:
+        return run_replicate_worker(settings)
     with open_run(settings, kind.name) as parent:
         parent.set_tags({REPLICATES_TAG: str(settings.replicates)})
         replicates = [_replicate(settings, i, parent.run_id) for i in range(settings.replicates)]
@@ -109,6 +116,152 @@ def run_replicates(settings: TrainSettings) -> list[Replicate]:
                          REGISTERED_URI_TAG: registered.model_uri})
         logger.info("Replicate group %s: registered %s, %s.", parent.run_id, registered.model_uri, why)
     return replicates
+
+
+def _summarize(client, parent_run_id: str, replicates: list[Replicate], settings: TrainSettings) -> None:
+    """The group's metrics on its parent run, and the replicate nearest the mean registered."""
+    from mlflow.entities import Metric, RunTag
+
+    from ldmflow.tracking.registry import register_logged_model
+
+    now = int(time.time() * 1000)
+    client.log_batch(parent_run_id, metrics=[Metric(key, value, now, 0)
+                                             for key, value in group_metrics(replicates).items()])
+    chosen, why = nearest_the_mean(replicates)
+    registered = register_logged_model(chosen.model_uri.removeprefix("models:/"), settings.registered_model_name,
+                                       settings.register_alias)
+    client.log_batch(parent_run_id, tags=[RunTag(REPLICATE_REGISTERED_TAG, f"{registered.model_uri}: {why}"),
+                                          RunTag(REGISTERED_URI_TAG, registered.model_uri)])
+    logger.info("Replicate group %s: registered %s, %s.", parent_run_id, registered.model_uri, why)
+
+
+# A replicate group in several processes (--replicate_group). MLflow has no transactions, so each worker claims by
+# writing first and reading back: of the runs that claim one thing (the group's parent, or a seed), the earliest
+# (by start time, then id) holds it and the others delete theirs. A claim whose run failed or was killed is free
+# again, so running the same command again continues a group.
+
+def _earliest(runs):
+    return min(runs, key=lambda run: (run.info.start_time, run.info.run_id))
+
+
+def _group_parents(client, experiment_id: str, name: str):
+    from ldmflow.tracking.store import equals
+
+    return [run for run in client.search_runs([experiment_id], f"{equals('tags.' + REPLICATE_GROUP_TAG, name)}")
+            if run.data.tags.get(REPLICATE_GROUP_TAG) == name and run.info.status in ("RUNNING", "FINISHED")]
+
+
+def _join_group(client, settings: TrainSettings, stage: str) -> str:
+    """The run id of group `settings.replicate_group`'s parent: the one there, or one this worker starts."""
+    from mlflow.entities import Param
+
+    from ldmflow.environment import environment_tags
+    from ldmflow.tracking.store import ensure_experiment
+
+    experiment_id = ensure_experiment(settings.experiment_name)
+    name, params = settings.replicate_group, settings.to_params()
+    parents = _group_parents(client, experiment_id, name)
+    if not parents:
+        mine = client.create_run(experiment_id, run_name=settings.run_name or f"{stage}-{name}", tags={
+            STAGE_TAG: stage, REPLICATES_TAG: str(settings.replicates), REPLICATE_GROUP_TAG: name,
+            **environment_tags()})
+        client.log_batch(mine.info.run_id, params=[Param(key, value) for key, value in params.items()])
+        parents = _group_parents(client, experiment_id, name)
+        if _earliest(parents).info.run_id != mine.info.run_id:
+            client.delete_run(mine.info.run_id)  # another worker started the group at the same moment
+    parent = _earliest([run for run in parents if run.info.lifecycle_stage == "active"] or parents)
+    ignored = {"seed", "run_name", "output_dir", "register_alias"} | resumable_changes(type(settings))
+    changed = sorted(key for key, value in params.items()
+                     if key not in ignored and parent.data.params.get(key, value) != value)
+    if changed:
+        raise LdmflowError(f"Replicate group {name!r} (run {parent.info.run_id}) trains another recipe: "
+                           + ", ".join(f"--{key} {parent.data.params[key]!r} there, {params[key]!r} here"
+                                       for key in changed) + ". Give the same settings, or another group name.")
+    return parent.info.run_id
+
+
+def _children(client, parent_run_id: str):
+    from ldmflow.tracking.store import equals
+
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return [run for run in client.search_runs([experiment_id], equals(f"tags.{REPLICATE_OF_TAG}", parent_run_id))
+            if run.info.status in ("RUNNING", "FINISHED") and REPLICATE_INDEX_TAG in run.data.tags]
+
+
+def _holders(children) -> dict[int, object]:
+    """Seed index -> the run that holds it (the earliest claim of that index)."""
+    claims: dict[int, list] = {}
+    for run in children:
+        claims.setdefault(int(run.data.tags[REPLICATE_INDEX_TAG]), []).append(run)
+    return {index: _earliest(runs) for index, runs in claims.items()}
+
+
+def _claim_next(client, settings: TrainSettings, parent_run_id: str, stage: str) -> tuple[int, str] | None:
+    """(seed index, run id) of the next replicate nobody holds, claimed by this worker; None when none is left."""
+    from ldmflow.environment import environment_tags
+
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    while True:
+        held = _holders(_children(client, parent_run_id))
+        free = [index for index in range(settings.replicates) if index not in held]
+        if not free:
+            return None
+        index, seed = free[0], settings.seed + free[0]
+        run = client.create_run(experiment_id, run_name=f"{settings.run_name or stage}-seed{seed}", tags={
+            STAGE_TAG: stage, PARENT_RUN_TAG: parent_run_id, REPLICATE_OF_TAG: parent_run_id,
+            REPLICATE_INDEX_TAG: str(index), **environment_tags()})
+        if _holders(_children(client, parent_run_id))[index].info.run_id == run.info.run_id:
+            return index, run.info.run_id
+        client.delete_run(run.info.run_id)  # another worker claimed it first: try the next one
+
+
+def _as_replicate(run, first_seed: int) -> Replicate:
+    """A finished replicate's run read back (another worker may have trained it)."""
+    from ldmflow.tags import BEST_CHECKPOINT_METRIC_TAG
+
+    metrics = {key: value for key, value in run.data.metrics.items() if not key.startswith("system/")}
+    metric, _, value = run.data.tags.get(BEST_CHECKPOINT_METRIC_TAG, "").partition("=")
+    selection = (metric, float(value)) if metric and value else None
+    return Replicate(first_seed + int(run.data.tags[REPLICATE_INDEX_TAG]), run.info.run_id,
+                     run.data.tags.get(REPLICATE_MODEL_TAG, ""), metrics, selection)
+
+
+def run_replicate_worker(settings: TrainSettings) -> list[Replicate]:
+    """One process of a replicate group: trains seeds nobody has taken until none is left; the worker that
+    finishes the group's last seed writes its metrics, registers the typical model and ends its parent run."""
+    from mlflow import MlflowClient
+
+    from ldmflow.tracking.store import use_tracking_store
+
+    use_tracking_store()
+    client, stage = MlflowClient(), kind_trained_by(settings).name
+    with outside_the_project_run():
+        parent_run_id = _join_group(client, settings, stage)
+    logger.info("Replicate group %r: run %s, %d seeds from %d.", settings.replicate_group, parent_run_id,
+                settings.replicates, settings.seed)
+    mine = []
+    while (claim := _claim_next(client, settings, parent_run_id, stage)) is not None:
+        index, run_id = claim
+        status = "FAILED"
+        try:
+            mine.append(_replicate(settings, index, parent_run_id, run_id))
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            client.set_terminated(run_id, status)
+    held = _holders(_children(client, parent_run_id))
+    finished = [held[i] for i in range(settings.replicates) if i in held and held[i].info.status == "FINISHED"]
+    if len(finished) < settings.replicates:
+        logger.info("Replicate group %s: %d of %d seeds finished; the worker that finishes the last one summarises "
+                    "the group.", parent_run_id, len(finished), settings.replicates)
+        return mine
+    last = max(finished, key=lambda run: (run.info.end_time or 0, run.info.run_id))
+    if mine and last.info.run_id == mine[-1].run_id and client.get_run(parent_run_id).info.status == "RUNNING":
+        _summarize(client, parent_run_id, [_as_replicate(run, settings.seed) for run in finished], settings)
+        client.set_terminated(parent_run_id, "FINISHED")
+    return mine
 
 
 def train(settings: TrainSettings):
@@ -133,7 +286,7 @@ def run_pipeline_replicates(settings) -> tuple[str, list[Replicate], str]:
         parent.set_tags({REPLICATES_TAG: str(settings.replicates)})
         for index in range(settings.replicates):
             seed = settings.seed + index
-            child = dataclasses.replace(settings, seed=seed, replicates=1,
+            child = dataclasses.replace(settings, seed=seed, replicates=1, replicate_group=None,
                                         output_root=str(Path(settings.output_root) / f"replicate-{index}"))
             logger.info("Replicate %d of %d: the pipeline with seed %d.", index + 1, settings.replicates, seed)
             with outside_the_project_run():
