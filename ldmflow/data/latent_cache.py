@@ -69,12 +69,14 @@ class CacheIndex:
     row_shape: tuple[int, ...]  # (2c, h, w)
     files: dict[str, int]  # name -> bytes
     unreadable: tuple[str, ...]  # image paths replaced by a readable neighbour while encoding
+    non_finite: tuple[str, ...] = ()  # image paths whose NaN or infinite pixels were read as 0 (1 for +inf)
 
     def to_json(self) -> bytes:
         return json.dumps({"format": _FORMAT, "digest": self.key.digest, "key": dataclasses.asdict(self.key),
                            "num_records": self.num_records, "num_shards": self.num_shards,
                            "row_shape": list(self.row_shape), "files": self.files,
-                           "unreadable": list(self.unreadable), "written_by": socket.gethostname(),
+                           "unreadable": list(self.unreadable), "non_finite": list(self.non_finite),
+                           "written_by": socket.gethostname(),
                            "written_at": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1).encode()
 
     @classmethod
@@ -84,7 +86,7 @@ class CacheIndex:
             raise ValueError(f"format {data.get('format')!r}")
         return cls(CacheKey(**data["key"]), int(data["num_records"]), int(data["num_shards"]),
                    tuple(int(v) for v in data["row_shape"]), {str(k): int(v) for k, v in data["files"].items()},
-                   tuple(data["unreadable"]))
+                   tuple(data["unreadable"]), tuple(data.get("non_finite", ())))
 
 
 def shard_rows(num_records: int, shard: int, num_shards: int) -> int:
@@ -172,9 +174,11 @@ class LatentCache:
                         f"The latent cache's shard {staging / name} was not written: is {self.root} a folder every "
                         "node shares? Set --latent_cache_dir (or LDMFLOW_CACHE) to a shared filesystem.")
                 files[name] = (staging / name).stat().st_size
-        unreadable = sorted({path for shard in range(num_shards)
-                             for path in json.loads((staging / f"unreadable-{shard:05d}.json").read_text())})
-        index = CacheIndex(self.key, num_records, num_shards, row_shape, files, tuple(unreadable))
+        unreadable, non_finite = ({path for shard in range(num_shards)
+                                   for path in json.loads((staging / f"unreadable-{shard:05d}.json").read_text())[kind]}
+                                  for kind in ("unreadable", "non_finite"))
+        index = CacheIndex(self.key, num_records, num_shards, row_shape, files, tuple(sorted(unreadable)),
+                           tuple(sorted(non_finite)))
         write_atomically(staging / INDEX_FILE, index.to_json())
         if self.folder.exists():  # a corrupt cache of the same key: nobody can be reading it
             broken = self.root / f".{self.key.digest}.broken-{os.getpid()}"
@@ -206,9 +210,10 @@ class ShardWriter:
                                   (rows, *row_shape)) if key.flip else None
         self.sources = np.zeros(rows, dtype=np.int64)
         self.unreadable: set[str] = set()
+        self.non_finite: set[str] = set()
 
     def append(self, params: torch.Tensor, flipped: torch.Tensor | None, sources: list[int],
-               unreadable: list[str]) -> None:
+               unreadable: list[str], non_finite: list[str] = ()) -> None:
         """The next rows: (B, 2c, h, w) posteriors, their mirrored ones, the records they were read from."""
         end = self.row + len(params)
         self.params[self.row:end] = params.numpy()
@@ -216,6 +221,7 @@ class ShardWriter:
             self.flipped[self.row:end] = flipped.numpy()
         self.sources[self.row:end] = sources
         self.unreadable.update(path for path in unreadable if path)
+        self.non_finite.update(path for path in non_finite if path)
         self.row = end
 
     def close(self) -> None:
@@ -226,7 +232,8 @@ class ShardWriter:
             if array is not None:
                 array.flush()
         np.save(self.staging / f"sources-{self.shard:05d}.npy", self.sources)
-        (self.staging / f"unreadable-{self.shard:05d}.json").write_text(json.dumps(sorted(self.unreadable)))
+        (self.staging / f"unreadable-{self.shard:05d}.json").write_text(json.dumps(
+            {"unreadable": sorted(self.unreadable), "non_finite": sorted(self.non_finite)}))
         self.params = self.flipped = None
 
 

@@ -129,16 +129,16 @@ def _encode_shard(settings, manifest: Manifest, vae: AutoencoderKL, staging: Pat
         logger.info("Encoding %d images%s into the latent cache %s on %d process(es).", len(manifest.records),
                     " and their flips" if settings.random_flip else "", cache.folder, accelerator.num_processes)
     progress = Progress("caching latents", len(loader), unit="batch", enabled=accelerator.is_main_process)
-    non_finite = set()
     for batch in loader:
         pixels = batch["pixel_values"]  # (B, 3, R, R)
         params = encode_posteriors(vae, pixels).cpu()
         flipped = encode_posteriors(vae, pixels.flip(-1)).cpu() if settings.random_flip else None
-        writer.append(params, flipped, batch["index"].tolist(), list(batch["unreadable"]))
-        non_finite.update(path for path in batch["non_finite"] if path)
+        writer.append(params, flipped, batch["index"].tolist(), list(batch["unreadable"]), list(batch["non_finite"]))
         progress.update(1, len(pixels))
     progress.close()
     writer.close()
+    non_finite = writer.non_finite
     if non_finite:  # the cache holds them as read; say so once, as training does for the images it reads
         logger.warning("%d image(s) encoded into the latent cache had NaN or infinite pixels, read as 0 (1 for +inf), "
-                       "e.g. %s; `ldmflow check-manifest` lists them.", len(non_finite), sorted(non_finite)[0])
+                       "e.g. %s; `ldmflow check-manifest` lists them (and the runs trained from the cache: metric "
+                       "non_finite_images).", len(non_finite), sorted(non_finite)[0])

@@ -91,6 +91,7 @@ class LatentDdpmTask(DdpmTask):
         cache, dataset = open_latent_cache(self.settings, self.manifest, self.vae, self.vae_source.local_dir,
                                            accelerator, self.settings.output_dir)
         self.unreadable_before_training = frozenset(dataset.index.unreadable)
+        self.non_finite_before_training = frozenset(dataset.index.non_finite)
         self.latent_cache = cache
         return dataset
 

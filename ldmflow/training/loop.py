@@ -356,7 +356,7 @@ def _finish(settings, task, tracker, run: PreparedRun, unreadable: set[str], non
     accelerator, state = run.accelerator, run.state
     accelerator.wait_for_everyone()
     _report_unreadable(run, task, tracker, unreadable)
-    _report_non_finite(run, tracker, non_finite)
+    _report_non_finite(run, task, tracker, non_finite)
     output_dir = Path(settings.output_dir)
     _check_weights_finite(settings, run, "the model")
     final_metrics = _save_model(settings, task, run, output_dir)
@@ -378,9 +378,10 @@ def _report_unreadable(run: PreparedRun, task: Task, tracker: Tracker, unreadabl
         tracker.log_dict({"unreadable_images": sorted(paths)}, "unreadable_images.json")
 
 
-def _report_non_finite(run: PreparedRun, tracker: Tracker, non_finite: set[str]) -> None:
-    """One warning with the count, the metric non_finite_images and the files in non_finite_images.json."""
-    paths = non_finite
+def _report_non_finite(run: PreparedRun, task: Task, tracker: Tracker, non_finite: set[str]) -> None:
+    """One warning with the count, the metric non_finite_images and the files in non_finite_images.json (those
+    read now, and those the latent cache was encoded from)."""
+    paths = non_finite | task.non_finite_before_training
     if run.accelerator.num_processes > 1:
         paths = {path for part in gather_object([sorted(paths)]) for path in part}
     if paths and run.accelerator.is_main_process:

@@ -34,6 +34,7 @@ class Task:
     name: str = "training"  # what progress lines call it
     metric_names: tuple[str, ...] = ()  # loss parts returned by `loss`, in this order
     unreadable_before_training: frozenset[str] = frozenset()  # images replaced while caching (reported at the end)
+    non_finite_before_training: frozenset[str] = frozenset()  # images cached with NaN/inf pixels (reported too)
     latent_cache = None  # the on-disk LatentCache the training reads, if any (its key and folder go on the run)
 
     @property

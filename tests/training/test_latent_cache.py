@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from launch import launch_two_processes
 from numerics import assert_computed_alike
 from ldmflow.data.dataset import ManifestImageDataset
 from ldmflow.data.demo import make_demo_dataset
-from ldmflow.data.latent_cache import CacheKey, LatentCache
+from ldmflow.data.latent_cache import INDEX_FILE, CacheIndex, CacheKey, LatentCache
 from ldmflow.data.manifest import load_manifest
 from ldmflow.settings import CacheLatentsSettings
 from ldmflow.training import latent_encoding
@@ -203,8 +204,6 @@ def test_the_tolerance_still_tells_another_encoding_apart(data, vae):
 
 
 def test_images_with_non_finite_pixels_encoded_into_the_cache_are_counted_in_one_warning(data, vae, tmp_path, caplog):
-    import shutil
-
     import tifffile
 
     copy = tmp_path / "data"
@@ -218,3 +217,29 @@ def test_images_with_non_finite_pixels_encoded_into_the_cache_are_counted_in_one
     [warning] = [r.getMessage() for r in caplog.records if "NaN or infinite" in r.getMessage()]
     assert warning.startswith("1 image(s) encoded into the latent cache had NaN or infinite pixels")
     assert str(manifest.records[2].image_path) in warning
+    [index_file] = (tmp_path / "cache").rglob(INDEX_FILE)
+    assert CacheIndex.read(index_file.parent).non_finite == (str(manifest.records[2].image_path),)
+
+
+@pytest.mark.train
+def test_a_training_from_the_cache_counts_the_non_finite_images_it_was_encoded_from(data, vae, tmp_path, monkeypatch):
+    import tifffile
+    from mlflow import MlflowClient
+
+    from cli_runner import invoke
+    from tiny import TINY_COMMANDS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    copy = tmp_path / "data"
+    shutil.copytree(data.parent, copy)
+    manifest = load_manifest(copy / "manifest.json", condition_spec="none")
+    partly_inf = np.full((32, 32, 3), 0.5, np.float32)
+    partly_inf[:, :3] = np.inf
+    tifffile.imwrite(manifest.records[1].image_path, partly_inf)
+    run_cache_latents(_settings(copy / "manifest.json", vae, tmp_path / "cache"))
+    invoke("latent-ddpm", "--manifest_path", copy / "manifest.json", "--vae_uri", vae, "--output_dir", "ddpm",
+           "--condition_spec", "none", "--cache_latents", "--latent_cache_dir", tmp_path / "cache",
+           "--random_flip", "--eval_batch_size", BATCH, *TINY_COMMANDS["latent-ddpm"])
+    [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("ldmflow").experiment_id])
+    assert run.data.metrics["non_finite_images"] == 1
