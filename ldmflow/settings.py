@@ -621,6 +621,8 @@ class PipelineSettings(ExperimentSettings):
     vae_epochs: int = setting(_default(VaeSettings, "num_epochs"), "VAE epochs.")
     ddpm_epochs: int = setting(_default(LatentDdpmSettings, "num_epochs"), "Latent DDPM epochs.")
     learning_rate: float = setting(_default(TrainSettings, "learning_rate"), "Learning rate of both models.")
+    vae_learning_rate: float | None = setting(None, "VAE learning rate; default: --learning_rate.")
+    ddpm_learning_rate: float | None = setting(None, "Latent DDPM learning rate; default: --learning_rate.")
     lr_warmup_steps: int = setting(_default(TrainSettings, "lr_warmup_steps"), "LR warm-up of both models.")
     save_images_epochs: int = setting(_default(TrainSettings, "save_images_epochs"), "Preview every N epochs.")
     checkpointing_steps: int = setting(_default(TrainSettings, "checkpointing_steps"), "Checkpoint every N steps.")
@@ -650,6 +652,8 @@ class PipelineSettings(ExperimentSettings):
         _check_at_most(self, MAX_REPLICATES, "each replicate is a whole pipeline, run one after another",
                        "replicates")
         _check_seeds(self, "replicates")
+        for name in ("vae_learning_rate", "ddpm_learning_rate"):
+            _check_number(self, name, 0, 1, low_open=True)
         upstream_model = {"model_uri": "models:/latent-ddpm-step"}
         placeholders = ({}, {"vae_uri": "models:/vae-step"}, upstream_model, upstream_model)
         step_classes = (VaeSettings, LatentDdpmSettings, SampleSettings, EvaluateSettings)
@@ -669,12 +673,12 @@ class PipelineSettings(ExperimentSettings):
                                                          "checkpointing_steps", "eval_epochs", "num_validations")}
         shared["manifest_path"] = str(Path(self.manifest_path).resolve())
         vae = {**shared, "output_dir": str(root / "vae"), "train_batch_size": self.vae_train_batch_size,
-               "num_epochs": self.vae_epochs,
+               "num_epochs": self.vae_epochs, "learning_rate": self.vae_learning_rate or self.learning_rate,
                **{name: getattr(self, name) for name in ("kl_weight", "latent_channels", "downsample_factor",
                                                          "disc_weight", "disc_start", "perceptual_weight")},
                "block_out_channels": _int_list(self.vae_block_out_channels, "vae_block_out_channels")}
         latent = {**shared, "output_dir": str(root / "latent_ddpm"), "train_batch_size": self.ddpm_train_batch_size,
-                  "num_epochs": self.ddpm_epochs,
+                  "num_epochs": self.ddpm_epochs, "learning_rate": self.ddpm_learning_rate or self.learning_rate,
                   "block_out_channels": _int_list(self.ddpm_block_out_channels, "ddpm_block_out_channels"),
                   **{name: getattr(self, name) for name in ("condition_spec", "use_ema", "cache_latents",
                                                             "guidance_scale")}}

@@ -121,6 +121,8 @@ def test_the_pipeline_passes_only_parameters_its_steps_declare():
     assert list(steps) == ["vae", "latent_ddpm", "sample", "evaluate"]
     for entry_point, parameters in steps.items():
         assert set(parameters) <= set(project_parameters(entry_point)), entry_point
+    rates = _step_parameters(PipelineSettings(manifest_path="m.json", learning_rate=1e-3, vae_learning_rate=3e-4))
+    assert (rates["vae"]["learning_rate"], rates["latent_ddpm"]["learning_rate"]) == ("0.0003", "0.001")
     validated = _step_parameters(PipelineSettings(manifest_path="m.json", num_validations=5, eval_epochs=3))
     for trained in ("vae", "latent_ddpm"):  # validation settings reach both trainings
         assert validated[trained]["num_validations"] == "5" and validated[trained]["eval_epochs"] == "3"
@@ -214,6 +216,7 @@ def test_bad_training_settings_are_refused_with_the_flag_named(settings_class, v
     (PipelineSettings, {"manifest_path": "m", "resolution": 30}, "Pipeline step vae: --resolution must be a"),
     (PipelineSettings, {"manifest_path": "m", "ddpm_block_out_channels": "32,x"},
      "--ddpm_block_out_channels must be a comma list of integers"),
+    (PipelineSettings, {"manifest_path": "m", "ddpm_learning_rate": 0.0}, "--ddpm_learning_rate must be in (0, 1]"),
     (PipelineSettings, {"manifest_path": "m", "num_inference_steps": 0},
      "Pipeline step sample: --num_inference_steps must be at least 1"),
 ])
