@@ -157,12 +157,18 @@ def render(figures: Figures) -> list[str]:
 
 
 def describe_machine(device: str = "cuda") -> str:
-    """`a 2-core CPU`, or the GPU's name when torch sees one and the benchmark used it (with the CPU's cores)."""
+    """`a 2-core AMD EPYC CPU (AVX512), lock 5f5242d20e36`, or the GPU's name when torch sees one and the benchmark
+    used it (with the CPU): a figure is one machine's, and the lock names the packages that made it."""
+    from ldmflow.environment import cpu_model, lock_tags
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch = sys.modules.get("torch")
+    capability = f" ({torch.backends.cpu.get_cpu_capability()})" if torch is not None else ""
+    cpu = f"{cores}-core {cpu_model()} CPU{capability}"
+    lock = f", lock {lock_tags()['lock'].split(' ')[0]}"
     if device != "cpu" and torch is not None and torch.cuda.is_available():
-        return f"an {torch.cuda.get_device_name()} ({cores}-core CPU)"
-    return f"a {cores}-core CPU"
+        return f"an {torch.cuda.get_device_name()} ({cpu}){lock}"
+    return f"a {cpu}{lock}"
 
 
 def this_command(argv: list[str] | None = None) -> str:

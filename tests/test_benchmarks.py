@@ -4,6 +4,7 @@ CPU run) runs; each also writes its figures (--write_docs) into copies of the pa
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,7 @@ def test_the_gpu_benchmark_smoke_run_prints_every_comparison_and_writes_them(tmp
     assert figures["gflop_per_step"]["latent_ddpm"] > 0 and figures["gflop_per_step"]["vae"] > 0
     assert all(value > 0 for value in [*figures["trainer_ms"].values(), *figures["bare_ms"].values()])
     written = _written(page, original, "benchmarks/gpu.py")
-    assert written.command == "`python benchmarks/gpu.py --smoke`" and written.machine.endswith("-core CPU")
+    assert written.command == "`python benchmarks/gpu.py --smoke`" and re.fullmatch(r"a \d+-core .+ CPU \(\w+\), lock \w+", written.machine)
     assert {"latent DDPM: bare / trainer, eager", "VAE: bare / trainer", "sampling 2 images, 2 steps: ddim fp32"} <= \
         {row[0] for row in written.rows}, written.rows
 
@@ -76,36 +77,46 @@ def test_the_recipe_benchmark_smoke_run_prints_its_table_verdicts_plot_and_resul
     assert figures["variants"] == ["baseline", "v_prediction"]
     assert sorted((r["variant"], r["budget"]) for r in figures["results"]) == [("baseline", 2), ("v_prediction", 2)]
     for score in ("temperature_mae_pct", "wind_angle_error_deg", "wind_mag_mae_pct", "fid"):
-        assert f"- {score} at 2 steps: " in out, out
+        assert f"- {score} at 2 steps, v_prediction vs baseline: stripes " in out, out
         assert all(f"eval/{score}" in r["scores"] and f"eval/{score}_ci95" in r["scores"] for r in figures["results"])
     assert (tmp_path / "work" / "recipe.png").stat().st_size > 0
     table = _written(benchmarks, benchmarks_before, "benchmarks/recipe.py")
-    assert [row[:2] for row in table.rows] == [["baseline", "2"], ["v_prediction", "2"]]
-    assert any(note.startswith("temperature_mae_pct at 2 steps: ") for note in table.notes), table.notes
+    assert [row[:3] for row in table.rows] == [["stripes", "baseline", "2"], ["stripes", "v_prediction", "2"]]
+    assert any(note.startswith("temperature_mae_pct at 2 steps, v_prediction vs baseline: stripes ")
+               for note in table.notes), table.notes
     summary = _written(training, training_before, "benchmarks/recipe.py largest-budget")
-    assert summary.header[0] == "at 2 steps" and [row[0] for row in summary.rows] == ["baseline", "v_prediction"]
+    assert summary.header[:2] == ["family", "at 2 steps"]
+    assert [row[:2] for row in summary.rows] == [["stripes", "baseline"], ["stripes", "v_prediction"]]
 
 
-def test_the_recipe_verdict_weighs_the_margin_against_the_seed_spread():
+def test_the_recipe_verdict_changes_a_default_only_beyond_the_seed_spread_on_every_family():
     recipe = _recipe_module()
 
-    def result(variant, seed, budget, temperature):
-        return {"variant": variant, "seed": seed, "budget": budget, "train_seconds": 10.0,
+    def result(family, variant, seed, budget, temperature):
+        return {"family": family, "variant": variant, "seed": seed, "budget": budget, "train_seconds": 10.0,
                 "scores": {"eval/temperature_mae_pct": temperature, "eval/temperature_mae_pct_ci95": 1.0}}
 
-    results = [result("baseline", 0, 100, 9.0), result("baseline", 1, 100, 11.0),
-               result("cosine", 0, 100, 6.0), result("cosine", 1, 100, 7.0),  # wins on both seeds
-               result("baseline", 0, 200, 5.0), result("baseline", 1, 200, 8.0),
-               result("cosine", 0, 200, 5.5), result("cosine", 1, 200, 7.0)]  # better mean, within the spread
+    results = [result(family, "baseline", 0, 100, 9.0) for family in ("stripes", "plumes")]
+    results += [result(family, "baseline", 1, 100, 11.0) for family in ("stripes", "plumes")]
+    results += [result(family, "cosine", seed, 100, value) for family in ("stripes", "plumes")
+                for seed, value in ((0, 6.0), (1, 7.0))]  # wins on both seeds of both families
+    results += [result("stripes", "baseline", 0, 200, 5.0), result("stripes", "baseline", 1, 200, 8.0),
+                result("stripes", "cosine", 0, 200, 5.5), result("stripes", "cosine", 1, 200, 7.0),  # within
+                result("plumes", "baseline", 0, 200, 9.0), result("plumes", "baseline", 1, 200, 11.0),
+                result("plumes", "cosine", 0, 200, 6.0), result("plumes", "cosine", 1, 200, 7.0)]  # beyond
     summary = recipe.summarise(results)
-    assert summary[("baseline", 100)]["eval/temperature_mae_pct"] == {"mean": 10.0, "min": 9.0, "max": 11.0,
-                                                                       "ci95": 1.0}
-    [at_100] = [v for v in recipe.verdicts(summary, ["baseline", "cosine"], 100) if "temperature" in v]
-    assert "cosine wins (6.5 vs baseline 10)" in at_100 and "beyond the seed spread" in at_100
-    [at_200] = [v for v in recipe.verdicts(summary, ["baseline", "cosine"], 200) if "temperature" in v]
-    assert "cosine wins" in at_200 and "within the seed spread" in at_200
-    table = recipe.table(summary, ["baseline", "cosine"], [100, 200])
-    assert "| baseline | 100 | 10 | 10 ± 1 [ci 1] |" in table
+    stats = summary[("stripes", "baseline", 100)]["eval/temperature_mae_pct"]
+    assert stats == pytest.approx({"mean": 10.0, "sd": 2 ** 0.5, "min": 9.0, "max": 11.0, "ci95": 1.0})
+    families = ["stripes", "plumes"]
+    [at_100] = [v for v in recipe.verdicts(summary, families, ["baseline", "cosine"], 100) if "temperature" in v]
+    assert "stripes 6.5 ± 0.71 vs 10 ± 1.4, better beyond the spread" in at_100
+    assert at_100.endswith(": wins on every family")
+    [at_200] = [v for v in recipe.verdicts(summary, families, ["baseline", "cosine"], 200) if "temperature" in v]
+    assert "stripes 6.25 ± 1.1 vs 6.5 ± 2.1, within the spread" in at_200
+    assert "plumes 6.5 ± 0.71 vs 10 ± 1.4, better beyond the spread" in at_200
+    assert not at_200.endswith("wins on every family")  # one family is not enough to change a default
+    table = recipe.table(summary, families, ["baseline", "cosine"], [100, 200])
+    assert "| stripes | baseline | 100 | 2 | 10 | 10 ± 1.4 [ci 1] |" in table
 
 
 @pytest.mark.slow
