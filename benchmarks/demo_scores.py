@@ -1,0 +1,134 @@
+"""Does `make demo` land where the docs say, on any seed and CPU? The demo pipeline as a replicate group.
+
+Run: python benchmarks/demo_scores.py [--replicates 3] [--cpu native|default|avx2] [--set NAME=VALUE ...]
+     [--work_dir benchmarks-out/demo-scores] [--write_docs [DOC#LABEL ...]]
+
+Writes the demo data as `make demo` does, then runs `ldmflow pipeline` with the Makefile's DEMO_PARAMS (read
+from the Makefile, so this measures the demo users get; --set overrides one of them, to try a candidate
+recipe) and `--replicates N`: seeds 0 .. N-1 of the whole pipeline, one parent run holding each score's mean,
+sd, min and max. Prints, per headline score, the mean ± sd, the seeds' range and spread, the demo's target and
+whether the mean and the spread meet it, the pipeline's minutes per seed, and a last line of JSON. --cpu
+emulates another x86-64 CPU's numerics (ATEN_CPU_CAPABILITY=default: no vector unit beyond the baseline;
+avx2: AVX2 without AVX-512, torch's kernels and oneDNN's), whose rounding alone moves a training elsewhere.
+--write_docs puts the table into docs/evaluation.md's section for that CPU (labels demo-native, demo-default,
+demo-avx2). About 9 minutes per seed on an idle 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from doc_figures import ROOT, add_write_docs_option, check_target, describe_machine, script_name, write_figures
+
+# score -> (label, target, "max" or "min", largest spread over seeds): issue 30's demo targets
+TARGETS = {
+    "eval/temperature_mae_pct": ("temperature MAE, % of range", 3.0, "max", 2.0),
+    "eval/wind_angle_error_deg": ("wind direction error, deg", 5.0, "max", 2.0),
+    "eval/wind_mag_mae_pct": ("wind_mag MAE, % of range", 8.0, "max", 2.0),
+    "vae_val/psnr": ("VAE val PSNR, dB", 32.0, "min", 1.5),
+}
+CPUS = {"native": {}, "default": {"ATEN_CPU_CAPABILITY": "default"},
+        "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
+def makefile_demo() -> tuple[list[str], dict[str, str]]:
+    """(the demo-data arguments, DEMO_PARAMS as name -> value) from the Makefile."""
+    text = (ROOT / "Makefile").read_text(encoding="utf-8").replace("\\\n", " ")
+    params = re.search(r"^DEMO_PARAMS \?=(.*)$", text, re.MULTILINE).group(1)
+    data = re.search(r"ldmflow demo-data (.*)$", text, re.MULTILINE).group(1).split()
+    data = [part for part in data if "$(DEMO_DIR)" not in part and part != "--output_dir"]
+    return data, dict(re.findall(r"-P (\w+)=(\S+)", params))
+
+
+def run(command: list[str], env: dict[str, str], log: Path) -> None:
+    """One ldmflow command, its output in `log`; a failure stops the benchmark with the log's tail."""
+    with log.open("w") as out:
+        code = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        sys.stderr.write(log.read_text()[-3000:])
+        raise SystemExit(f"demo_scores.py: `{' '.join(command[2:4])}` failed with exit code {code} (log {log}).")
+
+
+def group_scores(store: str) -> tuple[str, dict[str, float], list[dict[str, float]]]:
+    """(parent run id, the group's metrics, each replicate's metrics) of the newest pipeline replicate group."""
+    from mlflow import MlflowClient
+
+    from ldmflow.tags import REPLICATE_OF_TAG, REPLICATES_TAG
+
+    client = MlflowClient(store)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    [parent] = client.search_runs(experiments, f"tags.`{REPLICATES_TAG}` != ''", max_results=1,
+                                  order_by=["attributes.start_time DESC"])
+    children = client.search_runs(experiments, f"tags.`{REPLICATE_OF_TAG}` = '{parent.info.run_id}'")
+    return parent.info.run_id, parent.data.metrics, [child.data.metrics for child in children]
+
+
+def rows(metrics: dict[str, float], count: int, minutes: float) -> tuple[list[dict], list[str]]:
+    """The table (one row per headline score) and the verdict lines."""
+    table, verdicts = [], []
+    for key, (label, target, kind, spread_limit) in TARGETS.items():
+        if key not in metrics:
+            continue
+        mean, sd, low, high = (metrics[key + suffix] for suffix in ("", "_sd", "_min", "_max"))
+        meets = mean <= target if kind == "max" else mean >= target
+        steady = high - low <= spread_limit
+        table.append({"score": label, f"mean ± sd ({count} seeds)": f"{mean:.2f} ± {sd:.2f}",
+                      "seeds' range": f"{low:.2f} to {high:.2f}", "target": f"{'≤' if kind == 'max' else '≥'} "
+                      f"{target:g}, spread ≤ {spread_limit:g}",
+                      "met": ("yes" if meets else "no") + (", steady" if steady else f", spread {high - low:.2f}")})
+        if not (meets and steady):
+            verdicts.append(f"{label}: {mean:.2f} ± {sd:.2f} (spread {high - low:.2f}) misses the target "
+                            f"{'≤' if kind == 'max' else '≥'} {target:g} with spread ≤ {spread_limit:g}")
+    verdicts.append(f"{minutes:.1f} minutes per pipeline (one seed), the install not included")
+    return table, verdicts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicates", type=int, default=3, help="pipeline seeds 0 .. N-1 (default 3)")
+    parser.add_argument("--cpu", choices=tuple(CPUS), default="native", help="numerics to emulate (default native)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one of the Makefile's DEMO_PARAMS (a candidate recipe)")
+    parser.add_argument("--work_dir", default=None, help="default benchmarks-out/demo-scores-<cpu>")
+    add_write_docs_option(parser, __file__, "docs/evaluation.md#demo-native")
+    args = parser.parse_args()
+    args.write_docs = [(doc, f"demo-{args.cpu}") for doc, _ in args.write_docs] if args.write_docs else None
+    for doc, label in args.write_docs or ():
+        check_target(doc, script_name(__file__), label)  # before the long run, not after it
+    work = Path(args.work_dir or f"benchmarks-out/demo-scores-{args.cpu}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    store = f"sqlite:///{work / 'mlflow.db'}"
+    data_args, params = makefile_demo()
+    for item in args.set:
+        name, _, value = item.partition("=")
+        params[name] = value
+    env = {**os.environ, **CPUS[args.cpu], "MLFLOW_TRACKING_URI": store, "MLFLOW_LOGGING_LEVEL": "WARNING"}
+    ldmflow = [sys.executable, "-m", "ldmflow"]
+    manifest = work / "data" / "manifest.json"
+    if not manifest.is_file():
+        run([*ldmflow, "demo-data", "--output_dir", str(manifest.parent), *data_args], env, work / "demo-data.log")
+    started = time.perf_counter()
+    run([*ldmflow, "pipeline", "--manifest_path", str(manifest), "--output_root", str(work / "outputs"),
+         *[part for name, value in params.items() for part in (f"--{name}", value)],
+         "--replicates", str(args.replicates)], env, work / "pipeline.log")
+    minutes = (time.perf_counter() - started) / 60 / args.replicates
+    run_id, metrics, replicates = group_scores(store)
+    table, verdicts = rows(metrics, args.replicates, minutes)
+    header = list(table[0])
+    print(f"The demo pipeline over {args.replicates} seeds, CPU numerics {args.cpu} ({describe_machine('cpu')}):")
+    print("\n".join(["| " + " | ".join(header) + " |"] + ["| " + " | ".join(row.values()) + " |" for row in table]))
+    print("\n".join(f"- {line}" for line in verdicts))
+    write_figures(args.write_docs, __file__, table, notes=verdicts, machine=describe_machine("cpu"))
+    print(json.dumps({"cpu": args.cpu, "params": params, "group_run_id": run_id, "minutes_per_pipeline": minutes,
+                      "metrics": metrics, "replicates": replicates}))
+
+
+if __name__ == "__main__":
+    main()
