@@ -298,7 +298,8 @@ def _condition_alone(evaluated: EvaluatedModel) -> str | None:
     """The condition asked for alone in the table's "<name> only" column: the spec's first, when the model was
     trained to do without every other (--cond_dropout_per_condition); None otherwise."""
     first, *others = evaluated.spec.names
-    return first if others and set(others) <= set(evaluated.model.encoder.omittable) else None
+    encoder = evaluated.model.encoder  # a LatentSampler's: None for an unconditional one
+    return first if others and encoder and set(others) <= set(encoder.omittable) else None
 
 
 def _partial_scores(settings: EvaluateSettings, evaluated: EvaluatedModel, probe: Probe, scorer: Scorer,
