@@ -130,7 +130,7 @@ class LatentSampler:
             raise LdmflowError(f"Image {row}: missing condition(s) {missing}; this model's condition spec is "
                                f"{self.condition_spec} and it was trained without per-condition dropout (give every "
                                "condition, or none at all for unconditional samples; to ask for some only, train "
-                               "with `ldmflow latent-ddpm --cond_dropout_per_condition 0.1`).")
+                               "with --cond_dropout_per_condition 0.1, an option of latent-ddpm).")
         raise LdmflowError(f"Image {row}: missing condition(s) {untrained}; this model was trained to do without "
                            f"{list(self.encoder.omittable)} only (to leave out {untrained} too, train with "
                            "--cond_dropout_per_condition naming them).")
@@ -152,8 +152,8 @@ class LatentSampler:
             others = [other for other in names if other != name and other not in self.encoder.omittable]
             if others and any(name in row for row in rows):
                 raise LdmflowError(f"--condition_guidance predicts each condition alone, and this model was not "
-                                   f"trained without {others} (train it with `ldmflow latent-ddpm "
-                                   "--cond_dropout_per_condition 0.1`).")
+                                   f"trained without {others} (train it with --cond_dropout_per_condition 0.1, an "
+                                   "option of latent-ddpm).")
 
     def _composed(self, rows: list[dict], condition_guidance: dict[str, float],
                   guidance_scale: float) -> ComposedGuidance:

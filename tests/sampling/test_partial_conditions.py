@@ -137,7 +137,7 @@ def test_a_model_without_per_condition_dropout_refuses_partial_rows_in_one_line(
     assert result.output.startswith("Error: Image 0: missing condition(s) ['wind', 'wind_mag']; this model's "
                                     "condition spec is temperature:1,wind:3,wind_mag:1 and it was trained without "
                                     "per-condition dropout")
-    assert "train with `ldmflow latent-ddpm --cond_dropout_per_condition 0.1`" in result.output
+    assert "train with --cond_dropout_per_condition 0.1, an option of latent-ddpm)." in result.output
     result = invoke("sample", "--model_uri", full_model, "--condition", "temperature=12", "--condition",
                     "wind=1,0,0", "--condition_guidance", "temperature=3", "--output_dir", tmp_path, *STEPS, ok=False)
     assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
