@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import example, given, settings, strategies as st
 
 from cli_runner import invoke
+from fuzzing import succeeds_or_one_line
 from ldmflow.data.conditions import ConditionSpec, ConditionStats
 from ldmflow.errors import LdmflowError
 from ldmflow.models.conditioning import ConditionEncoder
@@ -178,3 +180,23 @@ def test_partial_rows_and_guidance_per_condition_through_the_pyfunc(partial_mode
     with pytest.raises(InputError, match=r"^Image 0: missing condition\(s\) \['wind', 'wind_mag'\]; .*"
                                          r"--cond_dropout_per_condition 0\.1"):
         full.predict(None, frame.iloc[:1], params={"num_inference_steps": 2})
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(alphabet="temprauwind_=,.-0123456789e \n", max_size=30) | st.text(max_size=20))
+@example(text="temperature=0.1,temperature=0.2")
+@example(text="temperature=1e400")
+@example(text="0.1")
+def test_the_per_condition_options_take_any_text_or_say_what_is_wrong_in_one_line(text):
+    from ldmflow.settings import LatentDdpmSettings, SampleSettings
+
+    dropout = succeeds_or_one_line(LatentDdpmSettings, manifest_path="m", output_dir="o", vae_uri="v",
+                                   cond_dropout_per_condition=text)
+    if dropout is not None:
+        probabilities = dropout.dropout_per_condition()
+        assert set(probabilities) in ({"temperature", "wind", "wind_mag"}, set())
+        assert all(0 <= p < 1 for p in probabilities.values())
+    sample = succeeds_or_one_line(SampleSettings, model_uri="m", condition=("temperature=1",),
+                                  condition_guidance=text)
+    if sample is not None:
+        assert all(0 <= weight <= 100 for weight in sample.guidance_weights().values())
