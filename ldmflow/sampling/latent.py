@@ -156,10 +156,12 @@ class LatentSampler:
                                    "option of latent-ddpm).")
 
     def _composed(self, rows: list[dict], condition_guidance: dict[str, float],
-                  guidance_scale: float) -> ComposedGuidance:
+                  guidance_scale: float) -> ComposedGuidance | None:
         """One part per condition some row gives: every row with only that condition (null where it lacks it),
-        weighed by its --condition_guidance weight, else `guidance_scale`."""
+        weighed by its --condition_guidance weight, else `guidance_scale`; None when no row gives any."""
         given = [name for name in self.condition_spec.names if any(name in row for row in rows)]
+        if not given:
+            return None
         parts = [self.encoder.encode_physical([{name: row[name]} if name in row else {} for row in rows],
                                               device=self.unet.device) for name in given]  # each (N, E)
         return ComposedGuidance(torch.stack(parts), tuple(float(condition_guidance.get(name, guidance_scale))

@@ -90,6 +90,14 @@ def test_the_per_condition_dropout_is_recorded_and_an_old_record_means_none(tmp_
     assert ConditionEncoder.load(tmp_path / "conditioning.json").omittable == ()
 
 
+def test_a_condition_left_out_is_absent_not_zero(partial_model):
+    sampler = _sampler(partial_model)
+    absent = sampler.generate([{"temperature": 12.0}], num_inference_steps=2, seeds=[1])
+    zero = sampler.generate([{"temperature": 12.0, "wind": [0, 0, 0], "wind_mag": 0.0}], num_inference_steps=2,
+                            seeds=[1])
+    assert np.abs(absent - zero).max() > 1e-4
+
+
 def test_guidance_per_condition_equals_ordinary_guidance_when_one_condition_is_given(partial_model):
     sampler = _sampler(partial_model)
     request = [{"temperature": 12.0}, {"temperature": 4.0}]
@@ -112,24 +120,39 @@ def test_guidance_per_condition_weighs_each_given_condition_and_batches_rows(par
     other = sampler.generate(request, num_inference_steps=2, seeds=[1, 2, 3],
                              condition_guidance={"temperature": 1.0, "wind": 2.0})
     assert np.abs(other[0] - whole[0]).max() > 1e-4 and np.abs(other[2] - whole[2]).max() > 1e-4
+    blank = sampler.generate([{}], num_inference_steps=2, seeds=[4], condition_guidance=weights)
+    assert_computed_alike(torch.from_numpy(blank), torch.from_numpy(sampler.generate(num_images=1, seeds=[4],
+                                                                                     num_inference_steps=2)),
+                          reduction=9 * 16, layers=30)  # nothing given: an unconditional sample
     with pytest.raises(LdmflowError, match=r"^--condition_guidance names humidity, which this model does not take "
                                            r"\(its conditions: temperature, wind, wind_mag\)\.$"):
         sampler.generate(request, num_inference_steps=2, condition_guidance={"humidity": 2.0})
 
 
 def test_partial_rows_through_the_cli_a_csv_with_blank_cells_and_json(partial_model, tmp_path):
-    out = tmp_path / "out"
-    invoke("sample", "--model_uri", partial_model, "--condition", "temperature=12", "--num_images", "2",
-           "--output_dir", out, *STEPS)
+    def sample(folder: str, *arguments) -> list[Path]:
+        invoke("sample", "--model_uri", partial_model, "--output_dir", tmp_path / folder, *arguments, *STEPS)
+        return sorted((tmp_path / folder).glob("samples-*/sample_*.png"))
+
+    assert len(sample("option", "--condition", "temperature=12", "--num_images", "2")) == 2
     (tmp_path / "partial.csv").write_text("temperature,wind_0,wind_1,wind_2,wind_mag,seed\n12,,,,,1\n,1,0,0,,2\n"
                                           "30,0,5,0,5,3\n")
-    invoke("sample", "--model_uri", partial_model, "--conditions_file", tmp_path / "partial.csv", "--output_dir",
-           out, "--condition_guidance", "temperature=4,wind=2", *STEPS)
+    from_csv = sample("csv", "--conditions_file", tmp_path / "partial.csv", "--condition_guidance",
+                      "temperature=4,wind=2")
+    assert len(from_csv) == 3
     (tmp_path / "partial.json").write_text(json.dumps([{"temperature": 12}, {"wind": [1, 0, 0], "seed": 5}, {}]))
-    invoke("sample", "--model_uri", partial_model, "--conditions_file", tmp_path / "partial.json", "--output_dir",
-           out, *STEPS)
-    counts = sorted(len(list(folder.glob("sample_*.png"))) for folder in out.iterdir())
-    assert counts == [2, 3, 3]
+    assert len(sample("json", "--conditions_file", tmp_path / "partial.json")) == 3
+    # a blank cell is the same request as leaving the condition out on the command line (seed 1 in both)
+    [from_option] = sample("alone", "--condition", "temperature=12", "--num_images", "1", "--seed", "1",
+                           "--condition_guidance", "temperature=4,wind=2")
+    difference = np.abs(_pixels(from_option) - _pixels(from_csv[0]))
+    assert difference.max() <= 1  # 8-bit files of images computed in batches of 1 and 3
+
+
+def _pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path), dtype=np.int16)
 
 
 def test_a_model_without_per_condition_dropout_refuses_partial_rows_in_one_line(full_model, tmp_path):
