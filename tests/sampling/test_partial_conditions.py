@@ -223,3 +223,21 @@ def test_the_per_condition_options_take_any_text_or_say_what_is_wrong_in_one_lin
                                   condition_guidance=text)
     if sample is not None:
         assert all(0 <= weight <= 100 for weight in sample.guidance_weights().values())
+
+
+def test_a_logged_partial_model_takes_partial_json_records_through_mlflow(partial_model, tmp_path):
+    """The scoring server's path: the logged pyfunc with its signature, JSON records lacking some columns."""
+    import mlflow
+
+    from fakes import tracked_folder
+    from ldmflow.tracking.registry import log_and_register
+
+    with tracked_folder(tmp_path):
+        with mlflow.start_run() as run:
+            logged = log_and_register("latent_ddpm", partial_model, run.info.run_id, dataset_digest="d" * 64,
+                                      register=False)
+        model = mlflow.pyfunc.load_model(logged.model_uri)
+        records = pd.DataFrame.from_records([{"temperature": 30.0, "seed": 7},
+                                             {"wind_0": 0.0, "wind_1": 5.0, "wind_2": 0.0, "seed": 8}])
+        out = model.predict(records, params={"num_inference_steps": 2, "condition_guidance": "temperature=4,wind=2"})
+        assert out["seed"].tolist() == [7, 8]
