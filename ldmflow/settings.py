@@ -221,7 +221,8 @@ def _finite_number(value: str, option: str, item: str) -> float:
 def _check_named_range(numbers: dict[str, float], option: str, low: float, high: float, high_open: bool) -> None:
     for name, value in numbers.items():
         if not (low <= value < high if high_open else low <= value <= high):
-            raise LdmflowError(f"--{option}: {name}={value:g} must be in [{low:g}, {high:g}{')' if high_open else ']'}.")
+            right = ")" if high_open else "]"
+            raise LdmflowError(f"--{option}: {name}={value:g} must be in [{low:g}, {high:g}{right}.")
 
 
 def condition_names(condition_spec: str) -> tuple[str, ...]:

@@ -75,7 +75,8 @@ def requests_of_only(requests: Requests, spec: ConditionSpec, name: str) -> Requ
     return Requests([{name: condition[name]} for condition in requests.conditions], requests.values, present)
 
 
-def spread_ratios(spec: ConditionSpec, samples: np.ndarray, data: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
+def spread_ratios(spec: ConditionSpec, samples: np.ndarray, data: np.ndarray,
+                  names: tuple[str, ...]) -> dict[str, float]:
     """`<name>_spread_ratio` of each of `names` (conditions a request left out): their spread across the samples
     over their spread across the data's images, both (N, D) as the probe reads them; the spread is the total
     standard deviation (the root of the components' summed variances). About 1: the model varies what it was not
