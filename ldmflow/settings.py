@@ -188,6 +188,51 @@ def _check_model_name(name: str | None) -> None:
                            "(MLflow refuses '/' and ':', and ldmflow reads '@' as models:/<name>@<alias>).")
 
 
+def named_numbers(text: str, option: str) -> float | dict[str, float] | None:
+    """`--<option>` as written: '' -> None, '0.1' -> 0.1, 'temperature=0.1,wind=0.2' -> {name: number}; a malformed
+    item, a repeated name or a number that is not finite is one line."""
+    stripped = (text or "").strip()
+    if not stripped:
+        return None
+    if "=" not in stripped:
+        return _finite_number(stripped, option, stripped)
+    numbers: dict[str, float] = {}
+    for item in stripped.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise LdmflowError(f"--{option} {text!r}: expected name=number items separated by commas (e.g. "
+                               f"temperature=0.1,wind=0.2), got {item.strip()!r}.")
+        if name in numbers:
+            raise LdmflowError(f"--{option} {text!r}: {name} is given twice.")
+        numbers[name] = _finite_number(value, option, item.strip())
+    return numbers
+
+
+def _finite_number(value: str, option: str, item: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise LdmflowError(f"--{option}: {item!r} is not a number (expected e.g. 0.1 or temperature=0.1).") from None
+    if not math.isfinite(number):
+        raise LdmflowError(f"--{option}: {item!r} must be a finite number.")
+    return number
+
+
+def _check_named_range(numbers: dict[str, float], option: str, low: float, high: float, high_open: bool) -> None:
+    for name, value in numbers.items():
+        if not (low <= value < high if high_open else low <= value <= high):
+            right = ")" if high_open else "]"
+            raise LdmflowError(f"--{option}: {name}={value:g} must be in [{low:g}, {high:g}{right}.")
+
+
+def condition_names(condition_spec: str) -> tuple[str, ...]:
+    """The names of a `name:dim,...` spec as written ('none': no names); the spec itself is parsed and checked by
+    data/conditions.py, which this bottom module cannot import."""
+    if condition_spec.strip().lower() in ("", "none"):
+        return ()
+    return tuple(item.split(":")[0].strip() for item in condition_spec.split(",") if item.strip())
+
+
 def _default(settings_class, name: str):
     """A field's default, for settings that pass it on to another command (the pipeline's steps)."""
     return next(item for item in dataclasses.fields(settings_class) if item.name == name).default
@@ -448,6 +493,11 @@ class LatentDdpmSettings(DdpmSettings):
     condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "Comma list of name:dim, or 'none' for unconditional.")
     cond_dropout_prob: float = setting(0.1, "Probability of training a sample with the null condition "
                                             "(classifier-free guidance).")
+    cond_dropout_per_condition: str = setting("", "Probability of dropping each condition alone (its value and "
+                                                  "flag zeroed), independent of --cond_dropout_prob: one number for "
+                                                  "every condition, or per name, temperature=0.1,wind=0.2 (others "
+                                                  "0); a model trained with it takes requests that give only some "
+                                                  "conditions. Default: off.")
     cache_latents: bool = setting(False, "Encode the dataset once into an on-disk cache (reused by later runs "
                                          "with the same VAE and data), then train from it.")
     latent_cache_dir: str = setting("", "Folder of the on-disk latent caches (default: $LDMFLOW_CACHE/latents, else "
@@ -465,9 +515,29 @@ class LatentDdpmSettings(DdpmSettings):
         if not self.vae_uri:
             raise LdmflowError("--vae_uri is required: a VAE folder or an MLflow model URI.")
         _check_number(self, "cond_dropout_prob", 0, 1, high_open=True)
+        self.dropout_per_condition()
         _check_number(self, "guidance_scale", 1, MAX_GUIDANCE_SCALE)
         _check_at_least(self, 1, "time_embedding_dim")
         _check_choice(self, "latent_cache_dtype", LATENT_CACHE_DTYPES)
+
+
+    def dropout_per_condition(self) -> dict[str, float]:
+        """--cond_dropout_per_condition as name -> probability for every condition of --condition_spec (0: never
+        dropped alone); empty when it is off."""
+        given = named_numbers(self.cond_dropout_per_condition, "cond_dropout_per_condition")
+        names = condition_names(self.condition_spec)
+        if given is None:
+            return {}
+        if not names:
+            raise LdmflowError("--cond_dropout_per_condition needs conditions; --condition_spec is none.")
+        if isinstance(given, float):
+            given = dict.fromkeys(names, given)
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise LdmflowError(f"--cond_dropout_per_condition names {', '.join(unknown)}, not in --condition_spec "
+                               f"{self.condition_spec} (conditions: {', '.join(names)}).")
+        _check_named_range(given, "cond_dropout_per_condition", 0, 1, high_open=True)
+        return {name: given.get(name, 0.0) for name in names}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -521,9 +591,15 @@ class SampleSettings(TrackingSettings):
     num_images: int = setting(8, "Images to generate (without --conditions_file).")
     condition: tuple[str, ...] = setting((), "name=value, repeatable: --condition temperature=12.5 "
                                              "--condition wind=1,0,0 --condition wind_mag=1; every image gets "
-                                             "them (every condition of the model, or none).", project=False)
+                                             "them (every condition of the model or none; some only with a model "
+                                             "trained with --cond_dropout_per_condition).", project=False)
     conditions_file: str | None = setting(None, "CSV or JSON list: one row of conditions (and seed) per image.")
     guidance_scale: float = setting(3.0, "Classifier-free guidance scale (1 = no guidance).")
+    condition_guidance: str = setting("", "Guidance per condition, e.g. temperature=4,wind=2: the unconditional "
+                                          "prediction plus each given condition's difference times its weight "
+                                          "(one more UNet pass per condition; a condition not named gets "
+                                          "--guidance_scale). Needs a model trained with "
+                                          "--cond_dropout_per_condition. Default: --guidance_scale alone.")
     num_inference_steps: int = setting(25, "Denoising steps.")
     scheduler: str = setting("ddim", "Sampling scheduler.", choices=SAMPLING_SCHEDULERS)
     seed: int = setting(0, "Image i uses seed + i.")
@@ -538,11 +614,32 @@ class SampleSettings(TrackingSettings):
         _check_sampling_bounds(self, "num_images", MAX_GENERATED_IMAGES, "each image is written and logged to the "
                                "run; split larger jobs into several runs")
         _check_number(self, "guidance_scale", 1, MAX_GUIDANCE_SCALE)
+        if self.guidance_weights() and not (self.condition or self.conditions_file):
+            raise LdmflowError("--condition_guidance weighs the conditions asked for: give them with --condition or "
+                               "--conditions_file.")
         _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
         _check_choice(self, "dtype", SAMPLE_DTYPES)
         _check_choice(self, "output_format", IMAGE_FORMATS)
         if self.condition and self.conditions_file:
             raise LdmflowError("Give conditions either with --condition or with --conditions_file, not both.")
+
+
+    def guidance_weights(self) -> dict[str, float]:
+        """--condition_guidance as name -> weight (empty: --guidance_scale alone); the names are checked against
+        the model's conditions when it is loaded."""
+        return guidance_weights(self.condition_guidance, "condition_guidance")
+
+
+def guidance_weights(text: str, option: str) -> dict[str, float]:
+    """`temperature=4,wind=2` -> {name: weight}, each weight in [0, MAX_GUIDANCE_SCALE]; '' -> {}."""
+    weights = named_numbers(text, option)
+    if weights is None:
+        return {}
+    if isinstance(weights, float):
+        raise LdmflowError(f"--{option} {text!r}: name each condition's weight, e.g. temperature=4,wind=2 "
+                           "(--guidance_scale is the one weight for all).")
+    _check_named_range(weights, option, 0, MAX_GUIDANCE_SCALE, high_open=False)
+    return weights
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,12 +24,13 @@ import shlex
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 
 from ldmflow import tags
 from ldmflow.cli import cli
 from ldmflow.data.conditions import ConditionSpec
-from ldmflow.evaluation.adherence import adherence_metric_names
+from ldmflow.evaluation.adherence import adherence_metric_names, only_prefix, spread_ratios
 from ldmflow.evaluation.intervals import CI_SUFFIX
 from ldmflow.evaluation.report import COLUMNS
 from ldmflow.projects import ENTRY_POINTS, render_options
@@ -136,11 +137,13 @@ def _swept_stage_options(name: str, tokens: list[str]) -> set[str]:
 
 
 def _condition_problems(name: str, tokens: list[str], line: str) -> list[str]:
-    """`ldmflow sample --condition ...` must give every condition of the default spec (or none): the docs'
-    models use it, and the sampler refuses a partial request."""
+    """`ldmflow sample --condition ...` must name conditions of the default spec: the docs' models use it. A
+    partial request (some of them) is for a model trained with --cond_dropout_per_condition, which the docs'
+    `-partial` models are; the others need every condition (or none)."""
     given = {tokens[i + 1].split("=")[0] for i, token in enumerate(tokens[:-1]) if token == "--condition"}
     expected = set(_condition_names())
-    if name != "sample" or not given or given == expected or "..." in tokens:
+    partial = any(token.startswith("models:/") and "-partial/" in token for token in tokens)
+    if name != "sample" or not given or given == expected or (partial and given < expected) or "..." in tokens:
         return []
     return [f"`ldmflow sample`: --condition gives {sorted(given)}, the model needs {sorted(expected)} ({line.strip()})"]
 
@@ -200,6 +203,10 @@ def loggable_metrics() -> set[str]:
         ("fid", "kid", "psnr", "ssim", "lpips", "diversity"))}
     scores |= {f"r{name}" for name in scores if name.startswith(("fid", "kid"))}
     eval_names = {f"eval/{prefix}{name}" for prefix in COLUMNS for name in adherence}
+    first, *others = _condition_names()  # requests giving the first condition alone (evaluate's "<name> only")
+    eval_names |= {f"eval/{only_prefix(first)}{name}" for name in adherence}
+    eval_names |= {f"eval/{only_prefix(first)}{name}" for name in spread_ratios(
+        ConditionSpec.parse(DEFAULT_CONDITION_SPEC), np.ones((2, 5)), np.arange(10.0).reshape(2, 5), tuple(others))}
     eval_names |= {f"eval/{name}" for name in scores}
     eval_names |= {f"{name}{CI_SUFFIX}" for name in eval_names}
     return val | eval_names

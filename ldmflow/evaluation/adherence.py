@@ -61,6 +61,35 @@ def manifest_requests(manifest: Manifest, count: int) -> Requests:
                     np.stack([r.present for r in chosen]).astype(bool))
 
 
+def only_prefix(name: str) -> str:
+    """The metric prefix of requests that give `name` alone (the evaluation table's "<name> only" column)."""
+    return f"only_{name}/"
+
+
+def requests_of_only(requests: Requests, spec: ConditionSpec, name: str) -> Requests:
+    """The same requests giving only `name`, every other condition left out (a partial request): scored on
+    `name` alone, since `condition_errors` skips what a request lacks."""
+    present = np.zeros_like(requests.present)
+    index = spec.names.index(name)
+    present[:, index] = requests.present[:, index]
+    return Requests([{name: condition[name]} for condition in requests.conditions], requests.values, present)
+
+
+def spread_ratios(spec: ConditionSpec, samples: np.ndarray, data: np.ndarray,
+                  names: tuple[str, ...]) -> dict[str, float]:
+    """`<name>_spread_ratio` of each of `names` (conditions a request left out): their spread across the samples
+    over their spread across the data's images, both (N, D) as the probe reads them; the spread is the total
+    standard deviation (the root of the components' summed variances). About 1: the model varies what it was not
+    told like the data does; near 0: it settled on one value."""
+    ratios = {}
+    for name, where in spec.slices().items():
+        data_spread = float(np.sqrt(np.var(np.asarray(data)[:, where], axis=0).sum()))
+        if name in names and data_spread > 0:
+            ratios[f"{name}_spread_ratio"] = float(np.sqrt(np.var(np.asarray(samples)[:, where], axis=0).sum())
+                                                   / data_spread)
+    return ratios
+
+
 def recorded_conditions(manifest: Manifest, count: int) -> Requests:
     """The conditions of the split's first `count` images (no dicts: nothing is generated from them), what a
     probe should read back from those images."""

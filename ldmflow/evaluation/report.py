@@ -1,12 +1,16 @@
 """The evaluation table `ldmflow evaluate` and `ldmflow pipeline` print, from the logged `eval/...` metrics.
 
 One row per measure, one column per comparison (the model, guidance 1, shuffled requests, the VAE's
-reconstructions, the real images), `± x` the bootstrap 95% interval; below it, the lines that say a score is
+reconstructions, the real images, and "<name> only" for requests giving one condition alone), `± x` the
+bootstrap 95% interval; below it, the lines that say a score is
 capped by the VAE or not comparable.
 """
 
 from __future__ import annotations
 
+import re
+
+from ldmflow.evaluation.adherence import only_prefix
 from ldmflow.evaluation.intervals import CI_SUFFIX
 
 COLUMNS = {"": "model", "guidance1/": "guidance 1", "shuffled/": "shuffled", "recon/": "VAE reconstructions",
@@ -14,6 +18,7 @@ COLUMNS = {"": "model", "guidance1/": "guidance 1", "shuffled/": "shuffled", "re
 CEILING_MARGIN = 0.25  # a model within this fraction of its VAE's reconstructions is capped by the VAE
 _HEADLINE_SUFFIXES = ("_length_mae_pct", "_angle_error_deg", "_mae_pct")  # the errors ceiling lines compare
 _COUNTS = ("fid_num_real", "fid_min_real", "rfid_num_real", "rfid_min_real")  # said below the table, not rows
+_ONLY = only_prefix("")[:-1]  # "only_": the columns of partial requests, "<name> only"
 _LOGGED_ONLY = ("kid_std", "rkid_std")  # KID's spread over its subsets: logged; the table shows the ± interval
 
 
@@ -29,15 +34,22 @@ def format_metrics(metrics: dict[str, float]) -> str:
     for name, value in plain.items():
         if name.endswith(CI_SUFFIX) or name in _COUNTS or name in _LOGGED_ONLY:
             continue
-        prefix = next((p for p in COLUMNS if p and name.startswith(p)), "")
+        prefix = next((p for p in COLUMNS if p and name.startswith(p)), "") or _only_prefix(name)
         interval = plain.get(f"{name}{CI_SUFFIX}")
         rows.setdefault(name[len(prefix):], {})[prefix] = f"{value:.4g}" + (f" ± {interval:.2g}" if interval else "")
-    shown = [prefix for prefix in COLUMNS if any(prefix in row for row in rows.values())]
-    table = [["eval/...", *(COLUMNS[prefix] for prefix in shown)]]
+    partial = sorted({prefix for row in rows.values() for prefix in row if prefix.startswith(_ONLY)})
+    shown = [prefix for prefix in [*COLUMNS, *partial] if any(prefix in row for row in rows.values())]
+    table = [["eval/...", *(COLUMNS.get(prefix) or f"{prefix[len(_ONLY):-1]} only" for prefix in shown)]]
     table += [[name, *(row.get(p, "") for p in shown)] for name, row in sorted(rows.items())]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
     return "\n".join(lines + ceiling_lines(plain) + fid_count_lines(plain))
+
+
+def _only_prefix(name: str) -> str:
+    """`only_temperature/` of `only_temperature/temperature_mae_pct` (requests giving temperature alone), else ''."""
+    match = re.match(rf"{_ONLY}[A-Za-z_][A-Za-z0-9_]*/", name)
+    return match.group(0) if match else ""
 
 
 def ceiling_lines(metrics: dict[str, float]) -> list[str]:

@@ -41,6 +41,14 @@ class ConditionEncoder:
     # name -> (min, max) of each value dimension over the training values, what requests are checked against
     # (None for a model saved before it was recorded)
     trained_range: dict[str, tuple[list[float], list[float]]] | None = field(default=None, compare=False)
+    # name -> probability of dropping that condition alone in training (--cond_dropout_per_condition); None for a
+    # model saved before it was recorded. A request may leave out only the conditions dropped with probability > 0.
+    dropout_per_condition: dict[str, float] | None = field(default=None, compare=False)
+
+    @property
+    def omittable(self) -> tuple[str, ...]:
+        """The conditions a request may leave out: those trained with per-condition dropout."""
+        return tuple(name for name in self.spec.names if (self.dropout_per_condition or {}).get(name, 0.0) > 0)
 
     @property
     def encoded_dim(self) -> int:
@@ -64,13 +72,16 @@ class ConditionEncoder:
         normalised = (values - mean) / std * present[:, owner]  # each value dimension's condition flag
         return torch.cat([normalised, present], dim=1)
 
-    def far_from_training(self, values: np.ndarray, limit: float = FAR_FROM_TRAINING_STDS) -> str | None:
-        """The first condition of a (value_dim,) request more than `limit` standard deviations from the training
-        values, said with what the model was trained on; None when every value is within."""
+    def far_from_training(self, values: np.ndarray, limit: float = FAR_FROM_TRAINING_STDS,
+                          present: np.ndarray | None = None) -> str | None:
+        """The first given condition of a (value_dim,) request (`present`: (K,) flags, default all) more than
+        `limit` standard deviations from the training values, said with what the model was trained on; None when
+        every value is within."""
         mean, std = np.asarray(self.stats.mean), np.asarray(self.stats.std)
         distance = np.abs(np.asarray(values, np.float64) - mean) / np.where(std > 0, std, 1.0)  # (value_dim,)
-        for name, where in self.spec.slices().items():
-            if (distance[where] > limit).any():
+        given = np.ones(self.spec.num_conditions, bool) if present is None else np.asarray(present, bool)
+        for (name, where), known in zip(self.spec.slices().items(), given):
+            if known and (distance[where] > limit).any():
                 low, high = (self.trained_range or {}).get(name) or (mean[where] - 3 * std[where],
                                                                         mean[where] + 3 * std[where])
                 about = "" if self.trained_range and name in self.trained_range else "about "
@@ -89,6 +100,22 @@ class ConditionEncoder:
             return encoded
         keep = torch.rand(encoded.shape[0], 1, device=encoded.device) >= probability  # (B, 1)
         return encoded * keep.to(encoded.dtype)
+
+    def drop_each(self, encoded: torch.Tensor) -> torch.Tensor:
+        """Drop each condition alone (its values and flag zeroed) with its `dropout_per_condition` probability, so
+        the model learns every partial request; (B, D + K) in and out."""
+        if not self.omittable:
+            return encoded
+        tables = self.__dict__.setdefault("_dropout_tables", {})  # built once per device, like `_tables`
+        key = (str(encoded.device), encoded.dtype)
+        if key not in tables:
+            tables[key] = torch.tensor([self.dropout_per_condition.get(name, 0.0) for name in self.spec.names],
+                                       dtype=encoded.dtype, device=encoded.device)
+        probability = tables[key]  # (K,)
+        _, _, owner = self._tables(encoded.device, encoded.dtype)
+        keep = (torch.rand(encoded.shape[0], len(probability), device=encoded.device) >= probability)  # (B, K)
+        keep = keep.to(encoded.dtype)
+        return encoded * torch.cat([keep[:, owner], keep], dim=1)
 
     def encode_physical(self, conditions: list[dict[str, np.ndarray | None]], device=None) -> torch.Tensor:
         """Conditions in physical units (name -> value, None or absent = unknown) -> (B, D + K)."""
@@ -110,6 +137,8 @@ class ConditionEncoder:
             "encoded_dim": self.encoded_dim,
             **({"trained_range": {name: {"min": low, "max": high} for name, (low, high) in self.trained_range.items()}}
                if self.trained_range else {}),
+            **({"cond_dropout_per_condition": dict(self.dropout_per_condition)}
+               if self.dropout_per_condition is not None else {}),
             "layout": "normalised values (value-mean)/std, then one presence flag per condition; null = zeros",
         }
 
@@ -125,11 +154,15 @@ class ConditionEncoder:
         ranges = data.get("trained_range") or {}
         trained = {name: (list(ranges[name]["min"]), list(ranges[name]["max"])) for name in spec.names
                    if isinstance(ranges.get(name), dict) and {"min", "max"} <= set(ranges[name])}
-        return cls(spec, ConditionStats.from_dict(data["stats"], spec), trained or None)
+        dropout = data.get("cond_dropout_per_condition")
+        dropout = {name: float(dropout.get(name, 0.0)) for name in spec.names} if isinstance(dropout, dict) else None
+        return cls(spec, ConditionStats.from_dict(data["stats"], spec), trained or None, dropout)
 
     @classmethod
-    def for_records(cls, spec: ConditionSpec, stats: ConditionStats, records) -> "ConditionEncoder":
-        """The encoder of a training split (manifest records), with the range of values it holds recorded."""
+    def for_records(cls, spec: ConditionSpec, stats: ConditionStats, records,
+                    dropout_per_condition: dict[str, float] | None = None) -> "ConditionEncoder":
+        """The encoder of a training split (manifest records), with the range of values it holds and each
+        condition's probability of being dropped alone recorded."""
         values = np.stack([record.conditions for record in records]).astype(np.float64)  # (N, value_dim)
         present = np.stack([record.present for record in records]).astype(bool)  # (N, K)
         trained = {}
@@ -137,4 +170,5 @@ class ConditionEncoder:
             rows = values[present[:, index], where]  # (n_present, dim)
             if len(rows):
                 trained[name] = ([float(v) for v in rows.min(axis=0)], [float(v) for v in rows.max(axis=0)])
-        return cls(spec, stats, trained or None)
+        return cls(spec, stats, trained or None, {name: float((dropout_per_condition or {}).get(name, 0.0))
+                                                  for name in spec.names})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -72,11 +73,35 @@ def step_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed) + 1_000_003) for seed in seeds]
 
 
+@dataclass(frozen=True)
+class ComposedGuidance:
+    """Compositional classifier-free guidance: `parts[k]` is each row's condition with only condition k present
+    (the null condition where a row lacks it), weighed by `weights[k]`."""
+
+    parts: torch.Tensor  # (P, B, E)
+    weights: tuple[float, ...]  # (P,)
+
+    def rows(self, rows: range) -> "ComposedGuidance":
+        return ComposedGuidance(self.parts[:, rows.start:rows.stop], self.weights)
+
+    def predict(self, model: Denoiser, model_input: torch.Tensor, timestep, null_condition: torch.Tensor):
+        """null + sum_k w_k (model(part_k) - null): the P + 1 predictions in one forward of (P + 1) B rows."""
+        count = len(self.weights) + 1
+        stacked = model(model_input.repeat(count, 1, 1, 1), timestep, torch.cat([*self.parts, null_condition]))
+        *conditional, unconditional = stacked.chunk(count)  # each (B, C, H, W)
+        prediction = unconditional
+        for weight, part in zip(self.weights, conditional):
+            prediction = prediction + weight * (part - unconditional)
+        return prediction
+
+
 @torch.no_grad()
 def denoise(model: Denoiser, scheduler, noise: torch.Tensor, num_inference_steps: int,
             condition: torch.Tensor | None = None, null_condition: torch.Tensor | None = None,
-            guidance_scale: float = 1.0, generator: list[torch.Generator] | None = None) -> torch.Tensor:
-    """Run the reverse process from `noise`; guidance mixes conditional and null predictions when > 1.
+            guidance_scale: float = 1.0, generator: list[torch.Generator] | None = None,
+            composed: ComposedGuidance | None = None) -> torch.Tensor:
+    """Run the reverse process from `noise`; guidance mixes conditional and null predictions when > 1, or, with
+    `composed`, the null prediction and each condition's own (guidance per condition).
 
     `generator` (one per image) drives the noise that stochastic schedulers (DDPM) add at each step.
     """
@@ -88,7 +113,9 @@ def denoise(model: Denoiser, scheduler, noise: torch.Tensor, num_inference_steps
         guided = False
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(sample, timestep)
-        if guided:
+        if composed is not None:
+            prediction = composed.predict(model, model_input, timestep, null_condition)
+        elif guided:
             both = model(torch.cat([model_input, model_input]), timestep, torch.cat([condition, null_condition]))
             conditional, unconditional = both.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)

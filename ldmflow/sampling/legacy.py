@@ -36,8 +36,11 @@ class LegacySampler:
         dtype = model_dtype(name, self.unet.device)
         cast_model(self.unet, dtype)
 
-    def check_conditions(self, conditions: list[dict]) -> None:
-        """Blank conditions are unconditional requests; any value is one clear error."""
+    def check_conditions(self, conditions: list[dict], condition_guidance: dict[str, float] | None = None) -> None:
+        """Blank conditions are unconditional requests; any value (or guidance per condition) is one clear error."""
+        if condition_guidance:
+            raise LdmflowError("This model is unconditional (a legacy pixel DDPM): --condition_guidance does not "
+                               "apply.")
         if any(conditions):
             raise LdmflowError(f"This model is unconditional (a legacy pixel DDPM); got conditions "
                                f"{sorted(set().union(*conditions))}.")
@@ -46,11 +49,12 @@ class LegacySampler:
     def generate(self, conditions: list[dict] | None = None, *, num_images: int | None = None,
                  guidance_scale: float = GUIDANCE_SCALE, num_inference_steps: int = NUM_INFERENCE_STEPS,
                  scheduler: str = SCHEDULER, seeds: list[int] | None = None, batch_size: int | None = None,
-                 dtype: str | None = None, progress: Progress | None = None) -> np.ndarray:
+                 dtype: str | None = None, progress: Progress | None = None,
+                 condition_guidance: dict[str, float] | None = None) -> np.ndarray:
         """`Sampler.generate`: (N, H, W, 3) float32 images in [0, 1]; image i depends only on seeds[i], whatever
         `batch_size`. Without conditions there is nothing for `guidance_scale` to mix: it is ignored."""
-        if conditions:
-            self.check_conditions(conditions)
+        if conditions or condition_guidance:
+            self.check_conditions(conditions or [], condition_guidance)
         seeds = image_seeds(conditions, num_images, seeds)
         if dtype is not None:
             self.set_dtype(dtype)

@@ -1,7 +1,8 @@
 """The one signature every sampler shares (as k-diffusion's samplers do), so callers never ask which kind they hold.
 
 `generate(conditions, *, num_images, guidance_scale, num_inference_steps, scheduler, seeds, batch_size, dtype,
-progress)`: conditions None means unconditional, guidance 1 means no classifier-free guidance, image i depends
+progress, condition_guidance)`: conditions None means unconditional, guidance 1 means no classifier-free guidance
+(condition_guidance: a weight per condition instead), image i depends
 only on seeds[i] (and its conditions) whatever the batch size. `condition_spec` says what a sampler is
 conditioned on: None when it takes no conditions at all (the legacy pixel DDPM).
 """
@@ -44,8 +45,10 @@ class Sampler(Protocol):
     def image_size(self) -> int:
         """The side, in pixels, of the images `generate` returns."""
 
-    def check_conditions(self, conditions: list[dict]) -> torch.Tensor | None:
-        """The requested conditions encoded, or None if unconditional; one LdmflowError line if they do not fit."""
+    def check_conditions(self, conditions: list[dict],
+                         condition_guidance: dict[str, float] | None = None) -> torch.Tensor | None:
+        """The requested conditions encoded, or None if unconditional; one LdmflowError line if they (or the
+        weights of guidance per condition) do not fit."""
 
     def set_dtype(self, name: str) -> None:
         """Switch the models to fp32, bf16 or fp16 (fp32 on the CPU)."""
@@ -53,9 +56,12 @@ class Sampler(Protocol):
     def generate(self, conditions: list[dict] | None = None, *, num_images: int | None = None,
                  guidance_scale: float = GUIDANCE_SCALE, num_inference_steps: int = NUM_INFERENCE_STEPS,
                  scheduler: str = SCHEDULER, seeds: list[int] | None = None, batch_size: int | None = None,
-                 dtype: str | None = None, progress: Progress | None = None) -> np.ndarray:
+                 dtype: str | None = None, progress: Progress | None = None,
+                 condition_guidance: dict[str, float] | None = None) -> np.ndarray:
         """(N, H, W, 3) float32 images in [0, 1]. N = len(conditions), else num_images, else len(seeds), else 1;
-        seeds default to 0..N-1; `dtype` None keeps the models' dtype; `progress` advances once per batch."""
+        seeds default to 0..N-1; `dtype` None keeps the models' dtype; `progress` advances once per batch.
+        `condition_guidance` (name -> weight) replaces `guidance_scale` by guidance per condition: the null
+        prediction plus each given condition's own difference times its weight (`guidance_scale` where unnamed)."""
 
 
 def image_seeds(conditions: list[dict] | None, num_images: int | None, seeds: list[int] | None) -> list[int]:

@@ -4,8 +4,9 @@ Serving formats (JSON friendly, one row per image):
 
 - `LatentDiffusionPyfunc`: input columns are the condition components in physical units (`component_columns`
   of the model's spec, e.g. temperature, wind_0, wind_1, wind_2, wind_mag; all optional, all blank = an
-  unconditional sample) plus an optional integer `seed`. Params: num_inference_steps, guidance_scale, scheduler
-  and dtype ("fp32", "bf16" or "fp16"; fp32 on a CPU), by default `ldmflow sample`'s, and batch_size (8).
+  unconditional sample; some blank: only for a model trained with --cond_dropout_per_condition) plus an optional
+  integer `seed`. Params: num_inference_steps, guidance_scale, condition_guidance ("temperature=4,wind=2"),
+  scheduler and dtype ("fp32", "bf16" or "fp16"; fp32 on a CPU), by default `ldmflow sample`'s, and batch_size (8).
   Output: `image` (base64-encoded 8-bit RGB PNG) and the `seed` used.
 - `VaePyfunc`: input column `image` (base64 PNG/TIFF/JPEG; sides multiples of the VAE's downsample factor f).
   Param mode = "reconstruct" (output `image`, base64 PNG) or "encode" (output `latent`, nested lists
@@ -47,7 +48,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from ldmflow.errors import LdmflowError
 from ldmflow.models.kinds import LEGACY_DDPM, PROBE, VAE
 from ldmflow.sampling.condition_input import SEED_COLUMN
-from ldmflow.settings import MAX_GUIDANCE_SCALE, MAX_SEED, SampleSettings
+from ldmflow.settings import MAX_GUIDANCE_SCALE, MAX_SEED, SampleSettings, guidance_weights
 
 IMAGE_COLUMN = "image"
 LATENT_COLUMN = "latent"
@@ -189,7 +190,8 @@ SERVING_BATCH_SIZE = 8  # images one request denoises together: the serving defa
 # The params a served model accepts, with `ldmflow sample`'s defaults (SampleSettings) where it has the same knob.
 LATENT_DEFAULTS = {"num_inference_steps": SampleSettings.num_inference_steps,
                    "guidance_scale": SampleSettings.guidance_scale, "scheduler": SampleSettings.scheduler,
-                   "batch_size": SERVING_BATCH_SIZE, "dtype": SampleSettings.dtype}
+                   "batch_size": SERVING_BATCH_SIZE, "dtype": SampleSettings.dtype,
+                   "condition_guidance": SampleSettings.condition_guidance}
 LEGACY_DEFAULTS = {"num_inference_steps": SampleSettings.num_inference_steps, "scheduler": SampleSettings.scheduler,
                    "batch_size": SERVING_BATCH_SIZE, "num_images": 0, "dtype": SampleSettings.dtype}
 VAE_DEFAULTS = {"mode": "reconstruct"}
@@ -220,6 +222,7 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
         from ldmflow.sampling.condition_input import conditions_from_frame
 
         options = _params(params, LATENT_DEFAULTS)
+        weights = guidance_weights(str(options["condition_guidance"]), "condition_guidance") or None
         self._sampler.set_dtype(str(options["dtype"]))
         frame = pd.DataFrame(model_input)
         if frame.empty:
@@ -238,7 +241,8 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
                 [conditions[i] for i in group] if group is conditioned else None, num_images=len(group),
                 guidance_scale=float(options["guidance_scale"]),
                 num_inference_steps=int(options["num_inference_steps"]), scheduler=str(options["scheduler"]),
-                seeds=[seeds[i] for i in group], batch_size=int(options["batch_size"]))
+                seeds=[seeds[i] for i in group], batch_size=int(options["batch_size"]),
+                condition_guidance=weights if group is conditioned else None)
             for row, image in zip(group, generated):
                 images[row] = image
         return pd.DataFrame({IMAGE_COLUMN: [image_to_base64_png(image) for image in images], SEED_COLUMN: seeds})

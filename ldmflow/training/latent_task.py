@@ -66,8 +66,8 @@ class LatentDdpmTask(DdpmTask):
         self.probe = ProbeReader.from_folder(probe_dir) if probe_dir else None
         self.ranges = manifest_ranges(manifest) if self.probe else None  # what adherence % refer to
         self.manifest, self.vae_source = manifest, vae_source
-        self.encoder = None if manifest.spec.is_empty else ConditionEncoder.for_records(manifest.spec, manifest.stats,
-                                                                                         manifest.records)
+        self.encoder = None if manifest.spec.is_empty else ConditionEncoder.for_records(
+            manifest.spec, manifest.stats, manifest.records, settings.dropout_per_condition())
         self.vae = load_vae(vae_source.local_dir, settings.vae_uri)  # checked before any MLflow run opens
         self.latent_size = latent_size(settings, self.vae)
 
@@ -109,7 +109,9 @@ class LatentDdpmTask(DdpmTask):
         labels = None
         if self.encoder is not None:
             encoded = self.encoder.encode(batch["conditions"].float(), batch["present"].float())  # (B, D + K)
-            labels = self.encoder.drop(encoded, self.settings.cond_dropout_prob) if drop_conditions else encoded
+            if drop_conditions:  # each condition alone (--cond_dropout_per_condition), then all (guidance)
+                encoded = self.encoder.drop(self.encoder.drop_each(encoded), self.settings.cond_dropout_prob)
+            labels = encoded
         return lambda noisy, timesteps: model(noisy, timesteps, encoder_hidden_states=None,
                                               class_labels=labels).sample
 

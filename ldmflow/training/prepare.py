@@ -14,7 +14,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from safetensors import SafetensorError
 
 from ldmflow.errors import LdmflowError, error_summary
-from ldmflow.settings import TrainSettings, resumable_changes
+from ldmflow.settings import TrainSettings, param_value, resumable_changes
 from ldmflow.tags import RESUMED_FROM_CHECKPOINT_TAG, RESUMED_FROM_RUN_TAG, RESUMED_FROM_STEP_TAG
 from ldmflow.training.checkpoints import STATE_NAME, TrainingState, find_resume_checkpoint, load_checkpoint
 from ldmflow.training.skipped_steps import fused_adamw_available
@@ -205,6 +205,9 @@ def _check_fingerprint(settings: TrainSettings, recorded: dict | None, current: 
     if not recorded or settings.allow_changed_settings:
         return
     old, new = recorded.get("settings", {}), current["settings"]
+    defaults = {item.name: param_value(item.default) for item in dataclasses.fields(settings)
+                if item.default is not dataclasses.MISSING}
+    old = {**{key: defaults[key] for key in new if key in defaults and key not in old}, **old}  # added since
     changed = [f"--{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
                if old.get(key) != new.get(key)]
     if recorded.get("dataset_digest") and current["dataset_digest"] and \

@@ -7,6 +7,9 @@
 - Conditioned latent DDPM: condition adherence read back by the dataset's condition probe, at the evaluated
   guidance and at guidance 1, next to the shuffled-request baseline and to the ceiling its own VAE sets (the
   probe on the real images' reconstructions, `recon/...`): `ceiling_lines` names the conditions it caps.
+- A latent DDPM trained with --cond_dropout_per_condition is also asked for its first condition alone
+  (`only_<name>/...`, the table's "<name> only" column): adherence on that condition, and the spread of the
+  conditions left out across the samples over their spread in the data (`<other>_spread_ratio`).
 - Every adherence score and FID/KID has a bootstrap 95% interval (`..._ci95`).
 
 Everything that can fail on input (model, manifest, conditions, probe) is settled before the run opens. This
@@ -27,7 +30,8 @@ from ldmflow.data.manifest import Manifest, NothingUsableError, load_manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.evaluation import distribution
 from ldmflow.evaluation.adherence import (Requests, diversity, manifest_ranges, manifest_requests,
-                                          mean_pairwise_distance, recorded_conditions)
+                                          mean_pairwise_distance, only_prefix, recorded_conditions, requests_of_only,
+                                          spread_ratios)
 from ldmflow.evaluation.scoring import AdherenceReadings, Scorer, adherence_scores, reconstruction_scores
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE, detect_kind, names
 from ldmflow.models.probe import ProbeReader
@@ -255,12 +259,15 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
         read = probe.reader.read(generated, settings.batch_size)
         scorer = Scorer(real.spec, manifest_ranges(train), settings.seed)
         truth = recorded_conditions(real, len(real_images))
-        metrics.update(scorer.errors(truth, probe.reader.read(real_images, settings.batch_size), "probe/"))
+        real_read = probe.reader.read(real_images, settings.batch_size)
+        metrics.update(scorer.errors(truth, real_read, "probe/"))
         if evaluated.stage == VAE.name:
             metrics.update(scorer.errors(truth, read, "recon/"))
         elif requests:
             metrics.update(adherence_scores(scorer, _adherence_readings(
                 settings, evaluated, probe, requests, read, seeds=seeds, real_images=real_images, truth=truth)))
+            if alone := _condition_alone(evaluated):
+                metrics.update(_partial_scores(settings, evaluated, probe, scorer, requests, seeds, alone, real_read))
             labels = [condition_label(c) for c in requests.conditions[:8]]
             table.update({f"requested_{column}": requests.values[:, i].tolist()
                           for i, column in enumerate(_columns(probe))})
@@ -285,6 +292,26 @@ def _adherence_readings(settings: EvaluateSettings, evaluated: EvaluatedModel, p
         reconstructions = probe.reader.read(_reconstruct(evaluated.first_stage, real_images, settings.batch_size),
                                             settings.batch_size)
     return AdherenceReadings(requests, read, unguided, truth, reconstructions)
+
+
+def _condition_alone(evaluated: EvaluatedModel) -> str | None:
+    """The condition asked for alone in the table's "<name> only" column: the spec's first, when the model was
+    trained to do without every other (--cond_dropout_per_condition); None otherwise."""
+    first, *others = evaluated.spec.names
+    encoder = evaluated.model.encoder  # a LatentSampler's: None for an unconditional one
+    return first if others and encoder and set(others) <= set(encoder.omittable) else None
+
+
+def _partial_scores(settings: EvaluateSettings, evaluated: EvaluatedModel, probe: Probe, scorer: Scorer,
+                    requests: Requests, seeds: list[int], name: str, real_read: np.ndarray) -> dict[str, float]:
+    """`only_<name>/...`: the same requests and seeds giving `name` alone, scored on it only, and how widely the
+    conditions left out vary across the samples against the data (`<other>_spread_ratio`)."""
+    partial = requests_of_only(requests, evaluated.spec, name)
+    read = probe.reader.read(_generate(settings, evaluated, partial.conditions, seeds, settings.guidance_scale),
+                             settings.batch_size)
+    others = tuple(other for other in evaluated.spec.names if other != name)
+    scores = {**scorer.errors(partial, read), **spread_ratios(evaluated.spec, read, real_read, others)}
+    return {f"{only_prefix(name)}{key}": value for key, value in scores.items()}
 
 
 def _columns(probe: Probe) -> list[str]:

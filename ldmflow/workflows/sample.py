@@ -78,7 +78,7 @@ def requested_conditions(settings: SampleSettings, sampler: Sampler) -> tuple[li
         if spec is None:
             raise LdmflowError("This model is unconditional: --conditions_file does not apply.")
         conditions = conditions_from_frame(frame, spec)
-        sampler.check_conditions(conditions)  # before any MLflow run opens
+        sampler.check_conditions(conditions, settings.guidance_weights())  # before any MLflow run opens
         if SEED_COLUMN in frame.columns:
             seeds = _seeds_column(frame[SEED_COLUMN], settings.seed)
         else:
@@ -89,7 +89,7 @@ def requested_conditions(settings: SampleSettings, sampler: Sampler) -> tuple[li
         if sampler.condition_spec is None:
             raise LdmflowError("This model is unconditional (a legacy pixel DDPM): --condition does not apply.")
         condition = parse_condition_option(settings.condition)
-        sampler.check_conditions([condition])  # before any MLflow run opens
+        sampler.check_conditions([condition], settings.guidance_weights())  # before any MLflow run opens
         return [dict(condition) for _ in seeds], seeds
     return None, seeds
 
@@ -143,8 +143,9 @@ def generate(settings: SampleSettings, sampler: Sampler, conditions, seeds) -> n
     """(N, H, W, 3) images in [0, 1]; refused when none carries information (check_generated)."""
     images = sampler.generate(conditions, num_images=len(seeds), guidance_scale=settings.guidance_scale,
                               num_inference_steps=settings.num_inference_steps, scheduler=settings.scheduler,
-                              seeds=seeds, batch_size=settings.batch_size)
-    return check_generated(images, settings.guidance_scale)
+                              seeds=seeds, batch_size=settings.batch_size,
+                              condition_guidance=settings.guidance_weights() or None)
+    return check_generated(images, max([settings.guidance_scale, *settings.guidance_weights().values()]))
 
 
 def write_samples(output_dir: Path, images: np.ndarray, labels: list[str] | None, image_format: str,

@@ -71,3 +71,19 @@ def test_a_save_interrupted_by_ctrl_c_or_sigterm_leaves_no_partial_checkpoint(ac
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(accelerator, tmp_path, 2, None, {"training_state": TrainingState(global_step=2)})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_written_before_a_setting_existed_resumes_at_its_default_only():
+    from ldmflow.settings import LatentDdpmSettings
+    from ldmflow.training.prepare import _check_fingerprint, training_fingerprint
+
+    def settings(**changes):
+        return LatentDdpmSettings(manifest_path="m", output_dir="o", vae_uri="v", resume_from_checkpoint="latest",
+                                  **changes)
+
+    recorded = training_fingerprint(settings(), "digest")
+    del recorded["settings"]["cond_dropout_per_condition"]  # what a checkpoint of an older ldmflow holds
+    _check_fingerprint(settings(), recorded, training_fingerprint(settings(), "digest"))
+    changed = settings(cond_dropout_per_condition="0.1")
+    with pytest.raises(LdmflowError, match=r"--cond_dropout_per_condition '' -> '0\.1'"):
+        _check_fingerprint(changed, recorded, training_fingerprint(changed, "digest"))

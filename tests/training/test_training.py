@@ -120,6 +120,28 @@ def test_unconditional_latent_model_has_no_class_embedding(data, vae_dir, tmp_pa
     assert unet.config.projection_class_embeddings_input_dim is None and unet.class_embedding is None
 
 
+def test_per_condition_dropout_is_logged_recorded_with_the_training_range_and_allows_partial_requests(
+        data, vae_dir, tmp_path):
+    from ldmflow.errors import LdmflowError
+    from ldmflow.sampling.latent import LatentSampler
+    from ldmflow.settings import LatentDdpmSettings
+
+    dropout = "wind=0.5,wind_mag=0.5"
+    assert LatentDdpmSettings(manifest_path="m", output_dir="o", vae_uri="v",
+                              cond_dropout_per_condition=dropout).to_params()["cond_dropout_per_condition"] == dropout
+    invoke("latent-ddpm", "--manifest_path", str(data), "--vae_uri", str(vae_dir), "--output_dir", str(tmp_path),
+           *TINY, *TINY_UNET, "--max_train_steps", "2", "--cond_dropout_per_condition", dropout)
+    record = json.loads((tmp_path / "conditioning.json").read_text())
+    assert record["cond_dropout_per_condition"] == {"temperature": 0.0, "wind": 0.5, "wind_mag": 0.5}
+    assert set(record["trained_range"]["temperature"]) == {"min", "max"}
+    assert set(record["stats"]["temperature"]) == {"mean", "std"}
+    sampler = LatentSampler.from_training_output(tmp_path)
+    assert sampler.generate([{"temperature": 10.0}], num_inference_steps=2).shape == (1, 32, 32, 3)
+    with pytest.raises(LdmflowError, match=r"missing condition\(s\) \['temperature'\]; this model was trained to "
+                                           r"do without \['wind', 'wind_mag'\] only"):
+        sampler.generate([{"wind": [1.0, 0.0, 0.0]}], num_inference_steps=2)
+
+
 def test_legacy_ddpm_saves_a_ddpm_pipeline(data, tmp_path):
     from diffusers import DDPMPipeline
 

@@ -256,6 +256,7 @@ class DemoRenderer:
 
     def __init__(self, spec: ConditionSpec, ignore_conditions: bool = False, vae=None):
         self.condition_spec, self.ignore_conditions, self.vae = spec, ignore_conditions, vae
+        self.encoder = None  # a LatentSampler's ConditionEncoder: none, so no partial requests
 
     def generate(self, conditions=None, *, num_images=None, guidance_scale=3.0, num_inference_steps=25,
                  scheduler="ddim", seeds=None, batch_size=None, dtype=None, progress=None):
@@ -354,6 +355,43 @@ def test_a_vae_that_flattens_contrast_is_named_as_the_ceiling_and_an_identity_va
     kept = _scores(manifest, reader, DemoRenderer(spec, vae=identity), first_stage=identity)
     assert kept["recon/wind_mag_mae_pct"] == pytest.approx(kept["probe/wind_mag_mae_pct"], abs=1e-3)
     assert ceiling_lines(kept) == []
+
+
+class PartialRenderer(DemoRenderer):
+    """A stand-in latent model trained with per-condition dropout: a wind left out of a request is drawn like the
+    demo data's (uniform direction and speed from the image's seed), or always the same one (`collapse`)."""
+
+    def __init__(self, spec: ConditionSpec, collapse: bool = False):
+        from types import SimpleNamespace
+
+        super().__init__(spec)
+        self.encoder, self.collapse = SimpleNamespace(omittable=("wind", "wind_mag")), collapse
+
+    def generate(self, conditions=None, *, seeds=None, **options):
+        filled = []
+        for condition, seed in zip(conditions, seeds):
+            rng = np.random.default_rng(10**6 + (0 if self.collapse else seed))
+            angle, speed = rng.uniform(0.0, 2 * np.pi), rng.uniform(0.0, 10.0)
+            filled.append({"wind": [speed * np.cos(angle), speed * np.sin(angle), 0.0], **condition})
+        return super().generate(filled, seeds=seeds, **options)
+
+
+def test_a_model_asked_for_temperature_alone_is_scored_on_it_and_its_winds_spread_compared_with_the_data(demo_probe):
+    from ldmflow.evaluation.report import format_metrics
+
+    manifest, reader = demo_probe
+    varied = _scores(manifest, reader, PartialRenderer(reader.encoder.spec))
+    assert varied["only_temperature/temperature_mae_pct"] <= 10.0
+    assert not any(key.startswith("only_temperature/wind_") and "spread" not in key for key in varied)
+    assert 0.6 < varied["only_temperature/wind_spread_ratio"] < 1.6
+    assert 0.6 < varied["only_temperature/wind_mag_spread_ratio"] < 1.6
+    collapsed = _scores(manifest, reader, PartialRenderer(reader.encoder.spec, collapse=True))
+    assert collapsed["only_temperature/wind_spread_ratio"] < 0.2
+    assert "only_temperature/temperature_mae_pct" not in _scores(manifest, reader, DemoRenderer(reader.encoder.spec))
+    header, *rows = format_metrics({f"eval/{key}": value for key, value in varied.items()}).splitlines()
+    assert header.split("  ")[-1].strip() == "temperature only"
+    [ratio] = [row for row in rows if row.startswith("wind_spread_ratio")]
+    assert ratio.split()[1] == f"{varied['only_temperature/wind_spread_ratio']:.4g}"
 
 
 def test_intervals_cover_the_sampling_noise_and_shrink_with_more_samples():
