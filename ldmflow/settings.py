@@ -733,6 +733,9 @@ class PipelineSettings(ExperimentSettings):
     disc_start: int = setting(_default(VaeSettings, "disc_start"), "Step the VAE discriminator starts at.")
     perceptual_weight: float = setting(_default(VaeSettings, "perceptual_weight"), "VAE LPIPS weight; 0: off.")
     condition_spec: str = setting(_default(LatentDdpmSettings, "condition_spec"), "Conditions of the latent DDPM.")
+    cond_dropout_per_condition: str = setting(_default(LatentDdpmSettings, "cond_dropout_per_condition"),
+                                              "Latent DDPM: probability of dropping each condition alone (a model "
+                                              "that samples from some conditions); see latent-ddpm.")
     use_ema: bool = setting(True, "EMA weights for the latent DDPM (on here; off by default in latent-ddpm).")
     cache_latents: bool = setting(True, "Cache the VAE latents (on here; off by default in latent-ddpm).")
     num_images: int = setting(_default(SampleSettings, "num_images"), "Images of the sample step.")
@@ -778,7 +781,7 @@ class PipelineSettings(ExperimentSettings):
                   "num_epochs": self.ddpm_epochs, "learning_rate": self.ddpm_learning_rate or self.learning_rate,
                   "block_out_channels": _int_list(self.ddpm_block_out_channels, "ddpm_block_out_channels"),
                   **{name: getattr(self, name) for name in ("condition_spec", "use_ema", "cache_latents",
-                                                            "guidance_scale")}}
+                                                            "guidance_scale", "cond_dropout_per_condition")}}
         sample = {"output_dir": str(root / "samples"),
                   **{name: getattr(self, name) for name in ("num_images", "num_inference_steps", "seed",
                                                             "guidance_scale")}}

@@ -123,6 +123,8 @@ def test_the_pipeline_passes_only_parameters_its_steps_declare():
         assert set(parameters) <= set(project_parameters(entry_point)), entry_point
     rates = _step_parameters(PipelineSettings(manifest_path="m.json", learning_rate=1e-3, vae_learning_rate=3e-4))
     assert (rates["vae"]["learning_rate"], rates["latent_ddpm"]["learning_rate"]) == ("0.0003", "0.001")
+    partial = _step_parameters(PipelineSettings(manifest_path="m.json", cond_dropout_per_condition="wind=0.2"))
+    assert partial["latent_ddpm"]["cond_dropout_per_condition"] == "wind=0.2"
     validated = _step_parameters(PipelineSettings(manifest_path="m.json", num_validations=5, eval_epochs=3))
     for trained in ("vae", "latent_ddpm"):  # validation settings reach both trainings
         assert validated[trained]["num_validations"] == "5" and validated[trained]["eval_epochs"] == "3"
