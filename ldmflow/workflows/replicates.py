@@ -286,7 +286,7 @@ def run_pipeline_replicates(settings) -> tuple[str, list[Replicate], str]:
         parent.set_tags({REPLICATES_TAG: str(settings.replicates)})
         for index in range(settings.replicates):
             seed = settings.seed + index
-            child = dataclasses.replace(settings, seed=seed, replicates=1, replicate_group=None,
+            child = dataclasses.replace(settings, seed=seed, replicates=1,
                                         output_root=str(Path(settings.output_root) / f"replicate-{index}"))
             logger.info("Replicate %d of %d: the pipeline with seed %d.", index + 1, settings.replicates, seed)
             with outside_the_project_run():
