@@ -91,7 +91,8 @@ def rows(metrics: dict[str, float], count: int, minutes: float) -> tuple[list[di
         table.append({"score": label, f"mean ± sd ({count} seeds)": f"{mean:.2f} ± {sd:.2f}",
                       "seeds' range": f"{low:.2f} to {high:.2f}", "target": f"{'≤' if kind == 'max' else '≥'} "
                       f"{target:g}, spread ≤ {spread_limit:g}",
-                      "met": ("yes" if meets else "no") + (", steady" if steady else f", spread {high - low:.2f}")})
+                      "met": "yes" if meets and steady else "no (" + ", ".join(
+                          ([] if meets else ["mean"]) + ([] if steady else [f"spread {high - low:.2f}"])) + ")"})
         if not (meets and steady):
             verdicts.append(f"{label}: {mean:.2f} ± {sd:.2f} (spread {high - low:.2f}) misses the target "
                             f"{'≤' if kind == 'max' else '≥'} {target:g} with spread ≤ {spread_limit:g}")

@@ -48,19 +48,46 @@ def test_the_gpu_benchmark_smoke_run_prints_every_comparison_and_writes_them(tmp
     assert figures["gflop_per_step"]["latent_ddpm"] > 0 and figures["gflop_per_step"]["vae"] > 0
     assert all(value > 0 for value in [*figures["trainer_ms"].values(), *figures["bare_ms"].values()])
     written = _written(page, original, "benchmarks/gpu.py")
-    assert written.command == "`python benchmarks/gpu.py --smoke`" and re.fullmatch(r"a \d+-core .+ CPU \(\w+\), lock \w+", written.machine)
+    assert written.command == "`python benchmarks/gpu.py --smoke`"
+    assert re.fullmatch(r"a \d+-core .+ CPU \(\w+\), lock \w+", written.machine), written.machine
     assert {"latent DDPM: bare / trainer, eager", "VAE: bare / trainer", "sampling 2 images, 2 steps: ddim fp32"} <= \
         {row[0] for row in written.rows}, written.rows
 
 
-def _recipe_module():
+def _benchmark_module(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("recipe", ROOT / "benchmarks" / "recipe.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["recipe"] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _recipe_module():
+    return _benchmark_module("recipe")
+
+
+def test_the_demo_scores_measure_the_makefiles_demo_against_its_targets():
+    demo = _benchmark_module("demo_scores")
+    data, params = demo.makefile_demo()
+    makefile = (ROOT / "Makefile").read_text()
+    assert data == ["--num_images", "128", "--resolution", "64", "--seed", "0"]
+    assert all(f"-P {name}={value}" in makefile for name, value in params.items()) and "vae_epochs" in params
+    group = {}
+    for key, values in {"eval/temperature_mae_pct": [2.0, 2.5, 3.5], "vae_val/psnr": [34.0, 34.5, 36.0],
+                        "eval/only_temperature/temperature_mae_pct": [4.0, 4.5, 5.0],
+                        "eval/only_temperature/wind_spread_ratio": [0.9, 0.8, 1.0]}.items():
+        mean = sum(values) / 3
+        sd = (sum((v - mean) ** 2 for v in values) / 2) ** 0.5
+        group.update({key: mean, key + "_sd": sd, key + "_min": min(values), key + "_max": max(values)})
+    table, verdicts = demo.rows(group, 3, 8.0)
+    met = {row["score"]: row["met"] for row in table}
+    assert met == {"temperature MAE, % of range": "yes", "VAE val PSNR, dB": "no (spread 2.00)",
+                   "temperature only: temperature MAE, % of range": "no",  # 4.5 > 1.5 x 2.67
+                   "temperature only: wind spread / the data's": "yes"}
+    assert verdicts[0] == "VAE val PSNR, dB: 34.83 ± 1.04 (spread 2.00) misses the target ≥ 32 with spread ≤ 1.5"
+    assert verdicts[-1] == "8.0 minutes per pipeline (one seed), the install not included"
 
 
 @pytest.mark.slow
