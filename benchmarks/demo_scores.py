@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--cpu", choices=tuple(CPUS), default="native", help="numerics to emulate (default native)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override one of the Makefile's DEMO_PARAMS (a candidate recipe)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="train nothing: report the newest group in --work_dir's store (e.g. to --write_docs)")
     parser.add_argument("--label", default=None, help="the docs section to write (default demo-<cpu>)")
     parser.add_argument("--work_dir", default=None, help="default benchmarks-out/demo-scores-<cpu>")
     add_write_docs_option(parser, __file__, "docs/evaluation.md#demo-native")
@@ -135,14 +137,18 @@ def main() -> None:
     env = {**os.environ, **CPUS[args.cpu], "MLFLOW_TRACKING_URI": store, "MLFLOW_LOGGING_LEVEL": "WARNING"}
     ldmflow = [sys.executable, "-m", "ldmflow"]
     manifest = work / "data" / "manifest.json"
-    if not manifest.is_file():
-        run([*ldmflow, "demo-data", "--output_dir", str(manifest.parent), *data_args], env, work / "demo-data.log")
-    started = time.perf_counter()
-    run([*ldmflow, "pipeline", "--manifest_path", str(manifest), "--output_root", str(work / "outputs"),
-         *[part for name, value in params.items() for part in (f"--{name}", value)],
-         "--replicates", str(args.replicates)], env, work / "pipeline.log")
-    minutes = (time.perf_counter() - started) / 60 / args.replicates
+    if not args.report_only:
+        if not manifest.is_file():
+            run([*ldmflow, "demo-data", "--output_dir", str(manifest.parent), *data_args], env,
+                work / "demo-data.log")
+        started = time.perf_counter()
+        run([*ldmflow, "pipeline", "--manifest_path", str(manifest), "--output_root", str(work / "outputs"),
+             *[part for name, value in params.items() for part in (f"--{name}", value)],
+             "--replicates", str(args.replicates)], env, work / "pipeline.log")
+        (work / "minutes.json").write_text(json.dumps((time.perf_counter() - started) / 60 / args.replicates))
+    minutes = json.loads((work / "minutes.json").read_text())
     run_id, metrics, replicates = group_scores(store)
+    args.replicates = len(replicates)
     table, verdicts = rows(metrics, args.replicates, minutes)
     header = list(table[0])
     print(f"The demo pipeline over {args.replicates} seeds, CPU numerics {args.cpu} ({describe_machine('cpu')}):")
