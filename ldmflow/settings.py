@@ -687,7 +687,7 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
         raise LdmflowError(f"--{name} must be a comma list of integers such as 32,64, got {text!r}.") from None
 
 
-DEMO_STYLES = ("stripes", "textured")
+DEMO_STYLES = ("stripes", "textured", "plumes")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -741,7 +741,8 @@ class DemoDataSettings(Settings):
     num_images: int = setting(64, "Images to write.")
     resolution: int = setting(64, "Image size in pixels.")
     image_format: str = setting("png", "Image file format.", choices=IMAGE_FORMATS)
-    style: str = setting("stripes", "Smooth stripes, or textured: fine streaks and colour clouds a blurry VAE loses.",
+    style: str = setting("stripes", "Smooth stripes; textured: fine streaks and colour clouds a blurry VAE loses; "
+                                    "plumes: small sources trailing plumes at random positions on a varied background.",
                          choices=DEMO_STYLES)
     seed: int = setting(0, "Seed of the scenes and the split.")
     val_fraction: float = setting(0.1, "Fraction of entries in the val split.")
