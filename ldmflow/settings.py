@@ -31,6 +31,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
 REGISTER_CHOICES = ("best", "last")
 FEATURE_EXTRACTORS = ("auto", "inception", "probe")
+PROBE_NORMS = ("group", "batch", "none")
 SWEEP_STAGES = ("vae", "latent-ddpm", "legacy-ddpm")  # the commands a sweep trains (their kinds: models/kinds.py)
 SWEEP_DIRECTIONS = ("auto", "minimize", "maximize")
 SWEEP_PRUNERS = ("median", "none")
@@ -490,12 +491,17 @@ class ProbeSettings(TrainSettings):
     learning_rate: float = 1e-3
     lr_warmup_steps: int = 0
     save_images_epochs: int = 10**6  # a probe has no previews
+    norm: str = setting("group", "Normalisation after each convolution: group, batch (keeps how much of a feature "
+                                 "each image has) or none.", choices=PROBE_NORMS)
+    axis_outputs: bool = setting(False, "Predict each vector condition as its axis (v v^T / |v|: the same for v "
+                                        "and -v, and continuous), as the evaluation scores it.")
     condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "The conditions to read: comma list of name:dim.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.condition_spec.strip().lower() == "none":
             raise LdmflowError("A probe reads conditions: --condition_spec none leaves it nothing to learn.")
+        _check_choice(self, "norm", PROBE_NORMS)
         if self.random_flip:
             raise LdmflowError("--random_flip would mirror images but not their directional conditions; "
                                "the probe trains without flips.")

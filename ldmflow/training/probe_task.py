@@ -20,7 +20,7 @@ from ldmflow.evaluation.adherence import condition_errors, manifest_ranges
 from ldmflow.files import publish_files, temporary_folder
 from ldmflow.models.conditioning import ConditionEncoder
 from ldmflow.models.kinds import PROBE
-from ldmflow.models.probe import ConditionProbe, ProbeReader
+from ldmflow.models.probe import AxisOutputs, ConditionProbe, ProbeReader
 from ldmflow.settings import ProbeSettings
 from ldmflow.training.task import Task
 
@@ -50,7 +50,9 @@ class ProbeTask(Task):
 
     def setup(self, accelerator: Accelerator):
         s = self.settings
-        probe = ConditionProbe(self.manifest.spec.value_dim, s.block_out_channels, s.resolution)
+        spec = self.manifest.spec
+        probe = ConditionProbe(spec.value_dim, s.block_out_channels, s.resolution, s.norm,
+                               spec.dims if s.axis_outputs else ())
         return probe, image_dataset(self.manifest, s, training=True)
 
     def _squared_errors(self, normalised: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -67,8 +69,16 @@ class ProbeTask(Task):
 
     def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         values, present = batch["conditions"].float(), batch["present"].float()
-        mask = torch.repeat_interleave(present, torch.tensor(self.manifest.spec.dims, device=present.device), dim=1)
-        errors = self._squared_errors(model(batch["pixel_values"]), values)
+        outputs, dims = model(batch["pixel_values"]), self.manifest.spec.dims
+        if self.settings.axis_outputs:  # squared errors of the axis form (models/probe.py), per output
+            widths = torch.tensor([AxisOutputs.width((d,)) for d in dims], device=present.device)
+            stats = self.encoder.stats
+            axes = AxisOutputs(dims, torch.tensor(stats.mean, device=values.device),
+                               torch.tensor(stats.std, device=values.device))
+            errors, mask = (outputs.float() - axes.encode(values)) ** 2, torch.repeat_interleave(present, widths, dim=1)
+        else:
+            errors = self._squared_errors(outputs, values)
+            mask = torch.repeat_interleave(present, torch.tensor(dims, device=present.device), dim=1)
         return (errors * mask).sum() / mask.sum().clamp(min=1), errors.new_zeros(0)
 
     @torch.no_grad()
