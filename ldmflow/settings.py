@@ -488,12 +488,12 @@ class ProbeSettings(TrainSettings):
     train_batch_size: int = 16
     eval_batch_size: int = 32
     num_epochs: int = 40
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     lr_warmup_steps: int = 0
     save_images_epochs: int = 10**6  # a probe has no previews
-    norm: str = setting("group", "Normalisation after each convolution: group, batch (keeps how much of a feature "
+    norm: str = setting("batch", "Normalisation after each convolution: group, batch (keeps how much of a feature "
                                  "each image has) or none.", choices=PROBE_NORMS)
-    axis_outputs: bool = setting(False, "Predict each vector condition as its axis (v v^T / |v|: the same for v "
+    axis_outputs: bool = setting(True, "Predict each vector condition as its axis (v v^T / |v|: the same for v "
                                         "and -v, and continuous), as the evaluation scores it.")
     condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "The conditions to read: comma list of name:dim.")
 

@@ -61,7 +61,17 @@ def _norm(norm: str, groups: int, channels: int) -> torch.nn.Module:
     nothing ("none")."""
     if norm == "group":
         return torch.nn.GroupNorm(groups, channels)
-    return torch.nn.BatchNorm2d(channels) if norm == "batch" else torch.nn.Identity()
+    return _BatchNorm(channels) if norm == "batch" else torch.nn.Identity()
+
+
+class _BatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm2d that normalises a training batch of one value per channel (one image, 1 x 1) with its
+    running statistics instead of failing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
 
 
 class AxisOutputs:
