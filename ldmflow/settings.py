@@ -31,6 +31,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SAMPLING_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")
 REGISTER_CHOICES = ("best", "last")
 FEATURE_EXTRACTORS = ("auto", "inception", "probe")
+PROBE_NORMS = ("group", "batch", "none")
 SWEEP_STAGES = ("vae", "latent-ddpm", "legacy-ddpm")  # the commands a sweep trains (their kinds: models/kinds.py)
 SWEEP_DIRECTIONS = ("auto", "minimize", "maximize")
 SWEEP_PRUNERS = ("median", "none")
@@ -564,15 +565,20 @@ class ProbeSettings(TrainSettings):
     train_batch_size: int = 16
     eval_batch_size: int = 32
     num_epochs: int = 40
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     lr_warmup_steps: int = 0
     save_images_epochs: int = 10**6  # a probe has no previews
+    norm: str = setting("batch", "Normalisation after each convolution: group, batch (keeps how much of a feature "
+                                 "each image has) or none.", choices=PROBE_NORMS)
+    axis_outputs: bool = setting(True, "Predict each vector condition as its axis (v v^T / |v|: the same for v "
+                                        "and -v, and continuous), as the evaluation scores it.")
     condition_spec: str = setting(DEFAULT_CONDITION_SPEC, "The conditions to read: comma list of name:dim.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.condition_spec.strip().lower() == "none":
             raise LdmflowError("A probe reads conditions: --condition_spec none leaves it nothing to learn.")
+        _check_choice(self, "norm", PROBE_NORMS)
         if self.random_flip:
             raise LdmflowError("--random_flip would mirror images but not their directional conditions; "
                                "the probe trains without flips.")
@@ -798,7 +804,7 @@ def _int_list(text: str, name: str) -> tuple[int, ...]:
         raise LdmflowError(f"--{name} must be a comma list of integers such as 32,64, got {text!r}.") from None
 
 
-DEMO_STYLES = ("stripes", "textured")
+DEMO_STYLES = ("stripes", "textured", "plumes")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -852,7 +858,8 @@ class DemoDataSettings(Settings):
     num_images: int = setting(64, "Images to write.")
     resolution: int = setting(64, "Image size in pixels.")
     image_format: str = setting("png", "Image file format.", choices=IMAGE_FORMATS)
-    style: str = setting("stripes", "Smooth stripes, or textured: fine streaks and colour clouds a blurry VAE loses.",
+    style: str = setting("stripes", "Smooth stripes; textured: fine streaks and colour clouds a blurry VAE loses; "
+                                    "plumes: small sources trailing plumes at random positions on a varied background.",
                          choices=DEMO_STYLES)
     seed: int = setting(0, "Seed of the scenes and the split.")
     val_fraction: float = setting(0.1, "Fraction of entries in the val split.")

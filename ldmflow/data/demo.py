@@ -8,8 +8,13 @@ pattern that runs along the wind direction, with a contrast proportional to the 
   that a blurry VAE visibly loses. The clouds live on the colour axis (1, -2, 1), which changes neither the
   luminance nor red - blue, so ``estimate_conditions`` reads the same conditions as for stripes.
 
-``estimate_conditions`` reads both styles back, which lets tests measure whether a trained model obeys its
-conditions. Numpy and Pillow only.
+A second family, ``plumes``, carries the conditions in small features at random positions instead: on a smooth
+value-noise background of random brightness and tint, PLUME_SOURCES small sources whose colour encodes the
+temperature, each trailing a thin green plume downwind whose length encodes the wind speed. Sources and plumes
+lie on the colour axis (1, -2, 1), at +0.8 and -0.8 times their opacity; the background has none of it.
+
+``estimate_conditions`` reads every style back (plumes when told the style), which lets tests measure whether a
+trained model obeys its conditions. Numpy and Pillow only.
 """
 
 from __future__ import annotations
@@ -41,19 +46,34 @@ STREAK_TONES = 6  # sinusoids of random period and phase summed into one streak 
 CLOUD_STD = 0.04  # textured style: standard deviation of the clouds on the red and blue channels (green: twice)
 CLOUD_AXIS = np.array([1.0, -2.0, 1.0])  # orthogonal to grey (luminance) and to red - blue (temperature)
 DERIVATIVE_SIGMA = 1.0  # px; Gaussian derivatives keep the orientation of fine streaks, central differences skew it
+PLUME_SOURCES = 3  # plumes style: sources per image, each with its plume
+SOURCE_SIGMA = 0.03  # of the resolution: a source's Gaussian radius (1.9 px at 64 px), opaque to about 1.2 of it
+PLUME_SIGMA = 0.02  # of the resolution: a plume's Gaussian half-width (1.3 px at 64 px)
+PLUME_GAP = 0.12  # of the resolution: a plume starts this far downwind of its source's centre, clear of the source
+PLUME_LENGTH_PER_MS = 0.025  # of the resolution per m/s: a plume is a quarter of the image long at 10 m/s
+PLUME_OPACITY = 0.9
+SMOKE = np.array([0.5, 0.9, 0.5])  # the plumes' colour: -0.8 on the (1, -2, 1) axis; a source's is +0.8
+PLUME_THRESHOLD = 0.1  # plume reader: (1, -2, 1) levels within this of 0 are background (4 sd of the pixel noise)
 _DESCRIPTIONS = {  # the manifest's description, per style
     "stripes": "Synthetic images: background colour = temperature, stripe direction/contrast = wind.",
     "textured": "Synthetic images: background colour = temperature, fine streak direction/contrast = wind, "
                 "colour clouds = noise.",
+    "plumes": "Synthetic images: colour of small sources at random positions = temperature, direction/length of "
+              "their plumes = wind, value-noise background = noise.",
 }
 _MISSING_TEMPERATURE_EVERY = (12, 7)  # entries with index % 12 == 7 omit temperature
 _MISSING_WIND_MAG_EVERY = (4, 2)  # entries with index % 4 == 2 omit wind_mag (the loader computes it)
 
 
+def _unit_temperature(temperature: float) -> float:
+    """u in [0, 1] across TEMPERATURE_RANGE (clipped)."""
+    low, high = TEMPERATURE_RANGE
+    return min(max((temperature - low) / (high - low), 0.0), 1.0)
+
+
 def _background(temperature: float) -> np.ndarray:
     """RGB colour for a temperature: red - blue = u - 0.5 where u in [0, 1] spans TEMPERATURE_RANGE."""
-    low, high = TEMPERATURE_RANGE
-    u = min(max((temperature - low) / (high - low), 0.0), 1.0)
+    u = _unit_temperature(temperature)
     return np.array([0.25 + 0.5 * u, 0.45, 0.75 - 0.5 * u])
 
 
@@ -106,6 +126,55 @@ def _clouds(resolution: int, rng: np.random.Generator, persistence: float = 0.7)
     return clouds / max(float(clouds.std()), 1e-12)
 
 
+def _plume_background(resolution: int, rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3) smooth value noise of random brightness and red - blue tint: 0 on the (1, -2, 1) axis."""
+    def smooth() -> np.ndarray:
+        return _value_noise(resolution, 4, rng) + 0.5 * _value_noise(resolution, 8, rng)
+
+    luminance = rng.uniform(0.3, 0.55) + 0.06 * smooth()  # (H, W)
+    tint = rng.uniform(-0.08, 0.08) + 0.04 * smooth()
+    return np.stack([luminance + tint, luminance, luminance - tint], axis=-1)
+
+
+def _source_positions(resolution: int, reach: np.ndarray, margin: float, direction: np.ndarray,
+                      rng: np.random.Generator, tries: int = 50) -> list[tuple[float, float]]:
+    """PLUME_SOURCES (x, y) where source and plume (`reach` from it) lie `margin` inside the image; a position
+    within 2 * margin across the wind of an earlier one (their plumes would overlap) is drawn again, up to
+    `tries` times."""
+    positions: list[tuple[float, float]] = []
+    while len(positions) < PLUME_SOURCES:
+        for _ in range(tries):
+            x0, y0 = (rng.uniform(margin + max(0.0, -r), resolution - margin - max(0.0, r)) for r in reach)
+            if all(abs((x0 - x) * direction[1] - (y0 - y) * direction[0]) >= 2.0 * margin for x, y in positions):
+                break
+        positions.append((x0, y0))
+    return positions
+
+
+def _plumes(temperature: float, angle: float, magnitude: float, resolution: int,
+            rng: np.random.Generator) -> np.ndarray:
+    """(H, W, 3): PLUME_SOURCES sources of the temperature's colour at random positions, each trailing a plume
+    downwind of length PLUME_LENGTH_PER_MS * speed, on `_plume_background`. Every plume stays inside the image."""
+    image = _plume_background(resolution, rng)
+    centres = np.arange(resolution) + 0.5
+    x, y = centres[None, :], resolution - centres[:, None]  # (1, W), (H, 1); y grows upwards
+    direction = np.array([math.cos(angle), math.sin(angle)])
+    gap, length = PLUME_GAP * resolution, PLUME_LENGTH_PER_MS * magnitude * resolution
+    reach, margin = (gap + length) * direction, 3.0 * SOURCE_SIGMA * resolution
+    clear_smoke, clear_source = np.ones((resolution, resolution)), np.ones((resolution, resolution))
+    for x0, y0 in _source_positions(resolution, reach, margin, direction, rng):
+        start_x, start_y = x0 + gap * direction[0], y0 + gap * direction[1]
+        along = np.clip((x - start_x) * direction[0] + (y - start_y) * direction[1], 0.0, length)  # (H, W)
+        distance2 = (x - start_x - along * direction[0]) ** 2 + (y - start_y - along * direction[1]) ** 2
+        clear_smoke *= 1.0 - PLUME_OPACITY * np.exp(-0.5 * distance2 / (PLUME_SIGMA * resolution) ** 2)
+        source = 1.5 * np.exp(-0.5 * ((x - x0) ** 2 + (y - y0) ** 2) / (SOURCE_SIGMA * resolution) ** 2)
+        clear_source *= 1.0 - np.minimum(source, 1.0)
+    u = _unit_temperature(temperature)
+    colour = np.array([0.1 + 0.8 * u, 0.1, 0.9 - 0.8 * u])  # +0.8 on the (1, -2, 1) axis, red - blue = 1.6 u - 0.8
+    image = image * clear_smoke[..., None] + SMOKE * (1.0 - clear_smoke[..., None])  # sources over plumes
+    return image * clear_source[..., None] + colour * (1.0 - clear_source[..., None])
+
+
 def render_demo_image(
     temperature: float, wind_xy: tuple[float, float], resolution: int, rng: np.random.Generator,
     style: str = DemoDataSettings.style,
@@ -113,15 +182,18 @@ def render_demo_image(
     """(H, W, 3) float32 in [0, 1]: colour from temperature, a grey pattern along the wind, contrast from its speed.
 
     Angles follow maths convention: x to the right, y up, counter-clockwise. The pattern's randomness and the
-    pixel noise come from ``rng``; ``style`` is "stripes" or "textured" (see the module docstring).
+    pixel noise come from ``rng``; ``style`` is "stripes", "textured" or "plumes" (see the module docstring).
     """
     if style not in STYLES:
         raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     wind_x, wind_y = float(wind_xy[0]), float(wind_xy[1])
     magnitude = min(math.hypot(wind_x, wind_y), WIND_MAG_RANGE[1])
-    across = _across_wind(math.atan2(wind_y, wind_x), resolution)
-    pattern = _stripes(across, resolution, rng) if style == "stripes" else _streaks(across, rng)
-    image = _background(temperature)[None, None, :] + AMPLITUDE_PER_MS * magnitude * pattern[..., None]
+    if style == "plumes":
+        image = _plumes(temperature, math.atan2(wind_y, wind_x), magnitude, resolution, rng)
+    else:
+        across = _across_wind(math.atan2(wind_y, wind_x), resolution)
+        pattern = _stripes(across, resolution, rng) if style == "stripes" else _streaks(across, rng)
+        image = _background(temperature)[None, None, :] + AMPLITUDE_PER_MS * magnitude * pattern[..., None]
     if style == "textured":
         image = image + CLOUD_STD * _clouds(resolution, rng)[..., None] * CLOUD_AXIS
     image = image + rng.normal(0.0, NOISE_STD, size=image.shape)  # (H, W, 3)
@@ -143,15 +215,18 @@ def _as_unit_array(image) -> np.ndarray:
     return array[..., :3]
 
 
-def estimate_conditions(image) -> dict[str, float]:
+def estimate_conditions(image, style: str | None = None) -> dict[str, float]:
     """Estimate ``temperature``, ``wind_angle`` and ``wind_mag`` from a demo image.
 
-    Works for both styles without being told which. temperature: from the mean red - blue difference.
+    ``style`` "plumes" reads that family (``estimate_plume_conditions``); any other style, or None, is read as
+    stripes or textured, without being told which. temperature: from the mean red - blue difference.
     wind_angle: pattern orientation in radians in [0, pi) from the luminance structure tensor; the patterns are
     symmetric, so the wind direction is only recovered modulo 180 degrees, and it is meaningless when the wind is
     near 0. wind_mag: from the luminance standard deviation less the demo noise, i.e. pattern contrast; any
     other grey texture in the image reads as wind (the textured style's clouds are colour only).
     """
+    if style == "plumes":
+        return estimate_plume_conditions(image)
     array = _as_unit_array(image)  # (H, W, 3)
     low, high = TEMPERATURE_RANGE
     red_minus_blue = float(array[..., 0].mean() - array[..., 2].mean())
@@ -162,6 +237,32 @@ def estimate_conditions(image) -> dict[str, float]:
     signal_var = max(float(luminance.var()) - NOISE_STD**2 / 3.0, 0.0)
     wind_mag = math.sqrt(2.0 * signal_var) / AMPLITUDE_PER_MS  # a sine of amplitude A has variance A^2 / 2
     return {"temperature": temperature, "wind_angle": wind_angle, "wind_mag": wind_mag}
+
+
+def estimate_plume_conditions(image) -> dict[str, float]:
+    """``estimate_conditions`` for the plumes style, from the (1, -2, 1) colour axis, where the background is 0.
+
+    temperature: the sources' colour, red - green over the axis level on their opaque cores (level > 0.6), which
+    mixing with any grey leaves unchanged. wind_angle: the plumes' orientation in [0, pi) from the structure
+    tensor of their opacity (the level below -PLUME_THRESHOLD); wind_mag: their total opacity, less what the
+    ends and the threshold add, per plume and per unit of length (a Gaussian line's closed form).
+    """
+    array = _as_unit_array(image)  # (H, W, 3)
+    level = array @ CLOUD_AXIS  # (H, W): sources +0.8, plumes -0.8 times their opacity, background 0
+    core = level > 0.6
+    red_minus_green = float((array[..., 0] - array[..., 1])[core].sum())
+    u = red_minus_green / float(level[core].sum()) if core.any() else 0.5
+    low, high = TEMPERATURE_RANGE
+    smoke = np.maximum(-level - PLUME_THRESHOLD, 0.0)  # (H, W)
+    resolution = float(np.sqrt(smoke.size))
+    sigma, peak = PLUME_SIGMA * resolution, 0.8 * PLUME_OPACITY
+    half_width = sigma * math.sqrt(2.0 * math.log(peak / PLUME_THRESHOLD))  # where a plume's profile meets it
+    per_length = peak * sigma * math.sqrt(2.0 * math.pi) * math.erf(half_width / (sigma * math.sqrt(2.0))) \
+        - 2.0 * PLUME_THRESHOLD * half_width  # the thresholded profile's area across a plume
+    ends = 2.0 * math.pi * sigma**2 * (peak - PLUME_THRESHOLD) - math.pi * PLUME_THRESHOLD * half_width**2
+    length = max(float(smoke.sum()) / PLUME_SOURCES - ends, 0.0) / per_length  # px
+    return {"temperature": low + (high - low) * u, "wind_angle": _pattern_orientation(smoke),
+            "wind_mag": length / (PLUME_LENGTH_PER_MS * resolution)}
 
 
 def _gaussian_derivative(image: np.ndarray, axis: int) -> np.ndarray:

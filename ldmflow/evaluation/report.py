@@ -2,8 +2,8 @@
 
 One row per measure, one column per comparison (the model, guidance 1, shuffled requests, the VAE's
 reconstructions, the real images, and "<name> only" for requests giving one condition alone), `± x` the
-bootstrap 95% interval; below it, the lines that say a score is
-capped by the VAE or not comparable.
+bootstrap 95% interval; below it, the lines that say a score is capped by the VAE, limited by the probe or not
+comparable.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ldmflow.evaluation.intervals import CI_SUFFIX
 COLUMNS = {"": "model", "guidance1/": "guidance 1", "shuffled/": "shuffled", "recon/": "VAE reconstructions",
            "probe/": "real images"}
 CEILING_MARGIN = 0.25  # a model within this fraction of its VAE's reconstructions is capped by the VAE
+PROBE_MARGIN = 0.25  # a model within this fraction of the probe's error on real images is as far as the probe sees
 _HEADLINE_SUFFIXES = ("_length_mae_pct", "_angle_error_deg", "_mae_pct")  # the errors ceiling lines compare
 _COUNTS = ("fid_num_real", "fid_min_real", "rfid_num_real", "rfid_min_real")  # said below the table, not rows
 _ONLY = only_prefix("")[:-1]  # "only_": the columns of partial requests, "<name> only"
@@ -26,7 +27,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
     """The evaluation table: one row per measure (eval/...), and a column each for the model, the model without
     guidance, shuffled requests (what ignoring the conditions scores), the probe on the VAE's reconstructions
     of the real images (the first stage's ceiling) and on the real images; `± x` is the bootstrap 95% interval.
-    Below it, one line per condition the VAE caps and for a FID on too few images."""
+    Below it, one line per condition the VAE caps or the probe cannot judge, and for a FID on too few images."""
     if not metrics:
         return "No metric could be computed (see the warning above)."
     rows: dict[str, dict[str, str]] = {}
@@ -43,7 +44,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
     table += [[name, *(row.get(p, "") for p in shown)] for name, row in sorted(rows.items())]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in table]
-    return "\n".join(lines + ceiling_lines(plain) + fid_count_lines(plain))
+    return "\n".join(lines + ceiling_lines(plain) + probe_limit_lines(plain) + fid_count_lines(plain))
 
 
 def _only_prefix(name: str) -> str:
@@ -71,6 +72,27 @@ def ceiling_lines(metrics: dict[str, float]) -> list[str]:
             lines.append(f"{condition}{' ' + measure if measure else ''}: limited by the VAE (reconstructions "
                          f"{ceiling:.3g}{unit} vs samples {samples:.3g}{unit}); see docs/training.md, 'When a "
                          "condition is not learned'.")
+    return lines
+
+
+def probe_limit_lines(metrics: dict[str, float]) -> list[str]:
+    """One line per condition error of the samples within PROBE_MARGIN of the probe's own error on the real
+    images: the probe misreads real images about as much, so the score says how well the probe reads, not how
+    well the model follows the condition."""
+    lines = []
+    for key, real in sorted(metrics.items()):
+        name = key.removeprefix("probe/")
+        if name == key or not name.endswith(_HEADLINE_SUFFIXES) or name not in metrics:
+            continue
+        samples = metrics[name]
+        if samples <= (1 + PROBE_MARGIN) * real:
+            condition = next(name[:-len(s)] for s in _HEADLINE_SUFFIXES if name.endswith(s))
+            unit = "°" if name.endswith("_deg") else "%"
+            measure = "angle" if name.endswith("_deg") else "length" if "_length_" in name else ""
+            lines.append(f"{condition}{' ' + measure if measure else ''}: limited by the probe (real images "
+                         f"{real:.3g}{unit} vs samples {samples:.3g}{unit}): it misreads real images about as much, "
+                         "so this score cannot tell how well the model follows it; see docs/evaluation.md, 'The "
+                         "condition probe'.")
     return lines
 
 

@@ -3,6 +3,8 @@
 The loss is the squared error of normalised conditions over the values present in the metadata. A vector
 condition is learned as an axis: the prediction may match the vector or its opposite (a stripe along the
 wind looks the same both ways), so the evaluation reads directions as axes too (evaluation/adherence.py).
+With --axis_outputs the probe predicts the axis itself (v v^T / |v|, models/probe.py) and the loss is the
+squared error of that form; validation scores the read vectors the same way either way.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ldmflow.evaluation.adherence import condition_errors, manifest_ranges
 from ldmflow.files import publish_files, temporary_folder
 from ldmflow.models.conditioning import ConditionEncoder
 from ldmflow.models.kinds import PROBE
-from ldmflow.models.probe import ConditionProbe, ProbeReader
+from ldmflow.models.probe import AxisOutputs, ConditionProbe, ProbeReader
 from ldmflow.settings import ProbeSettings
 from ldmflow.training.task import Task
 
@@ -50,7 +52,9 @@ class ProbeTask(Task):
 
     def setup(self, accelerator: Accelerator):
         s = self.settings
-        probe = ConditionProbe(self.manifest.spec.value_dim, s.block_out_channels, s.resolution)
+        spec = self.manifest.spec
+        probe = ConditionProbe(spec.value_dim, s.block_out_channels, s.resolution, s.norm,
+                               spec.dims if s.axis_outputs else ())
         return probe, image_dataset(self.manifest, s, training=True)
 
     def _squared_errors(self, normalised: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -65,10 +69,19 @@ class ProbeTask(Task):
             errors[:, part] = torch.where(closer, flipped, errors[:, part])
         return errors
 
+    def _axis_errors(self, outputs: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(B, width) squared errors of the axis form (models/probe.py), and each condition's number of outputs."""
+        dims, stats = self.manifest.spec.dims, self.encoder.stats
+        axes = AxisOutputs(dims, torch.tensor(stats.mean, device=values.device),
+                           torch.tensor(stats.std, device=values.device))
+        return (outputs - axes.encode(values)) ** 2, [AxisOutputs.width((d,)) for d in dims]
+
     def loss(self, model, batch: dict, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         values, present = batch["conditions"].float(), batch["present"].float()
-        mask = torch.repeat_interleave(present, torch.tensor(self.manifest.spec.dims, device=present.device), dim=1)
-        errors = self._squared_errors(model(batch["pixel_values"]), values)
+        outputs = model(batch["pixel_values"]).float()
+        errors, widths = self._axis_errors(outputs, values) if self.settings.axis_outputs else \
+            (self._squared_errors(outputs, values), self.manifest.spec.dims)
+        mask = torch.repeat_interleave(present, torch.tensor(widths, device=present.device), dim=1)
         return (errors * mask).sum() / mask.sum().clamp(min=1), errors.new_zeros(0)
 
     @torch.no_grad()

@@ -440,6 +440,23 @@ def test_the_table_shows_each_score_with_its_interval_and_logs_the_rest():
     assert table[2].split()[1:] == ["0.002", "±", "0.001"]
 
 
+def test_a_score_the_probe_cannot_judge_is_named_below_the_table():
+    """Issue 30's plumes: the probe misread real images' wind by 33 degrees, the samples by 35: no verdict on
+    the wind; temperature, read 3x better on real images than on the samples, is the model's own."""
+    from ldmflow.evaluation.report import format_metrics, probe_limit_lines
+
+    metrics = {"eval/temperature_mae_pct": 6.0, "eval/probe/temperature_mae_pct": 2.0,
+               "eval/wind_angle_error_deg": 35.0, "eval/probe/wind_angle_error_deg": 33.0,
+               "eval/wind_length_mae_pct": 10.0, "eval/probe/wind_length_mae_pct": 8.5,
+               "eval/recon/wind_angle_error_deg": 34.0, "eval/shuffled/wind_angle_error_deg": 40.0}
+    angle, length = [line for line in format_metrics(metrics).splitlines() if "limited by the probe" in line]
+    assert angle.startswith("wind angle: limited by the probe (real images 33° vs samples 35°)")
+    assert length.startswith("wind length: limited by the probe (real images 8.5% vs samples 10%)")
+    plain = {key.removeprefix("eval/"): value for key, value in metrics.items()}
+    assert probe_limit_lines({**plain, "wind_angle_error_deg": 42.0, "wind_length_mae_pct": 10.7}) == []
+    assert probe_limit_lines({"wind_angle_error_deg": 35.0}) == []  # no probe column (a probe-less table)
+
+
 def test_a_probe_trained_under_mlflow_run_is_named_after_the_evaluate_runs_experiment(tmp_path):
     """`mlflow run -e evaluate --experiment-name x`: the probe's run nests under the evaluate run, in x, and its
     experiment_name param says x."""
