@@ -72,8 +72,8 @@ class Scale:
     evaluate_args: tuple[str, ...] = ()
 
 
-DEMO = Scale(128, 64, 0.1, "32,32,64,64", ("--num_epochs", "25", "--learning_rate", "1e-3"), "64,64",
-             (300, 600, 1200), (0, 1, 2), tuple(VARIANTS), ("stripes",), 64)
+DEMO = Scale(128, 64, 0.1, "32,32,64,64", ("--num_epochs", "50", "--learning_rate", "3e-4"), "64,64",
+             (300, 600, 1200), (0, 1, 2), tuple(VARIANTS), ("stripes", "plumes"), 64)
 SMOKE = Scale(24, 32, 0.25, "16,16,16,16", ("--num_epochs", "2", "--learning_rate", "1e-3"), "32,32", (2,), (0,),
               ("baseline", "v_prediction"), ("stripes",), 4, ("--num_inference_steps", "2", "--probe_epochs", "2"))
 
