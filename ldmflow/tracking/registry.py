@@ -74,9 +74,8 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     """
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.entities import RunTag
 
-    from ldmflow.tracking.store import access_problem, use_tracking_store
+    from ldmflow.tracking.store import access_problem, tag_run, use_tracking_store
 
     kind = kind_named(stage)
     output_dir = Path(output_dir)
@@ -112,7 +111,7 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
                                f"{reason or cause_line(error)}. The trained model is safe in {output_dir}."
                                ) from None
     if not register:
-        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        tag_run(run_id, tags, client)
         logger.info("Logged the %s model %s (run %s).", stage, info.model_id, run_id)
         return RegisteredModel(name, "", info.model_id, f"models:/{info.model_id}", run_id)
     registered = RegisteredModel(name, str(version), info.model_id, f"models:/{name}/{version}", run_id)
@@ -345,11 +344,13 @@ def _recorded_condition_spec(output_dir: Path) -> str:
 
 def _tag(client, registered: RegisteredModel, tags: dict, alias: str | None, vae_source: ModelSource | None) -> None:
     """Tags on the version and the run, the VAE as a model input of the run, and the alias."""
-    from mlflow.entities import LoggedModelInput, RunTag
+    from mlflow.entities import LoggedModelInput
+
+    from ldmflow.tracking.store import tag_run
 
     for key, value in tags.items():
         client.set_model_version_tag(registered.name, registered.version, key, value)
-    client.log_batch(registered.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    tag_run(registered.run_id, tags, client)
     if vae_source is not None and vae_source.model_id:
         client.log_inputs(registered.run_id, models=[LoggedModelInput(vae_source.model_id)])
     if alias:

@@ -14,8 +14,9 @@ import optuna  # this module runs only inside `ldmflow sweep`, which checks Optu
 
 from ldmflow.errors import LdmflowError, Stopped
 from ldmflow.settings import SweepSettings
-from ldmflow.workflows.sweep import (MODEL_ID_ATTR, SweepPlan, _tag_run, evaluation_settings, pruned_tags,
-                                     trial_settings, trial_tags)
+from ldmflow.tracking.store import tag_run
+from ldmflow.workflows.sweep_plan import (MODEL_ID_ATTR, SweepPlan, evaluation_settings, pruned_tags, trial_settings,
+                                          trial_tags)
 from ldmflow.workflows.sweep_space import settings_values
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class _Objective:
 
         plan = self.plan
         values = settings_values(plan.space.suggest(trial), plan.base)
-        _tag_run(run_id, trial_tags(plan, trial.number, values))
+        tag_run(run_id, trial_tags(plan, trial.number, values))
         if hasattr(trial.study._storage, "flush_all_batches"):  # the suggested params reach the run first
             trial.study._storage.flush_all_batches()
         settings = trial_settings(plan, trial.number, values, run_id)
@@ -108,7 +109,7 @@ class _Pruning:
         self.last = float(metrics[self.objective])
         self.trial.report(self.last, step)
         if self.trial.should_prune():
-            _tag_run(self.run_id, pruned_tags(step))
+            tag_run(self.run_id, pruned_tags(step))
             logger.info("Trial %d pruned at step %d (%s %.6g).", self.trial.number, step, self.objective, self.last)
             raise _Pruned(f"at step {step}: {self.objective} {self.last:.6g}")
 
