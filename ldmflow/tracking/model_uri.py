@@ -1,4 +1,5 @@
-"""Turn what a user passes as a model (a folder or an MLflow URI) into a local folder plus where it came from.
+"""Turn what a user passes as a model (a folder or an MLflow URI) into a local folder plus where it came from;
+what that folder holds is models/saved_model.py's business.
 
 Accepted forms: a local folder, `runs:/<run_id>/<path>`, `models:/<name>/<version>` (or `/latest`),
 `models:/<name>@<alias>` and `models:/<model_id>` (an MLflow 3 logged model, `m-...`). Every bad form gets one
@@ -7,7 +8,6 @@ message naming the offending part and, where short, what exists instead.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -17,8 +17,7 @@ from urllib.parse import urlparse
 
 from ldmflow.errors import LdmflowError, cause_line
 from ldmflow.files import disk_problem, publish_folder
-from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, UNET_FOLDER, VAE, VAE_SOURCE_FILE, kind_named,
-                                  logged_kind, model_root)
+from ldmflow.models.saved_model import VaeRecord, recorded_vae_dir
 from ldmflow.tracking.store import equals, filter_value
 
 ACCEPTED_FORMS = ("a local folder, runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> "
@@ -38,16 +37,6 @@ class ModelSource:
     run_id: str | None = None
     model_id: str | None = None
     is_registered: bool = False
-
-
-@dataclass(frozen=True)
-class LatentDdpmFolders:
-    """The four inputs of `LatentSampler.from_folders`."""
-
-    unet_dir: Path
-    vae_dir: Path
-    scheduler_dir: Path
-    conditioning_path: Path | None
 
 
 def resolve_model_source(uri_or_path, dst_dir: str | Path | None = None) -> ModelSource:
@@ -260,61 +249,21 @@ def download_cause(error: BaseException, folder: Path) -> str:
     return problem if problem.startswith("the disk is full") else cause_line(error)
 
 
-def find_diffusers_folder(local_dir, kind: str) -> Path:
-    """The diffusers folder of `kind` inside a downloaded ldmflow MLflow model, or a plain training output."""
-    wanted = kind_named(kind)
-    root = model_root(local_dir)
-    logged = logged_kind(root)
-    if logged is wanted:
-        return root / wanted.logged_dir
-    if logged is not None:
-        raise LdmflowError(f"{local_dir} is a {logged.name} model, not a {kind} model.")
-    if wanted.holds(root):
-        return root
-    raise LdmflowError(f"{local_dir} is not a {kind} model: {wanted.layout} (found: "
-                       f"{_listing(sorted(p.name for p in root.iterdir())) if root.is_dir() else 'no folder'}).")
-
-
-def latent_ddpm_folders(folder) -> LatentDdpmFolders:
-    """Sampler inputs from a latent-ddpm folder: its own vae/ (logged models) or the VAE in vae_source.json."""
-    folder = find_diffusers_folder(folder, LATENT_DDPM.name)
-    conditioning = folder / CONDITIONING_FILE
-    vae_dir = folder / VAE.artifact
-    if not VAE.holds(vae_dir):
-        vae_dir = vae_source_from_file(folder).local_dir
-    return LatentDdpmFolders(folder / UNET_FOLDER, vae_dir, folder, conditioning if conditioning.is_file() else None)
+def fetch_model(uri: str) -> Path:
+    """The local folder of a model URI (downloaded into a fresh temporary folder): what `models/saved_model.py`
+    calls to fetch a VAE again that a latent DDPM's record names but that is gone from its path."""
+    return resolve_model_source(uri).local_dir
 
 
 def vae_source_from_file(folder) -> ModelSource:
     """The VAE a latent-ddpm output folder records in vae_source.json: its local folder if still there, else
     its URI downloaded again; with the registry identity that was recorded."""
-    source_file = Path(folder) / VAE_SOURCE_FILE
-    if not source_file.is_file():
-        raise LdmflowError(f"{folder} has neither a vae/ folder nor vae_source.json; cannot find its VAE.")
-    data = json.loads(source_file.read_text())
-    local = Path(data.get("vae_path") or "")
-    if not (data.get("vae_path") and VAE.holds(local) and _is_recorded_vae(local, source_file)):
-        if not data.get("vae_uri"):
-            raise LdmflowError(f"{source_file}: the VAE folder {local} is gone and no vae_uri is recorded.")
-        local = find_diffusers_folder(resolve_model_source(data["vae_uri"]).local_dir, VAE.name)
-    from ldmflow.sampling.latent import check_recorded_vae  # torch: only where a VAE is actually checked
-
-    check_recorded_vae(local, source_file)
-    version = data.get("vae_model_version")
-    return ModelSource(local_dir=local, uri=data.get("vae_uri") or str(local),
-                       model_name=data.get("vae_model_name") or None, model_version=str(version) if version else None,
-                       run_id=data.get("vae_run_id") or None, model_id=data.get("vae_model_id") or None,
-                       is_registered=bool(data.get("vae_model_name")))
-
-
-def _is_recorded_vae(folder: Path, source_file: Path) -> bool:
-    from ldmflow.sampling.latent import check_recorded_vae
-
-    try:
-        check_recorded_vae(folder, source_file)
-    except LdmflowError:
-        return False  # changed since: the recorded vae_uri is tried next
-    return True
+    local = recorded_vae_dir(folder, fetch_model)
+    record = VaeRecord.read(folder)
+    version = record.vae_model_version
+    return ModelSource(local_dir=local, uri=record.vae_uri or str(local), model_name=record.vae_model_name or None,
+                       model_version=str(version) if version else None, run_id=record.vae_run_id or None,
+                       model_id=record.vae_model_id or None, is_registered=bool(record.vae_model_name))
 
 
 def _raise_unless_missing(error: Exception) -> None:

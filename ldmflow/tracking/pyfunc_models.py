@@ -205,7 +205,8 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
     """Conditioned latent DDPM + its VAE: a DataFrame of conditions in, one generated image per row out."""
 
     def load_context(self, context):
-        from ldmflow.sampling.latent import LatentSampler, check_recorded_vae
+        from ldmflow.models.saved_model import check_recorded_vae
+        from ldmflow.sampling.latent import LatentSampler
 
         artifacts = context.artifacts
         if artifacts.get("vae_source"):

@@ -21,12 +21,14 @@ from pathlib import Path
 
 from ldmflow.environment import environment_tags
 from ldmflow.errors import LdmflowError, cause_line
+from ldmflow.evaluation.metric_names import CONDITION_ERROR_SUFFIXES, EVALUATION, HEADLINE_SCORES
 from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, LEGACY_DDPM, PIPELINE_PARTS, PROBE, SCHEDULER_FILE,
                                   UNET_FOLDER, VAE, VAE_SOURCE_FILE, Kind, kind_named)
 from ldmflow.tags import (CONDITION_SPEC_TAG, DATASET_DIGEST_TAG, DOWNSAMPLE_FACTOR_TAG, DOWNSTREAM_TAG, ENV_LOCK_TAG,
                           LATENT_CHANNELS_TAG, STAGE_VERSION_TAG, VAE_MODEL_NAME_TAG, VAE_MODEL_VERSION_TAG,
                           VAE_RUN_TAG, VAE_SHAPE_TAG_PREFIX, VAE_URI_TAG)
-from ldmflow.tracking.model_uri import ModelSource, find_diffusers_folder, vae_source_from_file
+from ldmflow.models.saved_model import VaeRecord, find_diffusers_folder
+from ldmflow.tracking.model_uri import ModelSource, vae_source_from_file
 
 logger = logging.getLogger(__name__)
 # ldmflow's own runtime dependencies (pyproject.toml), next to the exactly pinned torch/diffusers/mlflow.
@@ -91,7 +93,7 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     elif condition_spec:
         tags[CONDITION_SPEC_TAG] = condition_spec
     if kind is VAE:
-        tags.update(latent_shape_tags(find_diffusers_folder(output_dir, VAE.name)))
+        tags.update(latent_shape_tags(find_diffusers_folder(output_dir, VAE)))
     tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
     with tempfile.TemporaryDirectory(prefix="ldmflow-model-") as staging, _active_run(run_id), \
             warnings.catch_warnings():
@@ -214,7 +216,7 @@ def vae_lineage_tags(vae_source: ModelSource) -> dict[str, str]:
               VAE_MODEL_VERSION_TAG: vae_source.model_version, VAE_RUN_TAG: vae_source.run_id}
     tags = {key: str(value) for key, value in values.items() if value}
     with contextlib.suppress(LdmflowError, OSError):  # a VAE not at hand locally has no shape tags
-        shape = latent_shape_tags(find_diffusers_folder(vae_source.local_dir, VAE.name))
+        shape = latent_shape_tags(find_diffusers_folder(vae_source.local_dir, VAE))
         tags.update({f"{VAE_SHAPE_TAG_PREFIX}{key}": value for key, value in shape.items()})
     return tags
 
@@ -275,21 +277,21 @@ def _stage(kind: Kind, output_dir: Path, staging: Path, vae_source: ModelSource 
     from ldmflow.tracking import pyfunc_models
 
     if kind is VAE:
-        _link_tree(find_diffusers_folder(output_dir, VAE.name), staging / VAE.artifact, top_level_only=True)
+        _link_tree(find_diffusers_folder(output_dir, VAE), staging / VAE.artifact, top_level_only=True)
         return {VAE.artifact: str(staging / VAE.artifact)}, pyfunc_models.VaePyfunc, pyfunc_models.vae_signature()
     if kind is PROBE:
         _link_tree(output_dir, staging / PROBE.artifact, top_level_only=True)
         return {PROBE.artifact: str(staging / PROBE.artifact)}, pyfunc_models.ProbePyfunc, \
             pyfunc_models.probe_signature(tags[CONDITION_SPEC_TAG])
     if kind is LEGACY_DDPM:
-        folder = find_diffusers_folder(output_dir, LEGACY_DDPM.name)
+        folder = find_diffusers_folder(output_dir, LEGACY_DDPM)
         for part in PIPELINE_PARTS:
             _link_tree(folder / part, staging / LEGACY_DDPM.artifact / part)
         return ({LEGACY_DDPM.artifact: str(staging / LEGACY_DDPM.artifact)}, pyfunc_models.LegacyDdpmPyfunc,
                 pyfunc_models.legacy_signature())
-    folder = find_diffusers_folder(output_dir, LATENT_DDPM.name)
+    folder = find_diffusers_folder(output_dir, LATENT_DDPM)
     _link_tree(folder / UNET_FOLDER, staging / UNET_FOLDER)
-    _link_tree(find_diffusers_folder(vae_source.local_dir, VAE.name), staging / VAE.artifact, top_level_only=True)
+    _link_tree(find_diffusers_folder(vae_source.local_dir, VAE), staging / VAE.artifact, top_level_only=True)
     artifacts = {"unet": str(staging / UNET_FOLDER), VAE.artifact: str(staging / VAE.artifact)}
     for key, file_name in (("scheduler", SCHEDULER_FILE), ("conditioning", CONDITIONING_FILE),
                            ("vae_source", VAE_SOURCE_FILE)):
@@ -333,12 +335,11 @@ def _package_copy(staging: Path) -> str:
 
 
 def _recorded_condition_spec(output_dir: Path) -> str:
-    for file_name in (CONDITIONING_FILE, VAE_SOURCE_FILE):
-        path = output_dir / file_name
-        if path.is_file():
-            spec = json.loads(path.read_text()).get("condition_spec")
-            if spec:
-                return str(spec)
+    conditioning = output_dir / CONDITIONING_FILE
+    if conditioning.is_file() and (spec := json.loads(conditioning.read_text()).get("condition_spec")):
+        return str(spec)
+    if (output_dir / VAE_SOURCE_FILE).is_file() and (spec := VaeRecord.read(output_dir).condition_spec):
+        return str(spec)
     return "none"
 
 
@@ -393,15 +394,12 @@ def _add_downstream(client, vae_source: ModelSource, downstream: str) -> None:
                                 description=f"{version.description or ''}\n\n{note}".strip())
 
 
-HEADLINE_SCORES = ("fid", "rfid", "kid", "psnr", "ssim", "lpips")  # then the model's condition errors, % of range
-
-
 def add_evaluation_note(client, model_name: str, version: str, run_id: str, metrics: dict[str, float]) -> None:
     """One line per evaluation in the version's description: a link to the evaluate run and its headline
     scores (`metrics` keyed `eval/<name>`), so the registry page shows how good a version is."""
-    scores = {key.removeprefix("eval/"): value for key, value in metrics.items() if key.count("/") <= 1}
+    scores = {key.removeprefix(EVALUATION): value for key, value in metrics.items() if key.count("/") <= 1}
     names = [name for name in HEADLINE_SCORES if name in scores] + \
-        sorted(name for name in scores if name.endswith(("_mae_pct", "_angle_error_deg")))
+        sorted(name for name in scores if name.endswith(CONDITION_ERROR_SUFFIXES))
     summary = ", ".join(f"{name} {scores[name]:.4g}" for name in names)
     note = (f"Evaluated in run [{run_id[:8]}](#/experiments/{_experiment_of(client, run_id)}/runs/{run_id}): "
             f"{summary or 'see the run'}.")

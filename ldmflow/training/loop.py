@@ -28,6 +28,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from ldmflow.errors import LdmflowError
+from ldmflow.evaluation.metric_names import higher_is_better
 from ldmflow.files import disk_problem
 from ldmflow.progress import Progress
 from ldmflow.tags import (BEST_CHECKPOINT_METRIC_TAG, BEST_CHECKPOINT_STEP_TAG, CHECKPOINT_METRIC_TAG,
@@ -335,14 +336,6 @@ def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_ep
                               BEST_CHECKPOINT_METRIC_TAG: f"{metric}={metrics[metric]:.6g}"})
     accelerator.wait_for_everyone()
     return metrics if validate else {}
-
-
-_HIGHER_IS_BETTER = ("psnr", "ssim", "diversity")  # every other metric is a loss, an error or a distance
-
-
-def higher_is_better(metric: str) -> bool:
-    """Whether a larger value of `metric` (a validation or evaluate metric) is better."""
-    return any(word in metric for word in _HIGHER_IS_BETTER)
 
 
 def _is_better(metric: str, value: float, best: float | None) -> bool:

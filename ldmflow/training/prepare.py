@@ -14,6 +14,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from safetensors import SafetensorError
 
 from ldmflow.errors import LdmflowError, error_summary
+from ldmflow.evaluation.metric_names import is_condition_metric
 from ldmflow.settings import TrainSettings, resumable_changes
 from ldmflow.tags import RESUMED_FROM_CHECKPOINT_TAG, RESUMED_FROM_RUN_TAG, RESUMED_FROM_STEP_TAG
 from ldmflow.training.checkpoints import STATE_NAME, TrainingState, find_resume_checkpoint, load_checkpoint
@@ -21,7 +22,6 @@ from ldmflow.training.skipped_steps import fused_adamw_available
 from ldmflow.training.task import Task, TrainingPlan
 
 logger = logging.getLogger(__name__)
-CONDITION_METRIC_MARKS = ("recon/", "condition_error", "_mae", "_angle_error")  # read back by the probe
 
 
 def build_accelerator(settings: TrainSettings) -> Accelerator:
@@ -163,7 +163,7 @@ def _checkpoint_metric(settings: TrainSettings, task: Task) -> str | None:
     if settings.checkpoint_metric not in available:
         offered = ", ".join(available) or "nothing (no val split, or --eval_epochs 0)"
         hint = ""
-        if any(part in settings.checkpoint_metric for part in CONDITION_METRIC_MARKS):
+        if is_condition_metric(settings.checkpoint_metric):
             hint = (" Condition metrics need this dataset's registered condition probe and MLflow tracking: train "
                     "one first with `ldmflow probe --manifest_path ...`.")
         raise LdmflowError(f"--checkpoint_metric {settings.checkpoint_metric}: this run validates {offered}.{hint}")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ldmflow.environment import environment_tags
 from ldmflow.errors import LdmflowError, require_modules
+from ldmflow.evaluation.metric_names import VALIDATION, is_condition_metric
 from ldmflow.models.kinds import VAE
 from ldmflow.settings import SweepSettings, param_value
 from ldmflow.tags import RUN_NAME_TAG, STAGE_TAG, SWEEP_STUDY_RUN_TAG, SWEEP_STUDY_TAG
@@ -34,9 +35,7 @@ SWEEP_STAGE = "sweep"  # the stage tag of a study's parent run
 def _check_probe(plan: SweepPlan) -> None:
     """A condition objective is validated with the dataset's registered probe: without one, no trial could log it."""
     from ldmflow.tracking.registry import registered_probe_uri
-    from ldmflow.training.prepare import CONDITION_METRIC_MARKS
-
-    if not plan.objective.startswith("val/") or not any(mark in plan.objective for mark in CONDITION_METRIC_MARKS):
+    if not plan.objective.startswith(VALIDATION) or not is_condition_metric(plan.objective):
         return
     spec = None if plan.kind is VAE else stage_condition_spec(plan.base)
     if registered_probe_uri(plan.dataset_digest, spec) is None:

@@ -9,20 +9,17 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmflow.data.conditions import ConditionSpec
 from ldmflow.data.manifest import NothingUsableError, load_manifest
 from ldmflow.errors import LdmflowError
-from ldmflow.evaluation.adherence import adherence_metric_names
+from ldmflow.evaluation.metric_names import (DENOISE_LOSS, DENOISE_LOSS_EMA, PSNR, RECONSTRUCTION_PREFIX, VALIDATION,
+                                             higher_is_better, stage_metrics)
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, VAE, Kind
 from ldmflow.settings import EvaluateSettings, SweepSettings, TrainSettings, param_value
 from ldmflow.tags import RUN_NAME_TAG, SWEEP_PARAM_TAG_PREFIX, SWEEP_PRUNED_TAG, SWEEP_STUDY_TAG, SWEEP_TRIAL_TAG
-from ldmflow.training.loop import higher_is_better
-from ldmflow.workflows.sweep_space import SearchSpace, load_space, settings_values
+from ldmflow.workflows.sweep_space import SearchSpace, load_space
 
 STAGE_KINDS = {kind.command: kind for kind in (VAE, LATENT_DDPM, LEGACY_DDPM)}
 MODEL_ID_ATTR = "model_id"  # a finished trial's user attribute: its logged model
-_EVAL_SCORES = {VAE.name: ("psnr", "ssim", "lpips", "rfid", "rkid"), LATENT_DDPM.name: ("fid", "kid", "diversity"),
-                LEGACY_DDPM.name: ("fid", "kid", "diversity")}
 
 
 @dataclass(frozen=True)
@@ -78,28 +75,16 @@ def stage_condition_spec(base: TrainSettings) -> str:
 def _default_objective(kind: Kind, base: TrainSettings) -> str:
     """The stage's own checkpoint metric without a probe (a latent DDPM with one defaults to condition error)."""
     if kind is VAE:
-        return "val/psnr"
-    return "val/denoise_loss_ema" if base.use_ema else "val/denoise_loss"
-
-
-def stage_metrics(kind: Kind, spec: str) -> tuple[str, ...]:
-    """The validation and evaluate metrics a stage can log (condition ones need the dataset's probe)."""
-    conditions = adherence_metric_names(ConditionSpec.parse(spec)) if spec.strip().lower() != "none" else ()
-    if kind is VAE:
-        validation = ("val/psnr", "val/ssim", "val/lpips")
-    else:
-        validation = ("val/denoise_loss", "val/denoise_loss_ema") + tuple(f"val/{name}" for name in
-                                                                       (conditions if kind is LATENT_DDPM else ()))
-    scores = _EVAL_SCORES[kind.name] + (conditions if kind is LATENT_DDPM else ())
-    return validation + tuple(f"eval/{name}" for name in scores)
+        return PSNR
+    return DENOISE_LOSS_EMA if base.use_ema else DENOISE_LOSS
 
 
 def _check_objective(kind: Kind, base: TrainSettings, objective: str, spec: str) -> None:
     known = stage_metrics(kind, spec)
-    if objective not in known and not (kind is VAE and objective.startswith("val/recon/")):
+    if objective not in known and not (kind is VAE and objective.startswith(RECONSTRUCTION_PREFIX)):
         raise LdmflowError(f"--objective {objective}: {kind.command} never logs it; it logs "
                            f"{', '.join(known)}.")
-    if not objective.startswith("val/"):
+    if not objective.startswith(VALIDATION):
         return
     if base.eval_epochs == 0 or not base.val_split:
         raise LdmflowError(f"--objective {objective} is a validation metric: leave out --eval_epochs 0 and give "
@@ -126,7 +111,7 @@ def trial_settings(plan: SweepPlan, number: int, values: dict, run_id: str = "")
     too: concurrent workers may give two trials one number) and run name; a validation objective also picks the
     trial's best checkpoint."""
     folder = Path(plan.base.output_dir) / "-".join(filter(None, (trial_name(plan, number), run_id[:8])))
-    metric = plan.objective if plan.objective.startswith("val/") else plan.base.checkpoint_metric
+    metric = plan.objective if plan.objective.startswith(VALIDATION) else plan.base.checkpoint_metric
     return dataclasses.replace(plan.base, **values, output_dir=str(folder), run_name=trial_name(plan, number),
                                checkpoint_metric=metric)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna  # this module runs only inside `ldmflow sweep`, which checks Optuna is installed
 
 from ldmflow.errors import LdmflowError, Stopped
+from ldmflow.evaluation.metric_names import EVALUATION
 from ldmflow.settings import SweepSettings
 from ldmflow.tracking.store import tag_run
 from ldmflow.workflows.sweep_plan import (MODEL_ID_ATTR, SweepPlan, evaluation_settings, pruned_tags, trial_settings,
@@ -88,7 +89,7 @@ class _Objective:
         outcome, model_uri = run_training(settings, trial=TrialRun(run_id, pruning))
         trial.set_user_attr(MODEL_ID_ATTR, model_uri.removeprefix("models:/"))
         value = outcome.metric_value if outcome.metric == plan.objective else pruning.last
-        if plan.objective.startswith("eval/"):
+        if plan.objective.startswith(EVALUATION):
             value = _evaluate(plan, model_uri, Path(settings.output_dir), run_id)
         if value is None or not math.isfinite(value):
             raise LdmflowError(f"Trial {trial.number} logged no finite {plan.objective}.")

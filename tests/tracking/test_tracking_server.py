@@ -22,7 +22,9 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from ldmflow.settings import VaeSettings
-from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
+from ldmflow.models.kinds import VAE
+from ldmflow.models.saved_model import find_diffusers_folder
+from ldmflow.tracking.model_uri import resolve_model_source
 from ldmflow.tracking.registry import log_and_register
 from ldmflow.tracking.run_tracker import PENDING_FILE, open_run, replay_pending
 
@@ -119,7 +121,7 @@ def test_log_register_and_resolve_through_the_server(server, rest_env):
     assert any(a.path.endswith(".png") for a in client.list_artifacts(registered.run_id, "images"))
     source = resolve_model_source("models:/ldmflow-vae@champion", dst_dir=root / "download")
     assert (source.model_version, source.run_id, source.model_id) == ("1", registered.run_id, registered.model_id)
-    assert isinstance(AutoencoderKL.from_pretrained(find_diffusers_folder(source.local_dir, "vae")), AutoencoderKL)
+    assert isinstance(AutoencoderKL.from_pretrained(find_diffusers_folder(source.local_dir, VAE)), AutoencoderKL)
     by_run = resolve_model_source(f"runs:/{registered.run_id}/vae", dst_dir=root / "download-run")
     assert by_run.model_id == registered.model_id
     stored = list((server.root / "server-artifacts").rglob("diffusion_pytorch_model.safetensors"))
