@@ -74,13 +74,15 @@ def check_recorded_vae(vae_dir, source_file) -> None:
 
 def recorded_vae_dir(folder, fetch: Callable[[str], Path] | None = None) -> Path:
     """The VAE folder a latent DDPM's vae_source.json names: where it was if it is still the same VAE, else its
-    recorded URI fetched again (`fetch`: URI -> local folder; tracking passes its resolver), checked either way."""
+    recorded URI fetched again (`fetch`: URI -> local folder; tracking passes its resolver), checked either way.
+    Without `fetch` a changed VAE in place is refused rather than replaced."""
     source_file = Path(folder) / VAE_SOURCE_FILE
     if not source_file.is_file():
         raise LdmflowError(f"{folder} has neither a vae/ folder nor vae_source.json; cannot find its VAE.")
     record = VaeRecord.read(source_file)
     local = Path(record.vae_path or "")
-    if not (record.vae_path and VAE.holds(local) and _is_recorded_vae(record, local, source_file)):
+    in_place = bool(record.vae_path) and VAE.holds(local)
+    if not (in_place and (fetch is None or _is_recorded_vae(record, local, source_file))):
         if not record.vae_uri:
             raise LdmflowError(f"{source_file}: the VAE folder {local} is gone and no vae_uri is recorded.")
         if fetch is None:
