@@ -20,6 +20,7 @@ import click
 from ldmflow.errors import (UNEXPECTED_EXIT_CODE, LdmflowError, cause_line, missing_package_line, traceback_file,
                             unexpected_error_line)
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE
+from ldmflow.server.users import PERMISSIONS, ROLES
 from ldmflow.settings import (DEFAULT_EXPERIMENT, CacheLatentsSettings, CheckManifestSettings, CompareSettings,
                               DemoDataSettings, EvaluateSettings, LatentDdpmSettings, LegacyDdpmSettings,
                               PipelineSettings, ProbeSettings, SampleSettings, ServerSettings, SweepSettings,
@@ -449,7 +450,7 @@ def server_stop_command(root):
 
 @server_command.command("add-user")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["reader", "editor", "admin"]), default="reader", show_default=True,
+@click.option("--role", type=click.Choice(ROLES), default="reader", show_default=True,
               help=ROLE_HELP)
 @click.option("--password_stdin", is_flag=True, help="Read the password from stdin (else one is generated).")
 @ROOT_OPTION
@@ -466,7 +467,7 @@ def server_add_user_command(name, role, password_stdin, root):
 
 @server_command.command("set-role")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["reader", "editor", "admin"]), required=True, help=ROLE_HELP)
+@click.option("--role", type=click.Choice(ROLES), required=True, help=ROLE_HELP)
 @ROOT_OPTION
 def server_set_role_command(name, role, root):
     """Change an account's role (a new reader keeps READ only, also on what it made)."""
@@ -490,7 +491,7 @@ def server_remove_user_command(name, root):
 @server_command.command("grant")
 @click.argument("name")
 @click.option("--experiment", required=True, help="Experiment name (created if missing).")
-@click.option("--permission", type=click.Choice(["READ", "EDIT", "MANAGE"], case_sensitive=False), required=True)
+@click.option("--permission", type=click.Choice(PERMISSIONS, case_sensitive=False), required=True)
 @ROOT_OPTION
 def server_grant_command(name, experiment, permission, root):
     """Give a user READ, EDIT or MANAGE on one experiment."""

@@ -150,9 +150,9 @@ def _seed(value, row: int) -> int:
 
 
 def _device() -> str:
-    import torch
+    from ldmflow.sampling.denoise import default_device  # lazily: this module loads without torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device()
 
 
 def _number(value, name: str, kind: type):

@@ -22,6 +22,7 @@ from pathlib import Path
 from ldmflow.environment import environment_tags
 from ldmflow.errors import LdmflowError, cause_line
 from ldmflow.evaluation.metric_names import CONDITION_ERROR_SUFFIXES, EVALUATION, HEADLINE_SCORES
+from ldmflow.files import MODEL_FILE_SUFFIXES
 from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, LEGACY_DDPM, PIPELINE_PARTS, PROBE, SCHEDULER_FILE,
                                   UNET_FOLDER, VAE, VAE_SOURCE_FILE, Kind, kind_named)
 from ldmflow.tags import (CONDITION_SPEC_TAG, DATASET_DIGEST_TAG, DOWNSAMPLE_FACTOR_TAG, DOWNSTREAM_TAG, ENV_LOCK_TAG,
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 # ldmflow's own runtime dependencies (pyproject.toml), next to the exactly pinned torch/diffusers/mlflow.
 _UNPINNED_REQUIREMENTS = ["accelerate>=1.0,<2", "pillow>=10", "numpy>=1.24", "pandas>=2.0", "safetensors>=0.4",
                           "click>=8.1", "tifffile>=2023.1", "psutil>=5.9"]
-_WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin")
 
 
 @dataclass(frozen=True)
@@ -274,21 +274,37 @@ mlflow.models.set_model({model_class.__name__}())
 def _stage(kind: Kind, output_dir: Path, staging: Path, vae_source: ModelSource | None, tags: dict):
     """Link (or copy) the model's files into its kind's logged layout; returns (artifacts, python model class,
     signature). Each artifact is named after its folder or file, so artifacts/ holds the kind's saved folder."""
+    return _STAGERS[kind](output_dir, staging, vae_source, tags)
+
+
+def _stage_vae(output_dir: Path, staging: Path, vae_source, tags: dict):
     from ldmflow.tracking import pyfunc_models
 
-    if kind is VAE:
-        _link_tree(find_diffusers_folder(output_dir, VAE), staging / VAE.artifact, top_level_only=True)
-        return {VAE.artifact: str(staging / VAE.artifact)}, pyfunc_models.VaePyfunc, pyfunc_models.vae_signature()
-    if kind is PROBE:
-        _link_tree(output_dir, staging / PROBE.artifact, top_level_only=True)
-        return {PROBE.artifact: str(staging / PROBE.artifact)}, pyfunc_models.ProbePyfunc, \
-            pyfunc_models.probe_signature(tags[CONDITION_SPEC_TAG])
-    if kind is LEGACY_DDPM:
-        folder = find_diffusers_folder(output_dir, LEGACY_DDPM)
-        for part in PIPELINE_PARTS:
-            _link_tree(folder / part, staging / LEGACY_DDPM.artifact / part)
-        return ({LEGACY_DDPM.artifact: str(staging / LEGACY_DDPM.artifact)}, pyfunc_models.LegacyDdpmPyfunc,
-                pyfunc_models.legacy_signature())
+    _link_tree(find_diffusers_folder(output_dir, VAE), staging / VAE.artifact, top_level_only=True)
+    return {VAE.artifact: str(staging / VAE.artifact)}, pyfunc_models.VaePyfunc, pyfunc_models.vae_signature()
+
+
+def _stage_probe(output_dir: Path, staging: Path, vae_source, tags: dict):
+    from ldmflow.tracking import pyfunc_models
+
+    _link_tree(output_dir, staging / PROBE.artifact, top_level_only=True)
+    return {PROBE.artifact: str(staging / PROBE.artifact)}, pyfunc_models.ProbePyfunc, \
+        pyfunc_models.probe_signature(tags[CONDITION_SPEC_TAG])
+
+
+def _stage_legacy_ddpm(output_dir: Path, staging: Path, vae_source, tags: dict):
+    from ldmflow.tracking import pyfunc_models
+
+    folder = find_diffusers_folder(output_dir, LEGACY_DDPM)
+    for part in PIPELINE_PARTS:
+        _link_tree(folder / part, staging / LEGACY_DDPM.artifact / part)
+    return ({LEGACY_DDPM.artifact: str(staging / LEGACY_DDPM.artifact)}, pyfunc_models.LegacyDdpmPyfunc,
+            pyfunc_models.legacy_signature())
+
+
+def _stage_latent_ddpm(output_dir: Path, staging: Path, vae_source: ModelSource, tags: dict):
+    from ldmflow.tracking import pyfunc_models
+
     folder = find_diffusers_folder(output_dir, LATENT_DDPM)
     _link_tree(folder / UNET_FOLDER, staging / UNET_FOLDER)
     _link_tree(find_diffusers_folder(vae_source.local_dir, VAE), staging / VAE.artifact, top_level_only=True)
@@ -301,6 +317,9 @@ def _stage(kind: Kind, output_dir: Path, staging: Path, vae_source: ModelSource 
     return artifacts, pyfunc_models.LatentDiffusionPyfunc, pyfunc_models.latent_signature(tags[CONDITION_SPEC_TAG])
 
 
+_STAGERS = {VAE: _stage_vae, PROBE: _stage_probe, LEGACY_DDPM: _stage_legacy_ddpm, LATENT_DDPM: _stage_latent_ddpm}
+
+
 def _link_tree(source: Path, target: Path, top_level_only: bool = False) -> None:
     """Hard-link files (no copy of multi-GB weights; falls back to copying across filesystems)."""
     if source.is_file():
@@ -310,7 +329,7 @@ def _link_tree(source: Path, target: Path, top_level_only: bool = False) -> None
     if not source.is_dir():
         raise LdmflowError(f"Missing {source}: the training output is incomplete.")
     for path in sorted(source.rglob("*") if not top_level_only else source.iterdir()):
-        if not path.is_file() or (top_level_only and not path.name.endswith(_WEIGHT_SUFFIXES)):
+        if not path.is_file() or (top_level_only and not path.name.endswith(MODEL_FILE_SUFFIXES)):
             continue
         destination = target / path.relative_to(source)
         destination.parent.mkdir(parents=True, exist_ok=True)
