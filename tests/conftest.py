@@ -69,7 +69,7 @@ def lpips_weights(tmp_path) -> Path:
     return folder
 
 
-LANE_MARKERS = ("train", "slow", "server")  # `make test-fast` runs the tests with none of these
+LANE_MARKERS = ("train", "slow", "server", "processes")  # `make test-fast` runs the tests with none of these (Makefile)
 _ORIGINAL: dict = {}  # the loop's own _MetricWindow, kept here while an unmarked test runs with the refusing one
 
 

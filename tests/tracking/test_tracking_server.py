@@ -163,17 +163,13 @@ def test_a_server_gone_for_good_ends_the_run_within_the_retry_budget(server, res
     """The server dies during training and stays down: the process stops waiting after
     LDMFLOW_TRACKING_RETRY_SECONDS (not minutes of HTTP retries per request), keeps what it could not send in
     the pending file, and exits non-zero with one line."""
-    from click.testing import CliRunner
-
-    from ldmflow.cli import cli
+    from cli_runner import invoke
     from ldmflow.training import loop
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # ldmflow bounds MLflow's retries itself
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
     monkeypatch.setenv("LDMFLOW_TRACKING_RETRY_SECONDS", "8")
-    runner = CliRunner()
-    assert runner.invoke(cli, ["demo-data", "--output_dir", "data", "--num_images", "8", "--resolution", "32"]
-                         ).exit_code == 0
+    invoke("demo-data", "--output_dir", "data", "--num_images", "8", "--resolution", "32")
     train, ended = loop.train, {}
 
     def train_then_lose_the_server(*args, **kwargs):
@@ -184,10 +180,11 @@ def test_a_server_gone_for_good_ends_the_run_within_the_retry_budget(server, res
 
     monkeypatch.setattr(loop, "train", train_then_lose_the_server)
     try:
-        result = runner.invoke(cli, [
+        result = invoke(
             "vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae_out", "--resolution", "32",
             "--train_batch_size", "4", "--layers_per_block", "1", "--block_out_channels", "8,8,8,8",
-            "--max_train_steps", "2", "--logging_steps", "1", "--save_images_epochs", "100", "--eval_epochs", "0"])
+            "--max_train_steps", "2", "--logging_steps", "1", "--save_images_epochs", "100", "--eval_epochs", "0",
+            ok=False)
         waited = time.monotonic() - ended["at"]
     finally:
         server.start()
