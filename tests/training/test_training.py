@@ -23,10 +23,8 @@ TINY_UNET = ["--block_out_channels", "32,32", "--num_preview_images", "2", "--pr
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("training-data")
-    invoke("demo-data", "--output_dir", str(folder), "--num_images", "24", "--resolution", "32")
-    return folder / "manifest.json"
+def data(make_demo) -> Path:
+    return make_demo(24)
 
 
 @pytest.fixture(scope="module")

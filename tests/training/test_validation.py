@@ -23,12 +23,8 @@ pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("validation-data")
-    result = invoke("demo-data", "--output_dir", str(folder), "--num_images", "12",
-                    "--resolution", "32", "--val_fraction", "0.25", ok=False)
-    assert result.exit_code == 0, result.output
-    return folder / "manifest.json"
+def data(make_demo) -> Path:
+    return make_demo(12, val_fraction=0.25)
 
 
 
