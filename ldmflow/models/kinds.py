@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmflow.errors import LdmflowError
+from ldmflow.errors import LdmflowError, listing
 from ldmflow.settings import LatentDdpmSettings, LegacyDdpmSettings, ProbeSettings, TrainSettings, VaeSettings
 
 UNET_FOLDER = "unet"  # a DDPM's UNet, in a latent DDPM's folder and in a DDPMPipeline
@@ -27,7 +27,6 @@ VAE_SOURCE_FILE = "vae_source.json"  # the VAE a latent DDPM was trained on: pat
 CONDITIONING_FILE = "conditioning.json"  # a conditioned model's condition spec and normalisation statistics
 PIPELINE_PARTS = ("model_index.json", UNET_FOLDER, "scheduler")  # what a logged legacy DDPM bundles
 MLMODEL_FILE = "MLmodel"  # marks a logged MLflow model
-_MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -127,9 +126,8 @@ def detect_kind(folder) -> Kind:
     kind = logged_kind(root) or next((kind for kind in _DETECTION_ORDER if kind.holds(root)), None)
     if kind is None:
         found = sorted(path.name for path in root.iterdir()) if root.is_dir() else []
-        shown = ", ".join(found[:_MAX_LISTED]) + (f", ... ({len(found)} in all)" if len(found) > _MAX_LISTED else "")
         raise LdmflowError(f"{folder} is not an ldmflow model: expected the folder of a {names()} model, or its "
-                           f"MLflow model (found: {shown or 'nothing'}).")
+                           f"MLflow model (found: {listing(found) or 'nothing'}).")
     return kind
 
 

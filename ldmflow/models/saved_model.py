@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ldmflow.errors import LdmflowError
+from ldmflow.errors import LdmflowError, listing
 from ldmflow.files import model_digest
 from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, UNET_FOLDER, VAE, VAE_SOURCE_FILE, Kind,
                                   logged_kind, model_root)
-
-_MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,7 @@ def find_diffusers_folder(local_dir, kind: Kind) -> Path:
     if kind.holds(root):
         return root
     raise LdmflowError(f"{local_dir} is not a {kind.name} model: {kind.layout} (found: "
-                       f"{_listing(sorted(p.name for p in root.iterdir())) if root.is_dir() else 'no folder'}).")
+                       f"{listing(sorted(p.name for p in root.iterdir())) if root.is_dir() else 'no folder'}).")
 
 
 @dataclass(frozen=True)
@@ -133,8 +131,3 @@ def latent_ddpm_folders(folder, fetch: Callable[[str], Path] | None = None) -> L
     if not VAE.holds(vae_dir):
         vae_dir = recorded_vae_dir(folder, fetch)
     return LatentDdpmFolders(folder / UNET_FOLDER, vae_dir, folder, conditioning if conditioning.is_file() else None)
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ldmflow.errors import LdmflowError, cause_line
+from ldmflow.errors import MAX_LISTED, LdmflowError, cause_line, listing
 from ldmflow.files import disk_problem, publish_folder
 from ldmflow.models.saved_model import VaeRecord, recorded_vae_dir
 from ldmflow.tracking.store import equals, filter_value
 
 ACCEPTED_FORMS = ("a local folder, runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> "
                   "or models:/<model_id>")
-_MAX_LISTED = 20
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 
 
@@ -104,8 +103,8 @@ def registered_version(client, name: str, version: str | None, alias: str | None
         model = client.get_registered_model(name)
     except MlflowException as error:
         _raise_unless_missing(error)
-        names = [m.name for m in client.search_registered_models(max_results=_MAX_LISTED + 1)]
-        known = f"registered models: {_listing(names)}" if names else "no models are registered there"
+        names = [m.name for m in client.search_registered_models(max_results=MAX_LISTED + 1)]
+        known = f"registered models: {listing(names)}" if names else "no models are registered there"
         raise LdmflowError(f"Registered model {name!r} does not exist in {client.tracking_uri} ({known}).") from None
     if alias is not None:
         try:
@@ -121,7 +120,7 @@ def registered_version(client, name: str, version: str | None, alias: str | None
         version = str(versions[-1])
     if int(version) not in versions:
         raise LdmflowError(f"Model {name!r} has no version {version} "
-                           f"(versions: {_listing([str(v) for v in versions]) or 'none'}).")
+                           f"(versions: {listing([str(v) for v in versions]) or 'none'}).")
     return client.get_model_version(name, version)
 
 
@@ -211,7 +210,7 @@ def _resolve_runs_uri(uri: str, dst_dir) -> ModelSource:
     except LdmflowError:
         names = sorted({a.path for a in client.list_artifacts(run_id)} | {m.name for m in logged})
         raise LdmflowError(f"Run {run_id} has no artifact or model {path!r} "
-                           f"(it has: {_listing(names) or 'nothing'}).") from None
+                           f"(it has: {listing(names) or 'nothing'}).") from None
     found = _registered_version_of(client, model_id, run_id)
     return ModelSource(local_dir=local, uri=uri, model_name=found.name if found else None,
                        model_version=str(found.version) if found else None, run_id=run_id, model_id=model_id,
@@ -270,8 +269,3 @@ def _raise_unless_missing(error: Exception) -> None:
     """A lookup error that is not 'no such thing' (server down, auth...) must not read as 'does not exist'."""
     if getattr(error, "error_code", None) not in _NOT_FOUND_CODES:
         raise LdmflowError(f"MLflow request failed: {str(error).splitlines()[0][:300]}") from None
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
