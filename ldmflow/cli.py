@@ -19,12 +19,11 @@ import click
 
 from ldmflow.errors import (UNEXPECTED_EXIT_CODE, LdmflowError, cause_line, missing_package_line, traceback_file,
                             unexpected_error_line)
-from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE
+from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE, Kind
 from ldmflow.server.users import PERMISSIONS, ROLES
 from ldmflow.settings import (DEFAULT_EXPERIMENT, CacheLatentsSettings, CheckManifestSettings, CompareSettings,
-                              DemoDataSettings, EvaluateSettings, LatentDdpmSettings, LegacyDdpmSettings,
-                              PipelineSettings, ProbeSettings, SampleSettings, ServerSettings, SweepSettings,
-                              VaeSettings, param_value, setting_fields)
+                              DemoDataSettings, EvaluateSettings, PipelineSettings, SampleSettings, ServerSettings,
+                              SweepSettings, param_value, setting_fields)
 
 
 class _Command(click.Command):
@@ -251,40 +250,20 @@ def demo_data_command(**options):
     click.echo(str(make_demo_dataset(**options)))
 
 
-@cli.command(VAE.command)
-@settings_options(VaeSettings)
-def vae_command(**options):
-    """Train an AutoencoderKL (by default 4 latent channels, x8) and save it in diffusers format at --output_dir."""
-    from ldmflow.workflows.replicates import train
+def _train_command(kind: Kind):
+    """`ldmflow <kind.command>`: the kind's settings as options, its summary as help, trained (and replicated)
+    by workflows/replicates.py; one per kind, as projects.py makes one entry point per kind."""
 
-    train(VaeSettings(**options))
+    def command(**options):
+        from ldmflow.workflows.replicates import train
 
+        train(kind.settings(**options))
 
-@cli.command(LATENT_DDPM.command)
-@settings_options(LatentDdpmSettings)
-def latent_ddpm_command(**options):
-    """Train a conditioned UNet2DConditionModel on a VAE's latents; writes unet/, scheduler, vae_source.json."""
-    from ldmflow.workflows.replicates import train
-
-    train(LatentDdpmSettings(**options))
+    command.__doc__ = kind.summary
+    return cli.command(kind.command)(settings_options(kind.settings)(command))
 
 
-@cli.command(LEGACY_DDPM.command)
-@settings_options(LegacyDdpmSettings)
-def legacy_ddpm_command(**options):
-    """Train the original unconditional pixel-space UNet2DModel; saved as a DDPMPipeline folder."""
-    from ldmflow.workflows.replicates import train
-
-    train(LegacyDdpmSettings(**options))
-
-
-@cli.command(PROBE.command)
-@settings_options(ProbeSettings)
-def probe_command(**options):
-    """Train the condition probe that evaluation reads conditions back with; registered as ldmflow-probe."""
-    from ldmflow.workflows.replicates import train
-
-    train(ProbeSettings(**options))
+TRAIN_COMMANDS = {kind: _train_command(kind) for kind in (VAE, LATENT_DDPM, LEGACY_DDPM, PROBE)}
 
 
 @cli.command("evaluate")
@@ -569,4 +548,4 @@ def main() -> None:
 def train_legacy_ddpm_main() -> None:
     """Console script `train-legacy-ddpm`: the original script's name for `ldmflow legacy-ddpm`."""
     setup_logging()
-    legacy_ddpm_command(prog_name="train-legacy-ddpm")
+    TRAIN_COMMANDS[LEGACY_DDPM](prog_name="train-legacy-ddpm")
