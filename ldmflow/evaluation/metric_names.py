@@ -16,6 +16,9 @@ CONDITION_METRIC_MARKS = ("recon/", "condition_error", "_mae", "_angle_error")  
 CONDITION_ERROR_SUFFIXES = ("_mae_pct", "_angle_error_deg")  # a condition's error in % of its range, or degrees
 HEADLINE_SCORES = ("fid", "rfid", "kid", "psnr", "ssim", "lpips")  # a version's description: then condition errors
 KEY_METRICS = ("loss", PSNR, DENOISE_LOSS, DENOISE_LOSS_EMA, "latent_scaling_factor")  # `ldmflow models`' columns
+VALIDATION_METRICS = {VAE: (PSNR, SSIM, LPIPS), LATENT_DDPM: (DENOISE_LOSS, DENOISE_LOSS_EMA),
+                      LEGACY_DDPM: (DENOISE_LOSS, DENOISE_LOSS_EMA)}  # what each kind's validation can log
+CONDITION_SCORED = (LATENT_DDPM,)  # the kinds whose validation and evaluation also score each condition
 EVALUATION_SCORES = {VAE: ("psnr", "ssim", "lpips", "rfid", "rkid"), LATENT_DDPM: ("fid", "kid", "diversity"),
                      LEGACY_DDPM: ("fid", "kid", "diversity")}  # what `ldmflow evaluate` scores, without conditions
 
@@ -32,11 +35,7 @@ def is_condition_metric(metric: str) -> bool:
 
 def stage_metrics(kind: Kind, spec: str) -> tuple[str, ...]:
     """The validation and evaluate metrics a stage can log (condition ones need the dataset's probe)."""
-    conditions = adherence_metric_names(ConditionSpec.parse(spec)) if spec.strip().lower() != "none" else ()
-    if kind is VAE:
-        validation = (PSNR, SSIM, LPIPS)
-    else:
-        validation = (DENOISE_LOSS, DENOISE_LOSS_EMA) + tuple(f"{VALIDATION}{name}" for name in
-                                                              (conditions if kind is LATENT_DDPM else ()))
-    scores = EVALUATION_SCORES[kind] + (conditions if kind is LATENT_DDPM else ())
-    return validation + tuple(f"{EVALUATION}{name}" for name in scores)
+    scored = kind in CONDITION_SCORED and spec.strip().lower() != "none"
+    conditions = adherence_metric_names(ConditionSpec.parse(spec)) if scored else ()
+    validation = VALIDATION_METRICS[kind] + tuple(f"{VALIDATION}{name}" for name in conditions)
+    return validation + tuple(f"{EVALUATION}{name}" for name in EVALUATION_SCORES[kind] + conditions)

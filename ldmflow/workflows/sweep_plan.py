@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ldmflow.data.manifest import NothingUsableError, load_manifest
 from ldmflow.errors import LdmflowError
-from ldmflow.evaluation.metric_names import (DENOISE_LOSS, DENOISE_LOSS_EMA, PSNR, RECONSTRUCTION_PREFIX, VALIDATION,
+from ldmflow.evaluation.metric_names import (DENOISE_LOSS_EMA, RECONSTRUCTION_PREFIX, VALIDATION, VALIDATION_METRICS,
                                              higher_is_better, stage_metrics)
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, VAE, Kind
 from ldmflow.settings import EvaluateSettings, SweepSettings, TrainSettings, param_value
@@ -74,9 +74,8 @@ def stage_condition_spec(base: TrainSettings) -> str:
 
 def _default_objective(kind: Kind, base: TrainSettings) -> str:
     """The stage's own checkpoint metric without a probe (a latent DDPM with one defaults to condition error)."""
-    if kind is VAE:
-        return PSNR
-    return DENOISE_LOSS_EMA if base.use_ema else DENOISE_LOSS
+    metrics = VALIDATION_METRICS[kind]
+    return DENOISE_LOSS_EMA if DENOISE_LOSS_EMA in metrics and base.use_ema else metrics[0]
 
 
 def _check_objective(kind: Kind, base: TrainSettings, objective: str, spec: str) -> None:
