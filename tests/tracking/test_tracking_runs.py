@@ -19,7 +19,8 @@ from PIL import Image
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import VaeSettings
 from ldmflow.tracking import store
-from ldmflow.tracking.run_tracker import PENDING_FILE, NullTracker, RunTracker, open_run, replay_pending
+from ldmflow.tracking.pending import PENDING_FILE, replay_pending
+from ldmflow.tracking.run_tracker import NullTracker, RunTracker, open_run
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,8 @@ from ldmflow.models.kinds import VAE
 from ldmflow.models.saved_model import find_diffusers_folder
 from ldmflow.tracking.model_uri import resolve_model_source
 from ldmflow.tracking.registry import log_and_register
-from ldmflow.tracking.run_tracker import PENDING_FILE, open_run, replay_pending
+from ldmflow.tracking.pending import PENDING_FILE, replay_pending
+from ldmflow.tracking.run_tracker import open_run
 
 pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
 
