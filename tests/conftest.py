@@ -80,7 +80,7 @@ def lpips_weights(tmp_path) -> Path:
     return folder
 
 
-LANE_MARKERS = ("train", "slow", "server", "processes")  # `make test-fast` runs the tests with none of these (Makefile)
+LANE_MARKERS = ("train", "slow", "server", "processes")  # `make test-fast` (Makefile) runs tests with none of these
 _ORIGINAL: dict = {}  # the loop's own _MetricWindow, kept here while an unmarked test runs with the refusing one
 
 

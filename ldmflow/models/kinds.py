@@ -65,7 +65,8 @@ VAE = Kind(
     layout="expected config.json of an AutoencoderKL and its weights",
     description="ldmflow's AutoencoderKL (diffusers format): encodes images to the latents the latent DDPMs "
                 "train on.",
-    summary="Train an AutoencoderKL (by default 4 latent channels, x8) and save it in diffusers format at --output_dir.")
+    summary="Train an AutoencoderKL (by default 4 latent channels, x8) and save it in diffusers format at "
+            "--output_dir.")
 LATENT_DDPM = Kind(
     name="latent_ddpm", command="latent-ddpm", settings=LatentDdpmSettings, registered_name="ldmflow-latent-ddpm",
     artifact="", files=(f"{UNET_FOLDER}/config.json", SCHEDULER_FILE), config_class=None,

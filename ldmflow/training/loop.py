@@ -80,7 +80,7 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
           on_validation: ValidationCallback | None = None) -> TrainingOutcome:
     """Run the whole training from what `prepare` made; save the last weights (and the best ones). What changes
     as it runs is `run.state` (the step and the counters saved with checkpoints) and the locals below."""
-    accelerator, model, state, rank = run.accelerator, run.model, run.state, run.accelerator.process_index
+    accelerator, model, state = run.accelerator, run.model, run.state
     state.run_id = getattr(tracker, "run_id", "") or ""
     if run.resumed_tags and accelerator.is_main_process:
         tracker.set_tags(run.resumed_tags)
@@ -104,17 +104,8 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
                     break
                 checkpoint_after_validation, micro_step = False, 0
                 for batch in _epoch_batches(settings, run, epoch, skip_batches if epoch == first_epoch else 0):
-                    # Noise, timesteps and dropout are a function of the step: resume continues exactly.
-                    torch.manual_seed(derive_seed(settings.seed, state.global_step, micro_step, rank))
+                    loss, parts, grad_norm, moved = _micro_step(settings, task, run, batch, skipped, micro_step)
                     micro_step += 1
-                    with accelerator.accumulate(model):
-                        loss, parts = task.loss(model, batch, state.global_step)  # fp32 (), (len(metric_names),)
-                        accelerator.backward(loss)
-                        task.after_backward(accelerator)
-                        if accelerator.sync_gradients:
-                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                            weights_moved = _optimizer_step(run, skipped.check(loss, grad_norm, accelerator))
-                        run.optimizer.zero_grad(set_to_none=True)
                     window.add(loss, parts, len(batch["index"]), batch.get("substituted"))
                     unreadable.update(path for path in batch.get("unreadable", ()) if path)
                     non_finite.update(path for path in batch.get("non_finite", ()) if path)
@@ -125,17 +116,11 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
                     progress.update(1, images_per_step)
                     # The EMA skips what the host knows was skipped (a step skipped on the device left the
                     # weights as they were: the EMA steps towards the same).
-                    if weights_moved:
+                    if moved:
                         task.after_optimizer_step(model, state.global_step)
                     at_log_point = state.global_step % settings.logging_steps == 0
                     if at_log_point or state.global_step == run.max_steps:
-                        _read_skipped(settings, state, skipped)
-                        metrics = window.read(accelerator)
-                        metrics.update(lr=run.lr_scheduler.get_last_lr()[0], nonfinite_steps=state.nonfinite_steps,
-                                       epoch=epoch, grad_norm=float("nan") if grad_norm is None else float(grad_norm))
-                        if accelerator.is_main_process:
-                            tracker.log_metrics(metrics, state.global_step)
-                        progress.note(loss=metrics["loss"])
+                        _log_point(settings, run, tracker, window, skipped, progress, epoch, grad_norm)
                     if _stop_now(accelerator, stop, at_log_point):
                         _checkpoint(settings, run, tracker, skipped, progress)
                         logger.warning("SIGTERM: stopped at step %d with a checkpoint; continue with "
@@ -160,6 +145,37 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # drop the DDP wrapper before any process-group teardown (gloo deadlocks otherwise)
     return outcome
+
+
+def _micro_step(settings: TrainSettings, task: Task, run: PreparedRun, batch: dict, skipped: SkippedSteps,
+                micro_step: int):
+    """One micro-batch: seed, forward, backward and, at the last one of a step, clip and the optimizer step.
+    Returns (loss, loss parts, grad norm, whether the weights moved); the last two are None, False before then."""
+    accelerator, model, grad_norm, weights_moved = run.accelerator, run.model, None, False
+    # Noise, timesteps and dropout are a function of the step: resume continues exactly.
+    torch.manual_seed(derive_seed(settings.seed, run.state.global_step, micro_step, accelerator.process_index))
+    with accelerator.accumulate(model):
+        loss, parts = task.loss(model, batch, run.state.global_step)  # fp32 (), (len(metric_names),)
+        accelerator.backward(loss)
+        task.after_backward(accelerator)
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            weights_moved = _optimizer_step(run, skipped.check(loss, grad_norm, accelerator))
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss, parts, grad_norm, weights_moved
+
+
+def _log_point(settings: TrainSettings, run: PreparedRun, tracker: Tracker, window: "_MetricWindow",
+               skipped: SkippedSteps, progress: Progress, epoch: int, grad_norm) -> None:
+    """Read the window's metrics and the skipped steps (one host sync) and log them with the LR and the epoch."""
+    state, accelerator = run.state, run.accelerator
+    _read_skipped(settings, state, skipped)
+    metrics = window.read(accelerator)
+    metrics.update(lr=run.lr_scheduler.get_last_lr()[0], nonfinite_steps=state.nonfinite_steps,
+                   epoch=epoch, grad_norm=float("nan") if grad_norm is None else float(grad_norm))
+    if accelerator.is_main_process:
+        tracker.log_metrics(metrics, state.global_step)
+    progress.note(loss=metrics["loss"])
 
 
 class _MetricWindow:

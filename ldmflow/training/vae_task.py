@@ -184,7 +184,7 @@ class VaeTask(Task):
         if not self.val_manifest:
             return ()
         recon = () if self.conditions is None else \
-            tuple(f"{RECONSTRUCTION_PREFIX}{name}" for name in adherence_metric_names(self.conditions.reader.encoder.spec))
+            tuple(RECONSTRUCTION_PREFIX + name for name in adherence_metric_names(self.conditions.reader.encoder.spec))
         return (PSNR, SSIM) + recon
 
     @torch.no_grad()
@@ -232,7 +232,7 @@ class VaeTask(Task):
         if lpips is not False:
             metrics[LPIPS] = totals[2].item() / count
         if self.conditions is not None and accelerator.is_main_process:
-            metrics.update({f"{RECONSTRUCTION_PREFIX}{key}": value for key, value in self._condition_errors(vae).items()})
+            metrics.update({RECONSTRUCTION_PREFIX + key: value for key, value in self._condition_errors(vae).items()})
         return metrics
 
     def _condition_errors(self, vae) -> dict[str, float]:
