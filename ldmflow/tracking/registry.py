@@ -98,7 +98,7 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     with tempfile.TemporaryDirectory(prefix="ldmflow-model-") as staging, _active_run(run_id), \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")  # a signature is given
-        artifacts, model_class, signature = _stage(kind, output_dir, Path(staging), vae_source, tags)
+        artifacts, model_class, signature = _artifacts(kind, output_dir, Path(staging), vae_source, tags)
         try:
             info = mlflow.pyfunc.log_model(
                 name=stage, python_model=_model_code(model_class, Path(staging)), artifacts=artifacts,
@@ -271,20 +271,20 @@ mlflow.models.set_model({model_class.__name__}())
     return str(path)
 
 
-def _stage(kind: Kind, output_dir: Path, staging: Path, vae_source: ModelSource | None, tags: dict):
+def _artifacts(kind: Kind, output_dir: Path, staging: Path, vae_source: ModelSource | None, tags: dict):
     """Link (or copy) the model's files into its kind's logged layout; returns (artifacts, python model class,
     signature). Each artifact is named after its folder or file, so artifacts/ holds the kind's saved folder."""
-    return _STAGERS[kind](output_dir, staging, vae_source, tags)
+    return _ARTIFACTS[kind](output_dir, staging, vae_source, tags)
 
 
-def _stage_vae(output_dir: Path, staging: Path, vae_source, tags: dict):
+def _vae_artifacts(output_dir: Path, staging: Path, vae_source, tags: dict):
     from ldmflow.tracking import pyfunc_models
 
     _link_tree(find_diffusers_folder(output_dir, VAE), staging / VAE.artifact, top_level_only=True)
     return {VAE.artifact: str(staging / VAE.artifact)}, pyfunc_models.VaePyfunc, pyfunc_models.vae_signature()
 
 
-def _stage_probe(output_dir: Path, staging: Path, vae_source, tags: dict):
+def _probe_artifacts(output_dir: Path, staging: Path, vae_source, tags: dict):
     from ldmflow.tracking import pyfunc_models
 
     _link_tree(output_dir, staging / PROBE.artifact, top_level_only=True)
@@ -292,7 +292,7 @@ def _stage_probe(output_dir: Path, staging: Path, vae_source, tags: dict):
         pyfunc_models.probe_signature(tags[CONDITION_SPEC_TAG])
 
 
-def _stage_legacy_ddpm(output_dir: Path, staging: Path, vae_source, tags: dict):
+def _legacy_ddpm_artifacts(output_dir: Path, staging: Path, vae_source, tags: dict):
     from ldmflow.tracking import pyfunc_models
 
     folder = find_diffusers_folder(output_dir, LEGACY_DDPM)
@@ -302,7 +302,7 @@ def _stage_legacy_ddpm(output_dir: Path, staging: Path, vae_source, tags: dict):
             pyfunc_models.legacy_signature())
 
 
-def _stage_latent_ddpm(output_dir: Path, staging: Path, vae_source: ModelSource, tags: dict):
+def _latent_ddpm_artifacts(output_dir: Path, staging: Path, vae_source: ModelSource, tags: dict):
     from ldmflow.tracking import pyfunc_models
 
     folder = find_diffusers_folder(output_dir, LATENT_DDPM)
@@ -317,7 +317,8 @@ def _stage_latent_ddpm(output_dir: Path, staging: Path, vae_source: ModelSource,
     return artifacts, pyfunc_models.LatentDiffusionPyfunc, pyfunc_models.latent_signature(tags[CONDITION_SPEC_TAG])
 
 
-_STAGERS = {VAE: _stage_vae, PROBE: _stage_probe, LEGACY_DDPM: _stage_legacy_ddpm, LATENT_DDPM: _stage_latent_ddpm}
+_ARTIFACTS = {VAE: _vae_artifacts, PROBE: _probe_artifacts, LEGACY_DDPM: _legacy_ddpm_artifacts,
+              LATENT_DDPM: _latent_ddpm_artifacts}
 
 
 def _link_tree(source: Path, target: Path, top_level_only: bool = False) -> None:
