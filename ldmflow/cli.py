@@ -307,6 +307,7 @@ def sample_command(**options):
 def pipeline_command(**options):
     """vae -> latent_ddpm -> sample -> evaluate as child runs of one parent run; unchanged finished steps are
     reused."""
+    from ldmflow.evaluation.metric_names import PSNR, SSIM
     from ldmflow.evaluation.report import format_metrics
     from ldmflow.tracking.lineage import version_metrics
     from ldmflow.workflows.pipeline import evaluation_metrics, run_pipeline
@@ -322,7 +323,7 @@ def pipeline_command(**options):
         return " (reused)" if flag else ""
 
     vae_quality = ", ".join(f"{key} {value:.4g}" for key, value in sorted(version_metrics(result.vae_uri).items())
-                            if key in ("val/psnr", "val/ssim"))  # the first stage's ceiling, as VAEs compare
+                            if key in (PSNR, SSIM))  # the first stage's ceiling, as VAEs compare
     click.echo(f"Pipeline: {result.vae_uri}{reused(result.vae_reused)}"
                + (f" ({vae_quality} at its registered weights)" if vae_quality else "")
                + f" -> {result.latent_ddpm_uri}{reused(result.latent_ddpm_reused)}; "
