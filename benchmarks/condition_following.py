@@ -66,10 +66,10 @@ def main() -> None:
     from pathlib import Path
 
     from ldmflow.data.demo import estimate_conditions
-    from ldmflow.workflows.sample import load_sampler
-    from ldmflow.tracking.model_uri import resolve_model_source
+    from ldmflow.sampling.load import load_sampler
+    from ldmflow.tracking.model_uri import fetch_model, resolve_model_source
 
-    sampler = load_sampler(Path(resolve_model_source(args.model).local_dir))
+    sampler = load_sampler(Path(resolve_model_source(args.model).local_dir), fetch=fetch_model)
     requests = _requests(args.num_images, args.seed)
     images = sampler.generate(requests, guidance_scale=args.guidance_scale, num_inference_steps=args.steps,
                               seeds=list(range(args.seed, args.seed + len(requests))))

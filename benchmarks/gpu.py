@@ -187,10 +187,10 @@ def vae_bare(vae_dir: Path, sizes: Sizes, device: torch.device) -> tuple[float, 
 
 def sampling_seconds(latent_output: Path, sizes: Sizes, device: torch.device) -> dict[tuple[str, str], float]:
     """Seconds to generate `sample_images` conditioned images (guidance 3) per (dtype, scheduler)."""
-    from ldmflow.sampling.latent import LatentSampler
+    from ldmflow.sampling.load import load_sampler
 
     dtypes = ("fp32", "bf16", "fp16") if device.type == "cuda" else ("fp32", "bf16")
-    sampler = LatentSampler.from_training_output(latent_output, device=str(device))
+    sampler = load_sampler(latent_output, device=str(device))
     results = {}
     for dtype in dtypes:
         sampler.set_dtype(dtype)

@@ -19,11 +19,11 @@ import click
 
 from ldmflow.errors import (UNEXPECTED_EXIT_CODE, LdmflowError, cause_line, missing_package_line, traceback_file,
                             unexpected_error_line)
-from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE
+from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE, Kind
+from ldmflow.server.users import PERMISSIONS, ROLES
 from ldmflow.settings import (DEFAULT_EXPERIMENT, CacheLatentsSettings, CheckManifestSettings, CompareSettings,
-                              DemoDataSettings, EvaluateSettings, LatentDdpmSettings, LegacyDdpmSettings,
-                              PipelineSettings, ProbeSettings, SampleSettings, ServerSettings, SweepSettings,
-                              VaeSettings, param_value, setting_fields)
+                              DemoDataSettings, EvaluateSettings, PipelineSettings, SampleSettings, ServerSettings,
+                              SweepSettings, param_value, setting_fields)
 
 
 class _Command(click.Command):
@@ -250,40 +250,20 @@ def demo_data_command(**options):
     click.echo(str(make_demo_dataset(**options)))
 
 
-@cli.command(VAE.command)
-@settings_options(VaeSettings)
-def vae_command(**options):
-    """Train an AutoencoderKL (by default 4 latent channels, x8) and save it in diffusers format at --output_dir."""
-    from ldmflow.workflows.replicates import train
+def _train_command(kind: Kind):
+    """`ldmflow <kind.command>`: the kind's settings as options, its summary as help, trained (and replicated)
+    by workflows/replicates.py; one per kind, as projects.py makes one entry point per kind."""
 
-    train(VaeSettings(**options))
+    def command(**options):
+        from ldmflow.workflows.replicates import train
 
+        train(kind.settings(**options))
 
-@cli.command(LATENT_DDPM.command)
-@settings_options(LatentDdpmSettings)
-def latent_ddpm_command(**options):
-    """Train a conditioned UNet2DConditionModel on a VAE's latents; writes unet/, scheduler, vae_source.json."""
-    from ldmflow.workflows.replicates import train
-
-    train(LatentDdpmSettings(**options))
+    command.__doc__ = kind.summary
+    return cli.command(kind.command)(settings_options(kind.settings)(command))
 
 
-@cli.command(LEGACY_DDPM.command)
-@settings_options(LegacyDdpmSettings)
-def legacy_ddpm_command(**options):
-    """Train the original unconditional pixel-space UNet2DModel; saved as a DDPMPipeline folder."""
-    from ldmflow.workflows.replicates import train
-
-    train(LegacyDdpmSettings(**options))
-
-
-@cli.command(PROBE.command)
-@settings_options(ProbeSettings)
-def probe_command(**options):
-    """Train the condition probe that evaluation reads conditions back with; registered as ldmflow-probe."""
-    from ldmflow.workflows.replicates import train
-
-    train(ProbeSettings(**options))
+TRAIN_COMMANDS = {kind: _train_command(kind) for kind in (VAE, LATENT_DDPM, LEGACY_DDPM, PROBE)}
 
 
 @cli.command("evaluate")
@@ -327,6 +307,7 @@ def sample_command(**options):
 def pipeline_command(**options):
     """vae -> latent_ddpm -> sample -> evaluate as child runs of one parent run; unchanged finished steps are
     reused."""
+    from ldmflow.evaluation.metric_names import PSNR, SSIM
     from ldmflow.evaluation.report import format_metrics
     from ldmflow.tracking.lineage import version_metrics
     from ldmflow.workflows.pipeline import evaluation_metrics, run_pipeline
@@ -342,7 +323,7 @@ def pipeline_command(**options):
         return " (reused)" if flag else ""
 
     vae_quality = ", ".join(f"{key} {value:.4g}" for key, value in sorted(version_metrics(result.vae_uri).items())
-                            if key in ("val/psnr", "val/ssim"))  # the first stage's ceiling, as VAEs compare
+                            if key in (PSNR, SSIM))  # the first stage's ceiling, as VAEs compare
     click.echo(f"Pipeline: {result.vae_uri}{reused(result.vae_reused)}"
                + (f" ({vae_quality} at its registered weights)" if vae_quality else "")
                + f" -> {result.latent_ddpm_uri}{reused(result.latent_ddpm_reused)}; "
@@ -449,7 +430,7 @@ def server_stop_command(root):
 
 @server_command.command("add-user")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["reader", "editor", "admin"]), default="reader", show_default=True,
+@click.option("--role", type=click.Choice(ROLES), default="reader", show_default=True,
               help=ROLE_HELP)
 @click.option("--password_stdin", is_flag=True, help="Read the password from stdin (else one is generated).")
 @ROOT_OPTION
@@ -466,7 +447,7 @@ def server_add_user_command(name, role, password_stdin, root):
 
 @server_command.command("set-role")
 @click.argument("name")
-@click.option("--role", type=click.Choice(["reader", "editor", "admin"]), required=True, help=ROLE_HELP)
+@click.option("--role", type=click.Choice(ROLES), required=True, help=ROLE_HELP)
 @ROOT_OPTION
 def server_set_role_command(name, role, root):
     """Change an account's role (a new reader keeps READ only, also on what it made)."""
@@ -490,7 +471,7 @@ def server_remove_user_command(name, root):
 @server_command.command("grant")
 @click.argument("name")
 @click.option("--experiment", required=True, help="Experiment name (created if missing).")
-@click.option("--permission", type=click.Choice(["READ", "EDIT", "MANAGE"], case_sensitive=False), required=True)
+@click.option("--permission", type=click.Choice(PERMISSIONS, case_sensitive=False), required=True)
 @ROOT_OPTION
 def server_grant_command(name, experiment, permission, root):
     """Give a user READ, EDIT or MANAGE on one experiment."""
@@ -568,4 +549,4 @@ def main() -> None:
 def train_legacy_ddpm_main() -> None:
     """Console script `train-legacy-ddpm`: the original script's name for `ldmflow legacy-ddpm`."""
     setup_logging()
-    legacy_ddpm_command(prog_name="train-legacy-ddpm")
+    TRAIN_COMMANDS[LEGACY_DDPM](prog_name="train-legacy-ddpm")

@@ -77,6 +77,15 @@ def missing_package_line(error: ModuleNotFoundError) -> str:
             "Python it is installed in (e.g. .venv/bin/ldmflow), or install ldmflow into this one.")
 
 
+MAX_LISTED = 20  # what a one-line message lists of a longer list
+
+
+def listing(items: list[str]) -> str:
+    """Up to MAX_LISTED items for a one-line message, and how many there are when there are more."""
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > MAX_LISTED else "")
+
+
 def cause_line(error: BaseException, limit: int = 300) -> str:
     """Why `error` happened, in one line: the OS's words (errno text and file) of the first OSError in its chain or
     quoted in its text (MLflow lists a download's failures after "...:"), else its whole message on one line."""

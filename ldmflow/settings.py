@@ -9,6 +9,7 @@ library (the CLI's --help stays instant).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -165,9 +166,17 @@ def _check_number(settings, name: str, low: float | None = None, high: float | N
         raise LdmflowError(f"--{name} must be in {span}, got {value}.")
 
 
-def _check_choice(settings, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(settings, name) not in choices:
-        raise LdmflowError(f"--{name} must be one of {', '.join(choices)}, got {getattr(settings, name)!r}.")
+def _check_choices(settings) -> None:
+    """Every setting declared with `choices` holds one of them: the one check for all of them, in field order."""
+    for name, choices in _choice_fields(type(settings)):
+        if getattr(settings, name) not in choices:
+            raise LdmflowError(f"--{name} must be one of {', '.join(choices)}, got {getattr(settings, name)!r}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _choice_fields(settings_class) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    return tuple((item.name, metadata["choices"]) for item, _, metadata in setting_fields(settings_class)
+                 if metadata.get("choices"))
 
 
 def _check_alias(alias: str | None) -> None:
@@ -367,11 +376,7 @@ class TrainSettings(ManifestSettings, TrackingSettings):
         _check_number(self, "learning_rate", 0, 1, low_open=True)
         _check_number(self, "adam_weight_decay", 0)
         _check_number(self, "max_grad_norm", 0, low_open=True)
-        _check_choice(self, "mixed_precision", MIXED_PRECISIONS)
-        _check_choice(self, "register", REGISTER_CHOICES)
-        _check_choice(self, "lr_scheduler", LR_SCHEDULERS)
-        _check_choice(self, "compile_mode", COMPILE_MODES)
-        _check_choice(self, "compile_backend", COMPILE_BACKENDS)
+        _check_choices(self)
         if self.compile_mode != "default" and self.compile_backend != "inductor":
             raise LdmflowError(f"--compile_mode {self.compile_mode} needs --compile_backend inductor (the modes are "
                                f"inductor's), got {self.compile_backend}.")
@@ -410,7 +415,6 @@ class VaeSettings(TrainSettings):
         _check_number(self, "perceptual_weight", 0)
         _check_number(self, "disc_weight", 0)
         _check_number(self, "disc_learning_rate", 0, 1, low_open=True)
-        _check_choice(self, "disc_loss", DISC_LOSSES)
         if self.downsample_factor not in (4, 8, 16):
             raise LdmflowError(f"--downsample_factor must be 4, 8 or 16, got {self.downsample_factor}.")
         levels = self.downsample_factor.bit_length()  # 4 -> 3 levels, 8 -> 4, 16 -> 5
@@ -468,8 +472,6 @@ class DdpmSettings(TrainSettings):
         if self.preview_inference_steps > self.ddpm_num_steps:
             raise LdmflowError(f"--preview_inference_steps ({self.preview_inference_steps}) cannot exceed "
                                f"--ddpm_num_steps ({self.ddpm_num_steps}).")
-        _check_choice(self, "prediction_type", PREDICTION_TYPES)
-        _check_choice(self, "ddpm_beta_schedule", BETA_SCHEDULES)
         if self.rescale_betas_zero_snr and self.prediction_type != "v_prediction":
             raise LdmflowError("--rescale_betas_zero_snr needs --prediction_type v_prediction (at zero terminal SNR "
                                "the last step's noise says nothing about the image); with epsilon add "
@@ -519,7 +521,6 @@ class LatentDdpmSettings(DdpmSettings):
         self.dropout_per_condition()
         _check_number(self, "guidance_scale", 1, MAX_GUIDANCE_SCALE)
         _check_at_least(self, 1, "time_embedding_dim")
-        _check_choice(self, "latent_cache_dtype", LATENT_CACHE_DTYPES)
 
 
     def dropout_per_condition(self) -> dict[str, float]:
@@ -623,9 +624,7 @@ class SampleSettings(TrackingSettings):
         if self.guidance_weights() and not (self.condition or self.conditions_file):
             raise LdmflowError("--condition_guidance weighs the conditions asked for: give them with --condition or "
                                "--conditions_file.")
-        _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
-        _check_choice(self, "dtype", SAMPLE_DTYPES)
-        _check_choice(self, "output_format", IMAGE_FORMATS)
+        _check_choices(self)
         if self.condition and self.conditions_file:
             raise LdmflowError("Give conditions either with --condition or with --conditions_file, not both.")
 
@@ -684,8 +683,7 @@ def _check_evaluation_options(self) -> None:
     _check_at_least(self, 1, "num_inference_steps", "batch_size")
     _check_sampling_bounds(self, "num_samples", MAX_FID_SAMPLES, "the standard FID count; every sample's "
                            "features are held in memory")
-    _check_choice(self, "scheduler", SAMPLING_SCHEDULERS)
-    _check_choice(self, "feature_extractor", FEATURE_EXTRACTORS)
+    _check_choices(self)
     _check_number(self, "guidance_scale", 1, MAX_GUIDANCE_SCALE)
     _check_at_least(self, 1, "probe_epochs")
 
@@ -839,9 +837,7 @@ class SweepSettings(ExperimentSettings):
                                      "data/manifest.json --output_dir outputs/sweep --resolution 64'.")
 
     def __post_init__(self) -> None:
-        _check_choice(self, "stage", SWEEP_STAGES)
-        _check_choice(self, "direction", SWEEP_DIRECTIONS)
-        _check_choice(self, "pruner", SWEEP_PRUNERS)
+        _check_choices(self)
         _check_at_least(self, 1, "n_trials")
         _check_at_least(self, 0, "pruner_startup_trials")
         _check_number(self, "timeout", 0, low_open=True)
@@ -872,8 +868,7 @@ class DemoDataSettings(Settings):
         _check_at_most(self, MAX_RESOLUTION, "each image is drawn in memory at that size", "resolution")
         _check_at_most(self, MAX_GENERATED_IMAGES, "a synthetic set for demos and tests; larger ones take hours "
                        "to write", "num_images")
-        _check_choice(self, "image_format", IMAGE_FORMATS)
-        _check_choice(self, "style", DEMO_STYLES)
+        _check_choices(self)
         _check_number(self, "val_fraction", 0, 1, high_open=True)
         _check_seeds(self)
 
@@ -921,7 +916,7 @@ class CacheLatentsSettings(ManifestSettings):
         _check_at_most(self, MAX_WORKERS, "each worker is a process with its own copy of the dataset",
                        "dataloader_num_workers")
         _check_batch_elements(self, "eval_batch_size")
-        _check_choice(self, "latent_cache_dtype", LATENT_CACHE_DTYPES)
+        _check_choices(self)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,10 +15,21 @@ from ldmflow.data.image_io import write_image
 
 
 @pytest.fixture(scope="session")
-def demo_manifest(tmp_path_factory) -> Path:
+def make_demo(tmp_path_factory):
+    """``make_demo(num_images=12, **options)``: the manifest of a fresh 32 px demo dataset in its own folder
+    (`make_demo_dataset`'s options); the one way tests make demo data, whatever their fixture's scope."""
+
+    def _make(num_images: int = 12, **options) -> Path:
+        return make_demo_dataset(tmp_path_factory.mktemp("demo"), num_images=num_images,
+                                 **{"resolution": 32, **options})
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(make_demo) -> Path:
     """A 16-image, 32 px PNG demo dataset (4 val). Shared by the session: copy it before modifying anything."""
-    root = tmp_path_factory.mktemp("demo32")
-    return make_demo_dataset(root, num_images=16, resolution=32, image_format="png", seed=0, val_fraction=0.25)
+    return make_demo(16, image_format="png", seed=0, val_fraction=0.25)
 
 
 @pytest.fixture
@@ -69,7 +80,7 @@ def lpips_weights(tmp_path) -> Path:
     return folder
 
 
-LANE_MARKERS = ("train", "slow", "server")  # `make test-fast` runs the tests with none of these
+LANE_MARKERS = ("train", "slow", "server", "processes")  # `make test-fast` (Makefile) runs tests with none of these
 _ORIGINAL: dict = {}  # the loop's own _MetricWindow, kept here while an unmarked test runs with the refusing one
 
 

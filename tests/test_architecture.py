@@ -1,5 +1,5 @@
-"""Imports only point down the layers written in docs/architecture.md, that page names every module, and model
-kinds and tag names are spelt only in their home modules."""
+"""Imports only point down the layers written in docs/architecture.md and never go round in a circle (inside a
+package too), that page names every module, and model kinds and tag names are spelt only in their home modules."""
 
 from __future__ import annotations
 
@@ -95,6 +95,69 @@ def test_the_check_catches_upward_sideways_and_relative_imports():
     assert upward_imports(PACKAGE / "sampling" / "latent.py", "from ..workflows import sample\n")
     assert not upward_imports(PACKAGE / "workflows" / "train.py", "from ldmflow.training.loop import train\n")
     assert not upward_imports(data_module, "from ldmflow.settings import IMAGE_FORMATS\n")
+
+
+def import_graph(sources: dict[Path, str] | None = None) -> dict[str, set[str]]:
+    """module -> the ldmflow modules it imports (lazy ones too); `sources` replaces some files' text."""
+    sources = sources or {}
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = module_name(path)
+        source = sources.get(path, path.read_text())
+        graph[module] = {target for _, target in imported_modules(source, module, path.name == "__init__.py")
+                         if target != module}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each cycle as one path back to its start, one per group of modules that reach each other (Tarjan)."""
+    order, low, stack, cycles = {}, {}, [], []
+
+    def visit(module: str) -> None:
+        order[module] = low[module] = len(order)
+        stack.append(module)
+        for target in sorted(graph[module] & graph.keys()):
+            if target not in order:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], order[target])
+        if low[module] == order[module]:
+            group = stack[stack.index(module):]
+            del stack[stack.index(module):]
+            if len(group) > 1:
+                cycles.append(_path_back(graph, set(group), module))
+
+    for module in sorted(graph):
+        if module not in order:
+            visit(module)
+    return cycles
+
+
+def _path_back(graph: dict[str, set[str]], group: set[str], start: str) -> list[str]:
+    """The shortest import path from `start` back to itself inside `group` (breadth first)."""
+    paths = [[start]]
+    while paths:
+        path = paths.pop(0)
+        for target in sorted(graph[path[-1]] & group):
+            if target == start:
+                return path + [start]
+            if target not in path:
+                paths.append(path + [target])
+    return [start]
+
+
+def test_no_import_cycles():
+    cycles = import_cycles(import_graph())
+    assert not cycles, "Import cycles (two modules that need each other share a third):\n" + "\n".join(
+        " -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_cycle_check_catches_a_cycle_inside_a_package():
+    kinds = PACKAGE / "models" / "kinds.py"
+    source = kinds.read_text() + "\ndef f():\n    from ldmflow.models import probe\n"
+    cycles = import_cycles(import_graph({kinds: source}))  # probe.py imports kinds already
+    assert ["ldmflow.models.kinds", "ldmflow.models.probe", "ldmflow.models.kinds"] in cycles
 
 
 def test_the_architecture_page_names_every_module_and_no_other():

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from ldmflow.cli import cli
+from cli_runner import invoke
 from tiny import TINY_SIZES
 from fakes import tracked_folder
 
@@ -166,8 +165,8 @@ def inputs(tmp_path_factory):
     """A demo manifest, a broken one, and a tracking store to watch for runs."""
     root = tmp_path_factory.mktemp("bad-inputs")
     with tracked_folder(root):
-        assert CliRunner().invoke(cli, ["demo-data", "--output_dir", "data", "--num_images", "16", "--resolution",
-                                        "32", "--val_fraction", "0.25"]).exit_code == 0
+        assert invoke("demo-data", "--output_dir", "data", "--num_images", "16", "--resolution",
+                      "32", "--val_fraction", "0.25", ok=False).exit_code == 0
         (root / "broken.json").write_text('{"items": [')
         import numpy as np
         import tifffile
@@ -192,13 +191,12 @@ def trained_models(inputs):
     root, _ = inputs
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        runner = CliRunner()
         common = [*TINY, "--no_mlflow", "--max_train_steps", "1", "--save_images_epochs", "100"]
-        assert runner.invoke(cli, ["vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae", *common,
-                                   "--block_out_channels", "8,8,8,8", "--scaling_factor_batches", "1"]).exit_code == 0
-        assert runner.invoke(cli, ["latent-ddpm", "--manifest_path", "data/manifest.json", "--vae_uri", "vae",
-                                   "--output_dir", "latent", *common, "--block_out_channels", "16,16",
-                                   "--num_preview_images", "1", "--preview_inference_steps", "1"]).exit_code == 0
+        assert invoke("vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae", *common,
+                      "--block_out_channels", "8,8,8,8", "--scaling_factor_batches", "1", ok=False).exit_code == 0
+        assert invoke("latent-ddpm", "--manifest_path", "data/manifest.json", "--vae_uri", "vae",
+                      "--output_dir", "latent", *common, "--block_out_channels", "16,16",
+                      "--num_preview_images", "1", "--preview_inference_steps", "1", ok=False).exit_code == 0
 
 
 def _case(case_id: str, arguments: list[str], fragment: str):
@@ -224,7 +222,7 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(inputs, request, 
         request.getfixturevalue("trained_models")
     out = root / "out" / case_id.replace(":", "").replace(" ", "_")
     args = [argument.format(**values, out=out) for argument in arguments]
-    result = CliRunner().invoke(cli, args)
+    result = invoke(*args, ok=False)
     assert isinstance(result.exception, SystemExit), f"{case_id}: raised {result.exception!r}"  # no traceback
     assert result.exit_code != 0, case_id
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
@@ -253,9 +251,9 @@ def test_an_error_inside_a_data_loader_worker_is_one_line(tmp_path):
         data = bytearray(image.read_bytes())
         data[60:70] = b"\xff" * 10
         image.write_bytes(bytes(data))
-    result = CliRunner().invoke(cli, ["legacy-ddpm", "--manifest_path", str(manifest), "--output_dir",
-                                      str(tmp_path / "out"), *TINY, "--block_out_channels", "16,16", "--no_mlflow",
-                                      "--dataloader_num_workers", "1", "--split", "all", "--val_split", ""])
+    result = invoke("legacy-ddpm", "--manifest_path", str(manifest), "--output_dir",
+                    str(tmp_path / "out"), *TINY, "--block_out_channels", "16,16", "--no_mlflow",
+                    "--dataloader_num_workers", "1", "--split", "all", "--val_split", "", ok=False)
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1
     [line] = [line for line in result.output.splitlines() if line.strip()]
     assert line.startswith("Error: None of the 4 images in the dataset could be read"), result.output

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
+from cli_runner import invoke
 from ldmflow.cli import cli
 
 COMMANDS = sorted(cli.commands)
@@ -20,7 +20,7 @@ def test_every_command_is_there():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_of_every_command(command):
-    result = CliRunner().invoke(cli, [command, "--help"])
+    result = invoke(command, "--help", ok=False)
     assert result.exit_code == 0 and "Usage:" in result.output
 
 

@@ -7,10 +7,9 @@ import os
 import threading
 
 import pytest
-from click.testing import CliRunner
 from hypothesis import given, settings, strategies as st
 
-from ldmflow.cli import cli
+from cli_runner import invoke
 from ldmflow.errors import LdmflowError
 from ldmflow.files import read_user_file
 
@@ -63,18 +62,18 @@ def test_a_path_that_is_not_a_readable_file_is_named_for_what_it_is(tmp_path, pa
 def test_check_manifest_reads_a_process_substitution_and_refuses_an_endless_stream(demo_manifest, tmp_path,
                                                                                    monkeypatch):
     pipe = _pipe_path(tmp_path, demo_manifest.read_bytes())
-    result = CliRunner().invoke(cli, ["check-manifest", "--manifest_path", str(pipe), "--data_root",
-                                      str(demo_manifest.parent)])
+    result = invoke("check-manifest", "--manifest_path", str(pipe), "--data_root",
+                    str(demo_manifest.parent), ok=False)
     assert result.exit_code == 0, result.output
     monkeypatch.setattr("ldmflow.data.manifest.MAX_MANIFEST_BYTES", 1 << 20)
-    result = CliRunner().invoke(cli, ["check-manifest", "--manifest_path", "/dev/zero"])
+    result = invoke("check-manifest", "--manifest_path", "/dev/zero", ok=False)
     assert result.exit_code == 1
     assert "Error: Manifest /dev/zero is a device of more than 1 MiB" in result.output
 
 
 def test_a_manifest_from_a_pipe_needs_its_data_root(demo_manifest, tmp_path):
     pipe = _pipe_path(tmp_path, demo_manifest.read_bytes())
-    result = CliRunner().invoke(cli, ["check-manifest", "--manifest_path", str(pipe)])
+    result = invoke("check-manifest", "--manifest_path", str(pipe), ok=False)
     assert result.exit_code == 1
     assert f"Error: Manifest {pipe} is not a regular file (a pipe or a device), so its images' folder is unknown: " \
            "give it as --data_root." in result.output

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from fakes import tracked_folder
-from ldmflow.cli import cli
+from cli_runner import invoke
 from tiny import TINY_COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +103,7 @@ def run_command(command: str, tiny: bool) -> tuple[int, str]:
         return result.returncode, result.stdout + result.stderr
     if tiny and arguments:
         arguments += TINY_COMMANDS.get(arguments[0], [])
-    result = CliRunner().invoke(cli, arguments)
+    result = invoke(*arguments, ok=False)
     crash = "" if result.exc_info is None or result.exc_info[0] is SystemExit else \
         "".join(traceback.format_exception(*result.exc_info))
     return result.exit_code, result.output + crash

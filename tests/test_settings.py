@@ -230,9 +230,9 @@ def test_bad_sample_and_pipeline_settings_are_refused(settings_class, values, me
 
 
 def test_a_bad_value_is_one_error_line_from_the_cli_before_anything_runs(tmp_path):
-    from click.testing import CliRunner
+    from cli_runner import invoke
 
-    result = CliRunner().invoke(cli, ["pipeline", "--manifest_path", str(tmp_path / "missing.json"),
-                                      "--vae_epochs", "0"])
+    result = invoke("pipeline", "--manifest_path", str(tmp_path / "missing.json"),
+                    "--vae_epochs", "0", ok=False)
     assert result.exit_code == 1
     assert result.output.strip() == "Error: Pipeline step vae: --num_epochs must be at least 1, got 0."

@@ -8,9 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from ldmflow.cli import cli
+from cli_runner import invoke
 from ldmflow.errors import LdmflowError
 
 LINE = re.compile(r"^Error: unexpected RuntimeError: disk on fire \(full traceback in (.+); please report it\)$")
@@ -22,7 +21,7 @@ def _explode(**options):
 
 def _demo_data(tmp_path, monkeypatch, *flags):
     monkeypatch.setattr("ldmflow.data.demo.make_demo_dataset", _explode)
-    return CliRunner().invoke(cli, [*flags, "demo-data", "--output_dir", str(tmp_path)])
+    return invoke(*flags, "demo-data", "--output_dir", str(tmp_path), ok=False)
 
 
 def test_one_line_a_traceback_file_and_exit_code_2(tmp_path, monkeypatch):
@@ -51,7 +50,7 @@ def test_verbose_prints_the_traceback_too(tmp_path, monkeypatch):
 
 
 def test_a_user_error_stays_exit_code_1(tmp_path):
-    result = CliRunner().invoke(cli, ["demo-data", "--output_dir", str(tmp_path), "--num_images", "0"])
+    result = invoke("demo-data", "--output_dir", str(tmp_path), "--num_images", "0", ok=False)
     assert result.exit_code == 1 and result.output.startswith("Error: --num_images")
 
 
@@ -133,5 +132,5 @@ def test_clicks_own_exits_pass_through(tmp_path, monkeypatch):
         raise click.exceptions.Exit(0)
 
     monkeypatch.setattr("ldmflow.data.demo.make_demo_dataset", leave)
-    result = CliRunner().invoke(cli, ["demo-data", "--output_dir", str(tmp_path)])
+    result = invoke("demo-data", "--output_dir", str(tmp_path), ok=False)
     assert result.exit_code == 0 and "unexpected" not in result.output

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldmflow.errors import LdmflowError
+from ldmflow.errors import LdmflowError, listing
 from ldmflow.settings import LatentDdpmSettings, LegacyDdpmSettings, ProbeSettings, TrainSettings, VaeSettings
 
 UNET_FOLDER = "unet"  # a DDPM's UNet, in a latent DDPM's folder and in a DDPMPipeline
@@ -27,7 +27,6 @@ VAE_SOURCE_FILE = "vae_source.json"  # the VAE a latent DDPM was trained on: pat
 CONDITIONING_FILE = "conditioning.json"  # a conditioned model's condition spec and normalisation statistics
 PIPELINE_PARTS = ("model_index.json", UNET_FOLDER, "scheduler")  # what a logged legacy DDPM bundles
 MLMODEL_FILE = "MLmodel"  # marks a logged MLflow model
-_MAX_LISTED = 20
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,7 @@ class Kind:
     config_class: str | None  # the `_class_name` of its config.json, when it has one
     layout: str  # what a folder of this kind holds, said when a folder is not one
     description: str  # its registered model's description
+    summary: str  # the one line of help of the command that trains it
 
     @property
     def logged_dir(self) -> str:
@@ -64,23 +64,28 @@ VAE = Kind(
     files=("config.json",), config_class="AutoencoderKL",
     layout="expected config.json of an AutoencoderKL and its weights",
     description="ldmflow's AutoencoderKL (diffusers format): encodes images to the latents the latent DDPMs "
-                "train on.")
+                "train on.",
+    summary="Train an AutoencoderKL (by default 4 latent channels, x8) and save it in diffusers format at "
+            "--output_dir.")
 LATENT_DDPM = Kind(
     name="latent_ddpm", command="latent-ddpm", settings=LatentDdpmSettings, registered_name="ldmflow-latent-ddpm",
     artifact="", files=(f"{UNET_FOLDER}/config.json", SCHEDULER_FILE), config_class=None,
     layout="expected unet/ and scheduler_config.json (a latent-ddpm output folder)",
     description="ldmflow's conditioned latent DDPM (a diffusers UNet2DConditionModel) with the VAE it was trained "
-                "on; the `condition_spec` tag says what it is conditioned on.")
+                "on; the `condition_spec` tag says what it is conditioned on.",
+    summary="Train a conditioned UNet2DConditionModel on a VAE's latents; writes unet/, scheduler, vae_source.json.")
 LEGACY_DDPM = Kind(
     name="legacy_ddpm", command="legacy-ddpm", settings=LegacyDdpmSettings, registered_name="ldmflow-legacy-ddpm",
     artifact="pipeline", files=("model_index.json", f"{UNET_FOLDER}/"), config_class=None,
     layout="expected model_index.json, unet/ and scheduler/ (a DDPMPipeline folder)",
-    description="ldmflow's unconditional pixel-space DDPM (a diffusers DDPMPipeline), for comparison.")
+    description="ldmflow's unconditional pixel-space DDPM (a diffusers DDPMPipeline), for comparison.",
+    summary="Train the original unconditional pixel-space UNet2DModel; saved as a DDPMPipeline folder.")
 PROBE = Kind(
     name="probe", command="probe", settings=ProbeSettings, registered_name="ldmflow-probe", artifact="probe",
     files=("config.json",), config_class="ConditionProbe",
     layout="expected config.json of a ConditionProbe (an `ldmflow probe` output folder)",
-    description="ldmflow's condition probe: reads the conditions back from images, to score condition adherence.")
+    description="ldmflow's condition probe: reads the conditions back from images, to score condition adherence.",
+    summary="Train the condition probe that evaluation reads conditions back with; registered as ldmflow-probe.")
 
 KINDS = (VAE, LATENT_DDPM, LEGACY_DDPM, PROBE)  # the order of listings
 _DETECTION_ORDER = (LATENT_DDPM, LEGACY_DDPM, VAE, PROBE)  # a logged latent DDPM also holds a VAE: test it first
@@ -127,9 +132,8 @@ def detect_kind(folder) -> Kind:
     kind = logged_kind(root) or next((kind for kind in _DETECTION_ORDER if kind.holds(root)), None)
     if kind is None:
         found = sorted(path.name for path in root.iterdir()) if root.is_dir() else []
-        shown = ", ".join(found[:_MAX_LISTED]) + (f", ... ({len(found)} in all)" if len(found) > _MAX_LISTED else "")
         raise LdmflowError(f"{folder} is not an ldmflow model: expected the folder of a {names()} model, or its "
-                           f"MLflow model (found: {shown or 'nothing'}).")
+                           f"MLflow model (found: {listing(found) or 'nothing'}).")
     return kind
 
 

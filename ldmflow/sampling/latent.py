@@ -1,8 +1,8 @@
-"""Latent sampling: noise -> UNet with classifier-free guidance -> VAE decode, from in-memory or saved models."""
+"""Latent sampling: noise -> UNet with classifier-free guidance -> VAE decode, from in-memory models or their
+folders (`sampling/load.py` finds those in a saved model)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,32 +12,13 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ldmflow.data.conditions import ConditionSpec, extract_conditions
 from ldmflow.errors import LdmflowError
-from ldmflow.files import model_digest
 from ldmflow.models.conditioning import ConditionEncoder
-from ldmflow.models.kinds import CONDITIONING_FILE, UNET_FOLDER, VAE_SOURCE_FILE
 from ldmflow.progress import Progress
 from ldmflow.sampling.denoise import (ComposedGuidance, cast_model, denoise, initial_noise, make_scheduler, model_dtype,
                                       step_generators)
 from ldmflow.sampling.sampler import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SCHEDULER, image_seeds, in_batches
 
 logger = logging.getLogger(__name__)
-
-
-def check_recorded_vae(vae_dir: str | Path, source_file: str | Path) -> None:
-    """The VAE in `vae_dir` is the one `vae_source.json` recorded (weights digest and scaling factor), or one
-    clear error: a latent model decoded by another VAE gives wrong images without any other sign."""
-    record = json.loads(Path(source_file).read_text())
-    expected, found = record.get("vae_digest"), None
-    if expected and (found := model_digest(vae_dir)) != expected:
-        raise LdmflowError(
-            f"The VAE at {vae_dir} is not the one this latent model was trained with: its weights digest "
-            f"{found[:12]} differs from {expected[:12]} recorded in {source_file} (the folder was trained over or "
-            f"replaced). Use the registered model, or restore the VAE {record.get('vae_uri') or ''}.".rstrip())
-    factor = record.get("vae_scaling_factor")
-    config = json.loads((Path(vae_dir) / "config.json").read_text())
-    if factor is not None and abs(float(config.get("scaling_factor", 0.0)) - float(factor)) > 1e-6 * abs(factor):
-        raise LdmflowError(f"The VAE at {vae_dir} has scaling_factor {config.get('scaling_factor')}, but this latent "
-                           f"model was trained with {factor} ({source_file}).")
 
 
 class LatentSampler:
@@ -68,15 +49,6 @@ class LatentSampler:
         sampler = cls(unet, vae, scheduler_config, encoder)
         sampler.set_dtype(dtype)
         return sampler
-
-    @classmethod
-    def from_training_output(cls, output_dir, device="cpu", dtype: str = "fp32") -> "LatentSampler":
-        """A `ldmflow latent-ddpm` output folder: unet/, scheduler_config.json, vae_source.json."""
-        output_dir = Path(output_dir)
-        source = json.loads((output_dir / VAE_SOURCE_FILE).read_text())
-        check_recorded_vae(source["vae_path"], output_dir / VAE_SOURCE_FILE)
-        return cls.from_folders(output_dir / UNET_FOLDER, source["vae_path"], output_dir,
-                                output_dir / CONDITIONING_FILE, device, dtype)
 
     def set_dtype(self, name: str) -> None:
         """Switch the UNet to fp32, bf16 or fp16 (and the VAE to bf16 or fp32) where they are."""

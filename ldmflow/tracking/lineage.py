@@ -1,12 +1,16 @@
 """Lineage of registered ldmflow models (dataset -> VAE -> latent DDPM -> sample runs) and a model listing.
 
 Everything is found with MLflow searches on tags (`filter_string`), never by scanning all runs in Python.
-The sample command tags its runs with `sample_run_tags(source)` so they show up here.
+The sample and evaluate commands tag their runs through `record_sample_source(tracker, source)` so they show up
+here.
 """
 
 from __future__ import annotations
 
+import logging
+
 from ldmflow.errors import LdmflowError
+from ldmflow.evaluation.metric_names import KEY_METRICS
 from ldmflow.models.kinds import KINDS, LATENT_DDPM, VAE
 from ldmflow.tags import (CHECKPOINT_METRIC_TAG, CHECKPOINT_METRIC_VALUE_TAG, CHECKPOINT_STEP_TAG, CHECKPOINT_TAG,
                           CONDITION_SPEC_TAG, DATASET_DIGEST_TAG, SAMPLE_MODEL_ID_TAG, SAMPLE_MODEL_NAME_TAG,
@@ -14,10 +18,9 @@ from ldmflow.tags import (CHECKPOINT_METRIC_TAG, CHECKPOINT_METRIC_VALUE_TAG, CH
                           STAGE_VERSION_TAG, VAE_MODEL_NAME_TAG, VAE_MODEL_VERSION_TAG, VAE_RUN_TAG, VAE_URI_TAG)
 from ldmflow.tracking.store import equals, filter_value
 
+logger = logging.getLogger(__name__)
 SAMPLE_STAGE = "sample"
 EVALUATE_STAGE = "evaluate"
-# Run metrics shown by list_models (names the training loop logs).
-KEY_METRICS = ("loss", "val/psnr", "val/denoise_loss", "val/denoise_loss_ema", "latent_scaling_factor")
 _PAGE = 1000
 
 
@@ -27,6 +30,19 @@ def sample_run_tags(source) -> dict[str, str]:
               SAMPLE_MODEL_VERSION_TAG: source.model_version, SAMPLE_MODEL_ID_TAG: source.model_id,
               SAMPLE_MODEL_RUN_TAG: source.run_id}
     return {key: str(value) for key, value in values.items() if value}
+
+
+def record_sample_source(tracker, source, stage: str = SAMPLE_STAGE) -> None:
+    """Tag a sample (or evaluate) run with the model it used, and log that model as the run's input (lineage)."""
+    tracker.set_tags({STAGE_TAG: stage, **sample_run_tags(source)})
+    if source.model_id and getattr(tracker, "run_id", None):
+        import mlflow
+        from mlflow.entities import LoggedModelInput
+
+        try:
+            mlflow.log_input(model=LoggedModelInput(source.model_id))
+        except mlflow.exceptions.MlflowException as error:
+            logger.warning("Could not record model %s as the run's input: %s", source.model_id, error)
 
 
 def lineage(model_uri: str) -> dict:

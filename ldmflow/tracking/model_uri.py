@@ -1,4 +1,5 @@
-"""Turn what a user passes as a model (a folder or an MLflow URI) into a local folder plus where it came from.
+"""Turn what a user passes as a model (a folder or an MLflow URI) into a local folder plus where it came from;
+what that folder holds is models/saved_model.py's business.
 
 Accepted forms: a local folder, `runs:/<run_id>/<path>`, `models:/<name>/<version>` (or `/latest`),
 `models:/<name>@<alias>` and `models:/<model_id>` (an MLflow 3 logged model, `m-...`). Every bad form gets one
@@ -7,7 +8,6 @@ message naming the offending part and, where short, what exists instead.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -15,15 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ldmflow.errors import LdmflowError, cause_line
+from ldmflow.errors import MAX_LISTED, LdmflowError, cause_line, listing
 from ldmflow.files import disk_problem, publish_folder
-from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, UNET_FOLDER, VAE, VAE_SOURCE_FILE, kind_named,
-                                  logged_kind, model_root)
+from ldmflow.models.saved_model import VaeRecord, recorded_vae_dir
 from ldmflow.tracking.store import equals, filter_value
 
 ACCEPTED_FORMS = ("a local folder, runs:/<run_id>/<path>, models:/<name>/<version>, models:/<name>@<alias> "
                   "or models:/<model_id>")
-_MAX_LISTED = 20
 _NOT_FOUND_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 
 
@@ -38,16 +36,6 @@ class ModelSource:
     run_id: str | None = None
     model_id: str | None = None
     is_registered: bool = False
-
-
-@dataclass(frozen=True)
-class LatentDdpmFolders:
-    """The four inputs of `LatentSampler.from_folders`."""
-
-    unet_dir: Path
-    vae_dir: Path
-    scheduler_dir: Path
-    conditioning_path: Path | None
 
 
 def resolve_model_source(uri_or_path, dst_dir: str | Path | None = None) -> ModelSource:
@@ -115,8 +103,8 @@ def registered_version(client, name: str, version: str | None, alias: str | None
         model = client.get_registered_model(name)
     except MlflowException as error:
         _raise_unless_missing(error)
-        names = [m.name for m in client.search_registered_models(max_results=_MAX_LISTED + 1)]
-        known = f"registered models: {_listing(names)}" if names else "no models are registered there"
+        names = [m.name for m in client.search_registered_models(max_results=MAX_LISTED + 1)]
+        known = f"registered models: {listing(names)}" if names else "no models are registered there"
         raise LdmflowError(f"Registered model {name!r} does not exist in {client.tracking_uri} ({known}).") from None
     if alias is not None:
         try:
@@ -132,7 +120,7 @@ def registered_version(client, name: str, version: str | None, alias: str | None
         version = str(versions[-1])
     if int(version) not in versions:
         raise LdmflowError(f"Model {name!r} has no version {version} "
-                           f"(versions: {_listing([str(v) for v in versions]) or 'none'}).")
+                           f"(versions: {listing([str(v) for v in versions]) or 'none'}).")
     return client.get_model_version(name, version)
 
 
@@ -222,7 +210,7 @@ def _resolve_runs_uri(uri: str, dst_dir) -> ModelSource:
     except LdmflowError:
         names = sorted({a.path for a in client.list_artifacts(run_id)} | {m.name for m in logged})
         raise LdmflowError(f"Run {run_id} has no artifact or model {path!r} "
-                           f"(it has: {_listing(names) or 'nothing'}).") from None
+                           f"(it has: {listing(names) or 'nothing'}).") from None
     found = _registered_version_of(client, model_id, run_id)
     return ModelSource(local_dir=local, uri=uri, model_name=found.name if found else None,
                        model_version=str(found.version) if found else None, run_id=run_id, model_id=model_id,
@@ -260,69 +248,24 @@ def download_cause(error: BaseException, folder: Path) -> str:
     return problem if problem.startswith("the disk is full") else cause_line(error)
 
 
-def find_diffusers_folder(local_dir, kind: str) -> Path:
-    """The diffusers folder of `kind` inside a downloaded ldmflow MLflow model, or a plain training output."""
-    wanted = kind_named(kind)
-    root = model_root(local_dir)
-    logged = logged_kind(root)
-    if logged is wanted:
-        return root / wanted.logged_dir
-    if logged is not None:
-        raise LdmflowError(f"{local_dir} is a {logged.name} model, not a {kind} model.")
-    if wanted.holds(root):
-        return root
-    raise LdmflowError(f"{local_dir} is not a {kind} model: {wanted.layout} (found: "
-                       f"{_listing(sorted(p.name for p in root.iterdir())) if root.is_dir() else 'no folder'}).")
-
-
-def latent_ddpm_folders(folder) -> LatentDdpmFolders:
-    """Sampler inputs from a latent-ddpm folder: its own vae/ (logged models) or the VAE in vae_source.json."""
-    folder = find_diffusers_folder(folder, LATENT_DDPM.name)
-    conditioning = folder / CONDITIONING_FILE
-    vae_dir = folder / VAE.artifact
-    if not VAE.holds(vae_dir):
-        vae_dir = vae_source_from_file(folder).local_dir
-    return LatentDdpmFolders(folder / UNET_FOLDER, vae_dir, folder, conditioning if conditioning.is_file() else None)
+def fetch_model(uri: str) -> Path:
+    """The local folder of a model URI (downloaded into a fresh temporary folder): what `models/saved_model.py`
+    calls to fetch a VAE again that a latent DDPM's record names but that is gone from its path."""
+    return resolve_model_source(uri).local_dir
 
 
 def vae_source_from_file(folder) -> ModelSource:
     """The VAE a latent-ddpm output folder records in vae_source.json: its local folder if still there, else
     its URI downloaded again; with the registry identity that was recorded."""
-    source_file = Path(folder) / VAE_SOURCE_FILE
-    if not source_file.is_file():
-        raise LdmflowError(f"{folder} has neither a vae/ folder nor vae_source.json; cannot find its VAE.")
-    data = json.loads(source_file.read_text())
-    local = Path(data.get("vae_path") or "")
-    if not (data.get("vae_path") and VAE.holds(local) and _is_recorded_vae(local, source_file)):
-        if not data.get("vae_uri"):
-            raise LdmflowError(f"{source_file}: the VAE folder {local} is gone and no vae_uri is recorded.")
-        local = find_diffusers_folder(resolve_model_source(data["vae_uri"]).local_dir, VAE.name)
-    from ldmflow.sampling.latent import check_recorded_vae  # torch: only where a VAE is actually checked
-
-    check_recorded_vae(local, source_file)
-    version = data.get("vae_model_version")
-    return ModelSource(local_dir=local, uri=data.get("vae_uri") or str(local),
-                       model_name=data.get("vae_model_name") or None, model_version=str(version) if version else None,
-                       run_id=data.get("vae_run_id") or None, model_id=data.get("vae_model_id") or None,
-                       is_registered=bool(data.get("vae_model_name")))
-
-
-def _is_recorded_vae(folder: Path, source_file: Path) -> bool:
-    from ldmflow.sampling.latent import check_recorded_vae
-
-    try:
-        check_recorded_vae(folder, source_file)
-    except LdmflowError:
-        return False  # changed since: the recorded vae_uri is tried next
-    return True
+    local = recorded_vae_dir(folder, fetch_model)
+    record = VaeRecord.read(folder)
+    version = record.vae_model_version
+    return ModelSource(local_dir=local, uri=record.vae_uri or str(local), model_name=record.vae_model_name or None,
+                       model_version=str(version) if version else None, run_id=record.vae_run_id or None,
+                       model_id=record.vae_model_id or None, is_registered=bool(record.vae_model_name))
 
 
 def _raise_unless_missing(error: Exception) -> None:
     """A lookup error that is not 'no such thing' (server down, auth...) must not read as 'does not exist'."""
     if getattr(error, "error_code", None) not in _NOT_FOUND_CODES:
         raise LdmflowError(f"MLflow request failed: {str(error).splitlines()[0][:300]}") from None
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")

@@ -151,9 +151,9 @@ def _seed(value, row: int) -> int:
 
 
 def _device() -> str:
-    import torch
+    from ldmflow.sampling.denoise import default_device  # lazily: this module loads without torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return default_device()
 
 
 def _number(value, name: str, kind: type):
@@ -207,7 +207,8 @@ class LatentDiffusionPyfunc(mlflow.pyfunc.PythonModel):
     """Conditioned latent DDPM + its VAE: a DataFrame of conditions in, one generated image per row out."""
 
     def load_context(self, context):
-        from ldmflow.sampling.latent import LatentSampler, check_recorded_vae
+        from ldmflow.models.saved_model import check_recorded_vae
+        from ldmflow.sampling.latent import LatentSampler
 
         artifacts = context.artifacts
         if artifacts.get("vae_source"):

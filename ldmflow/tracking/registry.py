@@ -2,8 +2,8 @@
 
 Each model carries its diffusers folders as pyfunc artifacts (stock `from_pretrained` loads them after
 `mlflow.artifacts.download_artifacts`), a copy of the ldmflow package as code (it loads without ldmflow
-installed), explicit pip requirements, and a signature with params for serving. Its layout is each kind's
-saved folder under artifacts/ (ldmflow/models/kinds.py).
+installed), explicit pip requirements, and a signature with params for serving: model_package.py makes it,
+each kind's saved folder under artifacts/ (ldmflow/models/kinds.py); this module logs, registers and describes it.
 """
 
 from __future__ import annotations
@@ -11,30 +11,23 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ldmflow.environment import environment_tags
 from ldmflow.errors import LdmflowError, cause_line
-from ldmflow.models.kinds import (CONDITIONING_FILE, LATENT_DDPM, LEGACY_DDPM, PIPELINE_PARTS, PROBE, SCHEDULER_FILE,
-                                  UNET_FOLDER, VAE, VAE_SOURCE_FILE, Kind, kind_named)
+from ldmflow.evaluation.metric_names import CONDITION_ERROR_SUFFIXES, EVALUATION, HEADLINE_SCORES
+from ldmflow.models.kinds import CONDITIONING_FILE, LATENT_DDPM, PROBE, VAE, VAE_SOURCE_FILE, kind_named
+from ldmflow.models.saved_model import VaeRecord, find_diffusers_folder
 from ldmflow.tags import (CONDITION_SPEC_TAG, DATASET_DIGEST_TAG, DOWNSAMPLE_FACTOR_TAG, DOWNSTREAM_TAG, ENV_LOCK_TAG,
                           LATENT_CHANNELS_TAG, STAGE_VERSION_TAG, VAE_MODEL_NAME_TAG, VAE_MODEL_VERSION_TAG,
                           VAE_RUN_TAG, VAE_SHAPE_TAG_PREFIX, VAE_URI_TAG)
-from ldmflow.tracking.model_uri import ModelSource, find_diffusers_folder, vae_source_from_file
+from ldmflow.tracking.model_package import model_code, package_artifacts, package_copy, pip_requirements
+from ldmflow.tracking.model_uri import ModelSource, vae_source_from_file
 
 logger = logging.getLogger(__name__)
-# ldmflow's own runtime dependencies (pyproject.toml), next to the exactly pinned torch/diffusers/mlflow.
-_UNPINNED_REQUIREMENTS = ["accelerate>=1.0,<2", "pillow>=10", "numpy>=1.24", "pandas>=2.0", "safetensors>=0.4",
-                          "click>=8.1", "tifffile>=2023.1", "psutil>=5.9"]
-_WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin")
-
-
 @dataclass(frozen=True)
 class RegisteredModel:
     """What `log_and_register` made: `model_uri` (models:/name/version) is what users pass on."""
@@ -44,17 +37,6 @@ class RegisteredModel:
     model_id: str
     model_uri: str
     run_id: str
-
-
-def pip_requirements() -> list[str]:
-    """torch, diffusers and mlflow pinned to this environment (without local tags like +cpu), then ldmflow's deps."""
-    pinned = []
-    for package in ("torch", "diffusers", "mlflow"):
-        try:
-            pinned.append(f"{package}=={version(package).split('+')[0]}")
-        except PackageNotFoundError:
-            pinned.append(package)
-    return pinned + _UNPINNED_REQUIREMENTS
 
 
 def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model_name: str | None = None,
@@ -74,9 +56,8 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     """
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.entities import RunTag
 
-    from ldmflow.tracking.store import access_problem, use_tracking_store
+    from ldmflow.tracking.store import access_problem, tag_run, use_tracking_store
 
     kind = kind_named(stage)
     output_dir = Path(output_dir)
@@ -92,16 +73,16 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     elif condition_spec:
         tags[CONDITION_SPEC_TAG] = condition_spec
     if kind is VAE:
-        tags.update(latent_shape_tags(find_diffusers_folder(output_dir, VAE.name)))
+        tags.update(latent_shape_tags(find_diffusers_folder(output_dir, VAE)))
     tags.update({k: str(v) for k, v in (extra_tags or {}).items()})
     with tempfile.TemporaryDirectory(prefix="ldmflow-model-") as staging, _active_run(run_id), \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")  # a signature is given
-        artifacts, model_class, signature = _stage(kind, output_dir, Path(staging), vae_source, tags)
+        artifacts, model_class, signature = package_artifacts(kind, output_dir, Path(staging), vae_source, tags)
         try:
             info = mlflow.pyfunc.log_model(
-                name=stage, python_model=_model_code(model_class, Path(staging)), artifacts=artifacts,
-                signature=signature, code_paths=[_package_copy(Path(staging))], pip_requirements=pip_requirements(),
+                name=stage, python_model=model_code(model_class, Path(staging)), artifacts=artifacts,
+                signature=signature, code_paths=[package_copy(Path(staging))], pip_requirements=pip_requirements(),
                 tags=tags, step=last_step if step is None else step)
             _link_metrics_at(client, run_id, info.model_id, last_step if step is None else step)
             version = _register(client, name, info.model_id, run_id, tags) if register else ""
@@ -112,7 +93,7 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
                                f"{reason or cause_line(error)}. The trained model is safe in {output_dir}."
                                ) from None
     if not register:
-        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        tag_run(run_id, tags, client)
         logger.info("Logged the %s model %s (run %s).", stage, info.model_id, run_id)
         return RegisteredModel(name, "", info.model_id, f"models:/{info.model_id}", run_id)
     registered = RegisteredModel(name, str(version), info.model_id, f"models:/{name}/{version}", run_id)
@@ -215,7 +196,7 @@ def vae_lineage_tags(vae_source: ModelSource) -> dict[str, str]:
               VAE_MODEL_VERSION_TAG: vae_source.model_version, VAE_RUN_TAG: vae_source.run_id}
     tags = {key: str(value) for key, value in values.items() if value}
     with contextlib.suppress(LdmflowError, OSError):  # a VAE not at hand locally has no shape tags
-        shape = latent_shape_tags(find_diffusers_folder(vae_source.local_dir, VAE.name))
+        shape = latent_shape_tags(find_diffusers_folder(vae_source.local_dir, VAE))
         tags.update({f"{VAE_SHAPE_TAG_PREFIX}{key}": value for key, value in shape.items()})
     return tags
 
@@ -255,101 +236,24 @@ def _active_run(run_id: str):
         mlflow.end_run(status if status != "RUNNING" else "FINISHED")
 
 
-def _model_code(model_class: type, staging: Path) -> str:
-    """The model as code (MLflow's models-from-code): loading it runs this file against the bundled ldmflow
-    package; nothing is unpickled."""
-    path = staging / "model_code.py"
-    path.write_text(f'''"""ldmflow {model_class.__name__}, logged as code: see ldmflow.tracking.pyfunc_models."""
-
-import mlflow.models
-
-from {model_class.__module__} import {model_class.__name__}
-
-mlflow.models.set_model({model_class.__name__}())
-''')
-    return str(path)
-
-
-def _stage(kind: Kind, output_dir: Path, staging: Path, vae_source: ModelSource | None, tags: dict):
-    """Link (or copy) the model's files into its kind's logged layout; returns (artifacts, python model class,
-    signature). Each artifact is named after its folder or file, so artifacts/ holds the kind's saved folder."""
-    from ldmflow.tracking import pyfunc_models
-
-    if kind is VAE:
-        _link_tree(find_diffusers_folder(output_dir, VAE.name), staging / VAE.artifact, top_level_only=True)
-        return {VAE.artifact: str(staging / VAE.artifact)}, pyfunc_models.VaePyfunc, pyfunc_models.vae_signature()
-    if kind is PROBE:
-        _link_tree(output_dir, staging / PROBE.artifact, top_level_only=True)
-        return {PROBE.artifact: str(staging / PROBE.artifact)}, pyfunc_models.ProbePyfunc, \
-            pyfunc_models.probe_signature(tags[CONDITION_SPEC_TAG])
-    if kind is LEGACY_DDPM:
-        folder = find_diffusers_folder(output_dir, LEGACY_DDPM.name)
-        for part in PIPELINE_PARTS:
-            _link_tree(folder / part, staging / LEGACY_DDPM.artifact / part)
-        return ({LEGACY_DDPM.artifact: str(staging / LEGACY_DDPM.artifact)}, pyfunc_models.LegacyDdpmPyfunc,
-                pyfunc_models.legacy_signature())
-    folder = find_diffusers_folder(output_dir, LATENT_DDPM.name)
-    _link_tree(folder / UNET_FOLDER, staging / UNET_FOLDER)
-    _link_tree(find_diffusers_folder(vae_source.local_dir, VAE.name), staging / VAE.artifact, top_level_only=True)
-    artifacts = {"unet": str(staging / UNET_FOLDER), VAE.artifact: str(staging / VAE.artifact)}
-    for key, file_name in (("scheduler", SCHEDULER_FILE), ("conditioning", CONDITIONING_FILE),
-                           ("vae_source", VAE_SOURCE_FILE)):
-        if (folder / file_name).is_file():
-            _link_tree(folder / file_name, staging / file_name)
-            artifacts[key] = str(staging / file_name)
-    return artifacts, pyfunc_models.LatentDiffusionPyfunc, pyfunc_models.latent_signature(tags[CONDITION_SPEC_TAG])
-
-
-def _link_tree(source: Path, target: Path, top_level_only: bool = False) -> None:
-    """Hard-link files (no copy of multi-GB weights; falls back to copying across filesystems)."""
-    if source.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _link(source, target)
-        return
-    if not source.is_dir():
-        raise LdmflowError(f"Missing {source}: the training output is incomplete.")
-    for path in sorted(source.rglob("*") if not top_level_only else source.iterdir()):
-        if not path.is_file() or (top_level_only and not path.name.endswith(_WEIGHT_SUFFIXES)):
-            continue
-        destination = target / path.relative_to(source)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        _link(path, destination)
-
-
-def _link(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
-def _package_copy(staging: Path) -> str:
-    """A clean copy of the ldmflow package (no caches) for the model's code_paths."""
-    import ldmflow
-
-    target = staging / "code" / "ldmflow"
-    shutil.copytree(Path(ldmflow.__file__).parent, target,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
-    return str(target)
-
-
 def _recorded_condition_spec(output_dir: Path) -> str:
-    for file_name in (CONDITIONING_FILE, VAE_SOURCE_FILE):
-        path = output_dir / file_name
-        if path.is_file():
-            spec = json.loads(path.read_text()).get("condition_spec")
-            if spec:
-                return str(spec)
+    conditioning = output_dir / CONDITIONING_FILE
+    if conditioning.is_file() and (spec := json.loads(conditioning.read_text()).get("condition_spec")):
+        return str(spec)
+    if (output_dir / VAE_SOURCE_FILE).is_file() and (spec := VaeRecord.read(output_dir).condition_spec):
+        return str(spec)
     return "none"
 
 
 def _tag(client, registered: RegisteredModel, tags: dict, alias: str | None, vae_source: ModelSource | None) -> None:
     """Tags on the version and the run, the VAE as a model input of the run, and the alias."""
-    from mlflow.entities import LoggedModelInput, RunTag
+    from mlflow.entities import LoggedModelInput
+
+    from ldmflow.tracking.store import tag_run
 
     for key, value in tags.items():
         client.set_model_version_tag(registered.name, registered.version, key, value)
-    client.log_batch(registered.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    tag_run(registered.run_id, tags, client)
     if vae_source is not None and vae_source.model_id:
         client.log_inputs(registered.run_id, models=[LoggedModelInput(vae_source.model_id)])
     if alias:
@@ -392,15 +296,12 @@ def _add_downstream(client, vae_source: ModelSource, downstream: str) -> None:
                                 description=f"{version.description or ''}\n\n{note}".strip())
 
 
-HEADLINE_SCORES = ("fid", "rfid", "kid", "psnr", "ssim", "lpips")  # then the model's condition errors, % of range
-
-
 def add_evaluation_note(client, model_name: str, version: str, run_id: str, metrics: dict[str, float]) -> None:
     """One line per evaluation in the version's description: a link to the evaluate run and its headline
     scores (`metrics` keyed `eval/<name>`), so the registry page shows how good a version is."""
-    scores = {key.removeprefix("eval/"): value for key, value in metrics.items() if key.count("/") <= 1}
+    scores = {key.removeprefix(EVALUATION): value for key, value in metrics.items() if key.count("/") <= 1}
     names = [name for name in HEADLINE_SCORES if name in scores] + \
-        sorted(name for name in scores if name.endswith(("_mae_pct", "_angle_error_deg")))
+        sorted(name for name in scores if name.endswith(CONDITION_ERROR_SUFFIXES))
     summary = ", ".join(f"{name} {scores[name]:.4g}" for name in names)
     note = (f"Evaluated in run [{run_id[:8]}](#/experiments/{_experiment_of(client, run_id)}/runs/{run_id}): "
             f"{summary or 'see the run'}.")

@@ -3,7 +3,7 @@
 Only the main process of a multi-process run talks to MLflow; every other process (and `--no_mlflow`) gets a
 `NullTracker`. Metrics, params, tags and preview images go through a background uploader, so a tracking server
 that goes down never stops or slows training: values are buffered and retried, and what is still unsent when
-the run ends is written to `<output_dir>/mlflow_pending_metrics.jsonl` for `replay_pending`.
+the run ends is written to `<output_dir>/mlflow_pending_metrics.jsonl` (tracking/pending.py).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ldmflow.environment import environment_tags
 from ldmflow.errors import LdmflowError, Stopped, error_summary, traceback_file
+from ldmflow.tracking.pending import PENDING_FILE, write_pending, write_pending_status
 from ldmflow.tags import (DATASET_DIGEST_TAG, DIGEST_INPUT_TAG, ERROR_TAG, PARENT_RUN_TAG, RESUMED_BY_RUN_TAG,
                           RUN_NAME_TAG, SPLIT_INPUT_TAG, STAGE_TAG)
 
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 UI_HINT_SHOWN_ENV = "LDMFLOW_UI_HINT_SHOWN"  # set once a local store's `mlflow ui` command was printed
 UI_MODE = "workflowType=machine_learning"  # MLflow 3's UI opens experiments in its GenAI mode otherwise
-PENDING_FILE = "mlflow_pending_metrics.jsonl"
 ERROR_ARTIFACT_PATH = "error"  # a run failed by an unexpected error: its traceback file, under this folder
 _KEY_RE = re.compile(r"^[/\w.\- :]{1,250}$")
 _MAX_PARAM_LENGTH = 6000
@@ -191,7 +191,7 @@ class RunTracker:
                     f"MLflow stayed unreachable for {seconds:.0f} s after training ({RETRY_SECONDS_ENV}), so the "
                     f"model was not registered. The weights are in {self._output_dir}; the run's end and any "
                     f"values not uploaded are in {self._output_dir / PENDING_FILE} (upload them with "
-                    "ldmflow.tracking.run_tracker.replay_pending).")
+                    "ldmflow.tracking.pending.replay_pending).")
             time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
 
     def close(self) -> None:
@@ -207,15 +207,12 @@ class RunTracker:
             path = write_pending(self._output_dir / PENDING_FILE, self._run_id, left)
             logger.warning("MLflow was unreachable at the end of the run: %d metric values, %d params and %d tags "
                            "were written to %s. Upload them later with "
-                           "ldmflow.tracking.run_tracker.replay_pending(%r, %r).",
+                           "ldmflow.tracking.pending.replay_pending(%r, %r).",
                            len(left.metrics), len(left.params), len(left.tags), path, str(path), self._run_id)
 
     def write_pending_status(self, status: str) -> None:
         """Record the final status that could not be set, so `replay_pending` ends the run properly."""
-        path = self._output_dir / PENDING_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as file:
-            file.write(json.dumps({"kind": "status", "run_id": self._run_id, "status": status}) + "\n")
+        path = write_pending_status(self._output_dir / PENDING_FILE, self._run_id, status)
         logger.warning("The run's final status %s is recorded in %s for replay_pending.", status, path)
 
     def _check_key(self, key: str, kind: str) -> bool:
@@ -260,66 +257,6 @@ def manifest_dataset(manifest_path, digest: str, split: str, num_records: int, n
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(str(Path(manifest_path).absolute()))
     return ManifestDataset(source, name=name, digest=digest[:_MAX_DIGEST_LENGTH])
-
-
-def write_pending(path: Path, run_id: str, pending) -> Path:
-    """Append unsent values as JSON lines ({"kind": "metric"|"param"|"tag", ...}) tagged with their run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as file:
-        for metric in pending.metrics:
-            file.write(json.dumps({"kind": "metric", "run_id": run_id, "key": metric.key, "value": metric.value,
-                                   "timestamp": metric.timestamp, "step": metric.step}) + "\n")
-        for kind, items in (("param", pending.params), ("tag", pending.tags)):
-            for item in items:
-                file.write(json.dumps({"kind": kind, "run_id": run_id, "key": item.key, "value": item.value}) + "\n")
-    return path
-
-
-def replay_pending(path, run_id: str | None = None) -> int:
-    """Upload a pending-metrics file to `run_id` (default: the run recorded in it); returns values sent.
-
-    The file is renamed to `*.replayed` afterwards, so running this twice does not log twice.
-    """
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
-
-    from ldmflow.tracking.store import use_tracking_store
-
-    path = Path(path)
-    if not path.is_file():
-        raise LdmflowError(f"Pending metrics file {path} does not exist.")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    client = MlflowClient(use_tracking_store())
-    by_run: dict[str, list[dict]] = {}
-    for record in records:
-        by_run.setdefault(run_id or record["run_id"], []).append(record)
-    sent = 0
-    for target, items in by_run.items():
-        known = _run_params(client, target)
-        metrics = [Metric(r["key"], float(r["value"]), int(r["timestamp"]), int(r["step"]))
-                   for r in items if r["kind"] == "metric"]
-        params = [Param(r["key"], r["value"]) for r in items if r["kind"] == "param" and r["key"] not in known]
-        tags = [RunTag(r["key"], r["value"]) for r in items if r["kind"] == "tag"]
-        for start in range(0, len(metrics), 1000):
-            client.log_batch(target, metrics=metrics[start:start + 1000])
-        for start in range(0, max(len(params), len(tags)), 100):
-            client.log_batch(target, params=params[start:start + 100], tags=tags[start:start + 100])
-        for record in items:
-            if record["kind"] == "status":
-                client.set_terminated(target, record["status"])
-        sent += len(metrics) + len(params) + len(tags)
-    path.rename(path.with_name(path.name + ".replayed"))
-    logger.info("Replayed %d values from %s.", sent, path)
-    return sent
-
-
-def _run_params(client, run_id: str) -> dict[str, str]:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return dict(client.get_run(run_id).data.params)
-    except MlflowException as error:
-        raise LdmflowError(f"Run {run_id!r} not found in the MLflow store: {error}") from None
 
 
 @contextlib.contextmanager

@@ -302,3 +302,11 @@ def filter_value(value) -> str:
     """A string literal for an MLflow `filter_string` (double quotes when the value holds a single quote)."""
     text = str(value)
     return f'"{text}"' if "'" in text else f"'{text}'"
+
+
+def tag_run(run_id: str, tags: dict[str, str], client=None) -> None:
+    """Set several tags on a run in one request (one `log_batch`), with `client` or the active store's."""
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    (client or MlflowClient()).log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])

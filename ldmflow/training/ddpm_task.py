@@ -12,6 +12,7 @@ from PIL import Image
 
 from ldmflow.data.dataset import image_dataset
 from ldmflow.data.manifest import Manifest
+from ldmflow.evaluation.metric_names import DENOISE_LOSS, DENOISE_LOSS_EMA
 from ldmflow.settings import DdpmSettings
 from ldmflow.training.diffusion import build_noise_scheduler, diffusion_loss, diffusion_target
 from ldmflow.training.prepare import derive_seed
@@ -48,7 +49,7 @@ class DdpmTask(Task):
     def validation_metrics(self) -> tuple[str, ...]:
         if self.val_manifest is None:
             return ()
-        return ("val/denoise_loss_ema", "val/denoise_loss") if self.settings.use_ema else ("val/denoise_loss",)
+        return (DENOISE_LOSS_EMA, DENOISE_LOSS) if self.settings.use_ema else (DENOISE_LOSS,)
 
     def after_prepare(self, accelerator: Accelerator, model, plan) -> None:
         """EMA of the unwrapped weights on the training device, saved and restored with every checkpoint."""
@@ -108,10 +109,10 @@ class DdpmTask(Task):
         unwrapped = accelerator.unwrap_model(model)
         metrics = {}
         if validate and self.val_manifest is not None:
-            metrics["val/denoise_loss"] = self.validation_loss(accelerator, unwrapped)
+            metrics[DENOISE_LOSS] = self.validation_loss(accelerator, unwrapped)
             if self.ema is not None:
                 with self.ema_weights(unwrapped):
-                    metrics["val/denoise_loss_ema"] = self.validation_loss(accelerator, unwrapped)
+                    metrics[DENOISE_LOSS_EMA] = self.validation_loss(accelerator, unwrapped)
         if not (previews and accelerator.is_main_process):
             return metrics, {}
         with self.ema_weights(unwrapped):

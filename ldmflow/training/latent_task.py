@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,11 +16,13 @@ from ldmflow.data.latent_cache import CachedLatents
 from ldmflow.data.manifest import Manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.evaluation.adherence import adherence_metric_names, condition_errors, manifest_ranges, manifest_requests
+from ldmflow.evaluation.metric_names import VALIDATION
 from ldmflow.models.architectures import build_latent_unet, vae_downsample_factor
 from ldmflow.models.attention import enable_memory_efficient_attention
 from ldmflow.models.conditioning import ConditionEncoder
-from ldmflow.models.kinds import LATENT_DDPM, UNET_FOLDER, VAE_SOURCE_FILE
+from ldmflow.models.kinds import LATENT_DDPM, UNET_FOLDER
 from ldmflow.models.probe import ProbeReader
+from ldmflow.models.saved_model import VaeRecord
 from ldmflow.sampling.condition_input import spanning_conditions
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 from ldmflow.sampling.latent import LatentSampler
@@ -122,7 +123,7 @@ class LatentDdpmTask(DdpmTask):
         losses = super().validation_metrics
         if self.probe is None or not losses:
             return losses
-        return tuple(f"val/{name}" for name in adherence_metric_names(self.manifest.spec)) + losses
+        return tuple(f"{VALIDATION}{name}" for name in adherence_metric_names(self.manifest.spec)) + losses
 
     def end_of_epoch(self, accelerator: Accelerator, model, step: int, previews: bool, validate: bool):
         metrics, images = super().end_of_epoch(accelerator, model, step, previews, validate)
@@ -144,7 +145,7 @@ class LatentDdpmTask(DdpmTask):
                                   seeds=list(range(len(requests.conditions))))
         errors = condition_errors(self.manifest.spec, requests.values, requests.present, self.probe.read(images),
                                   self.ranges)
-        return {f"val/{key}": value for key, value in errors.items()}
+        return {f"{VALIDATION}{key}": value for key, value in errors.items()}
 
     def _preview(self, unet, step: int) -> Image.Image:
         sampler = LatentSampler(unet, self.vae, self.noise_scheduler.config, self.encoder)
@@ -170,17 +171,17 @@ class LatentDdpmTask(DdpmTask):
         self.noise_scheduler.save_pretrained(output_dir)
         if self.encoder is not None:
             self.encoder.save(output_dir)
-        (output_dir / VAE_SOURCE_FILE).write_text(json.dumps(self.vae_source_record(), indent=2))
+        self.vae_source_record().write(output_dir)
         logger.info("Saved the latent DDPM to %s.", output_dir)
         return {}
 
-    def vae_source_record(self) -> dict:
+    def vae_source_record(self) -> VaeRecord:
         """vae_source.json: which VAE the latents came from, and the condition spec."""
         source = self.vae_source
-        return {"vae_path": str(Path(source.local_dir).resolve()), "vae_uri": source.uri,
-                "vae_model_name": source.model_name, "vae_model_version": source.model_version,
-                "vae_run_id": source.run_id, "vae_model_id": source.model_id,
-                "vae_scaling_factor": self.scaling_factor, "vae_digest": model_digest(source.local_dir),
-                "vae_latent_channels": self.vae.config.latent_channels,
-                "vae_downsample_factor": vae_downsample_factor(self.vae.config),
-                "condition_spec": str(self.manifest.spec)}
+        return VaeRecord(vae_path=str(Path(source.local_dir).resolve()), vae_uri=source.uri,
+                         vae_model_name=source.model_name, vae_model_version=source.model_version,
+                         vae_run_id=source.run_id, vae_model_id=source.model_id,
+                         vae_scaling_factor=self.scaling_factor, vae_digest=model_digest(source.local_dir),
+                         vae_latent_channels=self.vae.config.latent_channels,
+                         vae_downsample_factor=vae_downsample_factor(self.vae.config),
+                         condition_spec=str(self.manifest.spec))

@@ -28,6 +28,7 @@ from PIL import Image
 from safetensors import SafetensorError
 
 from ldmflow.errors import LdmflowError
+from ldmflow.evaluation.metric_names import higher_is_better
 from ldmflow.files import disk_problem
 from ldmflow.progress import Progress
 from ldmflow.tags import (BEST_CHECKPOINT_METRIC_TAG, BEST_CHECKPOINT_STEP_TAG, CHECKPOINT_METRIC_TAG,
@@ -36,7 +37,7 @@ from ldmflow.tags import (BEST_CHECKPOINT_METRIC_TAG, BEST_CHECKPOINT_STEP_TAG, 
 from ldmflow.settings import TrainSettings
 from ldmflow.training.checkpoints import (BEST_CHECKPOINT, TrainingState, list_checkpoints, load_checkpoint,
                                           save_checkpoint)
-from ldmflow.training.prepare import PreparedRun, derive_seed
+from ldmflow.training.prepare import Prepared, derive_seed
 from ldmflow.training.skipped_steps import SkippedSteps
 from ldmflow.training.task import Task
 
@@ -75,45 +76,36 @@ class TrainingOutcome:
 ValidationCallback = Callable[[int, dict], None]
 
 
-def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRun,
+def train(settings: TrainSettings, task: Task, tracker: Tracker, prepared: Prepared,
           on_validation: ValidationCallback | None = None) -> TrainingOutcome:
     """Run the whole training from what `prepare` made; save the last weights (and the best ones). What changes
-    as it runs is `run.state` (the step and the counters saved with checkpoints) and the locals below."""
-    accelerator, model, state, rank = run.accelerator, run.model, run.state, run.accelerator.process_index
+    as it runs is `prepared.state` (the step and the counters saved with checkpoints) and the locals below."""
+    accelerator, model, state = prepared.accelerator, prepared.model, prepared.state
     state.run_id = getattr(tracker, "run_id", "") or ""
-    if run.resumed_tags and accelerator.is_main_process:
-        tracker.set_tags(run.resumed_tags)
-    num_epochs = math.ceil(run.max_steps / run.steps_per_epoch)
-    first_epoch, skip_batches = divmod(state.global_step, run.steps_per_epoch)
+    if prepared.resumed_tags and accelerator.is_main_process:
+        tracker.set_tags(prepared.resumed_tags)
+    num_epochs = math.ceil(prepared.max_steps / prepared.steps_per_epoch)
+    first_epoch, skip_batches = divmod(state.global_step, prepared.steps_per_epoch)
     window = _MetricWindow(task.metric_names, accelerator.device)
     unreadable: set[str] = set()  # images this process replaced by a neighbour
     non_finite: set[str] = set()  # images this process read with NaN or infinite pixels replaced
     images_per_step = settings.train_batch_size * settings.gradient_accumulation_steps * accelerator.num_processes
     with _sigterm_requests_stop() as stop:
         logger.info("Training %d steps (%d epochs of %d steps) on %d process(es), %d images; checkpoints every %d "
-                    "steps in %s.", run.max_steps, num_epochs, run.steps_per_epoch, accelerator.num_processes,
-                    len(run.dataset), settings.checkpointing_steps, settings.output_dir)
+                    "steps in %s.", prepared.max_steps, num_epochs, prepared.steps_per_epoch, accelerator.num_processes,
+                    len(prepared.dataset), settings.checkpointing_steps, settings.output_dir)
         if state.global_step == 0:
-            _preview_before_training(task, run, tracker)
-        progress = Progress(task.name, run.max_steps, state.global_step, enabled=accelerator.is_main_process)
+            _preview_before_training(task, prepared, tracker)
+        progress = Progress(task.name, prepared.max_steps, state.global_step, enabled=accelerator.is_main_process)
         skipped = SkippedSteps(accelerator.device, state.nonfinite_steps)
         try:
             for epoch in range(first_epoch, num_epochs):
-                if state.global_step >= run.max_steps:
+                if state.global_step >= prepared.max_steps:
                     break
                 checkpoint_after_validation, micro_step = False, 0
-                for batch in _epoch_batches(settings, run, epoch, skip_batches if epoch == first_epoch else 0):
-                    # Noise, timesteps and dropout are a function of the step: resume continues exactly.
-                    torch.manual_seed(derive_seed(settings.seed, state.global_step, micro_step, rank))
+                for batch in _epoch_batches(settings, prepared, epoch, skip_batches if epoch == first_epoch else 0):
+                    loss, parts, grad_norm, moved = _micro_step(settings, task, prepared, batch, skipped, micro_step)
                     micro_step += 1
-                    with accelerator.accumulate(model):
-                        loss, parts = task.loss(model, batch, state.global_step)  # fp32 (), (len(metric_names),)
-                        accelerator.backward(loss)
-                        task.after_backward(accelerator)
-                        if accelerator.sync_gradients:
-                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                            weights_moved = _optimizer_step(run, skipped.check(loss, grad_norm, accelerator))
-                        run.optimizer.zero_grad(set_to_none=True)
                     window.add(loss, parts, len(batch["index"]), batch.get("substituted"))
                     unreadable.update(path for path in batch.get("unreadable", ()) if path)
                     non_finite.update(path for path in batch.get("non_finite", ()) if path)
@@ -124,41 +116,66 @@ def train(settings: TrainSettings, task: Task, tracker: Tracker, run: PreparedRu
                     progress.update(1, images_per_step)
                     # The EMA skips what the host knows was skipped (a step skipped on the device left the
                     # weights as they were: the EMA steps towards the same).
-                    if weights_moved:
+                    if moved:
                         task.after_optimizer_step(model, state.global_step)
                     at_log_point = state.global_step % settings.logging_steps == 0
-                    if at_log_point or state.global_step == run.max_steps:
-                        _read_skipped(settings, state, skipped)
-                        metrics = window.read(accelerator)
-                        metrics.update(lr=run.lr_scheduler.get_last_lr()[0], nonfinite_steps=state.nonfinite_steps,
-                                       epoch=epoch, grad_norm=float("nan") if grad_norm is None else float(grad_norm))
-                        if accelerator.is_main_process:
-                            tracker.log_metrics(metrics, state.global_step)
-                        progress.note(loss=metrics["loss"])
+                    if at_log_point or state.global_step == prepared.max_steps:
+                        _log_point(settings, prepared, tracker, window, skipped, progress, epoch, grad_norm)
                     if _stop_now(accelerator, stop, at_log_point):
-                        _checkpoint(settings, run, tracker, skipped, progress)
+                        _checkpoint(settings, prepared, tracker, skipped, progress)
                         logger.warning("SIGTERM: stopped at step %d with a checkpoint; continue with "
                                        "--resume_from_checkpoint latest.", state.global_step)
                         raise Preempted(f"stopped by SIGTERM at step {state.global_step}")
                     if state.global_step % settings.checkpointing_steps == 0:
-                        if state.global_step % run.steps_per_epoch and state.global_step < run.max_steps:
-                            _checkpoint(settings, run, tracker, skipped, progress)
+                        if state.global_step % prepared.steps_per_epoch and state.global_step < prepared.max_steps:
+                            _checkpoint(settings, prepared, tracker, skipped, progress)
                         else:  # the epoch's last step: after its validation, so it holds the best so far
                             checkpoint_after_validation = True
-                    if state.global_step >= run.max_steps:
+                    if state.global_step >= prepared.max_steps:
                         break
-                last_epoch = epoch == num_epochs - 1 or state.global_step >= run.max_steps
-                metrics = _end_of_epoch(settings, task, run, tracker, epoch, last_epoch)
+                last_epoch = epoch == num_epochs - 1 or state.global_step >= prepared.max_steps
+                metrics = _end_of_epoch(settings, task, prepared, tracker, epoch, last_epoch)
                 if metrics and on_validation is not None:
                     on_validation(state.global_step, metrics)
                 if checkpoint_after_validation:
-                    _checkpoint(settings, run, tracker, skipped, progress)
+                    _checkpoint(settings, prepared, tracker, skipped, progress)
         finally:
             progress.close()
-    outcome = _finish(settings, task, tracker, run, unreadable, non_finite)
+    outcome = _finish(settings, task, tracker, prepared, unreadable, non_finite)
     accelerator.wait_for_everyone()
     accelerator.free_memory()  # drop the DDP wrapper before any process-group teardown (gloo deadlocks otherwise)
     return outcome
+
+
+def _micro_step(settings: TrainSettings, task: Task, prepared: Prepared, batch: dict, skipped: SkippedSteps,
+                micro_step: int):
+    """One micro-batch: seed, forward, backward and, at the last one of a step, clip and the optimizer step.
+    Returns (loss, loss parts, grad norm, whether the weights moved); the last two are None, False before then."""
+    accelerator, model, grad_norm, weights_moved = prepared.accelerator, prepared.model, None, False
+    # Noise, timesteps and dropout are a function of the step: resume continues exactly.
+    torch.manual_seed(derive_seed(settings.seed, prepared.state.global_step, micro_step, accelerator.process_index))
+    with accelerator.accumulate(model):
+        loss, parts = task.loss(model, batch, prepared.state.global_step)  # fp32 (), (len(metric_names),)
+        accelerator.backward(loss)
+        task.after_backward(accelerator)
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            weights_moved = _optimizer_step(prepared, skipped.check(loss, grad_norm, accelerator))
+        prepared.optimizer.zero_grad(set_to_none=True)
+    return loss, parts, grad_norm, weights_moved
+
+
+def _log_point(settings: TrainSettings, prepared: Prepared, tracker: Tracker, window: "_MetricWindow",
+               skipped: SkippedSteps, progress: Progress, epoch: int, grad_norm) -> None:
+    """Read the window's metrics and the skipped steps (one host sync) and log them with the LR and the epoch."""
+    state, accelerator = prepared.state, prepared.accelerator
+    _read_skipped(settings, state, skipped)
+    metrics = window.read(accelerator)
+    metrics.update(lr=prepared.lr_scheduler.get_last_lr()[0], nonfinite_steps=state.nonfinite_steps,
+                   epoch=epoch, grad_norm=float("nan") if grad_norm is None else float(grad_norm))
+    if accelerator.is_main_process:
+        tracker.log_metrics(metrics, state.global_step)
+    progress.note(loss=metrics["loss"])
 
 
 class _MetricWindow:
@@ -205,53 +222,54 @@ def _sigterm_requests_stop():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _preview_before_training(task: Task, run: PreparedRun, tracker: Tracker) -> None:
+def _preview_before_training(task: Task, prepared: Prepared, tracker: Tracker) -> None:
     """Previews of the untrained model at step 0, so MLflow's image slider starts from noise."""
-    run.model.eval()
-    _, images = task.end_of_epoch(run.accelerator, run.model, 0, previews=True, validate=False)
-    run.model.train()
-    if run.accelerator.is_main_process:
+    prepared.model.eval()
+    _, images = task.end_of_epoch(prepared.accelerator, prepared.model, 0, previews=True, validate=False)
+    prepared.model.train()
+    if prepared.accelerator.is_main_process:
         for key, image in images.items():
             tracker.log_image(image, key, 0)
 
 
-def _epoch_batches(settings: TrainSettings, run: PreparedRun, epoch: int, skip_steps: int):
+def _epoch_batches(settings: TrainSettings, prepared: Prepared, epoch: int, skip_steps: int):
     """The epoch's batches in their seeded order, after the `skip_steps` steps a resumed run already took."""
-    run.model.train()
-    run.dataloader.set_epoch(epoch)
-    run.dataset.set_epoch(epoch)
+    prepared.model.train()
+    prepared.dataloader.set_epoch(epoch)
+    prepared.dataset.set_epoch(epoch)
     if not skip_steps:
-        return run.dataloader
-    return run.accelerator.skip_first_batches(run.dataloader, skip_steps * settings.gradient_accumulation_steps)
+        return prepared.dataloader
+    return prepared.accelerator.skip_first_batches(prepared.dataloader,
+                                                   skip_steps * settings.gradient_accumulation_steps)
 
 
-def _optimizer_step(run: PreparedRun, finite: torch.Tensor) -> bool:
+def _optimizer_step(prepared: Prepared, finite: torch.Tensor) -> bool:
     """The optimizer and LR-schedule step, unless the step is not finite; False when the host knows the
     weights did not move. The LR schedule keeps step with global_step either way."""
-    accelerator = run.accelerator
+    accelerator = prepared.accelerator
     if accelerator.scaler is not None:  # fp16: the GradScaler skips non-finite gradients itself
         moved = True
-    elif run.fused_optimizer:  # decided on the device, no host sync
-        run.optimizer.optimizer.found_inf = (~finite).float()
+    elif prepared.fused_optimizer:  # decided on the device, no host sync
+        prepared.optimizer.optimizer.found_inf = (~finite).float()
         moved = True
     else:
         moved = bool(finite)  # one host sync, on devices without fused AdamW
     if moved:
-        run.optimizer.step()
-        run.lr_scheduler.step()
+        prepared.optimizer.step()
+        prepared.lr_scheduler.step()
         moved = not accelerator.optimizer_step_was_skipped
     if not moved:
-        _advance_lr_schedule(run)
+        _advance_lr_schedule(prepared)
     return moved
 
 
-def _advance_lr_schedule(run: PreparedRun) -> None:
+def _advance_lr_schedule(prepared: Prepared) -> None:
     """One step of the LR schedule without an optimizer step (accelerate holds it back after a skipped step);
     the schedule counts a step per process, as accelerate's own stepping does."""
-    scheduler = getattr(run.lr_scheduler, "scheduler", run.lr_scheduler)
+    scheduler = getattr(prepared.lr_scheduler, "scheduler", prepared.lr_scheduler)
     with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
         warnings.simplefilter("ignore", UserWarning)
-        for _ in range(run.accelerator.num_processes):
+        for _ in range(prepared.accelerator.num_processes):
             scheduler.step()
 
 
@@ -285,36 +303,37 @@ class Preempted(KeyboardInterrupt):
     signal_number = signal.SIGTERM
 
 
-def _checkpoint(settings: TrainSettings, run: PreparedRun, tracker: Tracker, skipped: SkippedSteps,
+def _checkpoint(settings: TrainSettings, prepared: Prepared, tracker: Tracker, skipped: SkippedSteps,
                 progress: Progress) -> None:
     """checkpoint-<step>, named in the run's tags and on the progress line."""
-    step = run.state.global_step
-    _read_skipped(settings, run.state, skipped)  # the checkpoint's state holds the current count
-    _check_weights_finite(settings, run, f"checkpoint-{step}")
-    path = save_checkpoint(run.accelerator, settings.output_dir, step, settings.checkpoints_total_limit,
-                           run.checkpoint_states)
-    if run.accelerator.is_main_process:
+    step = prepared.state.global_step
+    _read_skipped(settings, prepared.state, skipped)  # the checkpoint's state holds the current count
+    _check_weights_finite(settings, prepared, f"checkpoint-{step}")
+    path = save_checkpoint(prepared.accelerator, settings.output_dir, step, settings.checkpoints_total_limit,
+                           prepared.checkpoint_states)
+    if prepared.accelerator.is_main_process:
         tracker.set_tags({LAST_CHECKPOINT_TAG: str(path), LAST_CHECKPOINT_STEP_TAG: str(step)})
         progress.note(saved=path.name)
 
 
-def _check_weights_finite(settings: TrainSettings, run: PreparedRun, what: str) -> None:
+def _check_weights_finite(settings: TrainSettings, prepared: Prepared, what: str) -> None:
     """Never write weights that are not finite: the loss and gradient guard cannot see an update that overflows."""
-    finite = torch.stack([torch.isfinite(p.detach()).all() for p in run.model.parameters()]).all().float()
-    if run.accelerator.reduce(finite.reshape(1), reduction="mean").item() == 1.0:
+    finite = torch.stack([torch.isfinite(p.detach()).all() for p in prepared.model.parameters()]).all().float()
+    if prepared.accelerator.reduce(finite.reshape(1), reduction="mean").item() == 1.0:
         return
     checkpoints = list_checkpoints(settings.output_dir)
     last = f"the last checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
-    raise LdmflowError(f"The weights became non-finite by step {run.state.global_step}; {what} was not written "
+    raise LdmflowError(f"The weights became non-finite by step {prepared.state.global_step}; {what} was not written "
                        f"and {last}. Lower --learning_rate or --max_grad_norm, or try --mixed_precision no.")
 
 
-def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_epoch: bool) -> dict[str, float]:
-    """Validation every `run.eval_every` epochs and previews every --save_images_epochs (both after the last epoch);
-    a better validation score than any before saves checkpoint-best. Returns the validation metrics ({}: none)."""
-    accelerator, model, step = run.accelerator, run.model, run.state.global_step
+def _end_of_epoch(settings, task, prepared: Prepared, tracker, epoch: int, last_epoch: bool) -> dict[str, float]:
+    """Validation every `prepared.eval_every` epochs and previews every --save_images_epochs (both after the last
+    epoch); a better validation score than any before saves checkpoint-best. Returns the validation metrics ({}:
+    none)."""
+    accelerator, model, step = prepared.accelerator, prepared.model, prepared.state.global_step
     previews = (epoch + 1) % settings.save_images_epochs == 0 or last_epoch
-    validate = run.eval_every > 0 and ((epoch + 1) % run.eval_every == 0 or last_epoch)
+    validate = prepared.eval_every > 0 and ((epoch + 1) % prepared.eval_every == 0 or last_epoch)
     model.eval()
     metrics, images = task.end_of_epoch(accelerator, model, step, previews=previews, validate=validate)
     if validate and accelerator.num_processes > 1:  # scores read on the main process alone (probe readings)
@@ -325,24 +344,16 @@ def _end_of_epoch(settings, task, run: PreparedRun, tracker, epoch: int, last_ep
         for key, image in images.items():
             tracker.log_image(image, key, step)
     model.train()
-    metric = run.checkpoint_metric
-    if metric in metrics and _is_better(metric, metrics[metric], run.state.best_value):
-        run.state.best_step, run.state.best_value = step, metrics[metric]  # saved with the checkpoint
-        _check_weights_finite(settings, run, BEST_CHECKPOINT)
-        save_checkpoint(accelerator, settings.output_dir, step, None, run.checkpoint_states, name=BEST_CHECKPOINT)
+    metric = prepared.checkpoint_metric
+    if metric in metrics and _is_better(metric, metrics[metric], prepared.state.best_value):
+        prepared.state.best_step, prepared.state.best_value = step, metrics[metric]  # saved with the checkpoint
+        _check_weights_finite(settings, prepared, BEST_CHECKPOINT)
+        save_checkpoint(accelerator, settings.output_dir, step, None, prepared.checkpoint_states, name=BEST_CHECKPOINT)
         if accelerator.is_main_process:
             tracker.set_tags({BEST_CHECKPOINT_STEP_TAG: str(step),
                               BEST_CHECKPOINT_METRIC_TAG: f"{metric}={metrics[metric]:.6g}"})
     accelerator.wait_for_everyone()
     return metrics if validate else {}
-
-
-_HIGHER_IS_BETTER = ("psnr", "ssim", "diversity")  # every other metric is a loss, an error or a distance
-
-
-def higher_is_better(metric: str) -> bool:
-    """Whether a larger value of `metric` (a validation or evaluate metric) is better."""
-    return any(word in metric for word in _HIGHER_IS_BETTER)
 
 
 def _is_better(metric: str, value: float, best: float | None) -> bool:
@@ -351,50 +362,51 @@ def _is_better(metric: str, value: float, best: float | None) -> bool:
     return value > best if higher_is_better(metric) else value < best
 
 
-def _finish(settings, task, tracker, run: PreparedRun, unreadable: set[str], non_finite: set[str]) -> TrainingOutcome:
+def _finish(settings, task, tracker, prepared: Prepared, unreadable: set[str],
+            non_finite: set[str]) -> TrainingOutcome:
     """After the last step: report unreadable and non-finite images, save the last (and best) weights."""
-    accelerator, state = run.accelerator, run.state
+    accelerator, state = prepared.accelerator, prepared.state
     accelerator.wait_for_everyone()
-    _report_unreadable(run, task, tracker, unreadable)
-    _report_non_finite(run, task, tracker, non_finite)
+    _report_unreadable(prepared, task, tracker, unreadable)
+    _report_non_finite(prepared, task, tracker, non_finite)
     output_dir = Path(settings.output_dir)
-    _check_weights_finite(settings, run, "the model")
-    final_metrics = _save_model(settings, task, run, output_dir)
+    _check_weights_finite(settings, prepared, "the model")
+    final_metrics = _save_model(settings, task, prepared, output_dir)
     if accelerator.is_main_process and final_metrics:
         tracker.log_metrics(final_metrics, state.global_step)
-    return _registered_weights(settings, task, run, TrainingOutcome(final_metrics, output_dir, "last",
-                                                                    state.global_step))
+    return _registered_weights(settings, task, prepared, TrainingOutcome(final_metrics, output_dir, "last",
+                                                                         state.global_step))
 
 
-def _report_unreadable(run: PreparedRun, task: Task, tracker: Tracker, unreadable: set[str]) -> None:
+def _report_unreadable(prepared: Prepared, task: Task, tracker: Tracker, unreadable: set[str]) -> None:
     """One warning with the count, and the files named in the run's unreadable_images.json."""
     paths = unreadable | task.unreadable_before_training
-    if run.accelerator.num_processes > 1:
+    if prepared.accelerator.num_processes > 1:
         paths = {path for part in gather_object([sorted(paths)]) for path in part}
-    if paths and run.accelerator.is_main_process:
+    if paths and prepared.accelerator.is_main_process:
         logger.warning("%d image(s) could not be read during training and were replaced by their neighbours "
                        "(metric unreadable_substitutions; the files are listed in unreadable_images.json), e.g. %s.",
                        len(paths), sorted(paths)[0])
         tracker.log_dict({"unreadable_images": sorted(paths)}, "unreadable_images.json")
 
 
-def _report_non_finite(run: PreparedRun, task: Task, tracker: Tracker, non_finite: set[str]) -> None:
+def _report_non_finite(prepared: Prepared, task: Task, tracker: Tracker, non_finite: set[str]) -> None:
     """One warning with the count, the metric non_finite_images and the files in non_finite_images.json (those
     read now, and those the latent cache was encoded from)."""
     paths = non_finite | task.non_finite_before_training
-    if run.accelerator.num_processes > 1:
+    if prepared.accelerator.num_processes > 1:
         paths = {path for part in gather_object([sorted(paths)]) for path in part}
-    if paths and run.accelerator.is_main_process:
+    if paths and prepared.accelerator.is_main_process:
         logger.warning("%d image(s) had NaN or infinite pixels, read as 0 (1 for +inf) (metric non_finite_images; "
                        "the files are listed in non_finite_images.json), e.g. %s.", len(paths), sorted(paths)[0])
-        tracker.log_metrics({"non_finite_images": len(paths)}, run.state.global_step)
+        tracker.log_metrics({"non_finite_images": len(paths)}, prepared.state.global_step)
         tracker.log_dict({"non_finite_images": sorted(paths)}, "non_finite_images.json")
 
 
-def _save_model(settings, task: Task, run: PreparedRun, target: Path) -> dict[str, float]:
+def _save_model(settings, task: Task, prepared: Prepared, target: Path) -> dict[str, float]:
     """task.save, with a full disk (or another write error) said in one line and no temporary folder left."""
     try:
-        return task.save(run.accelerator, run.model, target)
+        return task.save(prepared.accelerator, prepared.model, target)
     except (OSError, RuntimeError, SafetensorError) as error:
         if type(error) is RuntimeError and "iostream" not in str(error):
             raise  # not a write error (out of memory, a collective): let it speak for itself
@@ -411,21 +423,21 @@ def _save_model(settings, task: Task, run: PreparedRun, target: Path) -> dict[st
         raise
 
 
-def _registered_weights(settings, task, run: PreparedRun, last: TrainingOutcome) -> TrainingOutcome:
+def _registered_weights(settings, task, prepared: Prepared, last: TrainingOutcome) -> TrainingOutcome:
     """The outcome to register: the last weights, or (--register best) the best validated ones, exported
     from checkpoint-best to output_dir/best unless they are the last weights anyway."""
-    state, metric = run.state, run.checkpoint_metric
+    state, metric = prepared.state, prepared.checkpoint_metric
     best = Path(settings.output_dir) / BEST_CHECKPOINT
     if settings.register != "best" or metric is None or state.best_step is None or not best.is_dir():
-        if settings.register == "best" and run.accelerator.is_main_process:
+        if settings.register == "best" and prepared.accelerator.is_main_process:
             logger.info("No validated checkpoint to choose from: registering the last weights.")
         return last
     step, value = state.best_step, state.best_value
     if step == state.global_step:
         return TrainingOutcome(last.metrics, last.model_dir, "best", step, metric, value)
-    load_checkpoint(run.accelerator, best, run.checkpoint_states)
-    task.after_resume(run.accelerator)
+    load_checkpoint(prepared.accelerator, best, prepared.checkpoint_states)
+    task.after_resume(prepared.accelerator)
     target = Path(settings.output_dir) / "best"
-    metrics = _save_model(settings, task, run, target)
+    metrics = _save_model(settings, task, prepared, target)
     logger.info("Exported the best weights (step %d, %s %.5g) to %s.", step, metric, value, target)
     return TrainingOutcome(metrics, target, "best", step, metric, value)

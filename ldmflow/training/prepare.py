@@ -14,6 +14,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from safetensors import SafetensorError
 
 from ldmflow.errors import LdmflowError, error_summary
+from ldmflow.evaluation.metric_names import is_condition_metric
 from ldmflow.settings import TrainSettings, param_value, resumable_changes
 from ldmflow.tags import RESUMED_FROM_CHECKPOINT_TAG, RESUMED_FROM_RUN_TAG, RESUMED_FROM_STEP_TAG
 from ldmflow.training.checkpoints import STATE_NAME, TrainingState, find_resume_checkpoint, load_checkpoint
@@ -21,7 +22,6 @@ from ldmflow.training.skipped_steps import fused_adamw_available
 from ldmflow.training.task import Task, TrainingPlan
 
 logger = logging.getLogger(__name__)
-CONDITION_METRIC_MARKS = ("recon/", "condition_error", "_mae", "_angle_error")  # read back by the probe
 
 
 def build_accelerator(settings: TrainSettings) -> Accelerator:
@@ -44,7 +44,7 @@ def build_accelerator(settings: TrainSettings) -> Accelerator:
 
 
 @dataclass(frozen=True)
-class PreparedRun:
+class Prepared:
     """What `prepare` builds once and every step uses, fixed from the first step on. The one part that changes
     is `state`: the counters saved with every checkpoint (step, skipped steps, best validation so far)."""
 
@@ -64,19 +64,19 @@ class PreparedRun:
     resumed_tags: dict | None = None  # where a resumed run continues from (None: a new run)
 
 
-def prepare(settings: TrainSettings, task: Task, accelerator: Accelerator, dataset_digest: str = "") -> PreparedRun:
+def prepare(settings: TrainSettings, task: Task, accelerator: Accelerator, dataset_digest: str = "") -> Prepared:
     """Everything before the first step, resume included, so a bad checkpoint fails before a run is tracked."""
-    run = _prepare(settings, task, accelerator)
+    prepared = _prepare(settings, task, accelerator)
     fingerprint = training_fingerprint(settings, dataset_digest)
-    run = dataclasses.replace(run, resumed_tags=_resume(settings, accelerator, run))
-    if run.resumed_tags:
-        _check_fingerprint(settings, run.state.fingerprint, fingerprint)
-    run.state.fingerprint = fingerprint  # saved with every checkpoint from now on
+    prepared = dataclasses.replace(prepared, resumed_tags=_resume(settings, accelerator, prepared))
+    if prepared.resumed_tags:
+        _check_fingerprint(settings, prepared.state.fingerprint, fingerprint)
+    prepared.state.fingerprint = fingerprint  # saved with every checkpoint from now on
     task.after_resume(accelerator)
-    return run
+    return prepared
 
 
-def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> PreparedRun:
+def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> Prepared:
     """Model, data, optimizer and LR schedule prepared by accelerate; the step count is per process."""
     set_seed(settings.seed, device_specific=True)
     model, dataset = task.setup(accelerator)
@@ -100,10 +100,10 @@ def _prepare(settings: TrainSettings, task: Task, accelerator: Accelerator) -> P
     lr_scheduler = plan.schedule(accelerator, optimizer, max_steps)
     state = TrainingState()
     task.after_prepare(accelerator, model, plan)
-    return PreparedRun(accelerator, model, optimizer, lr_scheduler, dataloader, dataset, steps_per_epoch, max_steps,
-                       eval_every=validation_interval(settings, math.ceil(max_steps / steps_per_epoch)),
-                       checkpoint_metric=_checkpoint_metric(settings, task), fused_optimizer=fused, state=state,
-                       checkpoint_states={STATE_NAME: state, **task.checkpoint_states()})
+    return Prepared(accelerator, model, optimizer, lr_scheduler, dataloader, dataset, steps_per_epoch, max_steps,
+                    eval_every=validation_interval(settings, math.ceil(max_steps / steps_per_epoch)),
+                    checkpoint_metric=_checkpoint_metric(settings, task), fused_optimizer=fused, state=state,
+                    checkpoint_states={STATE_NAME: state, **task.checkpoint_states()})
 
 
 class EpochSeededData(torch.utils.data.Dataset):
@@ -163,7 +163,7 @@ def _checkpoint_metric(settings: TrainSettings, task: Task) -> str | None:
     if settings.checkpoint_metric not in available:
         offered = ", ".join(available) or "nothing (no val split, or --eval_epochs 0)"
         hint = ""
-        if any(part in settings.checkpoint_metric for part in CONDITION_METRIC_MARKS):
+        if is_condition_metric(settings.checkpoint_metric):
             hint = (" Condition metrics need this dataset's registered condition probe and MLflow tracking: train "
                     "one first with `ldmflow probe --manifest_path ...`.")
         raise LdmflowError(f"--checkpoint_metric {settings.checkpoint_metric}: this run validates {offered}.{hint}")
@@ -177,13 +177,13 @@ def training_fingerprint(settings: TrainSettings, dataset_digest: str) -> dict:
     return {"settings": params, "dataset_digest": dataset_digest}
 
 
-def _resume(settings: TrainSettings, accelerator: Accelerator, run: PreparedRun) -> dict | None:
+def _resume(settings: TrainSettings, accelerator: Accelerator, prepared: Prepared) -> dict | None:
     """Load the checkpoint to resume from, if any; returns the tags that say where the run continues from."""
     checkpoint = find_resume_checkpoint(settings.output_dir, settings.resume_from_checkpoint)
     if checkpoint is None:
         return None
     try:
-        load_checkpoint(accelerator, checkpoint, run.checkpoint_states)
+        load_checkpoint(accelerator, checkpoint, prepared.checkpoint_states)
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as error:
         lines = str(error).splitlines()
         detail = next((line.strip() for line in lines if "size mismatch" in line or "Missing key" in line),
@@ -194,7 +194,7 @@ def _resume(settings: TrainSettings, accelerator: Accelerator, run: PreparedRun)
     except (OSError, EOFError, SafetensorError) as error:  # a file damaged in place (same size, other bytes)
         raise LdmflowError(f"Cannot resume from {checkpoint}: the checkpoint is damaged ({error_summary(error)}). "
                            "Resume from an earlier one.") from None
-    state = run.state
+    state = prepared.state
     logger.info("Resumed from %s at step %d.", checkpoint, state.global_step)
     return {RESUMED_FROM_CHECKPOINT_TAG: str(checkpoint), RESUMED_FROM_STEP_TAG: str(state.global_step),
             RESUMED_FROM_RUN_TAG: state.run_id}

@@ -26,6 +26,7 @@ from ldmflow.settings import VaeSettings
 from ldmflow.evaluation import distribution
 from ldmflow.evaluation.adherence import SplitConditions, adherence_metric_names
 from ldmflow.evaluation.image_metrics import psnr, ssim
+from ldmflow.evaluation.metric_names import LPIPS, PSNR, RECONSTRUCTION_PREFIX, SSIM
 from ldmflow.errors import LdmflowError
 from ldmflow.training.task import Task
 
@@ -183,8 +184,8 @@ class VaeTask(Task):
         if not self.val_manifest:
             return ()
         recon = () if self.conditions is None else \
-            tuple(f"val/recon/{name}" for name in adherence_metric_names(self.conditions.reader.encoder.spec))
-        return ("val/psnr", "val/ssim") + recon
+            tuple(RECONSTRUCTION_PREFIX + name for name in adherence_metric_names(self.conditions.reader.encoder.spec))
+        return (PSNR, SSIM) + recon
 
     @torch.no_grad()
     def end_of_epoch(self, accelerator: Accelerator, model, step: int, previews: bool, validate: bool):
@@ -227,11 +228,11 @@ class VaeTask(Task):
                                    torch.tensor(float(len(pixels)), device=accelerator.device)])
         totals = accelerator.reduce(totals, reduction="sum")
         count = max(totals[3].item(), 1.0)
-        metrics = {"val/psnr": totals[0].item() / count, "val/ssim": totals[1].item() / count}
+        metrics = {PSNR: totals[0].item() / count, SSIM: totals[1].item() / count}
         if lpips is not False:
-            metrics["val/lpips"] = totals[2].item() / count
+            metrics[LPIPS] = totals[2].item() / count
         if self.conditions is not None and accelerator.is_main_process:
-            metrics.update({f"val/recon/{key}": value for key, value in self._condition_errors(vae).items()})
+            metrics.update({RECONSTRUCTION_PREFIX + key: value for key, value in self._condition_errors(vae).items()})
         return metrics
 
     def _condition_errors(self, vae) -> dict[str, float]:

@@ -21,11 +21,11 @@ from ldmflow.evaluation.adherence import adherence_metric_names, condition_error
 from ldmflow.evaluation.comparison import (WORSE, MetricComparison, compare_metrics, format_comparison,
                                            paired_half_widths)
 from ldmflow.evaluation.intervals import CI_SUFFIX
+from ldmflow.evaluation.metric_names import higher_is_better
 from ldmflow.models.kinds import LATENT_DDPM, VAE
 from ldmflow.settings import CompareSettings, EvaluateSettings, EvaluationOptions
 from ldmflow.tags import (COMPARE_A_RUNS_TAG, COMPARE_A_TAG, COMPARE_B_RUNS_TAG, COMPARE_B_TAG, REPLICATE_MODEL_TAG,
                           REPLICATE_OF_TAG, REPLICATES_TAG)
-from ldmflow.training.loop import higher_is_better
 from ldmflow.workflows.evaluate import (Evaluation, EvaluatedModel, check_conditions_known, evaluate,
                                         load_evaluated_model, load_split, resolve_probe)
 

@@ -35,6 +35,8 @@ from ldmflow.evaluation.adherence import (Requests, diversity, manifest_ranges, 
 from ldmflow.evaluation.scoring import AdherenceReadings, Scorer, adherence_scores, reconstruction_scores
 from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, PROBE, VAE, detect_kind, names
 from ldmflow.models.probe import ProbeReader
+from ldmflow.models.saved_model import find_diffusers_folder
+from ldmflow.sampling.load import load_sampler
 from ldmflow.sampling.sampler import check_generated
 from ldmflow.settings import EvaluateSettings, ProbeSettings
 from ldmflow.tags import DATASET_DIGEST_TAG, EVAL_RUN_TAG, EVAL_SKIPPED_TAG
@@ -56,8 +58,7 @@ class EvaluatedModel:
 
 def load_evaluated_model(folder: Path) -> EvaluatedModel:
     """The model in a training output folder or a downloaded ldmflow MLflow model, with its stage."""
-    from ldmflow.tracking.model_uri import find_diffusers_folder
-    from ldmflow.workflows.sample import load_sampler
+    from ldmflow.tracking.model_uri import fetch_model
 
     kind = detect_kind(folder)
     if kind not in EVALUATED_KINDS:
@@ -66,14 +67,12 @@ def load_evaluated_model(folder: Path) -> EvaluatedModel:
     if kind is VAE:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(find_diffusers_folder(folder, VAE.name)).eval()
+        vae = AutoencoderKL.from_pretrained(find_diffusers_folder(folder, VAE)).eval()
         return EvaluatedModel(VAE.name, vae, int(vae.config.sample_size), ConditionSpec.parse("none"), vae)
-    sampler = load_sampler(folder)
+    sampler = load_sampler(folder, fetch=fetch_model)
     if kind is LATENT_DDPM:
-        size = sampler.unet.config.sample_size * 2 ** (len(sampler.vae.config.block_out_channels) - 1)
-        return EvaluatedModel(LATENT_DDPM.name, sampler, int(size), sampler.condition_spec, sampler.vae)
-    return EvaluatedModel(LEGACY_DDPM.name, sampler, int(sampler.unet.config.sample_size),
-                          ConditionSpec.parse("none"))
+        return EvaluatedModel(LATENT_DDPM.name, sampler, sampler.image_size, sampler.condition_spec, sampler.vae)
+    return EvaluatedModel(LEGACY_DDPM.name, sampler, sampler.image_size, ConditionSpec.parse("none"))
 
 
 def load_split(settings: EvaluateSettings, split: str, spec: str) -> Manifest:
@@ -111,7 +110,7 @@ class Probe:
 
 def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str) -> Probe:
     """--probe_uri, else this dataset's registered probe, else one trained now."""
-    from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
+    from ldmflow.tracking.model_uri import resolve_model_source
     from ldmflow.tracking.registry import registered_probe_uri
 
     uri = settings.probe_uri or (None if settings.no_mlflow else registered_probe_uri(digest, str(spec)))
@@ -120,7 +119,7 @@ def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str) 
     else:
         logger.info("Condition probe: %s.", uri)
     source = resolve_model_source(uri)
-    reader = ProbeReader.from_folder(find_diffusers_folder(source.local_dir, PROBE.name))
+    reader = ProbeReader.from_folder(find_diffusers_folder(source.local_dir, PROBE))
     if reader.encoder.spec != spec:
         raise LdmflowError(f"--probe_uri {uri} reads {reader.encoder.spec}; the evaluation needs {spec}.")
     trained_on = _probe_dataset(source)
@@ -336,9 +335,9 @@ def _diversity(settings, evaluated, features, requested) -> dict:
 
 def run_evaluation(settings: EvaluateSettings) -> dict[str, float]:
     """Resolve and check everything, evaluate, and log an `evaluate` run linked to the model."""
+    from ldmflow.tracking.lineage import record_sample_source
     from ldmflow.tracking.model_uri import resolve_model_source
     from ldmflow.tracking.run_tracker import open_run
-    from ldmflow.workflows.sample import record_sample_source
 
     source = resolve_model_source(settings.model_uri)
     evaluated = load_evaluated_model(Path(source.local_dir))

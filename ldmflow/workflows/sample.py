@@ -8,64 +8,19 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
 from ldmflow.files import temporary_folder
-from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, detect_kind, names
 from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame, parse_condition_option,
                                               read_conditions_file)
 from ldmflow.sampling.denoise import check_inference_steps
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
+from ldmflow.sampling.load import load_sampler
 from ldmflow.sampling.sampler import Sampler, check_generated
 from ldmflow.settings import MAX_SEED, SampleSettings
-from ldmflow.tags import STAGE_TAG
 
 logger = logging.getLogger(__name__)
-
-
-def load_sampler(folder: Path, dtype: str = "fp32", compile_unet: bool = False) -> Sampler:
-    """A LatentSampler or LegacySampler for a training output folder or a downloaded ldmflow MLflow model, on the
-    GPU when there is one (cuDNN then picks the fastest kernels for the fixed sampling shapes)."""
-    sampler = _sampler(folder, dtype)
-    if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-    if compile_unet:
-        sampler.unet.compile()
-    return sampler
-
-
-def _sampler(folder: Path, dtype: str) -> Sampler:
-    from ldmflow.sampling.denoise import default_device
-    from ldmflow.sampling.latent import LatentSampler
-    from ldmflow.sampling.legacy import LegacySampler
-    from ldmflow.tracking.model_uri import find_diffusers_folder, latent_ddpm_folders
-
-    kind = detect_kind(folder)
-    if kind is LEGACY_DDPM:
-        return LegacySampler.from_folder(find_diffusers_folder(folder, LEGACY_DDPM.name), default_device(), dtype)
-    if kind is not LATENT_DDPM:
-        raise LdmflowError(f"{folder} is a {kind.name} model; sampling takes a {names((LATENT_DDPM, LEGACY_DDPM))} "
-                           "model.")
-    folders = latent_ddpm_folders(folder)
-    return LatentSampler.from_folders(folders.unet_dir, folders.vae_dir, folders.scheduler_dir,
-                                      folders.conditioning_path, default_device(), dtype)
-
-
-def record_sample_source(tracker, source, stage: str = "sample") -> None:
-    """Tag a sample (or evaluate) run with the model it used, and log that model as the run's input (lineage)."""
-    from ldmflow.tracking.lineage import sample_run_tags
-
-    tracker.set_tags({STAGE_TAG: stage, **sample_run_tags(source)})
-    if source.model_id and getattr(tracker, "run_id", None):
-        import mlflow
-        from mlflow.entities import LoggedModelInput
-
-        try:
-            mlflow.log_input(model=LoggedModelInput(source.model_id))
-        except mlflow.exceptions.MlflowException as error:
-            logger.warning("Could not record model %s as the run's input: %s", source.model_id, error)
 
 
 def requested_conditions(settings: SampleSettings, sampler: Sampler) -> tuple[list[dict] | None, list[int]]:
@@ -185,11 +140,12 @@ def _publish_under_a_new_name(temporary: Path, output_dir: Path) -> Path:
 
 def run_sampling(settings: SampleSettings) -> Path:
     """Resolve the model, generate, write files, and log a `sample` run that points back at the model."""
-    from ldmflow.tracking.model_uri import resolve_model_source
+    from ldmflow.tracking.lineage import record_sample_source
+    from ldmflow.tracking.model_uri import fetch_model, resolve_model_source
     from ldmflow.tracking.run_tracker import open_run
 
     source = resolve_model_source(settings.model_uri)
-    sampler = load_sampler(Path(source.local_dir), settings.dtype, settings.torch_compile)
+    sampler = load_sampler(source.local_dir, settings.dtype, settings.torch_compile, fetch=fetch_model)
     conditions, seeds = requested_conditions(settings, sampler)
     check_inference_steps(settings.num_inference_steps, sampler.scheduler_config)  # before any run opens
     check_images_fit(len(seeds), sampler.image_size)

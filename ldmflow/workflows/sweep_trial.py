@@ -13,9 +13,11 @@ from pathlib import Path
 import optuna  # this module runs only inside `ldmflow sweep`, which checks Optuna is installed
 
 from ldmflow.errors import LdmflowError, Stopped
+from ldmflow.evaluation.metric_names import EVALUATION
 from ldmflow.settings import SweepSettings
-from ldmflow.workflows.sweep import (MODEL_ID_ATTR, SweepPlan, _tag_run, evaluation_settings, pruned_tags,
-                                     trial_settings, trial_tags)
+from ldmflow.tracking.store import tag_run
+from ldmflow.workflows.sweep_plan import (MODEL_ID_ATTR, SweepPlan, evaluation_settings, pruned_tags, trial_settings,
+                                          trial_tags)
 from ldmflow.workflows.sweep_space import settings_values
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ class _Objective:
 
         plan = self.plan
         values = settings_values(plan.space.suggest(trial), plan.base)
-        _tag_run(run_id, trial_tags(plan, trial.number, values))
+        tag_run(run_id, trial_tags(plan, trial.number, values))
         if hasattr(trial.study._storage, "flush_all_batches"):  # the suggested params reach the run first
             trial.study._storage.flush_all_batches()
         settings = trial_settings(plan, trial.number, values, run_id)
@@ -87,7 +89,7 @@ class _Objective:
         outcome, model_uri = run_training(settings, trial=TrialRun(run_id, pruning))
         trial.set_user_attr(MODEL_ID_ATTR, model_uri.removeprefix("models:/"))
         value = outcome.metric_value if outcome.metric == plan.objective else pruning.last
-        if plan.objective.startswith("eval/"):
+        if plan.objective.startswith(EVALUATION):
             value = _evaluate(plan, model_uri, Path(settings.output_dir), run_id)
         if value is None or not math.isfinite(value):
             raise LdmflowError(f"Trial {trial.number} logged no finite {plan.objective}.")
@@ -108,7 +110,7 @@ class _Pruning:
         self.last = float(metrics[self.objective])
         self.trial.report(self.last, step)
         if self.trial.should_prune():
-            _tag_run(self.run_id, pruned_tags(step))
+            tag_run(self.run_id, pruned_tags(step))
             logger.info("Trial %d pruned at step %d (%s %.6g).", self.trial.number, step, self.objective, self.last)
             raise _Pruned(f"at step {step}: {self.objective} {self.last:.6g}")
 

@@ -121,11 +121,12 @@ def _on_main(accelerator, resolve):
 
 def resolve_vae(vae_uri: str, download_dir: Path, accelerator):
     """The VAE's ModelSource, its local_dir the diffusers folder (downloaded once, by the main process)."""
-    from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
+    from ldmflow.models.saved_model import find_diffusers_folder
+    from ldmflow.tracking.model_uri import resolve_model_source
 
     def resolve():
         source = resolve_model_source(vae_uri, dst_dir=download_dir)
-        return dataclasses.replace(source, local_dir=find_diffusers_folder(source.local_dir, VAE.name))
+        return dataclasses.replace(source, local_dir=find_diffusers_folder(source.local_dir, VAE))
 
     return _on_main(accelerator, resolve)
 
@@ -145,7 +146,8 @@ def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) 
     """The folder of this dataset's registered condition probe, if there is one: validation then also scores
     condition adherence (latent DDPM) or how well reconstructions keep the conditions (VAE, any probe of the
     dataset). None without tracking or conditions."""
-    from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
+    from ldmflow.models.saved_model import find_diffusers_folder
+    from ldmflow.tracking.model_uri import resolve_model_source
     from ldmflow.tracking.registry import registered_probe_uri
 
     spec = None if kind_trained_by(settings) is VAE else str(manifest.spec)
@@ -167,7 +169,7 @@ def _registered_probe(settings: TrainSettings, manifest: Manifest, accelerator) 
             return None
         logger.info("Validation reads conditions back with the dataset's probe %s.", uri)
         source = resolve_model_source(uri, dst_dir=Path(settings.output_dir) / ".probe_download")
-        return find_diffusers_folder(source.local_dir, PROBE.name)
+        return find_diffusers_folder(source.local_dir, PROBE)
 
     return _on_main(accelerator, resolve)
 

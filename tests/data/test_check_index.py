@@ -8,13 +8,12 @@ import pytest
 
 from ldmflow.data import manifest as manifest_module
 from ldmflow.data.check_index import CheckIndex
-from ldmflow.data.demo import make_demo_dataset
 from ldmflow.data.manifest import load_manifest
 
 
 @pytest.fixture
-def data(tmp_path):
-    return make_demo_dataset(tmp_path / "data", num_images=10, resolution=32, val_fraction=0.0)
+def data(make_demo):
+    return make_demo(10, val_fraction=0.0)
 
 
 @pytest.fixture

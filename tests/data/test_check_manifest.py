@@ -3,8 +3,8 @@ import shutil
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
+from cli_runner import invoke
 from ldmflow.data.check import check_manifest, format_report
 from ldmflow.data.conditions import extract_conditions
 from ldmflow.data.manifest import NothingUsableError
@@ -101,11 +101,10 @@ def cli():
 
 
 def test_cli_check_manifest_text_and_json(cli, demo_manifest):
-    runner = CliRunner()
-    text = runner.invoke(cli, ["check-manifest", "--manifest_path", str(demo_manifest)])
+    text = invoke("check-manifest", "--manifest_path", str(demo_manifest), ok=False)
     assert text.exit_code == 0, text.output
     assert "12 usable of 12" in text.output
-    as_json = runner.invoke(cli, ["check-manifest", "--manifest_path", str(demo_manifest), "--split", "all", "--json"])
+    as_json = invoke("check-manifest", "--manifest_path", str(demo_manifest), "--split", "all", "--json", ok=False)
     assert as_json.exit_code == 0, as_json.output
     report = json.loads(as_json.stdout)
     assert report["usable"] == 16
@@ -113,8 +112,8 @@ def test_cli_check_manifest_text_and_json(cli, demo_manifest):
 
 
 def test_cli_check_manifest_nothing_usable(cli, demo_manifest):
-    result = CliRunner().invoke(cli, ["check-manifest", "--manifest_path", str(demo_manifest), "--split", "holdout",
-                                      "--json"])
+    result = invoke("check-manifest", "--manifest_path", str(demo_manifest), "--split", "holdout",
+                    "--json", ok=False)
     assert result.exit_code == 1
     assert json.loads(result.stdout)["usable"] == 0
 
@@ -122,14 +121,14 @@ def test_cli_check_manifest_nothing_usable(cli, demo_manifest):
 def test_cli_check_manifest_bad_input(cli, tmp_path):
     broken = tmp_path / "manifest.json"
     broken.write_text("[{")
-    result = CliRunner().invoke(cli, ["check-manifest", "--manifest_path", str(broken)])
+    result = invoke("check-manifest", "--manifest_path", str(broken), ok=False)
     assert result.exit_code != 0
     assert "Error:" in result.stderr and "not valid JSON" in result.stderr and "line 1" in result.stderr
 
 
 def test_cli_demo_data(cli, tmp_path):
-    result = CliRunner().invoke(cli, ["demo-data", "--output_dir", str(tmp_path / "d"), "--num_images", "5",
-                                      "--resolution", "16", "--image_format", "tiff16", "--val_fraction", "0.2"])
+    result = invoke("demo-data", "--output_dir", str(tmp_path / "d"), "--num_images", "5",
+                    "--resolution", "16", "--image_format", "tiff16", "--val_fraction", "0.2", ok=False)
     assert result.exit_code == 0, result.output
     manifest = tmp_path / "d" / "manifest.json"
     assert result.stdout.strip().splitlines()[-1] == str(manifest)

@@ -13,7 +13,6 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 from fuzzing import JSON  # noqa: E402
 from ldmflow.data.check_index import CheckIndex  # noqa: E402
-from ldmflow.data.demo import make_demo_dataset  # noqa: E402
 from ldmflow.data.latent_cache import CacheKey, LatentCache, ShardWriter  # noqa: E402
 from ldmflow.data.manifest import load_manifest  # noqa: E402
 
@@ -23,8 +22,8 @@ INDEX_CONTENT = CONTENT | st.fixed_dictionaries({"format": st.just(1), "entries"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    manifest = make_demo_dataset(tmp_path_factory.mktemp("fuzz-caches"), num_images=4, resolution=32)
+def data(make_demo):
+    manifest = make_demo(4)
     return manifest, load_manifest(manifest).report.to_dict()
 
 

@@ -76,11 +76,9 @@ def accounts(server):
 
 def ldmflow(*arguments: str, stdin: str = ""):
     """`ldmflow ...` in this process (this checkout's code, no interpreter start): .exit_code, .stdout, .stderr."""
-    from click.testing import CliRunner
+    from cli_runner import invoke
 
-    from ldmflow.cli import cli
-
-    return CliRunner().invoke(cli, list(arguments), input=stdin, catch_exceptions=False)
+    return invoke(*arguments, ok=False, input=stdin)
 
 
 def downgrade_schema(root: Path) -> None:

@@ -27,7 +27,9 @@ from ldmflow.data.conditions import ConditionSpec, ConditionStats
 from ldmflow.errors import LdmflowError
 from ldmflow.models.conditioning import ConditionEncoder
 from ldmflow.tracking.lineage import format_lineage, format_models, lineage, list_models, sample_run_tags
-from ldmflow.tracking.model_uri import find_diffusers_folder, latent_ddpm_folders, resolve_model_source
+from ldmflow.models.kinds import LATENT_DDPM, LEGACY_DDPM, VAE
+from ldmflow.models.saved_model import find_diffusers_folder, latent_ddpm_folders
+from ldmflow.tracking.model_uri import resolve_model_source
 from ldmflow.tracking.registry import log_and_register
 from ldmflow.tracking.run_tracker import open_run
 from fakes import tracked_folder
@@ -64,7 +66,7 @@ def write_latent_output(folder: Path, vae_source) -> None:
     DDPMScheduler(num_train_timesteps=100).save_pretrained(folder)
     encoder.save(folder)
     (folder / "images").mkdir()
-    vae_dir = find_diffusers_folder(vae_source.local_dir, "vae")
+    vae_dir = find_diffusers_folder(vae_source.local_dir, VAE)
     (folder / "vae_source.json").write_text(json.dumps({
         "vae_path": str(vae_dir), "vae_uri": vae_source.uri, "vae_model_name": vae_source.model_name,
         "vae_model_version": vae_source.model_version, "vae_run_id": vae_source.run_id,
@@ -182,7 +184,7 @@ def test_every_uri_form_resolves_to_the_vae(env, form, tmp_path):
     source = resolve_model_source(uri, dst_dir=tmp_path)
     assert (source.uri, source.run_id, source.model_id) == (uri, vae.run_id, vae.model_id)
     assert (source.model_name, source.model_version, source.is_registered) == ("ldmflow-vae", "1", True)
-    folder = find_diffusers_folder(source.local_dir, "vae")
+    folder = find_diffusers_folder(source.local_dir, VAE)
     assert isinstance(AutoencoderKL.from_pretrained(folder), AutoencoderKL)
 
 
@@ -191,7 +193,7 @@ def test_local_folder_resolves_without_mlflow_identity(env):
     assert source.local_dir == env["root"] / "vae_out"
     assert (source.model_name, source.model_version, source.run_id, source.model_id) == (None,) * 4
     assert not source.is_registered
-    assert find_diffusers_folder(source.local_dir, "vae") == env["root"] / "vae_out"
+    assert find_diffusers_folder(source.local_dir, VAE) == env["root"] / "vae_out"
 
 
 @pytest.mark.parametrize("uri, message", [
@@ -219,12 +221,12 @@ def test_missing_run_artifact_lists_what_the_run_has(env):
 
 def test_wrong_kind_of_model_is_named(env):
     with pytest.raises(LdmflowError, match="is a latent_ddpm model, not a vae model"):
-        find_diffusers_folder(env["ldm_source"].local_dir, "vae")
+        find_diffusers_folder(env["ldm_source"].local_dir, VAE)
 
 
 def test_downloaded_artifacts_are_stock_diffusers_folders(env, tmp_path):
     ldm = Path(mlflow.artifacts.download_artifacts(env["ldm"].model_uri, dst_path=str(tmp_path / "ldm")))
-    folder = find_diffusers_folder(ldm, "latent_ddpm")
+    folder = find_diffusers_folder(ldm, LATENT_DDPM)
     assert isinstance(UNet2DConditionModel.from_pretrained(folder / "unet"), UNet2DConditionModel)
     assert isinstance(AutoencoderKL.from_pretrained(folder / "vae"), AutoencoderKL)
     assert isinstance(DDPMScheduler.from_pretrained(folder), DDPMScheduler)
@@ -233,7 +235,7 @@ def test_downloaded_artifacts_are_stock_diffusers_folders(env, tmp_path):
     assert (parts.unet_dir, parts.vae_dir, parts.conditioning_path) == (
         folder / "unet", folder / "vae", folder / "conditioning.json")
     pixel = Path(mlflow.artifacts.download_artifacts(env["pixel"].model_uri, dst_path=str(tmp_path / "pixel")))
-    assert isinstance(DDPMPipeline.from_pretrained(find_diffusers_folder(pixel, "legacy_ddpm")), DDPMPipeline)
+    assert isinstance(DDPMPipeline.from_pretrained(find_diffusers_folder(pixel, LEGACY_DDPM)), DDPMPipeline)
     requirements = (ldm / "requirements.txt").read_text()
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements and "diffusers==" in requirements
 

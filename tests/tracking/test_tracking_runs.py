@@ -19,7 +19,8 @@ from PIL import Image
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import VaeSettings
 from ldmflow.tracking import store
-from ldmflow.tracking.run_tracker import PENDING_FILE, NullTracker, RunTracker, open_run, replay_pending
+from ldmflow.tracking.pending import PENDING_FILE, replay_pending
+from ldmflow.tracking.run_tracker import NullTracker, RunTracker, open_run
 
 
 @pytest.fixture(autouse=True)
@@ -341,14 +342,12 @@ def test_a_failing_tracker_is_not_masked_and_the_run_is_not_left_running(sqlite_
                                   ["sample", "--model_uri", "models:/ldmflow-latent-ddpm/1", "--no_mlflow"],
                                   ["sample", "--model_uri", "runs:/0123abcd/model", "--no_mlflow"]])
 def test_commands_against_a_server_that_is_down_fail_within_seconds(tmp_path, monkeypatch, args):
-    from click.testing import CliRunner
-
-    from ldmflow.cli import cli
+    from cli_runner import invoke
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
-    result = CliRunner().invoke(cli, args)
+    result = invoke(*args, ok=False)
     assert result.exit_code == 1 and "Cannot reach the MLflow tracking server" in result.output
     assert time.monotonic() - started < 60  # MLflow's own HTTP retries take minutes; this is a loose bound
 
@@ -373,9 +372,7 @@ def test_a_version_shows_the_metrics_of_its_own_weights_not_of_the_last_step(sql
 @given(content=st.binary(min_size=1, max_size=64).filter(lambda data: not data.startswith(b"SQLite format 3\0")),
        default=st.booleans())
 def test_a_store_file_that_is_not_a_database_is_named_for_what_it_is(tmp_path_factory, monkeypatch, content, default):
-    from click.testing import CliRunner
-
-    from ldmflow.cli import cli
+    from cli_runner import invoke
 
     folder = tmp_path_factory.mktemp("store")
     (folder / "mlflow.db").write_bytes(content)
@@ -384,7 +381,7 @@ def test_a_store_file_that_is_not_a_database_is_named_for_what_it_is(tmp_path_fa
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     else:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
-    result = CliRunner().invoke(cli, ["models"])
+    result = invoke("models", ok=False)
     assert result.exit_code == 1, result.output
     assert f"Error: The tracking store {folder / 'mlflow.db'} is not an SQLite database: it holds" in result.output
 

@@ -22,9 +22,12 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from ldmflow.settings import VaeSettings
-from ldmflow.tracking.model_uri import find_diffusers_folder, resolve_model_source
+from ldmflow.models.kinds import VAE
+from ldmflow.models.saved_model import find_diffusers_folder
+from ldmflow.tracking.model_uri import resolve_model_source
 from ldmflow.tracking.registry import log_and_register
-from ldmflow.tracking.run_tracker import PENDING_FILE, open_run, replay_pending
+from ldmflow.tracking.pending import PENDING_FILE, replay_pending
+from ldmflow.tracking.run_tracker import open_run
 
 pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test-fast` skips them
 
@@ -119,7 +122,7 @@ def test_log_register_and_resolve_through_the_server(server, rest_env):
     assert any(a.path.endswith(".png") for a in client.list_artifacts(registered.run_id, "images"))
     source = resolve_model_source("models:/ldmflow-vae@champion", dst_dir=root / "download")
     assert (source.model_version, source.run_id, source.model_id) == ("1", registered.run_id, registered.model_id)
-    assert isinstance(AutoencoderKL.from_pretrained(find_diffusers_folder(source.local_dir, "vae")), AutoencoderKL)
+    assert isinstance(AutoencoderKL.from_pretrained(find_diffusers_folder(source.local_dir, VAE)), AutoencoderKL)
     by_run = resolve_model_source(f"runs:/{registered.run_id}/vae", dst_dir=root / "download-run")
     assert by_run.model_id == registered.model_id
     stored = list((server.root / "server-artifacts").rglob("diffusion_pytorch_model.safetensors"))
@@ -161,17 +164,13 @@ def test_a_server_gone_for_good_ends_the_run_within_the_retry_budget(server, res
     """The server dies during training and stays down: the process stops waiting after
     LDMFLOW_TRACKING_RETRY_SECONDS (not minutes of HTTP retries per request), keeps what it could not send in
     the pending file, and exits non-zero with one line."""
-    from click.testing import CliRunner
-
-    from ldmflow.cli import cli
+    from cli_runner import invoke
     from ldmflow.training import loop
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")  # ldmflow bounds MLflow's retries itself
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT")
     monkeypatch.setenv("LDMFLOW_TRACKING_RETRY_SECONDS", "8")
-    runner = CliRunner()
-    assert runner.invoke(cli, ["demo-data", "--output_dir", "data", "--num_images", "8", "--resolution", "32"]
-                         ).exit_code == 0
+    invoke("demo-data", "--output_dir", "data", "--num_images", "8", "--resolution", "32")
     train, ended = loop.train, {}
 
     def train_then_lose_the_server(*args, **kwargs):
@@ -182,10 +181,11 @@ def test_a_server_gone_for_good_ends_the_run_within_the_retry_budget(server, res
 
     monkeypatch.setattr(loop, "train", train_then_lose_the_server)
     try:
-        result = runner.invoke(cli, [
+        result = invoke(
             "vae", "--manifest_path", "data/manifest.json", "--output_dir", "vae_out", "--resolution", "32",
             "--train_batch_size", "4", "--layers_per_block", "1", "--block_out_channels", "8,8,8,8",
-            "--max_train_steps", "2", "--logging_steps", "1", "--save_images_epochs", "100", "--eval_epochs", "0"])
+            "--max_train_steps", "2", "--logging_steps", "1", "--save_images_epochs", "100", "--eval_epochs", "0",
+            ok=False)
         waited = time.monotonic() - ended["at"]
     finally:
         server.start()

@@ -21,14 +21,12 @@ from ldmflow.data.demo import make_demo_dataset
 
 def _tiny_vae(manifest: Path, output: Path) -> Path:
     """A one-step x8 VAE (one process) for the latent DDPM tests to encode with."""
-    from click.testing import CliRunner
+    from cli_runner import invoke
 
-    from ldmflow.cli import cli
-
-    result = CliRunner().invoke(cli, ["vae", "--manifest_path", str(manifest), "--output_dir", str(output),
-                                      "--resolution", "32", "--max_train_steps", "1", "--block_out_channels",
-                                      "8,8,8,8", "--layers_per_block", "1", "--scaling_factor_batches", "1",
-                                      "--no_mlflow"])
+    result = invoke("vae", "--manifest_path", str(manifest), "--output_dir", str(output),
+                    "--resolution", "32", "--max_train_steps", "1", "--block_out_channels",
+                    "8,8,8,8", "--layers_per_block", "1", "--scaling_factor_batches", "1",
+                    "--no_mlflow", ok=False)
     assert result.exit_code == 0, result.output
     return output
 
@@ -171,17 +169,16 @@ def test_two_processes_with_accumulation_make_the_update_of_one_process_with_twi
     """The condition probe (no randomness in its loss; `wind` is present in every demo entry, so every
     batch's mean is over the same count): 2 processes x batch 2 x 2 accumulation steps against 1 process x
     batch 4 x 2 accumulation steps see the same images per update, so the weights agree to rounding."""
-    from click.testing import CliRunner
     from safetensors.torch import load_file
 
-    from ldmflow.cli import cli
+    from cli_runner import invoke
 
     manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32, val_fraction=0.2)
     common = ["probe", "--manifest_path", str(manifest), "--condition_spec", "wind:3", "--resolution", "32",
               "--block_out_channels", "8,8", "--layers_per_block", "1", "--gradient_accumulation_steps", "2",
               "--max_train_steps", "2", "--eval_epochs", "0", "--no_mlflow"]
     one, two = tmp_path / "one", tmp_path / "two"
-    result = CliRunner().invoke(cli, [*common, "--output_dir", str(one), "--train_batch_size", "4"])
+    result = invoke(*common, "--output_dir", str(one), "--train_batch_size", "4", ok=False)
     assert result.exit_code == 0, result.output
     launch_two_processes(tmp_path, "-m", "ldmflow", *common, "--output_dir", str(two), "--train_batch_size", "2")
     expected = load_file(next(one.glob("*.safetensors")))

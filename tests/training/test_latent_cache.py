@@ -18,7 +18,6 @@ from diffusers import AutoencoderKL
 from launch import launch_two_processes
 from numerics import assert_computed_alike
 from ldmflow.data.dataset import ManifestImageDataset
-from ldmflow.data.demo import make_demo_dataset
 from ldmflow.data.latent_cache import INDEX_FILE, CacheIndex, CacheKey, LatentCache
 from ldmflow.data.manifest import load_manifest
 from ldmflow.settings import CacheLatentsSettings
@@ -34,8 +33,8 @@ ALIKE = dict(reduction=9 * 8, layers=4)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("data"), num_images=12, resolution=32, val_fraction=0.0)
+def data(make_demo) -> Path:
+    return make_demo(12, val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")

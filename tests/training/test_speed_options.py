@@ -12,7 +12,6 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
 from cli_runner import invoke
-from ldmflow.data.demo import make_demo_dataset
 from ldmflow.errors import LdmflowError
 from ldmflow.sampling.denoise import denoise, make_scheduler
 from ldmflow.settings import LegacyDdpmSettings
@@ -26,8 +25,8 @@ LEGACY = ["legacy-ddpm", *TINY_SIZES, "--block_out_channels", "16,16", "--learni
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("speed"), num_images=12, resolution=32)
+def data(make_demo) -> Path:
+    return make_demo(12)
 
 
 

@@ -23,10 +23,8 @@ TINY_UNET = ["--block_out_channels", "32,32", "--num_preview_images", "2", "--pr
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("training-data")
-    invoke("demo-data", "--output_dir", str(folder), "--num_images", "24", "--resolution", "32")
-    return folder / "manifest.json"
+def data(make_demo) -> Path:
+    return make_demo(24)
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +97,9 @@ def test_latent_ddpm_layout_and_the_original_sampling_loop(latent_dir, vae_dir):
 
 def test_latent_sampler_follows_the_saved_condition_layout(latent_dir):
     from ldmflow.errors import LdmflowError
-    from ldmflow.sampling.latent import LatentSampler
+    from ldmflow.sampling.load import load_sampler
 
-    sampler = LatentSampler.from_training_output(latent_dir)
+    sampler = load_sampler(latent_dir, device="cpu")
     images = sampler.generate([{"temperature": 10.0, "wind": [1, 0, 0]}] * 2, num_inference_steps=3)
     assert images.shape == (2, 32, 32, 3)
     with pytest.raises(LdmflowError, match="humidity.*temperature:1,wind:3,wind_mag:1"):
@@ -135,7 +133,9 @@ def test_per_condition_dropout_is_logged_recorded_with_the_training_range_and_al
     assert record["cond_dropout_per_condition"] == {"temperature": 0.0, "wind": 0.5, "wind_mag": 0.5}
     assert set(record["trained_range"]["temperature"]) == {"min", "max"}
     assert set(record["stats"]["temperature"]) == {"mean", "std"}
-    sampler = LatentSampler.from_training_output(tmp_path)
+    from ldmflow.sampling.load import load_sampler
+
+    sampler = load_sampler(tmp_path, device="cpu")
     assert sampler.generate([{"temperature": 10.0}], num_inference_steps=2).shape == (1, 32, 32, 3)
     with pytest.raises(LdmflowError, match=r"missing condition\(s\) \['temperature'\]; this model was trained to "
                                            r"do without \['wind', 'wind_mag'\] only"):
@@ -389,16 +389,16 @@ def test_a_latent_model_refuses_a_vae_that_was_trained_over(latent_dir, vae_dir,
     retrained.save_pretrained(vae)  # e.g. a later `ldmflow vae --output_dir` on the same folder
     result = invoke(*sample, ok=False)
     assert result.exit_code == 1 and "is not the one this latent model was trained with" in result.output
-    from ldmflow.sampling.latent import LatentSampler
+    from ldmflow.sampling.load import load_sampler
 
     with pytest.raises(Exception, match="is not the one this latent model was trained with"):
-        LatentSampler.from_training_output(model)
+        load_sampler(model, device="cpu")
 
 
 def test_conditions_and_guidance_change_the_samples(latent_dir):
-    from ldmflow.sampling.latent import LatentSampler
+    from ldmflow.sampling.load import load_sampler
 
-    sampler = LatentSampler.from_training_output(latent_dir)
+    sampler = load_sampler(latent_dir, device="cpu")
     cold = {"temperature": [-15.0], "wind": [8.0, 0.0, 0.0], "wind_mag": [8.0]}
     warm = {"temperature": [35.0], "wind": [0.0, 2.0, 0.0], "wind_mag": [2.0]}
 
@@ -428,7 +428,7 @@ def test_any_latent_shape_trains_samples_and_is_recorded(data, tmp_path):
     """An f4 VAE with 8 latent channels: the latent DDPM, its sampler and vae_source.json follow its shape."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from ldmflow.sampling.latent import LatentSampler
+    from ldmflow.sampling.load import load_sampler
 
     vae_out, ldm_out = tmp_path / "vae", tmp_path / "ldm"
     invoke("vae", "--manifest_path", str(data), "--output_dir", str(vae_out), *TINY, "--max_train_steps", "2",
@@ -442,7 +442,7 @@ def test_any_latent_shape_trains_samples_and_is_recorded(data, tmp_path):
     assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (8, 8, 8)
     source = json.loads((ldm_out / "vae_source.json").read_text())
     assert (source["vae_latent_channels"], source["vae_downsample_factor"]) == (8, 4)
-    images = LatentSampler.from_training_output(ldm_out).generate(
+    images = load_sampler(ldm_out, device="cpu").generate(
         [{"temperature": 10.0, "wind": [1, 0, 0]}], num_inference_steps=2)
     assert images.shape == (1, 32, 32, 3)
 

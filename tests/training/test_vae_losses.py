@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from cli_runner import invoke
-from ldmflow.data.demo import make_demo_dataset
 from ldmflow.data.manifest import load_manifest
 from ldmflow.models.discriminator import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from ldmflow.models.perceptual import WEIGHTS_ENV
@@ -30,8 +29,8 @@ ADVERSARIAL = ["--disc_weight", "0.5", "--disc_start", "3", "--disc_layers", "2"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_demo_dataset(tmp_path_factory.mktemp("vae-losses"), num_images=12, resolution=32, style="textured")
+def data(make_demo) -> Path:
+    return make_demo(12, style="textured")
 
 
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from ldmflow.cli import cli
+from cli_runner import invoke
 from ldmflow.data.manifest import load_manifest
 from ldmflow.errors import LdmflowError
 from ldmflow.settings import LegacyDdpmSettings
@@ -24,12 +23,8 @@ pytestmark = pytest.mark.train  # most tests here train a tiny model; `make test
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("validation-data")
-    result = CliRunner().invoke(cli, ["demo-data", "--output_dir", str(folder), "--num_images", "12",
-                                      "--resolution", "32", "--val_fraction", "0.25"])
-    assert result.exit_code == 0, result.output
-    return folder / "manifest.json"
+def data(make_demo) -> Path:
+    return make_demo(12, val_fraction=0.25)
 
 
 
@@ -149,12 +144,12 @@ def test_checkpoint_metric_must_be_one_the_run_validates(data, tmp_path):
 def test_validation_never_scores_training_images(data, tmp_path):
     args = ["vae", "--manifest_path", str(data), "--output_dir", str(tmp_path), "--resolution", "32",
             "--block_out_channels", "8,8,8,8", "--layers_per_block", "1", "--no_mlflow"]
-    result = CliRunner().invoke(cli, [*args, "--split", "all"])
+    result = invoke(*args, "--split", "all", ok=False)
     assert result.exit_code == 1
     assert "--split 'all' and --val_split 'val' share 3 image(s)" in result.output
     assert "--val_split ''" in result.output
-    result = CliRunner().invoke(cli, [*args, "--split", "all", "--val_split", "", "--max_train_steps", "1",
-                                      "--scaling_factor_batches", "1", "--save_images_epochs", "100"])
+    result = invoke(*args, "--split", "all", "--val_split", "", "--max_train_steps", "1",
+                    "--scaling_factor_batches", "1", "--save_images_epochs", "100", ok=False)
     assert result.exit_code == 0, result.output
 
 
@@ -251,11 +246,11 @@ def test_two_trainings_never_share_an_output_folder(data, tmp_path):
             "--block_out_channels", "16,16", "--layers_per_block", "1", "--max_train_steps", "1", "--no_mlflow",
             "--save_images_epochs", "100"]
     with folder_lock(tmp_path, "ldmflow vae (run 1234)"):
-        result = CliRunner().invoke(cli, args)
+        result = invoke(*args, ok=False)
     assert result.exit_code == 1
     assert f"{tmp_path} is in use by ldmflow vae (run 1234) (pid" in result.output
     assert not (tmp_path / "unet").exists()
-    assert CliRunner().invoke(cli, args).exit_code == 0  # free again once the other one ends
+    assert invoke(*args, ok=False).exit_code == 0  # free again once the other one ends
 
 
 def test_a_resume_on_changed_data_is_refused_unless_allowed(data, tmp_path):

@@ -135,7 +135,7 @@ def test_condition_errors_are_paired_per_request_and_a_model_that_follows_them_i
     """The latent DDPM path on stand-in readings: the same requests, one model reading back what it was asked."""
     from ldmflow.evaluation.adherence import Requests
     from ldmflow.evaluation.comparison import compare_metrics, paired_half_widths
-    from ldmflow.training.loop import higher_is_better
+    from ldmflow.evaluation.metric_names import higher_is_better
     from ldmflow.workflows.compare import _per_sample_score
     from ldmflow.workflows.evaluate import Evaluation
 

@@ -8,10 +8,9 @@ import signal
 import time
 
 import pytest
-from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from ldmflow.cli import cli
+from cli_runner import invoke
 from sampling.test_sampler import tiny_legacy
 
 
@@ -59,8 +58,8 @@ def test_an_interrupted_sample_ends_killed_and_leaves_nothing(tmp_path, monkeypa
         sample_write = sample.write_image
         monkeypatch.setattr(sample, "write_image", write_then_stop)
     started = time.monotonic()
-    result = CliRunner().invoke(cli, ["sample", "--model_uri", str(tmp_path / "model"), "--output_dir",
-                                      str(tmp_path / "out"), "--num_images", "3", "--num_inference_steps", "2"])
+    result = invoke("sample", "--model_uri", str(tmp_path / "model"), "--output_dir",
+                    str(tmp_path / "out"), "--num_images", "3", "--num_inference_steps", "2", ok=False)
     assert time.monotonic() - started < 20
     assert result.exit_code == 128 + signal_number, result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
@@ -91,7 +90,7 @@ def test_an_interrupted_sweep_ends_killed_and_says_which_signal(tmp_path, monkey
     monkeypatch.setattr("ldmflow.workflows.sweep_trial._Objective.__call__",
                         lambda self, trial: _signal_itself(signal_number))
     started = time.monotonic()
-    result = CliRunner().invoke(cli, sweep_args("--n_trials", "2"))
+    result = invoke(*sweep_args("--n_trials", "2"), ok=False)
     assert time.monotonic() - started < 30
     assert result.exit_code == 128 + signal_number, result.output
     assert f"Error: stopped by {signal.Signals(signal_number).name}" in result.output
@@ -108,9 +107,9 @@ def test_a_training_interrupted_by_ctrl_c_ends_killed_with_no_half_written_folde
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     manifest = make_demo_dataset(tmp_path / "data", num_images=8, resolution=32)
     monkeypatch.setattr("ldmflow.training.loop._optimizer_step", lambda *args: _signal_itself(signal.SIGINT))
-    result = CliRunner().invoke(cli, ["legacy-ddpm", "--manifest_path", str(manifest), "--output_dir",
-                                      str(tmp_path / "out"), *TINY_SIZES, "--block_out_channels", "16,16",
-                                      "--max_train_steps", "4", "--split", "all", "--val_split", ""])
+    result = invoke("legacy-ddpm", "--manifest_path", str(manifest), "--output_dir",
+                    str(tmp_path / "out"), *TINY_SIZES, "--block_out_channels", "16,16",
+                    "--max_train_steps", "4", "--split", "all", "--val_split", "", ok=False)
     assert result.exit_code == 130, result.output
     assert "Error: stopped by SIGINT; the run (if any) ended KILLED." in result.output
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]

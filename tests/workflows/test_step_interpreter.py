@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from click.testing import CliRunner
 
-from ldmflow.cli import cli
+from cli_runner import invoke
 from ldmflow.workflows.pipeline import this_python_first_on_path
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -42,7 +41,7 @@ def test_a_command_that_cannot_import_a_package_is_one_line(monkeypatch, tmp_pat
         raise ModuleNotFoundError("No module named 'tifffile'", name="tifffile")
 
     monkeypatch.setattr("ldmflow.data.check.check_manifest", missing)
-    result = CliRunner().invoke(cli, ["check-manifest", "--manifest_path", str(tmp_path / "m.json")])
+    result = invoke("check-manifest", "--manifest_path", str(tmp_path / "m.json"), ok=False)
     assert result.exit_code == 1
     assert result.output.strip() == (f"Error: {sys.executable} cannot import tifffile, which ldmflow needs: run "
                                      "ldmflow with the Python it is installed in (e.g. .venv/bin/ldmflow), or "
