@@ -121,7 +121,6 @@ def test_unconditional_latent_model_has_no_class_embedding(data, vae_dir, tmp_pa
 def test_per_condition_dropout_is_logged_recorded_with_the_training_range_and_allows_partial_requests(
         data, vae_dir, tmp_path):
     from ldmflow.errors import LdmflowError
-    from ldmflow.sampling.latent import LatentSampler
     from ldmflow.settings import LatentDdpmSettings
 
     dropout = "wind=0.5,wind_mag=0.5"
