@@ -579,7 +579,6 @@ class ProbeSettings(TrainSettings):
         super().__post_init__()
         if self.condition_spec.strip().lower() == "none":
             raise LdmflowError("A probe reads conditions: --condition_spec none leaves it nothing to learn.")
-        _check_choice(self, "norm", PROBE_NORMS)
         if self.random_flip:
             raise LdmflowError("--random_flip would mirror images but not their directional conditions; "
                                "the probe trains without flips.")
