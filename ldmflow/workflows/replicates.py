@@ -64,8 +64,10 @@ def nearest_the_mean(replicates: list[Replicate]) -> tuple[Replicate, str]:
     return replicates[0], f"seed {replicates[0].seed} (run {replicates[0].run_id}): no shared selection metric"
 
 
-def _replicate(settings: TrainSettings, index: int, parent_run_id: str, run_id: str | None = None) -> Replicate:
-    """Train seed settings.seed + index as a child of the group (in `run_id` when a worker claimed it)."""
+def _replicate(settings: TrainSettings, index: int, parent_run_id: str, run_id: str | None = None,
+               on_validation=None) -> Replicate:
+    """Train seed settings.seed + index as a child of the group (in `run_id` when one was started for it, told
+    of each validation by `on_validation`: a sweep's pruner)."""
     from mlflow import MlflowClient
 
     from ldmflow.workflows.train import TrialRun
@@ -78,7 +80,7 @@ def _replicate(settings: TrainSettings, index: int, parent_run_id: str, run_id: 
     try:
         with outside_the_project_run():
             outcome, model_uri = run_training(child, parent_run_id=parent_run_id, register=False,
-                                              trial=TrialRun(run_id, None) if run_id else None)
+                                              trial=TrialRun(run_id, on_validation) if run_id else None)
     except LdmflowError as error:
         raise LdmflowError(f"Replicate {index + 1} of {settings.replicates} (seed {seed}) failed: {error}") from None
     client = MlflowClient()
@@ -118,15 +120,22 @@ def run_replicates(settings: TrainSettings) -> list[Replicate]:
     return replicates
 
 
+def log_group_metrics(client, run_id: str, replicates: list[Replicate]) -> dict[str, float]:
+    """group_metrics logged on the group's run (at step 0, as the in-process group does), and returned."""
+    from mlflow.entities import Metric
+
+    summary, now = group_metrics(replicates), int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in summary.items()])
+    return summary
+
+
 def _summarize(client, parent_run_id: str, replicates: list[Replicate], settings: TrainSettings) -> None:
     """The group's metrics on its parent run, and the replicate nearest the mean registered."""
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import RunTag
 
     from ldmflow.tracking.registry import register_logged_model
 
-    now = int(time.time() * 1000)
-    client.log_batch(parent_run_id, metrics=[Metric(key, value, now, 0)
-                                             for key, value in group_metrics(replicates).items()])
+    log_group_metrics(client, parent_run_id, replicates)
     chosen, why = nearest_the_mean(replicates)
     registered = register_logged_model(chosen.model_uri.removeprefix("models:/"), settings.registered_model_name,
                                        settings.register_alias)
@@ -198,21 +207,53 @@ def _holders(children) -> dict[int, object]:
 
 def _claim_next(client, settings: TrainSettings, parent_run_id: str, stage: str) -> tuple[int, str] | None:
     """(seed index, run id) of the next replicate nobody holds, claimed by this worker; None when none is left."""
-    from ldmflow.environment import environment_tags
-
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     while True:
         held = _holders(_children(client, parent_run_id))
         free = [index for index in range(settings.replicates) if index not in held]
         if not free:
             return None
-        index, seed = free[0], settings.seed + free[0]
-        run = client.create_run(experiment_id, run_name=f"{settings.run_name or stage}-seed{seed}", tags={
-            STAGE_TAG: stage, PARENT_RUN_TAG: parent_run_id, REPLICATE_OF_TAG: parent_run_id,
-            REPLICATE_INDEX_TAG: str(index), **environment_tags()})
-        if _holders(_children(client, parent_run_id))[index].info.run_id == run.info.run_id:
-            return index, run.info.run_id
-        client.delete_run(run.info.run_id)  # another worker claimed it first: try the next one
+        index = free[0]
+        run_id = start_replicate_run(client, settings, parent_run_id, index, stage, experiment_id)
+        if _holders(_children(client, parent_run_id))[index].info.run_id == run_id:
+            return index, run_id
+        client.delete_run(run_id)  # another worker claimed it first: try the next one
+
+
+def start_replicate_run(client, settings: TrainSettings, parent_run_id: str, index: int, stage: str,
+                        experiment_id: str) -> str:
+    """A RUNNING child run of `parent_run_id` for seed settings.seed + index, which the replicate then trains in."""
+    from ldmflow.environment import environment_tags
+
+    run = client.create_run(experiment_id, run_name=f"{settings.run_name or stage}-seed{settings.seed + index}",
+                            tags={STAGE_TAG: stage, PARENT_RUN_TAG: parent_run_id, REPLICATE_OF_TAG: parent_run_id,
+                                  REPLICATE_INDEX_TAG: str(index), **environment_tags()})
+    return run.info.run_id
+
+
+def train_in_runs(settings: TrainSettings, parent_run_id: str, on_first_validation=None) -> list[Replicate]:
+    """Every seed of a group as a child run of `parent_run_id`, one after another (a sweep trial's replicates:
+    the first one's validations go to the pruner, which may stop the trial there)."""
+    from mlflow import MlflowClient
+
+    from ldmflow.errors import Stopped
+
+    client, stage = MlflowClient(), kind_trained_by(settings).name
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    replicates = []
+    for index in range(settings.replicates):
+        run_id = start_replicate_run(client, settings, parent_run_id, index, stage, experiment_id)
+        status = "FAILED"
+        try:
+            replicates.append(_replicate(settings, index, parent_run_id, run_id,
+                                         on_first_validation if index == 0 else None))
+            status = "FINISHED"
+        except (KeyboardInterrupt, Stopped):
+            status = "KILLED"
+            raise
+        finally:
+            client.set_terminated(run_id, status)
+    return replicates
 
 
 def _as_replicate(run, first_seed: int) -> Replicate:

@@ -86,6 +86,8 @@ class _Objective:
         settings = trial_settings(plan, trial.number, values, run_id)
         logger.info("Trial %d: %s", trial.number, ", ".join(f"{k}={v}" for k, v in values.items()))
         pruning = _Pruning(trial, plan.objective, run_id)
+        if settings.replicates > 1:
+            return self._train_replicates(trial, run_id, settings, pruning)
         outcome, model_uri = run_training(settings, trial=TrialRun(run_id, pruning))
         trial.set_user_attr(MODEL_ID_ATTR, model_uri.removeprefix("models:/"))
         value = outcome.metric_value if outcome.metric == plan.objective else pruning.last
@@ -94,6 +96,36 @@ class _Objective:
         if value is None or not math.isfinite(value):
             raise LdmflowError(f"Trial {trial.number} logged no finite {plan.objective}.")
         logger.info("Trial %d: %s = %.6g", trial.number, plan.objective, value)
+        return value
+
+
+    def _train_replicates(self, trial, run_id: str, settings, pruning) -> float:
+        """--replicates N on a sweep: the trial's run is the parent of N seeds (the first one reports to the
+        pruner); its objective is their mean (`_sd`, `_min`, `_max` beside it on the run), and the trial's model,
+        which the sweep registers if it wins, is the replicate nearest that mean."""
+        from mlflow import MlflowClient
+
+        from ldmflow.tags import REPLICATE_REGISTERED_TAG, REPLICATES_TAG
+        from ldmflow.workflows.replicates import log_group_metrics, nearest_the_mean, train_in_runs
+
+        plan, objective = self.plan, self.plan.objective
+        tag_run(run_id, {REPLICATES_TAG: str(settings.replicates)})
+        replicates = train_in_runs(settings, run_id, pruning)
+        for replicate in replicates:  # each one's objective as a single trial's would be
+            if objective.startswith(EVALUATION):
+                folder = Path(settings.output_dir) / f"replicate-{replicate.seed - settings.seed}"
+                replicate.metrics[objective] = _evaluate(plan, replicate.model_uri, folder, replicate.run_id)
+            elif replicate.selection and replicate.selection[0] == objective:  # its best checkpoint's score
+                replicate.metrics[objective] = replicate.selection[1]
+        summary = log_group_metrics(MlflowClient(), run_id, replicates)
+        chosen, why = nearest_the_mean(replicates)
+        trial.set_user_attr(MODEL_ID_ATTR, chosen.model_uri.removeprefix("models:/"))
+        tag_run(run_id, {REPLICATE_REGISTERED_TAG: f"{chosen.model_uri}: {why}"})
+        value = summary.get(objective)
+        if value is None or not math.isfinite(value):
+            raise LdmflowError(f"Trial {trial.number} logged no finite {objective} on every replicate.")
+        logger.info("Trial %d: %s = %.6g (mean of %d seeds, sd %.3g)", trial.number, objective, value,
+                    len(replicates), summary[objective + "_sd"])
         return value
 
 

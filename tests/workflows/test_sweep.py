@@ -227,3 +227,25 @@ def test_two_workers_share_a_study_and_a_killed_workers_trial_is_failed_and_retr
     children = MlflowClient().search_runs(["1"], f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'")
     assert len(children) == len(trials) and len(runs) == len(trials)
     assert sorted(run.info.status for run in children) == ["FAILED"] + ["FINISHED"] * (len(trials) - 1)
+
+
+@pytest.mark.train
+def test_a_sweep_with_replicates_scores_a_trial_by_the_mean_of_its_seeds_and_registers_the_typical_one(store):
+    from mlflow import MlflowClient
+
+    from ldmflow.tags import BEST_CHECKPOINT_METRIC_TAG, REPLICATE_OF_TAG, REPLICATE_REGISTERED_TAG
+
+    (store / "one.yaml").write_text("learning_rate: {choices: [0.01]}\n")
+    result = invoke(*sweep_args("--n_trials", "1", "--pruner", "none", "--replicates", "2", space="one.yaml"))
+    assert "registered models:/ldmflow-vae/1" in result.output
+    _, trials = study_runs("demo")
+    [trial] = trials.values()
+    client = MlflowClient()
+    children = client.search_runs(["1"], f"tags.`{REPLICATE_OF_TAG}` = '{trial.info.run_id}'")
+    assert sorted(int(run.data.params["seed"]) for run in children) == [0, 1]
+    assert {run.info.status for run in children} == {"FINISHED"} and trial.info.status == "FINISHED"
+    best = [float(run.data.tags[BEST_CHECKPOINT_METRIC_TAG].split("=")[1]) for run in children]
+    assert trial.data.metrics["val/psnr"] == pytest.approx(sum(best) / 2, rel=1e-5)  # the study's value too
+    assert trial.data.metrics["val/psnr_max"] == pytest.approx(max(best), rel=1e-5)
+    assert "nearest to the group's mean" in trial.data.tags[REPLICATE_REGISTERED_TAG]
+    assert client.get_model_version("ldmflow-vae", "1").run_id in {run.info.run_id for run in children}
