@@ -579,9 +579,6 @@ class ProbeSettings(TrainSettings):
         super().__post_init__()
         if self.condition_spec.strip().lower() == "none":
             raise LdmflowError("A probe reads conditions: --condition_spec none leaves it nothing to learn.")
-        if self.random_flip:
-            raise LdmflowError("--random_flip would mirror images but not their directional conditions; "
-                               "the probe trains without flips.")
         if self.resolution % 2 ** len(self.block_out_channels):
             raise LdmflowError(f"--resolution {self.resolution} cannot be halved {len(self.block_out_channels)} "
                                "times; use fewer --block_out_channels or a larger resolution.")

@@ -111,7 +111,7 @@ CASES = [  # (id, arguments, fragment of the one error line)
     ("vae: LPIPS folder without weights", [*VAE, "--perceptual_weight", "1", "--perceptual_weights", "{tmp}"],
      "--perceptual_weights DIR"),
     ("probe: no conditions", [*PROBE, "--condition_spec", "none"], "nothing to learn"),
-    ("probe: flips", [*PROBE, "--random_flip"], "--random_flip"),
+    ("probe: flips without a rule", [*PROBE, "--random_flip"], "the vector condition 'wind' has no flip rule"),
     ("sample: no model", ["sample", "--model_uri", "{tmp}/nothing", "--output_dir", "{out}"], "does not exist"),
     ("sample: batch of none", [*SAMPLE, "--batch_size", "0"], "--batch_size must be at least 1"),
     ("sample: precision", [*SAMPLE, "--dtype", "fp8"], "'fp8' is not one of"),

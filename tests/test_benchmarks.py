@@ -157,3 +157,21 @@ def test_the_data_scale_benchmark_smoke_run_measures_every_column_and_writes_the
     assert row["images"] == "40" and "encoded!" not in json.dumps(row)  # the trainings read the built cache
     written = _written(page, original, "benchmarks/data_scale.py")
     assert written.rows[0][0] == "40" and len(written.rows[0]) == len(row)
+
+
+@pytest.mark.slow
+def test_the_probe_quality_benchmark_compares_probe_and_reader_on_both_families_and_writes_them(tmp_path):
+    page, original = _copy_page("evaluation.md", tmp_path)
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probe_quality.py"), "--seeds", "0,1",
+                             "--num_images", "12", "--resolution", "32", "--num_epochs", "1", "--work_dir",
+                             str(tmp_path / "work"), "--write_docs", str(page)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "plumes seed 1: probe trained in" in result.stdout
+    written = _written(page, original, "benchmarks/probe_quality.py")
+    assert "-core CPU (" in written.machine and ", lock " in written.machine
+    assert [row[:2] for row in written.rows] == [[family, condition] for family in ("stripes", "plumes") for
+                                                 condition in ("temperature, % of range", "wind angle, degrees",
+                                                               "wind_mag, % of range")]
+    assert all(" ± " in row[4] or row[4] == "n/a" for row in written.rows)  # n/a: no strong wind in 1 val image
+    assert written.notes[0].startswith("probe training: ")

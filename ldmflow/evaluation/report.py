@@ -58,21 +58,30 @@ def ceiling_lines(metrics: dict[str, float]) -> list[str]:
     reconstructions, where those are clearly worse than the real images: the first stage caps it, and
     training the UNet longer will not help."""
     lines = []
-    for key, ceiling in sorted(metrics.items()):
-        name = key.removeprefix("recon/")
-        if name == key or not name.endswith(_HEADLINE_SUFFIXES) or name not in metrics:
-            continue
-        samples, real = metrics[name], metrics.get(f"probe/{name}")
+    for name, ceiling, samples in _beside_samples(metrics, "recon/"):
+        real = metrics.get(f"probe/{name}")
         if real is not None and ceiling <= (1 + CEILING_MARGIN) * real:
             continue  # the reconstructions read like the real images: the VAE keeps this condition
         if samples <= (1 + CEILING_MARGIN) * ceiling:
-            condition = next(name[:-len(s)] for s in _HEADLINE_SUFFIXES if name.endswith(s))
-            unit = "°" if name.endswith("_deg") else "%"
-            measure = "angle" if name.endswith("_deg") else "length" if "_length_" in name else ""
-            lines.append(f"{condition}{' ' + measure if measure else ''}: limited by the VAE (reconstructions "
-                         f"{ceiling:.3g}{unit} vs samples {samples:.3g}{unit}); see docs/training.md, 'When a "
-                         "condition is not learned'.")
+            measure, unit = _measure(name)
+            lines.append(f"{measure}: limited by the VAE (reconstructions {ceiling:.3g}{unit} vs samples "
+                         f"{samples:.3g}{unit}); see docs/training.md, 'When a condition is not learned'.")
     return lines
+
+
+def _beside_samples(metrics: dict[str, float], prefix: str):
+    """(name, its score under `prefix`, the samples' score) for each headline error of the samples, by name."""
+    for key, value in sorted(metrics.items()):
+        name = key.removeprefix(prefix)
+        if name != key and name.endswith(_HEADLINE_SUFFIXES) and name in metrics:
+            yield name, value, metrics[name]
+
+
+def _measure(name: str) -> tuple[str, str]:
+    """("wind angle", "°") for `wind_angle_error_deg`, ("temperature", "%") for `temperature_mae_pct`."""
+    condition = next(name[:-len(s)] for s in _HEADLINE_SUFFIXES if name.endswith(s))
+    measure = "angle" if name.endswith("_deg") else "length" if "_length_" in name else ""
+    return f"{condition}{' ' + measure if measure else ''}", "°" if name.endswith("_deg") else "%"
 
 
 def probe_limit_lines(metrics: dict[str, float]) -> list[str]:
@@ -80,19 +89,12 @@ def probe_limit_lines(metrics: dict[str, float]) -> list[str]:
     images: the probe misreads real images about as much, so the score says how well the probe reads, not how
     well the model follows the condition."""
     lines = []
-    for key, real in sorted(metrics.items()):
-        name = key.removeprefix("probe/")
-        if name == key or not name.endswith(_HEADLINE_SUFFIXES) or name not in metrics:
-            continue
-        samples = metrics[name]
+    for name, real, samples in _beside_samples(metrics, "probe/"):
         if samples <= (1 + PROBE_MARGIN) * real:
-            condition = next(name[:-len(s)] for s in _HEADLINE_SUFFIXES if name.endswith(s))
-            unit = "°" if name.endswith("_deg") else "%"
-            measure = "angle" if name.endswith("_deg") else "length" if "_length_" in name else ""
-            lines.append(f"{condition}{' ' + measure if measure else ''}: limited by the probe (real images "
-                         f"{real:.3g}{unit} vs samples {samples:.3g}{unit}): it misreads real images about as much, "
-                         "so this score cannot tell how well the model follows it; see docs/evaluation.md, 'The "
-                         "condition probe'.")
+            measure, unit = _measure(name)
+            lines.append(f"{measure}: limited by the probe (real images {real:.3g}{unit} vs samples "
+                         f"{samples:.3g}{unit}): it misreads real images about as much, so this score cannot tell "
+                         "how well the model follows it; see docs/evaluation.md, 'The condition probe'.")
     return lines
 
 

@@ -168,7 +168,8 @@ def test_a_killed_rank_ends_the_other_within_a_bounded_time(tmp_path):
 def test_two_processes_with_accumulation_make_the_update_of_one_process_with_twice_the_batch(tmp_path):
     """The condition probe (no randomness in its loss; `wind` is present in every demo entry, so every
     batch's mean is over the same count): 2 processes x batch 2 x 2 accumulation steps against 1 process x
-    batch 4 x 2 accumulation steps see the same images per update, so the weights agree to rounding."""
+    batch 4 x 2 accumulation steps see the same images per update, so the weights agree to rounding. GroupNorm:
+    BatchNorm's statistics are each process's own batch."""
     from safetensors.torch import load_file
 
     from cli_runner import invoke
@@ -176,7 +177,7 @@ def test_two_processes_with_accumulation_make_the_update_of_one_process_with_twi
     manifest = make_demo_dataset(tmp_path / "data", num_images=20, resolution=32, val_fraction=0.2)
     common = ["probe", "--manifest_path", str(manifest), "--condition_spec", "wind:3", "--resolution", "32",
               "--block_out_channels", "8,8", "--layers_per_block", "1", "--gradient_accumulation_steps", "2",
-              "--max_train_steps", "2", "--eval_epochs", "0", "--no_mlflow"]
+              "--max_train_steps", "2", "--eval_epochs", "0", "--no_mlflow", "--norm", "group"]
     one, two = tmp_path / "one", tmp_path / "two"
     result = invoke(*common, "--output_dir", str(one), "--train_batch_size", "4", ok=False)
     assert result.exit_code == 0, result.output
