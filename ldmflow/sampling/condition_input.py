@@ -18,6 +18,7 @@ from ldmflow.data import bounded_json
 from ldmflow.data.conditions import ConditionSpec
 from ldmflow.errors import LdmflowError
 from ldmflow.files import MAX_CONDITIONS_BYTES, read_user_file
+from ldmflow.settings import MAX_SEED
 
 SEED_COLUMN = "seed"
 
@@ -80,6 +81,26 @@ def _row_conditions(frame: pd.DataFrame, row, spec: ConditionSpec, number: int) 
         if value is not None:
             condition[name] = value
     return condition
+
+
+def seed_cell(raw) -> int | None:
+    """One row's seed from a conditions file or a served request: None when blank; an integer in numpy's and
+    torch's range (3, 3.0 and "3" alike); anything else raises ValueError saying why."""
+    if raw is None or (not isinstance(raw, str) and pd.isna(raw)) or (isinstance(raw, str) and not raw.strip()):
+        return None
+    try:
+        number = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"seed {str(raw)[:50]!r} is not an integer") from None
+    except OverflowError:  # an integer beyond any float
+        number = math.inf
+    if math.isinf(number):
+        raise ValueError(f"seed {str(raw)[:50]} is outside [0, {MAX_SEED}], the seeds numpy and torch accept")
+    if not (math.isfinite(number) and number == int(number)):
+        raise ValueError(f"seed {str(raw)[:50]!r} is not an integer")
+    if not 0 <= number <= MAX_SEED:
+        raise ValueError(f"seed {int(number)} is outside [0, {MAX_SEED}], the seeds numpy and torch accept")
+    return int(number)
 
 
 def read_conditions_file(path: str | Path) -> pd.DataFrame:

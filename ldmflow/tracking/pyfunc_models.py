@@ -140,14 +140,13 @@ def _seeds(frame: pd.DataFrame, count: int) -> list[int]:
 
 
 def _seed(value, row: int) -> int:
-    """One row's seed: an integer in numpy's and torch's range."""
+    """One row's seed: an integer in numpy's and torch's range (the conditions files' rule)."""
+    from ldmflow.sampling.condition_input import seed_cell  # lazily: this module loads without pandas' readers
+
     try:
-        seed = int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise LdmflowError(f"Row {row}: seed {str(value)[:50]!r} is not an integer.") from None
-    if not 0 <= seed <= MAX_SEED:
-        raise LdmflowError(f"Row {row}: seed {seed} is outside [0, {MAX_SEED}], the seeds numpy and torch accept.")
-    return seed
+        return seed_cell(value)
+    except ValueError as error:
+        raise LdmflowError(f"Row {row}: {error}.") from None
 
 
 def _device() -> str:

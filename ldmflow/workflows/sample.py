@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from ldmflow.data.image_io import extension_for, write_image
 from ldmflow.errors import LdmflowError
 from ldmflow.files import temporary_folder
 from ldmflow.sampling.condition_input import (SEED_COLUMN, conditions_from_frame, parse_condition_option,
-                                              read_conditions_file)
+                                              read_conditions_file, seed_cell)
 from ldmflow.sampling.denoise import check_inference_steps
 from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 from ldmflow.sampling.load import load_sampler
@@ -53,28 +52,15 @@ def _seeds_column(column, default_start: int) -> list[int]:
     """Integer seeds per row, in numpy's and torch's range; blank cells get default_start + row."""
     seeds, bad = [], []
     for i, raw in enumerate(column):
-        number = _as_float(raw)
-        if number != number:  # blank, or not a number
-            if raw == raw and str(raw).strip():
-                bad.append(i)
-            seeds.append(default_start + i)
-        elif 0 <= number <= MAX_SEED and number == int(number):  # the range first: int(inf) raises
-            seeds.append(int(number))
-        else:
+        try:
+            seed = seed_cell(raw)
+        except ValueError:
             bad.append(i)
+            seed = None
+        seeds.append(default_start + i if seed is None else seed)
     if bad:
         raise LdmflowError(f"--conditions_file: seed must be an integer in [0, {MAX_SEED}] (rows {bad[:5]}).")
     return seeds
-
-
-def _as_float(raw) -> float:
-    """A cell as a float: NaN when it is not a number, inf when it is too large for one."""
-    try:
-        return float(raw)
-    except (TypeError, ValueError):
-        return math.nan
-    except OverflowError:
-        return math.inf
 
 
 BYTES_PER_IMAGE_PIXEL = 3 * 4 * 2  # RGB float32, held twice (the generated array and its 8-bit/PIL copies)
