@@ -133,15 +133,17 @@ class ProbeFeatures(torch.nn.Module):
 
 
 class ProbeReader:
-    """A trained probe with its encoder: images in, conditions in physical units out."""
+    """A trained probe with its encoder: images in, conditions in physical units out; `uri`: where it was loaded
+    from (an evaluation logs it)."""
 
-    def __init__(self, probe: ConditionProbe, encoder: ConditionEncoder):
-        self.probe, self.encoder = probe.eval(), encoder
+    def __init__(self, probe: ConditionProbe, encoder: ConditionEncoder, uri: str = ""):
+        self.probe, self.encoder, self.uri = probe.eval(), encoder, uri
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device="cpu") -> "ProbeReader":
+    def from_folder(cls, folder: str | Path, device="cpu", uri: str = "") -> "ProbeReader":
         folder = Path(folder)
-        return cls(ConditionProbe.from_pretrained(folder).to(device), ConditionEncoder.load(folder / CONDITIONING_FILE))
+        return cls(ConditionProbe.from_pretrained(folder).to(device), ConditionEncoder.load(folder / CONDITIONING_FILE),
+                   uri or str(folder))
 
     @torch.no_grad()
     def read(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

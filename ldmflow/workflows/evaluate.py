@@ -100,15 +100,7 @@ def check_conditions_known(manifest: Manifest) -> None:
                            f"which the model is conditioned on ({manifest.spec}).")
 
 
-@dataclass(frozen=True)
-class Probe:
-    """The condition probe an evaluation reads images with, and the URI it was loaded from (a logged param)."""
-
-    reader: ProbeReader
-    uri: str
-
-
-def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str) -> Probe:
+def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str) -> ProbeReader:
     """--probe_uri, else this dataset's registered probe, else one trained now."""
     from ldmflow.tracking.model_uri import resolve_model_source
     from ldmflow.tracking.registry import registered_probe_uri
@@ -119,7 +111,7 @@ def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str) 
     else:
         logger.info("Condition probe: %s.", uri)
     source = resolve_model_source(uri)
-    reader = ProbeReader.from_folder(find_diffusers_folder(source.local_dir, PROBE))
+    reader = ProbeReader.from_folder(find_diffusers_folder(source.local_dir, PROBE), uri=uri)
     if reader.encoder.spec != spec:
         raise LdmflowError(f"--probe_uri {uri} reads {reader.encoder.spec}; the evaluation needs {spec}.")
     trained_on = _probe_dataset(source)
@@ -127,7 +119,7 @@ def resolve_probe(settings: EvaluateSettings, spec: ConditionSpec, digest: str) 
         raise LdmflowError(f"--probe_uri {uri} was trained on another dataset (digest {trained_on[:12]}, this "
                            f"manifest's is {digest[:12]}): it would misread these images. Omit --probe_uri to use "
                            "(or train) this dataset's probe.")
-    return Probe(reader, uri)
+    return reader
 
 
 def _probe_dataset(source) -> str | None:
@@ -172,7 +164,7 @@ def _experiment_of(run_id: str | None) -> str | None:
     return mlflow.get_experiment(mlflow.get_run(run_id).info.experiment_id).name
 
 
-def feature_extractor(settings: EvaluateSettings, probe: Probe | None) -> tuple[object | None, str, str | None]:
+def feature_extractor(settings: EvaluateSettings, probe: ProbeReader | None) -> tuple[object | None, str, str | None]:
     """(features module or None, its name, a sentence on what was skipped and why, or None)."""
     from ldmflow.models.probe import ProbeFeatures
 
@@ -183,7 +175,7 @@ def feature_extractor(settings: EvaluateSettings, probe: Probe | None) -> tuple[
         except distribution.Unavailable as error:
             skipped = f"Inception features ({error})"
     if settings.feature_extractor in ("auto", "probe") and probe is not None:
-        return ProbeFeatures(probe.reader.probe), f"probe:{probe.uri}", \
+        return ProbeFeatures(probe.probe), f"probe:{probe.uri}", \
             skipped and f"{skipped}; FID/KID use the condition probe's features instead"
     if settings.feature_extractor == "probe":
         return None, "", "FID/KID on probe features (no probe: --condition_spec is none)"
@@ -228,7 +220,7 @@ class Evaluation:
 
 
 def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manifest, train: Manifest,
-             probe: Probe | None) -> Evaluation:
+             probe: ProbeReader | None) -> Evaluation:
     """Every metric of `evaluated` against the split `real` (probe: None when nothing is conditioned)."""
     from ldmflow.sampling.grids import condition_label, image_grid, to_pil
 
@@ -255,10 +247,10 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
             metrics.update(_diversity(settings, evaluated, features, requests))
         table = {"seed": seeds}
     if probe is not None:
-        read = probe.reader.read(generated, settings.batch_size)
+        read = probe.read(generated, settings.batch_size)
         scorer = Scorer(real.spec, manifest_ranges(train), settings.seed)
         truth = recorded_conditions(real, len(real_images))
-        real_read = probe.reader.read(real_images, settings.batch_size)
+        real_read = probe.read(real_images, settings.batch_size)
         metrics.update(scorer.errors(truth, real_read, "probe/"))
         if evaluated.stage == VAE.name:
             metrics.update(scorer.errors(truth, read, "recon/"))
@@ -278,17 +270,17 @@ def evaluate(settings: EvaluateSettings, evaluated: EvaluatedModel, real: Manife
     return Evaluation(metrics, params, grid, table, skipped, generated, real_images, requests, read)
 
 
-def _adherence_readings(settings: EvaluateSettings, evaluated: EvaluatedModel, probe: Probe, requests: Requests,
+def _adherence_readings(settings: EvaluateSettings, evaluated: EvaluatedModel, probe: ProbeReader, requests: Requests,
                         read: np.ndarray, *, seeds: list[int], real_images: np.ndarray,
                         truth: Requests) -> AdherenceReadings:
     """The probe's readings `adherence_scores` compares: the samples (`read`), the same requests and seeds at
     guidance 1 (unless 1 is the evaluated guidance), and the real images through the model's VAE (if it has one)."""
     unguided = reconstructions = None
     if settings.guidance_scale != 1.0:
-        unguided = probe.reader.read(_generate(settings, evaluated, requests.conditions, seeds, 1.0),
+        unguided = probe.read(_generate(settings, evaluated, requests.conditions, seeds, 1.0),
                                      settings.batch_size)
     if evaluated.first_stage is not None:
-        reconstructions = probe.reader.read(_reconstruct(evaluated.first_stage, real_images, settings.batch_size),
+        reconstructions = probe.read(_reconstruct(evaluated.first_stage, real_images, settings.batch_size),
                                             settings.batch_size)
     return AdherenceReadings(requests, read, unguided, truth, reconstructions)
 
@@ -301,22 +293,22 @@ def _condition_alone(evaluated: EvaluatedModel) -> str | None:
     return first if others and encoder and set(others) <= set(encoder.omittable) else None
 
 
-def _partial_scores(settings: EvaluateSettings, evaluated: EvaluatedModel, probe: Probe, scorer: Scorer,
+def _partial_scores(settings: EvaluateSettings, evaluated: EvaluatedModel, probe: ProbeReader, scorer: Scorer,
                     requests: Requests, seeds: list[int], name: str, real_read: np.ndarray) -> dict[str, float]:
     """`only_<name>/...`: the same requests and seeds giving `name` alone, scored on it only, and how widely the
     conditions left out vary across the samples against the data (`<other>_spread_ratio`)."""
     partial = requests_of_only(requests, evaluated.spec, name)
-    read = probe.reader.read(_generate(settings, evaluated, partial.conditions, seeds, settings.guidance_scale),
+    read = probe.read(_generate(settings, evaluated, partial.conditions, seeds, settings.guidance_scale),
                              settings.batch_size)
     others = tuple(other for other in evaluated.spec.names if other != name)
     scores = {**scorer.errors(partial, read), **spread_ratios(evaluated.spec, read, real_read, others)}
     return {f"{only_prefix(name)}{key}": value for key, value in scores.items()}
 
 
-def _columns(probe: Probe) -> list[str]:
+def _columns(probe: ProbeReader) -> list[str]:
     from ldmflow.sampling.condition_input import component_columns
 
-    return component_columns(probe.reader.encoder.spec)
+    return component_columns(probe.encoder.spec)
 
 
 def _diversity(settings, evaluated, features, requested) -> dict:

@@ -312,13 +312,13 @@ def demo_probe(tmp_path_factory):
 def _scores(manifest: str, reader, model, first_stage=None) -> dict[str, float]:
     from ldmflow.data.manifest import load_manifest
     from ldmflow.settings import EvaluateSettings
-    from ldmflow.workflows.evaluate import EvaluatedModel, Probe, evaluate
+    from ldmflow.workflows.evaluate import EvaluatedModel, evaluate
 
     settings = EvaluateSettings(model_uri="unused", manifest_path=manifest, num_samples=32, no_mlflow=True,
                                 guidance_scale=1.0, feature_extractor="probe")
     real, train = (load_manifest(manifest, split=split) for split in ("val", "train"))
     evaluated = EvaluatedModel("latent_ddpm", model, 32, real.spec, first_stage)
-    return evaluate(settings, evaluated, real, train, Probe(reader, "probe")).metrics
+    return evaluate(settings, evaluated, real, train, reader).metrics
 
 
 @pytest.mark.portable
