@@ -65,16 +65,17 @@ def run(command: list[str], env: dict[str, str], log: Path) -> None:
         raise SystemExit(f"demo_scores.py: `{' '.join(command[2:4])}` failed with exit code {code} (log {log}).")
 
 
-def group_scores(store: str) -> tuple[str, dict[str, float], list[dict[str, float]]]:
-    """(parent run id, the group's metrics, each replicate's metrics) of the newest pipeline replicate group."""
+def group_scores(store: str, run_id: str | None = None) -> tuple[str, dict[str, float], list[dict[str, float]]]:
+    """(parent run id, the group's metrics, each replicate's metrics) of the pipeline replicate group `run_id`,
+    else the newest one."""
     from mlflow import MlflowClient
 
     from ldmflow.tags import REPLICATE_OF_TAG, REPLICATES_TAG
 
     client = MlflowClient(store)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    [parent] = client.search_runs(experiments, f"tags.`{REPLICATES_TAG}` != ''", max_results=1,
-                                  order_by=["attributes.start_time DESC"])
+    [parent] = [client.get_run(run_id)] if run_id else client.search_runs(
+        experiments, f"tags.`{REPLICATES_TAG}` != ''", max_results=1, order_by=["attributes.start_time DESC"])
     children = client.search_runs(experiments, f"tags.`{REPLICATE_OF_TAG}` = '{parent.info.run_id}'")
     return parent.info.run_id, parent.data.metrics, [child.data.metrics for child in children]
 
@@ -119,6 +120,7 @@ def main() -> None:
                         help="override one of the Makefile's DEMO_PARAMS (a candidate recipe)")
     parser.add_argument("--report_only", action="store_true",
                         help="train nothing: report the newest group in --work_dir's store (e.g. to --write_docs)")
+    parser.add_argument("--group_run_id", default=None, help="with --report_only: this group (default the newest)")
     parser.add_argument("--label", default=None, help="the docs section to write (default demo-<cpu>)")
     parser.add_argument("--work_dir", default=None, help="default benchmarks-out/demo-scores-<cpu>")
     add_write_docs_option(parser, __file__, "docs/evaluation.md#demo-native")
@@ -147,7 +149,7 @@ def main() -> None:
              "--replicates", str(args.replicates)], env, work / "pipeline.log")
         (work / "minutes.json").write_text(json.dumps((time.perf_counter() - started) / 60 / args.replicates))
     minutes = json.loads((work / "minutes.json").read_text())
-    run_id, metrics, replicates = group_scores(store)
+    run_id, metrics, replicates = group_scores(store, args.group_run_id if args.report_only else None)
     args.replicates = len(replicates)
     table, verdicts = rows(metrics, args.replicates, minutes)
     header = list(table[0])
