@@ -161,9 +161,10 @@ def describe_machine(device: str = "cuda") -> str:
     used it (with the CPU): a figure is one machine's, and the lock names the packages that made it."""
     from ldmflow.environment import cpu_model, lock_tags
 
+    import torch  # its capability says which vector unit its kernels use: another one rounds otherwise
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch = sys.modules.get("torch")
-    capability = f" ({torch.backends.cpu.get_cpu_capability()})" if torch is not None else ""
+    capability = f" ({torch.backends.cpu.get_cpu_capability()})"
     cpu = f"{cores}-core {cpu_model()} CPU{capability}"
     lock = f", lock {lock_tags()['lock'].split(' ')[0]}"
     if device != "cpu" and torch is not None and torch.cuda.is_available():
