@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default="benchmarks-out/probe_quality")
     add_write_docs_option(parser, __file__, "docs/evaluation.md")
     args = parser.parse_args()
-    from ldmflow.environment import cpu_model, lock_tags
+    from ldmflow.environment import lock_tags
 
     seeds = [int(seed) for seed in args.seeds.split(",")]
     results: dict[str, list[dict]] = {}
@@ -137,9 +137,9 @@ def main() -> None:
                 f"ratio {scores[f'ratio/{key}']:.2f}" for key in MEASURES), flush=True)
     rows = table_rows(results)
     seconds = [run["seconds"] for runs in results.values() for run in runs]
-    lock = lock_tags()
-    machine = (f"{describe_machine('cpu')} ({cpu_model()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
-               f", lock {lock['lock']}{'' if lock.get('lock_match') == 'yes' else ' (not matched)'})")
+    lock = lock_tags()  # describe_machine names the CPU model, its capability and the lock; add the threads
+    machine = (f"{describe_machine('cpu')}{'' if lock.get('lock_match') == 'yes' else ' (not matched)'}, "
+               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     notes = [f"probe training: {_mean_sd(seconds, '.1f')} s per probe ({len(seeds)} seeds x {len(results)} families, "
              f"{args.num_images} images at {args.resolution} px)"]
     print(f"\n{machine}; seeds {args.seeds}")
