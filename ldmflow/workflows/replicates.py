@@ -178,7 +178,7 @@ def _join_group(client, settings: TrainSettings, stage: str) -> str:
         parents = _group_parents(client, experiment_id, name)
         if _earliest(parents).info.run_id != mine.info.run_id:
             client.delete_run(mine.info.run_id)  # another worker started the group at the same moment
-    parent = _earliest([run for run in parents if run.info.lifecycle_stage == "active"] or parents)
+    parent = _earliest(parents)  # a losing worker's own parent is deleted, but never the earliest
     ignored = {"seed", "run_name", "output_dir", "register_alias"} | resumable_changes(type(settings))
     changed = sorted(key for key, value in params.items()
                      if key not in ignored and parent.data.params.get(key, value) != value)
