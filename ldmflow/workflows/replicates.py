@@ -95,7 +95,8 @@ def _replicate(settings: TrainSettings, index: int, parent_run_id: str, run_id: 
 
 def run_replicates(settings: TrainSettings) -> list[Replicate]:
     """Train `settings.replicates` seeds of one recipe under one parent run, and register the typical one."""
-    from ldmflow.tracking.registry import register_logged_model
+    from mlflow import MlflowClient
+
     from ldmflow.tracking.run_tracker import open_run
 
     kind = kind_trained_by(settings)
@@ -104,24 +105,18 @@ def run_replicates(settings: TrainSettings) -> list[Replicate]:
                            "--no_mlflow, or train the seeds one by one with --seed.")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LdmflowError("--replicates runs its seeds one after another in one process: start it without "
-                           "accelerate launch, or launch each seed as its own command with --seed.")
+                           "accelerate launch; for several devices, start it once per device with --replicate_group.")
     if settings.replicate_group:
         return run_replicate_worker(settings)
     with open_run(settings, kind.name) as parent:
         parent.set_tags({REPLICATES_TAG: str(settings.replicates)})
         replicates = [_replicate(settings, i, parent.run_id) for i in range(settings.replicates)]
-        parent.log_metrics(group_metrics(replicates), step=0)
-        chosen, why = nearest_the_mean(replicates)
-        registered = register_logged_model(chosen.model_uri.removeprefix("models:/"),
-                                           settings.registered_model_name, settings.register_alias)
-        parent.set_tags({REPLICATE_REGISTERED_TAG: f"{registered.model_uri}: {why}",
-                         REGISTERED_URI_TAG: registered.model_uri})
-        logger.info("Replicate group %s: registered %s, %s.", parent.run_id, registered.model_uri, why)
+        _summarize(MlflowClient(), parent.run_id, replicates, settings)
     return replicates
 
 
 def log_group_metrics(client, run_id: str, replicates: list[Replicate]) -> dict[str, float]:
-    """group_metrics logged on the group's run (at step 0, as the in-process group does), and returned."""
+    """group_metrics logged on the group's run at step 0, and returned."""
     from mlflow.entities import Metric
 
     summary, now = group_metrics(replicates), int(time.time() * 1000)
@@ -131,16 +126,15 @@ def log_group_metrics(client, run_id: str, replicates: list[Replicate]) -> dict[
 
 def _summarize(client, parent_run_id: str, replicates: list[Replicate], settings: TrainSettings) -> None:
     """The group's metrics on its parent run, and the replicate nearest the mean registered."""
-    from mlflow.entities import RunTag
-
     from ldmflow.tracking.registry import register_logged_model
+    from ldmflow.tracking.store import tag_run
 
     log_group_metrics(client, parent_run_id, replicates)
     chosen, why = nearest_the_mean(replicates)
     registered = register_logged_model(chosen.model_uri.removeprefix("models:/"), settings.registered_model_name,
                                        settings.register_alias)
-    client.log_batch(parent_run_id, tags=[RunTag(REPLICATE_REGISTERED_TAG, f"{registered.model_uri}: {why}"),
-                                          RunTag(REGISTERED_URI_TAG, registered.model_uri)])
+    tag_run(parent_run_id, {REPLICATE_REGISTERED_TAG: f"{registered.model_uri}: {why}",
+                            REGISTERED_URI_TAG: registered.model_uri}, client)
     logger.info("Replicate group %s: registered %s, %s.", parent_run_id, registered.model_uri, why)
 
 
