@@ -105,3 +105,20 @@ def test_two_worker_processes_share_the_seeds_of_one_group(demo_manifest, tmp_pa
     assert sorted(int(run.data.params["seed"]) for run in children) == [0, 1, 2, 3]  # each seed once
     assert {run.info.status for run in children} == {"FINISHED"} and parent.info.status == "FINISHED"
     assert len(client.search_model_versions("name = 'ldmflow-vae'")) == 1
+
+
+def test_any_group_name_and_count_is_a_group_or_one_line():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import given, strategies as st
+
+    @hypothesis.settings(max_examples=60, deadline=None)
+    @given(st.one_of(st.none(), st.text(max_size=20)), st.integers(-2, 4))
+    def check(name, count):
+        try:
+            settings = VaeSettings(manifest_path="m.json", output_dir="out", replicate_group=name, replicates=count)
+        except LdmflowError as error:
+            assert "\n" not in str(error)
+            return
+        assert settings.replicates >= 1 and (name is None or (name.strip() and settings.replicates >= 2))
+
+    check()
