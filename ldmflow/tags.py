@@ -60,6 +60,7 @@ SWEEP_STUDY_RUN_TAG = "ldmflow.sweep.study_run_id"  # an `mlflow run -e sweep` r
 # Registered model versions (and their logged models and training runs)
 STAGE_VERSION_TAG = "stage"  # the kind of model: vae, latent_ddpm, legacy_ddpm or probe (`ldmflow models`)
 CONDITION_SPEC_TAG = "condition_spec"  # a latent DDPM or probe: the conditions it takes or reads
+OMITTABLE_CONDITIONS_TAG = "omittable_conditions"  # a latent DDPM: those a request may leave out, or "none"
 VAE_URI_TAG = "vae_uri"  # a latent DDPM: the VAE it was trained on, as it was given
 VAE_MODEL_NAME_TAG = "vae_model_name"  # a latent DDPM: that VAE's registered name
 VAE_MODEL_VERSION_TAG = "vae_model_version"  # a latent DDPM: that VAE's registered version

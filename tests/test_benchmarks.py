@@ -90,6 +90,22 @@ def test_the_demo_scores_measure_the_makefiles_demo_against_its_targets():
     assert verdicts[-1].startswith("8.0 minutes per pipeline (one seed, the install not included")
 
 
+def test_the_demo_vae_trains_the_pipelines_own_vae_step_and_judges_mean_and_spread(tmp_path):
+    demo_vae = _benchmark_module("demo_vae")
+    _, params = demo_vae.makefile_demo()
+    flags = demo_vae.vae_flags(params, tmp_path / "m.json", tmp_path / "out")
+    given = dict(zip(flags[::2], flags[1::2]))
+    assert given["--num_epochs"] == params["vae_epochs"] and given["--learning_rate"] == params["vae_learning_rate"]
+    assert given["--block_out_channels"] == params["vae_block_out_channels"] and "--seed" not in given
+    before = dict(zip(*[iter(demo_vae.vae_flags({**params, **demo_vae.VARIANTS["25-epochs"][1]}, tmp_path / "m.json",
+                                               tmp_path / "out"))] * 2))
+    assert before["--num_epochs"] == "25" and before["--learning_rate"] == params["learning_rate"]
+    steady = demo_vae.row("demo", [34.0, 34.5, 35.0], 150.0)
+    assert list(steady.values())[1:5] == ["34.00, 34.50, 35.00", "34.50 ± 0.50", "1.00", "yes"]
+    assert list(demo_vae.row("25-epochs", [31.5, 33.0, 34.5], 80.0).values())[4] == "no (spread 3.00)"
+    assert list(demo_vae.row("25-epochs", [28.0, 28.5, 29.0], 80.0).values())[4] == "no (mean)"
+
+
 @pytest.mark.slow
 def test_the_recipe_benchmark_smoke_run_prints_its_table_verdicts_plot_and_results(tmp_path):
     (tmp_path / "docs").mkdir()

@@ -22,8 +22,8 @@ from ldmflow.evaluation.metric_names import CONDITION_ERROR_SUFFIXES, EVALUATION
 from ldmflow.models.kinds import CONDITIONING_FILE, LATENT_DDPM, PROBE, VAE, VAE_SOURCE_FILE, kind_named
 from ldmflow.models.saved_model import VaeRecord, find_diffusers_folder
 from ldmflow.tags import (CONDITION_SPEC_TAG, DATASET_DIGEST_TAG, DOWNSAMPLE_FACTOR_TAG, DOWNSTREAM_TAG, ENV_LOCK_TAG,
-                          LATENT_CHANNELS_TAG, STAGE_VERSION_TAG, VAE_MODEL_NAME_TAG, VAE_MODEL_VERSION_TAG,
-                          VAE_RUN_TAG, VAE_SHAPE_TAG_PREFIX, VAE_URI_TAG)
+                          LATENT_CHANNELS_TAG, OMITTABLE_CONDITIONS_TAG, STAGE_VERSION_TAG, VAE_MODEL_NAME_TAG,
+                          VAE_MODEL_VERSION_TAG, VAE_RUN_TAG, VAE_SHAPE_TAG_PREFIX, VAE_URI_TAG)
 from ldmflow.tracking.model_package import model_code, package_artifacts, package_copy, pip_requirements
 from ldmflow.tracking.model_uri import ModelSource, vae_source_from_file
 
@@ -69,6 +69,7 @@ def log_and_register(stage: str, output_dir, tracker_or_run_id, registered_model
     if kind is LATENT_DDPM:
         vae_source = vae_source or vae_source_from_file(output_dir)
         tags[CONDITION_SPEC_TAG] = condition_spec or _recorded_condition_spec(output_dir)
+        tags[OMITTABLE_CONDITIONS_TAG] = _omittable_conditions(output_dir)
         tags.update(vae_lineage_tags(vae_source))
     elif condition_spec:
         tags[CONDITION_SPEC_TAG] = condition_spec
@@ -245,6 +246,16 @@ def _recorded_condition_spec(output_dir: Path) -> str:
     return "none"
 
 
+def _omittable_conditions(output_dir: Path) -> str:
+    """The conditions a partial request may leave out (trained with --cond_dropout_per_condition), so the registry
+    finds the versions that sample "temperature only"; "none" for a model that needs every condition."""
+    from ldmflow.models.conditioning import ConditionEncoder
+
+    conditioning = output_dir / CONDITIONING_FILE
+    omittable = ConditionEncoder.load(conditioning).omittable if conditioning.is_file() else ()
+    return ",".join(omittable) or "none"
+
+
 def _tag(client, registered: RegisteredModel, tags: dict, alias: str | None, vae_source: ModelSource | None) -> None:
     """Tags on the version and the run, the VAE as a model input of the run, and the alias."""
     from mlflow.entities import LoggedModelInput
@@ -271,6 +282,8 @@ def _describe(client, registered: RegisteredModel, tags: dict, vae_source: Model
     lines = [f"**{stage}** trained in run {run_link} on dataset `{tags[DATASET_DIGEST_TAG][:12]}`."]
     if tags.get(CONDITION_SPEC_TAG):
         lines.append(f"Conditions: `{tags[CONDITION_SPEC_TAG]}`.")
+    if tags.get(OMITTABLE_CONDITIONS_TAG, "none") != "none":
+        lines.append(f"A request may leave out: {tags[OMITTABLE_CONDITIONS_TAG].replace(',', ', ')}.")
     if vae_source is not None and vae_source.model_name and vae_source.model_version:
         lines.append(f"VAE: [{vae_source.model_name} v{vae_source.model_version}]"
                      f"(#/models/{vae_source.model_name}/versions/{vae_source.model_version}).")

@@ -225,17 +225,25 @@ def test_the_per_condition_options_take_any_text_or_say_what_is_wrong_in_one_lin
         assert all(0 <= weight <= 100 for weight in sample.guidance_weights().values())
 
 
-def test_a_logged_partial_model_takes_partial_json_records_through_mlflow(partial_model, tmp_path):
-    """The scoring server's path: the logged pyfunc with its signature, JSON records lacking some columns."""
+def test_a_logged_partial_model_takes_partial_json_records_through_mlflow(partial_model, full_model, tmp_path):
+    """The scoring server's path: the logged pyfunc with its signature, JSON records lacking some columns; the
+    registry tells the models that take partial requests from those that do not."""
     import mlflow
 
     from fakes import tracked_folder
+    from ldmflow.tags import OMITTABLE_CONDITIONS_TAG
     from ldmflow.tracking.registry import log_and_register
 
     with tracked_folder(tmp_path):
         with mlflow.start_run() as run:
             logged = log_and_register("latent_ddpm", partial_model, run.info.run_id, dataset_digest="d" * 64,
                                       register=False)
+        with mlflow.start_run() as run:
+            full = log_and_register("latent_ddpm", full_model, run.info.run_id, dataset_digest="d" * 64)
+        client = mlflow.MlflowClient()
+        assert client.get_logged_model(logged.model_id).tags[OMITTABLE_CONDITIONS_TAG] == "temperature,wind,wind_mag"
+        version = client.get_model_version(full.name, full.version)
+        assert version.tags[OMITTABLE_CONDITIONS_TAG] == "none" and "leave out" not in (version.description or "")
         model = mlflow.pyfunc.load_model(logged.model_uri)
         records = pd.DataFrame.from_records([{"temperature": 30.0, "seed": 7},
                                              {"wind_0": 0.0, "wind_1": 5.0, "wind_2": 0.0, "seed": 8}])
