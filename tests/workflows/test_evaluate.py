@@ -309,7 +309,10 @@ def demo_probe(tmp_path_factory):
     return manifest, ProbeReader.from_folder(outcome.model_dir)
 
 
-def _scores(manifest: str, reader, model, first_stage=None) -> dict[str, float]:
+def _scores(manifest: str, reader, model, first_stage=None, train_records=None) -> dict[str, float]:
+    """evaluate()'s metrics of `model` on the val split; `train_records` picks the training records it sees."""
+    import dataclasses
+
     from ldmflow.data.manifest import load_manifest
     from ldmflow.settings import EvaluateSettings
     from ldmflow.workflows.evaluate import EvaluatedModel, evaluate
@@ -317,6 +320,8 @@ def _scores(manifest: str, reader, model, first_stage=None) -> dict[str, float]:
     settings = EvaluateSettings(model_uri="unused", manifest_path=manifest, num_samples=32, no_mlflow=True,
                                 guidance_scale=1.0, feature_extractor="probe")
     real, train = (load_manifest(manifest, split=split) for split in ("val", "train"))
+    if train_records is not None:
+        train = dataclasses.replace(train, records=[r for r in train.records if train_records(r)])
     evaluated = EvaluatedModel("latent_ddpm", model, 32, real.spec, first_stage)
     return evaluate(settings, evaluated, real, train, reader).metrics
 
@@ -392,6 +397,16 @@ def test_a_model_asked_for_temperature_alone_is_scored_on_it_and_its_winds_sprea
     assert header.split("  ")[-1].strip() == "temperature only"
     [ratio] = [row for row in rows if row.startswith("wind_spread_ratio")]
     assert ratio.split()[1] == f"{varied['only_temperature/wind_spread_ratio']:.4g}"
+
+
+def test_the_left_out_winds_spread_is_measured_against_the_training_images_not_the_few_val_ones(demo_probe):
+    """The reference is the data the model learnt: training images whose winds blow one way (a narrower data)
+    make the same samples' spread relatively wider."""
+    manifest, reader = demo_probe
+    model = PartialRenderer(reader.encoder.spec)
+    everything = _scores(manifest, reader, model)["only_temperature/wind_spread_ratio"]
+    eastward = _scores(manifest, reader, model, train_records=lambda r: r.conditions[1] > abs(r.conditions[2]))
+    assert eastward["only_temperature/wind_spread_ratio"] > 1.3 * everything
 
 
 def test_intervals_cover_the_sampling_noise_and_shrink_with_more_samples():
