@@ -57,6 +57,22 @@ def makefile_demo() -> tuple[list[str], dict[str, str]]:
     return data, dict(re.findall(r"-P (\w+)=(\S+)", params))
 
 
+LDMFLOW = [sys.executable, "-m", "ldmflow"]
+
+
+def demo_workspace(work: Path, cpu: str, write_data: bool = True) -> tuple[str, dict[str, str], Path]:
+    """(its MLflow store, the environment its commands run in, the demo manifest) of the folder `work`, with the
+    demo data written there as `make demo` writes it (unless it is there, or not `write_data`)."""
+    work.mkdir(parents=True, exist_ok=True)
+    store = f"sqlite:///{work / 'mlflow.db'}"
+    env = {**os.environ, **CPUS[cpu], "MLFLOW_TRACKING_URI": store, "MLFLOW_LOGGING_LEVEL": "WARNING"}
+    manifest = work / "data" / "manifest.json"
+    if write_data and not manifest.is_file():
+        run([*LDMFLOW, "demo-data", "--output_dir", str(manifest.parent), *makefile_demo()[0]], env,
+            work / "demo-data.log")
+    return store, env, manifest
+
+
 def run(command: list[str], env: dict[str, str], log: Path) -> None:
     """One ldmflow command, its output in `log`; a failure stops the benchmark with the log's tail."""
     with log.open("w") as out:
@@ -132,21 +148,16 @@ def main() -> None:
     for doc, label in args.write_docs or ():
         check_target(doc, script_name(__file__), label)  # before the long run, not after it
     work = Path(args.work_dir or f"benchmarks-out/demo-scores-{args.cpu}").resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    store = f"sqlite:///{work / 'mlflow.db'}"
-    data_args, params = makefile_demo()
+    if args.report_only and not (work / "minutes.json").is_file():
+        parser.error(f"--report_only: {work} holds no finished run of this script (give its --work_dir)")
+    store, env, manifest = demo_workspace(work, args.cpu, write_data=not args.report_only)
+    params = makefile_demo()[1]
     for item in args.set:
         name, _, value = item.partition("=")
         params[name] = value
-    env = {**os.environ, **CPUS[args.cpu], "MLFLOW_TRACKING_URI": store, "MLFLOW_LOGGING_LEVEL": "WARNING"}
-    ldmflow = [sys.executable, "-m", "ldmflow"]
-    manifest = work / "data" / "manifest.json"
     if not args.report_only:
-        if not manifest.is_file():
-            run([*ldmflow, "demo-data", "--output_dir", str(manifest.parent), *data_args], env,
-                work / "demo-data.log")
         started = time.perf_counter()
-        run([*ldmflow, "pipeline", "--manifest_path", str(manifest), "--output_root", str(work / "outputs"),
+        run([*LDMFLOW, "pipeline", "--manifest_path", str(manifest), "--output_root", str(work / "outputs"),
              *[part for name, value in params.items() for part in (f"--{name}", value)],
              "--replicates", str(args.replicates)], env, work / "pipeline.log")
         (work / "minutes.json").write_text(json.dumps((time.perf_counter() - started) / 60 / args.replicates))

@@ -15,14 +15,12 @@ per 50-epoch VAE on an idle 2-core CPU.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 import typing
 from pathlib import Path
 
-from demo_scores import CPUS, makefile_demo, run
+from demo_scores import CPUS, LDMFLOW, demo_workspace, makefile_demo, run
 from doc_figures import add_write_docs_option, check_target, describe_machine, script_name, this_command, write_section
 
 # variant -> (what it is, the DEMO_PARAMS it changes)
@@ -96,19 +94,13 @@ def main() -> None:
     for doc, label in args.write_docs or ():
         check_target(doc, script_name(__file__), label)  # before the long run, not after it
     work = Path(args.work_dir or f"benchmarks-out/demo-vae-{args.cpu}").resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    store = f"sqlite:///{work / 'mlflow.db'}"
-    data_args, params = makefile_demo()
-    env = {**os.environ, **CPUS[args.cpu], "MLFLOW_TRACKING_URI": store, "MLFLOW_LOGGING_LEVEL": "WARNING"}
-    ldmflow = [sys.executable, "-m", "ldmflow"]
-    manifest = work / "data" / "manifest.json"
-    if not manifest.is_file():
-        run([*ldmflow, "demo-data", "--output_dir", str(manifest.parent), *data_args], env, work / "demo-data.log")
+    store, env, manifest = demo_workspace(work, args.cpu)
+    params = makefile_demo()[1]
     table = []
     for variant in variants:
         flags = vae_flags({**params, **VARIANTS[variant][1]}, manifest, work / variant)
         started = time.perf_counter()
-        run([*ldmflow, "vae", *flags, "--replicates", str(args.replicates), "--experiment_name", variant,
+        run([*LDMFLOW, "vae", *flags, "--replicates", str(args.replicates), "--experiment_name", variant,
              "--registered_model_name", f"demo-vae-{variant}"], env, work / f"{variant}.log")
         seconds = (time.perf_counter() - started) / args.replicates
         table.append(row(variant, best_psnr_per_seed(store, variant), seconds))
