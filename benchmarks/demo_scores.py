@@ -60,6 +60,12 @@ def makefile_demo() -> tuple[list[str], dict[str, str]]:
 LDMFLOW = [sys.executable, "-m", "ldmflow"]
 
 
+def emulated_machine(cpu: str) -> str:
+    """This machine, and the numerics its training ran with when --cpu emulated another CPU's."""
+    emulated = " ".join(f"{name}={value}" for name, value in CPUS[cpu].items())
+    return describe_machine("cpu") + (f", training under {emulated}" if emulated else "")
+
+
 def demo_workspace(work: Path, cpu: str, write_data: bool = True) -> tuple[str, dict[str, str], Path]:
     """(its MLflow store, the environment its commands run in, the demo manifest) of the folder `work`, with the
     demo data written there as `make demo` writes it (unless it is there, or not `write_data`)."""
@@ -168,11 +174,11 @@ def main() -> None:
     args.replicates = len(replicates)
     table, verdicts = rows(metrics, args.replicates, minutes)
     header = list(table[0])
-    print(f"The demo pipeline over {args.replicates} seeds, CPU numerics {args.cpu} ({describe_machine('cpu')}):")
+    print(f"The demo pipeline over {args.replicates} seeds, CPU numerics {args.cpu} ({emulated_machine(args.cpu)}):")
     print("\n".join(["| " + " | ".join(header) + " |"] + ["| " + " | ".join(row.values()) + " |" for row in table]))
     print("\n".join(f"- {line}" for line in verdicts))
     for doc, label in args.write_docs or ():  # the command that trained, also when --report_only writes
-        write_section(doc, script_name(__file__), command, table, describe_machine("cpu"), label=label,
+        write_section(doc, script_name(__file__), command, table, emulated_machine(args.cpu), label=label,
                       notes=verdicts)
     print(json.dumps({"cpu": args.cpu, "params": params, "group_run_id": run_id, "minutes_per_pipeline": minutes,
                       "metrics": metrics, "replicates": replicates}))

@@ -20,8 +20,8 @@ import time
 import typing
 from pathlib import Path
 
-from demo_scores import CPUS, LDMFLOW, demo_workspace, makefile_demo, run
-from doc_figures import add_write_docs_option, check_target, describe_machine, script_name, this_command, write_section
+from demo_scores import CPUS, LDMFLOW, demo_workspace, emulated_machine, makefile_demo, run
+from doc_figures import add_write_docs_option, check_target, script_name, this_command, write_section
 
 # variant -> (what it is, the DEMO_PARAMS it changes)
 VARIANTS = {
@@ -105,7 +105,7 @@ def main() -> None:
         seconds = (time.perf_counter() - started) / args.replicates
         table.append(row(variant, best_psnr_per_seed(store, variant), seconds))
         print(" | ".join(table[-1].values()), flush=True)
-    machine = describe_machine("cpu")
+    machine = emulated_machine(args.cpu)
     print(f"The demo VAE over {args.replicates} seeds, CPU numerics {args.cpu} ({machine})")
     for doc, label in args.write_docs or ():
         write_section(doc, script_name(__file__), this_command(), table, machine, label=label)
