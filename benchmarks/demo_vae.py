@@ -59,8 +59,8 @@ def best_psnr_per_seed(store: str, experiment: str) -> list[float]:
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     [parent] = client.search_runs([experiment_id], f"tags.`{REPLICATES_TAG}` != ''", max_results=1,
                                   order_by=["attributes.start_time DESC"])
-    children = client.search_runs([experiment_id], f"tags.`{REPLICATE_OF_TAG}` = '{parent.info.run_id}'",
-                                  order_by=["params.seed ASC"])
+    children = client.search_runs([experiment_id], f"tags.`{REPLICATE_OF_TAG}` = '{parent.info.run_id}'")
+    children.sort(key=lambda child: int(child.data.params["seed"]))  # params are text: "10" sorts before "2"
     return [max(m.value for m in client.get_metric_history(child.info.run_id, "val/psnr")) for child in children]
 
 
